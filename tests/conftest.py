@@ -1,0 +1,56 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MINI = SHARED_DATA / "cifar10-mini"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep decoded-array caches and torchvision downloads out of the user's home."""
+    os.environ["TUNE_ALEXNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
+
+
+def make_image_folder(root: Path, train_per_class: int = 20, test_per_class: int = 4, seed: int = 0) -> Path:
+    """Generated CIFAR-like PNGs: each class a colour with noise, so a network can learn it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            base = np.array([(label * 25) % 256, (label * 70) % 256, (255 - label * 25) % 256], np.float32)
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                img[8 + label: 12 + label, :, :] = 255  # a class-dependent stripe
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def mini_dir() -> Path:
+    if not MINI.is_dir():
+        pytest.skip(f"{MINI} is absent (real CIFAR-10 slice)")
+    return MINI
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray for the session, with few CPUs."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

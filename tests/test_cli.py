@@ -1,0 +1,80 @@
+"""Bad input: one line naming the value and what is allowed, exit 2, nothing started or written."""
+import subprocess
+import sys
+
+import pytest
+
+from tune_alexnet.cli import build_parser, main, _settings
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sweep", "--dropout", "ture"], "'ture'; allowed: true or false"),
+    (["sweep", "--batchnorm", "yes"], "'yes'; allowed: true or false"),
+    (["sweep", "--optimizer", "sgdd"], "'sgdd'; allowed: sgd, adam, rmsprop or all"),
+    (["sweep", "--lr", "fast"], "'fast'; allowed: a positive number"),
+    (["sweep", "--lr", "-0.1"], "'-0.1'; allowed: a positive number"),
+    (["sweep", "--batch_size", "1"], "'1'; allowed: a whole number >= 2"),
+    (["sweep", "--batch-size", "abc"], "'abc'; allowed: a whole number >= 2"),
+    (["sweep", "--epochs", "0"], "'0'; allowed: a whole number >= 1"),
+    (["sweep", "--subset", "-5"], "'-5'; allowed: a whole number >= 1"),
+    (["sweep", "--gpus-per-trial", "-1"], "'-1'; allowed: a number >= 0"),
+    (["sweep", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["sweep", "--optimiser", "sgd"], "unrecognized arguments: --optimiser"),
+    (["train"], "invalid choice: 'train'"),
+])
+def test_bad_flags_give_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no ray_results
+
+
+def test_original_flags_pin_the_grid():
+    parse = build_parser().parse_args
+    assert len(_settings(parse(["sweep"])).grid) == 108
+    assert len(_settings(parse(["sweep", "--optimizer", "all"])).grid) == 108
+    assert len(_settings(parse(["sweep", "--optimizer", "sgd"])).grid) == 36
+    s = _settings(parse(["sweep", "--optimizer", "adam", "--lr", "0.001", "--batch_size", "64", "--dropout", "false",
+                         "--batchnorm", "true"]))
+    assert s.grid.configs() == [{"optimizer": "adam", "lr": 0.001, "batch_size": 64, "dropout": False, "batchnorm": True}]
+    assert _settings(parse(["sweep", "--batch-size", "32,128"])).grid.batch_size == (32, 128)
+
+
+def test_help_is_there_for_newcomers():
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--optimizer", "--batch_size", "--dropout", "--batchnorm", "--data-dir", "--subset", "--resume",
+                 "--storage", "--gpus-per-trial", "examples:"):
+        assert flag in out.stdout
+
+
+def test_missing_data_dir_is_one_line_and_writes_nothing(tmp_path, capsys):
+    storage = tmp_path / "results"
+    assert main(["sweep", "--data-dir", str(tmp_path / "nowhere"), "--storage", str(storage), "--name", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tune-alexnet sweep: error:") and "nowhere does not exist" in err[-1]
+    assert not (storage / "x").exists()
+
+
+def test_unwritable_storage_is_refused(tmp_path, capsys, synthetic_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(blocker / "sub")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_export_of_a_folder_that_is_not_an_experiment(tmp_path, capsys):
+    assert main(["export", str(tmp_path)]) == 2
+    assert "holds no Tune experiment" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_name_that_does_not_exist(tmp_path, capsys, synthetic_dir):
+    assert main(["sweep", "--resume", "--name", "ghost", "--storage", str(tmp_path), "--data-dir", str(synthetic_dir)]) == 2
+    assert "no experiment named 'ghost'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

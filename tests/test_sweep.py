@@ -1,0 +1,69 @@
+"""A real Tuner sweep on the CPU through a real local Ray, then the real exporter."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tune_alexnet.data import load_cifar10
+from tune_alexnet.export import export, load_experiment
+from tune_alexnet.grid import make_grid
+from tune_alexnet.sweep import SweepError, SweepSettings, run_sweep
+from tune_alexnet.train import load_model
+
+TINY = {"width": 0.125}
+
+
+def settings(tmp_path, name, **kw):
+    base = dict(grid=make_grid(optimizer=("sgd",), lr=(0.01,), batch_size=(32, 64), dropout=(True, False),
+                               batchnorm=(True,)),
+                epochs=2, storage=str(tmp_path / "results"), name=name, trial=TINY)
+    return SweepSettings(**{**base, **kw})
+
+
+def check_experiment(path: str, n_trials: int, epochs: int):
+    exp = load_experiment(path)
+    table = exp.table
+    assert len(table) == n_trials
+    assert table["run"].tolist() == sorted(table["run"].tolist())
+    assert set(table["status"]) == {"terminated"}
+    assert (table["epochs_run"] == epochs).all()
+    assert table["final_accuracy"].between(0, 100).all()
+    assert table["trial_id"].is_unique
+    for _, row in table.iterrows():
+        ckpt = Path(row["best_checkpoint"])
+        assert ckpt.is_dir(), ckpt
+        model = load_model(ckpt)
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    # Every reported epoch is in the per-epoch table.
+    assert len(exp.epochs) == n_trials * epochs
+    return exp
+
+
+def test_sweep_on_generated_images(ray_local, synthetic_dir, tmp_path):
+    s = settings(tmp_path, "gen", data_dir=str(synthetic_dir))
+    path, exp = run_sweep(s)
+    check_experiment(path, 4, 2)
+    assert exp.table["run"].tolist() == [2, 4, 6, 8]
+    # The end of the sweep wrote the tables; they hold one row per trial ...
+    parquet = pd.read_parquet(Path(path, "results.parquet"))
+    csv = pd.read_csv(Path(path, "results.csv"))
+    assert len(parquet) == len(csv) == 4
+    pd.testing.assert_frame_equal(parquet, exp.table)
+    assert list(pd.read_csv(Path(path, "results_sgd.csv")).columns) == \
+        ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
+    assert pd.read_csv(Path(path, "results_sgd.csv"))["Final Accuracy"].str.fullmatch(r"\d+\.\d\d%").all()
+    # ... and exporting the folder again later gives the identical table.
+    again, _ = export(path, tmp_path / "again")
+    pd.testing.assert_frame_equal(again.table, parquet)
+    assert Path(tmp_path / "again" / "results.csv").read_text() == Path(path, "results.csv").read_text()
+    # Under the same name without --resume: refused, nothing touched.
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(s)
+
+
+def test_sweep_on_real_cifar_slice(ray_local, mini_dir, tmp_path):
+    data = load_cifar10(mini_dir, subset=20, progress=False)  # 200 real train images, 40 test
+    path, exp = run_sweep(settings(tmp_path, "mini", data_dir=str(mini_dir), subset=20), data=data)
+    check_experiment(path, 4, 2)
+    assert (exp.table["max_epochs"] == 2).all() and not exp.table["stopped_early"].any()

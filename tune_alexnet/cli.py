@@ -1,0 +1,194 @@
+"""The `tune-alexnet` command line: sweep, export, report.
+
+Every bad flag or value ends in one line naming it and what is allowed, exit
+status 2, and nothing started or written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .grid import BATCH_SIZES, LRS, OPTIMIZERS, make_grid
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None):
+    """A comma-separated list of values; a flag given pins its grid dimension to them."""
+    def parse(text: str):
+        values = []
+        for part in text.split(","):
+            part = part.strip().lower()
+            if choices is not None and part == "all":
+                values.extend(choices)
+                continue
+            try:
+                value = kind(part)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"invalid value {part!r}; allowed: {allowed_text}") from None
+            if (choices is not None and value not in choices) or not check(value):
+                raise argparse.ArgumentTypeError(f"invalid value {part!r}; allowed: {allowed_text}")
+            values.append(value)
+        return tuple(dict.fromkeys(values))
+    return parse
+
+
+def _bool(text: str) -> bool:
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(text)
+
+
+def _positive_int(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: a whole number >= {minimum}")
+        return value
+    return parse
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: a number >= 0")
+    return value
+
+
+def _width(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 4:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: a number in (0, 4], 1 is the study's AlexNet")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="tune-alexnet", description="AlexNet on CIFAR-10: the 108-run hyperparameter study as a Ray Tune sweep.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sweep,export,report}", parser_class=OneLineParser)
+
+    sw = sub.add_parser("sweep", help="run (or resume) the study as a Ray Tune sweep",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Run the study's grid as a Ray Tune sweep. Each of the five grid flags, when given, "
+                                    "pins its dimension (comma-separated values allowed); a flag left out sweeps all "
+                                    "of the study's values. No grid flag: all 108 runs.",
+                        epilog="examples:\n"
+                               "  tune-alexnet sweep --data-dir ../shared/data/cifar10-mini --subset 50 --epochs 2 --optimizer sgd --lr 0.01\n"
+                               "  tune-alexnet sweep --optimizer sgd            # the study's 36 SGD runs\n"
+                               "  tune-alexnet sweep --name study --resume     # continue an interrupted sweep\n"
+                               "Results go to STORAGE/NAME; the table is STORAGE/NAME/results.parquet (and .csv).")
+    g = sw.add_argument_group("the study's grid (the original's flags)")
+    g.add_argument("--optimizer", type=_list_of(str, "sgd, adam, rmsprop or all", choices=OPTIMIZERS),
+                   help="sgd, adam, rmsprop, or all (default: all three)")
+    g.add_argument("--lr", type=_list_of(float, "a positive number such as 0.01", check=lambda v: v > 0),
+                   help=f"learning rate(s) (default: {', '.join(map(str, LRS))})")
+    g.add_argument("--batch_size", "--batch-size", dest="batch_size",
+                   type=_list_of(int, "a whole number >= 2 such as 32", check=lambda v: v >= 2),
+                   help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))})")
+    g.add_argument("--dropout", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
+    g.add_argument("--batchnorm", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
+
+    t = sw.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive_int("--epochs"), default=100, help="most epochs per run (default: 100)")
+    t.add_argument("--patience", type=_positive_int("--patience"), default=5,
+                   help="stop a run after this many epochs without a new best accuracy (default: 5)")
+    t.add_argument("--seed", type=_positive_int("--seed", 0), default=0, help="random seed (default: 0)")
+    t.add_argument("--repeats", type=_positive_int("--repeats"), default=1,
+                   help="trials per grid point, each with its own seed (default: 1)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto)")
+    t.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                   help="channels-last memory format; auto: on CUDA only (default: auto)")
+    t.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--width", type=_width, default=1.0,
+                   help="scale AlexNet's channels and hidden units; 1 is the study's network, 0.125 a quick smoke test")
+
+    d = sw.add_argument_group("data")
+    d.add_argument("--data-dir", help="offline data: a folder with train/<class>/ and test/<class>/ images "
+                                      "(default: download CIFAR-10 with torchvision)")
+    d.add_argument("--download-root", help="where torchvision's CIFAR-10 is downloaded (default: ~/.cache/tune-alexnet/torchvision)")
+    d.add_argument("--subset", type=_positive_int("--subset"),
+                   help="use N train images per class (and the test set cut in the same proportion)")
+
+    r = sw.add_argument_group("where and how it runs")
+    r.add_argument("--storage", default="ray_results", help="folder or s3://, gs:// URI for experiments (default: ./ray_results)")
+    r.add_argument("--name", help="experiment name (default: alexnet-<date>-<time>)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the experiment --name (default: the newest in --storage) with its own settings")
+    r.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
+    r.add_argument("--cpus-per-trial", type=_nonneg_float, default=1.0, help="CPUs per trial (default: 1)")
+    r.add_argument("--gpus-per-trial", type=_nonneg_float,
+                   help="GPUs per trial, fractional allowed (default: 0.25 if the cluster has GPUs, else 0)")
+    r.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
+                   help="restarts of a trial whose process died, from its last checkpoint (default: 3)")
+    r.add_argument("--shared-storage", action="store_true",
+                   help="a local --storage folder is shared by every node of the cluster (NFS and the like)")
+
+    ex = sub.add_parser("export", help="write the table of an experiment folder (finished or not)",
+                        description="Write results.parquet, results.csv, epochs.parquet and the original's "
+                                    "results_<optimizer>.csv for an experiment folder, without re-running anything.")
+    ex.add_argument("experiment", help="experiment folder, e.g. ray_results/<name>")
+    ex.add_argument("--out", help="folder for the tables (default: the experiment folder)")
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .sweep import SweepSettings
+
+    grid = make_grid(optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, dropout=args.dropout,
+                     batchnorm=args.batchnorm)
+    channels_last = {"auto": "auto", "true": True, "false": False}[args.channels_last]
+    return SweepSettings(
+        grid=grid, epochs=args.epochs, patience=args.patience, seed=args.seed, repeats=args.repeats,
+        data_dir=args.data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
+        name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
+        trial={"precision": args.precision, "channels_last": channels_last, "tf32": args.tf32,
+               "compile": args.compile, "width": args.width},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from .data import DataError
+    from .export import ExportError
+    from .sweep import SweepError
+
+    try:
+        if args.command == "sweep":
+            from .sweep import run_sweep
+
+            path, exp = run_sweep(_settings(args))
+            print(f"tune-alexnet: experiment {path}: {len(exp.table)} trials; "
+                  f"table {path}/results.parquet")
+        elif args.command == "export":
+            from .export import export
+
+            exp, written = export(args.experiment, args.out)
+            for p in written:
+                print(p)
+    except (DataError, SweepError, ExportError) as exc:
+        print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

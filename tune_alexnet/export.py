@@ -1,0 +1,181 @@
+"""An experiment folder (finished, half-finished or live) -> one table, one row per trial.
+
+Reads only what Tune wrote (experiment state, each trial's result.json and
+error file); nothing is re-run and Ray need not be running. Tables are written
+to a temporary file and renamed, so a crash never leaves a truncated one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .grid import DIMENSIONS, OPTIMIZERS, run_number
+
+TABLE_NAME = "results"  # results.parquet and results.csv
+EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
+COLUMNS = [
+    "run", "optimizer", "lr", "batch_size", "dropout", "batchnorm", "seed", "final_accuracy", "epochs_run",
+    "best_epoch", "max_epochs", "stopped_early", "status", "error", "train_time_s", "trial_id", "node_id",
+    "best_checkpoint",
+]
+ORIGINAL_COLUMNS = ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
+STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "terminated", "ERROR": "errored"}
+
+
+class ExportError(Exception):
+    """The folder is not something we can read as an experiment; one line for the command line."""
+
+
+@dataclass
+class Experiment:
+    path: str
+    table: pd.DataFrame  # one row per trial, COLUMNS
+    epochs: pd.DataFrame  # one row per reported epoch: trial_id, run, optimizer, ..., epoch, val_acc, ...
+
+
+def load_experiment(source) -> Experiment:
+    """`source`: an experiment folder (path or URI) or a live tune.ResultGrid."""
+    from ray import tune
+
+    path = str(getattr(source, "experiment_path", source))
+    if "://" not in path and not Path(path).is_dir():
+        raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
+    try:
+        analysis = tune.ExperimentAnalysis(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ExportError(f"{path} holds no Tune experiment (no experiment_state-*.json); "
+                          f"allowed: an experiment folder such as ray_results/<name>") from None
+    rows, epoch_frames = [], []
+    for trial in analysis.trials:
+        epochs = _read_results(trial)
+        row = _trial_row(trial, epochs)
+        rows.append(row)
+        if len(epochs):
+            epochs.insert(0, "trial_id", trial.trial_id)
+            for col in ("run", *DIMENSIONS, "seed"):
+                epochs[col] = row[col]
+            epoch_frames.append(epochs)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    # Study order; trials off the study's grid (no run number) follow in creation order.
+    table = table.sort_values(["run", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
+    table["run"] = table["run"].astype("Int64")
+    epochs_df = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(columns=["trial_id", "epoch"])
+    return Experiment(path, table, epochs_df)
+
+
+def _read_results(trial) -> pd.DataFrame:
+    """Every epoch the trial reported, tolerating a half-written last line of a running trial."""
+    fs = trial.storage.storage_filesystem
+    result_file = Path(trial.storage.trial_fs_path, "result.json").as_posix()
+    try:
+        with fs.open_input_stream(result_file) as f:
+            text = f.readall().decode("utf-8")
+    except (FileNotFoundError, OSError):
+        return pd.DataFrame()
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a trial still running may be mid-write
+    keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch", "epochs_since_best",
+            "epoch_time_s", "train_time_s", "diverged", "images_per_s", "device", "node_id", "checkpoint_dir_name"]
+    df = pd.DataFrame([{k: r.get(k) for k in keep} for r in records if r.get("epoch") is not None], columns=keep)
+    # A restarted trial re-reports nothing it had checkpointed, but may repeat epochs after its last checkpoint.
+    return df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def _trial_row(trial, epochs: pd.DataFrame) -> dict:
+    config = trial.config
+    last = epochs.iloc[-1] if len(epochs) else None
+    diverged = bool(last is not None and last["diverged"])
+    status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, trial.status.lower())
+    best_epoch = int(last["best_epoch"]) if last is not None and last["best_epoch"] else None
+    best_ckpt = None
+    if best_epoch:
+        name = epochs.loc[epochs["epoch"] == best_epoch, "checkpoint_dir_name"].iloc[0]
+        if isinstance(name, str):
+            best_ckpt = Path(trial.storage.trial_fs_path, name).as_posix()
+    max_epochs = int(config.get("epochs", 100))
+    epochs_run = int(last["epoch"]) if last is not None else 0
+    return {
+        "run": run_number(config),
+        **{d: config[d] for d in DIMENSIONS},
+        "seed": config.get("seed"),
+        "final_accuracy": round(float(last["best_val_acc"]), 2) if best_epoch else None,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "max_epochs": max_epochs,
+        "stopped_early": status == "terminated" and epochs_run < max_epochs,
+        "status": status,
+        "error": _error_line(trial) if trial.status == "ERROR" else None,
+        "train_time_s": float(last["train_time_s"]) if last is not None else 0.0,
+        "trial_id": trial.trial_id,
+        "node_id": last["node_id"] if last is not None else None,
+        "best_checkpoint": best_ckpt,
+    }
+
+
+def _error_line(trial) -> str:
+    fs = trial.storage.storage_filesystem
+    error_file = Path(trial.storage.trial_fs_path, "error.txt").as_posix()
+    try:
+        with fs.open_input_stream(error_file) as f:
+            lines = [ln.strip() for ln in f.readall().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except (FileNotFoundError, OSError):
+        return "error (no error.txt)"
+    # The exception's own line is the last one of the traceback.
+    return lines[-1][:500] if lines else "error"
+
+
+def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The study's per-optimiser CSVs: its exact columns, accuracy written like 85.36%."""
+    out = {}
+    for opt in sorted(table["optimizer"].unique(), key=lambda o: (OPTIMIZERS.index(o) if o in OPTIMIZERS else 99, o)):
+        part = table[table["optimizer"] == opt]
+        out[opt] = pd.DataFrame({
+            "Run": part["run"], "Optimizer": part["optimizer"], "LR": part["lr"], "Batch Size": part["batch_size"],
+            "Dropout": part["dropout"], "Batch Norm": part["batchnorm"],
+            "Final Accuracy": [f"{a:.2f}%" if pd.notna(a) else "" for a in part["final_accuracy"]],
+        }, columns=ORIGINAL_COLUMNS)
+    return out
+
+
+def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[Path]:
+    """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        _atomic(out / f"{TABLE_NAME}.parquet", lambda p: exp.table.to_parquet(p, index=False)),
+        _atomic(out / f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False)),
+        _atomic(out / f"{EPOCHS_NAME}.parquet", lambda p: exp.epochs.to_parquet(p, index=False)),
+    ]
+    for opt, df in original_tables(exp.table).items():
+        written.append(_atomic(out / f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False)))
+    return written
+
+
+def _atomic(path: Path, write) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def export(source, out_dir: str | os.PathLike | None = None) -> tuple[Experiment, list[Path]]:
+    exp = load_experiment(source)
+    if out_dir is None:
+        if "://" in exp.path:
+            raise ExportError(f"{exp.path} is remote; pass --out DIR for the tables")
+        out_dir = exp.path
+    return exp, write_tables(exp, out_dir)
