@@ -22,6 +22,10 @@ def plateau_update(best: float, epochs_since_best: int, val_acc: float) -> tuple
     return best, epochs_since_best + 1, False
 
 
+def should_stop(epoch: int, epochs_since_best: int, patience: int, max_epochs: int) -> bool:
+    return epochs_since_best >= patience or epoch >= max_epochs
+
+
 class PlateauStopper(tune.Stopper):
     def __init__(self, patience: int = DEFAULT_PATIENCE, max_epochs: int = DEFAULT_MAX_EPOCHS):
         if patience < 1:
@@ -37,7 +41,7 @@ class PlateauStopper(tune.Stopper):
         epoch = result.get("epoch")
         if epoch is None:  # not one of our epoch reports
             return False
-        return result["epochs_since_best"] >= self.patience or epoch >= self.max_epochs
+        return should_stop(epoch, result["epochs_since_best"], self.patience, self.max_epochs)
 
     def stop_all(self) -> bool:
         return False

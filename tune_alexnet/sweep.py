@@ -62,7 +62,7 @@ def trial_space(s: SweepSettings) -> dict:
     from ray import tune
 
     space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
-    space.update({**DEFAULTS, **s.trial, "epochs": s.epochs})
+    space.update({**DEFAULTS, **s.trial, "epochs": s.epochs, "patience": s.patience})
     space["seed"] = tune.randint(0, 2**31 - 1) if s.repeats > 1 else s.seed
     return space
 

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from . import augment
 from .data import Cifar
 from .model import AlexNet
-from .stopper import plateau_update
+from .stopper import plateau_update, should_stop
 
 log = logging.getLogger("tune_alexnet.train")
 
@@ -32,6 +32,7 @@ log = logging.getLogger("tune_alexnet.train")
 DEFAULTS = {
     "seed": 0,  # seeds weights, shuffling, augmentation and dropout
     "epochs": 100,  # most epochs a run may train (SPEC)
+    "patience": 5,  # epochs without a new best val_acc that end a run (SPEC); the stopper applies it
     "augment": True,  # SPEC's training augmentation; off only for learning checks
     "width": 1.0,  # AlexNet width multiplier; 1 is the study's network
     "precision": "auto",  # fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU)
@@ -152,6 +153,8 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
         state = saved["counters"]
         log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
                  state["epoch"], state["best_val_acc"], state["epochs_since_best"])
+        if should_stop(state["epoch"], state["epochs_since_best"], cfg["patience"], cfg["epochs"]):
+            return  # it had finished; the driver died before recording that
 
     step_model = torch.compile(model) if cfg["compile"] else model
     train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)

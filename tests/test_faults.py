@@ -1,0 +1,142 @@
+"""Nothing lost: real processes killed with real signals, divergence, errored trials, half-finished exports."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tune_alexnet.export import load_experiment
+from tune_alexnet.grid import make_grid
+from tune_alexnet.sweep import SweepSettings, run_sweep
+
+TIMEOUT = 240
+
+
+def start_sweep(args, log_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)],
+                            stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"sweep exited (rc={proc.returncode}) before {what}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def reported_epochs(exp_dir: Path) -> dict[str, list[dict]]:
+    """Each trial folder's result.json lines, by folder name (complete lines only)."""
+    out = {}
+    for result in exp_dir.glob("train_cifar_*/result.json"):
+        rows = []
+        for line in result.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        out[result.parent.name] = rows
+    return out
+
+
+def sweep_args(data_dir, storage, name, epochs, extra=()):
+    return ["--data-dir", data_dir, "--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true",
+            "--epochs", epochs, "--width", "0.125", "--storage", storage, "--name", name, *extra]
+
+
+def test_driver_killed_mid_sweep_then_resume_keeps_finished_trials(synthetic_dir, tmp_path):
+    storage, epochs = tmp_path / "results", 4
+    exp_dir = storage / "killed"
+    proc = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs), tmp_path / "first.log")
+    finished = wait_for(lambda: [k for k, rows in reported_epochs(exp_dir).items() if len(rows) == epochs],
+                        proc, "a trial to finish")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = reported_epochs(exp_dir)
+    assert len(before) < 6 or any(len(rows) < epochs for rows in before.values()), "sweep ended before the kill"
+
+    # A half-finished experiment exports with every trial's recorded status, no crash.
+    half = load_experiment(exp_dir).table
+    assert len(half) == 6
+    assert set(half["status"]) <= {"terminated", "running", "pending"}
+    assert (half["status"] != "terminated").any()
+
+    # Without --resume the name is refused; with it the sweep completes.
+    again = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs), tmp_path / "refused.log")
+    assert again.wait(TIMEOUT) == 2
+    assert "--resume" in (tmp_path / "refused.log").read_text()
+    resumed = start_sweep(["--resume", "--name", "killed", "--storage", storage], tmp_path / "resume.log")
+    assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+
+    table = pd.read_parquet(exp_dir / "results.parquet")
+    assert len(table) == 6 and set(table["status"]) == {"terminated"}
+    assert (table["epochs_run"] == epochs).all()
+    after = reported_epochs(exp_dir)
+    for name in finished:  # finished before the kill: not one epoch trained again
+        assert [r["epoch"] for r in after[name]] == [r["epoch"] for r in before[name]]
+
+
+def test_killed_trial_worker_restarts_from_its_checkpoint(synthetic_dir, tmp_path):
+    storage, epochs = tmp_path / "results", 8
+    exp_dir = storage / "worker"
+    proc = start_sweep(sweep_args(synthetic_dir, storage, "worker", epochs,
+                                  ["--dropout", "true", "--batch-size", "32,64", "--max-failures", "2",
+                                   "--patience", "100"]), tmp_path / "sweep.log")
+
+    def victim():
+        for name, rows in reported_epochs(exp_dir).items():
+            if len(rows) >= 2 and rows[-1]["epoch"] < epochs - 2:
+                return name, rows[-1]["pid"], rows[-1]["epoch"]
+    name, pid, epoch_at_kill = wait_for(victim, proc, "a trial in mid-training")
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(TIMEOUT) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+
+    table = pd.read_parquet(exp_dir / "results.parquet")
+    assert len(table) == 2 and set(table["status"]) == {"terminated"} and (table["epochs_run"] == epochs).all()
+    rows = reported_epochs(exp_dir)[name]
+    seen = [r["epoch"] for r in rows]
+    assert sorted(set(seen)) == list(range(1, epochs + 1))
+    assert seen.count(1) == 1, seen  # resumed, not started over
+    assert len({r["pid"] for r in rows}) == 2  # a new worker process took over
+    first_new = next(i for i, r in enumerate(rows) if r["pid"] != pid)
+    assert rows[first_new]["epoch"] >= epoch_at_kill
+
+
+@pytest.fixture(scope="module")
+def mixed_experiment(ray_local, synthetic_dir, tmp_path_factory):
+    """One trial that trains, one that diverges, two that error: what a report must survive."""
+    s = SweepSettings(grid=make_grid(optimizer=("adam", "nosuchopt"), lr=(0.001, 1e6), batch_size=(32,),
+                                     dropout=(False,), batchnorm=(False,)),
+                      epochs=3, data_dir=str(synthetic_dir), storage=str(tmp_path_factory.mktemp("mixed")),
+                      name="mixed", max_failures=0, trial={"width": 0.125})
+    path, exp = run_sweep(s)
+    return path, exp
+
+
+def test_divergence_is_recorded_and_the_sweep_goes_on(mixed_experiment):
+    _, exp = mixed_experiment
+    table = exp.table.set_index(["optimizer", "lr"])
+    assert table.loc[("adam", 0.001), "status"] == "terminated"
+    assert table.loc[("adam", 0.001), "epochs_run"] == 3
+    diverged = table.loc[("adam", 1e6)]
+    assert diverged["status"] == "diverged" and diverged["epochs_run"] < 3
+    assert not diverged["stopped_early"]
+
+
+def test_errored_trials_are_rows_with_their_error(mixed_experiment):
+    _, exp = mixed_experiment
+    errored = exp.table[exp.table["optimizer"] == "nosuchopt"]
+    assert len(errored) == 2 and set(errored["status"]) == {"errored"}
+    assert errored["error"].str.contains("optimizer 'nosuchopt' is unknown").all()
+    assert errored["final_accuracy"].isna().all() and errored["run"].isna().all()
