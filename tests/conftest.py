@@ -54,3 +54,16 @@ def ray_local():
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mixed_experiment(ray_local, synthetic_dir, tmp_path_factory):
+    """One trial that trains, one that diverges, two that error: what exports and reports must survive."""
+    from tune_alexnet.grid import make_grid
+    from tune_alexnet.sweep import SweepSettings, run_sweep
+
+    s = SweepSettings(grid=make_grid(optimizer=("adam", "nosuchopt"), lr=(0.001, 1e6), batch_size=(32,),
+                                     dropout=(False,), batchnorm=(False,)),
+                      epochs=3, data_dir=str(synthetic_dir), storage=str(tmp_path_factory.mktemp("mixed")),
+                      name="mixed", max_failures=0, trial={"width": 0.125})
+    return run_sweep(s)

@@ -11,8 +11,6 @@ import pandas as pd
 import pytest
 
 from tune_alexnet.export import load_experiment
-from tune_alexnet.grid import make_grid
-from tune_alexnet.sweep import SweepSettings, run_sweep
 
 TIMEOUT = 240
 
@@ -111,17 +109,6 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(synthetic_dir, tmp_pat
     assert len({r["pid"] for r in rows}) == 2  # a new worker process took over
     first_new = next(i for i, r in enumerate(rows) if r["pid"] != pid)
     assert rows[first_new]["epoch"] >= epoch_at_kill
-
-
-@pytest.fixture(scope="module")
-def mixed_experiment(ray_local, synthetic_dir, tmp_path_factory):
-    """One trial that trains, one that diverges, two that error: what a report must survive."""
-    s = SweepSettings(grid=make_grid(optimizer=("adam", "nosuchopt"), lr=(0.001, 1e6), batch_size=(32,),
-                                     dropout=(False,), batchnorm=(False,)),
-                      epochs=3, data_dir=str(synthetic_dir), storage=str(tmp_path_factory.mktemp("mixed")),
-                      name="mixed", max_failures=0, trial={"width": 0.125})
-    path, exp = run_sweep(s)
-    return path, exp
 
 
 def test_divergence_is_recorded_and_the_sweep_goes_on(mixed_experiment):

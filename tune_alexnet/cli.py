@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "results_<optimizer>.csv for an experiment folder, without re-running anything.")
     ex.add_argument("experiment", help="experiment folder, e.g. ray_results/<name>")
     ex.add_argument("--out", help="folder for the tables (default: the experiment folder)")
+
+    rp = sub.add_parser("report", help="write report.md and figures for an experiment folder",
+                        description="Write report.md and PNG figures (per-optimiser statistics, heatmaps, batch norm "
+                                    "and dropout effects, learning curves, failed runs, comparison with the original "
+                                    "study) for an experiment folder, finished or not.")
+    rp.add_argument("experiment", help="experiment folder, e.g. ray_results/<name>")
+    rp.add_argument("--out", help="folder for report.md and the figures (default: the experiment folder)")
     return parser
 
 
@@ -176,14 +183,20 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import run_sweep
 
             path, exp = run_sweep(_settings(args))
-            print(f"tune-alexnet: experiment {path}: {len(exp.table)} trials; "
-                  f"table {path}/results.parquet")
+            counts = ", ".join(f"{n} {s}" for s, n in exp.table["status"].value_counts().items())
+            print(f"tune-alexnet: experiment {path}: {len(exp.table)} trials ({counts})\n"
+                  f"  table:  {path}/results.parquet (and results.csv)\n"
+                  f"  report: {path}/report.md")
         elif args.command == "export":
             from .export import export
 
             exp, written = export(args.experiment, args.out)
             for p in written:
                 print(p)
+        elif args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.experiment, args.out))
     except (DataError, SweepError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -151,20 +151,24 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        _atomic(out / f"{TABLE_NAME}.parquet", lambda p: exp.table.to_parquet(p, index=False)),
-        _atomic(out / f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False)),
-        _atomic(out / f"{EPOCHS_NAME}.parquet", lambda p: exp.epochs.to_parquet(p, index=False)),
+        atomic_write(out / f"{TABLE_NAME}.parquet", lambda p: exp.table.to_parquet(p, index=False)),
+        atomic_write(out / f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False)),
+        atomic_write(out / f"{EPOCHS_NAME}.parquet", lambda p: exp.epochs.to_parquet(p, index=False)),
     ]
     for opt, df in original_tables(exp.table).items():
-        written.append(_atomic(out / f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False)))
+        written.append(atomic_write(out / f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False)))
     return written
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
+    """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -104,6 +104,10 @@ def run_sweep(s: SweepSettings, data: Cifar | None = None) -> tuple[str, export.
         if started_ray:
             ray.shutdown()
     experiment, written = export.export(results.experiment_path)
+    if "://" not in results.experiment_path:
+        from .report import write_report
+
+        written.append(write_report(experiment))
     for path in written:
         print(f"tune-alexnet: wrote {path}", file=sys.stderr)
     return results.experiment_path, experiment

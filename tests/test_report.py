@@ -1,0 +1,89 @@
+"""Reports from real small experiments: figures, statistics equal to the table's, the original's numbers."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tune_alexnet.cli import main
+from tune_alexnet.grid import make_grid
+from tune_alexnet.report import reference_table, write_report
+from tune_alexnet.sweep import SweepSettings, run_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("heatmaps.png", "effects.png", "curves.png", "comparison.png")
+
+
+@pytest.fixture(scope="module")
+def repeated(ray_local, synthetic_dir, tmp_path_factory):
+    """Two SGD grid points (runs 14 and 16), two seeds each."""
+    s = SweepSettings(grid=make_grid(optimizer=("sgd",), lr=(0.001,), batch_size=(32,), dropout=(True, False),
+                                     batchnorm=(True,)),
+                      epochs=2, repeats=2, seed=7, data_dir=str(synthetic_dir),
+                      storage=str(tmp_path_factory.mktemp("rep")), name="rep", trial={"width": 0.125})
+    return run_sweep(s)
+
+
+def md_table(text: str, heading: str) -> pd.DataFrame:
+    """The first markdown table after a heading of report.md."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def test_repeats_give_two_seeded_trials_per_grid_point(repeated):
+    _, exp = repeated
+    table = exp.table
+    assert len(table) == 4 and sorted(table["run"].tolist()) == [14, 14, 16, 16]
+    for _, group in table.groupby("run"):
+        assert group["seed"].nunique() == 2
+
+
+def test_report_figures_statistics_and_comparison(repeated, tmp_path):
+    path, exp = repeated
+    # The sweep already wrote one into the experiment folder; write another elsewhere from the folder alone.
+    assert Path(path, "report.md").is_file()
+    report = write_report(path, tmp_path / "out")
+    text = report.read_text()
+    for fig in FIGURES:
+        data = (tmp_path / "out" / fig).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, fig
+        assert f"]({fig})" in text
+
+    table = pd.read_parquet(Path(path, "results.parquet"))
+    stats = md_table(text, "## Per optimiser")
+    sgd = stats.set_index("optimizer").loc["sgd"]
+    acc = table["final_accuracy"]
+    assert int(sgd["runs"]) == 4
+    assert float(sgd["mean"]) == pytest.approx(acc.mean(), abs=0.006)
+    assert float(sgd["median"]) == pytest.approx(acc.median(), abs=0.006)
+    assert float(sgd["best"]) == pytest.approx(acc.max(), abs=0.006)
+    assert float(sgd["worst"]) == pytest.approx(acc.min(), abs=0.006)
+
+    comp = md_table(text, "## Comparison with the original study")
+    ref = reference_table().set_index("run")
+    assert sorted(comp["run"].astype(int)) == [14, 16]
+    for _, row in comp.iterrows():
+        run = int(row["run"])
+        ours = table.loc[table["run"] == run, "final_accuracy"]
+        assert float(row["original"]) == pytest.approx(ref.loc[run, "final_accuracy"])
+        assert float(row["ours"]) == pytest.approx(ours.mean(), abs=0.006)
+        assert float(row["std"]) == pytest.approx(ours.std(), abs=0.006)
+        assert float(row["difference"]) == pytest.approx(ours.mean() - ref.loc[run, "final_accuracy"], abs=0.01)
+        assert row["within_noise"] in ("True", "False")
+    assert "## Repeats: mean and standard deviation per configuration" in text
+
+
+def test_report_lists_diverged_and_errored_runs(mixed_experiment, tmp_path, capsys):
+    path, _ = mixed_experiment
+    assert main(["report", path, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    failed = md_table(text, "## Diverged, errored or chance-level runs")
+    assert sorted(failed["status"]) == ["diverged", "errored", "errored"]
+    assert failed.loc[failed["status"] == "errored", "error"].str.contains("nosuchopt").all()
+    for fig in FIGURES:
+        assert (tmp_path / fig).read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,294 @@
+"""An experiment folder -> report.md and PNG figures, next to the original study's numbers.
+
+Works from the exported table and per-epoch results alone (export.load_experiment),
+so it reads finished, half-finished and failed experiments alike.
+"""
+from __future__ import annotations
+
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from .export import Experiment, atomic_write, load_experiment
+from .grid import BATCH_SIZES, DIMENSIONS, LRS, OPTIMIZERS
+
+CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
+ORIGINAL_LABEL = "original"
+NOISE_SIGMAS = 2.0  # an original-vs-ours difference within this many seeds' std is noise
+
+
+def reference_table() -> pd.DataFrame:
+    """The original study's 108 results, shipped with the package."""
+    with resources.files("tune_alexnet").joinpath("reference/seed_results.csv").open() as f:
+        ref = pd.read_csv(f)
+    ref["dropout"] = ref["dropout"].astype(str).str.lower() == "true"
+    ref["batchnorm"] = ref["batchnorm"].astype(str).str.lower() == "true"
+    return ref
+
+
+def optimizer_order(values) -> list[str]:
+    return sorted(set(values), key=lambda o: (OPTIMIZERS.index(o) if o in OPTIMIZERS else 99, o))
+
+
+def scored(table: pd.DataFrame) -> pd.DataFrame:
+    """Trials that produced an accuracy (finished, stopped, diverged after learning, or still running)."""
+    return table[table["final_accuracy"].notna()]
+
+
+def per_optimizer(table: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for opt in optimizer_order(table["optimizer"]):
+        part = scored(table[table["optimizer"] == opt])
+        if part.empty:
+            continue
+        best = part.loc[part["final_accuracy"].idxmax()]
+        rows.append({"optimizer": opt, "runs": len(part), "mean": part["final_accuracy"].mean(),
+                     "median": part["final_accuracy"].median(), "best": part["final_accuracy"].max(),
+                     "worst": part["final_accuracy"].min(), "best_config": describe(best)})
+    return pd.DataFrame(rows, columns=["optimizer", "runs", "mean", "median", "best", "worst", "best_config"])
+
+
+def describe(row) -> str:
+    run = f"run {int(row['run'])}: " if pd.notna(row.get("run")) else ""
+    return (f"{run}lr {row['lr']:g}, batch {int(row['batch_size'])}, "
+            f"{'dropout' if row['dropout'] else 'no dropout'}, {'batch norm' if row['batchnorm'] else 'no batch norm'}")
+
+
+def effects(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy with and without batch norm and dropout, per optimiser."""
+    part = scored(table)
+    rows = []
+    for opt in optimizer_order(part["optimizer"]):
+        o = part[part["optimizer"] == opt]
+        row = {"optimizer": opt}
+        for switch in ("batchnorm", "dropout"):
+            row[f"{switch} on"] = o.loc[o[switch], "final_accuracy"].mean()
+            row[f"{switch} off"] = o.loc[~o[switch], "final_accuracy"].mean()
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["optimizer", "batchnorm on", "batchnorm off", "dropout on", "dropout off"])
+
+
+def per_config(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation and count of final accuracy per configuration (over repeats)."""
+    part = scored(table)
+    grouped = part.groupby(["run", *DIMENSIONS], dropna=False)["final_accuracy"]
+    out = grouped.agg(["mean", "std", "count"]).reset_index()
+    return out.sort_values("run", na_position="last").reset_index(drop=True)
+
+
+def comparison(table: pd.DataFrame) -> pd.DataFrame:
+    """Every run present in both this experiment and the original: both accuracies and the difference."""
+    ours = per_config(table)
+    ours = ours[ours["run"].notna()].astype({"run": int})
+    ref = reference_table()[["run", "final_accuracy"]].rename(columns={"final_accuracy": ORIGINAL_LABEL})
+    merged = ours.merge(ref, on="run").rename(columns={"mean": "ours"})
+    merged["difference"] = merged["ours"] - merged[ORIGINAL_LABEL]
+    merged["within_noise"] = [
+        (abs(d) <= NOISE_SIGMAS * s) if (n >= 2 and pd.notna(s)) else None
+        for d, s, n in zip(merged["difference"], merged["std"], merged["count"])]
+    return merged
+
+
+def rank_correlation(comp: pd.DataFrame) -> float:
+    if len(comp) < 3:
+        return math.nan
+    return comp["ours"].rank().corr(comp[ORIGINAL_LABEL].rank())  # Spearman's rho
+
+
+def failed_runs(table: pd.DataFrame) -> pd.DataFrame:
+    bad = (table["status"].isin(["diverged", "errored"])
+           | (table["final_accuracy"].notna() & (table["final_accuracy"] <= CHANCE_LEVEL)))
+    return table[bad]
+
+
+# --- figures -----------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmaps(table: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    part = scored(table)
+    opts = optimizer_order(part["optimizer"]) or list(OPTIMIZERS)
+    panels = [(d, b) for d in (True, False) for b in (False, True)]
+    lrs = sorted(set(part["lr"]) | set(LRS), reverse=True)
+    bss = sorted(set(part["batch_size"]) | set(BATCH_SIZES))
+    fig, axes = plt.subplots(len(opts), len(panels), figsize=(3.0 * len(panels), 2.6 * len(opts) + 0.6),
+                             squeeze=False, sharey=True, layout="constrained")
+    image = None
+    for i, opt in enumerate(opts):
+        for j, (drop, bn) in enumerate(panels):
+            ax = axes[i][j]
+            cell = part[(part["optimizer"] == opt) & (part["dropout"] == drop) & (part["batchnorm"] == bn)]
+            grid = cell.groupby(["lr", "batch_size"])["final_accuracy"].mean().unstack().reindex(index=lrs, columns=bss)
+            image = ax.imshow(grid.values, vmin=10, vmax=90, cmap="viridis", aspect="auto")
+            for (r, c), v in pd.DataFrame(grid.values).stack().dropna().items():
+                ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+            ax.set_xticks(range(len(bss)), [str(b) for b in bss])
+            ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+            ax.set_title(f"{opt}: {'dropout' if drop else 'no dropout'}, {'BN' if bn else 'no BN'}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("learning rate")
+            if i == len(opts) - 1:
+                ax.set_xlabel("batch size")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="final accuracy (%)")
+    fig.suptitle("Final accuracy (%) by learning rate and batch size; empty cells: not run")
+    _save(fig, path)
+
+
+def effects_figure(eff: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, switch in zip(axes, ("batchnorm", "dropout")):
+        x = range(len(eff))
+        ax.bar([i - 0.2 for i in x], eff[f"{switch} off"], width=0.4, label="off")
+        ax.bar([i + 0.2 for i in x], eff[f"{switch} on"], width=0.4, label="on")
+        ax.set_xticks(list(x), eff["optimizer"])
+        ax.set_ylabel("mean final accuracy (%)")
+        ax.set_title("batch norm" if switch == "batchnorm" else "dropout")
+        ax.legend()
+    _save(fig, path)
+
+
+def curves_figure(exp: Experiment, path: Path) -> None:
+    plt = _plt()
+    table, epochs = exp.table, exp.epochs
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for opt in optimizer_order(scored(table)["optimizer"]):
+        part = scored(table[table["optimizer"] == opt])
+        best = part.loc[part["final_accuracy"].idxmax()]
+        e = epochs[epochs["trial_id"] == best["trial_id"]]
+        ax.plot(e["epoch"], e["val_acc"], marker="o", ms=3, label=f"best {opt}: {describe(best)}")
+    for _, row in table[table["status"] == "diverged"].iterrows():
+        e = epochs[epochs["trial_id"] == row["trial_id"]]
+        ax.plot(e["epoch"], e["val_acc"].fillna(0), ls="--", color="grey", alpha=0.7)
+    if (table["status"] == "diverged").any():
+        ax.plot([], [], ls="--", color="grey", label="diverged runs")
+    ax.axhline(10, color="red", lw=0.8, ls=":", label="chance (10%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Validation accuracy per epoch")
+    _save(fig, path)
+
+
+def comparison_figure(comp: pd.DataFrame, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for opt in optimizer_order(comp["optimizer"]):
+        part = comp[comp["optimizer"] == opt]
+        ax.errorbar(part[ORIGINAL_LABEL], part["ours"], yerr=part["std"].fillna(0), fmt="o", ms=4, label=opt)
+    ax.plot([0, 100], [0, 100], color="grey", lw=0.8)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("original study: final accuracy (%)")
+    ax.set_ylabel("this experiment (%)")
+    ax.set_title(f"Runs in both (n={len(comp)}), rank corr. {rank_correlation(comp):.2f}")
+    ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        _plt().close(fig)
+
+
+# --- report.md -----------------------------------------------------------------
+
+def _md(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else floats.format(v)
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+ORIGINAL_SUMMARY = {"sgd": (74.68, 88.43), "adam": (62.19, 88.14), "rmsprop": (59.80, 87.50)}
+
+
+def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
+    """report.md and its figures in `out_dir` (default: the experiment folder); returns report.md's path."""
+    exp = source if isinstance(source, Experiment) else load_experiment(source)
+    out = Path(out_dir or exp.path)
+    out.mkdir(parents=True, exist_ok=True)
+    table = exp.table
+    opt_stats = per_optimizer(table)
+    eff = effects(table)
+    comp = comparison(table)
+    failed = failed_runs(table)
+    repeats = int(table.groupby(["run", *DIMENSIONS], dropna=False).size().max()) if len(table) else 0
+
+    heatmaps(table, out / "heatmaps.png")
+    effects_figure(eff, out / "effects.png")
+    curves_figure(exp, out / "curves.png")
+    comparison_figure(comp, out / "comparison.png")
+
+    status_counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
+    side = opt_stats[["optimizer", "runs", "mean", "best"]].copy()
+    side["original mean"] = [ORIGINAL_SUMMARY.get(o, (math.nan, math.nan))[0] for o in side["optimizer"]]
+    side["original best"] = [ORIGINAL_SUMMARY.get(o, (math.nan, math.nan))[1] for o in side["optimizer"]]
+    ref = reference_table()
+    shared_runs = set(comp["run"])
+    ref_shared = ref[ref["run"].isin(shared_runs)].groupby("optimizer")["final_accuracy"].mean()
+    side["original mean, same runs"] = [ref_shared.get(o, math.nan) for o in side["optimizer"]]
+
+    parts = [
+        f"# Report: {Path(exp.path).name}",
+        f"Experiment `{exp.path}`: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
+        f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
+        f"({len(scored(table))}); errored trials and trials that diverged before their first good epoch have none.",
+        "## Per optimiser",
+        _md(opt_stats),
+        "### Side by side with the original study",
+        "The original's mean and best are over its 36 runs per optimiser; *same runs* is its mean over only the "
+        "runs present here.",
+        _md(side),
+        "## Final accuracy by learning rate and batch size",
+        "![heatmaps](heatmaps.png)",
+        "## Batch norm and dropout",
+        "Mean final accuracy with each switch on and off, per optimiser.",
+        _md(eff),
+        "![effects](effects.png)",
+        "## Learning curves",
+        "Validation accuracy per epoch of the best trial of each optimiser, and of diverged trials.",
+        "![curves](curves.png)",
+        f"## Diverged, errored or chance-level runs (at or below {CHANCE_LEVEL:g}%)",
+        _md(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]]) if len(failed)
+        else "None.",
+        "## Comparison with the original study",
+    ]
+    if len(comp):
+        rho = rank_correlation(comp)
+        parts += [
+            f"{len(comp)} runs are in both. Spearman rank correlation of their accuracies: "
+            f"{'n/a (fewer than 3 runs)' if math.isnan(rho) else f'{rho:.3f}'}. Mean difference (ours - original): "
+            f"{comp['difference'].mean():+.2f} points.",
+            "![comparison](comparison.png)",
+        ]
+        cols = ["run", *DIMENSIONS, ORIGINAL_LABEL, "ours", "difference"]
+        if repeats >= 2:
+            cols += ["std", "count", "within_noise"]
+            noisy = comp["within_noise"].dropna()
+            parts.append(f"With {repeats} seeds per configuration, a difference counts as noise when it is within "
+                         f"{NOISE_SIGMAS:g} standard deviations of the seeds: {int(noisy.sum())} of {len(noisy)} are.")
+        parts.append(_md(comp[cols]))
+    else:
+        parts.append("No run of this experiment is on the original study's grid.")
+    if repeats >= 2:
+        parts += ["## Repeats: mean and standard deviation per configuration", _md(per_config(table))]
+    text = "\n\n".join(parts) + "\n"
+    return atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
