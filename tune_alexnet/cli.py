@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .grid import BATCH_SIZES, LRS, OPTIMIZERS, make_grid
 
@@ -161,9 +162,10 @@ def _settings(args: argparse.Namespace):
     grid = make_grid(optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, dropout=args.dropout,
                      batchnorm=args.batchnorm)
     channels_last = {"auto": "auto", "true": True, "false": False}[args.channels_last]
+    data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
     return SweepSettings(
         grid=grid, epochs=args.epochs, patience=args.patience, seed=args.seed, repeats=args.repeats,
-        data_dir=args.data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
+        data_dir=data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
         name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
         trial={"precision": args.precision, "channels_last": channels_last, "tf32": args.tf32,

@@ -73,6 +73,7 @@ def run_sweep(s: SweepSettings, data: Cifar | None = None) -> tuple[str, export.
     from ray import tune
 
     root = storage_uri(s.storage)
+    _leave_job_working_dir()
     if s.resume:
         s = _settings_for_resume(s, root)
     name = s.name or time.strftime("alexnet-%Y%m%d-%H%M%S")
@@ -113,6 +114,17 @@ def run_sweep(s: SweepSettings, data: Cifar | None = None) -> tuple[str, export.
     return results.experiment_path, experiment
 
 
+def _leave_job_working_dir() -> None:
+    """Under `ray job submit --working-dir`, Ray may delete that folder while the job still runs in it
+    (ray-project/ray#52343), and Tune's final os.getcwd() then fails; paths here are absolute, so move out."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = ""
+    if not cwd or "/runtime_resources/working_dir_files/" in cwd:
+        os.chdir(Path.home())
+
+
 def _tune_config(s: SweepSettings):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -131,7 +143,10 @@ def _run_config(s: SweepSettings, root: str, name: str):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_acc",
                                                 checkpoint_score_order="max"),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        # Each trial's stdout/stderr are written in its working dir and, with sync_artifacts, copied into the
+        # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
+        sync_config=tune.SyncConfig(sync_artifacts=True),
     )
 
 
