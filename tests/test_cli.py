@@ -78,3 +78,14 @@ def test_resume_of_a_name_that_does_not_exist(tmp_path, capsys, synthetic_dir):
     assert main(["sweep", "--resume", "--name", "ghost", "--storage", str(tmp_path), "--data-dir", str(synthetic_dir)]) == 2
     assert "no experiment named 'ghost'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_flag_picks_whole_runs_of_the_study(capsys):
+    parse = build_parser().parse_args
+    assert _settings(parse(["sweep", "--runs", "16,12,62,79"])).runs == (16, 12, 62, 79)
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--runs", "109"])
+    assert e.value.code == 2 and "'109'; allowed: run numbers 1..108" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--runs", "16", "--optimizer", "sgd"])
+    assert e.value.code == 2 and "cannot be combined with --optimizer" in capsys.readouterr().err

@@ -72,7 +72,7 @@ class LocalCluster:
                 pass
         for p in self.procs:
             try:
-                p.wait(30)
+                p.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
 

@@ -16,6 +16,10 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
+class CliError(Exception):
+    """Flags that parse one by one but not together."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we want one line
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))})")
     g.add_argument("--dropout", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
     g.add_argument("--batchnorm", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
+    g.add_argument("--runs", type=_list_of(int, "run numbers 1..108 of the study", check=lambda v: 1 <= v <= 108),
+                   help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38")
 
     t = sw.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int("--epochs"), default=100, help="most epochs per run (default: 100)")
@@ -159,12 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace):
     from .sweep import SweepSettings
 
-    grid = make_grid(optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, dropout=args.dropout,
-                     batchnorm=args.batchnorm)
+    pins = {"optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "dropout": args.dropout,
+            "batchnorm": args.batchnorm}
+    if args.runs and any(v is not None for v in pins.values()):
+        given = next(k for k, v in pins.items() if v is not None)
+        raise CliError(f"--runs picks whole runs of the study and cannot be combined with --{given}")
+    grid = make_grid(**pins)
     channels_last = {"auto": "auto", "true": True, "false": False}[args.channels_last]
     data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
     return SweepSettings(
-        grid=grid, epochs=args.epochs, patience=args.patience, seed=args.seed, repeats=args.repeats,
+        grid=grid, runs=args.runs or (), epochs=args.epochs, patience=args.patience, seed=args.seed, repeats=args.repeats,
         data_dir=data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
         name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
@@ -174,7 +184,13 @@ def _settings(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "sweep":
+        try:
+            settings = _settings(args)
+        except CliError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from .data import DataError
     from .export import ExportError
@@ -184,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from .sweep import run_sweep
 
-            path, exp = run_sweep(_settings(args))
+            path, exp = run_sweep(settings)
             counts = ", ".join(f"{n} {s}" for s, n in exp.table["status"].value_counts().items())
             print(f"tune-alexnet: experiment {path}: {len(exp.table)} trials ({counts})\n"
                   f"  table:  {path}/results.parquet (and results.csv)\n"

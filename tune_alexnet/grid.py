@@ -68,3 +68,11 @@ def run_number(config: dict) -> int | None:
             return None
         index = index * len(values) + matches[0]
     return index + 1
+
+
+def study_config(run: int) -> dict:
+    """The configuration of the study's run number `run` (1..108)."""
+    configs = Grid().configs()
+    if not 1 <= run <= len(configs):
+        raise ValueError(f"run {run} is not one of the study's runs; allowed: 1..{len(configs)}")
+    return configs[run - 1]

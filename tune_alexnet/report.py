@@ -150,9 +150,12 @@ def effects_figure(eff: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, switch in zip(axes, ("batchnorm", "dropout")):
         x = range(len(eff))
-        ax.bar([i - 0.2 for i in x], eff[f"{switch} off"], width=0.4, label="off")
-        ax.bar([i + 0.2 for i in x], eff[f"{switch} on"], width=0.4, label="on")
+        for offset, state in ((-0.2, "off"), (0.2, "on")):
+            bars = ax.bar([i + offset for i in x], eff[f"{switch} {state}"], width=0.4, label=state)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(list(x), eff["optimizer"])
+        ax.set_xlim(-0.7, len(eff) - 0.3)
+        ax.set_ylim(0, 100)
         ax.set_ylabel("mean final accuracy (%)")
         ax.set_title("batch norm" if switch == "batchnorm" else "dropout")
         ax.legend()
@@ -207,13 +210,14 @@ def _save(fig, path: Path) -> None:
 
 # --- report.md -----------------------------------------------------------------
 
-def _md(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
-    def fmt(v):
+def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
+    """Floats to 2 decimals (accuracies in %), learning rates as written (0.001)."""
+    def fmt(v, col):
         if isinstance(v, float):
-            return "" if math.isnan(v) else floats.format(v)
-        return "" if v is None else str(v)
+            return "" if math.isnan(v) else (f"{v:g}" if col == "lr" else floats.format(v))
+        return "" if v is None or v is pd.NA else str(v)
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(fmt(v, c) for v, c in zip(row, df.columns)) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -252,22 +256,22 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
         f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
         f"({len(scored(table))}); errored trials and trials that diverged before their first good epoch have none.",
         "## Per optimiser",
-        _md(opt_stats),
+        markdown_table(opt_stats),
         "### Side by side with the original study",
         "The original's mean and best are over its 36 runs per optimiser; *same runs* is its mean over only the "
         "runs present here.",
-        _md(side),
+        markdown_table(side),
         "## Final accuracy by learning rate and batch size",
         "![heatmaps](heatmaps.png)",
         "## Batch norm and dropout",
         "Mean final accuracy with each switch on and off, per optimiser.",
-        _md(eff),
+        markdown_table(eff),
         "![effects](effects.png)",
         "## Learning curves",
         "Validation accuracy per epoch of the best trial of each optimiser, and of diverged trials.",
         "![curves](curves.png)",
         f"## Diverged, errored or chance-level runs (at or below {CHANCE_LEVEL:g}%)",
-        _md(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]]) if len(failed)
+        markdown_table(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]]) if len(failed)
         else "None.",
         "## Comparison with the original study",
     ]
@@ -285,10 +289,10 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
             noisy = comp["within_noise"].dropna()
             parts.append(f"With {repeats} seeds per configuration, a difference counts as noise when it is within "
                          f"{NOISE_SIGMAS:g} standard deviations of the seeds: {int(noisy.sum())} of {len(noisy)} are.")
-        parts.append(_md(comp[cols]))
+        parts.append(markdown_table(comp[cols]))
     else:
         parts.append("No run of this experiment is on the original study's grid.")
     if repeats >= 2:
-        parts += ["## Repeats: mean and standard deviation per configuration", _md(per_config(table))]
+        parts += ["## Repeats: mean and standard deviation per configuration", markdown_table(per_config(table))]
     text = "\n\n".join(parts) + "\n"
     return atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import export
 from .data import Cifar, load_cifar10
-from .grid import Grid
+from .grid import DIMENSIONS, Grid, study_config
 from .stopper import DEFAULT_MAX_EPOCHS, DEFAULT_PATIENCE, PlateauStopper
 from .train import DEFAULTS, train_cifar
 
@@ -35,6 +35,7 @@ class SweepError(Exception):
 @dataclass
 class SweepSettings:
     grid: Grid = field(default_factory=Grid)
+    runs: tuple[int, ...] = ()  # the study's run numbers to run instead of the grid (e.g. 16, 12)
     epochs: int = DEFAULT_MAX_EPOCHS  # most epochs per trial
     patience: int = DEFAULT_PATIENCE  # epochs without a new best val_acc before a trial stops
     seed: int = 0  # the trials' seed; with repeats, seeds the draw of one seed per trial
@@ -61,10 +62,18 @@ def trial_space(s: SweepSettings) -> dict:
     """Tune's param space: the grid's five dimensions plus the fixed trial settings."""
     from ray import tune
 
-    space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
+    if s.runs:  # chosen runs of the study: one grid dimension over run numbers, the five values looked up
+        space = {"run": tune.grid_search(list(s.runs))}
+        space.update({dim: tune.sample_from(_run_value(dim)) for dim in DIMENSIONS})
+    else:
+        space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
     space.update({**DEFAULTS, **s.trial, "epochs": s.epochs, "patience": s.patience})
     space["seed"] = tune.randint(0, 2**31 - 1) if s.repeats > 1 else s.seed
     return space
+
+
+def _run_value(dim: str):
+    return lambda spec: study_config(spec.config.run)[dim]
 
 
 def run_sweep(s: SweepSettings, data: Cifar | None = None) -> tuple[str, export.Experiment]:
@@ -154,7 +163,7 @@ def _write_settings(exp_path: str, s: SweepSettings, name: str) -> None:
     if "://" in exp_path:
         return  # remote storage: --resume then needs the same flags again
     Path(exp_path).mkdir(parents=True, exist_ok=True)
-    record = {**asdict(s), "name": name, "grid": {k: list(v) for k, v in s.grid.values().items()}}
+    record = {**asdict(s), "name": name, "grid": {k: list(v) for k, v in s.grid.values().items()}, "runs": list(s.runs)}
     record.pop("resume")
     Path(exp_path, SETTINGS_FILE).write_text(json.dumps(record, indent=2))
 
@@ -173,6 +182,7 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
         return SweepSettings(**{**asdict(s), "name": name})
     saved = json.loads(record_file.read_text())
     saved["grid"] = Grid(**{k: tuple(v) for k, v in saved["grid"].items()})
+    saved["runs"] = tuple(saved.get("runs", ()))
     keep = {k: getattr(s, k) for k in ("address", "cpus_per_trial", "gpus_per_trial", "max_failures", "shared_storage")}
     if s.data_dir is not None:  # the data may have moved since
         keep["data_dir"] = s.data_dir
