@@ -203,8 +203,16 @@ def main(argv: list[str] | None = None) -> int:
             path, exp = run_sweep(settings)
             counts = ", ".join(f"{n} {s}" for s, n in exp.table["status"].value_counts().items())
             print(f"tune-alexnet: experiment {path}: {len(exp.table)} trials ({counts})\n"
-                  f"  table:  {path}/results.parquet (and results.csv)\n"
-                  f"  report: {path}/report.md")
+                  f"  table:  {path}/results.parquet (and results.csv)")
+            if "://" not in path:
+                print(f"  report: {path}/report.md")
+            else:
+                print(f"  report: tune-alexnet report {path} --out DIR")
+            errored = int((exp.table["status"] == "errored").sum())
+            if errored:
+                print(f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column); "
+                      f"'tune-alexnet sweep --resume --name {Path(path).name}' retries them", file=sys.stderr)
+                return EXIT_FAILED
         elif args.command == "export":
             from .export import export
 
