@@ -75,6 +75,13 @@ def test_colour_jitter_matches_torchvision_per_image_in_each_images_order(images
     assert len({tuple(o) for o in p.order.tolist()}) > 10  # many different orders were checked
 
 
+def test_masked_hue_path_for_cuda_gives_the_same_images(images):
+    x = images[:64].float() / 255
+    p = params(len(x), seed=3)
+    assert torch.allclose(A.color_jitter(x.clone(), p, masked_hue=True), A.color_jitter(x.clone(), p, masked_hue=False),
+                          atol=1e-5)
+
+
 def test_each_image_gets_its_own_random_draw(images):
     same = images[:1].expand(64, -1, -1, -1).contiguous()
     out = A.augment_batch(same, torch.Generator().manual_seed(0))

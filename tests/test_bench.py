@@ -29,3 +29,11 @@ def test_throughput_prints_its_table(synthetic_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| augmentation only (1 CPU thread) | 32 |" in out.stdout
     assert "| train epoch (model + data) | 32 |" in out.stdout
+
+
+def test_packing_runs_its_sweeps(synthetic_dir, tmp_path):
+    out = run("packing.py", "--data-dir", synthetic_dir, "--concurrency", "2", "--epochs", "2", "--width", "0.125",
+              "--cpus-per-trial", "1", "--storage", tmp_path, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| 2 |")]
+    assert len(rows) == 1 and "aggregate img/s" in out.stdout

@@ -56,29 +56,30 @@ def sweep_args(data_dir, storage, name, epochs, extra=()):
 def test_driver_killed_mid_sweep_then_resume_keeps_finished_trials(synthetic_dir, tmp_path):
     storage, epochs = tmp_path / "results", 4
     exp_dir = storage / "killed"
-    proc = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs), tmp_path / "first.log")
+    three = ["--dropout", "true"]  # batch 32, 64, 128: two run at once, so one can finish while two have not
+    proc = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs, three), tmp_path / "first.log")
     finished = wait_for(lambda: [k for k, rows in reported_epochs(exp_dir).items() if len(rows) == epochs],
                         proc, "a trial to finish")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = reported_epochs(exp_dir)
-    assert len(before) < 6 or any(len(rows) < epochs for rows in before.values()), "sweep ended before the kill"
+    assert len(before) < 3 or any(len(rows) < epochs for rows in before.values()), "sweep ended before the kill"
 
     # A half-finished experiment exports with every trial's recorded status, no crash.
     half = load_experiment(exp_dir).table
-    assert len(half) == 6
+    assert len(half) == 3
     assert set(half["status"]) <= {"terminated", "running", "pending"}
     assert (half["status"] != "terminated").any()
 
     # Without --resume the name is refused; with it the sweep completes.
-    again = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs), tmp_path / "refused.log")
+    again = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs, three), tmp_path / "refused.log")
     assert again.wait(TIMEOUT) == 2
     assert "--resume" in (tmp_path / "refused.log").read_text()
     resumed = start_sweep(["--resume", "--name", "killed", "--storage", storage], tmp_path / "resume.log")
     assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
 
     table = pd.read_parquet(exp_dir / "results.parquet")
-    assert len(table) == 6 and set(table["status"]) == {"terminated"}
+    assert len(table) == 3 and set(table["status"]) == {"terminated"}
     assert (table["epochs_run"] == epochs).all()
     after = reported_epochs(exp_dir)
     for name in finished:  # finished before the kill: not one epoch trained again

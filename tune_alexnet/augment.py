@@ -106,9 +106,15 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
 
-def color_jitter(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue in each image's own random order. x: float in [0, 1]."""
+def color_jitter(x: torch.Tensor, p: AugmentParams, masked_hue: bool | None = None) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue in each image's own random order. x: float in [0, 1].
+
+    Hue goes only to the images whose order puts it at each position: on the CPU by gathering those rows
+    (less arithmetic); on CUDA by computing it for all rows and selecting (no host sync for the row list).
+    """
     n = x.shape[0]
+    if masked_hue is None:
+        masked_hue = x.is_cuda
     factors = torch.stack((p.brightness, p.contrast, p.saturation), dim=1).to(x.dtype)  # (B, 3)
     for position in range(4):
         op = p.order[:, position]
@@ -119,6 +125,9 @@ def color_jitter(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         target = torch.where((op == CONTRAST_OP).view(n, 1, 1, 1), gray.mean(dim=(2, 3), keepdim=True),
                              torch.where((op == SATURATION_OP).view(n, 1, 1, 1), gray, 0.0))
         x = (factor * x + (1.0 - factor) * target).clamp_(0.0, 1.0)
+        if masked_hue:
+            x = torch.where(is_blend.view(n, 1, 1, 1), x, adjust_hue(x, p.hue))
+            continue
         hue_rows = torch.nonzero(~is_blend).squeeze(1)
         if hue_rows.numel():
             x = x.index_copy(0, hue_rows, adjust_hue(x.index_select(0, hue_rows), p.hue.index_select(0, hue_rows)))

@@ -51,36 +51,25 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
-def _positive_int(name: str, minimum: int = 1):
-    def parse(text: str) -> int:
+def _number(kind, ok, allowed_text: str):
+    """One number that must pass `ok`; anything else is named with what is allowed."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: a whole number >= {minimum}")
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {allowed_text}")
         return value
     return parse
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: a number >= 0")
-    return value
+def _whole(minimum: int):
+    return _number(int, lambda v: v >= minimum, f"a whole number >= {minimum}")
 
 
-def _width(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 4:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: a number in (0, 4], 1 is the study's AlexNet")
-    return value
+_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_width = _number(float, lambda v: 0 < v <= 4, "a number in (0, 4], 1 is the study's AlexNet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38")
 
     t = sw.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int("--epochs"), default=100, help="most epochs per run (default: 100)")
-    t.add_argument("--patience", type=_positive_int("--patience"), default=5,
+    t.add_argument("--epochs", type=_whole(1), default=100, help="most epochs per run (default: 100)")
+    t.add_argument("--patience", type=_whole(1), default=5,
                    help="stop a run after this many epochs without a new best accuracy (default: 5)")
-    t.add_argument("--seed", type=_positive_int("--seed", 0), default=0, help="random seed (default: 0)")
-    t.add_argument("--repeats", type=_positive_int("--repeats"), default=1,
+    t.add_argument("--seed", type=_whole(0), default=0, help="random seed (default: 0)")
+    t.add_argument("--repeats", type=_whole(1), default=1,
                    help="trials per grid point, each with its own seed (default: 1)")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto)")
@@ -130,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", help="offline data: a folder with train/<class>/ and test/<class>/ images "
                                       "(default: download CIFAR-10 with torchvision)")
     d.add_argument("--download-root", help="where torchvision's CIFAR-10 is downloaded (default: ~/.cache/tune-alexnet/torchvision)")
-    d.add_argument("--subset", type=_positive_int("--subset"),
+    d.add_argument("--subset", type=_whole(1),
                    help="use N train images per class (and the test set cut in the same proportion)")
 
     r = sw.add_argument_group("where and how it runs")
@@ -142,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-trial", type=_nonneg_float, default=1.0, help="CPUs per trial (default: 1)")
     r.add_argument("--gpus-per-trial", type=_nonneg_float,
                    help="GPUs per trial, fractional allowed (default: 0.25 if the cluster has GPUs, else 0)")
-    r.add_argument("--max-failures", type=_positive_int("--max-failures", 0), default=3,
+    r.add_argument("--max-failures", type=_whole(0), default=3,
                    help="restarts of a trial whose process died, from its last checkpoint (default: 3)")
     r.add_argument("--shared-storage", action="store_true",
                    help="a local --storage folder is shared by every node of the cluster (NFS and the like)")
