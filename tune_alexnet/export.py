@@ -47,7 +47,7 @@ def load_experiment(source) -> Experiment:
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
     try:
         analysis = tune.ExperimentAnalysis(path)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError):
         raise ExportError(f"{path} holds no Tune experiment (no experiment_state-*.json); "
                           f"allowed: an experiment folder such as ray_results/<name>") from None
     rows, epoch_frames = [], []
