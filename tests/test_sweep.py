@@ -67,3 +67,18 @@ def test_sweep_on_real_cifar_slice(ray_local, mini_dir, tmp_path):
     path, exp = run_sweep(settings(tmp_path, "mini", data_dir=str(mini_dir), subset=20), data=data)
     check_experiment(path, 4, 2)
     assert (exp.table["max_epochs"] == 2).all() and not exp.table["stopped_early"].any()
+
+
+def test_local_storage_is_refused_where_trials_would_land_on_other_machines():
+    from tune_alexnet.sweep import local_storage_problem
+
+    head = {"Alive": True, "Resources": {"CPU": 8.0}}
+    gpu_node = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    dead = {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    trial = {"CPU": 1.0, "GPU": 0.25}
+    assert "has 2 nodes" in local_storage_problem("/r", [head, gpu_node], trial, joined=True)
+    # An autoscaling cluster with only its CPU head up: the GPU trials will run on workers started later.
+    assert "no node of this cluster has the 1 CPU, 0.25 GPU" in local_storage_problem("/r", [head, dead], trial, True)
+    assert local_storage_problem("/r", [gpu_node], trial, joined=True) is None  # one machine that fits: fine
+    assert local_storage_problem("/r", [head], {"CPU": 1.0, "GPU": 0.0}, joined=True) is None
+    assert local_storage_problem("/r", [head], trial, joined=False) is None  # embedded local Ray: no autoscaler

@@ -93,14 +93,14 @@ def run_sweep(s: SweepSettings, data: Cifar | None = None) -> tuple[str, export.
     log.info("data: %s: %d train, %d test images", data.source, len(data.train_x), len(data.test_x))
 
     started_ray = not ray.is_initialized()
+    address = s.address or os.environ.get("RAY_ADDRESS") or "local"
     if started_ray:
-        address = s.address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, logging_level=logging.WARNING)
     try:
         gpus = s.gpus_per_trial
         if gpus is None:
             gpus = DEFAULT_GPU_SHARE if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        _check_cluster(root, s)
+        _check_cluster(root, s, gpus, joined=address != "local")
         trainable = tune.with_resources(tune.with_parameters(train_cifar, data=data),
                                         {"cpu": s.cpus_per_trial, "gpu": gpus})
         if s.resume:
@@ -218,17 +218,31 @@ def _check_storage(root: str, exp_path: str, resume: bool) -> None:
                          f"continue it with --resume, or start a new one with another --name")
 
 
-def _check_cluster(root: str, s: SweepSettings) -> None:
-    """Refuse, before any trial starts, a node-local storage path on a cluster of several nodes."""
+def _check_cluster(root: str, s: SweepSettings, gpus: float, joined: bool) -> None:
+    """Refuse, before any trial starts, a node-local storage path that other nodes' trials would write to."""
     import ray
 
     if "://" in root or s.shared_storage or _on_network_filesystem(root):
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        raise SweepError(f"--storage {root} is a local folder but this Ray cluster has {len(nodes)} nodes, whose trials "
-                         f"cannot write there; use --storage s3://BUCKET/PATH (or gs://), a shared filesystem mount, "
-                         f"or --shared-storage if {root} is the same folder on every node")
+    problem = local_storage_problem(root, ray.nodes(), {"CPU": s.cpus_per_trial, "GPU": gpus}, joined)
+    if problem:
+        raise SweepError(f"--storage {root} is a local folder but {problem}; use --storage s3://BUCKET/PATH "
+                         f"(or gs://), a shared filesystem mount, or --shared-storage if {root} is the same folder "
+                         f"on every node")
+
+
+def local_storage_problem(root: str, nodes: list[dict], per_trial: dict, joined: bool) -> str | None:
+    """Why trials could not all write to a local `root`: several nodes now, or (on a cluster we joined, which
+    may autoscale) no node up yet that can hold one trial, so trials will run on machines started later."""
+    alive = [n for n in nodes if n.get("Alive")]
+    if len(alive) > 1:
+        return f"this Ray cluster has {len(alive)} nodes, whose trials cannot write there"
+    fits = any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in per_trial.items() if v > 0) for n in alive)
+    if joined and not fits:
+        wants = ", ".join(f"{v:g} {k}" for k, v in per_trial.items() if v > 0)
+        return (f"no node of this cluster has the {wants} a trial asks for yet, so trials will run on nodes "
+                f"started later, which cannot write there")
+    return None
 
 
 def _on_network_filesystem(path: str) -> bool:
