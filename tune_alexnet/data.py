@@ -18,7 +18,6 @@ import numpy as np
 
 IMAGE_SIZE = 32
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-DEFAULT_DOWNLOAD_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tune-alexnet" / "torchvision"
 CACHE_VERSION = 1
 
 
@@ -79,7 +78,7 @@ def _first_per_class(x: np.ndarray, y: np.ndarray, k: int, n_classes: int) -> tu
 def _load_torchvision(root: str | os.PathLike | None) -> Cifar:
     from torchvision.datasets import CIFAR10
 
-    root = Path(root or DEFAULT_DOWNLOAD_ROOT)
+    root = Path(root or user_cache_dir() / "torchvision")
     try:
         root.mkdir(parents=True, exist_ok=True)
         train = CIFAR10(str(root), train=True, download=True)
@@ -143,7 +142,7 @@ def _load_image_folder(root: Path, progress: bool) -> Cifar:
     names, files = scan_image_folder(root)
     key = _fingerprint(root, files)
     source = f"image folder {root.resolve()}"
-    for cache in (cache_dir_for(root), user_cache_dir() / "arrays"):
+    for cache in dict.fromkeys((cache_dir_for(root), user_cache_dir() / "arrays")):
         cached = _read_cache(cache / f"cifar-{key}.npz")
         if cached is not None:
             return Cifar(*cached, classes=names, source=source)

@@ -221,9 +221,6 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     return "\n".join(lines)
 
 
-ORIGINAL_SUMMARY = {"sgd": (74.68, 88.43), "adam": (62.19, 88.14), "rmsprop": (59.80, 87.50)}
-
-
 def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
     """report.md and its figures in `out_dir` (default: the experiment folder); returns report.md's path."""
     exp = source if isinstance(source, Experiment) else load_experiment(source)
@@ -243,12 +240,12 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
 
     status_counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     side = opt_stats[["optimizer", "runs", "mean", "best"]].copy()
-    side["original mean"] = [ORIGINAL_SUMMARY.get(o, (math.nan, math.nan))[0] for o in side["optimizer"]]
-    side["original best"] = [ORIGINAL_SUMMARY.get(o, (math.nan, math.nan))[1] for o in side["optimizer"]]
     ref = reference_table()
-    shared_runs = set(comp["run"])
-    ref_shared = ref[ref["run"].isin(shared_runs)].groupby("optimizer")["final_accuracy"].mean()
-    side["original mean, same runs"] = [ref_shared.get(o, math.nan) for o in side["optimizer"]]
+    by_opt = ref.groupby("optimizer")["final_accuracy"]
+    same_runs = ref[ref["run"].isin(set(comp["run"]))].groupby("optimizer")["final_accuracy"].mean()
+    side["original mean"] = side["optimizer"].map(by_opt.mean())
+    side["original best"] = side["optimizer"].map(by_opt.max())
+    side["original mean, same runs"] = side["optimizer"].map(same_runs)
 
     parts = [
         f"# Report: {Path(exp.path).name}",
