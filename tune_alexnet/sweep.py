@@ -163,13 +163,14 @@ def _write_settings(exp_path: str, s: SweepSettings, name: str) -> None:
     if "://" in exp_path:
         return  # remote storage: --resume then needs the same flags again
     Path(exp_path).mkdir(parents=True, exist_ok=True)
-    record = {**asdict(s), "name": name, "grid": {k: list(v) for k, v in s.grid.values().items()}, "runs": list(s.runs)}
+    record = {**asdict(s), "name": name}
     record.pop("resume")
     Path(exp_path, SETTINGS_FILE).write_text(json.dumps(record, indent=2))
 
 
 def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
-    """The interrupted sweep's own settings; only where and how it runs may change."""
+    """The interrupted sweep's own settings. Tune restores trials as they were (resources and failure
+    budget included); of ours only the cluster address and the data's location may change."""
     from ray import tune
 
     name = s.name or _latest_experiment(root)
