@@ -128,3 +128,17 @@ def test_errored_trials_are_rows_with_their_error(mixed_experiment):
     assert len(errored) == 2 and set(errored["status"]) == {"errored"}
     assert errored["error"].str.contains("optimizer 'nosuchopt' is unknown").all()
     assert errored["final_accuracy"].isna().all() and errored["run"].isna().all()
+
+
+def test_ctrl_c_stops_cleanly_exports_what_is_there_and_says_how_to_resume(synthetic_dir, tmp_path):
+    storage, epochs = tmp_path / "results", 6
+    exp_dir = storage / "interrupted"
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(sweep_args(synthetic_dir, storage, "interrupted", epochs, ["--dropout", "true"]), log)
+    wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(exp_dir).values()), proc, "a trial to train")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    assert proc.wait(TIMEOUT) == 1
+    text = log.read_text()
+    assert "did not finish; 'tune-alexnet sweep --resume --name interrupted' continues them" in text
+    table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
+    assert len(table) == 3 and (table["status"] != "terminated").any()

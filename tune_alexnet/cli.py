@@ -198,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  report: tune-alexnet report {path} --out DIR")
             errored = int((exp.table["status"] == "errored").sum())
-            if errored:
-                print(f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column); "
-                      f"'tune-alexnet sweep --resume --name {Path(path).name}' retries them", file=sys.stderr)
+            unfinished = int(exp.table["status"].isin(["pending", "running", "paused"]).sum())
+            if errored or unfinished:  # interrupted (Ctrl-C) or failed trials: say how to go on, exit non-zero
+                print(f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column), "
+                      f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {Path(path).name}' "
+                      f"continues them", file=sys.stderr)
                 return EXIT_FAILED
         elif args.command == "export":
             from .export import export
