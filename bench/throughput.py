@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tune_alexnet import augment
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.model import AlexNet
-from tune_alexnet.train import DEFAULTS, Runtime, make_optimizer, train_epoch
+from tune_alexnet.train import DEFAULTS, Runtime, make_optimizer, to_device_nchw, train_epoch
 
 
 class OriginalCifar(Dataset):
@@ -63,7 +63,7 @@ def original_epoch(x, y, batch_size, device) -> float:
 def project_epoch(x, y, batch_size, device, rt: Runtime, epochs: int = 1) -> float:
     model = AlexNet(dropout=True, batchnorm=True).to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     opt = make_optimizer("sgd", model.parameters(), 0.01)
-    xd = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    xd = to_device_nchw(x, device)
     yd = torch.from_numpy(y.copy()).to(device)
     gen = torch.Generator(device).manual_seed(0)
     train_epoch(model, opt, xd[: batch_size * 4], yd[: batch_size * 4], batch_size, gen, rt)  # warm-up (cudnn autotune)
@@ -83,7 +83,7 @@ def augment_only(x, batch_size, device) -> tuple[float, float]:
     for im in images:
         pil(im)
     per_image = len(images) / (time.perf_counter() - start)
-    xd = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    xd = to_device_nchw(x, device)
     gen = torch.Generator(device).manual_seed(0)
     augment.augment_batch(xd[:batch_size], gen)
     sync(device)

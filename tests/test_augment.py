@@ -1,5 +1,4 @@
 """The batched augmentation against torchvision's own per-image transforms, on real images where present."""
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
@@ -7,6 +6,7 @@ from PIL import Image
 
 from tune_alexnet import augment as A
 from tune_alexnet.data import load_cifar10
+from tune_alexnet.train import to_device_nchw
 from conftest import MINI
 
 
@@ -14,7 +14,7 @@ from conftest import MINI
 def images(synthetic_dir) -> torch.Tensor:
     """(N, 3, 32, 32) uint8: real CIFAR-10 photographs when the slice is here, else generated ones."""
     data = load_cifar10(MINI if MINI.is_dir() else synthetic_dir, progress=False)
-    return torch.from_numpy(np.ascontiguousarray(data.train_x.transpose(0, 3, 1, 2)))
+    return to_device_nchw(data.train_x, torch.device("cpu"))
 
 
 def params(n, seed=0, **fixed):
