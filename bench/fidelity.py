@@ -17,7 +17,8 @@ import pandas as pd
 
 from tune_alexnet.grid import BATCH_SIZES
 from tune_alexnet.report import markdown_table, reference_table
-from tune_alexnet.sweep import SweepSettings, run_sweep
+from tune_alexnet.cli import run_study
+from tune_alexnet.settings import SweepSettings
 
 # SGD's best (88.43%), SGD at lr 0.01 batch 128 (88.11%), Adam's best (88.14%), an RMSprop failure (13.54%).
 DEFAULT_RUNS = (16, 12, 62, 79)
@@ -27,7 +28,7 @@ STUDY_RUNS = 108
 def projection(table: pd.DataFrame, epochs: pd.DataFrame, concurrent: int) -> tuple[float, str]:
     """Hours for all 108 runs: every batch size's measured epoch time (under this packing) times the
     epochs a run takes, summed over the study's 36 runs per batch size, divided by the trials run at once."""
-    per_epoch = epochs.groupby("batch_size")["epoch_time_s"].median()
+    per_epoch = epochs.groupby("batch_size")["train_s"].median()
     mean_epochs = table["epochs_run"].mean()
     fallback = per_epoch.mean()
     total_s = sum(STUDY_RUNS / len(BATCH_SIZES) * mean_epochs * per_epoch.get(bs, fallback) for bs in BATCH_SIZES)
@@ -54,7 +55,7 @@ def main():
 
     runs = tuple(int(r) for r in args.runs.split(","))
     start = time.time()
-    path, exp = run_sweep(SweepSettings(runs=runs, epochs=args.epochs, patience=args.patience, data_dir=args.data_dir,
+    path, exp, _ = run_study(SweepSettings(runs=runs, epochs=args.epochs, patience=args.patience, data_dir=args.data_dir,
                                         storage=args.storage, name=args.name, gpus_per_trial=args.gpus_per_trial,
                                         cpus_per_trial=args.cpus_per_trial, resume=args.resume, subset=args.subset,
                                         trial={"width": args.width}))
@@ -67,7 +68,7 @@ def main():
         rows.append({"run": int(row["run"]), "optimizer": row["optimizer"], "lr": row["lr"], "batch": row["batch_size"],
                      "dropout": row["dropout"], "BN": row["batchnorm"], "original %": ref[row["run"]],
                      "this run %": row["final_accuracy"], "difference": row["final_accuracy"] - ref[row["run"]],
-                     "epochs run": row["epochs_run"], "s / epoch": e["epoch_time_s"].median(), "status": row["status"]})
+                     "epochs run": row["epochs_run"], "s / epoch": e["train_s"].median(), "status": row["status"]})
     out = pd.DataFrame(rows)
     device = str(epochs["device"].iloc[0]) if len(epochs) else "?"
     try:

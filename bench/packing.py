@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from tune_alexnet.report import markdown_table
-from tune_alexnet.sweep import SweepSettings, run_sweep
+from tune_alexnet.cli import run_study
+from tune_alexnet.settings import SweepSettings
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
     rows = []
     for k in (int(c) for c in args.concurrency.split(",")):
         share = 1.0 / k if gpu else 0.0
-        _, exp = run_sweep(SweepSettings(runs=(args.run,), repeats=k, epochs=args.epochs, patience=args.epochs,
+        _, exp, _ = run_study(SweepSettings(runs=(args.run,), repeats=k, epochs=args.epochs, patience=args.epochs,
                                          data_dir=args.data_dir, subset=args.subset, storage=args.storage,
                                          name=time.strftime(f"packing-{k}-%Y%m%d-%H%M%S"), gpus_per_trial=share,
                                          cpus_per_trial=args.cpus_per_trial, trial={"width": args.width}))

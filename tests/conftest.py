@@ -60,10 +60,11 @@ def ray_local():
 def mixed_experiment(ray_local, synthetic_dir, tmp_path_factory):
     """One trial that trains, one that diverges, two that error: what exports and reports must survive."""
     from tune_alexnet.grid import make_grid
-    from tune_alexnet.sweep import SweepSettings, run_sweep
+    from tune_alexnet.cli import run_study
+    from tune_alexnet.settings import SweepSettings
 
     s = SweepSettings(grid=make_grid(optimizer=("adam", "nosuchopt"), lr=(0.001, 1e6), batch_size=(32,),
                                      dropout=(False,), batchnorm=(False,)),
                       epochs=3, data_dir=str(synthetic_dir), storage=str(tmp_path_factory.mktemp("mixed")),
                       name="mixed", max_failures=0, trial={"width": 0.125})
-    return run_sweep(s)
+    return run_study(s)[:2]

@@ -90,7 +90,7 @@ def test_killed_trial_worker_restarts_from_its_checkpoint(synthetic_dir, tmp_pat
     storage, epochs = tmp_path / "results", 8
     exp_dir = storage / "worker"
     proc = start_sweep(sweep_args(synthetic_dir, storage, "worker", epochs,
-                                  ["--dropout", "true", "--batch-size", "32,64", "--max-failures", "2",
+                                  ["--dropout", "true", "--batch-size", "32,64", "--max-failures", "2", "--resume-every", "0",
                                    "--patience", "100"]), tmp_path / "sweep.log")
 
     def victim():

@@ -7,7 +7,8 @@ import pytest
 from tune_alexnet.cli import main
 from tune_alexnet.grid import make_grid
 from tune_alexnet.report import reference_table, write_report
-from tune_alexnet.sweep import SweepSettings, run_sweep
+from tune_alexnet.cli import run_study
+from tune_alexnet.settings import SweepSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("heatmaps.png", "effects.png", "curves.png", "comparison.png")
@@ -20,7 +21,7 @@ def repeated(ray_local, synthetic_dir, tmp_path_factory):
                                      batchnorm=(True,)),
                       epochs=2, repeats=2, seed=7, data_dir=str(synthetic_dir),
                       storage=str(tmp_path_factory.mktemp("rep")), name="rep", trial={"width": 0.125})
-    return run_sweep(s)
+    return run_study(s)[:2]
 
 
 def md_table(text: str, heading: str) -> pd.DataFrame:
@@ -48,7 +49,7 @@ def test_report_figures_statistics_and_comparison(repeated, tmp_path):
     # The sweep already wrote one into the experiment folder; write another elsewhere from the folder alone.
     assert Path(path, "report.md").is_file()
     report = write_report(path, tmp_path / "out")
-    text = report.read_text()
+    text = Path(report).read_text()
     for fig in FIGURES:
         data = (tmp_path / "out" / fig).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, fig

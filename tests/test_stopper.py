@@ -1,4 +1,5 @@
-from tune_alexnet.stopper import PlateauStopper, plateau_update
+from tune_alexnet.stopper import plateau_update
+from tune_alexnet.sweep import PlateauStopper
 
 
 def results_for(accuracies):

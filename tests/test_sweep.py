@@ -8,8 +8,10 @@ import torch
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.export import export, load_experiment
 from tune_alexnet.grid import make_grid
-from tune_alexnet.sweep import SweepError, SweepSettings, run_sweep
-from tune_alexnet.train import load_model
+from tune_alexnet.checkpoint import load_model
+from tune_alexnet.cli import run_study
+from tune_alexnet.preflight import PreflightError, local_storage_problem
+from tune_alexnet.settings import SweepSettings
 
 TINY = {"width": 0.125}
 
@@ -42,7 +44,7 @@ def check_experiment(path: str, n_trials: int, epochs: int):
 
 def test_sweep_on_generated_images(ray_local, synthetic_dir, tmp_path):
     s = settings(tmp_path, "gen", data_dir=str(synthetic_dir))
-    path, exp = run_sweep(s)
+    path, exp, _ = run_study(s)
     check_experiment(path, 4, 2)
     assert exp.table["run"].tolist() == [2, 4, 6, 8]
     # The end of the sweep wrote the tables; they hold one row per trial ...
@@ -58,27 +60,25 @@ def test_sweep_on_generated_images(ray_local, synthetic_dir, tmp_path):
     pd.testing.assert_frame_equal(again.table, parquet)
     assert Path(tmp_path / "again" / "results.csv").read_text() == Path(path, "results.csv").read_text()
     # Under the same name without --resume: refused, nothing touched.
-    with pytest.raises(SweepError, match="--resume"):
-        run_sweep(s)
+    with pytest.raises(PreflightError, match="--resume"):
+        run_study(s)
 
 
 def test_sweep_on_real_cifar_slice(ray_local, mini_dir, tmp_path):
     data = load_cifar10(mini_dir, subset=20, progress=False)  # 200 real train images, 40 test
-    path, exp = run_sweep(settings(tmp_path, "mini", data_dir=str(mini_dir), subset=20), data=data)
+    path, exp, _ = run_study(settings(tmp_path, "mini", data_dir=str(mini_dir), subset=20), data=data)
     check_experiment(path, 4, 2)
     assert (exp.table["max_epochs"] == 2).all() and not exp.table["stopped_early"].any()
 
 
 def test_local_storage_is_refused_where_trials_would_land_on_other_machines():
-    from tune_alexnet.sweep import local_storage_problem
-
     head = {"Alive": True, "Resources": {"CPU": 8.0}}
     gpu_node = {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
     dead = {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}
     trial = {"CPU": 1.0, "GPU": 0.25}
-    assert "has 2 nodes" in local_storage_problem("/r", [head, gpu_node], trial, joined=True)
+    assert "has 2 nodes" in local_storage_problem([head, gpu_node], trial, joined=True)
     # An autoscaling cluster with only its CPU head up: the GPU trials will run on workers started later.
-    assert "no node of this cluster has the 1 CPU, 0.25 GPU" in local_storage_problem("/r", [head, dead], trial, True)
-    assert local_storage_problem("/r", [gpu_node], trial, joined=True) is None  # one machine that fits: fine
-    assert local_storage_problem("/r", [head], {"CPU": 1.0, "GPU": 0.0}, joined=True) is None
-    assert local_storage_problem("/r", [head], trial, joined=False) is None  # embedded local Ray: no autoscaler
+    assert "no node of this cluster has the 1 CPU, 0.25 GPU" in local_storage_problem([head, dead], trial, True)
+    assert local_storage_problem([gpu_node], trial, joined=True) is None  # one machine that fits: fine
+    assert local_storage_problem([head], {"CPU": 1.0, "GPU": 0.0}, joined=True) is None
+    assert local_storage_problem([head], trial, joined=False) is None  # embedded local Ray: no autoscaler

@@ -1,42 +1,54 @@
 import math
+import shutil
 
-import numpy as np
 import pytest
 import torch
-from ray import tune
 
+from tune_alexnet.checkpoint import TRAINER_FILE, load_model
 from tune_alexnet.data import load_cifar10, take_subset
-from tune_alexnet.train import load_model, train_cifar
+from tune_alexnet.train import train_cifar
 
 BASE = {"optimizer": "sgd", "lr": 0.01, "batch_size": 32, "dropout": False, "batchnorm": True, "width": 0.25}
+EVERY_EPOCH = {"resume_every_s": 0}  # a resume state after every epoch
 
 
 class Recorder:
-    """Stands in for tune.report outside Tune: keeps metrics and copies of checkpoints."""
+    """Stands in for tune.report outside Tune: keeps metrics and copies of checkpoint folders."""
 
     def __init__(self, tmp_path):
         self.tmp_path, self.metrics, self.checkpoints = tmp_path, [], []
 
-    def __call__(self, metrics, checkpoint):
+    def __call__(self, metrics, checkpoint_dir):
         self.metrics.append(metrics)
-        if checkpoint is not None:
-            kept = self.tmp_path / f"ckpt_{metrics['epoch']}"
-            checkpoint.to_directory(str(kept))
-            self.checkpoints.append(tune.Checkpoint.from_directory(str(kept)))
+        if checkpoint_dir is not None:
+            kept = self.tmp_path / f"ckpt_{metrics['epoch']:03d}"
+            shutil.copytree(checkpoint_dir, kept)
+            self.checkpoints.append(kept)
         else:
             self.checkpoints.append(None)
+
+    def newest_first(self):
+        return [c for c in reversed(self.checkpoints) if c is not None]
+
+
+_SMALL = {}
 
 
 @pytest.fixture(scope="module")
 def small(synthetic_dir):
-    return take_subset(load_cifar10(synthetic_dir, progress=False), 10)
+    _SMALL["data"] = take_subset(load_cifar10(synthetic_dir, progress=False), 10)
+    return _SMALL["data"]
+
+
+def small_data():
+    return _SMALL["data"]
 
 
 def test_overfits_one_small_batch(small, tmp_path):
     one_batch = small.__class__(small.train_x[:20], small.train_y[:20], small.train_x[:20], small.train_y[:20],
                                 small.classes, "one batch")
     rec = Recorder(tmp_path)
-    train_cifar({**BASE, "batch_size": 20, "augment": False, "epochs": 40, "lr": 0.02}, one_batch, rec)
+    train_cifar({**BASE, "batch_size": 20, "augment": False, "epochs": 40, "patience": 100, "lr": 0.02}, one_batch, rec)
     losses = [m["train_loss"] for m in rec.metrics]
     assert losses[-1] < 0.25 * losses[0], losses
     assert rec.metrics[-1]["best_val_acc"] >= 90.0
@@ -46,38 +58,103 @@ def test_every_epoch_reports_metrics_and_a_loadable_checkpoint(small, tmp_path):
     rec = Recorder(tmp_path)
     train_cifar({**BASE, "epochs": 2}, small, rec)
     assert [m["epoch"] for m in rec.metrics] == [1, 2]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "epoch_time_s"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "train_s", "eval_s"):
         assert all(math.isfinite(m[key]) for m in rec.metrics), key
-    model = load_model(rec.checkpoints[-1].path)
+    model = load_model(rec.checkpoints[-1])
     x = torch.from_numpy(small.test_x[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert model(x).shape == (4, 10)
 
 
-def test_resume_continues_at_the_same_epoch_with_the_same_counters(small, tmp_path):
-    config = {**BASE, "epochs": 4, "lr": 0.005}
-    straight = Recorder(tmp_path / "a")
-    train_cifar(config, small, straight)
-    first = Recorder(tmp_path / "b")
-    train_cifar({**config, "epochs": 2}, small, first)  # "interrupted" after epoch 2
-    resumed = Recorder(tmp_path / "c")
-    train_cifar(config, small, resumed, checkpoint=first.checkpoints[-1])
-    assert [m["epoch"] for m in resumed.metrics] == [3, 4]
-    # Same weights, optimiser state and RNG stream: the resumed epochs are the uninterrupted ones.
-    for a, b in zip(straight.metrics[2:], resumed.metrics):
-        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1e-6)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert (a["best_val_acc"], a["best_epoch"], a["epochs_since_best"]) == \
-               (b["best_val_acc"], b["best_epoch"], b["epochs_since_best"])
+class Killed(Exception):
+    """What a killed worker looks like from inside: training stops right after a report."""
+
+
+def interrupted(tmp_path, config, kill_after: int, runtime=EVERY_EPOCH) -> Recorder:
+    rec = Recorder(tmp_path)
+
+    def report(metrics, checkpoint_dir):
+        rec(metrics, checkpoint_dir)
+        if metrics["epoch"] == kill_after:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_cifar(config, small_data(), report, runtime=runtime)
+    return rec
+
+
+CONFIG = {**BASE, "dropout": True, "epochs": 6, "patience": 100, "lr": 0.005}  # dropout: the global RNG matters
+
+
+@pytest.fixture(scope="module")
+def straight(small, tmp_path_factory):
+    rec = Recorder(tmp_path_factory.mktemp("straight"))
+    train_cifar(CONFIG, small, rec, runtime=EVERY_EPOCH)
+    return rec
+
+
+def same_epochs(a: list[dict], b: list[dict]):
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b]
+    for x, y in zip(a, b):
+        assert (x["train_loss"], x["val_acc"], x["best_val_acc"], x["best_epoch"], x["epochs_since_best"]) == \
+               (y["train_loss"], y["val_acc"], y["best_val_acc"], y["best_epoch"], y["epochs_since_best"])
+
+
+def test_resume_continues_from_the_resume_state_exactly(small, straight, tmp_path):
+    first = interrupted(tmp_path / "a", CONFIG, kill_after=3)
+    resumed = Recorder(tmp_path / "b")
+    train_cifar(CONFIG, small, resumed, checkpoint_from=first.newest_first(), runtime=EVERY_EPOCH)
+    # Same weights, optimiser state and every generator: the resumed epochs are the uninterrupted ones, bit for bit.
+    same_epochs(resumed.metrics, straight.metrics[3:])
+
+
+def test_resume_state_older_than_the_newest_checkpoint_replays_the_lost_epochs(small, straight, tmp_path):
+    first = interrupted(tmp_path / "a", CONFIG, kill_after=4)
+    newest, *older = first.newest_first()
+    (newest / TRAINER_FILE).unlink()  # the newest holds best weights only, as between two resume states
+    (older[0] / TRAINER_FILE).write_bytes(b"torn write")  # and the one before is unreadable
+    resumed = Recorder(tmp_path / "b")
+    train_cifar(CONFIG, small, resumed, checkpoint_from=[newest, *older], runtime=EVERY_EPOCH)
+    same_epochs(resumed.metrics, straight.metrics[2:])  # from epoch 2's state: epochs 3 and 4 trained again
+
+
+def test_without_any_resume_state_a_restart_replays_from_the_start(small, straight, tmp_path):
+    first = interrupted(tmp_path / "a", CONFIG, kill_after=2, runtime={"resume_every_s": 1e9})
+    assert all(not (c / TRAINER_FILE).exists() for c in first.newest_first())  # best weights only
+    resumed = Recorder(tmp_path / "b")
+    train_cifar(CONFIG, small, resumed, checkpoint_from=first.newest_first(), runtime={"resume_every_s": 1e9})
+    same_epochs(resumed.metrics, straight.metrics)
+
+
+def test_a_finished_run_keeps_its_best_weights_without_optimizer_state(small, tmp_path):
+    rec = Recorder(tmp_path)
+    config = {**BASE, "lr": 0.0, "epochs": 10, "patience": 2}  # lr 0: epoch 1 is the best, then a plateau
+    train_cifar(config, small, rec, runtime={"resume_every_s": 1e9})
+    assert [m["epoch"] for m in rec.metrics] == [1, 2, 3]  # the function ends itself by the plateau rule
+    assert [m["checkpoint_kind"] for m in rec.metrics] == ["best", None, "final"]
+    final = rec.checkpoints[-1]
+    assert sorted(p.name for p in final.iterdir()) == ["model.json", "model.pt", "progress.json"]
+    # The final checkpoint's weights are epoch 1's: they score its accuracy exactly.
+    from tune_alexnet.augment import prepare_eval
+    from tune_alexnet.train import to_device_nchw
+
+    model = load_model(final)
+    with torch.no_grad():
+        preds = model(prepare_eval(to_device_nchw(small.test_x, torch.device("cpu")))).argmax(1)
+    acc = 100.0 * (preds.numpy() == small.test_y).mean()
+    assert acc == pytest.approx(rec.metrics[0]["val_acc"], abs=1e-9) and rec.metrics[-1]["best_epoch"] == 1
+    # Resumed from it, the run is over: nothing is trained or reported again.
+    again = Recorder(tmp_path / "again")
+    train_cifar(config, small, again, checkpoint_from=final)
+    assert again.metrics == []
 
 
 def test_patience_counter_survives_a_restart(small, tmp_path):
     # lr 0 never improves after epoch 1, so the counter climbs 0, 1, 2 ... across the restart.
     config = {**BASE, "lr": 0.0, "epochs": 5}
-    first = Recorder(tmp_path / "a")
-    train_cifar({**config, "epochs": 3}, small, first)
+    first = interrupted(tmp_path / "a", config, kill_after=3)
     assert [m["epochs_since_best"] for m in first.metrics] == [0, 1, 2]
     resumed = Recorder(tmp_path / "b")
-    train_cifar(config, small, resumed, checkpoint=first.checkpoints[-1])
+    train_cifar(config, small, resumed, checkpoint_from=first.newest_first())
     assert [m["epochs_since_best"] for m in resumed.metrics] == [3, 4]
     assert resumed.metrics[-1]["best_epoch"] == 1
 
@@ -87,5 +164,6 @@ def test_divergence_stops_the_trial_at_once_and_keeps_the_best(small, tmp_path):
     train_cifar({**BASE, "optimizer": "adam", "lr": 1e6, "batchnorm": False, "epochs": 10}, small, rec)
     assert rec.metrics[-1]["diverged"] is True
     assert len(rec.metrics) < 10
-    assert rec.checkpoints[-1] is None  # no garbage weights saved
     assert all(not m["diverged"] for m in rec.metrics[:-1])
+    last = rec.checkpoints[-1]  # no garbage weights saved: none, or the best ones from before
+    assert last is None or rec.metrics[-1]["best_epoch"] < rec.metrics[-1]["epoch"]

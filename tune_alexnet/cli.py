@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .grid import BATCH_SIZES, LRS, OPTIMIZERS, make_grid
+from . import __version__
+from .grid import make_grid
+from .settings import (BATCH_SIZES, DEFAULT_CPUS_PER_TRIAL, DEFAULT_GPU_SHARE, DEFAULT_MAX_FAILURES,
+                       DEFAULT_STORAGE, EPOCHS, LRS, OPTIMIZERS, PATIENCE, RUNTIME_DEFAULTS, TRIAL_DEFAULTS)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -74,6 +78,7 @@ _width = _number(float, lambda v: 0 < v <= 4, "a number in (0, 4], 1 is the stud
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="tune-alexnet", description="AlexNet on CIFAR-10: the 108-run hyperparameter study as a Ray Tune sweep.")
+    parser.add_argument("--version", action="version", version=f"tune-alexnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{sweep,export,report}", parser_class=OneLineParser)
 
     sw = sub.add_parser("sweep", help="run (or resume) the study as a Ray Tune sweep",
@@ -87,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "  tune-alexnet sweep --name study --resume     # continue an interrupted sweep\n"
                                "Results go to STORAGE/NAME; the table is STORAGE/NAME/results.parquet (and .csv).")
     g = sw.add_argument_group("the study's grid (the original's flags)")
-    g.add_argument("--optimizer", type=_list_of(str, "sgd, adam, rmsprop or all", choices=OPTIMIZERS),
-                   help="sgd, adam, rmsprop, or all (default: all three)")
+    names = ", ".join(OPTIMIZERS)
+    g.add_argument("--optimizer", type=_list_of(str, f"{names} or all", choices=tuple(OPTIMIZERS)),
+                   help=f"{names}, or all (default: all)")
     g.add_argument("--lr", type=_list_of(float, "a positive number such as 0.01", check=lambda v: v > 0),
                    help=f"learning rate(s) (default: {', '.join(map(str, LRS))})")
     g.add_argument("--batch_size", "--batch-size", dest="batch_size",
@@ -100,20 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38")
 
     t = sw.add_argument_group("training")
-    t.add_argument("--epochs", type=_whole(1), default=100, help="most epochs per run (default: 100)")
-    t.add_argument("--patience", type=_whole(1), default=5,
-                   help="stop a run after this many epochs without a new best accuracy (default: 5)")
-    t.add_argument("--seed", type=_whole(0), default=0, help="random seed (default: 0)")
+    t.add_argument("--epochs", type=_whole(1), default=EPOCHS, help=f"most epochs per run (default: {EPOCHS})")
+    t.add_argument("--patience", type=_whole(1), default=PATIENCE,
+                   help=f"stop a run after this many epochs without a new best accuracy (default: {PATIENCE})")
+    t.add_argument("--seed", type=_whole(0), default=TRIAL_DEFAULTS["seed"],
+                   help=f"random seed (default: {TRIAL_DEFAULTS['seed']})")
     t.add_argument("--repeats", type=_whole(1), default=1,
                    help="trials per grid point, each with its own seed (default: 1)")
-    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto)")
-    t.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
-                   help="channels-last memory format; auto: on CUDA only (default: auto)")
-    t.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--width", type=_width, default=1.0,
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=TRIAL_DEFAULTS["precision"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto); part of a trial's config")
+    t.add_argument("--width", type=_width, default=TRIAL_DEFAULTS["width"],
                    help="scale AlexNet's channels and hidden units; 1 is the study's network, 0.125 a quick smoke test")
+
+    h = sw.add_argument_group("how trials run (may change on --resume; not part of a trial's config)")
+    h.add_argument("--device", choices=("auto", "cpu"), default=RUNTIME_DEFAULTS["device"],
+                   help="auto: the GPU share Ray grants (a trial granted one that torch cannot see fails); "
+                        "cpu: train on the CPU even where GPUs are granted (default: auto)")
+    h.add_argument("--channels-last", choices=("auto", "true", "false"), default=RUNTIME_DEFAULTS["channels_last"],
+                   help="channels-last memory format; auto: on CUDA only (default: auto)")
+    h.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
+    h.add_argument("--compile", action="store_true", help="torch.compile the model")
+    h.add_argument("--resume-every", type=_nonneg_float, default=RUNTIME_DEFAULTS["resume_every_s"],
+                   metavar="SECONDS",
+                   help="seconds between a trial's resume states (weights and optimizer state; best weights are "
+                        f"saved whenever accuracy improves); 0: every epoch (default: {RUNTIME_DEFAULTS['resume_every_s']:g})")
 
     d = sw.add_argument_group("data")
     d.add_argument("--data-dir", help="offline data: a folder with train/<class>/ and test/<class>/ images "
@@ -123,36 +139,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use N train images per class (and the test set cut in the same proportion)")
 
     r = sw.add_argument_group("where and how it runs")
-    r.add_argument("--storage", default="ray_results", help="folder or s3://, gs:// URI for experiments (default: ./ray_results)")
+    r.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"folder or s3://, gs:// URI for experiments (default: ./{DEFAULT_STORAGE})")
     r.add_argument("--name", help="experiment name (default: alexnet-<date>-<time>)")
     r.add_argument("--resume", action="store_true",
                    help="continue the experiment --name (default: the newest in --storage) with its own settings")
     r.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
-    r.add_argument("--cpus-per-trial", type=_nonneg_float, default=1.0, help="CPUs per trial (default: 1)")
+    r.add_argument("--cpus-per-trial", type=_nonneg_float, default=DEFAULT_CPUS_PER_TRIAL,
+                   help=f"CPUs per trial (default: {DEFAULT_CPUS_PER_TRIAL:g})")
     r.add_argument("--gpus-per-trial", type=_nonneg_float,
-                   help="GPUs per trial, fractional allowed (default: 0.25 if the cluster has GPUs, else 0)")
-    r.add_argument("--max-failures", type=_whole(0), default=3,
-                   help="restarts of a trial whose process died, from its last checkpoint (default: 3)")
+                   help=f"GPUs per trial, fractional allowed (default: {DEFAULT_GPU_SHARE:g} if the cluster has GPUs "
+                        "or node types that can start them, else 0)")
+    r.add_argument("--max-failures", type=_whole(0), default=DEFAULT_MAX_FAILURES,
+                   help=f"restarts of a trial whose process died, from its last resume state (default: {DEFAULT_MAX_FAILURES})")
     r.add_argument("--shared-storage", action="store_true",
                    help="a local --storage folder is shared by every node of the cluster (NFS and the like)")
 
     ex = sub.add_parser("export", help="write the table of an experiment folder (finished or not)",
                         description="Write results.parquet, results.csv, epochs.parquet and the original's "
                                     "results_<optimizer>.csv for an experiment folder, without re-running anything.")
-    ex.add_argument("experiment", help="experiment folder, e.g. ray_results/<name>")
-    ex.add_argument("--out", help="folder for the tables (default: the experiment folder)")
+    ex.add_argument("experiment", help="experiment folder or URI, e.g. ray_results/<name> or s3://BUCKET/PATH/<name>")
+    ex.add_argument("--out", help="folder or URI for the tables (default: the experiment folder)")
 
     rp = sub.add_parser("report", help="write report.md and figures for an experiment folder",
                         description="Write report.md and PNG figures (per-optimiser statistics, heatmaps, batch norm "
                                     "and dropout effects, learning curves, failed runs, comparison with the original "
                                     "study) for an experiment folder, finished or not.")
-    rp.add_argument("experiment", help="experiment folder, e.g. ray_results/<name>")
-    rp.add_argument("--out", help="folder for report.md and the figures (default: the experiment folder)")
+    rp.add_argument("experiment", help="experiment folder or URI, e.g. ray_results/<name> or s3://BUCKET/PATH/<name>")
+    rp.add_argument("--out", help="folder or URI for report.md and the figures (default: the experiment folder)")
     return parser
 
 
 def _settings(args: argparse.Namespace):
-    from .sweep import SweepSettings
+    from .settings import SweepSettings
 
     pins = {"optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "dropout": args.dropout,
             "batchnorm": args.batchnorm}
@@ -167,8 +186,9 @@ def _settings(args: argparse.Namespace):
         data_dir=data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
         name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
-        trial={"precision": args.precision, "channels_last": channels_last, "tf32": args.tf32,
-               "compile": args.compile, "width": args.width},
+        trial={"precision": args.precision, "width": args.width},
+        runtime={"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "compile": args.compile,
+                 "resume_every_s": args.resume_every},
     )
 
 
@@ -183,41 +203,79 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     from .data import DataError
     from .export import ExportError
-    from .sweep import SweepError
+    from .preflight import PreflightError
 
     try:
         if args.command == "sweep":
-            from .sweep import run_sweep
-
-            path, exp = run_sweep(settings)
-            counts = ", ".join(f"{n} {s}" for s, n in exp.table["status"].value_counts().items())
-            print(f"tune-alexnet: experiment {path}: {len(exp.table)} trials ({counts})\n"
-                  f"  table:  {path}/results.parquet (and results.csv)")
-            if "://" not in path:
-                print(f"  report: {path}/report.md")
-            else:
-                print(f"  report: tune-alexnet report {path} --out DIR")
-            errored = int((exp.table["status"] == "errored").sum())
-            unfinished = int(exp.table["status"].isin(["pending", "running", "paused"]).sum())
-            if errored or unfinished:  # interrupted (Ctrl-C) or failed trials: say how to go on, exit non-zero
-                print(f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column), "
-                      f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {Path(path).name}' "
-                      f"continues them", file=sys.stderr)
-                return EXIT_FAILED
-        elif args.command == "export":
+            return _sweep_command(settings)
+        if args.command == "export":
             from .export import export
 
-            exp, written = export(args.experiment, args.out)
-            for p in written:
+            for p in export(args.experiment, args.out)[1]:
                 print(p)
         elif args.command == "report":
             from .report import write_report
 
             print(write_report(args.experiment, args.out))
-    except (DataError, SweepError, ExportError) as exc:
+    except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def run_study(settings, data=None):
+    """Preflight, the sweep, then its tables and report in the experiment folder (local or in a bucket).
+    Returns (experiment URI, export.Experiment, the files written); what tests and benchmarks call."""
+    import ray
+
+    from . import export, sweep
+    from .data import load_cifar10
+    from .report import write_report
+
+    _leave_job_working_dir()
+    settings, exp_uri = sweep.prepare(settings)
+    if data is None:
+        data = load_cifar10(settings.data_dir, settings.subset, settings.download_root)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=settings.address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
+    try:
+        sweep.run_sweep(settings, exp_uri, data)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    exp, written = export.export(exp_uri)
+    written.append(write_report(exp))
+    return exp_uri, exp, written
+
+
+def _sweep_command(settings) -> int:
+    exp_uri, exp, written = run_study(settings)
+    table = exp.table
+    counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
+    print(f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})\n"
+          f"  table:  {written[0]} (and results.csv, epochs.parquet)\n"
+          f"  report: {written[-1]}")
+    errored = int((table["status"] == "errored").sum())
+    unfinished = int(table["status"].isin(["pending", "running", "paused"]).sum())
+    if errored or unfinished:  # interrupted (Ctrl-C) or failed trials: say how to go on, exit non-zero
+        name = exp_uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        print(f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column), "
+              f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {name}' continues them",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _leave_job_working_dir() -> None:
+    """Under `ray job submit --working-dir`, Ray may delete that folder while the job still runs in it
+    (ray-project/ray#52343), and Tune's final os.getcwd() then fails; paths here are absolute, so move out."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = ""
+    if not cwd or "/runtime_resources/working_dir_files/" in cwd:
+        os.chdir(Path.home())
 
 
 if __name__ == "__main__":

@@ -1,20 +1,25 @@
-"""An experiment folder (finished, half-finished or live) -> one table, one row per trial.
+"""An experiment folder (local or s3://, finished, half-finished or live) -> one table, one row per trial.
 
 Reads only what Tune wrote (experiment state, each trial's result.json and
-error file); nothing is re-run and Ray need not be running. Tables are written
-to a temporary file and renamed, so a crash never leaves a truncated one.
+error file) and never unpickles a file of ours; nothing is re-run and Ray need
+not be running. Local tables are written to a temporary file and renamed, so a
+crash never leaves a truncated one; in a bucket each file is one upload.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from .grid import DIMENSIONS, OPTIMIZERS, run_number
+from .grid import optimizer_order, run_number
+from .preflight import experiment_uri, is_remote, storage_uri
+from .settings import DIMENSIONS, EPOCHS
 
 TABLE_NAME = "results"  # results.parquet and results.csv
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
@@ -39,11 +44,12 @@ class Experiment:
 
 
 def load_experiment(source) -> Experiment:
-    """`source`: an experiment folder (path or URI) or a live tune.ResultGrid."""
+    """`source`: an experiment folder (path, ~path or URI) or a local tune.ResultGrid (a ResultGrid of a
+    bucket forgets its URI's scheme: pass the URI)."""
     from ray import tune
 
-    path = str(getattr(source, "experiment_path", source))
-    if "://" not in path and not Path(path).is_dir():
+    path = storage_uri(str(getattr(source, "experiment_path", source)))
+    if not is_remote(path) and not Path(path).is_dir():
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
     try:
         analysis = tune.ExperimentAnalysis(path)
@@ -53,7 +59,7 @@ def load_experiment(source) -> Experiment:
     rows, epoch_frames = [], []
     for trial in analysis.trials:
         epochs = _read_results(trial)
-        row = _trial_row(trial, epochs)
+        row = _trial_row(trial, epochs, path)
         rows.append(row)
         if len(epochs):
             epochs.insert(0, "trial_id", trial.trial_id)
@@ -84,24 +90,25 @@ def _read_results(trial) -> pd.DataFrame:
         except json.JSONDecodeError:
             break  # a trial still running may be mid-write
     keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch", "epochs_since_best",
-            "epoch_time_s", "train_time_s", "diverged", "images_per_s", "device", "node_id", "checkpoint_dir_name"]
+            "train_s", "eval_s", "train_time_s", "eval_time_s", "checkpoint_s", "report_s", "diverged", "images_per_s",
+            "device", "precision", "node_id", "checkpoint_kind", "checkpoint_dir_name"]
     df = pd.DataFrame([{k: r.get(k) for k in keep} for r in records if r.get("epoch") is not None], columns=keep)
     # A restarted trial re-reports nothing it had checkpointed, but may repeat epochs after its last checkpoint.
     return df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
-def _trial_row(trial, epochs: pd.DataFrame) -> dict:
+def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
     config = trial.config
     last = epochs.iloc[-1] if len(epochs) else None
     diverged = bool(last is not None and last["diverged"])
     status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, trial.status.lower())
     best_epoch = int(last["best_epoch"]) if last is not None and last["best_epoch"] else None
     best_ckpt = None
-    if best_epoch:
-        name = epochs.loc[epochs["epoch"] == best_epoch, "checkpoint_dir_name"].iloc[0]
-        if isinstance(name, str):
-            best_ckpt = Path(trial.storage.trial_fs_path, name).as_posix()
-    max_epochs = int(config.get("epochs", 100))
+    if best_epoch:  # every checkpoint holds the best weights so far, so the newest one is the best model
+        names = epochs["checkpoint_dir_name"].dropna()
+        if len(names):
+            best_ckpt = experiment_uri(exp_path, f"{trial.storage.trial_dir_name}/{names.iloc[-1]}")
+    max_epochs = int(config.get("epochs", EPOCHS))
     epochs_run = int(last["epoch"]) if last is not None else 0
     return {
         "run": run_number(config),
@@ -136,7 +143,7 @@ def _error_line(trial) -> str:
 def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The study's per-optimiser CSVs: its exact columns, accuracy written like 85.36%."""
     out = {}
-    for opt in sorted(table["optimizer"].unique(), key=lambda o: (OPTIMIZERS.index(o) if o in OPTIMIZERS else 99, o)):
+    for opt in optimizer_order(table["optimizer"]):
         part = table[table["optimizer"] == opt]
         out[opt] = pd.DataFrame({
             "Run": part["run"], "Optimizer": part["optimizer"], "LR": part["lr"], "Batch Size": part["batch_size"],
@@ -146,18 +153,52 @@ def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[Path]:
-    """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [
-        atomic_write(out / f"{TABLE_NAME}.parquet", lambda p: exp.table.to_parquet(p, index=False)),
-        atomic_write(out / f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False)),
-        atomic_write(out / f"{EPOCHS_NAME}.parquet", lambda p: exp.epochs.to_parquet(p, index=False)),
-    ]
-    for opt, df in original_tables(exp.table).items():
-        written.append(atomic_write(out / f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False)))
-    return written
+def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
+    """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written whole or not at all."""
+    with output_dir(out_dir) as out:
+        out.put(f"{TABLE_NAME}.parquet", lambda p: exp.table.to_parquet(p, index=False))
+        out.put(f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False))
+        out.put(f"{EPOCHS_NAME}.parquet", lambda p: exp.epochs.to_parquet(p, index=False))
+        for opt, df in original_tables(exp.table).items():
+            out.put(f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False))
+    return out.written
+
+
+@dataclass
+class Output:
+    """Files go into `local` (atomically); for a remote destination they are uploaded on leaving."""
+
+    uri: str
+    local: Path
+    written: list[str]
+
+    def put(self, name: str, write) -> None:
+        atomic_write(self.local / name, write)
+        if not is_remote(self.uri):
+            self.written.append(str(self.local / name))
+
+
+@contextmanager
+def output_dir(out: str | os.PathLike):
+    out = storage_uri(os.fspath(out))
+    if not is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Output(out, Path(out), [])
+        return
+    import pyarrow.fs
+
+    tmp = Path(tempfile.mkdtemp(prefix="tune-alexnet-out-"))
+    try:
+        output = Output(out, tmp, [])
+        yield output
+        fs, base = pyarrow.fs.FileSystem.from_uri(out)
+        fs.create_dir(base, recursive=True)
+        for f in sorted(tmp.iterdir()):
+            pyarrow.fs.copy_files(str(f), f"{base}/{f.name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
+            output.written.append(experiment_uri(out, f.name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write(path: Path, write) -> Path:
@@ -176,10 +217,7 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-def export(source, out_dir: str | os.PathLike | None = None) -> tuple[Experiment, list[Path]]:
+def export(source, out_dir: str | os.PathLike | None = None) -> tuple[Experiment, list[str]]:
+    """Tables of an experiment, written into `out_dir` (default: the experiment folder, local or remote)."""
     exp = load_experiment(source)
-    if out_dir is None:
-        if "://" in exp.path:
-            raise ExportError(f"{exp.path} is remote; pass --out DIR for the tables")
-        out_dir = exp.path
-    return exp, write_tables(exp, out_dir)
+    return exp, write_tables(exp, out_dir or exp.path)

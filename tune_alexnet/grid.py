@@ -1,48 +1,15 @@
-"""The study's grid: its five dimensions, flags that pin them, and its run numbers.
+"""The study's grid: flags that pin its dimensions, and its run numbers.
 
-The study numbers runs 1..108 in the nesting order optimizer, lr, batch size,
-dropout (true first), batch norm (false first); `run_number` gives that number
-for any configuration on the study's grid and None for a user's own values.
+The study numbers runs 1..108 in the nesting order of settings.DIMENSIONS, each
+dimension's values in the order settings lists them; `run_number` gives that
+number for any configuration on the study's grid and None for a user's own values.
 """
+
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from .settings import DIMENSIONS, Grid
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
-LRS = (0.01, 0.001, 0.0001)
-BATCH_SIZES = (32, 64, 128)
-DROPOUTS = (True, False)
-BATCHNORMS = (False, True)
-
-# Order matters: it is the study's nesting order (outermost first).
-DIMENSIONS = ("optimizer", "lr", "batch_size", "dropout", "batchnorm")
-STUDY_VALUES = dict(zip(DIMENSIONS, (OPTIMIZERS, LRS, BATCH_SIZES, DROPOUTS, BATCHNORMS)))
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Values swept along each dimension; a pinned dimension holds the user's values."""
-
-    optimizer: tuple[str, ...] = OPTIMIZERS
-    lr: tuple[float, ...] = LRS
-    batch_size: tuple[int, ...] = BATCH_SIZES
-    dropout: tuple[bool, ...] = DROPOUTS
-    batchnorm: tuple[bool, ...] = BATCHNORMS
-
-    def values(self) -> dict[str, tuple]:
-        return {d: getattr(self, d) for d in DIMENSIONS}
-
-    def configs(self) -> list[dict]:
-        """Every configuration, in the study's order."""
-        vals = self.values()
-        return [dict(zip(DIMENSIONS, combo)) for combo in itertools.product(*(vals[d] for d in DIMENSIONS))]
-
-    def __len__(self) -> int:
-        n = 1
-        for v in self.values().values():
-            n *= len(v)
-        return n
+STUDY_VALUES = Grid().values()
 
 
 def make_grid(**pins) -> Grid:
@@ -76,3 +43,9 @@ def study_config(run: int) -> dict:
     if not 1 <= run <= len(configs):
         raise ValueError(f"run {run} is not one of the study's runs; allowed: 1..{len(configs)}")
     return configs[run - 1]
+
+
+def optimizer_order(values) -> list[str]:
+    """Optimisers in the study's order; names off its grid follow, alphabetically."""
+    study = STUDY_VALUES["optimizer"]
+    return sorted(set(values), key=lambda o: (study.index(o) if o in study else len(study), o))

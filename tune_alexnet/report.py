@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import Experiment, atomic_write, load_experiment
-from .grid import BATCH_SIZES, DIMENSIONS, LRS, OPTIMIZERS
+from .export import Experiment, load_experiment, output_dir
+from .grid import optimizer_order
+from .settings import BATCH_SIZES, DIMENSIONS, LRS, OPTIMIZERS
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
@@ -27,10 +28,6 @@ def reference_table() -> pd.DataFrame:
     ref["dropout"] = ref["dropout"].astype(str).str.lower() == "true"
     ref["batchnorm"] = ref["batchnorm"].astype(str).str.lower() == "true"
     return ref
-
-
-def optimizer_order(values) -> list[str]:
-    return sorted(set(values), key=lambda o: (OPTIMIZERS.index(o) if o in OPTIMIZERS else 99, o))
 
 
 def scored(table: pd.DataFrame) -> pd.DataFrame:
@@ -115,7 +112,7 @@ def _plt():
     return plt
 
 
-def heatmaps(table: pd.DataFrame, path: Path) -> None:
+def heatmaps(table: pd.DataFrame, out, name: str) -> None:
     plt = _plt()
     part = scored(table)
     opts = optimizer_order(part["optimizer"]) or list(OPTIMIZERS)
@@ -142,10 +139,10 @@ def heatmaps(table: pd.DataFrame, path: Path) -> None:
                 ax.set_xlabel("batch size")
     fig.colorbar(image, ax=axes, shrink=0.8, label="final accuracy (%)")
     fig.suptitle("Final accuracy (%) by learning rate and batch size; empty cells: not run")
-    _save(fig, path)
+    _save(fig, out, name)
 
 
-def effects_figure(eff: pd.DataFrame, path: Path) -> None:
+def effects_figure(eff: pd.DataFrame, out, name: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, switch in zip(axes, ("batchnorm", "dropout")):
@@ -159,10 +156,10 @@ def effects_figure(eff: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("mean final accuracy (%)")
         ax.set_title("batch norm" if switch == "batchnorm" else "dropout")
         ax.legend()
-    _save(fig, path)
+    _save(fig, out, name)
 
 
-def curves_figure(exp: Experiment, path: Path) -> None:
+def curves_figure(exp: Experiment, out, name: str) -> None:
     plt = _plt()
     table, epochs = exp.table, exp.epochs
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -182,10 +179,10 @@ def curves_figure(exp: Experiment, path: Path) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Validation accuracy per epoch")
-    _save(fig, path)
+    _save(fig, out, name)
 
 
-def comparison_figure(comp: pd.DataFrame, path: Path) -> None:
+def comparison_figure(comp: pd.DataFrame, out, name: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     for opt in optimizer_order(comp["optimizer"]):
@@ -198,12 +195,12 @@ def comparison_figure(comp: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("this experiment (%)")
     ax.set_title(f"Runs in both (n={len(comp)}), rank corr. {rank_correlation(comp):.2f}")
     ax.legend()
-    _save(fig, path)
+    _save(fig, out, name)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, out, name: str) -> None:
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        out.put(name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     finally:
         _plt().close(fig)
 
@@ -221,11 +218,16 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     return "\n".join(lines)
 
 
-def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
-    """report.md and its figures in `out_dir` (default: the experiment folder); returns report.md's path."""
+def write_report(source, out_dir: str | os.PathLike | None = None) -> str:
+    """report.md and its figures in `out_dir` (default: the experiment folder, local or in a bucket);
+    returns report.md's path or URI."""
     exp = source if isinstance(source, Experiment) else load_experiment(source)
-    out = Path(out_dir or exp.path)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_dir(out_dir or exp.path) as out:
+        _write(exp, out)
+    return next(p for p in out.written if p.split("?")[0].endswith("report.md"))
+
+
+def _write(exp: Experiment, out) -> None:
     table = exp.table
     opt_stats = per_optimizer(table)
     eff = effects(table)
@@ -233,10 +235,10 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
     failed = failed_runs(table)
     repeats = int(table.groupby(["run", *DIMENSIONS], dropna=False).size().max()) if len(table) else 0
 
-    heatmaps(table, out / "heatmaps.png")
-    effects_figure(eff, out / "effects.png")
-    curves_figure(exp, out / "curves.png")
-    comparison_figure(comp, out / "comparison.png")
+    heatmaps(table, out, "heatmaps.png")
+    effects_figure(eff, out, "effects.png")
+    curves_figure(exp, out, "curves.png")
+    comparison_figure(comp, out, "comparison.png")
 
     status_counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     side = opt_stats[["optimizer", "runs", "mean", "best"]].copy()
@@ -292,4 +294,4 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> Path:
     if repeats >= 2:
         parts += ["## Repeats: mean and standard deviation per configuration", markdown_table(per_config(table))]
     text = "\n\n".join(parts) + "\n"
-    return atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+    out.put("report.md", lambda tmp: Path(tmp).write_text(text))
