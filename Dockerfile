@@ -1,7 +1,13 @@
-# tune-alexnet on the Ray GPU image of the pinned Ray (2.60.0) and Python (3.11).
-# The Ray version is pinned here, in pyproject.toml and in cluster.yaml; tests/test_cluster.py keeps them equal.
+# tune-alexnet on the Ray GPU image of the pinned Ray (2.60.0) and Python (3.11), with the pinned torch.
+# The Ray version and torch pins are also in pyproject.toml and cluster.yaml; tests/test_aws.py keeps them equal.
 #   docker build -t tune-alexnet .
 #   docker run --gpus all --shm-size=8g tune-alexnet tune-alexnet sweep --subset 100 --epochs 2
+# For the cluster, push it once to a registry you own and name it as docker.image in cluster.yaml: new nodes then
+# skip the torch install. With ECR (ACCOUNT and REGION yours):
+#   aws ecr create-repository --repository-name tune-alexnet
+#   aws ecr get-login-password --region REGION | docker login --username AWS --password-stdin ACCOUNT.dkr.ecr.REGION.amazonaws.com
+#   docker tag tune-alexnet ACCOUNT.dkr.ecr.REGION.amazonaws.com/tune-alexnet:0.1.0
+#   docker push ACCOUNT.dkr.ecr.REGION.amazonaws.com/tune-alexnet:0.1.0
 FROM rayproject/ray:2.60.0-py311-gpu
 
 WORKDIR /home/ray/tune-alexnet

@@ -91,7 +91,7 @@ def _read_results(trial) -> pd.DataFrame:
             break  # a trial still running may be mid-write
     keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch", "epochs_since_best",
             "train_s", "eval_s", "train_time_s", "eval_time_s", "checkpoint_s", "report_s", "diverged", "images_per_s",
-            "device", "precision", "node_id", "checkpoint_kind", "checkpoint_dir_name"]
+            "device", "precision", "gpus_granted", "node_id", "checkpoint_kind", "checkpoint_dir_name"]
     df = pd.DataFrame([{k: r.get(k) for k in keep} for r in records if r.get("epoch") is not None], columns=keep)
     # A restarted trial re-reports nothing it had checkpointed, but may repeat epochs after its last checkpoint.
     return df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)

@@ -7,8 +7,12 @@ anything is written, so a refused sweep leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("tune_alexnet.preflight")
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
                        "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "efs", "9p", "virtiofs")
@@ -103,3 +107,61 @@ def on_network_filesystem(path: str) -> bool:
         if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
             best, fstype = mount_point, kind
     return fstype in NETWORK_FILESYSTEMS
+
+
+def max_cluster_gpus() -> float:
+    """GPUs the connected cluster has now, or can start: an autoscaling cluster's GPU workers are not up
+    when a sweep starts, yet its trials must ask for GPU shares so that the autoscaler starts them."""
+    import ray
+
+    up = float(ray.cluster_resources().get("GPU", 0))
+    context = ray.get_runtime_context()
+    head = [n for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    try:
+        if not head or head[0]["NodeID"] == context.get_node_id():
+            can_start = autoscaler_gpus(context.gcs_address)
+        else:  # the autoscaler's config lies on the head node: read it there
+            task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001}, max_retries=0)
+            can_start = ray.get(task(autoscaler_gpus).remote(context.gcs_address), timeout=60)
+    except Exception as exc:  # no verdict is no reason to refuse: count the GPUs that are up
+        log.warning("could not read the autoscaler's node types (%s); counting the GPUs that are up", exc)
+        can_start = 0.0
+    return max(up, can_start)
+
+
+def autoscaler_gpus(gcs_address: str) -> float:
+    """GPUs the node types of this machine's autoscaler (for the cluster at `gcs_address`) can start.
+
+    Ray keeps the node types only in the autoscaler's own config file, named on its monitor's command line
+    (`ray up` puts it in ~/ray_bootstrap_config.yaml); a monitor without one, as an embedded Ray has, means
+    no autoscaling.
+    """
+    import yaml
+
+    config, monitor_seen = None, False
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
+            continue
+        if f"--gcs-address={gcs_address}" not in args:
+            continue
+        monitor_seen = True
+        for a in args:
+            if a.startswith("--autoscaling-config="):
+                config = Path(os.readlink(f"/proc/{pid}/cwd"), os.path.expanduser(a.split("=", 1)[1]))
+    if config is None:
+        if monitor_seen:
+            return 0.0
+        config = Path(BOOTSTRAP_CONFIG).expanduser()
+    if not config.is_file():
+        return 0.0
+    cfg = yaml.safe_load(config.read_text()) or {}
+    total = 0.0
+    for name, node_type in (cfg.get("available_node_types") or {}).items():
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0) or 0)
+        count = int(node_type.get("max_workers", cfg.get("max_workers", 0)) or 0)
+        total += gpus * (count + (name == cfg.get("head_node_type")))
+    return total

@@ -80,19 +80,7 @@ def prepare(s: SweepSettings) -> tuple[SweepSettings, str]:
 def gpu_share(s: SweepSettings) -> float:
     if s.gpus_per_trial is not None:
         return s.gpus_per_trial
-    return DEFAULT_GPU_SHARE if max_cluster_gpus() > 0 else 0.0
-
-
-def max_cluster_gpus() -> float:
-    """GPUs the cluster has now, or more that its autoscaler's node types can start."""
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    try:
-        from ray._private.state import state
-
-        gpus = max(gpus, float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0)))
-    except Exception:  # an older or newer Ray without it: what is up now is all we know
-        pass
-    return gpus
+    return DEFAULT_GPU_SHARE if preflight.max_cluster_gpus() > 0 else 0.0
 
 
 def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None) -> tune.ResultGrid:

@@ -188,6 +188,7 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
             "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"], "diverged": diverged,
             "images_per_s": len(train_x) / train_s, "device": str(rt.device),
             "precision": "bf16" if rt.amp_dtype else "fp32", "channels_last": rt.channels_last, "node_id": node,
+            "gpus_granted": (granted or {}).get("GPU", 0.0),
             "report_s": report_s, "checkpoint_kind": kind, "checkpoint_rank": RANK.get(kind, state["best_val_acc"]),
         }
         if diverged:
