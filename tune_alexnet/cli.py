@@ -119,14 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale AlexNet's channels and hidden units; 1 is the study's network, 0.125 a quick smoke test")
 
     h = sw.add_argument_group("how trials run (may change on --resume; not part of a trial's config)")
-    h.add_argument("--device", choices=("auto", "cpu"), default=RUNTIME_DEFAULTS["device"],
+    # Defaults of None: on --resume only the flags given change how the experiment's trials run.
+    h.add_argument("--device", choices=("auto", "cpu"),
                    help="auto: the GPU share Ray grants (a trial granted one that torch cannot see fails); "
                         "cpu: train on the CPU even where GPUs are granted (default: auto)")
-    h.add_argument("--channels-last", choices=("auto", "true", "false"), default=RUNTIME_DEFAULTS["channels_last"],
+    h.add_argument("--channels-last", choices=("auto", "true", "false"),
                    help="channels-last memory format; auto: on CUDA only (default: auto)")
-    h.add_argument("--no-tf32", dest="tf32", action="store_false", help="disable TF32 matmuls on CUDA")
-    h.add_argument("--compile", action="store_true", help="torch.compile the model")
-    h.add_argument("--resume-every", type=_nonneg_float, default=RUNTIME_DEFAULTS["resume_every_s"],
+    h.add_argument("--no-tf32", dest="tf32", action="store_const", const=False, help="disable TF32 matmuls on CUDA")
+    h.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    h.add_argument("--resume-every", type=_nonneg_float,
                    metavar="SECONDS",
                    help="seconds between a trial's resume states (weights and optimizer state; best weights are "
                         f"saved whenever accuracy improves); 0: every epoch (default: {RUNTIME_DEFAULTS['resume_every_s']:g})")
@@ -179,7 +180,7 @@ def _settings(args: argparse.Namespace):
         given = next(k for k, v in pins.items() if v is not None)
         raise CliError(f"--runs picks whole runs of the study and cannot be combined with --{given}")
     grid = make_grid(**pins)
-    channels_last = {"auto": "auto", "true": True, "false": False}[args.channels_last]
+    channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
     data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
     return SweepSettings(
         grid=grid, runs=args.runs or (), epochs=args.epochs, patience=args.patience, seed=args.seed, repeats=args.repeats,
@@ -187,8 +188,8 @@ def _settings(args: argparse.Namespace):
         name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
         trial={"precision": args.precision, "width": args.width},
-        runtime={"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "compile": args.compile,
-                 "resume_every_s": args.resume_every},
+        runtime={k: v for k, v in (("device", args.device), ("channels_last", channels_last), ("tf32", args.tf32),
+                                   ("compile", args.compile), ("resume_every_s", args.resume_every)) if v is not None},
     )
 
 
@@ -254,7 +255,7 @@ def _sweep_command(settings) -> int:
     table = exp.table
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     print(f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})\n"
-          f"  table:  {written[0]} (and results.csv, epochs.parquet)\n"
+          f"  table:  {next(p for p in written if 'results.parquet' in p)} (and results.csv, epochs.parquet)\n"
           f"  report: {written[-1]}")
     errored = int((table["status"] == "errored").sum())
     unfinished = int(table["status"].isin(["pending", "running", "paused"]).sum())

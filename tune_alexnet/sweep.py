@@ -151,8 +151,8 @@ def read_settings(exp_uri: str) -> dict | None:
 
 
 def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
-    """The interrupted sweep's own settings. Tune restores trials as they were (resources and failure
-    budget included); of ours the cluster address, the data's location and how trials run may change."""
+    """The interrupted sweep's own settings; of them the cluster address, the data's location, a GPU share
+    given again and the flags on how trials run (--device, --resume-every, ...) may change."""
     name = s.name or _latest_experiment(root)
     exp_uri = preflight.experiment_uri(root, name)
     if not tune.Tuner.can_restore(exp_uri):
@@ -163,9 +163,9 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
         return SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
     saved["grid"] = Grid(**{k: tuple(v) for k, v in saved["grid"].items()})
     saved["runs"] = tuple(saved.get("runs", ()))
-    keep = {k: getattr(s, k) for k in ("address", "cpus_per_trial", "gpus_per_trial", "max_failures",
-                                       "shared_storage")}
-    keep["runtime"] = {**saved.get("runtime", {}), **s.runtime}
+    keep = {"address": s.address, "shared_storage": s.shared_storage, "runtime": {**saved.get("runtime", {}), **s.runtime}}
+    if s.gpus_per_trial is not None:
+        keep["gpus_per_trial"] = s.gpus_per_trial
     if s.data_dir is not None:  # the data may have moved since
         keep["data_dir"] = s.data_dir
     return SweepSettings(**{**saved, **keep, "storage": s.storage, "name": name, "resume": True})

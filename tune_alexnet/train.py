@@ -78,10 +78,12 @@ def resolve_runtime(config: dict, runtime: dict, granted: dict | None) -> Runtim
     if runtime["device"] == "cpu":
         gpu_share = 0.0
     elif gpu_share > 0 and not torch.cuda.is_available():
+        fix = ("install a CUDA build of torch on the GPU nodes" if torch.version.cuda is None else
+               f"this torch is built for CUDA {torch.version.cuda}: check the node's NVIDIA driver and that it has "
+               f"the GPU it declares")
         raise GpuNotVisible(
             f"Ray granted this trial {gpu_share:g} GPU but torch {torch.__version__} sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch built for CUDA "
-            f"{torch.version.cuda}); install a CUDA build of torch on the GPU nodes, or pass --device cpu "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); {fix}; or pass --device cpu "
             f"to train on the CPU on purpose"
         )
     use_cuda = gpu_share > 0
