@@ -31,7 +31,7 @@ class LocalCluster:
 
     def __init__(self, tmp: Path):
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        # Token auth on, explicitly: whether it is on must not depend on ~/.ray/auth_token (RAY-NOTES).
+        # Token auth on, explicitly: whether it is on must not depend on ~/.ray/auth_token: a local ray.init() may have written one.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
         # Credentials for the S3 emulator on loopback (the nodes' trials write checkpoints there).
         self.env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")

@@ -167,3 +167,37 @@ def test_divergence_stops_the_trial_at_once_and_keeps_the_best(small, tmp_path):
     assert all(not m["diverged"] for m in rec.metrics[:-1])
     last = rec.checkpoints[-1]  # no garbage weights saved: none, or the best ones from before
     assert last is None or rec.metrics[-1]["best_epoch"] < rec.metrics[-1]["epoch"]
+
+
+RAY_BLOCKED = """
+import sys
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("ray is not installed here")
+sys.meta_path.insert(0, NoRay())
+"""
+
+
+def test_the_training_side_imports_and_trains_where_ray_cannot_be_imported(synthetic_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = RAY_BLOCKED + f"""
+import tune_alexnet.augment, tune_alexnet.checkpoint, tune_alexnet.data, tune_alexnet.model, tune_alexnet.settings
+from tune_alexnet.data import load_cifar10, take_subset
+from tune_alexnet.train import train_cifar
+try:
+    import ray
+except ImportError:
+    print("ray: unavailable")
+data = take_subset(load_cifar10({str(synthetic_dir)!r}, progress=False), 4)
+seen = []
+train_cifar(dict(optimizer="adam", lr=1e-3, batch_size=8, dropout=True, batchnorm=True, width=0.125, epochs=2),
+            data, lambda metrics, checkpoint_dir: seen.append((metrics["epoch"], metrics["checkpoint_kind"])))
+print("epochs:", seen, "ray" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ray: unavailable" in out.stdout
+    assert "epochs: [(1, 'best'), (2, 'final')] False" in out.stdout

@@ -1,4 +1,4 @@
-"""SPEC's training augmentation, batched on the trial's device with per-sample randomness.
+"""The study's training augmentation (docs/STUDY.md), batched on the trial's device with per-sample randomness.
 
 The study augmented one PIL image at a time (RandomCrop(32, padding=4),
 RandomHorizontalFlip, RandomRotation(15), ColorJitter(0.2, 0.2, 0.2, 0.1),
@@ -141,7 +141,7 @@ def to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def augment_batch(images_uint8: torch.Tensor, generator: torch.Generator | None = None,
                   params: AugmentParams | None = None) -> torch.Tensor:
-    """(B, 3, 32, 32) uint8 -> normalised float, SPEC's training distribution, one draw per image."""
+    """(B, 3, 32, 32) uint8 -> normalised float, the study's training distribution, one draw per image."""
     if params is None:
         params = sample_params(images_uint8.shape[0], images_uint8.device, generator)
     x = to_unit_float(geometric(images_uint8, params))

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "or node types that can start them, else 0)")
     r.add_argument("--max-failures", type=_whole(0), default=DEFAULT_MAX_FAILURES,
                    help=f"restarts of a trial whose process died, from its last resume state (default: {DEFAULT_MAX_FAILURES})")
+    k = sw.add_argument_group("trackers (optional extras)")
+    k.add_argument("--mlflow", metavar="TRACKING_URI",
+                   help="log every trial as an MLflow run, in an experiment named after the sweep "
+                        "(pip install 'tune-alexnet[mlflow]')")
+    k.add_argument("--wandb", metavar="PROJECT",
+                   help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')")
     r.add_argument("--shared-storage", action="store_true",
                    help="a local --storage folder is shared by every node of the cluster (NFS and the like)")
 
@@ -187,6 +193,7 @@ def _settings(args: argparse.Namespace):
         data_dir=data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
         name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
+        mlflow=args.mlflow, wandb=args.wandb,
         trial={"precision": args.precision, "width": args.width},
         runtime={k: v for k, v in (("device", args.device), ("channels_last", channels_last), ("tf32", args.tf32),
                                    ("compile", args.compile), ("resume_every_s", args.resume_every)) if v is not None},

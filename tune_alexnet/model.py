@@ -1,4 +1,4 @@
-"""AlexNet adapted to 32x32 CIFAR-10 images, exactly as in the study (SPEC.md).
+"""AlexNet adapted to 32x32 CIFAR-10 images, exactly as in the study (docs/STUDY.md).
 
 Layers only: nothing here knows about data, optimisers or Ray.
 """

@@ -19,7 +19,7 @@ import ray
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
-from . import preflight
+from . import preflight, tracking
 from .data import Cifar, load_cifar10
 from .grid import study_config
 from .settings import (DEFAULT_GPU_SHARE, DIMENSIONS, EPOCHS, METRIC, MODE, PATIENCE, TRIAL_DEFAULTS, Grid,
@@ -74,6 +74,7 @@ def prepare(s: SweepSettings) -> tuple[SweepSettings, str]:
     s = SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
     exp_uri = preflight.experiment_uri(root, name)
     preflight.check_storage(root, exp_uri, s.resume)
+    tracking.check(s)
     return s, exp_uri
 
 
@@ -124,6 +125,7 @@ def _run_config(s: SweepSettings) -> tune.RunConfig:
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
+        callbacks=tracking.callbacks(s),
     )
 
 
