@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pip install 'tune-alexnet[mlflow]')")
     k.add_argument("--wandb", metavar="PROJECT",
                    help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')")
+    r.add_argument("--quiet", action="store_true", help="print only the final summary and errors")
     r.add_argument("--shared-storage", action="store_true",
                    help="a local --storage folder is shared by every node of the cluster (NFS and the like)")
 
@@ -208,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
             settings = _settings(args)
         except CliError as exc:
             parser.error(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     from .data import DataError
     from .export import ExportError
     from .preflight import PreflightError
 
     try:
         if args.command == "sweep":
-            return _sweep_command(settings)
+            return _sweep_command(settings, quiet)
         if args.command == "export":
             from .export import export
 
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_study(settings, data=None):
+def run_study(settings, data=None, quiet: bool = True):
     """Preflight, the sweep, then its tables and report in the experiment folder (local or in a bucket).
     Returns (experiment URI, export.Experiment, the files written); what tests and benchmarks call."""
     import ray
@@ -243,12 +245,15 @@ def run_study(settings, data=None):
     _leave_job_working_dir()
     settings, exp_uri = sweep.prepare(settings)
     if data is None:
-        data = load_cifar10(settings.data_dir, settings.subset, settings.download_root)
+        data = load_cifar10(settings.data_dir, settings.subset, settings.download_root, progress=not quiet)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=settings.address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
+        context = ray.init(address=settings.address or os.environ.get("RAY_ADDRESS") or "local",
+                           logging_level=logging.WARNING)
+        if context.dashboard_url and not quiet:
+            print(f"tune-alexnet: Ray dashboard at http://{context.dashboard_url}", flush=True)
     try:
-        sweep.run_sweep(settings, exp_uri, data)
+        sweep.run_sweep(settings, exp_uri, data, quiet)
     finally:
         if started_ray:
             ray.shutdown()
@@ -257,19 +262,17 @@ def run_study(settings, data=None):
     return exp_uri, exp, written
 
 
-def _sweep_command(settings) -> int:
-    exp_uri, exp, written = run_study(settings)
+def _sweep_command(settings, quiet: bool) -> int:
+    from .console import summary
+
+    exp_uri, exp, written = run_study(settings, quiet=quiet)
+    print(summary(exp.table, exp_uri, written))
     table = exp.table
-    counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
-    print(f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})\n"
-          f"  table:  {next(p for p in written if 'results.parquet' in p)} (and results.csv, epochs.parquet)\n"
-          f"  report: {written[-1]}")
     errored = int((table["status"] == "errored").sum())
     unfinished = int(table["status"].isin(["pending", "running", "paused"]).sum())
     if errored or unfinished:  # interrupted (Ctrl-C) or failed trials: say how to go on, exit non-zero
-        name = exp_uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
         print(f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column), "
-              f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {name}' continues them",
+              f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {settings.name}' continues them",
               file=sys.stderr)
         return EXIT_FAILED
     return 0

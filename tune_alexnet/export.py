@@ -17,17 +17,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from .grid import optimizer_order, run_number
+from .grid import full_config, optimizer_order, run_number
 from .preflight import experiment_uri, is_remote, storage_uri
-from .settings import DIMENSIONS, EPOCHS
+from .settings import DIMENSIONS, EPOCHS, read_settings
 
 TABLE_NAME = "results"  # results.parquet and results.csv
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
-COLUMNS = [
-    "run", "optimizer", "lr", "batch_size", "dropout", "batchnorm", "seed", "final_accuracy", "epochs_run",
-    "best_epoch", "max_epochs", "stopped_early", "status", "error", "train_time_s", "trial_id", "node_id",
-    "best_checkpoint",
-]
+_GRID_TYPES = {"run": "Int64", "optimizer": "string", "lr": "float64", "batch_size": "Int64", "dropout": "boolean",
+               "batchnorm": "boolean", "seed": "Int64"}
+# Column -> pandas dtype: the same in every experiment (a column without errors is still a string column,
+# integers with gaps are nullable), so tables of many experiments read as one dataset.
+TABLE_SCHEMA = {
+    **_GRID_TYPES, "final_accuracy": "float64", "epochs_run": "Int64", "best_epoch": "Int64", "max_epochs": "Int64",
+    "stopped_early": "boolean", "status": "string", "error": "string", "train_time_s": "float64",
+    "eval_time_s": "float64", "trial_id": "string", "node_id": "string", "best_checkpoint": "string",
+}
+EPOCH_SCHEMA = {
+    "trial_id": "string", **_GRID_TYPES, "epoch": "Int64", "train_loss": "float64", "train_acc": "float64",
+    "val_loss": "float64", "val_acc": "float64", "best_val_acc": "float64", "best_epoch": "Int64",
+    "epochs_since_best": "Int64", "train_s": "float64", "eval_s": "float64", "train_time_s": "float64",
+    "eval_time_s": "float64", "checkpoint_s": "float64", "report_s": "float64", "diverged": "boolean",
+    "images_per_s": "float64", "device": "string", "precision": "string", "gpus_granted": "float64",
+    "node_id": "string", "checkpoint_kind": "string", "checkpoint_dir_name": "string",
+}
+COLUMNS = list(TABLE_SCHEMA)
 ORIGINAL_COLUMNS = ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
 STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "terminated", "ERROR": "errored"}
 
@@ -39,8 +52,9 @@ class ExportError(Exception):
 @dataclass
 class Experiment:
     path: str
-    table: pd.DataFrame  # one row per trial, COLUMNS
-    epochs: pd.DataFrame  # one row per reported epoch: trial_id, run, optimizer, ..., epoch, val_acc, ...
+    table: pd.DataFrame  # one row per trial, TABLE_SCHEMA
+    epochs: pd.DataFrame  # one row per reported epoch, EPOCH_SCHEMA
+    settings: dict  # the sweep's settings record (empty for a folder written by other code)
 
 
 def load_experiment(source) -> Experiment:
@@ -66,12 +80,23 @@ def load_experiment(source) -> Experiment:
             for col in ("run", *DIMENSIONS, "seed"):
                 epochs[col] = row[col]
             epoch_frames.append(epochs)
-    table = pd.DataFrame(rows, columns=COLUMNS)
     # Study order; trials off the study's grid (no run number) follow in creation order.
-    table = table.sort_values(["run", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
-    table["run"] = table["run"].astype("Int64")
-    epochs_df = pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(columns=["trial_id", "epoch"])
-    return Experiment(path, table, epochs_df)
+    table = typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA).sort_values(
+        ["run", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
+    epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
+    epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
+    return Experiment(path, table, epochs, read_settings(path) or {})
+
+
+def typed(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
+    """`df` with exactly the schema's columns, in its order and types (missing columns all null)."""
+    out = pd.DataFrame(index=df.index)
+    for col, dtype in schema.items():
+        values = df[col] if col in df else pd.Series([None] * len(df), index=df.index, dtype="object")
+        if dtype in ("string", "boolean"):
+            values = values.astype("object").where(values.notna(), None)
+        out[col] = values.astype(dtype)
+    return out
 
 
 def _read_results(trial) -> pd.DataFrame:
@@ -89,16 +114,14 @@ def _read_results(trial) -> pd.DataFrame:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             break  # a trial still running may be mid-write
-    keep = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch", "epochs_since_best",
-            "train_s", "eval_s", "train_time_s", "eval_time_s", "checkpoint_s", "report_s", "diverged", "images_per_s",
-            "device", "precision", "gpus_granted", "node_id", "checkpoint_kind", "checkpoint_dir_name"]
+    keep = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c != "trial_id"]
     df = pd.DataFrame([{k: r.get(k) for k in keep} for r in records if r.get("epoch") is not None], columns=keep)
     # A restarted trial re-reports nothing it had checkpointed, but may repeat epochs after its last checkpoint.
     return df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
 def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
-    config = trial.config
+    config = full_config(trial.config)
     last = epochs.iloc[-1] if len(epochs) else None
     diverged = bool(last is not None and last["diverged"])
     status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, trial.status.lower())
@@ -122,6 +145,7 @@ def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
         "status": status,
         "error": _error_line(trial) if trial.status == "ERROR" else None,
         "train_time_s": float(last["train_time_s"]) if last is not None else 0.0,
+        "eval_time_s": last["eval_time_s"] if last is not None else None,
         "trial_id": trial.trial_id,
         "node_id": last["node_id"] if last is not None else None,
         "best_checkpoint": best_ckpt,
@@ -155,13 +179,38 @@ def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
     """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written whole or not at all."""
+    meta = provenance(exp)
+    originals = original_tables(exp.table)
     with output_dir(out_dir) as out:
-        out.put(f"{TABLE_NAME}.parquet", lambda p: exp.table.to_parquet(p, index=False))
+        out.put(f"{TABLE_NAME}.parquet", lambda p: write_parquet(exp.table, p, meta))
         out.put(f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False))
-        out.put(f"{EPOCHS_NAME}.parquet", lambda p: exp.epochs.to_parquet(p, index=False))
-        for opt, df in original_tables(exp.table).items():
+        out.put(f"{EPOCHS_NAME}.parquet", lambda p: write_parquet(exp.epochs, p, meta))
+        for opt, df in originals.items():
             out.put(f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False))
+        # The original merged its per-optimiser CSVs into this one.
+        merged = pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
+        out.put("merged_results.csv", lambda p: merged.to_csv(p, index=False))
     return out.written
+
+
+def provenance(exp: Experiment) -> dict:
+    """What made these tables: versions and the sweep's settings, kept in the Parquet files' metadata."""
+    import ray
+    import torch
+
+    from . import __version__
+
+    return {"tune_alexnet": __version__, "ray": ray.__version__, "torch": torch.__version__,
+            "experiment": exp.path, "settings": exp.settings}
+
+
+def write_parquet(df: pd.DataFrame, path, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    metadata = {**(table.schema.metadata or {}), b"tune_alexnet": json.dumps(meta, default=str).encode()}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
 
 
 @dataclass

@@ -49,3 +49,11 @@ def optimizer_order(values) -> list[str]:
     """Optimisers in the study's order; names off its grid follow, alphabetically."""
     study = STUDY_VALUES["optimizer"]
     return sorted(set(values), key=lambda o: (study.index(o) if o in study else len(study), o))
+
+
+def full_config(config: dict) -> dict:
+    """A trial's config with the five grid settings filled in from its study run number, where it has one
+    (`--runs` sweeps over run numbers alone)."""
+    if "run" in config and config["run"] is not None and any(d not in config for d in DIMENSIONS):
+        return {**study_config(int(config["run"])), **config}
+    return config

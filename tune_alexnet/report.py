@@ -14,7 +14,7 @@ import pandas as pd
 
 from .export import Experiment, load_experiment, output_dir
 from .grid import optimizer_order
-from .settings import BATCH_SIZES, DIMENSIONS, LRS, OPTIMIZERS
+from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
@@ -227,6 +227,26 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> str:
     return next(p for p in out.written if p.split("?")[0].endswith("report.md"))
 
 
+def what_ran(exp: Experiment) -> tuple[str, str]:
+    """A sentence saying what ran, and what makes it smaller than the study ("" when nothing does)."""
+    st, data = exp.settings, exp.settings.get("data", {})
+    trial = {**TRIAL_DEFAULTS, **st.get("trial", {})}
+    epochs, width = st.get("epochs", EPOCHS), float(trial["width"])
+    precision = ", ".join(sorted(set(exp.epochs["precision"].dropna()))) or "not recorded"
+    devices = ", ".join(sorted(set(exp.epochs["device"].dropna()))) or "not recorded"
+    reduced = [text for cond, text in (
+        (epochs < EPOCHS, f"at most {epochs} epochs a run instead of {EPOCHS}"),
+        (st.get("subset") is not None, f"{st.get('subset')} training images a class"),
+        (width != 1.0, f"AlexNet at width {width:g}"),
+        (not trial["augment"], "no augmentation"),
+    ) if cond]
+    sentence = (f"What ran: up to {epochs} epochs a run (patience {st.get('patience', PATIENCE)}), "
+                f"{data.get('train_images', '?')} training and {data.get('test_images', '?')} test images from "
+                f"{data.get('source', 'a source not recorded')}, AlexNet width {width:g}, "
+                f"{st.get('repeats', 1)} trial(s) per configuration, precision {precision}, on {devices}.")
+    return sentence, "; ".join(reduced)
+
+
 def _write(exp: Experiment, out) -> None:
     table = exp.table
     opt_stats = per_optimizer(table)
@@ -249,8 +269,10 @@ def _write(exp: Experiment, out) -> None:
     side["original best"] = side["optimizer"].map(by_opt.max())
     side["original mean, same runs"] = side["optimizer"].map(same_runs)
 
+    ran, reduced = what_ran(exp)
     parts = [
-        f"# Report: {Path(exp.path).name}",
+        f"# Report: {Path(exp.path.split('?')[0]).name}",
+        ran,
         f"Experiment `{exp.path}`: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
         f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
         f"({len(scored(table))}); errored trials and trials that diverged before their first good epoch have none.",
@@ -274,6 +296,10 @@ def _write(exp: Experiment, out) -> None:
         else "None.",
         "## Comparison with the original study",
     ]
+    if len(comp) and reduced:
+        parts.append(f"**This experiment is reduced ({reduced}), so its accuracies are not comparable with the "
+                     f"study's full runs: the differences below show how far a reduced run falls short, not "
+                     f"findings about the study.**")
     if len(comp):
         rho = rank_correlation(comp)
         parts += [

@@ -9,7 +9,8 @@ beside it, so it neither shows in trial names nor blocks changing it on --resume
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 # --- the study ---------------------------------------------------------------------------
 # Optimisers, in the study's order, with their settings beyond the learning rate
@@ -105,3 +106,29 @@ class SweepSettings:
     wandb: str | None = None  # Weights & Biases project to log every trial to
     trial: dict = field(default_factory=dict)  # overrides of TRIAL_DEFAULTS (width, precision, augment)
     runtime: dict = field(default_factory=dict)  # overrides of RUNTIME_DEFAULTS
+
+
+SETTINGS_FILE = "tune_alexnet_sweep.json"  # in the experiment folder: what --resume and the tables need
+
+
+def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) -> None:
+    """The sweep's settings beside Tune's state, local or in a bucket, so --resume needs only the name."""
+    import pyarrow.fs
+
+    record = {**asdict(s), **(extra or {})}
+    record.pop("resume")
+    fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
+        f.write(json.dumps(record, indent=2).encode())
+
+
+def read_settings(exp_uri: str) -> dict | None:
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
+        with fs.open_input_stream(f"{path}/{SETTINGS_FILE}") as f:
+            return json.loads(f.readall().decode())
+    except (OSError, ValueError):
+        return None

@@ -7,28 +7,25 @@ param space holds what defines its result; how it runs travels beside it through
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
 from . import preflight, tracking
+from .console import Console
 from .data import Cifar, load_cifar10
-from .grid import study_config
-from .settings import (DEFAULT_GPU_SHARE, DIMENSIONS, EPOCHS, METRIC, MODE, PATIENCE, TRIAL_DEFAULTS, Grid,
-                       SweepSettings)
+from .settings import (DEFAULT_GPU_SHARE, EPOCHS, METRIC, MODE, PATIENCE, TRIAL_DEFAULTS, Grid, SweepSettings,
+                       read_settings, write_settings)
 from .stopper import result_says_stop
 from .train import train_cifar
 
 log = logging.getLogger("tune_alexnet.sweep")
-SETTINGS_FILE = "tune_alexnet_sweep.json"  # in the experiment folder: what --resume needs to rebuild the sweep
 
 
 class PlateauStopper(tune.Stopper):
@@ -50,18 +47,13 @@ class PlateauStopper(tune.Stopper):
 
 def trial_space(s: SweepSettings) -> dict:
     """Tune's param space: the grid's five dimensions plus the settings that define a trial's result."""
-    if s.runs:  # chosen runs of the study: one grid dimension over run numbers, the five values looked up
+    if s.runs:  # chosen runs of the study: one grid dimension over run numbers (grid.full_config looks them up)
         space = {"run": tune.grid_search(list(s.runs))}
-        space.update({dim: tune.sample_from(_run_value(dim)) for dim in DIMENSIONS})
     else:
         space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
     space.update({**TRIAL_DEFAULTS, **s.trial, "epochs": s.epochs, "patience": s.patience})
     space["seed"] = tune.randint(0, 2**31 - 1) if s.repeats > 1 else s.seed
     return space
-
-
-def _run_value(dim: str):
-    return lambda spec: study_config(spec.config.run)[dim]
 
 
 def prepare(s: SweepSettings) -> tuple[SweepSettings, str]:
@@ -84,8 +76,9 @@ def gpu_share(s: SweepSettings) -> float:
     return DEFAULT_GPU_SHARE if preflight.max_cluster_gpus() > 0 else 0.0
 
 
-def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None) -> tune.ResultGrid:
-    """Start (or resume) the sweep on the Ray this process is connected to, and wait for it."""
+def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: bool = False) -> tune.ResultGrid:
+    """Start (or resume) the sweep on the Ray this process is connected to, and wait for it. Unless `quiet`,
+    the console shows our compact progress table (Tune's own live output is off)."""
     if data is None:
         data = load_cifar10(s.data_dir, s.subset, s.download_root)
     log.info("data: %s: %d train, %d test images", data.source, len(data.train_x), len(data.test_x))
@@ -96,14 +89,18 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None) -> tune
     # Each checkpoint a trial reports forces a snapshot of the experiment state (so that the checkpoints Tune
     # deletes are never still named in it); we checkpoint rarely, so the warning about frequent ones is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints a box and a TensorBoard folder that is not the experiment's even when
+    # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = tune.with_resources(tune.with_parameters(train_cifar, data=data, runtime=s.runtime),
                                     {"cpu": s.cpus_per_trial, "gpu": gpus})
     if s.resume:
         tuner = tune.Tuner.restore(exp_uri, trainable, resume_errored=True)
     else:
-        write_settings(exp_uri, s)
+        write_settings(exp_uri, s, {"data": {"source": data.source, "classes": list(data.classes),
+                                             "train_images": len(data.train_x), "test_images": len(data.test_x)}})
         tuner = tune.Tuner(trainable, param_space=trial_space(s), tune_config=_tune_config(s),
-                           run_config=_run_config(s))
+                           run_config=_run_config(s, quiet))
     return tuner.fit()
 
 
@@ -112,7 +109,7 @@ def _tune_config(s: SweepSettings) -> tune.TuneConfig:
                            search_alg=BasicVariantGenerator(random_state=s.seed))
 
 
-def _run_config(s: SweepSettings) -> tune.RunConfig:
+def _run_config(s: SweepSettings, quiet: bool = False) -> tune.RunConfig:
     return tune.RunConfig(
         name=s.name,
         storage_path=preflight.storage_uri(s.storage),
@@ -125,31 +122,9 @@ def _run_config(s: SweepSettings) -> tune.RunConfig:
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=tracking.callbacks(s),
+        callbacks=[*tracking.callbacks(s), *([] if quiet else [Console()])],
+        verbose=0,
     )
-
-
-def _fs(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def write_settings(exp_uri: str, s: SweepSettings) -> None:
-    """The sweep's settings beside Tune's state, local or in a bucket, so --resume needs only the name."""
-    record = asdict(s)
-    record.pop("resume")
-    fs, path = _fs(exp_uri)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
-        f.write(json.dumps(record, indent=2).encode())
-
-
-def read_settings(exp_uri: str) -> dict | None:
-    fs, path = _fs(exp_uri)
-    try:
-        with fs.open_input_stream(f"{path}/{SETTINGS_FILE}") as f:
-            return json.loads(f.readall().decode())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
 
 
 def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from . import augment, checkpoint
 from .data import Cifar
+from .grid import full_config
 from .model import AlexNet
 from .settings import OPTIMIZERS, RUNTIME_DEFAULTS, TRIAL_DEFAULTS
 from .stopper import plateau_update, should_stop
@@ -109,7 +110,7 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
                 runtime: dict | None = None) -> None:
     """Tune's function trainable. Outside Tune, pass `report` and, to resume, `checkpoint_from`: a
     checkpoint folder (or URI, or tune.Checkpoint), or a list of them, newest first."""
-    cfg = {**TRIAL_DEFAULTS, **config}
+    cfg = {**TRIAL_DEFAULTS, **full_config(config)}
     run = {**RUNTIME_DEFAULTS, **(runtime or {})}
     granted, node = None, None
     if report is None:
