@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tune_alexnet.data import DataError, cache_dir_for, load_cifar10, take_subset
 from conftest import CLASSES, make_image_folder
+
+from tune_alexnet.data import Cifar, DataError, cache_dir_for, load_cifar10, take_subset
 
 
 def test_image_folder_loads_as_uint8_arrays_in_class_order(synthetic_dir):
@@ -16,6 +16,7 @@ def test_image_folder_loads_as_uint8_arrays_in_class_order(synthetic_dir):
     assert data.test_x.shape == (40, 32, 32, 3)
     assert np.bincount(data.train_y).tolist() == [20] * 10
     from PIL import Image
+
     first = np.asarray(Image.open(synthetic_dir / "train" / "airplane" / "0000.png"))
     assert np.array_equal(data.train_x[0], first)
 
@@ -63,6 +64,7 @@ def test_subset_takes_n_per_class_and_cuts_test_in_proportion(synthetic_dir):
 
 
 # --- bad input: one line naming the problem --------------------------------
+
 
 def _one_line(exc_info) -> str:
     message = str(exc_info.value)
@@ -112,3 +114,424 @@ def test_wrong_image_size_is_named(tmp_path):
     with pytest.raises(DataError) as e:
         load_cifar10(root, progress=False)
     assert "big.png is 64x48" in _one_line(e)
+
+
+# --- the adversary's data folders: each refused with one line naming it ----
+
+
+def _png(path: Path, size=(32, 32), value: int = 0) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, (value, value, value)).save(path, format="PNG")
+    return path
+
+
+def _jpeg_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _mkdir_bytes(parent: Path, name: bytes) -> bytes:
+    path = os.path.join(os.fsencode(parent), name)
+    os.mkdir(path)
+    return path
+
+
+def _non_utf8_class(root: Path) -> None:
+    for split in ("train", "test"):
+        folder = _mkdir_bytes(root / split, b"caf\xe9")
+        _png(Path(os.fsdecode(os.path.join(folder, b"0.png"))))
+
+
+def _add_class(root: Path, name: str) -> None:
+    for split in ("train", "test"):
+        (root / split / name).mkdir()
+        _png(root / split / name / "0.png")
+
+
+def _keep_one_class(root: Path) -> None:
+    for split in ("train", "test"):
+        for d in (root / split).iterdir():
+            if d.name != "cat":
+                shutil.rmtree(d)
+
+
+def _empty_split(root: Path, split: str) -> None:
+    shutil.rmtree(root / split)
+    (root / split).mkdir()
+    (root / split / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+
+
+def _make_file(path: Path, data: bytes = b"not a folder") -> None:
+    shutil.rmtree(path)
+    path.write_bytes(data)
+
+
+BAD_FOLDERS = [
+    # id, what to break in a 10-class folder with one image per class and split, phrases the one line must hold
+    (
+        "image-symlink-loop",
+        lambda r: os.symlink("loop.jpg", r / "train/cat/loop.jpg"),
+        ["image {root}/train/cat/loop.jpg is a symbolic link loop", "allowed: 32x32 images (.jpg"],
+    ),
+    (
+        "image-symlink-pair-loop",
+        lambda r: (os.symlink("b.png", r / "test/dog/a.png"), os.symlink("a.png", r / "test/dog/b.png")),
+        ["image {root}/test/dog/a.png is a symbolic link loop"],
+    ),
+    (
+        "class-symlink-loop",
+        lambda r: os.symlink("zebra", r / "train/zebra"),
+        ["{root}/train/zebra is a symbolic link loop", "allowed: class folders in train/"],
+    ),
+    (
+        "dangling-image-symlink",
+        lambda r: os.symlink("/nowhere/x.png", r / "train/cat/gone.png"),
+        ["image {root}/train/cat/gone.png is a broken symbolic link (to /nowhere/x.png)", "allowed: 32x32 images"],
+    ),
+    (
+        "dangling-class-symlink",
+        lambda r: os.symlink("../elsewhere", r / "test/ghost"),
+        ["{root}/test/ghost is a broken symbolic link (to ../elsewhere)", "allowed: class folders in test/"],
+    ),
+    (
+        "image-linked-to-a-device",
+        lambda r: os.symlink("/dev/zero", r / "train/cat/zero.png"),
+        ["image {root}/train/cat/zero.png is a device, not a file", "allowed: 32x32 images"],
+    ),
+    (
+        "fifo-named-like-an-image",
+        lambda r: os.mkfifo(r / "train/cat/pipe.jpg"),
+        ["image {root}/train/cat/pipe.jpg is a FIFO (named pipe), not a file", "allowed: 32x32 images"],
+    ),
+    (
+        "folder-named-like-an-image",
+        lambda r: (r / "train/cat/x.jpg").mkdir(),
+        [
+            "{root}/train/cat/x.jpg is a folder inside class folder train/cat/",
+            "allowed: image files directly inside train/<class>/ (nested folders are not read)",
+        ],
+    ),
+    (
+        "nested-folder-of-images",
+        lambda r: (r / "test/ship/more").mkdir() or _png(r / "test/ship/more/1.png"),
+        ["{root}/test/ship/more is a folder inside class folder test/ship/"],
+    ),
+    (
+        "non-utf8-class-folder",
+        _non_utf8_class,
+        ["class folder {root}/train/caf\\xe9 has a name that is not printable UTF-8", "allowed: class names in UTF-8"],
+    ),
+    (
+        "newline-in-class-folder",
+        lambda r: _add_class(r, "two\nlines"),
+        ["class folder {root}/train/two\\nlines has a name that is not printable UTF-8"],
+    ),
+    (
+        "empty-train",
+        lambda r: _empty_split(r, "train"),
+        ["{root}/train holds no class folders", "allowed: train/<class>/ folders of images"],
+    ),
+    ("empty-test", lambda r: _empty_split(r, "test"), ["{root}/test holds no class folders"]),
+    (
+        "empty-class-folder",
+        lambda r: (r / "train/cat/0000.png").unlink(),
+        ["class folder {root}/train/cat holds no images", "allowed: 32x32 images"],
+    ),
+    (
+        "class-only-in-train",
+        lambda r: (r / "train/zebra").mkdir() or _png(r / "train/zebra/0.png"),
+        ["only in train ['zebra'], only in test []", "allowed: the same class folders in both"],
+    ),
+    (
+        "eleven-classes",
+        lambda r: _add_class(r, "zebra"),
+        [
+            "{root} has 11 class folders (airplane, automobile,",
+            "zebra)",
+            "allowed: exactly 10, one per output of the network",
+        ],
+    ),
+    ("one-class", _keep_one_class, ["{root} has 1 class folder (cat); allowed: exactly 10"]),
+    (
+        "image-loose-in-split",
+        lambda r: _png(r / "train/stray.png"),
+        ["image {root}/train/stray.png lies directly in train/", "allowed: images inside train/<class>/"],
+    ),
+    (
+        "data-dir-is-a-file",
+        lambda r: shutil.rmtree(r) or r.write_text("x"),
+        ["data directory {root} is a file, not a folder", "allowed: a folder holding train/<class>/"],
+    ),
+    ("split-is-a-file", lambda r: _make_file(r / "test"), ["{root}/test is a file, not a folder"]),
+    (
+        "wrong-size",
+        lambda r: _png(r / "test/ship/big.png", (64, 48)),
+        ["image {root}/test/ship/big.png is 64x48; allowed: 32x32 pixels"],
+    ),
+    (
+        "huge-image-header",
+        lambda r: _png(r / "test/ship/huge.png", (2000, 2000)),
+        ["image {root}/test/ship/huge.png is 2000x2000; allowed: 32x32 pixels"],
+    ),
+    (
+        "truncated-jpeg",
+        lambda r: (r / "train/dog/cut.jpg").write_bytes(_jpeg_bytes()[:-2]),
+        [
+            "cannot read image {root}/train/dog/cut.jpg: image file is truncated",
+            "allowed: 32x32 images",
+        ],
+    ),
+    (
+        "zero-byte-image",
+        lambda r: (r / "train/dog/empty.png").write_bytes(b""),
+        ["image {root}/train/dog/empty.png is empty (0 bytes); allowed: 32x32 images"],
+    ),
+    (
+        "text-with-image-extension",
+        lambda r: (r / "test/cat/notes.jpg").write_text("hello\nworld\n"),
+        ["cannot read image {root}/test/cat/notes.jpg: not an image Pillow can read", "allowed: 32x32 images"],
+    ),
+]
+
+
+@pytest.mark.parametrize("breaks, phrases", [case[1:] for case in BAD_FOLDERS], ids=[c[0] for c in BAD_FOLDERS])
+def test_bad_data_folder_is_refused_with_one_line(tmp_path, breaks, phrases):
+    root = make_image_folder(tmp_path / "d", 1, 1)
+    breaks(root)
+    with pytest.raises(DataError) as e:
+        load_cifar10(root, progress=False)
+    message = _one_line(e)
+    assert message.isprintable()
+    for phrase in phrases:
+        assert phrase.format(root=root) in message
+    assert not (tmp_path / "d" / ".tune-alexnet-cache").exists()  # nothing half-written
+    assert not list(Path(os.environ["TUNE_ALEXNET_CACHE"]).rglob("*.tmp"))
+
+
+def test_what_a_user_expects_ignored_is_ignored_and_links_are_followed(tmp_path):
+    root = make_image_folder(tmp_path / "d", 2, 1)
+    for junk in (
+        "README.md",
+        ".DS_Store",
+        "train/.DS_Store",
+        "train/labels.csv",
+        "train/cat/.DS_Store",
+        "train/cat/Thumbs.db",
+        "train/cat/notes.txt",
+        "test/dog/desktop.ini",
+    ):
+        (root / junk).write_bytes(b"\0junk")
+    (root / "train/cat/._0000.png").write_bytes(b"\0\5\x16\7 AppleDouble")  # macOS resource fork, hidden
+    (root / "train/cat/.ipynb_checkpoints").mkdir()  # a hidden folder inside a class folder
+    _png(root / "train/cat/.ipynb_checkpoints/0000-checkpoint.png", (64, 64))
+    (root / "val/cat").mkdir(parents=True)  # folders beside train/ and test/ are not read
+    os.symlink("/nowhere", root / "train/cat/dangling.txt")  # a broken link that is not named like an image
+    os.mkfifo(root / "train/cat/pipe")  # a FIFO not named like an image: never opened
+    _png(tmp_path / "elsewhere.png", value=77)
+    os.symlink(tmp_path / "elsewhere.png", root / "train/dog/linked.png")  # a link to an image is that image
+    with open(os.path.join(os.fsencode(root / "train/bird"), b"caf\xe9.png"), "wb") as f:  # a non-UTF-8 file name
+        _png(tmp_path / "latin1.png", value=200)
+        f.write((tmp_path / "latin1.png").read_bytes())
+    shutil.move(root / "test/truck", tmp_path / "trucks")
+    os.symlink(tmp_path / "trucks", root / "test/truck")  # a link to a class folder is that folder
+    data = load_cifar10(root, progress=False)
+    assert np.bincount(data.train_y).tolist() == [2, 2, 3, 2, 2, 3, 2, 2, 2, 2]
+    assert len(data.test_y) == 10
+    assert any((img == 77).all() for img in data.train_x[data.train_y == 5])
+    assert any((img == 200).all() for img in data.train_x[data.train_y == 2])
+
+
+def test_the_data_folder_itself_a_symlink_loop_or_dangling(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(DataError) as e:
+        load_cifar10(tmp_path / "loop")
+    assert f"data directory {tmp_path}/loop is a symbolic link loop; allowed: a folder holding" in _one_line(e)
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    with pytest.raises(DataError) as e:
+        load_cifar10(tmp_path / "dangling")
+    assert f"data directory {tmp_path}/dangling is a broken symbolic link (to {tmp_path}/gone)" in _one_line(e)
+
+
+def test_a_folder_or_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    """Root reads everything whatever its mode, so the refusal the kernel would give a user is made here."""
+    import PIL.Image
+
+    root = make_image_folder(tmp_path / "d", 1, 1)
+    locked = root / "test" / "frog"
+    real_scandir, real_open = os.scandir, PIL.Image.open
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError) as e:
+        load_cifar10(root, progress=False)
+    assert _one_line(e) == f"cannot list folder {locked} (Permission denied); allowed: a readable folder"
+    monkeypatch.undo()
+
+    def image_open(path, *args, **kwargs):
+        if Path(path).name == "0000.png" and Path(path).parent.name == "horse":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", image_open)
+    with pytest.raises(DataError) as e:
+        load_cifar10(root, progress=False)
+    assert _one_line(e).startswith(f"cannot read image {root}/train/horse/0000.png: Permission denied; allowed: 32x32")
+
+
+def test_the_command_line_gives_one_line_and_exit_2(tmp_path, capsys):
+    from tune_alexnet.cli import main
+
+    root = make_image_folder(tmp_path / "d", 1, 1)
+    os.mkfifo(root / "train" / "cat" / "pipe.jpg")
+    rc = main(["sweep", "--data-dir", str(root), "--storage", str(tmp_path / "runs"), "--name", "x", "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("tune-alexnet sweep: error: image ") and "pipe.jpg is a FIFO" in err
+
+
+def test_labels_outside_the_classes_are_refused():
+    from tune_alexnet.data import Cifar, check_classes
+
+    x = np.zeros((10, 32, 32, 3), np.uint8)
+    with pytest.raises(DataError) as e:
+        check_classes(Cifar(x, np.arange(10) + 1, x, np.arange(10), CLASSES, "arrays"))
+    assert _one_line(e) == "arrays: train labels run 1..10; allowed: 0..9, one per class"
+    with pytest.raises(DataError) as e:
+        check_classes(Cifar(x, np.arange(10), x, np.arange(10), CLASSES + ("zebra",), "arrays"))
+    assert "arrays has 11 classes (" in _one_line(e) and "allowed: exactly 10" in _one_line(e)
+
+
+# --- fingerprint, describe and the resume check ----------------------------
+
+
+def test_fingerprint_is_the_same_for_the_same_data_decoded_twice_wherever_it_lies(tmp_path):
+    from tune_alexnet.data import fingerprint
+
+    root = make_image_folder(tmp_path / "a", 2, 1)
+    first = load_cifar10(root, progress=False)
+    copy = shutil.copytree(root, tmp_path / "b", ignore=shutil.ignore_patterns(".tune-alexnet-cache"))
+    second = load_cifar10(copy, progress=False)  # decoded again, from another folder
+    assert second.source != first.source
+    assert fingerprint(first) == fingerprint(second) == fingerprint(load_cifar10(root, progress=False))  # and cached
+    assert len(fingerprint(first)) == 16 and int(fingerprint(first), 16) >= 0
+
+
+def test_fingerprint_changes_with_one_pixel_a_label_a_class_name_or_a_subset(tmp_path):
+    from PIL import Image
+
+    from tune_alexnet.data import fingerprint
+
+    root = make_image_folder(tmp_path / "d", 2, 1)
+    data = load_cifar10(root, progress=False)
+    before = fingerprint(data)
+    image = root / "test" / "frog" / "0000.png"
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[7, 9, 2] ^= 1
+    Image.fromarray(pixels).save(image)
+    assert fingerprint(load_cifar10(root, progress=False)) != before
+    labels = data.train_y.copy()
+    labels[[0, -1]] = labels[[-1, 0]]
+    assert fingerprint(Cifar(data.train_x, labels, data.test_x, data.test_y, data.classes, data.source)) != before
+    renamed = ("plane",) + data.classes[1:]
+    assert fingerprint(Cifar(data.train_x, data.train_y, data.test_x, data.test_y, renamed, data.source)) != before
+    assert fingerprint(take_subset(data, 1)) != before
+    as_int32 = Cifar(data.train_x, data.train_y.astype(np.int32), data.test_x, data.test_y, data.classes, "elsewhere")
+    assert fingerprint(as_int32) == before  # the same labels in another dtype are the same data
+
+
+def test_fingerprint_is_stable_across_versions():
+    """A resume compares against a fingerprint recorded by an earlier run: it must not drift."""
+    from tune_alexnet.data import fingerprint
+
+    x = np.arange(4 * 32 * 32 * 3, dtype=np.uint64).astype(np.uint8).reshape(4, 32, 32, 3)
+    data = Cifar(x, np.array([0, 1, 2, 3]), x[:2], np.array([3, 2]), CLASSES, "golden")
+    assert fingerprint(data) == "93d44b10b842d632"
+
+
+def _arrays(n_train=20, n_test=10, seed=0, classes=CLASSES, source="arrays") -> Cifar:
+    rng = np.random.default_rng(seed)
+    return Cifar(
+        rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        np.arange(n_train) % 10,
+        rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        np.arange(n_test) % 10,
+        classes,
+        source,
+    )
+
+
+def test_describe_records_classes_counts_fingerprint_and_source_as_json():
+    import json
+
+    from tune_alexnet.data import check_same_data, describe, fingerprint
+
+    data = _arrays()
+    recorded = json.loads(json.dumps(describe(data)))
+    assert recorded == {
+        "classes": list(CLASSES),
+        "train_images": 20,
+        "test_images": 10,
+        "fingerprint": fingerprint(data),
+        "source": "arrays",
+    }
+    check_same_data(recorded, _arrays(source="moved elsewhere"))  # same data from another place: resume
+
+
+@pytest.mark.parametrize(
+    "other, phrases",
+    [
+        (
+            lambda: _arrays(classes=("plane",) + CLASSES[1:]),
+            ["the classes differ (only in the experiment ['airplane'], only in this data ['plane'])"],
+        ),
+        (lambda: _arrays(classes=CLASSES[::-1]), ["the classes differ (the same names in another order"]),
+        (
+            lambda: _arrays(n_train=10, n_test=5),
+            ["the image counts differ (experiment: 20 train + 10 test, this data: 10 train + 5 test)"],
+        ),
+        (
+            lambda: _arrays(seed=1),
+            ["the contents differ (same classes and counts, other pixels or labels: fingerprint "],
+        ),
+    ],
+    ids=["classes", "class-order", "counts", "contents"],
+)
+def test_resume_on_other_data_is_refused_with_what_differs_and_how_to_proceed(other, phrases):
+    from tune_alexnet.data import check_same_data, describe
+
+    with pytest.raises(DataError) as e:
+        check_same_data(describe(_arrays()), other())
+    message = _one_line(e)
+    assert message.startswith("this data is not what the experiment was trained on: ")
+    assert message.endswith("; it was trained on arrays; pass --allow-data-change to resume on purpose")
+    for phrase in phrases:
+        assert phrase in message
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda r: r.pop("fingerprint"), lambda r: r.update(train_images="many"), lambda r: r.update(classes=None)],
+    ids=["missing", "not-a-number", "null"],
+)
+def test_a_damaged_data_record_is_refused_with_how_to_proceed(damage):
+    from tune_alexnet.data import check_same_data, describe
+
+    recorded = describe(_arrays())
+    damage(recorded)
+    with pytest.raises(DataError) as e:
+        check_same_data(recorded, _arrays())
+    message = _one_line(e)
+    assert message.startswith("the experiment's data record is damaged (")
+    assert message.endswith("; pass --allow-data-change to resume on purpose")

@@ -21,8 +21,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .augment import prepare_eval
 from .model import AlexNet
 
 MODEL_FILE = "model.pt"  # the best weights so far
@@ -33,10 +35,10 @@ KIND_BEST, KIND_RESUME, KIND_FINAL = "best", "resume", "final"
 
 
 def write(directory: str | os.PathLike, best_weights: dict, model_args: dict, progress: dict,
-          trainer_state: dict | None = None) -> None:
+          trainer_state: dict | None = None, classes: tuple[str, ...] = ()) -> None:
     d = Path(directory)
     torch.save(best_weights, d / MODEL_FILE)
-    (d / MODEL_ARGS_FILE).write_text(json.dumps(model_args))
+    (d / MODEL_ARGS_FILE).write_text(json.dumps({**model_args, "classes": list(classes)}))
     (d / PROGRESS_FILE).write_text(json.dumps(progress))
     if trainer_state is not None:
         torch.save(trainer_state, d / TRAINER_FILE)
@@ -63,11 +65,27 @@ def local_copy(checkpoint):
 
 
 def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
-    """The trained network of a checkpoint (a folder, an s3:// URI or a tune.Checkpoint), ready for inference."""
+    """The trained network of a checkpoint (a folder, an s3:// URI or a tune.Checkpoint), ready for inference;
+    its `classes` attribute names the outputs."""
     with local_copy(checkpoint) as d:
-        model = AlexNet(**json.loads((d / MODEL_ARGS_FILE).read_text()))
+        args = json.loads((d / MODEL_ARGS_FILE).read_text())
+        classes = tuple(args.pop("classes", ()))
+        model = AlexNet(**args)
         model.load_state_dict(torch.load(d / MODEL_FILE, map_location=device, weights_only=True))
+    model.classes = classes
     return model.to(device).eval()
+
+
+@torch.inference_mode()
+def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
+    """Class indices for RGB 32x32 images (a uint8 array (N, 32, 32, 3), or PIL images), with the study's test
+    preprocessing; `model.classes[i]` names index i."""
+    if not isinstance(images, np.ndarray):
+        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    model.eval()
+    return torch.cat([model(prepare_eval(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]).cpu().numpy()
 
 
 def read_progress(directory: Path) -> dict | None:

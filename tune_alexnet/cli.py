@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--name", help="experiment name (default: alexnet-<date>-<time>)")
     r.add_argument("--resume", action="store_true",
                    help="continue the experiment --name (default: the newest in --storage) with its own settings")
+    r.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although the data differs from the experiment's (refused otherwise)")
     r.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
     r.add_argument("--cpus-per-trial", type=_nonneg_float, default=DEFAULT_CPUS_PER_TRIAL,
                    help=f"CPUs per trial (default: {DEFAULT_CPUS_PER_TRIAL:g})")
@@ -194,7 +196,7 @@ def _settings(args: argparse.Namespace):
         data_dir=data_dir, download_root=args.download_root, subset=args.subset, storage=args.storage,
         name=args.name, address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_failures=args.max_failures, shared_storage=args.shared_storage, resume=args.resume,
-        mlflow=args.mlflow, wandb=args.wandb,
+        mlflow=args.mlflow, wandb=args.wandb, allow_data_change=args.allow_data_change,
         trial={"precision": args.precision, "width": args.width},
         runtime={k: v for k, v in (("device", args.device), ("channels_last", channels_last), ("tf32", args.tf32),
                                    ("compile", args.compile), ("resume_every_s", args.resume_every)) if v is not None},
@@ -246,6 +248,7 @@ def run_study(settings, data=None, quiet: bool = True):
     settings, exp_uri = sweep.prepare(settings)
     if data is None:
         data = load_cifar10(settings.data_dir, settings.subset, settings.download_root, progress=not quiet)
+    sweep.check_resume_data(settings, exp_uri, data)
     started_ray = not ray.is_initialized()
     if started_ray:
         context = ray.init(address=settings.address or os.environ.get("RAY_ADDRESS") or "local",

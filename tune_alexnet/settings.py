@@ -102,6 +102,7 @@ class SweepSettings:
     max_failures: int = DEFAULT_MAX_FAILURES
     shared_storage: bool = False  # the user vouches that a local --storage path is shared by every node
     resume: bool = False
+    allow_data_change: bool = False  # resume on data that differs from the experiment's (classes, counts, pixels)
     mlflow: str | None = None  # MLflow tracking URI to log every trial to, under an experiment named after the sweep
     wandb: str | None = None  # Weights & Biases project to log every trial to
     trial: dict = field(default_factory=dict)  # overrides of TRIAL_DEFAULTS (width, precision, augment)

@@ -19,7 +19,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from . import preflight, tracking
 from .console import Console
-from .data import Cifar, load_cifar10
+from .data import Cifar, check_same_data, describe, load_cifar10
 from .settings import (DEFAULT_GPU_SHARE, EPOCHS, METRIC, MODE, PATIENCE, TRIAL_DEFAULTS, Grid, SweepSettings,
                        read_settings, write_settings)
 from .stopper import result_says_stop
@@ -76,6 +76,13 @@ def gpu_share(s: SweepSettings) -> float:
     return DEFAULT_GPU_SHARE if preflight.max_cluster_gpus() > 0 else 0.0
 
 
+def check_resume_data(s: SweepSettings, exp_uri: str, data: Cifar) -> None:
+    """A resume finishes the runs on the data they started on, unless the user says the change is deliberate."""
+    recorded = (read_settings(exp_uri) or {}).get("data")
+    if s.resume and recorded is not None and not s.allow_data_change:
+        check_same_data(recorded, data)
+
+
 def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: bool = False) -> tune.ResultGrid:
     """Start (or resume) the sweep on the Ray this process is connected to, and wait for it. Unless `quiet`,
     the console shows our compact progress table (Tune's own live output is off)."""
@@ -97,8 +104,7 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     if s.resume:
         tuner = tune.Tuner.restore(exp_uri, trainable, resume_errored=True)
     else:
-        write_settings(exp_uri, s, {"data": {"source": data.source, "classes": list(data.classes),
-                                             "train_images": len(data.train_x), "test_images": len(data.test_x)}})
+        write_settings(exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(trainable, param_space=trial_space(s), tune_config=_tune_config(s),
                            run_config=_run_config(s, quiet))
     return tuner.fit()
@@ -138,9 +144,10 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
     saved = read_settings(exp_uri)
     if saved is None:
         return SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
+    saved = {k: v for k, v in saved.items() if k in SweepSettings.__dataclass_fields__}  # the record has more
     saved["grid"] = Grid(**{k: tuple(v) for k, v in saved["grid"].items()})
     saved["runs"] = tuple(saved.get("runs", ()))
-    keep = {"address": s.address, "shared_storage": s.shared_storage, "runtime": {**saved.get("runtime", {}), **s.runtime}}
+    keep = {"address": s.address, "shared_storage": s.shared_storage, "allow_data_change": s.allow_data_change, "runtime": {**saved.get("runtime", {}), **s.runtime}}
     if s.gpus_per_trial is not None:
         keep["gpus_per_trial"] = s.gpus_per_trial
     if s.data_dir is not None:  # the data may have moved since

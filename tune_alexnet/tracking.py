@@ -25,7 +25,6 @@ from .preflight import PreflightError
 from .settings import SweepSettings
 
 PROBE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as unreachable
-LOCAL_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql")  # MLflow stores the driver opens itself
 
 
 def check(s: SweepSettings) -> None:

@@ -201,7 +201,7 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
             if kind is not None:
                 progress = {**state, "kind": kind}
                 trainer = _trainer_state(model, optimizer, gen, state, rt) if kind == checkpoint.KIND_RESUME else None
-                checkpoint.write(d, best_weights, model_args, progress, trainer)
+                checkpoint.write(d, best_weights, model_args, progress, trainer, data.classes)
             metrics["checkpoint_s"] = time.perf_counter() - written
             reported = time.perf_counter()
             report(metrics, d if kind is not None else None)

@@ -1,0 +1,114 @@
+"""What users reach for after (and during) a sweep: the console, Ray's own result API, paths as typed,
+one table schema across experiments, and the best model classifying real images."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from tune_alexnet import __version__
+from tune_alexnet.cli import main
+from tune_alexnet.export import EPOCH_SCHEMA, TABLE_SCHEMA
+
+SWEEP = ["--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true", "--batch-size", "32", "--epochs", "2",
+         "--width", "0.125"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(synthetic_dir, tmp_path_factory):
+    """The real command in its own process, typed as a user would: relative --data-dir, ~ in --storage."""
+    home = tmp_path_factory.mktemp("home")
+    work = tmp_path_factory.mktemp("work")
+    shutil.copytree(synthetic_dir, work / "images")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["HOME"] = str(home)
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", "images", "--storage",
+                          "~/results", "--name", "typed", *SWEEP], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=400)
+    return out, home / "results" / "typed", work
+
+
+def test_console_tells_the_story_and_nothing_else(cli_run):
+    out, exp, _ = cli_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "tune-alexnet: Ray dashboard at http://" in text
+    assert "2/2 done, 0 running, 0 pending; best " in text  # the progress line, with the best run so far
+    table = pd.read_parquet(exp / "results.parquet")
+    best = table.loc[table["final_accuracy"].idxmax()]
+    assert f"  best:   {best['final_accuracy']:.2f}% (run {best['run']}: sgd lr 0.01 batch 32" in out.stdout
+    assert "    sgd      best " in out.stdout
+    assert f"  curves: tensorboard --logdir {exp}" in out.stdout  # the experiment's real folder
+    assert f"  best checkpoint: {best['best_checkpoint']}" in out.stdout
+    for noise in ("Checkpoint successfully created", "Configuration for experiment", "sample_from",
+                  "may become a bottleneck", "driver_artifacts"):
+        assert noise not in text, noise
+    assert max(len(line) for line in out.stdout.splitlines() if not line.startswith("  best checkpoint")) <= 120
+
+
+def test_export_and_report_take_relative_home_and_absolute_paths(cli_run, tmp_path, monkeypatch, capsys):
+    out, exp, work = cli_run
+    assert out.returncode == 0
+    monkeypatch.setenv("HOME", str(exp.parents[1]))
+    monkeypatch.chdir(exp.parent)
+    for i, path in enumerate(["typed", "~/results/typed", str(exp)]):
+        assert main(["export", path, "--out", f"tables{i}"]) == 0, capsys.readouterr().err
+        assert len(pd.read_parquet(exp.parent / f"tables{i}" / "results.parquet")) == 2
+    assert main(["report", "typed", "--out", "~/report"]) == 0
+    assert (exp.parents[1] / "report" / "report.md").is_file()
+
+
+def test_ray_result_api_gives_the_studys_answer_without_arguments(cli_run):
+    from ray import tune
+
+    from tune_alexnet.train import train_cifar
+
+    out, exp, _ = cli_run
+    assert out.returncode == 0
+    table = pd.read_parquet(exp / "results.parquet")
+    results = tune.Tuner.restore(str(exp), trainable=train_cifar).get_results()
+    best = results.get_best_result()  # metric and mode come from the experiment
+    assert best.metrics["best_val_acc"] == pytest.approx(table["final_accuracy"].max(), abs=0.006)
+    assert len(results.get_dataframe()) == 2
+
+
+def test_tables_share_one_schema_and_say_what_made_them(cli_run, mixed_experiment):
+    out, exp, _ = cli_run
+    assert out.returncode == 0
+    mixed_path, _ = mixed_experiment  # errored and diverged trials: nulls where the clean one has values
+    for name, schema in (("results.parquet", TABLE_SCHEMA), ("epochs.parquet", EPOCH_SCHEMA)):
+        both = ds.dataset([str(Path(mixed_path, name)), str(exp / name)], format="parquet").to_table().to_pandas()
+        assert list(both.columns) == list(schema)
+        a, b = pq.read_schema(Path(mixed_path, name)), pq.read_schema(exp / name)
+        assert a.remove_metadata() == b.remove_metadata()
+        meta = json.loads(b.metadata[b"tune_alexnet"])
+        assert meta["tune_alexnet"] == __version__ and meta["ray"] and meta["torch"]
+        assert meta["settings"]["epochs"] == 2 and meta["settings"]["grid"]["optimizer"] == ["sgd"]
+    epochs = pd.read_parquet(exp / "epochs.parquet")
+    assert list(zip(epochs["run"], epochs["epoch"])) == sorted(zip(epochs["run"], epochs["epoch"]))
+    merged = pd.read_csv(exp / "merged_results.csv")
+    assert list(merged.columns) == ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
+    assert merged["Run"].is_unique and len(merged) == 2
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tune-alexnet {__version__}"
+
+
+def test_resume_on_other_data_is_refused_unless_deliberate(cli_run, mini_dir, capsys, monkeypatch):
+    out, exp, _ = cli_run
+    assert out.returncode == 0
+    before = sorted(p.name for p in exp.iterdir())
+    code = main(["sweep", "--resume", "--name", "typed", "--storage", str(exp.parent), "--data-dir", str(mini_dir),
+                 "--subset", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "pass --allow-data-change to resume on purpose" in err[-1], err
+    assert sorted(p.name for p in exp.iterdir()) == before  # nothing written
