@@ -8,7 +8,7 @@ import torch
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.export import export, load_experiment
 from tune_alexnet.grid import make_grid
-from tune_alexnet.checkpoint import load_model
+from tune_alexnet.checkpoint import load_model, predict
 from tune_alexnet.cli import run_study
 from tune_alexnet.preflight import PreflightError, local_storage_problem
 from tune_alexnet.settings import SweepSettings
@@ -69,6 +69,15 @@ def test_sweep_on_real_cifar_slice(ray_local, mini_dir, tmp_path):
     path, exp, _ = run_study(settings(tmp_path, "mini", data_dir=str(mini_dir), subset=20), data=data)
     check_experiment(path, 4, 2)
     assert (exp.table["max_epochs"] == 2).all() and not exp.table["stopped_early"].any()
+    # The README's three lines: the best model classifies real images as well as the table says it does.
+    best = exp.table.loc[exp.table["final_accuracy"].idxmax()]
+    model = load_model(best["best_checkpoint"])
+    labels = predict(model, data.test_x)
+    assert 100.0 * (labels == data.test_y).mean() == pytest.approx(best["final_accuracy"], abs=0.006)
+    assert model.classes == data.classes and model.classes[0] == "airplane"
+    from PIL import Image
+
+    assert (predict(model, [Image.fromarray(im) for im in data.test_x[:8]]) == labels[:8]).all()
 
 
 def test_local_storage_is_refused_where_trials_would_land_on_other_machines():

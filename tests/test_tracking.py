@@ -1,0 +1,259 @@
+"""Trackers for real: a tiny sweep logs to a real MLflow server and to W&B's offline folders, and its
+TensorBoard event files are read back; a tracker that cannot work is refused before anything starts."""
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tune_alexnet.cli import main, run_study
+from tune_alexnet.grid import make_grid
+from tune_alexnet.settings import SweepSettings
+
+BIN = Path(sys.executable).parent  # the mlflow and tensorboard commands of this environment
+EPOCHS = 2
+SETTINGS = ("optimizer", "lr", "batch_size", "dropout", "batchnorm", "seed")
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "WANDB_SILENT": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout_s: float, proc: subprocess.Popen, ok=lambda body: True) -> bytes:
+    """The body at `url` once `ok` accepts it; fails early if the server process died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                body = r.read()
+            if ok(body):
+                return body
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s} s"
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The server and the workers it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """A real MLflow tracking server on loopback with a SQLite store; job execution off (it only slows the start)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, **QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 120, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def tracked(ray_local, synthetic_dir, mlflow_uri, tmp_path_factory):
+    """One sweep sent to MLflow and W&B at once: two trials that train, two that error (an unknown optimizer)."""
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    s = SweepSettings(
+        grid=make_grid(optimizer=("sgd", "nosuchopt"), lr=(0.01,), batch_size=(32, 64), dropout=(True,),
+                       batchnorm=(True,)),
+        epochs=EPOCHS, data_dir=str(synthetic_dir), storage=str(tmp_path_factory.mktemp("tracked")),
+        name="tracked", max_failures=0, trial={"width": 0.125}, mlflow=mlflow_uri, wandb="tune-alexnet-test",
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**QUIET, "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}.items():
+            mp.setenv(key, value)
+        mp.delenv("WANDB_API_KEY", raising=False)
+        path, exp, _ = run_study(s)
+    assert sorted(exp.table["status"]) == ["errored", "errored", "terminated", "terminated"]
+    return path, exp.table, wandb_dir
+
+
+@pytest.mark.slow
+def test_mlflow_holds_one_run_per_trial_with_settings_epochs_and_status(tracked, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    _, table, _ = tracked
+    client = MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("tracked")  # named after the sweep
+    runs = {r.data.tags["trial_id"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == sorted(table["trial_id"])
+    for row in table.itertuples():
+        run = runs[row.trial_id]
+        for key in SETTINGS:
+            assert run.data.params[key] == str(getattr(row, key)), key
+        assert run.data.tags["status"] == row.status
+        if row.status == "terminated":
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["run_number"] == str(row.run)
+            history = client.get_metric_history(run.info.run_id, "val_acc")
+            assert [m.step for m in history] == list(range(1, row.epochs_run + 1)) and row.epochs_run == EPOCHS
+            assert len(client.get_metric_history(run.info.run_id, "train_loss")) == EPOCHS
+            assert run.data.metrics["best_val_acc"] == pytest.approx(row.final_accuracy, abs=0.01)
+        else:
+            assert run.info.status == "FAILED"
+            assert "run_number" not in run.data.tags  # an unknown optimizer is off the study's grid
+        assert not any(k.startswith("config/") for k in run.data.metrics)  # the config is in the params only
+
+
+def wandb_run(path: Path) -> dict:
+    """An offline run's .wandb file (a LevelDB-style log of protobuf records: W&B's own format) read back."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    block, data = 32768, path.read_bytes()
+    assert data[:4] == b":W&B"
+    run = {"history": [], "summary": {}}
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind not in (1, 4):
+            continue
+        record = Record.FromString(pending)
+        kind_of = record.WhichOneof("record_type")
+        if kind_of == "run":
+            r = record.run
+            run.update(id=r.run_id, group=r.run_group, tags=list(r.tags),
+                       config={u.key: json.loads(u.value_json) for u in r.config.update})  # fmt: skip
+        elif kind_of == "history":
+            run["history"].append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
+            )
+        elif kind_of == "summary":
+            run["summary"].update(
+                {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in record.summary.update}
+            )
+    return run
+
+
+@pytest.mark.slow
+def test_wandb_offline_runs_hold_each_trials_settings_and_accuracy(tracked):
+    _, table, wandb_dir = tracked
+    runs = [wandb_run(f) for f in sorted((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"))]
+    by_trial = {run["id"]: run for run in runs}  # the run id is the trial id
+    assert len(runs) == len(by_trial) and sorted(by_trial) == sorted(table["trial_id"])
+    for row in table.itertuples():
+        run = by_trial[row.trial_id]
+        assert run["group"] == "tracked"  # the sweep's name
+        for key in SETTINGS:
+            assert run["config"][key] == getattr(row, key), key
+        if row.status == "terminated":
+            assert run["config"]["run"] == row.run and f"run-{row.run}" in run["tags"]
+            assert [h["epoch"] for h in run["history"]] == list(range(1, EPOCHS + 1))
+            assert run["summary"]["best_val_acc"] == pytest.approx(row.final_accuracy, abs=0.01)
+
+
+def trial_folders(path: str, table) -> dict[str, Path]:
+    """The finished trials' folders in the experiment folder, by trial id (their names hold it)."""
+    found = {}
+    for trial_id in table.loc[table["status"] == "terminated", "trial_id"]:
+        (folder,) = [p for p in Path(path).iterdir() if p.is_dir() and f"_{trial_id}_" in p.name]
+        found[trial_id] = folder
+    return found
+
+
+@pytest.mark.slow
+def test_tensorboard_event_files_hold_one_accuracy_point_per_epoch(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, table, _ = tracked
+    for folder in trial_folders(path, table).values():
+        events = EventAccumulator(str(folder)).Reload()
+        for tag in ("ray/tune/val_acc", "ray/tune/best_val_acc", "ray/tune/train_loss"):
+            assert [e.step for e in events.Scalars(tag)] == list(range(1, EPOCHS + 1)), tag
+
+
+@pytest.mark.slow
+def test_tensorboard_on_the_experiment_folder_lists_every_trial(tracked):
+    path, table, _ = tracked
+    runs = {f.name for f in trial_folders(path, table).values()}
+    port = free_port()
+    cmd = [str(BIN / "tensorboard"), "--logdir", path, "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = wait_for(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", 60, proc,
+                        ok=lambda b: runs <= set(json.loads(b)))  # fmt: skip
+    finally:
+        stop(proc)
+    tags = json.loads(body)
+    assert all("ray/tune/val_acc" in tags[run] for run in runs)
+
+
+# --- refused before anything starts ----------------------------------------------------------------
+
+BLOCKED_IMPORT = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == sys.argv[1]:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Blocker())
+from tune_alexnet.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("package,flag", [("mlflow", "--mlflow"), ("wandb", "--wandb")])
+def test_missing_extra_is_one_line_exit_2_and_nothing_written(package, flag, synthetic_dir, tmp_path):
+    storage = tmp_path / "results"
+    argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "x", flag, "somewhere"]
+    out = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT, package, *argv], capture_output=True, text=True,
+                         env={**os.environ, **QUIET, "WANDB_MODE": "offline"}, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"tune-alexnet sweep: error: {flag} needs the {package} package: pip install 'tune-alexnet[{package}]'"
+    ]
+    assert not (storage / "x").exists()
+
+
+def test_unreachable_mlflow_server_is_refused_within_seconds(tmp_path, capsys, synthetic_dir):
+    storage, uri = tmp_path / "results", f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    code = main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "x", "--mlflow", uri])
+    assert code == 2 and time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"tune-alexnet sweep: error: --mlflow {uri}: the MLflow"), err
+    assert not (storage / "x").exists()
+
+
+def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no `wandb login`
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    storage = tmp_path / "results"
+    code = main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "x", "--wandb", "p"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--wandb needs a W&B API key" in err, err
+    assert not (storage / "x").exists()
