@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from tune_alexnet.export import load_experiment
 
 TIMEOUT = 240
@@ -130,15 +132,25 @@ def test_errored_trials_are_rows_with_their_error(mixed_experiment):
     assert errored["final_accuracy"].isna().all() and errored["run"].isna().all()
 
 
-def test_ctrl_c_stops_cleanly_exports_what_is_there_and_says_how_to_resume(synthetic_dir, tmp_path):
-    storage, epochs = tmp_path / "results", 6
+@pytest.mark.parametrize("signals", [
+    [signal.SIGINT],  # what Ctrl-C in a terminal sends
+    [signal.SIGTERM],  # what `ray job stop`, Kubernetes and systemd send
+    [signal.SIGHUP],  # a closed terminal
+    [signal.SIGINT, signal.SIGINT],  # an impatient second Ctrl-C: a shorter stop, still clean
+], ids=["sigint", "sigterm", "sighup", "sigint-twice"])
+def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resume(signals, synthetic_dir, tmp_path):
+    storage, epochs = tmp_path / "results", 30
     exp_dir = storage / "interrupted"
     log = tmp_path / "sweep.log"
-    proc = start_sweep(sweep_args(synthetic_dir, storage, "interrupted", epochs, ["--dropout", "true"]), log)
+    proc = start_sweep(sweep_args(synthetic_dir, storage, "interrupted", epochs, ["--dropout", "true",
+                                                                                "--patience", "100"]), log)
     wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(exp_dir).values()), proc, "a trial to train")
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-    assert proc.wait(TIMEOUT) == 1
+    for sig in signals:
+        os.kill(proc.pid, sig)  # to the driver alone, as a process manager does
+        time.sleep(0.5)
+    assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
     text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
     assert "did not finish; 'tune-alexnet sweep --resume --name interrupted' continues them" in text
     table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
     assert len(table) == 3 and (table["status"] != "terminated").any()

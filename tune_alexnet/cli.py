@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -68,6 +72,18 @@ def _number(kind, ok, allowed_text: str):
     return parse
 
 
+MAX_NAME = 100  # Tune adds trial folder names of ~120 characters below it; paths stay well under PATH_MAX
+
+
+def _name(text: str) -> str:
+    """An experiment name stays one folder inside --storage: no separators, no '..', not too long."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", text) or len(text) > MAX_NAME:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise argparse.ArgumentTypeError(f"invalid value {shown!r}; allowed: letters, digits, '.', '_' and '-', "
+                                         f"not starting with '.' or '-', at most {MAX_NAME} characters")
+    return text
+
+
 def _whole(minimum: int):
     return _number(int, lambda v: v >= minimum, f"a whole number >= {minimum}")
 
@@ -109,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_whole(1), default=EPOCHS, help=f"most epochs per run (default: {EPOCHS})")
     t.add_argument("--patience", type=_whole(1), default=PATIENCE,
                    help=f"stop a run after this many epochs without a new best accuracy (default: {PATIENCE})")
-    t.add_argument("--seed", type=_whole(0), default=TRIAL_DEFAULTS["seed"],
+    t.add_argument("--seed", type=_number(int, lambda v: 0 <= v < 2**32, "a whole number 0..4294967295"),
+                   default=TRIAL_DEFAULTS["seed"],
                    help=f"random seed (default: {TRIAL_DEFAULTS['seed']})")
     t.add_argument("--repeats", type=_whole(1), default=1,
                    help="trials per grid point, each with its own seed (default: 1)")
@@ -142,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sw.add_argument_group("where and how it runs")
     r.add_argument("--storage", default=DEFAULT_STORAGE,
                    help=f"folder or s3://, gs:// URI for experiments (default: ./{DEFAULT_STORAGE})")
-    r.add_argument("--name", help="experiment name (default: alexnet-<date>-<time>)")
+    r.add_argument("--name", type=_name, help="experiment name: letters, digits, '.', '_', '-' "
+                   f"(at most {MAX_NAME} characters; default: alexnet-<date>-<time>)")
     r.add_argument("--resume", action="store_true",
                    help="continue the experiment --name (default: the newest in --storage) with its own settings")
     r.add_argument("--allow-data-change", action="store_true",
@@ -188,6 +206,8 @@ def _settings(args: argparse.Namespace):
     if args.runs and any(v is not None for v in pins.values()):
         given = next(k for k, v in pins.items() if v is not None)
         raise CliError(f"--runs picks whole runs of the study and cannot be combined with --{given}")
+    if args.cpus_per_trial == 0 and not args.gpus_per_trial:
+        raise CliError("--cpus-per-trial 0 needs --gpus-per-trial above 0; allowed: a trial asks for some CPU or GPU")
     grid = make_grid(**pins)
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
     data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
@@ -223,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from .export import export
 
-            for p in export(args.experiment, args.out)[1]:
+            exp, written = export(args.experiment, args.out)
+            _warn(exp.notes)
+            for p in written:
                 print(p)
         elif args.command == "report":
+            from .export import load_experiment
             from .report import write_report
 
-            print(write_report(args.experiment, args.out))
+            exp = load_experiment(args.experiment)
+            _warn(exp.notes)
+            print(write_report(exp, args.out))
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -240,29 +265,67 @@ def run_study(settings, data=None, quiet: bool = True):
     Returns (experiment URI, export.Experiment, the files written); what tests and benchmarks call."""
     import ray
 
-    from . import export, sweep
+    from . import export, preflight, sweep
     from .data import load_cifar10
     from .report import write_report
 
     _leave_job_working_dir()
-    settings, exp_uri = sweep.prepare(settings)
-    if data is None:
-        data = load_cifar10(settings.data_dir, settings.subset, settings.download_root, progress=not quiet)
-    sweep.check_resume_data(settings, exp_uri, data)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        context = ray.init(address=settings.address or os.environ.get("RAY_ADDRESS") or "local",
-                           logging_level=logging.WARNING)
-        if context.dashboard_url and not quiet:
-            print(f"tune-alexnet: Ray dashboard at http://{context.dashboard_url}", flush=True)
-    try:
-        sweep.run_sweep(settings, exp_uri, data, quiet)
-    finally:
+    settings, exp_uri, lock = sweep.prepare(settings)
+    with lock:
+        if data is None:
+            data = load_cifar10(settings.data_dir, settings.subset, settings.download_root, progress=not quiet)
+        sweep.check_resume_data(settings, exp_uri, data)
+        started_ray = not ray.is_initialized()
         if started_ray:
-            ray.shutdown()
-    exp, written = export.export(exp_uri)
-    written.append(write_report(exp))
+            context = preflight.connect(settings.address or os.environ.get("RAY_ADDRESS") or "local")
+            if context.dashboard_url and not quiet:
+                print(f"tune-alexnet: Ray dashboard at http://{context.dashboard_url}", flush=True)
+        try:
+            with _stop_signals_as_ctrl_c():
+                sweep.run_sweep(settings, exp_uri, data, quiet)
+        except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while Tune was stopping: stop now, cleanly
+            print("tune-alexnet: stopping at once; writing the tables of what is there", file=sys.stderr)
+        finally:
+            with _stop_signals_ignored():
+                if started_ray:
+                    ray.shutdown()
+        with _stop_signals_ignored():  # what finished gets its tables, whatever is pressed now
+            exp, written = export.export(exp_uri)
+            written.append(write_report(exp))
     return exp_uri, exp, written
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _stop_signals_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _stop_signals_as_ctrl_c():
+    """SIGTERM (ray job stop, Kubernetes, systemd) and SIGHUP (a closed terminal) get what Ctrl-C gets: Tune's
+    clean stop the first time, an immediate one the second."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _sweep_command(settings, quiet: bool) -> int:
@@ -279,6 +342,11 @@ def _sweep_command(settings, quiet: bool) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:
+        print(f"tune-alexnet: warning: {note}", file=sys.stderr)
 
 
 def _leave_job_working_dir() -> None:

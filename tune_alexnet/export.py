@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +55,7 @@ class Experiment:
     table: pd.DataFrame  # one row per trial, TABLE_SCHEMA
     epochs: pd.DataFrame  # one row per reported epoch, EPOCH_SCHEMA
     settings: dict  # the sweep's settings record (empty for a folder written by other code)
+    notes: list[str] = field(default_factory=list)  # what could not be read, for the user
 
 
 def load_experiment(source) -> Experiment:
@@ -65,15 +66,24 @@ def load_experiment(source) -> Experiment:
     path = storage_uri(str(getattr(source, "experiment_path", source)))
     if not is_remote(path) and not Path(path).is_dir():
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
+    notes: list[str] = []
     try:
-        analysis = tune.ExperimentAnalysis(path)
-    except (ValueError, FileNotFoundError):
-        raise ExportError(f"{path} holds no Tune experiment (no experiment_state-*.json); "
-                          f"allowed: an experiment folder such as ray_results/<name>") from None
+        trials = tune.ExperimentAnalysis(path).trials
+    except Exception as exc:  # a missing, truncated or foreign experiment state fails in many ways
+        trials = _trials_on_disk(path)
+        if not trials:
+            raise ExportError(f"{path} holds no Tune experiment (no readable experiment_state-*.json and no trial "
+                              f"folders); allowed: an experiment folder such as ray_results/<name>") from None
+        notes.append(f"the experiment state in {path} is unreadable ({type(exc).__name__}); the table is rebuilt "
+                     f"from the {len(trials)} trial folders, and trials that did not end say 'unknown'")
     rows, epoch_frames = [], []
-    for trial in analysis.trials:
+    for trial in trials:
         epochs = _read_results(trial)
-        row = _trial_row(trial, epochs, path)
+        row = _trial_row(trial, pd.DataFrame() if epochs is None else epochs, path)
+        if epochs is None and trial.status != "PENDING":  # it ran, but what it reported is gone
+            row.update(status="lost", error=f"{trial.storage.trial_dir_name}/result.json is missing or unreadable: "
+                                            "its epochs and accuracy are unknown")
+        epochs = pd.DataFrame() if epochs is None else epochs
         rows.append(row)
         if len(epochs):
             epochs.insert(0, "trial_id", trial.trial_id)
@@ -85,7 +95,46 @@ def load_experiment(source) -> Experiment:
         ["run", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
     epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
     epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
-    return Experiment(path, table, epochs, read_settings(path) or {})
+    return Experiment(path, table, epochs, read_settings(path) or {}, notes)
+
+
+@dataclass
+class _TrialFolder:
+    """What the table needs of a trial, read from its own folder when Tune's experiment state is unreadable."""
+
+    trial_id: str
+    config: dict
+    status: str
+    storage: object
+
+
+@dataclass
+class _FolderStorage:
+    storage_filesystem: object
+    trial_fs_path: str
+    trial_dir_name: str
+
+
+def _trials_on_disk(path: str) -> list[_TrialFolder]:
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(path)
+    trials = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(base)):
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("train_cifar_"):
+            continue
+        storage = _FolderStorage(fs, info.path, info.base_name)
+        try:
+            with fs.open_input_stream(f"{info.path}/params.json") as f:
+                config = json.loads(f.readall().decode())
+        except (OSError, ValueError):
+            continue
+        epochs = _read_results(_TrialFolder("", config, "", storage))
+        last = epochs.iloc[-1] if epochs is not None and len(epochs) else None
+        ended = last is not None and (last["checkpoint_kind"] == "final" or bool(last["diverged"]))
+        trials.append(_TrialFolder(info.base_name.split("_")[2] + "_" + info.base_name.split("_")[3], config,
+                                   "TERMINATED" if ended else "UNKNOWN", storage))
+    return trials
 
 
 def typed(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
@@ -99,15 +148,16 @@ def typed(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
     return out
 
 
-def _read_results(trial) -> pd.DataFrame:
-    """Every epoch the trial reported, tolerating a half-written last line of a running trial."""
+def _read_results(trial) -> pd.DataFrame | None:
+    """Every epoch the trial reported, tolerating a half-written last line of a running trial; None if its
+    result.json is gone or unreadable."""
     fs = trial.storage.storage_filesystem
     result_file = Path(trial.storage.trial_fs_path, "result.json").as_posix()
     try:
         with fs.open_input_stream(result_file) as f:
-            text = f.readall().decode("utf-8")
+            text = f.readall().decode("utf-8", "replace")
     except (FileNotFoundError, OSError):
-        return pd.DataFrame()
+        return None
     records = []
     for line in text.splitlines():
         try:
@@ -127,10 +177,14 @@ def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
     status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, trial.status.lower())
     best_epoch = int(last["best_epoch"]) if last is not None and last["best_epoch"] else None
     best_ckpt = None
+    missing = None
     if best_epoch:  # every checkpoint holds the best weights so far, so the newest one is the best model
         names = epochs["checkpoint_dir_name"].dropna()
         if len(names):
-            best_ckpt = experiment_uri(exp_path, f"{trial.storage.trial_dir_name}/{names.iloc[-1]}")
+            found = _checkpoint_exists(trial, names.iloc[-1])
+            best_ckpt = experiment_uri(exp_path, f"{trial.storage.trial_dir_name}/{names.iloc[-1]}") if found else None
+            if not found:
+                missing = f"best checkpoint {trial.storage.trial_dir_name}/{names.iloc[-1]} is missing"
     max_epochs = int(config.get("epochs", EPOCHS))
     epochs_run = int(last["epoch"]) if last is not None else 0
     return {
@@ -143,13 +197,20 @@ def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
         "max_epochs": max_epochs,
         "stopped_early": status == "terminated" and epochs_run < max_epochs,
         "status": status,
-        "error": _error_line(trial) if trial.status == "ERROR" else None,
+        "error": _error_line(trial) if trial.status == "ERROR" else missing,
         "train_time_s": float(last["train_time_s"]) if last is not None else 0.0,
         "eval_time_s": last["eval_time_s"] if last is not None else None,
         "trial_id": trial.trial_id,
         "node_id": last["node_id"] if last is not None else None,
         "best_checkpoint": best_ckpt,
     }
+
+
+def _checkpoint_exists(trial, name: str) -> bool:
+    from pyarrow.fs import FileType
+
+    info = trial.storage.storage_filesystem.get_file_info(Path(trial.storage.trial_fs_path, name, "model.pt").as_posix())
+    return info.type == FileType.File
 
 
 def _error_line(trial) -> str:
@@ -222,7 +283,12 @@ class Output:
     written: list[str]
 
     def put(self, name: str, write) -> None:
-        atomic_write(self.local / name, write)
+        try:
+            atomic_write(self.local / name, write)
+        except OSError as exc:
+            free = shutil.disk_usage(self.local).free if self.local.exists() else 0
+            raise ExportError(f"cannot write {self.local / name} ({exc.strerror}; {free / 1e6:.0f} MB free there); "
+                              f"allowed: a folder you can write with room for the tables") from None
         if not is_remote(self.uri):
             self.written.append(str(self.local / name))
 
@@ -231,7 +297,13 @@ class Output:
 def output_dir(out: str | os.PathLike):
     out = storage_uri(os.fspath(out))
     if not is_remote(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tune-alexnet-write-test-")
+            probe.close()
+        except OSError as exc:
+            raise ExportError(f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write "
+                              f"(--out DIR)") from None
         yield Output(out, Path(out), [])
         return
     import pyarrow.fs

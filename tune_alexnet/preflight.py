@@ -55,8 +55,76 @@ def check_storage(root: str, exp_path: str, resume: bool) -> None:
     if not resume and tune.Tuner.can_restore(exp_path):
         raise PreflightError(f"an experiment named {exp_path.rsplit('/', 1)[-1].split('?')[0]!r} already exists in "
                              f"{root}; continue it with --resume, or start a new one with another --name")
+    if not is_remote(exp_path) and Path(exp_path).exists() and not Path(exp_path).is_dir():
+        raise PreflightError(f"{exp_path} is a file; allowed: a --name that is not taken in {root}")
     if not resume and not is_remote(exp_path) and Path(exp_path).exists() and any(Path(exp_path).iterdir()):
         raise PreflightError(f"{exp_path} already exists and is not empty; pick another --name")
+
+
+def lock_experiment(root: str, name: str):
+    """Hold the experiment for this process: a second sweep or resume of it is refused, naming the holder.
+
+    An flock on a file beside the experiment (for a bucket: in the user's cache, so it guards this machine
+    only); the kernel drops it when the process ends, however it ends, so a killed sweep leaves no stale lock.
+    Returns the open file: the lock lasts as long as it stays open.
+    """
+    import fcntl
+    import hashlib
+    import socket
+    import time
+
+    if is_remote(root):
+        from .data import user_cache_dir
+
+        folder = user_cache_dir() / "locks"
+        path = folder / (hashlib.sha256(experiment_uri(root, name).encode()).hexdigest()[:20] + ".lock")
+    else:
+        folder = Path(root)
+        path = folder / f".{name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as exc:
+        where = f"--storage {root}" if not is_remote(root) else f"the lock folder {folder}"
+        raise PreflightError(f"{where} is not writable ({exc.strerror}); allowed: a folder you can write, or an "
+                             f"s3:// or gs:// URI") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+            raise BlockingIOError  # the holder ended and removed this file between our open and our lock
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another sweep"
+        handle.close()
+        raise PreflightError(f"experiment {name!r} in {root} is in use by {holder}; wait for it to end, or use "
+                             f"another --name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"a sweep (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    handle.flush()
+    return ExperimentLock(path, handle)
+
+
+class ExperimentLock:
+    """Released (its file removed, then unlocked) on leaving a `with` block or when the process ends."""
+
+    def __init__(self, path: Path, handle):
+        self.path, self.handle = path, handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.handle.closed:
+            return
+        try:
+            self.path.unlink()  # while still locked: a waiting opener then sees another inode and backs off
+        except OSError:
+            pass
+        self.handle.close()
 
 
 def _check_remote(root: str) -> None:
@@ -109,28 +177,34 @@ def on_network_filesystem(path: str) -> bool:
     return fstype in NETWORK_FILESYSTEMS
 
 
-def max_cluster_gpus() -> float:
-    """GPUs the connected cluster has now, or can start: an autoscaling cluster's GPU workers are not up
-    when a sweep starts, yet its trials must ask for GPU shares so that the autoscaler starts them."""
+def startable_node_types() -> list[dict]:
+    """Resources of each node type the connected cluster's autoscaler can start ([] without an autoscaler):
+    an autoscaling cluster's GPU workers are not up when a sweep starts, yet its trials must ask for GPU
+    shares so that the autoscaler starts them."""
     import ray
 
-    up = float(ray.cluster_resources().get("GPU", 0))
     context = ray.get_runtime_context()
     head = [n for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
     try:
         if not head or head[0]["NodeID"] == context.get_node_id():
-            can_start = autoscaler_gpus(context.gcs_address)
-        else:  # the autoscaler's config lies on the head node: read it there
-            task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001}, max_retries=0)
-            can_start = ray.get(task(autoscaler_gpus).remote(context.gcs_address), timeout=60)
-    except Exception as exc:  # no verdict is no reason to refuse: count the GPUs that are up
-        log.warning("could not read the autoscaler's node types (%s); counting the GPUs that are up", exc)
-        can_start = 0.0
-    return max(up, can_start)
+            return autoscaler_node_types(context.gcs_address)
+        # the autoscaler's config lies on the head node: read it there
+        task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001}, max_retries=0)
+        return ray.get(task(autoscaler_node_types).remote(context.gcs_address), timeout=60)
+    except Exception as exc:  # no verdict is no reason to refuse: go by the nodes that are up
+        log.warning("could not read the autoscaler's node types (%s); going by the nodes that are up", exc)
+        return []
 
 
-def autoscaler_gpus(gcs_address: str) -> float:
-    """GPUs the node types of this machine's autoscaler (for the cluster at `gcs_address`) can start.
+def max_cluster_gpus(node_types: list[dict]) -> float:
+    """GPUs the connected cluster has now, or that one node of a startable type has."""
+    import ray
+
+    return max([float(ray.cluster_resources().get("GPU", 0))] + [float(t.get("GPU", 0)) for t in node_types])
+
+
+def autoscaler_node_types(gcs_address: str) -> list[dict]:
+    """Resources of the node types that this machine's autoscaler (for the cluster at `gcs_address`) can start.
 
     Ray keeps the node types only in the autoscaler's own config file, named on its monitor's command line
     (`ray up` puts it in ~/ray_bootstrap_config.yaml); a monitor without one, as an embedded Ray has, means
@@ -154,14 +228,45 @@ def autoscaler_gpus(gcs_address: str) -> float:
                 config = Path(os.readlink(f"/proc/{pid}/cwd"), os.path.expanduser(a.split("=", 1)[1]))
     if config is None:
         if monitor_seen:
-            return 0.0
+            return []
         config = Path(BOOTSTRAP_CONFIG).expanduser()
     if not config.is_file():
-        return 0.0
+        return []
     cfg = yaml.safe_load(config.read_text()) or {}
-    total = 0.0
-    for name, node_type in (cfg.get("available_node_types") or {}).items():
-        gpus = float((node_type.get("resources") or {}).get("GPU", 0) or 0)
-        count = int(node_type.get("max_workers", cfg.get("max_workers", 0)) or 0)
-        total += gpus * (count + (name == cfg.get("head_node_type")))
-    return total
+    return [dict(t.get("resources") or {}) for name, t in (cfg.get("available_node_types") or {}).items()
+            if name == cfg.get("head_node_type") or int(t.get("max_workers", cfg.get("max_workers", 0)) or 0) > 0]
+
+
+def connect(address: str):
+    """ray.init for a sweep, failing within seconds, in one line, where no cluster answers at `address`."""
+    import socket
+
+    import ray
+
+    host, _, port = address.rpartition(":")
+    if address not in ("local", "auto") and "://" not in address and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise PreflightError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                                 f"allowed: the address of a running Ray head (host:port), auto, or none for a "
+                                 f"local Ray") from None
+    try:
+        return ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PreflightError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); "
+                             f"allowed: the address of a running Ray head (host:port), auto, or none for a local "
+                             f"Ray") from None
+
+
+def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dict]) -> None:
+    """Refuse a trial size that no node, up now or startable by the autoscaler, could ever hold (Tune would
+    leave every trial pending forever)."""
+    wanted = {k: v for k, v in per_trial.items() if v > 0}
+    capacities = [n.get("Resources", {}) for n in nodes if n.get("Alive")] + node_types
+    if any(all(c.get(k, 0) >= v for k, v in wanted.items()) for c in capacities):
+        return
+    asked = ", ".join(f"{v:g} {k}" for k, v in wanted.items())
+    largest = ", ".join(f"{max(c.get(k, 0) for c in capacities):g} {k}" for k in wanted) if capacities else "none"
+    raise PreflightError(f"a trial asks for {asked} but no node of this cluster has that (the most any node has: "
+                         f"{largest}); allowed: --cpus-per-trial and --gpus-per-trial within one node")

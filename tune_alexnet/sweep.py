@@ -56,24 +56,32 @@ def trial_space(s: SweepSettings) -> dict:
     return space
 
 
-def prepare(s: SweepSettings) -> tuple[SweepSettings, str]:
-    """The settings to run (an interrupted sweep's own, on --resume) and the experiment's URI; refuses
-    with a PreflightError before anything is written."""
+def prepare(s: SweepSettings):
+    """The settings to run (an interrupted sweep's own, on --resume), the experiment's URI and the lock that
+    holds it for this process (keep it until the end); refuses with a PreflightError before anything else is
+    written."""
     root = preflight.storage_uri(s.storage)
-    if s.resume:
-        s = _settings_for_resume(s, root)
-    name = s.name or time.strftime("alexnet-%Y%m%d-%H%M%S")
-    s = SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
-    exp_uri = preflight.experiment_uri(root, name)
-    preflight.check_storage(root, exp_uri, s.resume)
-    tracking.check(s)
-    return s, exp_uri
+    name = s.name or (None if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
+    if name is None:
+        name = _latest_experiment(root)
+    lock = preflight.lock_experiment(root, name)
+    try:
+        if s.resume:
+            s = _settings_for_resume(SweepSettings(**{**asdict(s), "grid": s.grid, "name": name}), root)
+        s = SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
+        exp_uri = preflight.experiment_uri(root, name)
+        preflight.check_storage(root, exp_uri, s.resume)
+        tracking.check(s)
+    except BaseException:
+        lock.release()
+        raise
+    return s, exp_uri, lock
 
 
-def gpu_share(s: SweepSettings) -> float:
+def gpu_share(s: SweepSettings, node_types: list[dict]) -> float:
     if s.gpus_per_trial is not None:
         return s.gpus_per_trial
-    return DEFAULT_GPU_SHARE if preflight.max_cluster_gpus() > 0 else 0.0
+    return DEFAULT_GPU_SHARE if preflight.max_cluster_gpus(node_types) > 0 else 0.0
 
 
 def check_resume_data(s: SweepSettings, exp_uri: str, data: Cifar) -> None:
@@ -89,10 +97,12 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     if data is None:
         data = load_cifar10(s.data_dir, s.subset, s.download_root)
     log.info("data: %s: %d train, %d test images", data.source, len(data.train_x), len(data.test_x))
-    gpus = gpu_share(s)
+    node_types = preflight.startable_node_types()
+    gpus = gpu_share(s, node_types)
+    per_trial = {"CPU": s.cpus_per_trial, "GPU": gpus}
+    preflight.check_resources_fit(per_trial, ray.nodes(), node_types)
     joined = (s.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-    preflight.check_cluster(preflight.storage_uri(s.storage), ray.nodes(), {"CPU": s.cpus_per_trial, "GPU": gpus},
-                            joined, s.shared_storage)
+    preflight.check_cluster(preflight.storage_uri(s.storage), ray.nodes(), per_trial, joined, s.shared_storage)
     # Each checkpoint a trial reports forces a snapshot of the experiment state (so that the checkpoints Tune
     # deletes are never still named in it); we checkpoint rarely, so the warning about frequent ones is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -136,11 +146,23 @@ def _run_config(s: SweepSettings, quiet: bool = False) -> tune.RunConfig:
 def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
     """The interrupted sweep's own settings; of them the cluster address, the data's location, a GPU share
     given again and the flags on how trials run (--device, --resume-every, ...) may change."""
-    name = s.name or _latest_experiment(root)
+    name = s.name
     exp_uri = preflight.experiment_uri(root, name)
     if not tune.Tuner.can_restore(exp_uri):
         raise preflight.PreflightError(f"--resume: no experiment named {name!r} in {root}; start it without "
                                        f"--resume, or pass the --name of one that exists")
+    try:
+        tune.ExperimentAnalysis(exp_uri)
+    except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
+        from .export import load_experiment
+
+        table = load_experiment(exp_uri).table
+        rest = table[table["status"] != "terminated"]["run"].dropna().astype(int).tolist()
+        again = (f"start a new sweep of the {len(rest)} runs that did not finish: tune-alexnet sweep --runs "
+                 f"{','.join(map(str, rest))} --name {name}-rest" if rest else "nothing is left to run")
+        raise preflight.PreflightError(f"--resume: the experiment state of {name!r} is damaged "
+                                       f"({type(exc).__name__}); what finished is in 'tune-alexnet export "
+                                       f"{exp_uri}'; {again}") from None
     saved = read_settings(exp_uri)
     if saved is None:
         return SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
