@@ -154,3 +154,19 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     assert "did not finish; 'tune-alexnet sweep --resume --name interrupted' continues them" in text
     table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
     assert len(table) == 3 and (table["status"] != "terminated").any()
+
+
+def test_full_size_trials_end_from_the_inside_without_an_abort(synthetic_dir, tmp_path):
+    """The function returns by the plateau rule at the same result the stopper stops on: nothing is torn down
+    under a running full-width network (which once aborted worker processes at trial end)."""
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(["--data-dir", synthetic_dir, "--subset", "2", "--optimizer", "adam", "--lr", "1e-12",
+                        "--batchnorm", "true", "--batch-size", "32", "--epochs", "10", "--patience", "1",
+                        "--storage", tmp_path, "--name", "full"], log)
+    assert proc.wait(TIMEOUT) == 0, log.read_text()[-3000:]
+    table = pd.read_parquet(tmp_path / "full" / "results.parquet")
+    assert (table["epochs_run"] == 2).all() and table["stopped_early"].all()
+    logs = [p.read_text() for p in (tmp_path / "full").glob("train_cifar_*/std*")] + [log.read_text()]
+    assert len(logs) == 5
+    for text in logs:
+        assert "Fatal Python error" not in text and "Aborted" not in text and "core dumped" not in text
