@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# One prepared call for a GPU machine (this workplace's `device` tool, or any CUDA box), run from the repo root:
-#   cp ../shared/data/cifar10-jpeg.tar.gz device-data/   # device-data/ is git-ignored; name it in `carry`
-#   bash bench/device.sh                                  # results land in $OUT (or ./device-out)
-# Throughput needs only torch and torchvision; packing and fidelity run the real sweep and so need Ray
-# (pip install -e . where the network allows; see FIDELITY.md for machines without it).
+# One call on a GPU machine, run from the repository root, in under 8 minutes with the data's unpacking:
+# throughput, packing, checkpoint share and fidelity, as Markdown files in $OUT (default ./device-out).
+# Needs torch, torchvision, numpy, pandas and Pillow; not Ray, not a network, nothing installed (PYTHONPATH).
+#
+#   mkdir -p device-data && cp ../shared/data/cifar10-jpeg.tar.gz device-data/   # device-data/ is git-ignored
+#   bash bench/device.sh                                  # the measurement (bench/device.py's budget: 480 s)
+#   bash bench/device.sh --smoke --data-dir DIR           # the same four parts, tiny, on any machine
+# Other arguments go to bench/device.py (see its --help).
 set -euo pipefail
+START=$(date +%s)
 OUT=${OUT:-device-out}
-mkdir -p "$OUT" /tmp/cifar10
-tar xzf device-data/cifar10-jpeg.tar.gz -C /tmp/cifar10
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 bench/throughput.py --device cuda --batch-size 128 32 --images 10000 --data-dir /tmp/cifar10 \
-    2>&1 | tee "$OUT/throughput.md"
-if python3 -c "import ray" 2>/dev/null; then
-    python3 bench/packing.py --data-dir /tmp/cifar10 --concurrency 1,2,4 --epochs 3 --storage /tmp/rr \
-        2>&1 | tail -20 | tee "$OUT/packing.md"
-    python3 bench/fidelity.py --data-dir /tmp/cifar10 --storage /tmp/rr --name fidelity \
-        2>&1 | tail -30 | tee "$OUT/fidelity.md"
-else
-    echo "no Ray on this machine: packing and fidelity skipped" | tee "$OUT/skipped.txt"
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+args=("$@")
+if [[ " $* " != *" --data-dir "* ]]; then
+    DATA=${DATA:-/tmp/cifar10}
+    if [ ! -d "$DATA/train" ]; then
+        mkdir -p "$DATA"
+        tar xzf device-data/cifar10-jpeg.tar.gz -C "$DATA"
+    fi
+    args+=(--data-dir "$DATA")
 fi
+"$PYTHON" bench/device.py --out "$OUT" --started-at "$START" "${args[@]}" 2>&1 | tee "$OUT/log.txt"

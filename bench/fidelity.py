@@ -7,6 +7,7 @@ accuracy, this run's, the difference, epochs run and wall time per epoch, and pr
 
     python bench/fidelity.py --data-dir /path/to/cifar10-jpeg   # train/<class>/*.jpg, test/<class>/*.jpg
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,9 @@ import time
 
 import pandas as pd
 
-from tune_alexnet.grid import BATCH_SIZES
-from tune_alexnet.report import markdown_table, reference_table
 from tune_alexnet.cli import run_study
-from tune_alexnet.settings import SweepSettings
+from tune_alexnet.report import markdown_table, reference_table
+from tune_alexnet.settings import BATCH_SIZES, SweepSettings
 
 # SGD's best (88.43%), SGD at lr 0.01 batch 128 (88.11%), Adam's best (88.14%), an RMSprop failure (13.54%).
 DEFAULT_RUNS = (16, 12, 62, 79)
@@ -32,9 +32,11 @@ def projection(table: pd.DataFrame, epochs: pd.DataFrame, concurrent: int) -> tu
     mean_epochs = table["epochs_run"].mean()
     fallback = per_epoch.mean()
     total_s = sum(STUDY_RUNS / len(BATCH_SIZES) * mean_epochs * per_epoch.get(bs, fallback) for bs in BATCH_SIZES)
-    how = (f"36 runs per batch size x {mean_epochs:.1f} epochs a run (mean measured here) x median epoch time at "
-           f"that batch size ({', '.join(f'{bs}: {t:.1f}s' for bs, t in per_epoch.items())}; unmeasured sizes take "
-           f"the mean), / {concurrent} trials at once")
+    how = (
+        f"36 runs per batch size x {mean_epochs:.1f} epochs a run (mean measured here) x median epoch time at "
+        f"that batch size ({', '.join(f'{bs}: {t:.1f}s' for bs, t in per_epoch.items())}; unmeasured sizes take "
+        f"the mean), / {concurrent} trials at once"
+    )
     return total_s / concurrent / 3600, how
 
 
@@ -55,20 +57,43 @@ def main():
 
     runs = tuple(int(r) for r in args.runs.split(","))
     start = time.time()
-    path, exp, _ = run_study(SweepSettings(runs=runs, epochs=args.epochs, patience=args.patience, data_dir=args.data_dir,
-                                        storage=args.storage, name=args.name, gpus_per_trial=args.gpus_per_trial,
-                                        cpus_per_trial=args.cpus_per_trial, resume=args.resume, subset=args.subset,
-                                        trial={"width": args.width}))
+    path, exp, _ = run_study(
+        SweepSettings(
+            runs=runs,
+            epochs=args.epochs,
+            patience=args.patience,
+            data_dir=args.data_dir,
+            storage=args.storage,
+            name=args.name,
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_trial=args.cpus_per_trial,
+            resume=args.resume,
+            subset=args.subset,
+            trial={"width": args.width},
+        )
+    )
     wall = time.time() - start
     table, epochs = exp.table, exp.epochs
     ref = reference_table().set_index("run")["final_accuracy"]
     rows = []
     for _, row in table.iterrows():
         e = epochs[epochs["trial_id"] == row["trial_id"]]
-        rows.append({"run": int(row["run"]), "optimizer": row["optimizer"], "lr": row["lr"], "batch": row["batch_size"],
-                     "dropout": row["dropout"], "BN": row["batchnorm"], "original %": ref[row["run"]],
-                     "this run %": row["final_accuracy"], "difference": row["final_accuracy"] - ref[row["run"]],
-                     "epochs run": row["epochs_run"], "s / epoch": e["train_s"].median(), "status": row["status"]})
+        rows.append(
+            {
+                "run": int(row["run"]),
+                "optimizer": row["optimizer"],
+                "lr": row["lr"],
+                "batch": row["batch_size"],
+                "dropout": row["dropout"],
+                "BN": row["batchnorm"],
+                "original %": ref[row["run"]],
+                "this run %": row["final_accuracy"],
+                "difference": row["final_accuracy"] - ref[row["run"]],
+                "epochs run": row["epochs_run"],
+                "s / epoch": e["train_s"].median(),
+                "status": row["status"],
+            }
+        )
     out = pd.DataFrame(rows)
     device = str(epochs["device"].iloc[0]) if len(epochs) else "?"
     try:

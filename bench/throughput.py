@@ -8,6 +8,7 @@ Same real images, same model, same batch size, same process. Prints a markdown t
 
     python bench/throughput.py --device cpu --batch-size 128 --data-dir ../shared/data/cifar10-mini
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from tune_alexnet import augment
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.model import AlexNet
-from tune_alexnet.train import DEFAULTS, Runtime, make_optimizer, to_device_nchw, train_epoch
+from tune_alexnet.settings import RUNTIME_DEFAULTS, TRIAL_DEFAULTS
+from tune_alexnet.train import Runtime, make_optimizer, resolve_runtime, to_device_nchw, train_epoch
 
 
 class OriginalCifar(Dataset):
@@ -43,36 +45,88 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def original_epoch(x, y, batch_size, device) -> float:
-    model = AlexNet(dropout=True, batchnorm=True).to(device)
+def pytorch_defaults(device: torch.device) -> None:
+    """The original ran with PyTorch's default backend flags: no cudnn autotuning, no TF32 in matmuls."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def original_epoch(x, y, batch_size, device, width: float = 1.0, seconds: float | None = None) -> float:
+    """Images/s of the study's loop: one pass over (x, y), or as many batches as fit in `seconds`."""
+    pytorch_defaults(device)
+    model = AlexNet(dropout=True, batchnorm=True, width=width).to(device)
     opt = make_optimizer("sgd", model.parameters(), 0.01)
-    loader = DataLoader(OriginalCifar(x, y), batch_size=batch_size, shuffle=True, num_workers=0)
     model.train()
+    warm_up = DataLoader(OriginalCifar(x[:batch_size], y[:batch_size]), batch_size=batch_size, num_workers=0)
+    for images, labels in warm_up:  # one step first: kernel selection and library start-up stay off the clock
+        _original_step(model, opt, images.to(device), labels.to(device))
+    loader = DataLoader(OriginalCifar(x, y), batch_size=batch_size, shuffle=True, num_workers=0)
     sync(device)
-    start = time.perf_counter()
+    start, done = time.perf_counter(), 0
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        _original_step(model, opt, images.to(device), labels.to(device))
+        done += len(labels)
+        if seconds is not None and time.perf_counter() - start >= seconds:
+            break
     sync(device)
-    return len(x) / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
 
 
-def project_epoch(x, y, batch_size, device, rt: Runtime, epochs: int = 1) -> float:
-    model = AlexNet(dropout=True, batchnorm=True).to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+def _original_step(model, opt, images, labels) -> None:
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def project_runtime(device: torch.device) -> Runtime:
+    """The sweep's defaults for a trial on `device` (bf16, channels-last and TF32 on CUDA; fp32 on the CPU),
+    with the backend flags the training function sets."""
+    runtime = {**RUNTIME_DEFAULTS, "device": "auto" if device.type == "cuda" else "cpu"}
+    rt = resolve_runtime(dict(TRIAL_DEFAULTS), runtime, None)
+    project_flags(rt)
+    return rt
+
+
+def project_flags(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(RUNTIME_DEFAULTS["tf32"])
+        torch.backends.cudnn.benchmark = True
+
+
+def project_epoch(
+    x, y, batch_size, device, rt: Runtime, epochs: int = 1, width: float = 1.0, seconds: float | None = None
+) -> float:
+    """Images/s of train.train_epoch after a warm-up: `epochs` passes over (x, y), or as many chunks of 50
+    steps as fit in `seconds` (each train_epoch call ends in one device sync, as an epoch does)."""
+    project_flags(rt)  # original_epoch resets them
+    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
+    model = AlexNet(dropout=True, batchnorm=True, width=width).to(device, memory_format=memory_format)
     opt = make_optimizer("sgd", model.parameters(), 0.01)
     xd = to_device_nchw(x, device)
     yd = torch.from_numpy(y.copy()).to(device)
     gen = torch.Generator(device).manual_seed(0)
-    train_epoch(model, opt, xd[: batch_size * 4], yd[: batch_size * 4], batch_size, gen, rt)  # warm-up (cudnn autotune)
+    for _ in range(2):  # warm-up: cudnn autotuning, allocator
+        train_epoch(model, opt, xd[: batch_size * 4], yd[: batch_size * 4], batch_size, gen, rt)
     sync(device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        train_epoch(model, opt, xd, yd, batch_size, gen, rt)
+    start, done = time.perf_counter(), 0
+    if seconds is None:
+        for _ in range(epochs):
+            train_epoch(model, opt, xd, yd, batch_size, gen, rt)
+        done = epochs * len(x)
+    else:
+        chunk = min(len(x), batch_size * 50)
+        offset = 0
+        while done == 0 or time.perf_counter() - start < seconds:
+            if offset + chunk > len(x):
+                offset = 0
+            train_epoch(model, opt, xd[offset : offset + chunk], yd[offset : offset + chunk], batch_size, gen, rt)
+            done += chunk
+            offset += chunk
     sync(device)
-    return epochs * len(x) / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
 
 
 def augment_only(x, batch_size, device) -> tuple[float, float]:
@@ -90,8 +144,8 @@ def augment_only(x, batch_size, device) -> tuple[float, float]:
     start, done = time.perf_counter(), 0
     while done < max(len(x), 4096) or time.perf_counter() - start < 1.0:
         for i in range(0, len(xd), batch_size):
-            augment.augment_batch(xd[i:i + batch_size], gen)
-            done += len(xd[i:i + batch_size])
+            augment.augment_batch(xd[i : i + batch_size], gen)
+            done += len(xd[i : i + batch_size])
     sync(device)
     return per_image, done / (time.perf_counter() - start)
 
@@ -110,15 +164,14 @@ def main():
     data = load_cifar10(args.data_dir, progress=False)
     x, y = data.train_x[: args.images], data.train_y[: args.images]
     use_cuda = device.type == "cuda"
-    if use_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    rt = Runtime(device, torch.get_num_threads(), 1.0 if use_cuda else 0.0,
-                 torch.bfloat16 if use_cuda else None, use_cuda)
-    name = torch.cuda.get_device_name(device) if use_cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    rt = project_runtime(device)
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if use_cuda else cpu
     print(f"device: {device} ({name}); torch {torch.__version__}; {len(x)} images from {data.source}")
-    print(f"project settings: precision={'bf16' if rt.amp_dtype else 'fp32'}, channels_last={rt.channels_last}, "
-          f"tf32={use_cuda}; defaults {DEFAULTS['precision']}/{DEFAULTS['channels_last']}")
+    print(
+        f"project settings: precision={'bf16' if rt.amp_dtype else 'fp32'}, channels_last={rt.channels_last}, "
+        f"tf32={use_cuda and bool(RUNTIME_DEFAULTS['tf32'])} (the sweep's defaults for this device)"
+    )
     print()
     print("| what | batch | original img/s | project img/s | ratio |")
     print("| --- | --- | --- | --- | --- |")

@@ -29,7 +29,7 @@ def make_image_folder(root: Path, train_per_class: int = 20, test_per_class: int
             base = np.array([(label * 25) % 256, (label * 70) % 256, (255 - label * 25) % 256], np.float32)
             for i in range(n):
                 img = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                img[8 + label: 12 + label, :, :] = 255  # a class-dependent stripe
+                img[8 + label : 12 + label, :, :] = 255  # a class-dependent stripe
                 Image.fromarray(img).save(d / f"{i:04d}.png")
     return root
 
@@ -59,12 +59,19 @@ def ray_local():
 @pytest.fixture(scope="session")
 def mixed_experiment(ray_local, synthetic_dir, tmp_path_factory):
     """One trial that trains, one that diverges, two that error: what exports and reports must survive."""
-    from tune_alexnet.grid import make_grid
     from tune_alexnet.cli import run_study
+    from tune_alexnet.grid import make_grid
     from tune_alexnet.settings import SweepSettings
 
-    s = SweepSettings(grid=make_grid(optimizer=("adam", "nosuchopt"), lr=(0.001, 1e6), batch_size=(32,),
-                                     dropout=(False,), batchnorm=(False,)),
-                      epochs=3, data_dir=str(synthetic_dir), storage=str(tmp_path_factory.mktemp("mixed")),
-                      name="mixed", max_failures=0, trial={"width": 0.125})
+    s = SweepSettings(
+        grid=make_grid(
+            optimizer=("adam", "nosuchopt"), lr=(0.001, 1e6), batch_size=(32,), dropout=(False,), batchnorm=(False,)
+        ),
+        epochs=3,
+        data_dir=str(synthetic_dir),
+        storage=str(tmp_path_factory.mktemp("mixed")),
+        name="mixed",
+        max_failures=0,
+        trial={"width": 0.125},
+    )
     return run_study(s)[:2]

@@ -1,6 +1,7 @@
 """Bad input, damaged experiments and competing sweeps: each gets one line and exit 2, and nothing is lost.
 
 The data folder's own table of bad inputs is in test_data.py."""
+
 import os
 import shutil
 import signal
@@ -29,34 +30,55 @@ def one_line_exit_2(argv, capsys) -> str:
         code = e.code
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip() and "decoding " not in ln]  # the data's progress bar may come first
+    lines = [
+        ln for ln in err.splitlines() if ln.strip() and "decoding " not in ln
+    ]  # the data's progress bar may come first
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--name", "../outside"], "'../outside'; allowed: letters, digits"),
-    (["--name", "a/b"], "'a/b'; allowed: letters, digits"),
-    (["--name", "x" * 300], "at most 100 characters"),
-    (["--name", ".hidden"], "not starting with '.'"),
-    (["--seed", str(2**64)], f"'{2**64}'; allowed: a whole number 0..4294967295"),
-    (["--cpus-per-trial", "0"], "--cpus-per-trial 0 needs --gpus-per-trial above 0"),
-    (["--gpus-per-trial", "1"], "a trial asks for 1 CPU, 1 GPU but no node of this cluster has that"),
-    (["--cpus-per-trial", "64"], "a trial asks for 64 CPU but no node of this cluster has that (the most any node "
-                                 "has: 2 CPU)"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--name", "../outside"], "'../outside'; allowed: letters, digits"),
+        (["--name", "a/b"], "'a/b'; allowed: letters, digits"),
+        (["--name", "x" * 300], "at most 100 characters"),
+        (["--name", ".hidden"], "not starting with '.'"),
+        (["--seed", str(2**64)], f"'{2**64}'; allowed: a whole number 0..4294967295"),
+        (["--cpus-per-trial", "0"], "--cpus-per-trial 0 needs --gpus-per-trial above 0"),
+        (["--gpus-per-trial", "1"], "a trial asks for 1 CPU, 1 GPU but no node of this cluster has that"),
+        (
+            ["--cpus-per-trial", "64"],
+            "a trial asks for 64 CPU but no node of this cluster has that (the most any node has: 2 CPU)",
+        ),
+    ],
+)
 def test_bad_sweep_flags(extra, needle, ray_local, synthetic_dir, tmp_path, capsys):
     storage = tmp_path / "results"
-    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--epochs", "1",
-                           "--optimizer", "sgd", *extra], capsys)
+    err = one_line_exit_2(
+        [
+            "sweep",
+            "--data-dir",
+            str(synthetic_dir),
+            "--storage",
+            str(storage),
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sgd",
+            *extra,
+        ],
+        capsys,
+    )
     assert needle in err, err
     assert not storage.exists() or [p.name for p in storage.iterdir()] == []  # nothing written, no lock left
 
 
 def test_a_name_taken_by_a_file_is_refused(ray_local, synthetic_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
-    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path), "--name", "taken"],
-                          capsys)
+    err = one_line_exit_2(
+        ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path), "--name", "taken"], capsys
+    )
     assert f"{tmp_path / 'taken'} is a file" in err
 
 
@@ -70,9 +92,24 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     ]
     for extra, needle in cases:
         start = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", str(synthetic_dir),
-                              "--storage", str(tmp_path / "r"), *extra], env=env, capture_output=True, text=True,
-                             timeout=120, cwd=tmp_path)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tune_alexnet",
+                "sweep",
+                "--data-dir",
+                str(synthetic_dir),
+                "--storage",
+                str(tmp_path / "r"),
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         assert out.returncode == 2, out.stderr[-2000:]
         lines = out.stderr.strip().splitlines()
         assert needle in lines[-1] and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -100,17 +137,21 @@ def damaged(mixed_experiment, tmp_path):
 def test_a_table_knows_what_it_is_missing(damaged, capsys):
     copy, before = damaged
     trained = before[before["status"] == "terminated"].iloc[0]
-    trial_dir = Path(str(trained["best_checkpoint"]).replace(str(Path(trained["best_checkpoint"]).parents[2]),
-                                                             str(copy.parent))).parent
+    trial_dir = Path(
+        str(trained["best_checkpoint"]).replace(str(Path(trained["best_checkpoint"]).parents[2]), str(copy.parent))
+    ).parent
     shutil.rmtree(trial_dir / Path(trained["best_checkpoint"]).name)
     diverged = before[before["status"] == "diverged"].iloc[0]
     (next(copy.glob(f"*{diverged['trial_id']}*")) / "result.json").unlink()
     assert main(["export", str(copy)]) == 0
     table = pd.read_parquet(copy / "results.parquet").set_index("trial_id")
-    assert table.loc[trained["trial_id"], "best_checkpoint"] is pd.NA or pd.isna(table.loc[trained["trial_id"],
-                                                                                          "best_checkpoint"])
-    assert "best checkpoint" in table.loc[trained["trial_id"], "error"] and "is missing" in \
-        table.loc[trained["trial_id"], "error"]
+    assert table.loc[trained["trial_id"], "best_checkpoint"] is pd.NA or pd.isna(
+        table.loc[trained["trial_id"], "best_checkpoint"]
+    )
+    assert (
+        "best checkpoint" in table.loc[trained["trial_id"], "error"]
+        and "is missing" in table.loc[trained["trial_id"], "error"]
+    )
     assert table.loc[diverged["trial_id"], "status"] == "lost"
     assert "result.json is missing" in table.loc[diverged["trial_id"], "error"]
     assert pd.isna(table.loc[diverged["trial_id"], "final_accuracy"])
@@ -137,9 +178,33 @@ def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, 
 @pytest.mark.slow
 def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    args = [sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", str(synthetic_dir), "--storage",
-            str(tmp_path), "--name", "held", "--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true",
-            "--batch-size", "32", "--dropout", "true", "--epochs", "3", "--width", "0.125", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "tune_alexnet",
+        "sweep",
+        "--data-dir",
+        str(synthetic_dir),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "held",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--batchnorm",
+        "true",
+        "--batch-size",
+        "32",
+        "--dropout",
+        "true",
+        "--epochs",
+        "3",
+        "--width",
+        "0.125",
+        "--quiet",
+    ]
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / ".held.lock").exists():
@@ -159,10 +224,33 @@ def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
 def test_a_lock_left_by_a_killed_sweep_does_not_block_its_resume(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     base = [sys.executable, "-m", "tune_alexnet", "sweep", "--storage", str(tmp_path), "--name", "killed", "--quiet"]
-    first = subprocess.Popen(base + ["--data-dir", str(synthetic_dir), "--optimizer", "sgd", "--lr", "0.01",
-                                     "--batchnorm", "true", "--batch-size", "32", "--dropout", "true", "--epochs",
-                                     "30", "--patience", "100", "--width", "0.125"],
-                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        base
+        + [
+            "--data-dir",
+            str(synthetic_dir),
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+            "--batchnorm",
+            "true",
+            "--batch-size",
+            "32",
+            "--dropout",
+            "true",
+            "--epochs",
+            "30",
+            "--patience",
+            "100",
+            "--width",
+            "0.125",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("killed/train_cifar_*/result.json")):
         assert first.poll() is None and time.monotonic() < deadline
@@ -172,3 +260,19 @@ def test_a_lock_left_by_a_killed_sweep_does_not_block_its_resume(synthetic_dir, 
     assert (tmp_path / ".killed.lock").exists()  # the file stays, the lock went with the process
     resumed = subprocess.run(base + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_resume_without_a_name_takes_the_newest_unfinished_experiment(mixed_experiment, tmp_path):
+    from tune_alexnet.preflight import PreflightError
+    from tune_alexnet.sweep import _latest_experiment
+
+    path, exp = mixed_experiment  # has errored trials: unfinished
+    shutil.copytree(path, tmp_path / "older-unfinished")
+    time.sleep(0.01)
+    shutil.copytree(path, tmp_path / "newer-finished")
+    done = exp.table.assign(status="terminated")
+    done.to_parquet(tmp_path / "newer-finished" / "results.parquet")
+    assert _latest_experiment(str(tmp_path)) == "older-unfinished"
+    shutil.rmtree(tmp_path / "older-unfinished")
+    with pytest.raises(PreflightError, match=r"every experiment in .* has finished \(newer-finished\); pass --name"):
+        _latest_experiment(str(tmp_path))

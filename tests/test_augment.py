@@ -1,13 +1,14 @@
 """The batched augmentation against torchvision's own per-image transforms, on real images where present."""
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
+from conftest import MINI
 from PIL import Image
 
 from tune_alexnet import augment as A
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.train import to_device_nchw
-from conftest import MINI
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def test_crop_and_flip_match_torchvision_exactly(images):
     x = images[:128]
     p = params(len(x), angle=0.0)
     out = A.geometric(x, p)
-    ref = torch.stack([crop_flip_reference(x[i], int(p.top[i]), int(p.left[i]), bool(p.flip[i])) for i in range(len(x))])
+    ref = torch.stack(
+        [crop_flip_reference(x[i], int(p.top[i]), int(p.left[i]), bool(p.flip[i])) for i in range(len(x))]
+    )
     assert torch.equal(out, ref)
     assert p.flip.any() and not p.flip.all() and len(set(p.top.tolist())) > 3  # the cases were exercised
 
@@ -42,10 +45,17 @@ def test_rotation_matches_torchvision_nearest_rotation(images):
     x = images[:128]
     p = params(len(x), seed=1)
     out = A.geometric(x, p)
-    ref = torch.stack([
-        F.rotate(crop_flip_reference(x[i], int(p.top[i]), int(p.left[i]), bool(p.flip[i])), float(p.angle[i]),
-                 interpolation=F.InterpolationMode.NEAREST, fill=0)
-        for i in range(len(x))])
+    ref = torch.stack(
+        [
+            F.rotate(
+                crop_flip_reference(x[i], int(p.top[i]), int(p.left[i]), bool(p.flip[i])),
+                float(p.angle[i]),
+                interpolation=F.InterpolationMode.NEAREST,
+                fill=0,
+            )
+            for i in range(len(x))
+        ]
+    )
     differing_pixels = (out != ref).any(dim=1).float().mean().item()
     assert differing_pixels < 0.001  # rounding ties at most
     assert p.angle.abs().max() > 10
@@ -63,10 +73,12 @@ def test_colour_jitter_matches_torchvision_per_image_in_each_images_order(images
     x = images[:64].float() / 255
     p = params(len(x), seed=2)
     out = A.color_jitter(x.clone(), p)
-    ops = [lambda im, i: F.adjust_brightness(im, float(p.brightness[i])),
-           lambda im, i: F.adjust_contrast(im, float(p.contrast[i])),
-           lambda im, i: F.adjust_saturation(im, float(p.saturation[i])),
-           lambda im, i: F.adjust_hue(im, float(p.hue[i]))]
+    ops = [
+        lambda im, i: F.adjust_brightness(im, float(p.brightness[i])),
+        lambda im, i: F.adjust_contrast(im, float(p.contrast[i])),
+        lambda im, i: F.adjust_saturation(im, float(p.saturation[i])),
+        lambda im, i: F.adjust_hue(im, float(p.hue[i])),
+    ]
     for i in range(len(x)):
         ref = x[i]
         for op in p.order[i].tolist():
@@ -78,8 +90,9 @@ def test_colour_jitter_matches_torchvision_per_image_in_each_images_order(images
 def test_masked_hue_path_for_cuda_gives_the_same_images(images):
     x = images[:64].float() / 255
     p = params(len(x), seed=3)
-    assert torch.allclose(A.color_jitter(x.clone(), p, masked_hue=True), A.color_jitter(x.clone(), p, masked_hue=False),
-                          atol=1e-5)
+    assert torch.allclose(
+        A.color_jitter(x.clone(), p, masked_hue=True), A.color_jitter(x.clone(), p, masked_hue=False), atol=1e-5
+    )
 
 
 def test_each_image_gets_its_own_random_draw(images):
@@ -91,7 +104,7 @@ def test_each_image_gets_its_own_random_draw(images):
 def test_batch_statistics_match_the_studys_per_image_pipeline(images):
     torch.manual_seed(0)
     n = len(images)
-    ours = torch.cat([A.augment_batch(images[i:i + 250], torch.Generator().manual_seed(i)) for i in range(0, n, 250)])
+    ours = torch.cat([A.augment_batch(images[i : i + 250], torch.Generator().manual_seed(i)) for i in range(0, n, 250)])
     pil = A.spec_pil_transform()
     ref = torch.stack([pil(Image.fromarray(images[i].permute(1, 2, 0).numpy())) for i in range(n)])
     assert ours.shape == ref.shape and ours.dtype == ref.dtype == torch.float32

@@ -3,6 +3,7 @@
 The sweep must still ask for GPU shares, so that the autoscaler starts a GPU worker; a trial granted a GPU
 that torch cannot see must fail with a clear error, unless the user asked for the CPU.
 """
+
 import json
 import os
 import signal
@@ -28,23 +29,46 @@ def free_port() -> int:
 def fake_cluster_config(gcs: str) -> dict:
     """A CPU head and one GPU node type with no node up: what `ray up cluster.yaml` gives before any trial."""
     return {
-        "cluster_name": "fake-gpu", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "cluster_name": "fake-gpu",
+        "max_workers": 1,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 1,
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs,
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "available_node_types": {
             "head": {"resources": {"CPU": 2, "GPU": 0}, "node_config": {}, "max_workers": 0},
-            "gpu_worker": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 100_000_000},
-                           "node_config": {}, "min_workers": 0, "max_workers": 1},
+            "gpu_worker": {
+                "resources": {"CPU": 2, "GPU": 1, "object_store_memory": 100_000_000},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 1,
+            },
         },
-        "head_node_type": "head", "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "head_node_type": "head",
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
     }
 
 
 def cluster_pids(marker: str) -> set[int]:
     """This cluster's processes (their command line names its temp dir or GCS address) and their children."""
+
     def cmdline(pid):
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -75,16 +99,34 @@ def autoscaling_cluster(tmp_path_factory):
     config = tmp / "cluster.yaml"
     config.write_text(json.dumps(fake_cluster_config(gcs)))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0")
+    env.update(
+        RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0"
+    )
     temp_dir = tmp / "rt"
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--autoscaling-config={config}", "--num-cpus=2", "--num-gpus=0",
-                    "--object-store-memory=100000000", "--include-dashboard=false",
-                    f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                    f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                    f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp_dir}"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--autoscaling-config={config}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--object-store-memory=100000000",
+            "--include-dashboard=false",
+            f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     yield gcs, env
     pids = cluster_pids(str(temp_dir)) | cluster_pids(gcs)
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -98,11 +140,43 @@ def autoscaling_cluster(tmp_path_factory):
 
 def sweep(gcs, env, data_dir, storage, name, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "tune_alexnet", "sweep", "--address", gcs, "--data-dir", str(data_dir),
-         "--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true", "--dropout", "true", "--batch-size", "32,64",
-         "--epochs", "2", "--width", "0.125", "--storage", str(storage), "--name", name, "--shared-storage",
-         "--max-failures", "0", *extra],
-        env=env, capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "tune_alexnet",
+            "sweep",
+            "--address",
+            gcs,
+            "--data-dir",
+            str(data_dir),
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+            "--batchnorm",
+            "true",
+            "--dropout",
+            "true",
+            "--batch-size",
+            "32,64",
+            "--epochs",
+            "2",
+            "--width",
+            "0.125",
+            "--storage",
+            str(storage),
+            "--name",
+            name,
+            "--shared-storage",
+            "--max-failures",
+            "0",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_gpu_shares_are_asked_for_gpus_the_autoscaler_can_start(autoscaling_cluster, synthetic_dir, tmp_path):
@@ -112,9 +186,18 @@ def test_gpu_shares_are_asked_for_gpus_the_autoscaler_can_start(autoscaling_clus
     epochs = pd.read_parquet(tmp_path / "cpu-on-purpose" / "epochs.parquet")
     assert set(epochs["gpus_granted"]) == {0.25}  # no --gpus-per-trial, no GPU up at the start: still a share
     assert set(epochs["device"]) == {"cpu"}  # asked for
-    nodes = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(address='" + gcs + "'); "
-                            "print('GPU-NODES', json.dumps([n['NodeID'] for n in ray.nodes() if n['Resources'].get('GPU')]))"],
-                           env=env, capture_output=True, text=True, timeout=120).stdout
+    nodes = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, ray; ray.init(address='" + gcs + "'); "
+            "print('GPU-NODES', json.dumps([n['NodeID'] for n in ray.nodes() if n['Resources'].get('GPU')]))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     gpu_nodes = set(json.loads(next(ln for ln in nodes.splitlines() if ln.startswith("GPU-NODES")).split(" ", 1)[1]))
     assert set(epochs["node_id"]) <= gpu_nodes and gpu_nodes  # the autoscaler started the GPU worker for them
 

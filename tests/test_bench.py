@@ -1,21 +1,215 @@
-"""The benchmark scripts run end to end on tiny settings, so they work when a GPU is there to measure."""
+"""The benchmark scripts run end to end on tiny settings, so they work when a GPU is there to measure.
+
+bench/device.sh is meant for a GPU machine that has no Ray: its smoke run here goes through the same four parts
+with `import ray` made to fail.
+"""
+
+import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"[\d,]+(?:\.\d+)?"
+MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"  # real CIFAR-10 images, where present
 
 
 def run(script, *args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def load_device_module():
+    spec = importlib.util.spec_from_file_location("bench_device", ROOT / "bench" / "device.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def device():
+    return load_device_module()
+
+
+@pytest.fixture
+def no_ray_env(tmp_path):
+    """An environment in which `import ray` raises ImportError, in this process's children and theirs."""
+    blocker = tmp_path / "no-ray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('ray is not installed on this machine')\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(blocker.parent)
+    env["PYTHON"] = sys.executable
+    probe = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "ray is not installed" in probe.stderr
+    return env
+
+
+def test_device_smoke_runs_all_four_parts_without_ray(no_ray_env, synthetic_dir, tmp_path):
+    data = MINI if MINI.is_dir() else synthetic_dir
+    out = tmp_path / "out"
+    env = {**no_ray_env, "OUT": str(out)}
+    done = subprocess.run(
+        ["bash", "bench/device.sh", "--smoke", "--data-dir", str(data), "--budget-s", "60"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["checkpoint.md", "fidelity.md", "log.txt", "packing.md", "summary.md", "throughput.md"]
+    assert all(p.is_file() for p in out.iterdir())
+    text = {name: (out / name).read_text() for name in files}
+
+    for path in ("original", "project"):
+        for batch in (32, 64, 128):
+            assert re.search(
+                rf"^\| {path} \| {batch} \| {NUMBER} \| {NUMBER} \| no GPU \|", text["throughput.md"], re.M
+            ), text["throughput.md"]
+    assert re.search(r"= \d+\.\d TFLOP", text["throughput.md"])  # the epoch's arithmetic, from the layer shapes
+
+    for batch in (32, 128):
+        assert re.search(rf"^\| 1 \| no GPU \| {batch} \| {NUMBER} \| {NUMBER} \| 1\.00x \|", text["packing.md"], re.M)
+        assert re.search(
+            rf"^\| 2 \| no GPU \| {batch} \| {NUMBER}, {NUMBER} \| {NUMBER} \| {NUMBER}x \|", text["packing.md"], re.M
+        ), text["packing.md"]
+
+    for optimizer, run_number in (("sgd", 12), ("adam", 48)):
+        rows = re.findall(
+            rf"^\| {optimizer} \(run {run_number}\) \| (\S+) s \| \d+ \| (\w+) \| {NUMBER} \|.*%",
+            text["checkpoint.md"],
+            re.M,
+        )
+        assert {kind for _, kind in rows} >= {"best", "resume", "final"}, text["checkpoint.md"]
+
+    for run_number, original in ((16, "88.43"), (12, "88.11"), (62, "88.14"), (79, "13.54")):
+        row = re.search(
+            rf"^\| {run_number} \| \w+ \| [\d.]+ \| \d+ \| \w+ \| \w+ \| {original} \| (.*?) \|",
+            text["fidelity.md"],
+            re.M,
+        )
+        assert row, text["fidelity.md"]
+        assert re.fullmatch(
+            r"\d+\.\d\d% \(finished: .*\)|cut at epoch \d+ of <=100: best so far \d+\.\d\d%", row.group(1)
+        ), row.group(1)
+
+    summary = text["summary.md"]
+    assert "Ray modules loaded by this run: none" in summary
+    for part in ("(a) Training throughput", "(b) Packing", "(c) Checkpoint share", "(d) Fidelity"):
+        assert part in summary
+    assert "part failed" not in summary
+
+
+def test_fidelity_rows_never_pass_a_cut_run_off_as_a_result(device, tmp_path):
+    def log(name, lines):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return path
+
+    def epoch(n, best, since, best_epoch):
+        return {
+            "epoch": n,
+            "best_val_acc": best,
+            "epochs_since_best": since,
+            "best_epoch": best_epoch,
+            "diverged": False,
+            "train_s": 10.0,
+            "eval_s": 1.0,
+            "checkpoint_s": 0.1,
+            "own_report_s": 0.1,
+        }
+
+    cut = device._fidelity_row(
+        16, 88.43, log("cut", [epoch(1, 50.0, 0, 1), epoch(37, 85.1, 2, 35), {"end": "cut"}]), 100, 5
+    )
+    assert cut[7] == "cut at epoch 37 of <=100: best so far 85.10%" and cut[8] == ""
+    done = device._fidelity_row(12, 88.11, log("done", [epoch(40, 87.9, 5, 35), {"end": "finished"}]), 100, 5)
+    assert done[7] == "87.90% (finished: plateau at epoch 40, best at epoch 35)" and done[8] == "-0.21"
+    killed = device._fidelity_row(62, 88.14, tmp_path / "absent.jsonl", 100, 5)
+    assert killed[7].startswith("cut before its first epoch ended") and "%" not in killed[7]
+
+
+def test_device_arithmetic_and_card_table(device):
+    epoch_flop = 3 * device.forward_flops(1.0) * 50_000
+    assert 75e12 < epoch_flop < 77e12  # the study's "about 76 TFLOP an epoch"
+    assert device.card_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert device.card_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert device.card_peak_flops("NVIDIA H200") == 989e12
+    assert device.card_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert device.card_peak_flops("NVIDIA A10G") == 70e12
+    assert device.card_peak_flops("NVIDIA L4") == 121e12
+    assert device.card_peak_flops("NVIDIA L40S") == 362e12
+    assert device.card_peak_flops("Some Other Card") is None
+
+
+def test_checkpoint_bench_counts_every_persisted_checkpoint_and_the_driver_clock(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", ROOT / "bench" / "checkpoint.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trial = tmp_path / "exp" / "train_cifar_0"
+    (trial / "checkpoint_000002").mkdir(parents=True)
+    (trial / "checkpoint_000002" / "model.pt").write_bytes(b"x" * 1000)  # the one Tune kept
+    rows = [
+        {
+            "trial_id": "t0",
+            "training_iteration": i,
+            "train_s": 1.0,
+            "eval_s": 0.5,
+            "checkpoint_s": 0.2,
+            "report_s": 0.3 if i > 1 else 0.0,
+            "checkpoint_kind": kind,
+            "checkpoint_dir_name": None if kind is None else f"checkpoint_{i - 1:06d}",
+        }
+        for i, kind in ((1, "best"), (2, None), (3, "final"))
+    ]
+    (trial / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    persisted = {"checkpoint_000000@t0": 1000, "checkpoint_000002@t0": 1000, "checkpoint_000009@other": 5}
+    arrivals = {"t0": {1: 10.0, 2: 12.0, 3: 14.5}}  # epoch 2: 2.0 s, epoch 3: 2.5 s on the driver's clock
+    r = bench.summarise(tmp_path / "exp", "after", "sgd", 12, None, persisted, arrivals, 60.0)
+    assert r["checkpoints"] == 2 and r["bytes_per_epoch"] == pytest.approx(2000 / 3)  # the deleted one counts
+    assert r["seconds_per_epoch"] == pytest.approx(((2.0 - 1.5) + (2.5 - 1.5)) / 2)
+    assert r["kept_bytes"] == 1000 and r["kinds"] == {"best": 1, "none": 1, "final": 1}
+    row = next(
+        ln for ln in bench.table([r, {**r, "seconds_per_epoch": 0.9}], 300.0).splitlines() if ln.startswith("| after")
+    )
+    assert "| default (300 s) | 3 | best x1, none x1, final x1 | 2 | 0.0 | 0.82 (0.75, 0.90) |" in row
 
 
 def test_fidelity_runs_chosen_study_runs_through_the_sweep(synthetic_dir, tmp_path):
-    out = run("fidelity.py", "--data-dir", synthetic_dir, "--runs", "16,79", "--epochs", "2", "--width", "0.125",
-              "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--storage", tmp_path, "--name", "fid", cwd=tmp_path)
+    out = run(
+        "fidelity.py",
+        "--data-dir",
+        synthetic_dir,
+        "--runs",
+        "16,79",
+        "--epochs",
+        "2",
+        "--width",
+        "0.125",
+        "--gpus-per-trial",
+        "0",
+        "--cpus-per-trial",
+        "1",
+        "--storage",
+        tmp_path,
+        "--name",
+        "fid",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("| 16 ") or ln.startswith("| 79 ")]
     assert len(lines) == 2
@@ -24,16 +218,18 @@ def test_fidelity_runs_chosen_study_runs_through_the_sweep(synthetic_dir, tmp_pa
 
 
 def test_throughput_prints_its_table(synthetic_dir, tmp_path):
-    out = run("throughput.py", "--device", "cpu", "--data-dir", synthetic_dir, "--images", "64", "--batch-size", "32",
-              cwd=ROOT)
+    out = run(
+        "throughput.py",
+        "--device",
+        "cpu",
+        "--data-dir",
+        synthetic_dir,
+        "--images",
+        "64",
+        "--batch-size",
+        "32",
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| augmentation only (1 CPU thread) | 32 |" in out.stdout
     assert "| train epoch (model + data) | 32 |" in out.stdout
-
-
-def test_packing_runs_its_sweeps(synthetic_dir, tmp_path):
-    out = run("packing.py", "--data-dir", synthetic_dir, "--concurrency", "2", "--epochs", "2", "--width", "0.125",
-              "--cpus-per-trial", "1", "--storage", tmp_path, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| 2 |")]
-    assert len(rows) == 1 and "aggregate img/s" in out.stdout

@@ -1,27 +1,31 @@
 """Bad input: one line naming the value and what is allowed, exit 2, nothing started or written."""
+
 import subprocess
 import sys
 
 import pytest
 
-from tune_alexnet.cli import build_parser, main, _settings
+from tune_alexnet.cli import _settings, build_parser, main
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["sweep", "--dropout", "ture"], "'ture'; allowed: true or false"),
-    (["sweep", "--batchnorm", "yes"], "'yes'; allowed: true or false"),
-    (["sweep", "--optimizer", "sgdd"], "'sgdd'; allowed: sgd, adam, rmsprop or all"),
-    (["sweep", "--lr", "fast"], "'fast'; allowed: a positive number"),
-    (["sweep", "--lr", "-0.1"], "'-0.1'; allowed: a positive number"),
-    (["sweep", "--batch_size", "1"], "'1'; allowed: a whole number >= 2"),
-    (["sweep", "--batch-size", "abc"], "'abc'; allowed: a whole number >= 2"),
-    (["sweep", "--epochs", "0"], "'0'; allowed: a whole number >= 1"),
-    (["sweep", "--subset", "-5"], "'-5'; allowed: a whole number >= 1"),
-    (["sweep", "--gpus-per-trial", "-1"], "'-1'; allowed: a number >= 0"),
-    (["sweep", "--precision", "fp8"], "invalid choice: 'fp8'"),
-    (["sweep", "--optimiser", "sgd"], "unrecognized arguments: --optimiser"),
-    (["train"], "invalid choice: 'train'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["sweep", "--dropout", "ture"], "'ture'; allowed: true or false"),
+        (["sweep", "--batchnorm", "yes"], "'yes'; allowed: true or false"),
+        (["sweep", "--optimizer", "sgdd"], "'sgdd'; allowed: sgd, adam, rmsprop or all"),
+        (["sweep", "--lr", "fast"], "'fast'; allowed: a positive number"),
+        (["sweep", "--lr", "-0.1"], "'-0.1'; allowed: a positive number"),
+        (["sweep", "--batch_size", "1"], "'1'; allowed: a whole number >= 2"),
+        (["sweep", "--batch-size", "abc"], "'abc'; allowed: a whole number >= 2"),
+        (["sweep", "--epochs", "0"], "'0'; allowed: a whole number >= 1"),
+        (["sweep", "--subset", "-5"], "'-5'; allowed: a whole number >= 1"),
+        (["sweep", "--gpus-per-trial", "-1"], "'-1'; allowed: a number >= 0"),
+        (["sweep", "--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["sweep", "--optimiser", "sgd"], "unrecognized arguments: --optimiser"),
+        (["train"], "invalid choice: 'train'"),
+    ],
+)
 def test_bad_flags_give_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -37,17 +41,44 @@ def test_original_flags_pin_the_grid():
     assert len(_settings(parse(["sweep"])).grid) == 108
     assert len(_settings(parse(["sweep", "--optimizer", "all"])).grid) == 108
     assert len(_settings(parse(["sweep", "--optimizer", "sgd"])).grid) == 36
-    s = _settings(parse(["sweep", "--optimizer", "adam", "--lr", "0.001", "--batch_size", "64", "--dropout", "false",
-                         "--batchnorm", "true"]))
-    assert s.grid.configs() == [{"optimizer": "adam", "lr": 0.001, "batch_size": 64, "dropout": False, "batchnorm": True}]
+    s = _settings(
+        parse(
+            [
+                "sweep",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "0.001",
+                "--batch_size",
+                "64",
+                "--dropout",
+                "false",
+                "--batchnorm",
+                "true",
+            ]
+        )
+    )
+    assert s.grid.configs() == [
+        {"optimizer": "adam", "lr": 0.001, "batch_size": 64, "dropout": False, "batchnorm": True}
+    ]
     assert _settings(parse(["sweep", "--batch-size", "32,128"])).grid.batch_size == (32, 128)
 
 
 def test_help_is_there_for_newcomers():
     out = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for flag in ("--optimizer", "--batch_size", "--dropout", "--batchnorm", "--data-dir", "--subset", "--resume",
-                 "--storage", "--gpus-per-trial", "examples:"):
+    for flag in (
+        "--optimizer",
+        "--batch_size",
+        "--dropout",
+        "--batchnorm",
+        "--data-dir",
+        "--subset",
+        "--resume",
+        "--storage",
+        "--gpus-per-trial",
+        "examples:",
+    ):
         assert flag in out.stdout
 
 
@@ -75,7 +106,10 @@ def test_export_of_a_folder_that_is_not_an_experiment(tmp_path, capsys):
 
 
 def test_resume_of_a_name_that_does_not_exist(tmp_path, capsys, synthetic_dir):
-    assert main(["sweep", "--resume", "--name", "ghost", "--storage", str(tmp_path), "--data-dir", str(synthetic_dir)]) == 2
+    assert (
+        main(["sweep", "--resume", "--name", "ghost", "--storage", str(tmp_path), "--data-dir", str(synthetic_dir)])
+        == 2
+    )
     assert "no experiment named 'ghost'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -1,4 +1,5 @@
 """The cluster path on one machine: a real two-node Ray (`ray start`), job submission, fake GPUs."""
+
 import json
 import os
 import re
@@ -38,26 +39,52 @@ class LocalCluster:
         port, dash = free_port(), free_port()
         self.gcs = f"127.0.0.1:{port}"
         self.dashboard = f"http://127.0.0.1:{dash}"
-        self.procs = [self._start(["--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
-                                   "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                                   f"--ray-client-server-port={free_port()}"], tmp / "head.log")]
+        self.procs = [
+            self._start(
+                [
+                    "--head",
+                    f"--port={port}",
+                    "--num-cpus=2",
+                    "--num-gpus=1",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={free_port()}",
+                ],
+                tmp / "head.log",
+            )
+        ]
         self.wait_nodes(1)
         self.procs.append(self._start([f"--address={self.gcs}", "--num-cpus=2", "--num-gpus=0"], tmp / "worker.log"))
         self.wait_nodes(2)
 
     def _start(self, args, log: Path) -> subprocess.Popen:
         # Every port chosen free, so another Ray on this machine (default ports) cannot collide with this one.
-        ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                        "metrics-export-port", "runtime-env-agent-port",
-                                                        "node-manager-port", "object-manager-port")]
-        return subprocess.Popen([str(BIN / "ray"), "start", "--block", *args, *ports], stdout=log.open("w"),
-                                stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        ports = [
+            f"--{flag}={free_port()}"
+            for flag in (
+                "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port",
+                "metrics-export-port",
+                "runtime-env-agent-port",
+                "node-manager-port",
+                "object-manager-port",
+            )
+        ]
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", *args, *ports],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
 
     def wait_nodes(self, n: int):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            out = subprocess.run([str(BIN / "ray"), "status", "--address", self.gcs], env=self.env,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [str(BIN / "ray"), "status", "--address", self.gcs], env=self.env, capture_output=True, text=True
+            ).stdout
             active = out.split("Active:", 1)[-1].split("Pending:", 1)[0]
             if len(re.findall(r"\bnode_[0-9a-f]+", active)) >= n:
                 return
@@ -91,19 +118,43 @@ def cluster(tmp_path_factory):
 
 
 def small_sweep(data_dir, storage, name, *extra):
-    return ["--data-dir", data_dir, "--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true",
-            "--batch-size", "32,64", "--epochs", "3", "--width", "0.125", "--storage", storage, "--name", name, *extra]
+    return [
+        "--data-dir",
+        data_dir,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--batchnorm",
+        "true",
+        "--batch-size",
+        "32,64",
+        "--epochs",
+        "3",
+        "--width",
+        "0.125",
+        "--storage",
+        storage,
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 def trial_rows(exp_dir: Path) -> dict[str, list[dict]]:
-    return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
-            for p in exp_dir.glob("train_cifar_*/result.json")}
+    return {
+        p.parent.name: [json.loads(line) for line in p.read_text().splitlines()]
+        for p in exp_dir.glob("train_cifar_*/result.json")
+    }
 
 
 def test_sweep_spreads_over_two_nodes_with_shared_storage(cluster, synthetic_dir, tmp_path):
     storage = tmp_path / "shared"
-    out = cluster.sweep(*small_sweep(synthetic_dir, storage, "two", "--cpus-per-trial", "1", "--gpus-per-trial", "0",
-                                     "--shared-storage"))
+    out = cluster.sweep(
+        *small_sweep(
+            synthetic_dir, storage, "two", "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--shared-storage"
+        )
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     table = pd.read_parquet(storage / "two" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"terminated"}
@@ -126,10 +177,37 @@ def test_local_storage_on_a_multi_node_cluster_is_refused_before_any_trial(clust
 
 def test_fractional_gpus_pack_four_trials_on_one_fake_gpu(cluster, synthetic_dir, tmp_path):
     storage = tmp_path / "gpu"
-    out = cluster.sweep("--data-dir", synthetic_dir, "--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true",
-                        "--dropout", "true,false", "--batch-size", "32,64", "--epochs", "6", "--patience", "100",
-                        "--width", "0.125", "--storage", storage, "--name", "gpu", "--shared-storage",
-                        "--gpus-per-trial", "0.25", "--cpus-per-trial", "0", "--device", "cpu")
+    out = cluster.sweep(
+        "--data-dir",
+        synthetic_dir,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--batchnorm",
+        "true",
+        "--dropout",
+        "true,false",
+        "--batch-size",
+        "32,64",
+        "--epochs",
+        "6",
+        "--patience",
+        "100",
+        "--width",
+        "0.125",
+        "--storage",
+        storage,
+        "--name",
+        "gpu",
+        "--shared-storage",
+        "--gpus-per-trial",
+        "0.25",
+        "--cpus-per-trial",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     table = pd.read_parquet(storage / "gpu" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"terminated"}
@@ -144,17 +222,37 @@ def test_fractional_gpus_pack_four_trials_on_one_fake_gpu(cluster, synthetic_dir
 
 def test_job_submission_runs_the_sweep_on_the_cluster(cluster, synthetic_dir, tmp_path):
     storage, job = tmp_path / "jobs", f"tune-alexnet-{secrets.token_hex(4)}"
-    entry = [sys.executable, "-m", "tune_alexnet", "sweep", "--address", "auto",
-             *small_sweep(synthetic_dir, storage, "job", "--shared-storage")]
-    submit = cluster.run([str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", job,
-                          "--working-dir", str(ROOT), "--", *map(str, entry)], cwd=ROOT)
+    entry = [
+        sys.executable,
+        "-m",
+        "tune_alexnet",
+        "sweep",
+        "--address",
+        "auto",
+        *small_sweep(synthetic_dir, storage, "job", "--shared-storage"),
+    ]
+    submit = cluster.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--submission-id",
+            job,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            *map(str, entry),
+        ],
+        cwd=ROOT,
+    )
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
     status = cluster.run([str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job])
     assert f"Job '{job}' succeeded" in status.stdout + status.stderr  # the CLI's words for SUCCEEDED
     table = pd.read_parquet(storage / "job" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"terminated"}
     assert (storage / "job" / "report.md").is_file()
-
 
 
 # --- S3 storage, against an S3 emulator on loopback ------------------------------------------------------------
@@ -167,10 +265,19 @@ def s3(tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -194,18 +301,37 @@ def test_a_sweep_on_s3_storage_is_whole_and_resumes_from_the_bucket(cluster, s3,
     root, client = s3
     uri = root.replace("tune-alexnet?", "tune-alexnet/s3run?")
     prefix = "tune-alexnet/s3run/"
-    args = small_sweep(synthetic_dir, root, "s3run", "--epochs", "4", "--resume-every", "0", "--dropout", "true",
-                       "--batch-size", "32,64,128", "--gpus-per-trial", "0")
+    args = small_sweep(
+        synthetic_dir,
+        root,
+        "s3run",
+        "--epochs",
+        "4",
+        "--resume-every",
+        "0",
+        "--dropout",
+        "true",
+        "--batch-size",
+        "32,64,128",
+        "--gpus-per-trial",
+        "0",
+    )
     log = tmp_path / "first.log"
-    first = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", "--address", cluster.gcs,
-                              *map(str, args)], env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tune_alexnet", "sweep", "--address", cluster.gcs, *map(str, args)],
+        env=cluster.env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     # Interrupt (Ctrl-C) once a trial has a resume state in the bucket.
     deadline = time.monotonic() + TIMEOUT
     while not any(k.endswith("/trainer.pt") for k in bucket_keys(client, prefix)):
         assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-1000:] + "".join(
             client.get_object(Bucket="sweeps", Key=k)["Body"].read().decode()[-1500:]
-            for k in bucket_keys(client, prefix) if k.endswith("error.txt"))
+            for k in bucket_keys(client, prefix)
+            if k.endswith("error.txt")
+        )
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGINT)
     assert first.wait(TIMEOUT) == 1, log.read_text()[-3000:]
@@ -215,8 +341,16 @@ def test_a_sweep_on_s3_storage_is_whole_and_resumes_from_the_bucket(cluster, s3,
     resumed = cluster.sweep("--resume", "--name", "s3run", "--storage", root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     keys = bucket_keys(client, prefix)
-    for name in ("results.parquet", "results.csv", "epochs.parquet", "results_sgd.csv", "report.md", "heatmaps.png",
-                 "curves.png", "tune_alexnet_sweep.json"):
+    for name in (
+        "results.parquet",
+        "results.csv",
+        "epochs.parquet",
+        "results_sgd.csv",
+        "report.md",
+        "heatmaps.png",
+        "curves.png",
+        "tune_alexnet_sweep.json",
+    ):
         assert prefix + name in keys, name
     trials = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("train_cifar_")}
     assert len(trials) == 3

@@ -1,4 +1,5 @@
 """Nothing lost: real processes killed with real signals, divergence, errored trials, half-finished exports."""
+
 import json
 import os
 import signal
@@ -10,17 +11,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
-
 from tune_alexnet.export import load_experiment
+
+pytestmark = pytest.mark.slow
 
 TIMEOUT = 240
 
 
 def start_sweep(args, log_path: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)],
-                            stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = TIMEOUT):
@@ -51,8 +57,25 @@ def reported_epochs(exp_dir: Path) -> dict[str, list[dict]]:
 
 
 def sweep_args(data_dir, storage, name, epochs, extra=()):
-    return ["--data-dir", data_dir, "--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true",
-            "--epochs", epochs, "--width", "0.125", "--storage", storage, "--name", name, *extra]
+    return [
+        "--data-dir",
+        data_dir,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--batchnorm",
+        "true",
+        "--epochs",
+        epochs,
+        "--width",
+        "0.125",
+        "--storage",
+        storage,
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 def test_driver_killed_mid_sweep_then_resume_keeps_finished_trials(synthetic_dir, tmp_path):
@@ -60,8 +83,9 @@ def test_driver_killed_mid_sweep_then_resume_keeps_finished_trials(synthetic_dir
     exp_dir = storage / "killed"
     three = ["--dropout", "true"]  # batch 32, 64, 128: two run at once, so one can finish while two have not
     proc = start_sweep(sweep_args(synthetic_dir, storage, "killed", epochs, three), tmp_path / "first.log")
-    finished = wait_for(lambda: [k for k, rows in reported_epochs(exp_dir).items() if len(rows) == epochs],
-                        proc, "a trial to finish")
+    finished = wait_for(
+        lambda: [k for k, rows in reported_epochs(exp_dir).items() if len(rows) == epochs], proc, "a trial to finish"
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = reported_epochs(exp_dir)
@@ -91,14 +115,33 @@ def test_driver_killed_mid_sweep_then_resume_keeps_finished_trials(synthetic_dir
 def test_killed_trial_worker_restarts_from_its_checkpoint(synthetic_dir, tmp_path):
     storage, epochs = tmp_path / "results", 8
     exp_dir = storage / "worker"
-    proc = start_sweep(sweep_args(synthetic_dir, storage, "worker", epochs,
-                                  ["--dropout", "true", "--batch-size", "32,64", "--max-failures", "2", "--resume-every", "0",
-                                   "--patience", "100"]), tmp_path / "sweep.log")
+    proc = start_sweep(
+        sweep_args(
+            synthetic_dir,
+            storage,
+            "worker",
+            epochs,
+            [
+                "--dropout",
+                "true",
+                "--batch-size",
+                "32,64",
+                "--max-failures",
+                "2",
+                "--resume-every",
+                "0",
+                "--patience",
+                "100",
+            ],
+        ),
+        tmp_path / "sweep.log",
+    )
 
     def victim():
         for name, rows in reported_epochs(exp_dir).items():
             if len(rows) >= 2 and rows[-1]["epoch"] < epochs - 2:
                 return name, rows[-1]["pid"], rows[-1]["epoch"]
+
     name, pid, epoch_at_kill = wait_for(victim, proc, "a trial in mid-training")
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(TIMEOUT) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
@@ -132,18 +175,23 @@ def test_errored_trials_are_rows_with_their_error(mixed_experiment):
     assert errored["final_accuracy"].isna().all() and errored["run"].isna().all()
 
 
-@pytest.mark.parametrize("signals", [
-    [signal.SIGINT],  # what Ctrl-C in a terminal sends
-    [signal.SIGTERM],  # what `ray job stop`, Kubernetes and systemd send
-    [signal.SIGHUP],  # a closed terminal
-    [signal.SIGINT, signal.SIGINT],  # an impatient second Ctrl-C: a shorter stop, still clean
-], ids=["sigint", "sigterm", "sighup", "sigint-twice"])
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGINT],  # what Ctrl-C in a terminal sends
+        [signal.SIGTERM],  # what `ray job stop`, Kubernetes and systemd send
+        [signal.SIGHUP],  # a closed terminal
+        [signal.SIGINT, signal.SIGINT],  # an impatient second Ctrl-C: a shorter stop, still clean
+    ],
+    ids=["sigint", "sigterm", "sighup", "sigint-twice"],
+)
 def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resume(signals, synthetic_dir, tmp_path):
     storage, epochs = tmp_path / "results", 30
     exp_dir = storage / "interrupted"
     log = tmp_path / "sweep.log"
-    proc = start_sweep(sweep_args(synthetic_dir, storage, "interrupted", epochs, ["--dropout", "true",
-                                                                                "--patience", "100"]), log)
+    proc = start_sweep(
+        sweep_args(synthetic_dir, storage, "interrupted", epochs, ["--dropout", "true", "--patience", "100"]), log
+    )
     wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(exp_dir).values()), proc, "a trial to train")
     for sig in signals:
         os.kill(proc.pid, sig)  # to the driver alone, as a process manager does
@@ -160,9 +208,31 @@ def test_full_size_trials_end_from_the_inside_without_an_abort(synthetic_dir, tm
     """The function returns by the plateau rule at the same result the stopper stops on: nothing is torn down
     under a running full-width network (which once aborted worker processes at trial end)."""
     log = tmp_path / "sweep.log"
-    proc = start_sweep(["--data-dir", synthetic_dir, "--subset", "2", "--optimizer", "adam", "--lr", "1e-12",
-                        "--batchnorm", "true", "--batch-size", "32", "--epochs", "10", "--patience", "1",
-                        "--storage", tmp_path, "--name", "full"], log)
+    proc = start_sweep(
+        [
+            "--data-dir",
+            synthetic_dir,
+            "--subset",
+            "2",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-12",
+            "--batchnorm",
+            "true",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "10",
+            "--patience",
+            "1",
+            "--storage",
+            tmp_path,
+            "--name",
+            "full",
+        ],
+        log,
+    )
     assert proc.wait(TIMEOUT) == 0, log.read_text()[-3000:]
     table = pd.read_parquet(tmp_path / "full" / "results.parquet")
     assert (table["epochs_run"] == 2).all() and table["stopped_early"].all()

@@ -15,19 +15,27 @@ def test_full_grid_is_the_studys_108_runs_in_its_order():
     grid = make_grid()
     assert len(grid) == 108 and len(grid.configs()) == 108
     for config, row in zip(grid.configs(), reference_rows()):
-        assert config == {"optimizer": row["optimizer"], "lr": float(row["lr"]), "batch_size": int(row["batch_size"]),
-                          "dropout": row["dropout"] == "true", "batchnorm": row["batchnorm"] == "true"}
+        assert config == {
+            "optimizer": row["optimizer"],
+            "lr": float(row["lr"]),
+            "batch_size": int(row["batch_size"]),
+            "dropout": row["dropout"] == "true",
+            "batchnorm": row["batchnorm"] == "true",
+        }
         assert run_number(config) == int(row["run"])
 
 
-@pytest.mark.parametrize("pins,size", [
-    ({}, 108),
-    ({"optimizer": ("sgd",)}, 36),
-    ({"optimizer": ("sgd", "adam", "rmsprop")}, 108),
-    ({"optimizer": ("adam",), "lr": (0.01,)}, 12),
-    ({"batchnorm": (True,)}, 54),
-    ({"optimizer": ("sgd",), "lr": (0.001,), "batch_size": (32,), "dropout": (False,), "batchnorm": (True,)}, 1),
-])
+@pytest.mark.parametrize(
+    "pins,size",
+    [
+        ({}, 108),
+        ({"optimizer": ("sgd",)}, 36),
+        ({"optimizer": ("sgd", "adam", "rmsprop")}, 108),
+        ({"optimizer": ("adam",), "lr": (0.01,)}, 12),
+        ({"batchnorm": (True,)}, 54),
+        ({"optimizer": ("sgd",), "lr": (0.001,), "batch_size": (32,), "dropout": (False,), "batchnorm": (True,)}, 1),
+    ],
+)
 def test_pinned_flags_shrink_the_grid(pins, size):
     assert len(make_grid(**pins)) == size
 

@@ -18,11 +18,20 @@ def test_parameter_counts_and_output_shape(dropout, batchnorm, params):
 def test_batchnorm_comes_after_relu_and_pools_where_spec_says():
     layers = list(AlexNet(dropout=False, batchnorm=True).features)
     kinds = [type(m).__name__ for m in layers]
-    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"] * 2 + ["Conv2d", "ReLU", "BatchNorm2d"] * 2 + \
-        ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
+    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"] * 2 + ["Conv2d", "ReLU", "BatchNorm2d"] * 2 + [
+        "Conv2d",
+        "ReLU",
+        "BatchNorm2d",
+        "MaxPool2d",
+    ]
     convs = [m for m in layers if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.padding[0]) for c in convs] == [
-        (3, 64, 5, 2), (64, 192, 5, 2), (192, 384, 3, 1), (384, 256, 3, 1), (256, 256, 3, 1)]
+        (3, 64, 5, 2),
+        (64, 192, 5, 2),
+        (192, 384, 3, 1),
+        (384, 256, 3, 1),
+        (256, 256, 3, 1),
+    ]
 
 
 def test_classifier_has_dropout_before_each_hidden_linear():

@@ -5,7 +5,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_commands():
     lines = ROOT.joinpath("README.md").read_text().splitlines()
-    block = lines[lines.index("```bash") + 1: lines.index("```")]
+    block = lines[lines.index("```bash") + 1 : lines.index("```")]
     return block
 
 

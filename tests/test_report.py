@@ -1,13 +1,13 @@
 """Reports from real small experiments: figures, statistics equal to the table's, the original's numbers."""
+
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tune_alexnet.cli import main
+from tune_alexnet.cli import main, run_study
 from tune_alexnet.grid import make_grid
 from tune_alexnet.report import reference_table, write_report
-from tune_alexnet.cli import run_study
 from tune_alexnet.settings import SweepSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -17,10 +17,16 @@ FIGURES = ("heatmaps.png", "effects.png", "curves.png", "comparison.png")
 @pytest.fixture(scope="module")
 def repeated(ray_local, synthetic_dir, tmp_path_factory):
     """Two SGD grid points (runs 14 and 16), two seeds each."""
-    s = SweepSettings(grid=make_grid(optimizer=("sgd",), lr=(0.001,), batch_size=(32,), dropout=(True, False),
-                                     batchnorm=(True,)),
-                      epochs=2, repeats=2, seed=7, data_dir=str(synthetic_dir),
-                      storage=str(tmp_path_factory.mktemp("rep")), name="rep", trial={"width": 0.125})
+    s = SweepSettings(
+        grid=make_grid(optimizer=("sgd",), lr=(0.001,), batch_size=(32,), dropout=(True, False), batchnorm=(True,)),
+        epochs=2,
+        repeats=2,
+        seed=7,
+        data_dir=str(synthetic_dir),
+        storage=str(tmp_path_factory.mktemp("rep")),
+        name="rep",
+        trial={"width": 0.125},
+    )
     return run_study(s)[:2]
 
 
@@ -88,3 +94,38 @@ def test_report_lists_diverged_and_errored_runs(mixed_experiment, tmp_path, caps
     assert failed.loc[failed["status"] == "errored", "error"].str.contains("nosuchopt").all()
     for fig in FIGURES:
         assert (tmp_path / fig).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_noise_rule_against_hand_computed_cases():
+    """Differences within 2 standard deviations of the seeds count as noise; one seed gives no verdict."""
+    from tune_alexnet.report import comparison, reference_table
+
+    ref = reference_table().set_index("run")["final_accuracy"]
+    base = {"optimizer": "sgd", "lr": 0.001, "batch_size": 32, "dropout": False, "batchnorm": True}
+    table = pd.DataFrame(
+        [
+            {
+                **base,
+                "run": 16,
+                "final_accuracy": ref[16] + 1.0,
+                "seed": 1,
+            },  # mean +2, std 1.41: |2| <= 2 x 1.41, noise
+            {**base, "run": 16, "final_accuracy": ref[16] + 3.0, "seed": 2},
+            {
+                **base,
+                "dropout": True,
+                "run": 14,
+                "final_accuracy": ref[14] - 5.0,
+                "seed": 1,
+            },  # mean -5.07, std 0.1: not noise
+            {**base, "dropout": True, "run": 14, "final_accuracy": ref[14] - 5.1414, "seed": 2},
+            {**base, "batch_size": 64, "run": 18, "final_accuracy": ref[18] + 0.1, "seed": 1},  # one seed: no verdict
+        ]
+    )
+    comp = comparison(table).set_index("run")
+    assert comp.loc[16, "difference"] == pytest.approx(2.0)
+    assert comp.loc[16, "std"] == pytest.approx(2**0.5)
+    assert comp.loc[16, "within_noise"] == True  # noqa: E712 (a numpy bool)
+    assert comp.loc[14, "difference"] == pytest.approx(-5.0707)
+    assert comp.loc[14, "within_noise"] == False  # noqa: E712
+    assert comp.loc[18, "within_noise"] is None

@@ -1,5 +1,6 @@
 """What users reach for after (and during) a sweep: the console, Ray's own result API, paths as typed,
 one table schema across experiments, and the best model classifying real images."""
+
 import json
 import os
 import shutil
@@ -16,8 +17,20 @@ from tune_alexnet import __version__
 from tune_alexnet.cli import main
 from tune_alexnet.export import EPOCH_SCHEMA, TABLE_SCHEMA
 
-SWEEP = ["--optimizer", "sgd", "--lr", "0.01", "--batchnorm", "true", "--batch-size", "32", "--epochs", "2",
-         "--width", "0.125"]
+SWEEP = [
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.01",
+    "--batchnorm",
+    "true",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--width",
+    "0.125",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +41,26 @@ def cli_run(synthetic_dir, tmp_path_factory):
     shutil.copytree(synthetic_dir, work / "images")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HOME"] = str(home)
-    out = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", "images", "--storage",
-                          "~/results", "--name", "typed", *SWEEP], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=400)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tune_alexnet",
+            "sweep",
+            "--data-dir",
+            "images",
+            "--storage",
+            "~/results",
+            "--name",
+            "typed",
+            *SWEEP,
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     return out, home / "results" / "typed", work
 
 
@@ -46,8 +76,13 @@ def test_console_tells_the_story_and_nothing_else(cli_run):
     assert "    sgd      best " in out.stdout
     assert f"  curves: tensorboard --logdir {exp}" in out.stdout  # the experiment's real folder
     assert f"  best checkpoint: {best['best_checkpoint']}" in out.stdout
-    for noise in ("Checkpoint successfully created", "Configuration for experiment", "sample_from",
-                  "may become a bottleneck", "driver_artifacts"):
+    for noise in (
+        "Checkpoint successfully created",
+        "Configuration for experiment",
+        "sample_from",
+        "may become a bottleneck",
+        "driver_artifacts",
+    ):
         assert noise not in text, noise
     assert max(len(line) for line in out.stdout.splitlines() if not line.startswith("  best checkpoint")) <= 120
 
@@ -107,8 +142,20 @@ def test_resume_on_other_data_is_refused_unless_deliberate(cli_run, mini_dir, ca
     out, exp, _ = cli_run
     assert out.returncode == 0
     before = sorted(p.name for p in exp.iterdir())
-    code = main(["sweep", "--resume", "--name", "typed", "--storage", str(exp.parent), "--data-dir", str(mini_dir),
-                 "--subset", "2"])
+    code = main(
+        [
+            "sweep",
+            "--resume",
+            "--name",
+            "typed",
+            "--storage",
+            str(exp.parent),
+            "--data-dir",
+            str(mini_dir),
+            "--subset",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "pass --allow-data-change to resume on purpose" in err[-1], err
     assert sorted(p.name for p in exp.iterdir()) == before  # nothing written

@@ -58,3 +58,22 @@ def test_trials_are_independent_and_a_diverged_result_stops():
 
 def test_results_without_an_epoch_are_ignored():
     assert not PlateauStopper()("t", {"training_iteration": 3})
+
+
+def test_the_stopper_and_the_training_function_end_a_run_at_the_same_epoch(synthetic_dir):
+    """The function ends itself by the rule; the stopper must say stop on that last report and on no earlier one."""
+    from tune_alexnet.data import load_cifar10, take_subset
+    from tune_alexnet.train import train_cifar
+
+    data = take_subset(load_cifar10(synthetic_dir, progress=False), 4)
+    for config in ({"lr": 1e-9, "patience": 2, "epochs": 50}, {"lr": 0.01, "patience": 50, "epochs": 4}):
+        reports = []
+        train_cifar(
+            {"optimizer": "sgd", "batch_size": 16, "dropout": False, "batchnorm": True, "width": 0.125, **config},
+            data,
+            lambda metrics, checkpoint_dir, reports=reports: reports.append(metrics),
+        )
+        stopper = PlateauStopper(patience=config["patience"], max_epochs=config["epochs"])
+        verdicts = [stopper("t", r) for r in reports]
+        assert verdicts == [False] * (len(reports) - 1) + [True], verdicts
+    assert len(reports) == 4  # the second run ran to its epoch limit

@@ -1,15 +1,16 @@
 """A real Tuner sweep on the CPU through a real local Ray, then the real exporter."""
+
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from tune_alexnet.checkpoint import load_model, predict
+from tune_alexnet.cli import run_study
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.export import export, load_experiment
 from tune_alexnet.grid import make_grid
-from tune_alexnet.checkpoint import load_model, predict
-from tune_alexnet.cli import run_study
 from tune_alexnet.preflight import PreflightError, local_storage_problem
 from tune_alexnet.settings import SweepSettings
 
@@ -17,9 +18,13 @@ TINY = {"width": 0.125}
 
 
 def settings(tmp_path, name, **kw):
-    base = dict(grid=make_grid(optimizer=("sgd",), lr=(0.01,), batch_size=(32, 64), dropout=(True, False),
-                               batchnorm=(True,)),
-                epochs=2, storage=str(tmp_path / "results"), name=name, trial=TINY)
+    base = dict(
+        grid=make_grid(optimizer=("sgd",), lr=(0.01,), batch_size=(32, 64), dropout=(True, False), batchnorm=(True,)),
+        epochs=2,
+        storage=str(tmp_path / "results"),
+        name=name,
+        trial=TINY,
+    )
     return SweepSettings(**{**base, **kw})
 
 
@@ -52,8 +57,15 @@ def test_sweep_on_generated_images(ray_local, synthetic_dir, tmp_path):
     csv = pd.read_csv(Path(path, "results.csv"))
     assert len(parquet) == len(csv) == 4
     pd.testing.assert_frame_equal(parquet, exp.table)
-    assert list(pd.read_csv(Path(path, "results_sgd.csv")).columns) == \
-        ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
+    assert list(pd.read_csv(Path(path, "results_sgd.csv")).columns) == [
+        "Run",
+        "Optimizer",
+        "LR",
+        "Batch Size",
+        "Dropout",
+        "Batch Norm",
+        "Final Accuracy",
+    ]
     assert pd.read_csv(Path(path, "results_sgd.csv"))["Final Accuracy"].str.fullmatch(r"\d+\.\d\d%").all()
     # ... and exporting the folder again later gives the identical table.
     again, _ = export(path, tmp_path / "again")

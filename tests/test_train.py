@@ -45,8 +45,9 @@ def small_data():
 
 
 def test_overfits_one_small_batch(small, tmp_path):
-    one_batch = small.__class__(small.train_x[:20], small.train_y[:20], small.train_x[:20], small.train_y[:20],
-                                small.classes, "one batch")
+    one_batch = small.__class__(
+        small.train_x[:20], small.train_y[:20], small.train_x[:20], small.train_y[:20], small.classes, "one batch"
+    )
     rec = Recorder(tmp_path)
     train_cifar({**BASE, "batch_size": 20, "augment": False, "epochs": 40, "patience": 100, "lr": 0.02}, one_batch, rec)
     losses = [m["train_loss"] for m in rec.metrics]
@@ -95,8 +96,13 @@ def straight(small, tmp_path_factory):
 def same_epochs(a: list[dict], b: list[dict]):
     assert [m["epoch"] for m in a] == [m["epoch"] for m in b]
     for x, y in zip(a, b):
-        assert (x["train_loss"], x["val_acc"], x["best_val_acc"], x["best_epoch"], x["epochs_since_best"]) == \
-               (y["train_loss"], y["val_acc"], y["best_val_acc"], y["best_epoch"], y["epochs_since_best"])
+        assert (x["train_loss"], x["val_acc"], x["best_val_acc"], x["best_epoch"], x["epochs_since_best"]) == (
+            y["train_loss"],
+            y["val_acc"],
+            y["best_val_acc"],
+            y["best_epoch"],
+            y["epochs_since_best"],
+        )
 
 
 def test_resume_continues_from_the_resume_state_exactly(small, straight, tmp_path):
@@ -183,7 +189,9 @@ def test_the_training_side_imports_and_trains_where_ray_cannot_be_imported(synth
     import subprocess
     import sys
 
-    script = RAY_BLOCKED + f"""
+    script = (
+        RAY_BLOCKED
+        + f"""
 import tune_alexnet.augment, tune_alexnet.checkpoint, tune_alexnet.data, tune_alexnet.model, tune_alexnet.settings
 from tune_alexnet.data import load_cifar10, take_subset
 from tune_alexnet.train import train_cifar
@@ -197,6 +205,7 @@ train_cifar(dict(optimizer="adam", lr=1e-3, batch_size=8, dropout=True, batchnor
             data, lambda metrics, checkpoint_dir: seen.append((metrics["epoch"], metrics["checkpoint_kind"])))
 print("epochs:", seen, "ray" in sys.modules)
 """
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ray: unavailable" in out.stdout

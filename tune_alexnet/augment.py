@@ -11,6 +11,7 @@ distribution at once:
   and clamp", so each of the four order positions is one batched blend, and hue
   is applied only to the images whose order puts it there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ MEAN = STD = 0.5
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 BRIGHTNESS_OP, CONTRAST_OP, SATURATION_OP, HUE_OP = range(4)  # torchvision ColorJitter's fn_idx order
 
+
 @dataclass
 class AugmentParams:
     """Per-image random draws; tests set them by hand to compare with torchvision."""
@@ -38,6 +40,7 @@ class AugmentParams:
     saturation: torch.Tensor
     hue: torch.Tensor  # (B,) shift in [-0.5, 0.5] turns
     order: torch.Tensor  # (B, 4) permutation of the four jitter ops
+
 
 def sample_params(n: int, device: torch.device | str, generator: torch.Generator | None = None) -> AugmentParams:
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -54,6 +57,7 @@ def sample_params(n: int, device: torch.device | str, generator: torch.Generator
         hue=uniform(-HUE, HUE),
         order=torch.rand(n, 4, device=device, generator=generator).argsort(dim=1),
     )
+
 
 def geometric(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     """Crop with zero padding, flip, then rotate about the centre (nearest, zero fill): one gather.
@@ -83,9 +87,11 @@ def geometric(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     out = torch.gather(images.reshape(b, c, h * w), 2, index)
     return (out * inside.view(b, 1, h * w).to(out.dtype)).view(b, c, h, w)
 
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """torchvision's HSV hue rotation for float images in [0, 1], per-image shift, without building HSV.
@@ -106,6 +112,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
 
+
 def color_jitter(x: torch.Tensor, p: AugmentParams, masked_hue: bool | None = None) -> torch.Tensor:
     """Brightness, contrast, saturation and hue in each image's own random order. x: float in [0, 1].
 
@@ -122,8 +129,11 @@ def color_jitter(x: torch.Tensor, p: AugmentParams, masked_hue: bool | None = No
         factor = torch.where(is_blend, factors.gather(1, op.clamp(max=2).view(n, 1)).squeeze(1), 1.0).view(n, 1, 1, 1)
         # Blend target: 0 for brightness, the mean grey level for contrast, the grey image for saturation.
         gray = _gray(x)
-        target = torch.where((op == CONTRAST_OP).view(n, 1, 1, 1), gray.mean(dim=(2, 3), keepdim=True),
-                             torch.where((op == SATURATION_OP).view(n, 1, 1, 1), gray, 0.0))
+        target = torch.where(
+            (op == CONTRAST_OP).view(n, 1, 1, 1),
+            gray.mean(dim=(2, 3), keepdim=True),
+            torch.where((op == SATURATION_OP).view(n, 1, 1, 1), gray, 0.0),
+        )
         x = (factor * x + (1.0 - factor) * target).clamp_(0.0, 1.0)
         if masked_hue:
             x = torch.where(is_blend.view(n, 1, 1, 1), x, adjust_hue(x, p.hue))
@@ -133,33 +143,40 @@ def color_jitter(x: torch.Tensor, p: AugmentParams, masked_hue: bool | None = No
             x = x.index_copy(0, hue_rows, adjust_hue(x.index_select(0, hue_rows), p.hue.index_select(0, hue_rows)))
     return x
 
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / STD
+
 
 def to_unit_float(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(255.0)
 
-def augment_batch(images_uint8: torch.Tensor, generator: torch.Generator | None = None,
-                  params: AugmentParams | None = None) -> torch.Tensor:
+
+def augment_batch(
+    images_uint8: torch.Tensor, generator: torch.Generator | None = None, params: AugmentParams | None = None
+) -> torch.Tensor:
     """(B, 3, 32, 32) uint8 -> normalised float, the study's training distribution, one draw per image."""
     if params is None:
         params = sample_params(images_uint8.shape[0], images_uint8.device, generator)
     x = to_unit_float(geometric(images_uint8, params))
     return normalize(color_jitter(x, params))
 
+
 def prepare_eval(images_uint8: torch.Tensor) -> torch.Tensor:
     return normalize(to_unit_float(images_uint8))
+
 
 def spec_pil_transform():
     """The study's own per-image pipeline (torchvision on PIL images), kept as the reference."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomCrop(32, padding=PAD),
-        T.RandomHorizontalFlip(),
-        T.RandomRotation(MAX_ROTATION),
-        T.ColorJitter(brightness=BRIGHTNESS, contrast=CONTRAST, saturation=SATURATION, hue=HUE),
-        T.ToTensor(),
-        T.Normalize((MEAN,) * 3, (STD,) * 3),
-    ])
-
+    return T.Compose(
+        [
+            T.RandomCrop(32, padding=PAD),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(MAX_ROTATION),
+            T.ColorJitter(brightness=BRIGHTNESS, contrast=CONTRAST, saturation=SATURATION, hue=HUE),
+            T.ToTensor(),
+            T.Normalize((MEAN,) * 3, (STD,) * 3),
+        ]
+    )

@@ -34,8 +34,14 @@ TRAINER_FILE = "trainer.pt"  # resume checkpoints only: current weights, optimis
 KIND_BEST, KIND_RESUME, KIND_FINAL = "best", "resume", "final"
 
 
-def write(directory: str | os.PathLike, best_weights: dict, model_args: dict, progress: dict,
-          trainer_state: dict | None = None, classes: tuple[str, ...] = ()) -> None:
+def write(
+    directory: str | os.PathLike,
+    best_weights: dict,
+    model_args: dict,
+    progress: dict,
+    trainer_state: dict | None = None,
+    classes: tuple[str, ...] = (),
+) -> None:
     d = Path(directory)
     torch.save(best_weights, d / MODEL_FILE)
     (d / MODEL_ARGS_FILE).write_text(json.dumps({**model_args, "classes": list(classes)}))
@@ -85,7 +91,11 @@ def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
     device = next(model.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
     model.eval()
-    return torch.cat([model(prepare_eval(x[i:i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)]).cpu().numpy()
+    return (
+        torch.cat([model(prepare_eval(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
+        .cpu()
+        .numpy()
+    )
 
 
 def read_progress(directory: Path) -> dict | None:

@@ -28,8 +28,10 @@ def duration(seconds: float) -> str:
 def describe_trial(config: dict) -> str:
     c = full_config(config)
     run = run_number(c)
-    return (f"{'run ' + str(run) if run else 'off-grid'}: {c['optimizer']} lr {c['lr']:g} batch {c['batch_size']} "
-            f"{'dropout' if c['dropout'] else 'no dropout'} {'BN' if c['batchnorm'] else 'no BN'}")
+    return (
+        f"{'run ' + str(run) if run else 'off-grid'}: {c['optimizer']} lr {c['lr']:g} batch {c['batch_size']} "
+        f"{'dropout' if c['dropout'] else 'no dropout'} {'BN' if c['batchnorm'] else 'no BN'}"
+    )
 
 
 def trial_row(trial) -> str:
@@ -38,9 +40,11 @@ def trial_row(trial) -> str:
     run = run_number(c)
     acc = f"{r['val_acc']:6.2f}" if "val_acc" in r else "     -"
     best = f"{r['best_val_acc']:6.2f}" if "best_val_acc" in r else "     -"
-    return (f"{run if run else '-':>4} {c['optimizer']:<8} {c['lr']:<7g} {c['batch_size']:>5} "
-            f"{str(c['dropout']).lower():<5} {str(c['batchnorm']).lower():<5} {STATUS.get(trial.status, trial.status):<8} "
-            f"{r.get('epoch', 0):>3}/{c.get('epochs', '?'):<3} {acc} {best}")
+    return (
+        f"{run if run else '-':>4} {c['optimizer']:<8} {c['lr']:<7g} {c['batch_size']:>5} "
+        f"{str(c['dropout']).lower():<5} {str(c['batchnorm']).lower():<5} {STATUS.get(trial.status, trial.status):<8} "
+        f"{r.get('epoch', 0):>3}/{c.get('epochs', '?'):<3} {acc} {best}"
+    )
 
 
 HEADER = f"{'run':>4} {'optim':<8} {'lr':<7} {'batch':>5} {'drop':<5} {'bn':<5} {'status':<8} {'epoch':>7} {'acc %':>6} {'best %':>6}"
@@ -87,15 +91,20 @@ class Console(tune.Callback):
         pending = sum(t.status == "PENDING" for t in trials)
         scored = [t for t in trials if (t.last_result or {}).get("best_val_acc") is not None]
         best = max(scored, key=lambda t: t.last_result["best_val_acc"], default=None)
-        best_text = (f"best {best.last_result['best_val_acc']:.2f}% ({describe_trial(best.config)})"
-                     if best else "best: none yet")
+        best_text = (
+            f"best {best.last_result['best_val_acc']:.2f}% ({describe_trial(best.config)})"
+            if best
+            else "best: none yet"
+        )
         elapsed = time.monotonic() - (self.started or time.monotonic())
         finished_here = len(ended) - self.done_before
         left = ""
         if finished_here and pending + running:  # rough: the pace so far, applied to what is left
             left = f", ~{duration(elapsed / finished_here * (pending + running))} left"
-        return (f"[{duration(elapsed)}] {len(ended)}/{len(trials)} done, {running} running, {pending} pending; "
-                f"{best_text}{left}")
+        return (
+            f"[{duration(elapsed)}] {len(ended)}/{len(trials)} done, {running} running, {pending} pending; "
+            f"{best_text}{left}"
+        )
 
 
 def summary(table, exp_uri: str, written: list[str]) -> str:
@@ -112,8 +121,9 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
         for opt in optimizer_order(scored["optimizer"]):
             part = scored[scored["optimizer"] == opt]
             top = part.loc[part["final_accuracy"].idxmax()]
-            lines.append(f"    {opt:<8} best {top['final_accuracy']:.2f}% of {len(part)} runs "
-                         f"({describe_trial(top.to_dict())})")
+            lines.append(
+                f"    {opt:<8} best {top['final_accuracy']:.2f}% of {len(part)} runs ({describe_trial(top.to_dict())})"
+            )
         lines.append(f"  best checkpoint: {best['best_checkpoint']}")
     lines.append(f"  table:  {next(p for p in written if 'results.parquet' in p)} (and .csv, epochs.parquet)")
     lines.append(f"  report: {next(p for p in written if 'report.md' in p)}")

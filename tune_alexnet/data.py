@@ -415,12 +415,16 @@ def _load_image_folder(root: Path, progress: bool) -> Cifar:
 
 def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
 
     x = np.empty((len(items), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     y = np.fromiter((label for _, label in items), np.int64, len(items))
-    with tqdm(items, desc=desc, unit="img", disable=not progress, file=sys.stderr, mininterval=0.5) as bar:
-        for i, (path, _) in enumerate(bar):
+    bar = None
+    if progress:  # tqdm only where a bar is shown: a bare machine decoding quietly needs no tqdm
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, mininterval=0.5)
+    try:
+        for i, (path, _) in enumerate(items):
             try:
                 with Image.open(path) as im:
                     if im.size != (IMAGE_SIZE, IMAGE_SIZE):  # before decoding: a huge image is refused cheaply
@@ -430,11 +434,17 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
                         )
                     x[i] = np.asarray(im.convert("RGB"))
             except Exception as exc:
-                bar.leave = False  # the error line stands alone, without a half-drawn bar above it
+                if bar is not None:
+                    bar.leave = False  # the error line stands alone, without a half-drawn bar above it
                 if isinstance(exc, DataError):
                     raise
                 why = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else _reason(exc)
                 raise DataError(f"cannot read image {_show(path)}: {why}; allowed: {IMAGES}") from None
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
     return x, y
 
 

@@ -5,6 +5,7 @@ error file) and never unpickles a file of ours; nothing is re-run and Ray need
 not be running. Local tables are written to a temporary file and renamed, so a
 crash never leaves a truncated one; in a bucket each file is one upload.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,26 +24,67 @@ from .settings import DIMENSIONS, EPOCHS, read_settings
 
 TABLE_NAME = "results"  # results.parquet and results.csv
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
-_GRID_TYPES = {"run": "Int64", "optimizer": "string", "lr": "float64", "batch_size": "Int64", "dropout": "boolean",
-               "batchnorm": "boolean", "seed": "Int64"}
+_GRID_TYPES = {
+    "run": "Int64",
+    "optimizer": "string",
+    "lr": "float64",
+    "batch_size": "Int64",
+    "dropout": "boolean",
+    "batchnorm": "boolean",
+    "seed": "Int64",
+}
 # Column -> pandas dtype: the same in every experiment (a column without errors is still a string column,
 # integers with gaps are nullable), so tables of many experiments read as one dataset.
 TABLE_SCHEMA = {
-    **_GRID_TYPES, "final_accuracy": "float64", "epochs_run": "Int64", "best_epoch": "Int64", "max_epochs": "Int64",
-    "stopped_early": "boolean", "status": "string", "error": "string", "train_time_s": "float64",
-    "eval_time_s": "float64", "trial_id": "string", "node_id": "string", "best_checkpoint": "string",
+    **_GRID_TYPES,
+    "final_accuracy": "float64",
+    "epochs_run": "Int64",
+    "best_epoch": "Int64",
+    "max_epochs": "Int64",
+    "stopped_early": "boolean",
+    "status": "string",
+    "error": "string",
+    "train_time_s": "float64",
+    "eval_time_s": "float64",
+    "trial_id": "string",
+    "node_id": "string",
+    "best_checkpoint": "string",
 }
 EPOCH_SCHEMA = {
-    "trial_id": "string", **_GRID_TYPES, "epoch": "Int64", "train_loss": "float64", "train_acc": "float64",
-    "val_loss": "float64", "val_acc": "float64", "best_val_acc": "float64", "best_epoch": "Int64",
-    "epochs_since_best": "Int64", "train_s": "float64", "eval_s": "float64", "train_time_s": "float64",
-    "eval_time_s": "float64", "checkpoint_s": "float64", "report_s": "float64", "diverged": "boolean",
-    "images_per_s": "float64", "device": "string", "precision": "string", "gpus_granted": "float64",
-    "node_id": "string", "checkpoint_kind": "string", "checkpoint_dir_name": "string",
+    "trial_id": "string",
+    **_GRID_TYPES,
+    "epoch": "Int64",
+    "train_loss": "float64",
+    "train_acc": "float64",
+    "val_loss": "float64",
+    "val_acc": "float64",
+    "best_val_acc": "float64",
+    "best_epoch": "Int64",
+    "epochs_since_best": "Int64",
+    "train_s": "float64",
+    "eval_s": "float64",
+    "train_time_s": "float64",
+    "eval_time_s": "float64",
+    "checkpoint_s": "float64",
+    "report_s": "float64",
+    "diverged": "boolean",
+    "images_per_s": "float64",
+    "device": "string",
+    "precision": "string",
+    "gpus_granted": "float64",
+    "node_id": "string",
+    "checkpoint_kind": "string",
+    "checkpoint_dir_name": "string",
 }
 COLUMNS = list(TABLE_SCHEMA)
 ORIGINAL_COLUMNS = ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
-STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "terminated", "ERROR": "errored"}
+STATUS = {
+    "PENDING": "pending",
+    "RUNNING": "running",
+    "PAUSED": "paused",
+    "TERMINATED": "terminated",
+    "ERROR": "errored",
+}
 
 
 class ExportError(Exception):
@@ -72,17 +114,24 @@ def load_experiment(source) -> Experiment:
     except Exception as exc:  # a missing, truncated or foreign experiment state fails in many ways
         trials = _trials_on_disk(path)
         if not trials:
-            raise ExportError(f"{path} holds no Tune experiment (no readable experiment_state-*.json and no trial "
-                              f"folders); allowed: an experiment folder such as ray_results/<name>") from None
-        notes.append(f"the experiment state in {path} is unreadable ({type(exc).__name__}); the table is rebuilt "
-                     f"from the {len(trials)} trial folders, and trials that did not end say 'unknown'")
+            raise ExportError(
+                f"{path} holds no Tune experiment (no readable experiment_state-*.json and no trial "
+                f"folders); allowed: an experiment folder such as ray_results/<name>"
+            ) from None
+        notes.append(
+            f"the experiment state in {path} is unreadable ({type(exc).__name__}); the table is rebuilt "
+            f"from the {len(trials)} trial folders, and trials that did not end say 'unknown'"
+        )
     rows, epoch_frames = [], []
     for trial in trials:
         epochs = _read_results(trial)
         row = _trial_row(trial, pd.DataFrame() if epochs is None else epochs, path)
         if epochs is None and trial.status != "PENDING":  # it ran, but what it reported is gone
-            row.update(status="lost", error=f"{trial.storage.trial_dir_name}/result.json is missing or unreadable: "
-                                            "its epochs and accuracy are unknown")
+            row.update(
+                status="lost",
+                error=f"{trial.storage.trial_dir_name}/result.json is missing or unreadable: "
+                "its epochs and accuracy are unknown",
+            )
         epochs = pd.DataFrame() if epochs is None else epochs
         rows.append(row)
         if len(epochs):
@@ -91,8 +140,11 @@ def load_experiment(source) -> Experiment:
                 epochs[col] = row[col]
             epoch_frames.append(epochs)
     # Study order; trials off the study's grid (no run number) follow in creation order.
-    table = typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA).sort_values(
-        ["run", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
+    table = (
+        typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA)
+        .sort_values(["run", "trial_id"], na_position="last", kind="stable")
+        .reset_index(drop=True)
+    )
     epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
     epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
     return Experiment(path, table, epochs, read_settings(path) or {}, notes)
@@ -132,8 +184,14 @@ def _trials_on_disk(path: str) -> list[_TrialFolder]:
         epochs = _read_results(_TrialFolder("", config, "", storage))
         last = epochs.iloc[-1] if epochs is not None and len(epochs) else None
         ended = last is not None and (last["checkpoint_kind"] == "final" or bool(last["diverged"]))
-        trials.append(_TrialFolder(info.base_name.split("_")[2] + "_" + info.base_name.split("_")[3], config,
-                                   "TERMINATED" if ended else "UNKNOWN", storage))
+        trials.append(
+            _TrialFolder(
+                info.base_name.split("_")[2] + "_" + info.base_name.split("_")[3],
+                config,
+                "TERMINATED" if ended else "UNKNOWN",
+                storage,
+            )
+        )
     return trials
 
 
@@ -209,7 +267,9 @@ def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
 def _checkpoint_exists(trial, name: str) -> bool:
     from pyarrow.fs import FileType
 
-    info = trial.storage.storage_filesystem.get_file_info(Path(trial.storage.trial_fs_path, name, "model.pt").as_posix())
+    info = trial.storage.storage_filesystem.get_file_info(
+        Path(trial.storage.trial_fs_path, name, "model.pt").as_posix()
+    )
     return info.type == FileType.File
 
 
@@ -230,11 +290,18 @@ def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out = {}
     for opt in optimizer_order(table["optimizer"]):
         part = table[table["optimizer"] == opt]
-        out[opt] = pd.DataFrame({
-            "Run": part["run"], "Optimizer": part["optimizer"], "LR": part["lr"], "Batch Size": part["batch_size"],
-            "Dropout": part["dropout"], "Batch Norm": part["batchnorm"],
-            "Final Accuracy": [f"{a:.2f}%" if pd.notna(a) else "" for a in part["final_accuracy"]],
-        }, columns=ORIGINAL_COLUMNS)
+        out[opt] = pd.DataFrame(
+            {
+                "Run": part["run"],
+                "Optimizer": part["optimizer"],
+                "LR": part["lr"],
+                "Batch Size": part["batch_size"],
+                "Dropout": part["dropout"],
+                "Batch Norm": part["batchnorm"],
+                "Final Accuracy": [f"{a:.2f}%" if pd.notna(a) else "" for a in part["final_accuracy"]],
+            },
+            columns=ORIGINAL_COLUMNS,
+        )
     return out
 
 
@@ -249,7 +316,9 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
         for opt, df in originals.items():
             out.put(f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False))
         # The original merged its per-optimiser CSVs into this one.
-        merged = pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
+        merged = (
+            pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
+        )
         out.put("merged_results.csv", lambda p: merged.to_csv(p, index=False))
     return out.written
 
@@ -261,8 +330,13 @@ def provenance(exp: Experiment) -> dict:
 
     from . import __version__
 
-    return {"tune_alexnet": __version__, "ray": ray.__version__, "torch": torch.__version__,
-            "experiment": exp.path, "settings": exp.settings}
+    return {
+        "tune_alexnet": __version__,
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "experiment": exp.path,
+        "settings": exp.settings,
+    }
 
 
 def write_parquet(df: pd.DataFrame, path, meta: dict) -> None:
@@ -287,8 +361,10 @@ class Output:
             atomic_write(self.local / name, write)
         except OSError as exc:
             free = shutil.disk_usage(self.local).free if self.local.exists() else 0
-            raise ExportError(f"cannot write {self.local / name} ({exc.strerror}; {free / 1e6:.0f} MB free there); "
-                              f"allowed: a folder you can write with room for the tables") from None
+            raise ExportError(
+                f"cannot write {self.local / name} ({exc.strerror}; {free / 1e6:.0f} MB free there); "
+                f"allowed: a folder you can write with room for the tables"
+            ) from None
         if not is_remote(self.uri):
             self.written.append(str(self.local / name))
 
@@ -302,8 +378,9 @@ def output_dir(out: str | os.PathLike):
             probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tune-alexnet-write-test-")
             probe.close()
         except OSError as exc:
-            raise ExportError(f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write "
-                              f"(--out DIR)") from None
+            raise ExportError(
+                f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
+            ) from None
         yield Output(out, Path(out), [])
         return
     import pyarrow.fs
@@ -315,8 +392,9 @@ def output_dir(out: str | os.PathLike):
         fs, base = pyarrow.fs.FileSystem.from_uri(out)
         fs.create_dir(base, recursive=True)
         for f in sorted(tmp.iterdir()):
-            pyarrow.fs.copy_files(str(f), f"{base}/{f.name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
+            pyarrow.fs.copy_files(
+                str(f), f"{base}/{f.name}", source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
+            )
             output.written.append(experiment_uri(out, f.name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 Layers only: nothing here knows about data, optimisers or Ray.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ class AlexNet(nn.Module):
     network shape cheaply, for smoke runs and tests. The study is width 1.
     """
 
-    def __init__(self, dropout: bool = True, batchnorm: bool = False, num_classes: int = NUM_CLASSES,
-                 width: float = 1.0):
+    def __init__(
+        self, dropout: bool = True, batchnorm: bool = False, num_classes: int = NUM_CLASSES, width: float = 1.0
+    ):
         super().__init__()
         c1, c2, c3, c4, c5, hidden = (max(1, round(n * width)) for n in (64, 192, 384, 256, 256, 4096))
         self.features = nn.Sequential(
@@ -40,8 +42,12 @@ class AlexNet(nn.Module):
         )
         drop = [nn.Dropout(0.5)] if dropout else []
         self.classifier = nn.Sequential(
-            *drop, nn.Linear(c5 * 4 * 4, hidden), nn.ReLU(inplace=True),
-            *drop, nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            *drop,
+            nn.Linear(c5 * 4 * 4, hidden),
+            nn.ReLU(inplace=True),
+            *drop,
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
 

@@ -14,8 +14,24 @@ from pathlib import Path
 log = logging.getLogger("tune_alexnet.preflight")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
 
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs",
-                       "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "efs", "9p", "virtiofs")
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "ceph",
+    "glusterfs",
+    "beegfs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "efs",
+    "9p",
+    "virtiofs",
+)
 
 
 class PreflightError(Exception):
@@ -50,11 +66,15 @@ def check_storage(root: str, exp_path: str, resume: bool) -> None:
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise PreflightError(f"--storage {root} is not writable ({exc.strerror}); allowed: a folder you can "
-                                 f"write, or an s3:// or gs:// URI") from None
+            raise PreflightError(
+                f"--storage {root} is not writable ({exc.strerror}); allowed: a folder you can "
+                f"write, or an s3:// or gs:// URI"
+            ) from None
     if not resume and tune.Tuner.can_restore(exp_path):
-        raise PreflightError(f"an experiment named {exp_path.rsplit('/', 1)[-1].split('?')[0]!r} already exists in "
-                             f"{root}; continue it with --resume, or start a new one with another --name")
+        raise PreflightError(
+            f"an experiment named {exp_path.rsplit('/', 1)[-1].split('?')[0]!r} already exists in "
+            f"{root}; continue it with --resume, or start a new one with another --name"
+        )
     if not is_remote(exp_path) and Path(exp_path).exists() and not Path(exp_path).is_dir():
         raise PreflightError(f"{exp_path} is a file; allowed: a --name that is not taken in {root}")
     if not resume and not is_remote(exp_path) and Path(exp_path).exists() and any(Path(exp_path).iterdir()):
@@ -86,8 +106,9 @@ def lock_experiment(root: str, name: str):
         handle = open(path, "a+")
     except OSError as exc:
         where = f"--storage {root}" if not is_remote(root) else f"the lock folder {folder}"
-        raise PreflightError(f"{where} is not writable ({exc.strerror}); allowed: a folder you can write, or an "
-                             f"s3:// or gs:// URI") from None
+        raise PreflightError(
+            f"{where} is not writable ({exc.strerror}); allowed: a folder you can write, or an s3:// or gs:// URI"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
@@ -96,8 +117,9 @@ def lock_experiment(root: str, name: str):
         handle.seek(0)
         holder = handle.read().strip() or "another sweep"
         handle.close()
-        raise PreflightError(f"experiment {name!r} in {root} is in use by {holder}; wait for it to end, or use "
-                             f"another --name") from None
+        raise PreflightError(
+            f"experiment {name!r} in {root} is in use by {holder}; wait for it to end, or use another --name"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"a sweep (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
@@ -135,8 +157,10 @@ def _check_remote(root: str) -> None:
         fs.get_file_info(path)
     except Exception as exc:  # pyarrow raises OSError, ValueError or ArrowInvalid depending on the failure
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise PreflightError(f"--storage {root} cannot be reached ({reason}); allowed: a bucket URI your "
-                             f"credentials can read and write, or a local folder") from None
+        raise PreflightError(
+            f"--storage {root} cannot be reached ({reason}); allowed: a bucket URI your "
+            f"credentials can read and write, or a local folder"
+        ) from None
 
 
 def check_cluster(root: str, nodes: list[dict], per_trial: dict, joined: bool, shared_storage: bool) -> None:
@@ -145,9 +169,11 @@ def check_cluster(root: str, nodes: list[dict], per_trial: dict, joined: bool, s
         return
     problem = local_storage_problem(nodes, per_trial, joined)
     if problem:
-        raise PreflightError(f"--storage {root} is a local folder but {problem}; use --storage s3://BUCKET/PATH "
-                             f"(or gs://), a shared filesystem mount, or --shared-storage if {root} is the same "
-                             f"folder on every node")
+        raise PreflightError(
+            f"--storage {root} is a local folder but {problem}; use --storage s3://BUCKET/PATH "
+            f"(or gs://), a shared filesystem mount, or --shared-storage if {root} is the same "
+            f"folder on every node"
+        )
 
 
 def local_storage_problem(nodes: list[dict], per_trial: dict, joined: bool) -> str | None:
@@ -159,8 +185,10 @@ def local_storage_problem(nodes: list[dict], per_trial: dict, joined: bool) -> s
     fits = any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in per_trial.items() if v > 0) for n in alive)
     if joined and not fits:
         wants = ", ".join(f"{v:g} {k}" for k, v in per_trial.items() if v > 0)
-        return (f"no node of this cluster has the {wants} a trial asks for yet, so trials will run on nodes "
-                f"started later, which cannot write there")
+        return (
+            f"no node of this cluster has the {wants} a trial asks for yet, so trials will run on nodes "
+            f"started later, which cannot write there"
+        )
     return None
 
 
@@ -233,8 +261,11 @@ def autoscaler_node_types(gcs_address: str) -> list[dict]:
     if not config.is_file():
         return []
     cfg = yaml.safe_load(config.read_text()) or {}
-    return [dict(t.get("resources") or {}) for name, t in (cfg.get("available_node_types") or {}).items()
-            if name == cfg.get("head_node_type") or int(t.get("max_workers", cfg.get("max_workers", 0)) or 0) > 0]
+    return [
+        dict(t.get("resources") or {})
+        for name, t in (cfg.get("available_node_types") or {}).items()
+        if name == cfg.get("head_node_type") or int(t.get("max_workers", cfg.get("max_workers", 0)) or 0) > 0
+    ]
 
 
 def connect(address: str):
@@ -248,15 +279,19 @@ def connect(address: str):
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as exc:
-            raise PreflightError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
-                                 f"allowed: the address of a running Ray head (host:port), auto, or none for a "
-                                 f"local Ray") from None
+            raise PreflightError(
+                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                f"allowed: the address of a running Ray head (host:port), auto, or none for a "
+                f"local Ray"
+            ) from None
     try:
         return ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise PreflightError(f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); "
-                             f"allowed: the address of a running Ray head (host:port), auto, or none for a local "
-                             f"Ray") from None
+        raise PreflightError(
+            f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); "
+            f"allowed: the address of a running Ray head (host:port), auto, or none for a local "
+            f"Ray"
+        ) from None
 
 
 def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dict]) -> None:
@@ -268,5 +303,7 @@ def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dic
         return
     asked = ", ".join(f"{v:g} {k}" for k, v in wanted.items())
     largest = ", ".join(f"{max(c.get(k, 0) for c in capacities):g} {k}" for k in wanted) if capacities else "none"
-    raise PreflightError(f"a trial asks for {asked} but no node of this cluster has that (the most any node has: "
-                         f"{largest}); allowed: --cpus-per-trial and --gpus-per-trial within one node")
+    raise PreflightError(
+        f"a trial asks for {asked} but no node of this cluster has that (the most any node has: "
+        f"{largest}); allowed: --cpus-per-trial and --gpus-per-trial within one node"
+    )

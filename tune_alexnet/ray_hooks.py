@@ -40,6 +40,14 @@ def resume_candidates() -> list[tune.Checkpoint]:
         infos = latest.filesystem.get_file_info(FileSelector(str(parent)))
     except OSError:
         return [latest]
-    others = sorted((i.path for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
-                     and i.path.rstrip("/") != latest.path.rstrip("/")), reverse=True)
+    others = sorted(
+        (
+            i.path
+            for i in infos
+            if i.type == FileType.Directory
+            and i.base_name.startswith("checkpoint_")
+            and i.path.rstrip("/") != latest.path.rstrip("/")
+        ),
+        reverse=True,
+    )
     return [latest] + [tune.Checkpoint(path, filesystem=latest.filesystem) for path in others]

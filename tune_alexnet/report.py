@@ -3,6 +3,7 @@
 Works from the exported table and per-epoch results alone (export.load_experiment),
 so it reads finished, half-finished and failed experiments alike.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,16 +43,26 @@ def per_optimizer(table: pd.DataFrame) -> pd.DataFrame:
         if part.empty:
             continue
         best = part.loc[part["final_accuracy"].idxmax()]
-        rows.append({"optimizer": opt, "runs": len(part), "mean": part["final_accuracy"].mean(),
-                     "median": part["final_accuracy"].median(), "best": part["final_accuracy"].max(),
-                     "worst": part["final_accuracy"].min(), "best_config": describe(best)})
+        rows.append(
+            {
+                "optimizer": opt,
+                "runs": len(part),
+                "mean": part["final_accuracy"].mean(),
+                "median": part["final_accuracy"].median(),
+                "best": part["final_accuracy"].max(),
+                "worst": part["final_accuracy"].min(),
+                "best_config": describe(best),
+            }
+        )
     return pd.DataFrame(rows, columns=["optimizer", "runs", "mean", "median", "best", "worst", "best_config"])
 
 
 def describe(row) -> str:
     run = f"run {int(row['run'])}: " if pd.notna(row.get("run")) else ""
-    return (f"{run}lr {row['lr']:g}, batch {int(row['batch_size'])}, "
-            f"{'dropout' if row['dropout'] else 'no dropout'}, {'batch norm' if row['batchnorm'] else 'no batch norm'}")
+    return (
+        f"{run}lr {row['lr']:g}, batch {int(row['batch_size'])}, "
+        f"{'dropout' if row['dropout'] else 'no dropout'}, {'batch norm' if row['batchnorm'] else 'no batch norm'}"
+    )
 
 
 def effects(table: pd.DataFrame) -> pd.DataFrame:
@@ -85,7 +96,8 @@ def comparison(table: pd.DataFrame) -> pd.DataFrame:
     merged["difference"] = merged["ours"] - merged[ORIGINAL_LABEL]
     merged["within_noise"] = [
         (abs(d) <= NOISE_SIGMAS * s) if (n >= 2 and pd.notna(s)) else None
-        for d, s, n in zip(merged["difference"], merged["std"], merged["count"])]
+        for d, s, n in zip(merged["difference"], merged["std"], merged["count"])
+    ]
     return merged
 
 
@@ -96,12 +108,14 @@ def rank_correlation(comp: pd.DataFrame) -> float:
 
 
 def failed_runs(table: pd.DataFrame) -> pd.DataFrame:
-    bad = (table["status"].isin(["diverged", "errored"])
-           | (table["final_accuracy"].notna() & (table["final_accuracy"] <= CHANCE_LEVEL)))
+    bad = table["status"].isin(["diverged", "errored"]) | (
+        table["final_accuracy"].notna() & (table["final_accuracy"] <= CHANCE_LEVEL)
+    )
     return table[bad]
 
 
 # --- figures -----------------------------------------------------------------
+
 
 def _plt():
     import matplotlib
@@ -119,8 +133,14 @@ def heatmaps(table: pd.DataFrame, out, name: str) -> None:
     panels = [(d, b) for d in (True, False) for b in (False, True)]
     lrs = sorted(set(part["lr"]) | set(LRS), reverse=True)
     bss = sorted(set(part["batch_size"]) | set(BATCH_SIZES))
-    fig, axes = plt.subplots(len(opts), len(panels), figsize=(3.0 * len(panels), 2.6 * len(opts) + 0.6),
-                             squeeze=False, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        len(opts),
+        len(panels),
+        figsize=(3.0 * len(panels), 2.6 * len(opts) + 0.6),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     image = None
     for i, opt in enumerate(opts):
         for j, (drop, bn) in enumerate(panels):
@@ -207,14 +227,19 @@ def _save(fig, out, name: str) -> None:
 
 # --- report.md -----------------------------------------------------------------
 
+
 def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     """Floats to 2 decimals (accuracies in %), learning rates as written (0.001)."""
+
     def fmt(v, col):
         if isinstance(v, float):
             return "" if math.isnan(v) else (f"{v:g}" if col == "lr" else floats.format(v))
         return "" if v is None or v is pd.NA else str(v)
+
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v, c) for v, c in zip(row, df.columns)) + " |" for row in df.itertuples(index=False)]
+    lines += [
+        "| " + " | ".join(fmt(v, c) for v, c in zip(row, df.columns)) + " |" for row in df.itertuples(index=False)
+    ]
     return "\n".join(lines)
 
 
@@ -234,16 +259,22 @@ def what_ran(exp: Experiment) -> tuple[str, str]:
     epochs, width = st.get("epochs", EPOCHS), float(trial["width"])
     precision = ", ".join(sorted(set(exp.epochs["precision"].dropna()))) or "not recorded"
     devices = ", ".join(sorted(set(exp.epochs["device"].dropna()))) or "not recorded"
-    reduced = [text for cond, text in (
-        (epochs < EPOCHS, f"at most {epochs} epochs a run instead of {EPOCHS}"),
-        (st.get("subset") is not None, f"{st.get('subset')} training images a class"),
-        (width != 1.0, f"AlexNet at width {width:g}"),
-        (not trial["augment"], "no augmentation"),
-    ) if cond]
-    sentence = (f"What ran: up to {epochs} epochs a run (patience {st.get('patience', PATIENCE)}), "
-                f"{data.get('train_images', '?')} training and {data.get('test_images', '?')} test images from "
-                f"{data.get('source', 'a source not recorded')}, AlexNet width {width:g}, "
-                f"{st.get('repeats', 1)} trial(s) per configuration, precision {precision}, on {devices}.")
+    reduced = [
+        text
+        for cond, text in (
+            (epochs < EPOCHS, f"at most {epochs} epochs a run instead of {EPOCHS}"),
+            (st.get("subset") is not None, f"{st.get('subset')} training images a class"),
+            (width != 1.0, f"AlexNet at width {width:g}"),
+            (not trial["augment"], "no augmentation"),
+        )
+        if cond
+    ]
+    sentence = (
+        f"What ran: up to {epochs} epochs a run (patience {st.get('patience', PATIENCE)}), "
+        f"{data.get('train_images', '?')} training and {data.get('test_images', '?')} test images from "
+        f"{data.get('source', 'a source not recorded')}, AlexNet width {width:g}, "
+        f"{st.get('repeats', 1)} trial(s) per configuration, precision {precision}, on {devices}."
+    )
     return sentence, "; ".join(reduced)
 
 
@@ -292,14 +323,17 @@ def _write(exp: Experiment, out) -> None:
         "Validation accuracy per epoch of the best trial of each optimiser, and of diverged trials.",
         "![curves](curves.png)",
         f"## Diverged, errored or chance-level runs (at or below {CHANCE_LEVEL:g}%)",
-        markdown_table(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]]) if len(failed)
+        markdown_table(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]])
+        if len(failed)
         else "None.",
         "## Comparison with the original study",
     ]
     if len(comp) and reduced:
-        parts.append(f"**This experiment is reduced ({reduced}), so its accuracies are not comparable with the "
-                     f"study's full runs: the differences below show how far a reduced run falls short, not "
-                     f"findings about the study.**")
+        parts.append(
+            f"**This experiment is reduced ({reduced}), so its accuracies are not comparable with the "
+            f"study's full runs: the differences below show how far a reduced run falls short, not "
+            f"findings about the study.**"
+        )
     if len(comp):
         rho = rank_correlation(comp)
         parts += [
@@ -312,8 +346,10 @@ def _write(exp: Experiment, out) -> None:
         if repeats >= 2:
             cols += ["std", "count", "within_noise"]
             noisy = comp["within_noise"].dropna()
-            parts.append(f"With {repeats} seeds per configuration, a difference counts as noise when it is within "
-                         f"{NOISE_SIGMAS:g} standard deviations of the seeds: {int(noisy.sum())} of {len(noisy)} are.")
+            parts.append(
+                f"With {repeats} seeds per configuration, a difference counts as noise when it is within "
+                f"{NOISE_SIGMAS:g} standard deviations of the seeds: {int(noisy.sum())} of {len(noisy)} are."
+            )
         parts.append(markdown_table(comp[cols]))
     else:
         parts.append("No run of this experiment is on the original study's grid.")

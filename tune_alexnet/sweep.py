@@ -20,8 +20,18 @@ from ray.tune.search import BasicVariantGenerator
 from . import preflight, tracking
 from .console import Console
 from .data import Cifar, check_same_data, describe, load_cifar10
-from .settings import (DEFAULT_GPU_SHARE, EPOCHS, METRIC, MODE, PATIENCE, TRIAL_DEFAULTS, Grid, SweepSettings,
-                       read_settings, write_settings)
+from .settings import (
+    DEFAULT_GPU_SHARE,
+    EPOCHS,
+    METRIC,
+    MODE,
+    PATIENCE,
+    TRIAL_DEFAULTS,
+    Grid,
+    SweepSettings,
+    read_settings,
+    write_settings,
+)
 from .stopper import result_says_stop
 from .train import train_cifar
 
@@ -109,20 +119,23 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     # Tune's newer console output prints a box and a TensorBoard folder that is not the experiment's even when
     # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    trainable = tune.with_resources(tune.with_parameters(train_cifar, data=data, runtime=s.runtime),
-                                    {"cpu": s.cpus_per_trial, "gpu": gpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(train_cifar, data=data, runtime=s.runtime), {"cpu": s.cpus_per_trial, "gpu": gpus}
+    )
     if s.resume:
         tuner = tune.Tuner.restore(exp_uri, trainable, resume_errored=True)
     else:
         write_settings(exp_uri, s, {"data": describe(data)})
-        tuner = tune.Tuner(trainable, param_space=trial_space(s), tune_config=_tune_config(s),
-                           run_config=_run_config(s, quiet))
+        tuner = tune.Tuner(
+            trainable, param_space=trial_space(s), tune_config=_tune_config(s), run_config=_run_config(s, quiet)
+        )
     return tuner.fit()
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:
-    return tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=s.repeats,
-                           search_alg=BasicVariantGenerator(random_state=s.seed))
+    return tune.TuneConfig(
+        metric=METRIC, mode=MODE, num_samples=s.repeats, search_alg=BasicVariantGenerator(random_state=s.seed)
+    )
 
 
 def _run_config(s: SweepSettings, quiet: bool = False) -> tune.RunConfig:
@@ -131,8 +144,9 @@ def _run_config(s: SweepSettings, quiet: bool = False) -> tune.RunConfig:
         storage_path=preflight.storage_uri(s.storage),
         stop=PlateauStopper(s.patience, s.epochs),
         # Keep the checkpoint of highest rank plus the latest: see train.RANK for what that leaves on disk.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_rank",
-                                                checkpoint_score_order="max"),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute="checkpoint_rank", checkpoint_score_order="max"
+        ),
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         # Each trial's stdout/stderr are written in its working dir and, with sync_artifacts, copied into the
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
@@ -149,8 +163,10 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
     name = s.name
     exp_uri = preflight.experiment_uri(root, name)
     if not tune.Tuner.can_restore(exp_uri):
-        raise preflight.PreflightError(f"--resume: no experiment named {name!r} in {root}; start it without "
-                                       f"--resume, or pass the --name of one that exists")
+        raise preflight.PreflightError(
+            f"--resume: no experiment named {name!r} in {root}; start it without "
+            f"--resume, or pass the --name of one that exists"
+        )
     try:
         tune.ExperimentAnalysis(exp_uri)
     except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
@@ -158,18 +174,29 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
 
         table = load_experiment(exp_uri).table
         rest = table[table["status"] != "terminated"]["run"].dropna().astype(int).tolist()
-        again = (f"start a new sweep of the {len(rest)} runs that did not finish: tune-alexnet sweep --runs "
-                 f"{','.join(map(str, rest))} --name {name}-rest" if rest else "nothing is left to run")
-        raise preflight.PreflightError(f"--resume: the experiment state of {name!r} is damaged "
-                                       f"({type(exc).__name__}); what finished is in 'tune-alexnet export "
-                                       f"{exp_uri}'; {again}") from None
+        again = (
+            f"start a new sweep of the {len(rest)} runs that did not finish: tune-alexnet sweep --runs "
+            f"{','.join(map(str, rest))} --name {name}-rest"
+            if rest
+            else "nothing is left to run"
+        )
+        raise preflight.PreflightError(
+            f"--resume: the experiment state of {name!r} is damaged "
+            f"({type(exc).__name__}); what finished is in 'tune-alexnet export "
+            f"{exp_uri}'; {again}"
+        ) from None
     saved = read_settings(exp_uri)
     if saved is None:
         return SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
     saved = {k: v for k, v in saved.items() if k in SweepSettings.__dataclass_fields__}  # the record has more
     saved["grid"] = Grid(**{k: tuple(v) for k, v in saved["grid"].items()})
     saved["runs"] = tuple(saved.get("runs", ()))
-    keep = {"address": s.address, "shared_storage": s.shared_storage, "allow_data_change": s.allow_data_change, "runtime": {**saved.get("runtime", {}), **s.runtime}}
+    keep = {
+        "address": s.address,
+        "shared_storage": s.shared_storage,
+        "allow_data_change": s.allow_data_change,
+        "runtime": {**saved.get("runtime", {}), **s.runtime},
+    }
     if s.gpus_per_trial is not None:
         keep["gpus_per_trial"] = s.gpus_per_trial
     if s.data_dir is not None:  # the data may have moved since
@@ -178,10 +205,29 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
 
 
 def _latest_experiment(root: str) -> str:
+    """The newest experiment in `root` that has not finished (its table says so, or it has none yet)."""
     if preflight.is_remote(root) or not Path(root).is_dir():
-        raise preflight.PreflightError(f"--resume without --name needs a local --storage folder that holds "
-                                       f"experiments; got {root}")
+        raise preflight.PreflightError(
+            f"--resume without --name needs a local --storage folder that holds experiments; got {root}"
+        )
     found = [p for p in Path(root).iterdir() if p.is_dir() and tune.Tuner.can_restore(str(p))]
     if not found:
         raise preflight.PreflightError(f"--resume: {root} holds no experiment to resume; start one without --resume")
-    return max(found, key=lambda p: p.stat().st_mtime).name
+    unfinished = [p for p in found if not _finished(p)]
+    if not unfinished:
+        names = ", ".join(sorted(p.name for p in found))
+        raise preflight.PreflightError(
+            f"--resume: every experiment in {root} has finished ({names}); pass --name "
+            f"to resume one anyway (its errored trials are retried)"
+        )
+    return max(unfinished, key=lambda p: p.stat().st_mtime).name
+
+
+def _finished(exp_dir: Path) -> bool:
+    import pandas as pd
+
+    try:
+        status = pd.read_parquet(exp_dir / "results.parquet", columns=["status"])["status"]
+    except Exception:  # no table yet, or a damaged one: treat it as unfinished
+        return False
+    return bool(status.isin(["terminated", "diverged"]).all())

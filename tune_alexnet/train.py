@@ -16,8 +16,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -79,9 +79,12 @@ def resolve_runtime(config: dict, runtime: dict, granted: dict | None) -> Runtim
     if runtime["device"] == "cpu":
         gpu_share = 0.0
     elif gpu_share > 0 and not torch.cuda.is_available():
-        fix = ("install a CUDA build of torch on the GPU nodes" if torch.version.cuda is None else
-               f"this torch is built for CUDA {torch.version.cuda}: check the node's NVIDIA driver and that it has "
-               f"the GPU it declares")
+        fix = (
+            "install a CUDA build of torch on the GPU nodes"
+            if torch.version.cuda is None
+            else f"this torch is built for CUDA {torch.version.cuda}: check the node's NVIDIA driver and that it has "
+            f"the GPU it declares"
+        )
         raise GpuNotVisible(
             f"Ray granted this trial {gpu_share:g} GPU but torch {torch.__version__} sees no CUDA device "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); {fix}; or pass --device cpu "
@@ -106,8 +109,9 @@ def _cpu_copy(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpoint_from=None,
-                runtime: dict | None = None) -> None:
+def train_cifar(
+    config: dict, data: Cifar, report: Report | None = None, checkpoint_from=None, runtime: dict | None = None
+) -> None:
     """Tune's function trainable. Outside Tune, pass `report` and, to resume, `checkpoint_from`: a
     checkpoint folder (or URI, or tune.Checkpoint), or a list of them, newest first."""
     cfg = {**TRIAL_DEFAULTS, **full_config(config)}
@@ -132,8 +136,14 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
     model_args = {"dropout": cfg["dropout"], "batchnorm": cfg["batchnorm"], "width": cfg["width"]}
     model = AlexNet(**model_args).to(rt.device, memory_format=memory_format)
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"])
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "train_time_s": 0.0,
-             "eval_time_s": 0.0}
+    state = {
+        "epoch": 0,
+        "best_val_acc": -1.0,
+        "best_epoch": 0,
+        "epochs_since_best": 0,
+        "train_time_s": 0.0,
+        "eval_time_s": 0.0,
+    }
     best_weights = None
 
     resumed = _resume(checkpoint_from, rt.device)
@@ -148,8 +158,12 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
         if rt.device.type == "cuda" and trainer.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(trainer["cuda_rng"].cpu(), rt.device)
         state = dict(trainer["counters"])
-        log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
-                 state["epoch"], state["best_val_acc"], state["epochs_since_best"])
+        log.info(
+            "resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
+            state["epoch"],
+            state["best_val_acc"],
+            state["epochs_since_best"],
+        )
 
     step_model = torch.compile(model) if run["compile"] else model
     train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)
@@ -159,8 +173,9 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
 
     for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(step_model, optimizer, train_x, train_y, cfg["batch_size"], gen, rt,
-                                            augment_images=cfg["augment"])
+        train_loss, train_acc = train_epoch(
+            step_model, optimizer, train_x, train_y, cfg["batch_size"], gen, rt, augment_images=cfg["augment"]
+        )
         _sync(rt)
         trained = time.perf_counter()
         val_loss, val_acc = evaluate(step_model, test_x, test_y, run["eval_batch_size"], rt)
@@ -173,8 +188,9 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
         state["eval_time_s"] += eval_s
         if not diverged:
             best, since, improved = plateau_update(state["best_val_acc"], state["epochs_since_best"], val_acc)
-            state.update(best_val_acc=best, epochs_since_best=since,
-                         best_epoch=epoch if improved else state["best_epoch"])
+            state.update(
+                best_val_acc=best, epochs_since_best=since, best_epoch=epoch if improved else state["best_epoch"]
+            )
             if improved:
                 best_weights = _cpu_copy(model)
         stop = diverged or should_stop(epoch, state["epochs_since_best"], cfg["patience"], cfg["epochs"])
@@ -185,14 +201,28 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
         else:
             kind = checkpoint.KIND_BEST if improved else None
         metrics = {
-            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-            "val_acc": val_acc, "best_val_acc": max(state["best_val_acc"], 0.0), "best_epoch": state["best_epoch"],
-            "epochs_since_best": state["epochs_since_best"], "train_s": train_s, "eval_s": eval_s,
-            "train_time_s": state["train_time_s"], "eval_time_s": state["eval_time_s"], "diverged": diverged,
-            "images_per_s": len(train_x) / train_s, "device": str(rt.device),
-            "precision": "bf16" if rt.amp_dtype else "fp32", "channels_last": rt.channels_last, "node_id": node,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "best_val_acc": max(state["best_val_acc"], 0.0),
+            "best_epoch": state["best_epoch"],
+            "epochs_since_best": state["epochs_since_best"],
+            "train_s": train_s,
+            "eval_s": eval_s,
+            "train_time_s": state["train_time_s"],
+            "eval_time_s": state["eval_time_s"],
+            "diverged": diverged,
+            "images_per_s": len(train_x) / train_s,
+            "device": str(rt.device),
+            "precision": "bf16" if rt.amp_dtype else "fp32",
+            "channels_last": rt.channels_last,
+            "node_id": node,
             "gpus_granted": (granted or {}).get("GPU", 0.0),
-            "report_s": report_s, "checkpoint_kind": kind, "checkpoint_rank": RANK.get(kind, state["best_val_acc"]),
+            "report_s": report_s,
+            "checkpoint_kind": kind,
+            "checkpoint_rank": RANK.get(kind, state["best_val_acc"]),
         }
         if diverged:
             log.warning("loss became non-finite at epoch %d; stopping this trial as diverged", epoch)
@@ -214,7 +244,9 @@ def train_cifar(config: dict, data: Cifar, report: Report | None = None, checkpo
 
 def _trainer_state(model, optimizer, gen, state, rt: Runtime) -> dict:
     return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
         "counters": dict(state),
@@ -253,8 +285,16 @@ def _autocast(rt: Runtime):
     return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_u8: torch.Tensor, y: torch.Tensor,
-                batch_size: int, gen: torch.Generator, rt: Runtime, augment_images: bool = True) -> tuple[float, float]:
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_u8: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
+    rt: Runtime,
+    augment_images: bool = True,
+) -> tuple[float, float]:
     """One shuffled pass; returns (mean loss, accuracy %). A non-finite loss ends the pass early as NaN."""
     model.train()
     n = len(x_u8)
@@ -264,7 +304,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_u8: torch.
     seen = 0
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     for step, start in enumerate(range(0, n, batch_size)):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         if len(idx) < 2 and seen:  # a last batch of one breaks BatchNorm; the study's loader never made one
             break
         images = x_u8[idx]
@@ -286,15 +326,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_u8: torch.
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int, rt: Runtime) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int, rt: Runtime
+) -> tuple[float, float]:
     """(mean loss, accuracy %) on the unaugmented images, in large batches without gradients."""
     model.eval()
     loss_sum = torch.zeros((), device=x_u8.device)
     correct = torch.zeros((), device=x_u8.device, dtype=torch.long)
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     for start in range(0, len(x_u8), batch_size):
-        inputs = augment.prepare_eval(x_u8[start:start + batch_size]).contiguous(memory_format=memory_format)
-        targets = y[start:start + batch_size]
+        inputs = augment.prepare_eval(x_u8[start : start + batch_size]).contiguous(memory_format=memory_format)
+        targets = y[start : start + batch_size]
         with _autocast(rt):
             logits = model(inputs)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
