@@ -4,7 +4,6 @@ The data folder's own table of bad inputs is in test_data.py."""
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -218,48 +217,6 @@ def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
     assert first.wait(300) == 0, first.stderr[-2000:]
     assert len(pd.read_parquet(tmp_path / "held" / "results.parquet")) == 1
     assert not (tmp_path / ".held.lock").exists()  # released
-
-
-@pytest.mark.slow
-def test_a_lock_left_by_a_killed_sweep_does_not_block_its_resume(synthetic_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    base = [sys.executable, "-m", "tune_alexnet", "sweep", "--storage", str(tmp_path), "--name", "killed", "--quiet"]
-    first = subprocess.Popen(
-        base
-        + [
-            "--data-dir",
-            str(synthetic_dir),
-            "--optimizer",
-            "sgd",
-            "--lr",
-            "0.01",
-            "--batchnorm",
-            "true",
-            "--batch-size",
-            "32",
-            "--dropout",
-            "true",
-            "--epochs",
-            "30",
-            "--patience",
-            "100",
-            "--width",
-            "0.125",
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob("killed/train_cifar_*/result.json")):
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert (tmp_path / ".killed.lock").exists()  # the file stays, the lock went with the process
-    resumed = subprocess.run(base + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 def test_resume_without_a_name_takes_the_newest_unfinished_experiment(mixed_experiment, tmp_path):

@@ -229,7 +229,7 @@ def test_job_submission_runs_the_sweep_on_the_cluster(cluster, synthetic_dir, tm
         "sweep",
         "--address",
         "auto",
-        *small_sweep(synthetic_dir, storage, "job", "--shared-storage"),
+        *small_sweep(synthetic_dir, storage, "job", "--shared-storage", "--gpus-per-trial", "0"),
     ]
     submit = cluster.run(
         [
