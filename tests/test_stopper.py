@@ -1,4 +1,4 @@
-from tune_alexnet.stopper import plateau_update
+from tune_alexnet.stopper import plateau_update, result_says_stop
 from tune_alexnet.sweep import PlateauStopper
 
 
@@ -61,7 +61,7 @@ def test_results_without_an_epoch_are_ignored():
 
 
 def test_the_stopper_and_the_training_function_end_a_run_at_the_same_epoch(synthetic_dir):
-    """The function ends itself by the rule; the stopper must say stop on that last report and on no earlier one."""
+    """The function ends itself by the rule, on the report the rule says; the stopper agrees and lets the function end it."""
     from tune_alexnet.data import load_cifar10, take_subset
     from tune_alexnet.train import train_cifar
 
@@ -73,7 +73,11 @@ def test_the_stopper_and_the_training_function_end_a_run_at_the_same_epoch(synth
             data,
             lambda metrics, checkpoint_dir, reports=reports: reports.append(metrics),
         )
+        rule = [result_says_stop(r, config["patience"], config["epochs"]) for r in reports]
+        assert rule == [False] * (len(reports) - 1) + [True], rule  # the function ended where the rule says
+        assert [r["ends_trial"] for r in reports] == rule  # and said so on that report
         stopper = PlateauStopper(patience=config["patience"], max_epochs=config["epochs"])
-        verdicts = [stopper("t", r) for r in reports]
-        assert verdicts == [False] * (len(reports) - 1) + [True], verdicts
+        assert not any(stopper("t", r) for r in reports)  # so the stopper never tears a trial down from outside
+        # ... but stops a trial that goes past the rule (one that did not end itself).
+        assert stopper("t", {**reports[-1], "ends_trial": False, "epoch": reports[-1]["epoch"] + 1})
     assert len(reports) == 4  # the second run ran to its epoch limit

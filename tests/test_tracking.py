@@ -182,7 +182,7 @@ def trial_folders(path: str, table) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_tensorboard_event_files_hold_one_accuracy_point_per_epoch(tracked):
+def test_tensorboard_event_files_hold_one_accuracy_point_per_epoch_and_the_settings(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path, table, _ = tracked
@@ -190,6 +190,7 @@ def test_tensorboard_event_files_hold_one_accuracy_point_per_epoch(tracked):
         events = EventAccumulator(str(folder)).Reload()
         for tag in ("ray/tune/val_acc", "ray/tune/best_val_acc", "ray/tune/train_loss"):
             assert [e.step for e in events.Scalars(tag)] == list(range(1, EPOCHS + 1)), tag
+        assert events.PluginTagToContent("hparams")  # the settings, for TensorBoard's HParams view
 
 
 @pytest.mark.slow

@@ -39,7 +39,12 @@ log = logging.getLogger("tune_alexnet.sweep")
 
 
 class PlateauStopper(tune.Stopper):
-    """The study's plateau rule for Tune: the same functions the training function ends itself by."""
+    """The study's plateau rule for Tune: the same functions the training function ends itself by.
+
+    On the report after which the function returns by itself (`ends_trial`) it leaves the trial alone:
+    stopping it from outside would race the function's own exit, and tearing down a worker while the
+    full-size network is still being released aborted it. It stops any trial that goes past the rule.
+    """
 
     def __init__(self, patience: int = PATIENCE, max_epochs: int = EPOCHS):
         if patience < 1:
@@ -49,7 +54,7 @@ class PlateauStopper(tune.Stopper):
         self.patience, self.max_epochs = patience, max_epochs
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return result_says_stop(result, self.patience, self.max_epochs)
+        return not result.get("ends_trial") and result_says_stop(result, self.patience, self.max_epochs)
 
     def stop_all(self) -> bool:
         return False

@@ -223,6 +223,7 @@ def train_cifar(
             "report_s": report_s,
             "checkpoint_kind": kind,
             "checkpoint_rank": RANK.get(kind, state["best_val_acc"]),
+            "ends_trial": stop,  # the function returns right after this report
         }
         if diverged:
             log.warning("loss became non-finite at epoch %d; stopping this trial as diverged", epoch)
