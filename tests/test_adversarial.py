@@ -233,3 +233,23 @@ def test_resume_without_a_name_takes_the_newest_unfinished_experiment(mixed_expe
     shutil.rmtree(tmp_path / "older-unfinished")
     with pytest.raises(PreflightError, match=r"every experiment in .* has finished \(newer-finished\); pass --name"):
         _latest_experiment(str(tmp_path))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MB filesystem (tmpfs), as a storage that is about to be full."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_storage_without_room_for_the_sweep_is_refused_before_any_trial(small_disk, ray_local, synthetic_dir, capsys):
+    err = one_line_exit_2(
+        ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(small_disk), "--name", "big", "--optimizer",
+         "sgd", "--lr", "0.01", "--batchnorm", "true", "--width", "0.125", "--epochs", "1"],
+        capsys,
+    )  # fmt: skip
+    assert f"--storage {small_disk} has 21 MB free but this sweep needs about 36 MB (6 trial(s) keep 2 MB" in err
+    assert list(small_disk.iterdir()) == []  # nothing written, the lock gone

@@ -307,3 +307,22 @@ def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dic
         f"a trial asks for {asked} but no node of this cluster has that (the most any node has: "
         f"{largest}); allowed: --cpus-per-trial and --gpus-per-trial within one node"
     )
+
+
+def check_space(root: str, trials: int, concurrent: int, width: float) -> None:
+    """Refuse a local --storage without room for what the sweep keeps: each finished trial's best weights, and
+    while trials run their resume states (current weights, optimizer moments, a copy of the best weights)."""
+    if is_remote(root):
+        return
+    import shutil
+
+    from .model import AlexNet, count_parameters
+
+    weights = 4 * count_parameters(AlexNet(dropout=True, batchnorm=True, width=width))  # fp32 bytes
+    needed = trials * weights + min(trials, concurrent) * 5 * weights  # Adam's resume state is the largest
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise PreflightError(f"--storage {root} has {free / 1e6:,.0f} MB free but this sweep needs about "
+                             f"{needed / 1e6:,.0f} MB ({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights "
+                             f"each, and each running trial briefly holds about {5 * weights / 1e6:,.0f} MB more); "
+                             f"allowed: a folder with that much room, fewer runs, or an s3:// URI")

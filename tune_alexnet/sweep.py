@@ -117,7 +117,14 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     per_trial = {"CPU": s.cpus_per_trial, "GPU": gpus}
     preflight.check_resources_fit(per_trial, ray.nodes(), node_types)
     joined = (s.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-    preflight.check_cluster(preflight.storage_uri(s.storage), ray.nodes(), per_trial, joined, s.shared_storage)
+    root = preflight.storage_uri(s.storage)
+    preflight.check_cluster(root, ray.nodes(), per_trial, joined, s.shared_storage)
+    if not s.resume:
+        trials = (len(s.runs) or len(s.grid)) * s.repeats
+        concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.cpus_per_trial, 1e-9)))
+        if gpus:
+            concurrent = max(1, int(max(ray.cluster_resources().get("GPU", 0), 1) / gpus))
+        preflight.check_space(root, trials, concurrent, float({**TRIAL_DEFAULTS, **s.trial}["width"]))
     # Each checkpoint a trial reports forces a snapshot of the experiment state (so that the checkpoints Tune
     # deletes are never still named in it); we checkpoint rarely, so the warning about frequent ones is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
