@@ -322,7 +322,9 @@ def check_space(root: str, trials: int, concurrent: int, width: float) -> None:
     needed = trials * weights + min(trials, concurrent) * 5 * weights  # Adam's resume state is the largest
     free = shutil.disk_usage(root).free
     if free < needed:
-        raise PreflightError(f"--storage {root} has {free / 1e6:,.0f} MB free but this sweep needs about "
-                             f"{needed / 1e6:,.0f} MB ({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights "
-                             f"each, and each running trial briefly holds about {5 * weights / 1e6:,.0f} MB more); "
-                             f"allowed: a folder with that much room, fewer runs, or an s3:// URI")
+        raise PreflightError(
+            f"--storage {root} has {free / 1e6:,.0f} MB free but this sweep needs about "
+            f"{needed / 1e6:,.0f} MB ({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights "
+            f"each, and each running trial briefly holds about {5 * weights / 1e6:,.0f} MB more); "
+            f"allowed: a folder with that much room, fewer runs, or an s3:// URI"
+        )
