@@ -239,3 +239,33 @@ def test_full_size_trials_end_from_the_inside_without_an_abort(synthetic_dir, tm
     assert len(logs) == 5
     for text in logs:
         assert "Fatal Python error" not in text and "Aborted" not in text and "core dumped" not in text
+
+
+def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(synthetic_dir, tmp_path):
+    """A real 60 MB filesystem that something else fills while the sweep runs."""
+    import shutil
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], check=True)
+    try:
+        log = tmp_path / "sweep.log"
+        args = sweep_args(synthetic_dir, disk, "filling", 20, ["--dropout", "true", "--batch-size", "32,64",
+                                                               "--patience", "100", "--resume-every", "0"])  # fmt: skip
+        proc = start_sweep(args, log)
+        wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(disk / "filling").values()), proc, "epochs")
+        filler = disk / "someone-else.bin"
+        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 15_000_000))  # 15 MB left: less than needed
+        assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"tune-alexnet sweep: --storage {disk} is nearly full (" in text and "Traceback" not in text
+        assert "'tune-alexnet sweep --resume --name filling' continues them" in text
+        table = pd.read_parquet(disk / "filling" / "results.parquet")  # what there is, exportable
+        assert len(table) == 2 and (table["status"] != "terminated").any()
+        filler.unlink()
+        resumed = start_sweep(["--resume", "--name", "filling", "--storage", disk], tmp_path / "resume.log")
+        assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+        table = pd.read_parquet(disk / "filling" / "results.parquet")
+        assert set(table["status"]) == {"terminated"} and (table["epochs_run"] == 20).all()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

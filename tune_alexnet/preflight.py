@@ -309,6 +309,17 @@ def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dic
     )
 
 
+def space_needed(trials: int, concurrent: int, width: float) -> tuple[int, int, int]:
+    """Bytes a sweep keeps on its storage: (all of it, what the trials running at once hold on top of their
+    best weights, one trial's best weights). Adam's resume state (weights, two moments, a best copy) is the
+    largest a trial holds."""
+    from .model import AlexNet, count_parameters
+
+    weights = 4 * count_parameters(AlexNet(dropout=True, batchnorm=True, width=width))  # fp32 bytes
+    running = min(trials, concurrent) * 5 * weights
+    return trials * weights + running, running, weights
+
+
 def check_space(root: str, trials: int, concurrent: int, width: float) -> None:
     """Refuse a local --storage without room for what the sweep keeps: each finished trial's best weights, and
     while trials run their resume states (current weights, optimizer moments, a copy of the best weights)."""
@@ -316,15 +327,12 @@ def check_space(root: str, trials: int, concurrent: int, width: float) -> None:
         return
     import shutil
 
-    from .model import AlexNet, count_parameters
-
-    weights = 4 * count_parameters(AlexNet(dropout=True, batchnorm=True, width=width))  # fp32 bytes
-    needed = trials * weights + min(trials, concurrent) * 5 * weights  # Adam's resume state is the largest
+    needed, running, weights = space_needed(trials, concurrent, width)
     free = shutil.disk_usage(root).free
     if free < needed:
         raise PreflightError(
-            f"--storage {root} has {free / 1e6:,.0f} MB free but this sweep needs about "
-            f"{needed / 1e6:,.0f} MB ({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights "
-            f"each, and each running trial briefly holds about {5 * weights / 1e6:,.0f} MB more); "
-            f"allowed: a folder with that much room, fewer runs, or an s3:// URI"
+            f"--storage {root} has {free / 1e6:,.0f} MB free but this sweep needs about {needed / 1e6:,.0f} MB "
+            f"({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights each, and each running trial briefly "
+            f"holds about {5 * weights / 1e6:,.0f} MB more); allowed: a folder with that much room, fewer runs, "
+            f"or an s3:// URI"
         )

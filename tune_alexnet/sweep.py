@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,6 +61,30 @@ class PlateauStopper(tune.Stopper):
 
     def stop_all(self) -> bool:
         return False
+
+
+class DiskGuard(tune.Callback):
+    """Stops the sweep as Ctrl-C does (so --resume continues it) once a local storage has less room than the
+    running trials' next checkpoints need, before a write fails halfway."""
+
+    def __init__(self, root: str, min_free: int, every_s: float = 2.0):
+        self.root, self.min_free, self.every_s = root, min_free, every_s
+        self.last_check, self.tripped = 0.0, False
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.tripped or time.monotonic() - self.last_check < self.every_s:
+            return
+        self.last_check = time.monotonic()
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free:
+            self.tripped = True
+            print(
+                f"tune-alexnet sweep: --storage {self.root} is nearly full ({free / 1e6:,.0f} MB free, about "
+                f"{self.min_free / 1e6:,.0f} MB needed for the running trials' next checkpoints); stopping",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
 
 
 def trial_space(s: SweepSettings) -> dict:
@@ -119,12 +146,14 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     joined = (s.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
     root = preflight.storage_uri(s.storage)
     preflight.check_cluster(root, ray.nodes(), per_trial, joined, s.shared_storage)
+    trials = (len(s.runs) or len(s.grid)) * s.repeats
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.cpus_per_trial, 1e-9)))
+    if gpus:
+        concurrent = max(1, int(max(ray.cluster_resources().get("GPU", 0), 1) / gpus))
+    width = float({**TRIAL_DEFAULTS, **s.trial}["width"])
     if not s.resume:
-        trials = (len(s.runs) or len(s.grid)) * s.repeats
-        concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.cpus_per_trial, 1e-9)))
-        if gpus:
-            concurrent = max(1, int(max(ray.cluster_resources().get("GPU", 0), 1) / gpus))
-        preflight.check_space(root, trials, concurrent, float({**TRIAL_DEFAULTS, **s.trial}["width"]))
+        preflight.check_space(root, trials, concurrent, width)
+    guard = [] if preflight.is_remote(root) else [DiskGuard(root, preflight.space_needed(trials, concurrent, width)[1])]
     # Each checkpoint a trial reports forces a snapshot of the experiment state (so that the checkpoints Tune
     # deletes are never still named in it); we checkpoint rarely, so the warning about frequent ones is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -139,7 +168,7 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     else:
         write_settings(exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(
-            trainable, param_space=trial_space(s), tune_config=_tune_config(s), run_config=_run_config(s, quiet)
+            trainable, param_space=trial_space(s), tune_config=_tune_config(s), run_config=_run_config(s, quiet, guard)
         )
     return tuner.fit()
 
@@ -150,7 +179,7 @@ def _tune_config(s: SweepSettings) -> tune.TuneConfig:
     )
 
 
-def _run_config(s: SweepSettings, quiet: bool = False) -> tune.RunConfig:
+def _run_config(s: SweepSettings, quiet: bool = False, guards: list | None = None) -> tune.RunConfig:
     return tune.RunConfig(
         name=s.name,
         storage_path=preflight.storage_uri(s.storage),
@@ -164,7 +193,7 @@ def _run_config(s: SweepSettings, quiet: bool = False) -> tune.RunConfig:
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[*tracking.callbacks(s), *([] if quiet else [Console()])],
+        callbacks=[*tracking.callbacks(s), *(guards or []), *([] if quiet else [Console()])],
         verbose=0,
     )
 
