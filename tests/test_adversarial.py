@@ -36,6 +36,7 @@ def one_line_exit_2(argv, capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra,needle",
     [
@@ -73,7 +74,7 @@ def test_bad_sweep_flags(extra, needle, ray_local, synthetic_dir, tmp_path, caps
     assert not storage.exists() or [p.name for p in storage.iterdir()] == []  # nothing written, no lock left
 
 
-def test_a_name_taken_by_a_file_is_refused(ray_local, synthetic_dir, tmp_path, capsys):
+def test_a_name_taken_by_a_file_is_refused(synthetic_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     err = one_line_exit_2(
         ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path), "--name", "taken"], capsys
@@ -81,6 +82,7 @@ def test_a_name_taken_by_a_file_is_refused(ray_local, synthetic_dir, tmp_path, c
     assert f"{tmp_path / 'taken'} is a file" in err
 
 
+@pytest.mark.slow
 def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
@@ -115,6 +117,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
         assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_export_and_report_into_a_place_that_cannot_be_written(mixed_experiment, tmp_path, capsys):
     path, _ = mixed_experiment
     blocker = tmp_path / "file"
@@ -133,6 +136,7 @@ def damaged(mixed_experiment, tmp_path):
     return copy, exp.table
 
 
+@pytest.mark.slow
 def test_a_table_knows_what_it_is_missing(damaged, capsys):
     copy, before = damaged
     trained = before[before["status"] == "terminated"].iloc[0]
@@ -156,6 +160,7 @@ def test_a_table_knows_what_it_is_missing(damaged, capsys):
     assert pd.isna(table.loc[diverged["trial_id"], "final_accuracy"])
 
 
+@pytest.mark.slow
 def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, capsys, synthetic_dir):
     copy, before = damaged
     for state in copy.glob("experiment_state-*.json"):
@@ -219,6 +224,7 @@ def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
     assert not (tmp_path / ".held.lock").exists()  # released
 
 
+@pytest.mark.slow
 def test_resume_without_a_name_takes_the_newest_unfinished_experiment(mixed_experiment, tmp_path):
     from tune_alexnet.preflight import PreflightError
     from tune_alexnet.sweep import _latest_experiment
@@ -245,6 +251,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_storage_without_room_for_the_sweep_is_refused_before_any_trial(small_disk, ray_local, synthetic_dir, capsys):
     err = one_line_exit_2(
         ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(small_disk), "--name", "big", "--optimizer",

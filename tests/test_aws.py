@@ -43,6 +43,8 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
+pytestmark = pytest.mark.slow  # an AWS emulator and Ray's cluster launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 REGION = "us-west-2"  # the shipped region
 BUCKET = "tune-alexnet-results"

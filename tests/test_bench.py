@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real sweeps and subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[\d,]+(?:\.\d+)?"
 MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"  # real CIFAR-10 images, where present

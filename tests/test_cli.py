@@ -123,3 +123,19 @@ def test_runs_flag_picks_whole_runs_of_the_study(capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--runs", "16", "--optimizer", "sgd"])
     assert e.value.code == 2 and "cannot be combined with --optimizer" in capsys.readouterr().err
+
+
+def test_paths_are_taken_as_typed_from_any_working_directory(tmp_path, monkeypatch):
+    from tune_alexnet.preflight import storage_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    parse = build_parser().parse_args
+    for typed, meant in (("data", tmp_path / "data"), ("~/data", tmp_path / "home" / "data"),
+                         (str(tmp_path / "abs"), tmp_path / "abs")):  # fmt: skip
+        assert _settings(parse(["sweep", "--data-dir", typed])).data_dir == str(meant)
+        assert storage_uri(typed) == str(meant)  # --storage, export and report resolve through it
+    assert (
+        storage_uri("s3://bucket/x?endpoint_override=127.0.0.1:9000")
+        == "s3://bucket/x?endpoint_override=127.0.0.1:9000"
+    )

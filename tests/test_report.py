@@ -42,6 +42,7 @@ def md_table(text: str, heading: str) -> pd.DataFrame:
     return pd.DataFrame(rows[2:], columns=rows[0])
 
 
+@pytest.mark.slow
 def test_repeats_give_two_seeded_trials_per_grid_point(repeated):
     _, exp = repeated
     table = exp.table
@@ -50,6 +51,7 @@ def test_repeats_give_two_seeded_trials_per_grid_point(repeated):
         assert group["seed"].nunique() == 2
 
 
+@pytest.mark.slow
 def test_report_figures_statistics_and_comparison(repeated, tmp_path):
     path, exp = repeated
     # The sweep already wrote one into the experiment folder; write another elsewhere from the folder alone.
@@ -85,6 +87,7 @@ def test_report_figures_statistics_and_comparison(repeated, tmp_path):
     assert "## Repeats: mean and standard deviation per configuration" in text
 
 
+@pytest.mark.slow
 def test_report_lists_diverged_and_errored_runs(mixed_experiment, tmp_path, capsys):
     path, _ = mixed_experiment
     assert main(["report", path, "--out", str(tmp_path)]) == 0

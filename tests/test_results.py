@@ -17,6 +17,8 @@ from tune_alexnet import __version__
 from tune_alexnet.cli import main
 from tune_alexnet.export import EPOCH_SCHEMA, TABLE_SCHEMA
 
+pytestmark = pytest.mark.slow  # real sweeps and subprocesses
+
 SWEEP = [
     "--optimizer",
     "sgd",

@@ -14,6 +14,8 @@ from tune_alexnet.grid import make_grid
 from tune_alexnet.preflight import PreflightError, local_storage_problem
 from tune_alexnet.settings import SweepSettings
 
+pytestmark = pytest.mark.slow  # real sweeps and subprocesses
+
 TINY = {"width": 0.125}
 
 
