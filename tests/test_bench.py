@@ -33,8 +33,9 @@ def run(script, *args, cwd):
     )
 
 
-def load_device_module():
-    spec = importlib.util.spec_from_file_location("bench_device", ROOT / "bench" / "device.py")
+def load_bench(script: str):
+    """A bench/ script as a module (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "bench" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -42,7 +43,7 @@ def load_device_module():
 
 @pytest.fixture(scope="module")
 def device():
-    return load_device_module()
+    return load_bench("device")
 
 
 @pytest.fixture
@@ -235,3 +236,17 @@ def test_throughput_prints_its_table(synthetic_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| augmentation only (1 CPU thread) | 32 |" in out.stdout
     assert "| train epoch (model + data) | 32 |" in out.stdout
+
+
+def test_fidelity_projection_arithmetic_by_hand():
+    """36 runs per batch size x mean epochs x median epoch time at that size, summed, / trials at once."""
+    import pandas as pd
+
+    fidelity = load_bench("fidelity")
+
+    table = pd.DataFrame({"epochs_run": [10, 30]})  # mean 20 epochs a run
+    epochs = pd.DataFrame({"batch_size": [32, 32, 32, 128], "train_s": [2.0, 4.0, 100.0, 1.0]})  # medians 4 and 1
+    hours, how = fidelity.projection(table, epochs, concurrent=4)
+    # 32: 36 x 20 x 4 = 2880 s; 128: 36 x 20 x 1 = 720 s; 64 unmeasured takes the mean of the medians, 2.5 s: 1800 s
+    assert hours == pytest.approx((2880 + 720 + 1800) / 4 / 3600)
+    assert "20.0 epochs a run" in how and "/ 4 trials at once" in how
