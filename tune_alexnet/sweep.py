@@ -184,7 +184,7 @@ def _run_config(s: SweepSettings, quiet: bool = False, guards: list | None = Non
         name=s.name,
         storage_path=preflight.storage_uri(s.storage),
         stop=PlateauStopper(s.patience, s.epochs),
-        # Keep the checkpoint of highest rank plus the latest: see train.RANK for what that leaves on disk.
+        # Keep the checkpoint of highest rank plus the latest: see train.checkpoint_rank for what that leaves.
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute="checkpoint_rank", checkpoint_score_order="max"
         ),

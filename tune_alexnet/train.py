@@ -34,11 +34,19 @@ from .stopper import plateau_update, should_stop
 log = logging.getLogger("tune_alexnet.train")
 
 DIVERGENCE_CHECK_EVERY = 50  # steps between loss checks (each check syncs the device)
+
+
 # Tune keeps the checkpoint of highest rank and the latest one (CheckpointConfig(num_to_keep=1)):
 # a final checkpoint outranks all, a newer resume checkpoint outranks older ones and every best-weights
 # one, which rank by accuracy. So a running trial keeps its newest resume state and its best weights,
 # and a finished one keeps only its final checkpoint.
-RANK = {checkpoint.KIND_FINAL: 1e6, checkpoint.KIND_RESUME: 1e3}
+def checkpoint_rank(kind: str | None, epoch: int, best_val_acc: float) -> float:
+    if kind == checkpoint.KIND_FINAL:
+        return 1e6
+    if kind == checkpoint.KIND_RESUME:
+        return 1e3 + epoch  # above any accuracy (at most 100), newer above older
+    return best_val_acc
+
 
 # report(metrics, checkpoint_dir or None): tune.report through ray_hooks, or a test's recorder.
 Report = Callable[[dict, "str | None"], None]
@@ -222,7 +230,7 @@ def train_cifar(
             "gpus_granted": (granted or {}).get("GPU", 0.0),
             "report_s": report_s,
             "checkpoint_kind": kind,
-            "checkpoint_rank": RANK.get(kind, state["best_val_acc"]),
+            "checkpoint_rank": checkpoint_rank(kind, epoch, state["best_val_acc"]),
             "ends_trial": stop,  # the function returns right after this report
         }
         if diverged:
