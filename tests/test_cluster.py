@@ -335,7 +335,7 @@ def test_a_sweep_on_s3_storage_is_whole_and_resumes_from_the_bucket(cluster, s3,
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGINT)
     assert first.wait(TIMEOUT) == 1, log.read_text()[-3000:]
-    assert "'tune-alexnet sweep --resume --name s3run' continues them" in log.read_text()
+    assert f"'tune-alexnet sweep --resume --name s3run --storage {root}' continues them" in log.read_text()
 
     # Resume from the bucket alone: no grid flags, no --data-dir (the sweep's settings are in the bucket).
     resumed = cluster.sweep("--resume", "--name", "s3run", "--storage", root)

@@ -198,7 +198,9 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
-    assert "did not finish; 'tune-alexnet sweep --resume --name interrupted' continues them" in text
+    assert (
+        f"did not finish; 'tune-alexnet sweep --resume --name interrupted --storage {storage}' continues them" in text
+    )
     table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
     assert len(table) == 3 and (table["status"] != "terminated").any()
 
@@ -259,7 +261,7 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
         assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
         text = log.read_text()
         assert f"tune-alexnet sweep: --storage {disk} is nearly full (" in text and "Traceback" not in text
-        assert "'tune-alexnet sweep --resume --name filling' continues them" in text
+        assert f"'tune-alexnet sweep --resume --name filling --storage {disk}' continues them" in text
         table = pd.read_parquet(disk / "filling" / "results.parquet")  # what there is, exportable
         assert len(table) == 2 and (table["status"] != "terminated").any()
         filler.unlink()

@@ -53,8 +53,10 @@ def write(
 @contextmanager
 def local_copy(checkpoint):
     """A local folder holding the checkpoint's files, for a path, a URI or a tune.Checkpoint."""
-    if hasattr(checkpoint, "to_directory"):
-        checkpoint = checkpoint.to_directory()  # copies to a local temporary folder if remote
+    if hasattr(checkpoint, "as_directory"):  # a tune.Checkpoint: Ray copies a remote one and removes the copy
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+        return
     checkpoint = os.fspath(checkpoint)
     if "://" not in checkpoint:
         yield Path(checkpoint).expanduser()

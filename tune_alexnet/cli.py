@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the sweep started (loading data, say): nothing to keep
+        print(f"tune-alexnet {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -475,9 +478,10 @@ def _sweep_command(settings, quiet: bool) -> int:
     errored = int((table["status"] == "errored").sum())
     unfinished = int(table["status"].isin(["pending", "running", "paused"]).sum())
     if errored or unfinished:  # interrupted (Ctrl-C) or failed trials: say how to go on, exit non-zero
+        where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
         print(
             f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column), "
-            f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {settings.name}' continues them",
+            f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {settings.name}{where}' continues them",
             file=sys.stderr,
         )
         return EXIT_FAILED

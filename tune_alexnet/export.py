@@ -102,26 +102,27 @@ class Experiment:
 
 def load_experiment(source) -> Experiment:
     """`source`: an experiment folder (path, ~path or URI) or a local tune.ResultGrid (a ResultGrid of a
-    bucket forgets its URI's scheme: pass the URI)."""
-    from ray import tune
-
+    bucket forgets its URI's scheme: pass the URI). Tune's experiment state is read as plain JSON, never
+    unpickled (Ray's own reader unpickles parts of it), so a folder from a shared bucket runs no code here."""
     path = storage_uri(str(getattr(source, "experiment_path", source)))
     if not is_remote(path) and not Path(path).is_dir():
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
     notes: list[str] = []
     try:
-        trials = tune.ExperimentAnalysis(path).trials
-    except Exception as exc:  # a missing, truncated or foreign experiment state fails in many ways
-        trials = _trials_on_disk(path)
-        if not trials:
-            raise ExportError(
-                f"{path} holds no Tune experiment (no readable experiment_state-*.json and no trial "
-                f"folders); allowed: an experiment folder such as ray_results/<name>"
-            ) from None
-        notes.append(
-            f"the experiment state in {path} is unreadable ({type(exc).__name__}); the table is rebuilt "
-            f"from the {len(trials)} trial folders, and trials that did not end say 'unknown'"
-        )
+        trials = _trials_from_state(path)
+        if trials is None:
+            trials = _trials_on_disk(path)
+            if not trials:
+                raise FileNotFoundError("no experiment state and no trial folders")
+            notes.append(
+                f"the experiment state in {path} is missing or unreadable; the table is rebuilt from the "
+                f"{len(trials)} trial folders, and trials that did not end say 'unknown'"
+            )
+    except OSError as exc:  # an absent folder in a bucket, a typo, no access
+        raise ExportError(
+            f"{path} holds no readable Tune experiment ({_first_line(exc)}); allowed: an experiment folder such "
+            f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
+        ) from None
     rows, epoch_frames = [], []
     for trial in trials:
         epochs = _read_results(trial)
@@ -165,6 +166,36 @@ class _FolderStorage:
     storage_filesystem: object
     trial_fs_path: str
     trial_dir_name: str
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _trials_from_state(path: str) -> list[_TrialFolder] | None:
+    """The trials of Tune's newest experiment_state-*.json, from its JSON fields alone; None if it is missing
+    or unreadable (a full disk may have cut it short)."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(path)
+    states = sorted(
+        i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(base))
+        if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
+    )  # fmt: skip
+    if not states:
+        return None
+    try:
+        with fs.open_input_stream(states[-1]) as f:
+            entries = json.loads(f.readall().decode())["trial_data"]
+        trials = []
+        for entry in entries:
+            t = json.loads(entry[0])
+            folder = t["relative_logdir"]
+            trials.append(_TrialFolder(t["trial_id"], t["config"], t["status"],
+                                       _FolderStorage(fs, f"{base}/{folder}", folder)))  # fmt: skip
+        return trials
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _trials_on_disk(path: str) -> list[_TrialFolder]:
@@ -219,13 +250,16 @@ def _read_results(trial) -> pd.DataFrame | None:
     records = []
     for line in text.splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break  # a trial still running may be mid-write
+        if record.get("epoch") is not None:
+            # A restarted trial replays from its last resume state: what the dead attempt reported from there
+            # on is superseded, even where the replay has not reached yet.
+            records = [r for r in records if r["epoch"] < record["epoch"]]
+            records.append(record)
     keep = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c != "trial_id"]
-    df = pd.DataFrame([{k: r.get(k) for k in keep} for r in records if r.get("epoch") is not None], columns=keep)
-    # A restarted trial re-reports nothing it had checkpointed, but may repeat epochs after its last checkpoint.
-    return df.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    return pd.DataFrame([{k: r.get(k) for k in keep} for r in records], columns=keep)
 
 
 def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
@@ -389,13 +423,22 @@ def output_dir(out: str | os.PathLike):
     try:
         output = Output(out, tmp, [])
         yield output
-        fs, base = pyarrow.fs.FileSystem.from_uri(out)
-        fs.create_dir(base, recursive=True)
-        for f in sorted(tmp.iterdir()):
-            pyarrow.fs.copy_files(
-                str(f), f"{base}/{f.name}", source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
-            )
-            output.written.append(experiment_uri(out, f.name))
+        try:
+            fs, base = pyarrow.fs.FileSystem.from_uri(out)
+            fs.create_dir(base, recursive=True)
+            for f in sorted(tmp.iterdir()):
+                pyarrow.fs.copy_files(
+                    str(f),
+                    f"{base}/{f.name}",
+                    source_filesystem=pyarrow.fs.LocalFileSystem(),
+                    destination_filesystem=fs,
+                )
+                output.written.append(experiment_uri(out, f.name))
+        except OSError as exc:
+            raise ExportError(
+                f"cannot write into {out} ({_first_line(exc)}); allowed: a bucket path your "
+                f"credentials can write, or a local folder (--out DIR)"
+            ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -48,13 +48,15 @@ def storage_uri(storage: str) -> str:
 
 
 def experiment_uri(root: str, name: str) -> str:
-    """`root`/`name`, keeping any query string (an S3 endpoint override) at the end of the URI."""
+    """`root`/`name`, keeping a URI's query string (an S3 endpoint override) at its end."""
+    if not is_remote(root):
+        return f"{root.rstrip('/')}/{name}"
     base, sep, query = root.partition("?")
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
-def check_storage(root: str, exp_path: str, resume: bool) -> None:
-    """The storage can be written (local) or reached (remote); a new experiment's name is free."""
+def check_storage(root: str, exp_path: str, resume: bool, name: str) -> None:
+    """The storage can be written, local or remote; a new experiment's name is free."""
     from ray import tune
 
     if is_remote(root):
@@ -72,7 +74,7 @@ def check_storage(root: str, exp_path: str, resume: bool) -> None:
             ) from None
     if not resume and tune.Tuner.can_restore(exp_path):
         raise PreflightError(
-            f"an experiment named {exp_path.rsplit('/', 1)[-1].split('?')[0]!r} already exists in "
+            f"an experiment named {name!r} already exists in "
             f"{root}; continue it with --resume, or start a new one with another --name"
         )
     if not is_remote(exp_path) and Path(exp_path).exists() and not Path(exp_path).is_dir():
@@ -154,7 +156,10 @@ def _check_remote(root: str) -> None:
 
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(root)
-        fs.get_file_info(path)
+        probe = f"{path.rstrip('/')}/.tune-alexnet-write-test-{os.getpid()}"
+        with fs.open_output_stream(probe) as f:  # reading is not enough: trials write here
+            f.write(b"ok")
+        fs.delete_file(probe)
     except Exception as exc:  # pyarrow raises OSError, ValueError or ArrowInvalid depending on the failure
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise PreflightError(

@@ -75,7 +75,10 @@ class DiskGuard(tune.Callback):
         if self.tripped or time.monotonic() - self.last_check < self.every_s:
             return
         self.last_check = time.monotonic()
-        free = shutil.disk_usage(self.root).free
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:  # the folder moved since this guard was saved with the experiment: nothing to watch
+            return
         if free < self.min_free:
             self.tripped = True
             print(
@@ -112,7 +115,7 @@ def prepare(s: SweepSettings):
             s = _settings_for_resume(SweepSettings(**{**asdict(s), "grid": s.grid, "name": name}), root)
         s = SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
         exp_uri = preflight.experiment_uri(root, name)
-        preflight.check_storage(root, exp_uri, s.resume)
+        preflight.check_storage(root, exp_uri, s.resume, name)
         tracking.check(s)
     except BaseException:
         lock.release()
@@ -214,11 +217,15 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
         from .export import load_experiment
 
         table = load_experiment(exp_uri).table
-        rest = table[table["status"] != "terminated"]["run"].dropna().astype(int).tolist()
+        unfinished = table[~table["status"].isin(["terminated", "diverged"])]
+        runs = unfinished["run"].dropna().astype(int).tolist()
+        off_grid = len(unfinished) - len(runs)
         again = (
-            f"start a new sweep of the {len(rest)} runs that did not finish: tune-alexnet sweep --runs "
-            f"{','.join(map(str, rest))} --name {name}-rest"
-            if rest
+            f"to finish the {len(unfinished)} trial(s) that did not, start a new sweep with the same flags and "
+            + (f"--runs {','.join(map(str, runs))} " if runs else "")
+            + f"--name {name}-rest"
+            + (f" ({off_grid} of them are off the study's grid: give their values instead)" if off_grid else "")
+            if len(unfinished)
             else "nothing is left to run"
         )
         raise preflight.PreflightError(
