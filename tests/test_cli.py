@@ -99,7 +99,7 @@ def test_unwritable_storage_is_refused(tmp_path, capsys, synthetic_dir):
 
 def test_export_of_a_folder_that_is_not_an_experiment(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
-    assert "holds no Tune experiment" in capsys.readouterr().err
+    assert "holds no readable Tune experiment" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

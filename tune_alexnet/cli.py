@@ -30,8 +30,10 @@ from .settings import (
     PATIENCE,
     RUNTIME_DEFAULTS,
     TRIAL_DEFAULTS,
+    Grid,
 )
 
+STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the study's grid as a Ray Tune sweep. Each of the five grid flags, when given, "
         "pins its dimension (comma-separated values allowed); a flag left out sweeps all "
-        "of the study's values. No grid flag: all 108 runs.",
+        f"of the study's values. No grid flag: all {STUDY_RUNS} runs.",
         epilog="examples:\n"
         "  tune-alexnet sweep --data-dir ../shared/data/cifar10-mini --subset 50 --epochs 2 --optimizer sgd --lr 0.01\n"
         "  tune-alexnet sweep --optimizer sgd            # the study's 36 SGD runs\n"
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batchnorm", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
     g.add_argument(
         "--runs",
-        type=_list_of(int, "run numbers 1..108 of the study", check=lambda v: 1 <= v <= 108),
+        type=_list_of(int, f"run numbers 1..{STUDY_RUNS} of the study", check=lambda v: 1 <= v <= STUDY_RUNS),
         help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38",
     )
 

@@ -13,12 +13,12 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # --- the study ---------------------------------------------------------------------------
-# Optimisers, in the study's order, with their settings beyond the learning rate
+# Optimisers, in the study's order: torch.optim's class and the settings beyond the learning rate
 # (PyTorch defaults for everything not named).
-OPTIMIZERS: dict[str, dict] = {
-    "sgd": {"momentum": 0.9, "weight_decay": 1e-4},
-    "adam": {"weight_decay": 1e-4},
-    "rmsprop": {"weight_decay": 1e-4},
+OPTIMIZERS: dict[str, tuple[str, dict]] = {
+    "sgd": ("SGD", {"momentum": 0.9, "weight_decay": 1e-4}),
+    "adam": ("Adam", {"weight_decay": 1e-4}),
+    "rmsprop": ("RMSprop", {"weight_decay": 1e-4}),
 }
 LRS = (0.01, 0.001, 0.0001)
 BATCH_SIZES = (32, 64, 128)

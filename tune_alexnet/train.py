@@ -68,10 +68,10 @@ class Runtime:
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-    return classes[name](params, lr=lr, **OPTIMIZERS[name])
+    torch_class, settings = OPTIMIZERS[name]
+    return getattr(torch.optim, torch_class)(params, lr=lr, **settings)
 
 
 def resolve_runtime(config: dict, runtime: dict, granted: dict | None) -> Runtime:
