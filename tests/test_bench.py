@@ -35,9 +35,9 @@ def run(script, *args, cwd):
 
 def load_bench(script: str):
     """A bench/ script as a module (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "bench" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    found = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "bench" / f"{script}.py")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
     return module
 
 
@@ -160,9 +160,7 @@ def test_device_arithmetic_and_card_table(device):
 
 
 def test_checkpoint_bench_counts_every_persisted_checkpoint_and_the_driver_clock(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_checkpoint", ROOT / "bench" / "checkpoint.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("checkpoint")
     trial = tmp_path / "exp" / "train_cifar_0"
     (trial / "checkpoint_000002").mkdir(parents=True)
     (trial / "checkpoint_000002" / "model.pt").write_bytes(b"x" * 1000)  # the one Tune kept
