@@ -1,8 +1,11 @@
 """Every reason to refuse a sweep before a trial starts, each as one line (PreflightError).
 
-Storage that cannot be written or reached, a name already taken, a node-local
-folder that trials on other machines would write to: all are found here, before
-anything is written, so a refused sweep leaves nothing behind.
+Storage that cannot be written or reached or has too little room, a name already
+taken or held by a live sweep (the lock), a cluster that does not answer, a trial
+size no node can ever hold, a node-local folder that trials on other machines
+would write to: all are found here, before the sweep writes anything. It also
+reads what an autoscaling cluster can start, so trials ask for GPU shares before
+the GPU workers are up.
 """
 
 from __future__ import annotations
