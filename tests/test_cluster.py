@@ -105,7 +105,7 @@ class LocalCluster:
                 pass
         for p in self.procs:
             try:
-                p.wait(10)
+                p.wait(3)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
 
