@@ -126,7 +126,7 @@ def test_runs_flag_picks_whole_runs_of_the_study(capsys):
 
 
 def test_paths_are_taken_as_typed_from_any_working_directory(tmp_path, monkeypatch):
-    from tune_alexnet.preflight import storage_uri
+    from tune_alexnet.storage import storage_uri
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

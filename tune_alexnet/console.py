@@ -110,7 +110,7 @@ class Console(tune.Callback):
 def summary(table, exp_uri: str, written: list[str]) -> str:
     """The end of a sweep, for a person: the best run, each optimiser's best, counts, and where things are."""
     from .grid import optimizer_order
-    from .preflight import is_remote
+    from .storage import is_remote
 
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     scored = table[table["final_accuracy"].notna()]

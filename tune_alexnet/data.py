@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .settings import NUM_CLASSES
+
 IMAGE_SIZE = 32
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 1
@@ -89,8 +91,6 @@ def check_classes(data: Cifar) -> None:
 
 
 def _check_class_count(names: tuple[str, ...], where: str, noun: tuple[str, str]) -> None:
-    from .model import NUM_CLASSES
-
     if len(names) != NUM_CLASSES:
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
         raise DataError(

@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from .grid import full_config, optimizer_order, run_number
-from .preflight import experiment_uri, is_remote, storage_uri
 from .settings import DIMENSIONS, EPOCHS, read_settings
+from .storage import experiment_uri, is_remote, storage_uri
 
 TABLE_NAME = "results"  # results.parquet and results.csv
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NUM_CLASSES = 10
+from .settings import NUM_CLASSES
 
 
 def _conv_block(c_in: int, c_out: int, kernel: int, batchnorm: bool, pool: bool) -> list[nn.Module]:

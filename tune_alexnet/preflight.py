@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from .storage import experiment_uri, is_remote
+
 log = logging.getLogger("tune_alexnet.preflight")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
 
@@ -39,23 +41,6 @@ NETWORK_FILESYSTEMS = (
 
 class PreflightError(Exception):
     """A reason not to start (or resume) a sweep, as one line for the command line."""
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def storage_uri(storage: str) -> str:
-    """An absolute local path (Ray rejects relative ones) or the URI as given."""
-    return storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
-
-
-def experiment_uri(root: str, name: str) -> str:
-    """`root`/`name`, keeping a URI's query string (an S3 endpoint override) at its end."""
-    if not is_remote(root):
-        return f"{root.rstrip('/')}/{name}"
-    base, sep, query = root.partition("?")
-    return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
 def check_storage(root: str, exp_path: str, resume: bool, name: str) -> None:

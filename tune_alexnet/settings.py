@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # --- the study ---------------------------------------------------------------------------
+NUM_CLASSES = 10  # CIFAR-10's classes: the network's outputs
 # Optimisers, in the study's order: torch.optim's class and the settings beyond the learning rate
 # (PyTorch defaults for everything not named).
 OPTIMIZERS: dict[str, tuple[str, dict]] = {

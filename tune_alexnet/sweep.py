@@ -36,6 +36,7 @@ from .settings import (
     write_settings,
 )
 from .stopper import result_says_stop
+from .storage import experiment_uri, is_remote, storage_uri
 from .train import train_cifar
 
 log = logging.getLogger("tune_alexnet.sweep")
@@ -105,7 +106,7 @@ def prepare(s: SweepSettings):
     """The settings to run (an interrupted sweep's own, on --resume), the experiment's URI and the lock that
     holds it for this process (keep it until the end); refuses with a PreflightError before anything else is
     written."""
-    root = preflight.storage_uri(s.storage)
+    root = storage_uri(s.storage)
     name = s.name or (None if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     if name is None:
         name = _latest_experiment(root)
@@ -114,7 +115,7 @@ def prepare(s: SweepSettings):
         if s.resume:
             s = _settings_for_resume(SweepSettings(**{**asdict(s), "grid": s.grid, "name": name}), root)
         s = SweepSettings(**{**asdict(s), "grid": s.grid, "name": name})
-        exp_uri = preflight.experiment_uri(root, name)
+        exp_uri = experiment_uri(root, name)
         preflight.check_storage(root, exp_uri, s.resume, name)
         tracking.check(s)
     except BaseException:
@@ -147,7 +148,7 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     per_trial = {"CPU": s.cpus_per_trial, "GPU": gpus}
     preflight.check_resources_fit(per_trial, ray.nodes(), node_types)
     joined = (s.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
-    root = preflight.storage_uri(s.storage)
+    root = storage_uri(s.storage)
     preflight.check_cluster(root, ray.nodes(), per_trial, joined, s.shared_storage)
     trials = (len(s.runs) or len(s.grid)) * s.repeats
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.cpus_per_trial, 1e-9)))
@@ -156,7 +157,7 @@ def run_sweep(s: SweepSettings, exp_uri: str, data: Cifar | None = None, quiet: 
     width = float({**TRIAL_DEFAULTS, **s.trial}["width"])
     if not s.resume:
         preflight.check_space(root, trials, concurrent, width)
-    guard = [] if preflight.is_remote(root) else [DiskGuard(root, preflight.space_needed(trials, concurrent, width)[1])]
+    guard = [] if is_remote(root) else [DiskGuard(root, preflight.space_needed(trials, concurrent, width)[1])]
     # Each checkpoint a trial reports forces a snapshot of the experiment state (so that the checkpoints Tune
     # deletes are never still named in it); we checkpoint rarely, so the warning about frequent ones is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -185,7 +186,7 @@ def _tune_config(s: SweepSettings) -> tune.TuneConfig:
 def _run_config(s: SweepSettings, quiet: bool = False, guards: list | None = None) -> tune.RunConfig:
     return tune.RunConfig(
         name=s.name,
-        storage_path=preflight.storage_uri(s.storage),
+        storage_path=storage_uri(s.storage),
         stop=PlateauStopper(s.patience, s.epochs),
         # Keep the checkpoint of highest rank plus the latest: see train.checkpoint_rank for what that leaves.
         checkpoint_config=tune.CheckpointConfig(
@@ -205,7 +206,7 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
     """The interrupted sweep's own settings; of them the cluster address, the data's location, a GPU share
     given again and the flags on how trials run (--device, --resume-every, ...) may change."""
     name = s.name
-    exp_uri = preflight.experiment_uri(root, name)
+    exp_uri = experiment_uri(root, name)
     if not tune.Tuner.can_restore(exp_uri):
         raise preflight.PreflightError(
             f"--resume: no experiment named {name!r} in {root}; start it without "
@@ -254,7 +255,7 @@ def _settings_for_resume(s: SweepSettings, root: str) -> SweepSettings:
 
 def _latest_experiment(root: str) -> str:
     """The newest experiment in `root` that has not finished (its table says so, or it has none yet)."""
-    if preflight.is_remote(root) or not Path(root).is_dir():
+    if is_remote(root) or not Path(root).is_dir():
         raise preflight.PreflightError(
             f"--resume without --name needs a local --storage folder that holds experiments; got {root}"
         )
