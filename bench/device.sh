@@ -5,6 +5,7 @@
 #
 #   mkdir -p device-data && cp ../shared/data/cifar10-jpeg.tar.gz device-data/   # device-data/ is git-ignored
 #   bash bench/device.sh                                  # the measurement (bench/device.py's budget: 480 s)
+#   bash bench/device.sh --parts ab                       # the fidelity A/B alone (bench/ab.py), same budget
 #   bash bench/device.sh --smoke --data-dir DIR           # the same four parts, tiny, on any machine
 # Other arguments go to bench/device.py (see its --help).
 set -euo pipefail

@@ -4,6 +4,7 @@ The data folder's own table of bad inputs is in test_data.py."""
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,9 +102,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
                 "sweep",
                 "--data-dir",
                 str(synthetic_dir),
-                "--storage",
-                str(tmp_path / "r"),
-                *extra,
+                *(extra if "--storage" in extra else ["--storage", str(tmp_path / "r"), *extra]),
             ],
             env=env,
             capture_output=True,
@@ -227,7 +226,7 @@ def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
 @pytest.mark.slow
 def test_resume_without_a_name_takes_the_newest_unfinished_experiment(mixed_experiment, tmp_path):
     from tune_alexnet.preflight import PreflightError
-    from tune_alexnet.sweep import _latest_experiment
+    from tune_alexnet.preflight import latest_experiment as _latest_experiment
 
     path, exp = mixed_experiment  # has errored trials: unfinished
     shutil.copytree(path, tmp_path / "older-unfinished")
@@ -258,7 +257,7 @@ def test_a_storage_without_room_for_the_sweep_is_refused_before_any_trial(small_
          "sgd", "--lr", "0.01", "--batchnorm", "true", "--width", "0.125", "--epochs", "1"],
         capsys,
     )  # fmt: skip
-    assert f"--storage {small_disk} has 21 MB free but this sweep needs about 36 MB (6 trial(s) keep 2 MB" in err
+    assert f"--storage {small_disk} has 21 MB free but this sweep needs about 45 MB (6 trial(s) keep 2 MB" in err
     assert list(small_disk.iterdir()) == []  # nothing written, the lock gone
 
 
@@ -283,3 +282,261 @@ def test_export_reads_tunes_state_without_unpickling_it(damaged, capsys):
     table = pd.read_parquet(copy / "results.parquet")
     assert sorted(table["trial_id"]) == sorted(before["trial_id"])
     assert list(table.sort_values("trial_id")["status"]) == list(before.sort_values("trial_id")["status"])
+
+
+# --- refused before anything starts: links, long paths, unknown places, a name with nothing in it ----------
+
+TINY = ["--optimizer", "sgd", "--lr", "0.01", "--batch-size", "32", "--dropout", "true", "--batchnorm", "true",
+        "--width", "0.125", "--epochs", "1"]  # fmt: skip
+
+
+def test_a_planted_lock_link_redirects_no_write(synthetic_dir, tmp_path, capsys):
+    storage, victim = tmp_path / "shared", tmp_path / "victim.txt"
+    storage.mkdir()
+    victim.write_text("precious")
+    (storage / ".study.lock").symlink_to(victim)
+    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "study",
+                           *TINY], capsys)  # fmt: skip
+    assert f"the lock file {storage / '.study.lock'} is a symbolic link, which tune-alexnet never makes" in err
+    assert victim.read_text() == "precious" and sorted(p.name for p in storage.iterdir()) == [".study.lock"]
+
+
+def test_an_experiment_name_that_is_a_link_elsewhere_is_refused(synthetic_dir, tmp_path, capsys):
+    storage, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
+    storage.mkdir()
+    elsewhere.mkdir()
+    (storage / "study").symlink_to(elsewhere)
+    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "study",
+                           *TINY], capsys)  # fmt: skip
+    assert f"{storage / 'study'} is a symbolic link; allowed: a --name that is not taken" in err
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "storage,needle",
+    [
+        (
+            "foo://bucket/x",
+            "--storage foo://bucket/x: the scheme foo:// is not supported; allowed: a local folder, "
+            "or s3://BUCKET/PATH or gs://BUCKET/PATH",
+        ),  # fmt: skip
+        ("s3:///x", "it names no bucket"),
+        ("LONG", "characters long, so trial files below it would pass the file system's 4096-character path limit"),
+    ],
+    ids=["unknown-scheme", "no-bucket", "4000-character-path"],
+)
+def test_places_a_sweep_cannot_use_are_refused_at_once(storage, needle, synthetic_dir, tmp_path, capsys):
+    if storage == "LONG":  # a real path of 4,000 characters, in components the file system accepts
+        storage = str(tmp_path / "/".join(["d" * 200] * 19))
+        assert len(storage) > 3800
+    start = time.monotonic()
+    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", storage, *TINY], capsys)
+    assert needle in err and time.monotonic() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created, not even the storage folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (
+            ["sweep", "--storage", "gs://tune-alexnet-test-bucket/x"],
+            "--storage gs://tune-alexnet-test-bucket/x cannot be reached",
+        ),
+        (
+            ["export", "gs://tune-alexnet-test-bucket/x"],
+            "gs://tune-alexnet-test-bucket/x holds no readable Tune experiment",
+        ),
+    ],
+    ids=["sweep", "export"],
+)
+def test_a_gs_bucket_that_cannot_be_reached_is_refused_within_seconds(argv, needle, synthetic_dir, tmp_path):
+    start = time.monotonic()
+    extra = ["--data-dir", str(synthetic_dir), *TINY] if argv[0] == "sweep" else []
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv, *extra],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert needle in out.stderr.strip().splitlines()[-1]
+    assert time.monotonic() - start < 40
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_export_and_report_refuse_an_unknown_scheme_at_once(command, capsys):
+    err = one_line_exit_2([command, "foo://bucket/x"], capsys)
+    assert "foo://bucket/x: the scheme foo:// is not supported; allowed: a local folder, or s3://" in err
+
+
+def test_a_failed_or_lost_trial_fails_the_sweep():
+    from tune_alexnet.cli import left_over
+
+    def table(*statuses):
+        return pd.DataFrame({"status": list(statuses)})
+
+    assert left_over(table("terminated", "diverged")) == (0, 0)
+    assert left_over(table("terminated", "lost")) == (1, 0)  # every trial lost once exited 0
+    assert left_over(table("errored", "unknown", "running", "pending")) == (2, 2)
+
+
+# --- resume: a record that lies, or none ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (
+            "delete",
+            "tune_alexnet_sweep.json is missing, so neither the sweep's settings nor its data can be checked; "
+            "pass --allow-data-change",
+        ),  # fmt: skip
+        ("[]", "tune_alexnet_sweep.json is damaged: "),
+        ("epochs=1e20", "is damaged: epochs: 1e+20; allowed: a whole number >= 1 and <= 10000"),
+        ("grid=lr-as-text", "is damaged: grid.lr: 'fast'; allowed: a number > 0 and <= 1000000"),
+        ("grid=no-batchnorm", "is damaged: grid: "),
+        ("trial.width=40", "is damaged: trial.width: 40; allowed: a number > 0 and <= 4"),
+        ("no-data-record", "holds no record of the data the sweep started on; pass --allow-data-change"),
+    ],
+)
+def test_resume_trusts_no_damaged_record(damage, needle, damaged, capsys, synthetic_dir):
+    import json
+
+    copy, _ = damaged
+    record_file = copy / "tune_alexnet_sweep.json"
+    record = json.loads(record_file.read_text())
+    if damage == "delete":
+        record_file.unlink()
+    elif damage == "[]":
+        record_file.write_text("[]")
+    else:
+        key, _, value = damage.partition("=")
+        if key == "epochs":
+            record["epochs"] = 1e20
+        elif value == "lr-as-text":
+            record["grid"]["lr"] = ["fast"]
+        elif value == "no-batchnorm":
+            del record["grid"]["batchnorm"]
+        elif key == "trial.width":
+            record["trial"]["width"] = 40
+        else:
+            del record["data"]
+        record_file.write_text(json.dumps(record))
+    before = sorted(p.name for p in copy.iterdir())
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent), "--data-dir",
+                           str(synthetic_dir)], capsys)  # fmt: skip
+    assert needle in err, err
+    assert sorted(p.name for p in copy.iterdir()) == before  # nothing written
+
+
+@pytest.mark.slow
+def test_a_name_left_before_the_first_trial_reported_has_a_way_forward(damaged, ray_local, synthetic_dir, capsys):
+    copy, _ = damaged
+    for path in copy.iterdir():  # what a sweep killed right after starting leaves: its record and Tune's first file
+        if path.name not in ("tune_alexnet_sweep.json", "tuner.pkl"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert "stopped before its first trial reported, so there is nothing to resume; run the same command " in err
+    argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(copy.parent), "--name", "mixed", *TINY]
+    assert main(argv) == 0, capsys.readouterr().err  # the way it named: a fresh sweep takes the name over
+    assert len(pd.read_parquet(copy / "results.parquet")) == 1
+
+
+# --- what a local sweep shows the network, other users and the disk ------------------------------------------
+
+
+@pytest.fixture
+def short_tmpdir():
+    """A private TMPDIR short enough for Ray's socket paths, so each test sees only its own Ray sessions."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="ta", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ray_processes(session_root: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(session_root in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synthetic_dir, tmp_path, short_tmpdir):
+    import psutil
+
+    canary = "canary-secret-5be1c0de"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(TMPDIR=short_tmpdir, AWS_SECRET_ACCESS_KEY=canary, AWS_ACCESS_KEY_ID="canary-id")
+    storage = tmp_path / "results"
+    args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:-1], "6"]
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not list((storage / "net").glob("train_cifar_*/result.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    listening = {}
+    for p in tree:
+        try:
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    listening[c.laddr.port] = (c.laddr.ip, p.name())
+        except psutil.Error:
+            continue
+    http = [ip for port, (ip, _) in listening.items() if port == 8265]  # the dashboard and job API: no token
+    assert http and set(http) == {"127.0.0.1"}, listening
+    gcs = next(port for port, (_, name) in listening.items() if name == "gcs_server")
+    no_token = subprocess.run([sys.executable, "-c", TOKEN_PROBE, f"127.0.0.1:{gcs}"], capture_output=True,
+                              text=True, timeout=60, env={**env, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)})  # fmt: skip
+    assert "refused: AuthenticationError" in no_token.stdout, no_token.stdout + no_token.stderr[-1000:]
+    with_token = subprocess.run([sys.executable, "-c", TOKEN_PROBE, f"127.0.0.1:{gcs}"], capture_output=True,
+                                text=True, timeout=60, env={**env, "RAY_AUTH_MODE": "token"})  # fmt: skip
+    assert "joined" in with_token.stdout, with_token.stdout + with_token.stderr[-1000:]
+    assert proc.wait(300) == 0
+    token = Path.home() / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o077 == 0  # readable by this user only
+    private = Path(short_tmpdir) / f"tune-alexnet-{os.getuid()}"
+    assert private.stat().st_mode & 0o777 == 0o700
+    holders = [
+        p for p in (*private.rglob("*"), *storage.rglob("*")) if p.is_file() and canary.encode() in p.read_bytes()
+    ]
+    assert all(private in p.parents for p in holders), holders  # Ray's logs hold it, behind a 0700 folder only
+
+
+TOKEN_PROBE = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1]).cluster_id
+    print("joined")
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_sighup_while_ray_starts_is_one_line_and_leaves_no_ray_behind(synthetic_dir, tmp_path, short_tmpdir):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": short_tmpdir}
+    sessions = Path(short_tmpdir) / f"tune-alexnet-{os.getuid()}" / "ray"
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", str(synthetic_dir),
+                             "--storage", str(tmp_path / "r"), *TINY], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(sessions.glob("session_2*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "tune-alexnet sweep: interrupted before the sweep started; nothing was run"
+    deadline = time.monotonic() + 20
+    while ray_processes(str(sessions)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_processes(str(sessions)) == []

@@ -436,8 +436,16 @@ STAYS = [
 ]
 
 
+# Ray's file_mounts copy with the system's rsync, which pip cannot install. Without it this test says so and
+# skips; CI (.ci/run) installs rsync and sets TUNE_ALEXNET_NEEDS_RSYNC=1, so there a missing rsync fails instead.
+RSYNC_MISSING = "rsync is not installed: Ray's file_mounts copy the project with it (apt-get install -y rsync)"
+
+
+@pytest.mark.skipif(
+    shutil.which("rsync") is None and not os.environ.get("TUNE_ALEXNET_NEEDS_RSYNC"), reason=RSYNC_MISSING
+)
 def test_file_mounts_copy_only_the_project(aws, tmp_path, monkeypatch):
-    assert shutil.which("rsync"), "Ray's file_mounts use rsync: apt-get install -y rsync"
+    assert shutil.which("rsync"), RSYNC_MISSING
     checkout, node = tmp_path / "checkout", tmp_path / "node"
     for rel in TRAVELS + STAYS:
         (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -538,3 +546,18 @@ def test_ray_version_has_one_source_of_truth():
         assert re.findall(rf"\b{pkg}==([\d.]+)", cluster_text) == [PINS[pkg]]
     # The skip-if-present check in setup_commands compares against the same pins.
     assert f'!= ["{TORCH}", "{VISION}"]' in " ".join(shipped()["setup_commands"])
+
+
+def test_without_rsync_the_file_mounts_test_says_what_is_missing_and_skips(tmp_path):
+    """A fresh machine without rsync runs the README's test command: that one test skips, naming what is missing."""
+    bin_dir = tmp_path / "bin"  # a PATH with the tools pytest needs but no rsync
+    bin_dir.mkdir()
+    for tool in ("git", "sh"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {k: v for k, v in os.environ.items() if k != "TUNE_ALEXNET_NEEDS_RSYNC"} | {"PATH": str(bin_dir)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          f"{__file__}::test_file_mounts_copy_only_the_project"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0 and "1 skipped" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert RSYNC_MISSING in out.stdout

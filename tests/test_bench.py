@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end on tiny settings, so they work when a GPU is there to measure.
 
-bench/device.sh is meant for a GPU machine that has no Ray: its smoke run here goes through the same four parts
-with `import ray` made to fail.
+bench/device.sh is meant for a GPU machine that has no Ray: its smoke runs here go through the same parts (the
+default four, and the fidelity A/B) with `import ray` made to fail.
 """
 
 import importlib.util
@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow  # real sweeps and subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 NUMBER = r"[\d,]+(?:\.\d+)?"
 MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"  # real CIFAR-10 images, where present
 
@@ -34,16 +35,23 @@ def run(script, *args, cwd):
 
 
 def load_bench(script: str):
-    """A bench/ script as a module (bench/ is no package)."""
-    found = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "bench" / f"{script}.py")
+    """A bench/ script as a module (bench/ is no package; its modules import each other by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    found = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="module")
-def device():
-    return load_bench("device")
+def common():
+    return load_bench("device_common")
+
+
+@pytest.fixture(scope="module")
+def ab():
+    return load_bench("ab")
 
 
 @pytest.fixture
@@ -117,46 +125,166 @@ def test_device_smoke_runs_all_four_parts_without_ray(no_ray_env, synthetic_dir,
     assert "part failed" not in summary
 
 
-def test_fidelity_rows_never_pass_a_cut_run_off_as_a_result(device, tmp_path):
-    def log(name, lines):
-        path = tmp_path / name
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        return path
+def write_log(path: Path, lines: list[dict]) -> Path:
+    """A run's JSON-lines log as the device parts' processes write it."""
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
 
-    def epoch(n, best, since, best_epoch):
-        return {
-            "epoch": n,
-            "best_val_acc": best,
-            "epochs_since_best": since,
-            "best_epoch": best_epoch,
-            "diverged": False,
-            "train_s": 10.0,
-            "eval_s": 1.0,
-            "checkpoint_s": 0.1,
-            "own_report_s": 0.1,
-        }
 
-    cut = device._fidelity_row(
-        16, 88.43, log("cut", [epoch(1, 50.0, 0, 1), epoch(37, 85.1, 2, 35), {"end": "cut"}]), 100, 5
-    )
+def epoch_row(n, best, since, best_epoch, **extra):
+    return {
+        "epoch": n,
+        "best_val_acc": best,
+        "epochs_since_best": since,
+        "best_epoch": best_epoch,
+        "diverged": False,
+        "train_s": 10.0,
+        "eval_s": 1.0,
+        "checkpoint_s": 0.1,
+        "own_report_s": 0.1,
+        **extra,
+    }
+
+
+def test_fidelity_rows_never_pass_a_cut_run_off_as_a_result(tmp_path):
+    fidelity = load_bench("part_fidelity")
+    cut_log = write_log(tmp_path / "cut", [epoch_row(1, 50.0, 0, 1), epoch_row(37, 85.1, 2, 35), {"end": "cut"}])
+    cut = fidelity._fidelity_row(16, 88.43, cut_log, 100, 5)
     assert cut[7] == "cut at epoch 37 of <=100: best so far 85.10%" and cut[8] == ""
-    done = device._fidelity_row(12, 88.11, log("done", [epoch(40, 87.9, 5, 35), {"end": "finished"}]), 100, 5)
+    done_log = write_log(tmp_path / "done", [epoch_row(40, 87.9, 5, 35), {"end": "finished"}])
+    done = fidelity._fidelity_row(12, 88.11, done_log, 100, 5)
     assert done[7] == "87.90% (finished: plateau at epoch 40, best at epoch 35)" and done[8] == "-0.21"
-    killed = device._fidelity_row(62, 88.14, tmp_path / "absent.jsonl", 100, 5)
+    killed = fidelity._fidelity_row(62, 88.14, tmp_path / "absent.jsonl", 100, 5)
     assert killed[7].startswith("cut before its first epoch ended") and "%" not in killed[7]
 
 
-def test_device_arithmetic_and_card_table(device):
-    epoch_flop = 3 * device.forward_flops(1.0) * 50_000
+def test_ab_smoke_trains_every_arm_and_seed_without_ray(no_ray_env, synthetic_dir, tmp_path):
+    """The A/B part alone, as on the GPU machine: 3 arms x 2 seeds of run 12, each its own process, finished."""
+    data = MINI if MINI.is_dir() else synthetic_dir
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", "bench/device.sh", "--smoke", "--parts", "ab", "--data-dir", str(data), "--budget-s", "150"],
+        cwd=ROOT,
+        env={**no_ray_env, "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["ab.md", "log.txt", "summary.md"]
+    text = (out / "ab.md").read_text()
+    assert f"data: image folder {data}" in text  # the comparison names the images it ran on
+    assert "The study's published results (CIFAR-10's original pixels, one run each): run 12: 88.11%." in text
+    finished = r"\d+\.\d\d% \(epoch limit at epoch 2, best at epoch [12]\)"
+    for arm, difference in (
+        ("original", "reference"),
+        (
+            "project-bf16",
+            rf"[+-]\d+\.\d\d points \(spread: this arm {NUMBER} \(max-min\), original {NUMBER} \(max-min\)\)",
+        ),
+        (
+            "project-fp32",
+            rf"[+-]\d+\.\d\d points \(spread: this arm {NUMBER} \(max-min\), original {NUMBER} \(max-min\)\)",
+        ),
+    ):
+        row = rf"^\| 12 \| {arm} \| {finished} \| {finished} \| \d+\.\d\d% \| {NUMBER} \(max-min\) \| {difference} \|$"
+        assert re.search(row, text, re.M), text
+        for seed in (0, 1):  # each arm really ran in its own precision, two epochs
+            precision = "bf16" if arm == "project-bf16" else "fp32"
+            assert re.search(rf"^\| 12 \| {arm} \| {seed} \| 2 \| [12] \| .* \| {precision} \|$", text, re.M), text
+    summary = (out / "summary.md").read_text()
+    assert "Ray modules loaded by this run: none" in summary and "part failed" not in summary
+
+
+def test_ab_table_gives_no_mean_or_difference_from_a_cut_run(ab, tmp_path):
+    def log(arm, seed, *lines):
+        write_log(ab.log_path(tmp_path, 12, arm, seed), list(lines))
+
+    finished = {"end": "finished"}
+    log("original", 0, epoch_row(30, 88.0, 5, 25), finished)
+    log("original", 1, epoch_row(31, 88.5, 5, 26), finished)
+    log("original", 2, epoch_row(29, 87.5, 5, 24), finished)
+    log("project-bf16", 0, epoch_row(20, 85.0, 5, 15), finished)
+    log("project-bf16", 1, epoch_row(22, 85.5, 5, 17), finished)
+    log("project-bf16", 2, epoch_row(21, 84.5, 5, 16), finished)
+    log("project-fp32", 0, epoch_row(20, 86.0, 5, 15), finished)
+    log("project-fp32", 1, epoch_row(1, 40.0, 0, 1), epoch_row(14, 86.9, 1, 13), {"end": "cut"})
+    log("project-fp32", 2, {"end": "error", "detail": "RuntimeError: CUDA out of memory"})
+    rows = {row[1]: row for row in ab.ab_rows((12,), (0, 1, 2), tmp_path, patience=5)}
+    assert rows["original"][2:] == [
+        "88.00% (plateau at epoch 30, best at epoch 25)",
+        "88.50% (plateau at epoch 31, best at epoch 26)",
+        "87.50% (plateau at epoch 29, best at epoch 24)",
+        "88.00%",
+        "0.50 (std)",
+        "reference",
+    ]
+    assert rows["project-bf16"][5:] == [
+        "85.00%",
+        "0.50 (std)",
+        "-3.00 points (spread: this arm 0.50 (std), original 0.50 (std))",
+    ]
+    fp32 = rows["project-fp32"]
+    assert fp32[3] == "cut at epoch 14, best so far 86.90%"  # its best so far, never a result
+    assert fp32[4] == "error before its first epoch ended: RuntimeError: CUDA out of memory"
+    assert fp32[5] == "not computed: 2 of 3 seed(s) did not finish" and fp32[6] == ""
+    assert fp32[7].startswith("not computed") and "%" not in fp32[5] + fp32[7]
+    assert ab.spread([85.0, 85.25]) == "0.25 (max-min)"
+
+
+def test_original_recipe_shuffles_with_its_seed_and_keeps_the_last_batch(synthetic_dir):
+    import torch
+
+    from tune_alexnet.data import Cifar, load_cifar10
+
+    original = load_bench("original")
+    data = load_cifar10(MINI if MINI.is_dir() else synthetic_dir, progress=False)
+    picked = slice(0, None, len(data.train_x) // 70)  # every class, not the first folder's images alone
+    small = Cifar(
+        data.train_x[picked][:70], data.train_y[picked][:70], data.test_x[:20], data.test_y[:20], data.classes, "t"
+    )
+
+    def labels(seed):
+        loader = original.study_loader(small, 32, 0, seed, torch.device("cpu"))
+        return [[int(v) for v in y] for _, y in loader]
+
+    first = labels(0)
+    assert [len(b) for b in first] == [32, 32, 6]  # shuffled batches, the last partial one kept
+    assert labels(0) == first and labels(1) != first
+
+    def run(seed):
+        epochs = []
+        config = {"run": 12, "width": 0.125, "epochs": 2, "seed": seed}
+        original.train_original(config, small, lambda m, d: epochs.append((m, d)), num_workers=1)
+        return epochs
+
+    a, b = run(0), run(0)
+    assert [d for _, d in a] == [None, None] and [m["epoch"] for m, _ in a] == [1, 2]
+    assert [m["train_loss"] for m, _ in a] == [m["train_loss"] for m, _ in b]  # seeded, workers included
+    assert a[-1][0]["precision"] == "fp32" and a[-1][0]["ends_trial"]
+    assert run(1)[0][0]["train_loss"] != a[0][0]["train_loss"]
+
+
+def test_device_runner_refuses_an_unknown_part(capsys):
+    device = load_bench("device")
+    with pytest.raises(SystemExit) as refused:
+        device.parse_args(["--data-dir", ".", "--parts", "throughput,abc"])
+    assert refused.value.code == 2
+    assert "unknown part(s) abc; allowed: throughput, packing, checkpoint, fidelity, ab" in capsys.readouterr().err
+    assert device.parse_args(["--data-dir", ".", "--smoke", "--parts", "ab"]).ab_seeds == (0, 1)
+
+
+def test_device_arithmetic_and_card_table(common):
+    epoch_flop = 3 * common.forward_flops(1.0) * 50_000
     assert 75e12 < epoch_flop < 77e12  # the study's "about 76 TFLOP an epoch"
-    assert device.card_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert device.card_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert device.card_peak_flops("NVIDIA H200") == 989e12
-    assert device.card_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert device.card_peak_flops("NVIDIA A10G") == 70e12
-    assert device.card_peak_flops("NVIDIA L4") == 121e12
-    assert device.card_peak_flops("NVIDIA L40S") == 362e12
-    assert device.card_peak_flops("Some Other Card") is None
+    assert common.card_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert common.card_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert common.card_peak_flops("NVIDIA H200") == 989e12
+    assert common.card_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert common.card_peak_flops("NVIDIA A10G") == 70e12
+    assert common.card_peak_flops("NVIDIA L4") == 121e12
+    assert common.card_peak_flops("NVIDIA L40S") == 362e12
+    assert common.card_peak_flops("Some Other Card") is None
 
 
 def test_checkpoint_bench_counts_every_persisted_checkpoint_and_the_driver_clock(tmp_path):

@@ -14,15 +14,40 @@ from tune_alexnet.cli import _settings, build_parser, main
         (["sweep", "--dropout", "ture"], "'ture'; allowed: true or false"),
         (["sweep", "--batchnorm", "yes"], "'yes'; allowed: true or false"),
         (["sweep", "--optimizer", "sgdd"], "'sgdd'; allowed: sgd, adam, rmsprop or all"),
-        (["sweep", "--lr", "fast"], "'fast'; allowed: a positive number"),
-        (["sweep", "--lr", "-0.1"], "'-0.1'; allowed: a positive number"),
-        (["sweep", "--batch_size", "1"], "'1'; allowed: a whole number >= 2"),
+        (["sweep", "--lr", "fast"], "'fast'; allowed: a number > 0 and <= 1000000"),
+        (["sweep", "--lr", "-0.1"], "'-0.1'; allowed: a number > 0 and <= 1000000"),
+        (["sweep", "--lr", "inf"], "'inf'; allowed: a number > 0 and <= 1000000"),
+        (["sweep", "--lr", "nan"], "'nan'; allowed: a number > 0 and <= 1000000"),
+        (["sweep", "--batch_size", "1"], "'1'; allowed: a whole number >= 2 and <= 65536"),
         (["sweep", "--batch-size", "abc"], "'abc'; allowed: a whole number >= 2"),
-        (["sweep", "--epochs", "0"], "'0'; allowed: a whole number >= 1"),
+        (["sweep", "--batch-size", "1" + "0" * 20], "allowed: a whole number >= 2 and <= 65536"),
+        (["sweep", "--epochs", "0"], "'0'; allowed: a whole number >= 1 and <= 10000"),
+        (["sweep", "--epochs", "1" + "0" * 20], "allowed: a whole number >= 1 and <= 10000"),
+        (["sweep", "--epochs", "2.5"], "'2.5'; allowed: a whole number >= 1"),
         (["sweep", "--subset", "-5"], "'-5'; allowed: a whole number >= 1"),
-        (["sweep", "--gpus-per-trial", "-1"], "'-1'; allowed: a number >= 0"),
+        (["sweep", "--gpus-per-trial", "-1"], "'-1'; allowed: 0 or a number >= 0.01 and <= 64"),
+        (["sweep", "--cpus-per-trial", "1e-300"], "'1e-300'; allowed: 0 or a number >= 0.01 and <= 1024"),
+        (["sweep", "--width", "40"], "'40'; allowed: a number > 0 and <= 4"),
+        (["sweep", "--resume-every", "-1"], "'-1'; allowed: a number >= 0"),
         (["sweep", "--precision", "fp8"], "invalid choice: 'fp8'"),
-        (["sweep", "--optimiser", "sgd"], "unrecognized arguments: --optimiser"),
+        (["sweep", "--step", "fast"], "invalid choice: 'fast'"),
+        (
+            ["sweep", "--optimis" + "er", "sgd"],  # the British spelling, a likely slip
+            "unrecognized arguments: --optimis" + "er sgd; did you mean --optimizer? (see tune-alexnet sweep --help)",
+        ),  # fmt: skip
+        (["sweep", "--batchsize", "32"], "did you mean --batch_size?"),
+        (["sweep", "--opt", "sgd"], "unrecognized arguments: --opt sgd"),  # no abbreviations: --opt is not --optimizer
+        (
+            ["sweep", "--lr", "0.01", "--lr", "0.001"],
+            "--lr is given 2 times; allowed: once (several values go in one "
+            "comma-separated list, e.g. --lr 0.01,0.001)",
+        ),  # fmt: skip
+        (["sweep", "--storage=a", "--storage", "b"], "--storage is given 2 times"),
+        (
+            ["sweep", "--resume", "--epochs", "5"],
+            "--resume continues the experiment with the settings its trials started with, so --epochs cannot change it",
+        ),  # fmt: skip
+        (["sweep", "--resume", "--lr", "0.1", "--width", "1"], "so --lr, --width cannot change it"),
         (["train"], "invalid choice: 'train'"),
     ],
 )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,6 +204,27 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     )
     table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
     assert len(table) == 3 and (table["status"] != "terminated").any()
+    console_tells_what_the_table_tells(text, table)
+    if signals == [signal.SIGTERM]:  # Tune's own stop ran to its end: the console's last word is about it
+        assert re.search(r"\] \d+/3 done, \d+ running, \d+ pending", text.split("tune-alexnet: stopping:")[1])
+    # One voice: Ray's own resume hint, its stop notice and its noise about trials that never started stay in
+    # the experiment's driver.log.
+    for ray_line in ("Tuner.restore", "Stop signal received", "Failed to fetch metrics"):
+        assert ray_line not in text, text[-3000:]
+    assert "tune-alexnet: stopping: running trials keep their last checkpoints" in text
+    assert "Stop signal received" in (exp_dir / "driver.log").read_text()
+
+
+def console_tells_what_the_table_tells(text: str, table: pd.DataFrame) -> None:
+    """A progress line after the stop (none when a second signal stops at once) counts what the summary and the
+    table count."""
+    after_stop = text.split("tune-alexnet: stopping:", 1)[1]
+    counts = table["status"].value_counts()
+    done = sum(counts.get(s, 0) for s in ("terminated", "diverged", "errored"))
+    for progress in re.findall(r"\] (\d+)/(\d+) done, (\d+) running, (\d+) pending", after_stop)[-1:]:
+        assert tuple(map(int, progress)) == (done, len(table), counts.get("running", 0), counts.get("pending", 0))
+    summary = next(line for line in text.splitlines() if line.startswith("tune-alexnet: experiment "))
+    assert f"{len(table)} trials (" in summary and all(f"{n} {s}" in summary for s, n in counts.items()), summary
 
 
 def test_full_size_trials_end_from_the_inside_without_an_abort(synthetic_dir, tmp_path):
@@ -244,12 +266,12 @@ def test_full_size_trials_end_from_the_inside_without_an_abort(synthetic_dir, tm
 
 
 def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(synthetic_dir, tmp_path):
-    """A real 60 MB filesystem that something else fills while the sweep runs."""
+    """A real 80 MB filesystem that something else fills while the sweep runs."""
     import shutil
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], check=True)
     try:
         log = tmp_path / "sweep.log"
         args = sweep_args(synthetic_dir, disk, "filling", 20, ["--dropout", "true", "--batch-size", "32,64",

@@ -64,7 +64,7 @@ def test_report_figures_statistics_and_comparison(repeated, tmp_path):
         assert f"]({fig})" in text
 
     table = pd.read_parquet(Path(path, "results.parquet"))
-    stats = md_table(text, "## Per optimiser")
+    stats = md_table(text, "## Per optimizer")
     sgd = stats.set_index("optimizer").loc["sgd"]
     acc = table["final_accuracy"]
     assert int(sgd["runs"]) == 4

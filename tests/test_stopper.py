@@ -81,3 +81,13 @@ def test_the_stopper_and_the_training_function_end_a_run_at_the_same_epoch(synth
         # ... but stops a trial that goes past the rule (one that did not end itself).
         assert stopper("t", {**reports[-1], "ends_trial": False, "epoch": reports[-1]["epoch"] + 1})
     assert len(reports) == 4  # the second run ran to its epoch limit
+
+
+def test_a_trial_that_held_back_a_checkpoint_for_want_of_room_is_left_to_the_sweeps_stop():
+    from tune_alexnet.ray_hooks import STORAGE_FULL
+
+    past_the_rule = results_for([50, 40, 40, 40, 40, 40])[-1]  # the plateau rule says stop
+    assert PlateauStopper(patience=5)("t", past_the_rule)
+    # Stopped by the rule, Tune would mark it finished without its final checkpoint; the disk guard stops the
+    # whole sweep instead, and --resume replays it from its last resume state.
+    assert not PlateauStopper(patience=5)("t", {**past_the_rule, STORAGE_FULL: 5_000_000})

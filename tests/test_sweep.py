@@ -8,10 +8,11 @@ import torch
 
 from tune_alexnet.checkpoint import load_model, predict
 from tune_alexnet.cli import run_study
+from tune_alexnet.cluster import local_storage_problem
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.export import export, load_experiment
 from tune_alexnet.grid import make_grid
-from tune_alexnet.preflight import PreflightError, local_storage_problem
+from tune_alexnet.preflight import PreflightError
 from tune_alexnet.settings import SweepSettings
 
 pytestmark = pytest.mark.slow  # real sweeps and subprocesses

@@ -109,7 +109,7 @@ def test_resume_continues_from_the_resume_state_exactly(small, straight, tmp_pat
     first = interrupted(tmp_path / "a", CONFIG, kill_after=3)
     resumed = Recorder(tmp_path / "b")
     train_cifar(CONFIG, small, resumed, checkpoint_from=first.newest_first(), runtime=EVERY_EPOCH)
-    # Same weights, optimiser state and every generator: the resumed epochs are the uninterrupted ones, bit for bit.
+    # Same weights, optimizer state and every generator: the resumed epochs are the uninterrupted ones, bit for bit.
     same_epochs(resumed.metrics, straight.metrics[3:])
 
 
@@ -210,3 +210,90 @@ print("epochs:", seen, "ray" in sys.modules)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ray: unavailable" in out.stdout
     assert "epochs: [(1, 'best'), (2, 'final')] False" in out.stdout
+
+
+# --- the step: chunked augmentation, step modes, checkpoint pacing ------------------------------------------
+
+
+class CountingStep:
+    """A real TrainStep, watched: the batch sizes it was given, in order."""
+
+    def __init__(self, step):
+        self.step, self.sizes = step, []
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+    def __call__(self, inputs, targets):
+        self.sizes.append(len(targets))
+        self.step(inputs, targets)
+
+
+def epoch_with(small, runtime: dict, seed: int = 0):
+    from tune_alexnet.model import AlexNet
+    from tune_alexnet.settings import RUNTIME_DEFAULTS, TRIAL_DEFAULTS
+    from tune_alexnet.train import TrainStep, make_optimizer, resolve_runtime, to_device_nchw, train_epoch
+
+    torch.manual_seed(seed)
+    rt = resolve_runtime(dict(TRIAL_DEFAULTS), {**RUNTIME_DEFAULTS, **runtime, "device": "cpu"}, None)
+    model = AlexNet(dropout=True, batchnorm=True, width=0.125)
+    opt = make_optimizer("sgd", model.parameters(), 0.01)
+    step = CountingStep(TrainStep(model, opt, rt, 32))
+    x, y = to_device_nchw(small.train_x, rt.device), torch.tensor(small.train_y)
+    result = train_epoch(model, opt, x, y, 32, torch.Generator().manual_seed(seed), rt, step=step)
+    return result, step.sizes, model
+
+
+def test_chunked_augmentation_trains_every_image_once_in_the_same_batches(small):
+    n = len(small.train_y)  # 100 images: batches of 32, 32, 32 and the last 4, as the study's loader made them
+    one, sizes_one, _ = epoch_with(small, {"augment_chunk": 0})
+    same, sizes_same, _ = epoch_with(small, {"augment_chunk": 32})
+    chunked, sizes_chunked, _ = epoch_with(small, {"augment_chunk": 64})
+    assert sizes_one == sizes_same == sizes_chunked == [32, 32, 32, n - 96]
+    assert one == same  # a chunk of one batch is today's path, draw for draw
+    assert chunked != one and all(math.isfinite(v) for v in chunked)  # other draws, the same distribution
+
+
+def test_graph_steps_on_a_cpu_train_eagerly_with_one_warning(small, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        graph, _, _ = epoch_with(small, {"step": "graph"})
+    eager, _, _ = epoch_with(small, {"step": "eager"})
+    assert graph == eager
+    assert [r.getMessage() for r in caplog.records] == [
+        "--step graph needs a CUDA device; this trial on the CPU trains eagerly"
+    ]
+
+
+def test_adam_and_rmsprop_keep_their_step_counts_on_the_device_for_a_captured_graph():
+    from tune_alexnet.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("adam", "rmsprop"):
+        assert make_optimizer(name, params, 0.1, capturable=True).defaults["capturable"] is True
+        assert make_optimizer(name, params, 0.1).defaults["capturable"] is False
+    assert "capturable" not in make_optimizer("sgd", params, 0.1, capturable=True).defaults
+
+
+@pytest.mark.parametrize("best_every_s", [0, 1e9])
+def test_best_weights_are_written_at_most_every_so_often_and_always_at_the_end(small, tmp_path, best_every_s):
+    rec = Recorder(tmp_path)
+    config = {**BASE, "augment": False, "epochs": 6, "patience": 100}
+    train_cifar(config, small, rec, runtime={"resume_every_s": 1e9, "best_every_s": best_every_s})
+    improved = [m["best_epoch"] == m["epoch"] for m in rec.metrics[:-1]]
+    assert sum(improved) >= 2, [m["val_acc"] for m in rec.metrics]  # the pacing has something to hold back
+    first = improved.index(True)
+    if best_every_s == 0:  # every new best is written at once
+        expected = ["best" if up else None for up in improved]
+    else:  # the first, then none until the end
+        expected = [None] * first + ["best"] + [None] * (len(improved) - first - 1)
+    assert [m["checkpoint_kind"] for m in rec.metrics] == [*expected, "final"]
+    final = load_model(rec.checkpoints[-1])  # the final checkpoint holds the last best, written before or not
+    with torch.no_grad():
+        from tune_alexnet.augment import prepare_eval
+        from tune_alexnet.train import to_device_nchw
+
+        preds = final(prepare_eval(to_device_nchw(small.test_x, torch.device("cpu")))).argmax(1)
+    best = max(m["val_acc"] for m in rec.metrics)
+    assert 100.0 * (preds.numpy() == small.test_y).mean() == pytest.approx(best, abs=1e-9)

@@ -3,8 +3,8 @@
 Every checkpoint holds the run's best weights so far (`model.pt`), the network's
 arguments (`model.json`) and the counters (`progress.json`). A *resume* checkpoint,
 written every so often, also holds `trainer.pt`: the current weights, the
-optimiser's state and the random generators, from which a restarted trial replays
-the epochs it lost exactly. A finished run keeps one checkpoint without optimiser
+optimizer's state and the random generators, from which a restarted trial replays
+the epochs it lost exactly. A finished run keeps one checkpoint without optimizer
 state. Everything is loaded with `weights_only=True`: an experiment folder shared
 through a bucket cannot run code on the machine that reads it.
 
@@ -24,14 +24,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import prepare_eval
+from .augment import normalize, prepare_eval
+from .data import IMAGE_SIZE
 from .model import AlexNet
+from .settings import BOUNDS, NUM_CLASSES
+from .storage import JSON_LIMIT, RefusedFile, open_file, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
 MODEL_ARGS_FILE = "model.json"  # AlexNet's arguments, so the folder alone rebuilds the network
 PROGRESS_FILE = "progress.json"  # epoch, best accuracy and its epoch, patience counter
-TRAINER_FILE = "trainer.pt"  # resume checkpoints only: current weights, optimiser, generators, counters
+TRAINER_FILE = "trainer.pt"  # resume checkpoints only: current weights, optimizer, generators, counters
 KIND_BEST, KIND_RESUME, KIND_FINAL = "best", "resume", "final"
+# What model.json may hold besides `classes`: AlexNet's arguments, each (test, what is allowed). The width bound
+# is the sweep's own, so a tampered 40 is refused before it allocates gigabytes.
+MODEL_ARGS = {
+    "dropout": (lambda v: isinstance(v, bool), "true or false"),
+    "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
+    "width": (lambda v: BOUNDS["width"].allows(v), BOUNDS["width"].text()),
+}
+CLASS_NAME_LIMIT = 64  # characters of one class name in model.json
+WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip and pickle framing
 
 
 def write(
@@ -72,39 +84,178 @@ def local_copy(checkpoint):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: one line naming the file and what is allowed."""
+
+
 def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
     """The trained network of a checkpoint (a folder, an s3:// URI or a tune.Checkpoint), ready for inference;
-    its `classes` attribute names the outputs."""
-    with local_copy(checkpoint) as d:
-        args = json.loads((d / MODEL_ARGS_FILE).read_text())
-        classes = tuple(args.pop("classes", ()))
-        model = AlexNet(**args)
-        model.load_state_dict(torch.load(d / MODEL_FILE, map_location=device, weights_only=True))
+    its `classes` attribute names the outputs.
+
+    Nothing in the folder is trusted: model.json and model.pt must be regular files in it (no link is followed),
+    model.json must hold AlexNet's arguments within the bounds a sweep allows (checked before any memory is
+    allocated), and model.pt must be no larger than that network's weights and hold them. Anything else, a
+    missing file included, raises CheckpointError naming the file."""
+    fs, base, label = _location(checkpoint)
+    args, classes = _model_args(fs, base, label)
+    model = AlexNet(**args)
+    _load_weights(model, fs, base, label, device)
     model.classes = classes
     return model.to(device).eval()
 
 
+def _location(checkpoint) -> tuple:
+    """(pyarrow filesystem, folder, its name for messages) of a checkpoint given as a local path, a URI or a
+    tune.Checkpoint."""
+    import pyarrow.fs
+
+    if hasattr(checkpoint, "filesystem") and hasattr(checkpoint, "path"):  # a tune.Checkpoint
+        return checkpoint.filesystem, checkpoint.path, checkpoint.path
+    checkpoint = os.fspath(checkpoint)
+    if "://" in checkpoint:
+        return *pyarrow.fs.FileSystem.from_uri(checkpoint), checkpoint.split("?")[0]
+    path = os.path.abspath(os.path.expanduser(checkpoint))
+    return pyarrow.fs.LocalFileSystem(), path, path
+
+
+def _model_args(fs, base: str, label: str) -> tuple[dict, tuple[str, ...]]:
+    """AlexNet's arguments and the class names, from model.json."""
+    where = f"{label}/{MODEL_ARGS_FILE}"
+    try:
+        raw = read_json(fs, base, MODEL_ARGS_FILE, JSON_LIMIT)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} is missing; allowed: a checkpoint folder written by a sweep") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    if problem := _model_args_problem(raw):
+        raise CheckpointError(f"{where}: {problem}")
+    return {k: raw[k] for k in MODEL_ARGS}, tuple(raw.get("classes", ()))
+
+
+def _model_args_problem(raw) -> str | None:
+    fields = ", ".join([*MODEL_ARGS, "classes"])
+    if not isinstance(raw, dict):
+        return f"it holds {shown(raw)}; allowed: a JSON object of {fields}"
+    unknown = sorted(set(raw) - {*MODEL_ARGS, "classes"})
+    if unknown:
+        return f"{unknown[0]!r} is not one of AlexNet's arguments; allowed: {fields}"
+    for key, (test, allowed) in MODEL_ARGS.items():
+        if key not in raw or not test(raw[key]):
+            return f"{key!r} is {shown(raw[key]) if key in raw else 'missing'}; allowed: {allowed}"
+    classes = raw.get("classes", [])
+    names_ok = isinstance(classes, list) and all(
+        isinstance(c, str) and c.isprintable() and 0 < len(c) <= CLASS_NAME_LIMIT for c in classes
+    )
+    if not names_ok or len(classes) > NUM_CLASSES:
+        return (
+            f"'classes' is {shown(classes)}; allowed: a list of at most {NUM_CLASSES} names "
+            f"of 1..{CLASS_NAME_LIMIT} characters"
+        )
+    return None
+
+
+def _load_weights(model: AlexNet, fs, base: str, label: str, device) -> None:
+    """model.pt into `model`, read only if it is no larger than that network's tensors (plus torch's framing)."""
+    where = f"{label}/{MODEL_FILE}"
+    limit = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + WEIGHTS_SLACK
+    try:
+        with open_file(fs, base, MODEL_FILE, limit) as (f, _):
+            _check_unpacked_size(f, limit, where)
+            state = torch.load(f, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} is missing; allowed: a checkpoint folder written by a sweep") from None
+    except RefusedFile as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a torn or foreign file fails in many ways inside the unpickler or load_state_dict
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(
+            f"{where} does not hold the weights of the network {MODEL_ARGS_FILE} describes ({first})"
+        ) from None
+
+
+def _check_unpacked_size(f, limit: int, where: str) -> None:
+    """torch.save writes a zip archive; refuse one whose contents unpack to more than `limit` bytes."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as archive:
+            size = sum(i.file_size for i in archive.infolist())
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{where} is not what torch.save writes (a zip archive)") from None
+    if size > limit:
+        raise CheckpointError(f"{where} unpacks to {size} bytes; allowed: at most {limit} for this network")
+    f.seek(0)
+
+
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)  # one RGB image, height x width x channels
+
+
 @torch.inference_mode()
 def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
-    """Class indices for RGB 32x32 images (a uint8 array (N, 32, 32, 3), or PIL images), with the study's test
-    preprocessing; `model.classes[i]` names index i."""
-    if not isinstance(images, np.ndarray):
-        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    """Class indices for RGB 32x32 images, with the study's test preprocessing; `model.classes[i]` names index i.
+
+    `images`: a uint8 array (N, 32, 32, 3) of 0..255 (any integer array within 0..255 too), a float array of the
+    same shape with values in [0, 1] (as `uint8 / 255` gives), or a list of 32x32 PIL images (converted to RGB).
+    Anything else (one image without the batch axis, grayscale, channels first, another size, floats outside
+    [0, 1]) raises ValueError saying what is allowed."""
+    x = _as_batch(images)
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
     model.eval()
-    return (
-        torch.cat([model(prepare_eval(x[i : i + batch_size])).argmax(1) for i in range(0, len(x), batch_size)])
-        .cpu()
-        .numpy()
+    out = [model(_prepare(x[i : i + batch_size], device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def _as_batch(images) -> np.ndarray:
+    """`images` as an (N, 32, 32, 3) array of uint8 (0..255) or float32 (0..1)."""
+    if not isinstance(images, np.ndarray):
+        images = _from_pil(images)
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        one = " (for one image, pass images[None])" if images.shape == IMAGE_SHAPE else ""
+        raise ValueError(f"images have shape {images.shape}; allowed: (N, 32, 32, 3), RGB channels last{one}")
+    if images.dtype.kind not in "uif":
+        raise ValueError(f"images of {images.dtype}; allowed: integers 0..255 (uint8) or floats in [0, 1]")
+    low, high = (images.min(), images.max()) if images.size else (0, 0)
+    if np.issubdtype(images.dtype, np.integer) and 0 <= low and high <= 255:
+        return images.astype(np.uint8, copy=False)
+    if np.issubdtype(images.dtype, np.floating) and 0 <= low and high <= 1:  # NaN fails both comparisons
+        return images.astype(np.float32, copy=False)
+    raise ValueError(
+        f"images of {images.dtype} from {low} to {high}; allowed: integers 0..255 (uint8) or floats in [0, 1]"
     )
 
 
+def _from_pil(images) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        raise ValueError("images is one PIL image; allowed: a list of PIL images (pass [image])")
+    items = list(images) if isinstance(images, list | tuple) else None
+    if items is None or not all(isinstance(im, Image.Image) for im in items):
+        raise ValueError(f"images is a {type(images).__name__}; allowed: a numpy array or a list of PIL images")
+    for i, im in enumerate(items):
+        if im.size != IMAGE_SHAPE[:2]:
+            raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]}; allowed: 32x32 (resize it first)")
+    return np.stack([np.asarray(im.convert("RGB")) for im in items]) if items else np.zeros((0, *IMAGE_SHAPE), np.uint8)
+
+
+def _prepare(x: np.ndarray, device) -> torch.Tensor:
+    """The study's test preprocessing of a chunk: to [0, 1] (uint8 only), then normalised, channels first."""
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    return prepare_eval(t) if t.dtype == torch.uint8 else normalize(t)
+
+
 def read_progress(directory: Path) -> dict | None:
+    """The counters of a local checkpoint folder; None where they are missing, unreadable or not a JSON object."""
+    import pyarrow.fs
+
     try:
-        return json.loads((directory / PROGRESS_FILE).read_text())
+        progress = read_json(pyarrow.fs.LocalFileSystem(), str(directory), PROGRESS_FILE, JSON_LIMIT)
     except (OSError, ValueError):
         return None
+    return progress if isinstance(progress, dict) else None
 
 
 def read_resume(directory: Path, device: torch.device) -> tuple[dict, dict] | None:

@@ -1,12 +1,14 @@
 """The `tune-alexnet` command line: sweep, export, report.
 
 Every bad flag or value ends in one line naming it and what is allowed, exit
-status 2, and nothing started or written.
+status 2, and nothing started or written. A sweep reads top to bottom in
+`run_study`: preflight (every refusal, once) -> the sweep -> its tables and report.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import re
@@ -20,6 +22,7 @@ from . import __version__
 from .grid import make_grid
 from .settings import (
     BATCH_SIZES,
+    BOUNDS,
     DEFAULT_CPUS_PER_TRIAL,
     DEFAULT_GPU_SHARE,
     DEFAULT_MAX_FAILURES,
@@ -28,14 +31,23 @@ from .settings import (
     LRS,
     OPTIMIZERS,
     PATIENCE,
+    PRECISIONS,
     RUNTIME_DEFAULTS,
+    STEP_MODES,
     TRIAL_DEFAULTS,
     Grid,
 )
+from .storage import SCHEMES
 
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+MAX_NAME = 100  # Tune adds trial folder names of ~120 characters below it; paths stay well under PATH_MAX
+GRID_FLAGS = ("optimizer", "lr", "batch_size", "dropout", "batchnorm", "runs")
+# What defines a trial's result: a resume continues the experiment's own, so these cannot change with --resume.
+# (The data's flags may: other data is then refused unless --allow-data-change says it is deliberate.)
+TRIAL_FLAGS = (*GRID_FLAGS, "epochs", "patience", "seed", "repeats", "precision", "width")
+URIS = " or ".join(f"{s}://BUCKET/PATH" for s in SCHEMES)
 
 
 class CliError(Exception):
@@ -43,8 +55,41 @@ class CliError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse that answers in one line, refuses a flag given twice, and suggests the flag a typo meant."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str):  # argparse prints usage + message; we want one line
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        own = args[: args.index("--")] if "--" in args else args
+        given = set()
+        for action in self._actions:
+            if not action.option_strings or action.dest in ("help", "version"):
+                continue
+            uses = [a for a in own if a.split("=", 1)[0] in action.option_strings]
+            if len(uses) > 1 and self._subparsers is None:
+                self.error(f"{action.option_strings[0]} is given {len(uses)} times; allowed: once (several values "
+                           "go in one comma-separated list, e.g. --lr 0.01,0.001)")  # fmt: skip
+            if uses:
+                given.add(action.dest)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self._subparsers is None:  # a subcommand: its own unknown flags are its own error, with a suggestion
+            namespace._given = given
+            if extras:
+                self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras[0])}")
+        return namespace, extras
+
+    def _suggestion(self, typed: str) -> str:
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(typed.split("=", 1)[0], flags, n=1, cutoff=0.6)
+        return f"; did you mean {close[0]}?" if close else ""
+
+
+# --- values -----------------------------------------------------------------------------------------------
 
 
 def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None):
@@ -75,22 +120,21 @@ def _bool(text: str) -> bool:
     raise ValueError(text)
 
 
-def _number(kind, ok, allowed_text: str):
-    """One number that must pass `ok`; anything else is named with what is allowed."""
+def _bounded(name: str):
+    """One number within settings.BOUNDS[name]; anything else is named with what is allowed."""
+    bound = BOUNDS[name]
 
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
+            value = float(text)
+            value = int(value) if bound.whole and bound.allows(value) else value
+        except (ValueError, OverflowError):
             value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {allowed_text}")
+        if value is None or not bound.allows(value) or (bound.whole and not re.fullmatch(r"[+]?\d+", text.strip())):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {bound.text()}")
         return value
 
     return parse
-
-
-MAX_NAME = 100  # Tune adds trial folder names of ~120 characters below it; paths stay well under PATH_MAX
 
 
 def _name(text: str) -> str:
@@ -104,12 +148,7 @@ def _name(text: str) -> str:
     return text
 
 
-def _whole(minimum: int):
-    return _number(int, lambda v: v >= minimum, f"a whole number >= {minimum}")
-
-
-_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
-_width = _number(float, lambda v: 0 < v <= 4, "a number in (0, 4], 1 is the study's AlexNet")
+# --- the parser: one small builder a subcommand, the shared groups written once ---------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{sweep,export,report}", parser_class=OneLineParser
     )
+    _sweep_parser(sub)
+    _export_parser(sub)
+    _report_parser(sub)
+    return parser
 
+
+def _sweep_parser(sub) -> None:
     sw = sub.add_parser(
         "sweep",
         help="run (or resume) the study as a Ray Tune sweep",
@@ -134,201 +179,153 @@ def build_parser() -> argparse.ArgumentParser:
         "  tune-alexnet sweep --name study --resume     # continue an interrupted sweep\n"
         "Results go to STORAGE/NAME; the table is STORAGE/NAME/results.parquet (and .csv).",
     )
-    g = sw.add_argument_group("the study's grid (the original's flags)")
+    _grid_flags(sw.add_argument_group("the study's grid (the original's flags)"))
+    _training_flags(sw.add_argument_group("training (defines a trial: fixed for an experiment's --resume)"))
+    _runtime_flags(sw.add_argument_group("how trials run (may change on --resume; not part of a trial's config)"))
+    _data_flags(sw.add_argument_group("data"))
+    _placement_flags(sw.add_argument_group("where and how it runs"))
+    _tracker_flags(sw.add_argument_group("trackers (optional extras)"))
+
+
+def _grid_flags(g) -> None:
     names = ", ".join(OPTIMIZERS)
-    g.add_argument(
-        "--optimizer",
-        type=_list_of(str, f"{names} or all", choices=tuple(OPTIMIZERS)),
-        help=f"{names}, or all (default: all)",
-    )
-    g.add_argument(
-        "--lr",
-        type=_list_of(float, "a positive number such as 0.01", check=lambda v: v > 0),
-        help=f"learning rate(s) (default: {', '.join(map(str, LRS))})",
-    )
-    g.add_argument(
-        "--batch_size",
-        "--batch-size",
-        dest="batch_size",
-        type=_list_of(int, "a whole number >= 2 such as 32", check=lambda v: v >= 2),
-        help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))})",
-    )
+    lr, batch = BOUNDS["lr"], BOUNDS["batch_size"]
+    g.add_argument("--optimizer", type=_list_of(str, f"{names} or all", choices=tuple(OPTIMIZERS)),
+                   help=f"{names}, or all (default: all)")  # fmt: skip
+    g.add_argument("--lr", type=_list_of(float, f"{lr.text()}, such as 0.01", check=lr.allows),
+                   help=f"learning rate(s) (default: {', '.join(map(str, LRS))})")  # fmt: skip
+    g.add_argument("--batch_size", "--batch-size", dest="batch_size",
+                   type=_list_of(int, f"{batch.text()}, such as 32", check=batch.allows),
+                   help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))})")  # fmt: skip
     g.add_argument("--dropout", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
     g.add_argument("--batchnorm", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
-    g.add_argument(
-        "--runs",
-        type=_list_of(int, f"run numbers 1..{STUDY_RUNS} of the study", check=lambda v: 1 <= v <= STUDY_RUNS),
-        help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38",
-    )
+    g.add_argument("--runs", type=_list_of(int, f"run numbers 1..{STUDY_RUNS} of the study",
+                                           check=lambda v: 1 <= v <= STUDY_RUNS),
+                   help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38")  # fmt: skip
 
-    t = sw.add_argument_group("training")
-    t.add_argument("--epochs", type=_whole(1), default=EPOCHS, help=f"most epochs per run (default: {EPOCHS})")
-    t.add_argument(
-        "--patience",
-        type=_whole(1),
-        default=PATIENCE,
-        help=f"stop a run after this many epochs without a new best accuracy (default: {PATIENCE})",
-    )
-    t.add_argument(
-        "--seed",
-        type=_number(int, lambda v: 0 <= v < 2**32, "a whole number 0..4294967295"),
-        default=TRIAL_DEFAULTS["seed"],
-        help=f"random seed (default: {TRIAL_DEFAULTS['seed']})",
-    )
-    t.add_argument(
-        "--repeats", type=_whole(1), default=1, help="trials per grid point, each with its own seed (default: 1)"
-    )
-    t.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default=TRIAL_DEFAULTS["precision"],
-        help="auto: bf16 autocast on CUDA, fp32 on CPU (default: auto); part of a trial's config",
-    )
-    t.add_argument(
-        "--width",
-        type=_width,
-        default=TRIAL_DEFAULTS["width"],
-        help="scale AlexNet's channels and hidden units; 1 is the study's network, 0.125 a quick smoke test",
-    )
 
-    h = sw.add_argument_group("how trials run (may change on --resume; not part of a trial's config)")
+def _training_flags(t) -> None:
+    t.add_argument("--epochs", type=_bounded("epochs"), default=EPOCHS, help=f"most epochs per run (default: {EPOCHS})")
+    t.add_argument("--patience", type=_bounded("patience"), default=PATIENCE,
+                   help=f"stop a run after this many epochs without a new best accuracy (default: {PATIENCE})")  # fmt: skip
+    t.add_argument("--seed", type=_bounded("seed"), default=TRIAL_DEFAULTS["seed"],
+                   help=f"random seed (default: {TRIAL_DEFAULTS['seed']})")  # fmt: skip
+    t.add_argument("--repeats", type=_bounded("repeats"), default=1,
+                   help="trials per grid point, each with its own seed (default: 1)")  # fmt: skip
+    t.add_argument("--precision", choices=PRECISIONS, default=TRIAL_DEFAULTS["precision"],
+                   help="fp32: the study's (TF32 matmuls on CUDA unless --no-tf32); bf16: autocast on CUDA; auto: "
+                   f"bf16 on CUDA, fp32 on CPU (default: {TRIAL_DEFAULTS['precision']})")  # fmt: skip
+    t.add_argument("--width", type=_bounded("width"), default=TRIAL_DEFAULTS["width"],
+                   help="scale AlexNet's channels and hidden units; 1 is the study's network, 0.125 a quick smoke test")  # fmt: skip
+
+
+def _runtime_flags(h) -> None:
     # Defaults of None: on --resume only the flags given change how the experiment's trials run.
-    h.add_argument(
-        "--device",
-        choices=("auto", "cpu"),
-        help="auto: the GPU share Ray grants (a trial granted one that torch cannot see fails); "
-        "cpu: train on the CPU even where GPUs are granted (default: auto)",
-    )
-    h.add_argument(
-        "--channels-last",
-        choices=("auto", "true", "false"),
-        help="channels-last memory format; auto: on CUDA only (default: auto)",
-    )
+    h.add_argument("--device", choices=("auto", "cpu"),
+                   help="auto: the GPU share Ray grants (a trial granted one that torch cannot see fails); "
+                   "cpu: train on the CPU even where GPUs are granted (default: auto)")  # fmt: skip
+    h.add_argument("--channels-last", choices=("auto", "true", "false"),
+                   help="channels-last memory format; auto: with bf16 on CUDA only (default: auto)")  # fmt: skip
     h.add_argument("--no-tf32", dest="tf32", action="store_const", const=False, help="disable TF32 matmuls on CUDA")
-    h.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
-    h.add_argument(
-        "--resume-every",
-        type=_nonneg_float,
-        metavar="SECONDS",
-        help="seconds between a trial's resume states (weights and optimizer state; best weights are "
-        f"saved whenever accuracy improves); 0: every epoch (default: {RUNTIME_DEFAULTS['resume_every_s']:g})",
-    )
+    h.add_argument("--step", choices=STEP_MODES,
+                   help="eager; graph: each training step replays one captured CUDA graph (CUDA only); compile: "
+                   f"torch.compile the model (default: {RUNTIME_DEFAULTS['step']})")  # fmt: skip
+    h.add_argument("--augment-chunk", type=_bounded("augment_chunk"), metavar="IMAGES",
+                   help="augment this many images at once, ahead of the steps that use them; 0: one batch at a "
+                   f"time (default: {RUNTIME_DEFAULTS['augment_chunk']})")  # fmt: skip
+    h.add_argument("--resume-every", type=_bounded("resume_every_s"), metavar="SECONDS",
+                   help="seconds between a trial's resume states (weights and optimizer state); 0: every epoch "
+                   f"(default: {RUNTIME_DEFAULTS['resume_every_s']:g})")  # fmt: skip
+    h.add_argument("--best-every", type=_bounded("best_every_s"), metavar="SECONDS",
+                   help="at most one best-weights checkpoint this often (a run's last one is always written); "
+                   f"0: at every new best (default: {RUNTIME_DEFAULTS['best_every_s']:g})")  # fmt: skip
 
-    d = sw.add_argument_group("data")
-    d.add_argument(
-        "--data-dir",
-        help="offline data: a folder with train/<class>/ and test/<class>/ images "
-        "(default: download CIFAR-10 with torchvision)",
-    )
-    d.add_argument(
-        "--download-root",
-        help="where torchvision's CIFAR-10 is downloaded (default: ~/.cache/tune-alexnet/torchvision)",
-    )
-    d.add_argument(
-        "--subset", type=_whole(1), help="use N train images per class (and the test set cut in the same proportion)"
-    )
 
-    r = sw.add_argument_group("where and how it runs")
-    r.add_argument(
-        "--storage",
-        default=DEFAULT_STORAGE,
-        help=f"folder or s3://, gs:// URI for experiments (default: ./{DEFAULT_STORAGE})",
-    )
-    r.add_argument(
-        "--name",
-        type=_name,
-        help="experiment name: letters, digits, '.', '_', '-' "
-        f"(at most {MAX_NAME} characters; default: alexnet-<date>-<time>)",
-    )
-    r.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the experiment --name (default: the newest in --storage) with its own settings",
-    )
-    r.add_argument(
-        "--allow-data-change",
-        action="store_true",
-        help="with --resume: go on although the data differs from the experiment's (refused otherwise)",
-    )
+def _data_flags(d) -> None:
+    d.add_argument("--data-dir", help="offline data: a folder with train/<class>/ and test/<class>/ images "
+                   "(default: download CIFAR-10 with torchvision)")  # fmt: skip
+    d.add_argument("--download-root",
+                   help="where torchvision's CIFAR-10 is downloaded (default: ~/.cache/tune-alexnet/torchvision)")  # fmt: skip
+    d.add_argument("--subset", type=_bounded("subset"),
+                   help="use N train images per class (and the test set cut in the same proportion)")  # fmt: skip
+
+
+def _placement_flags(r) -> None:
+    r.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help=f"folder or {URIS} URI for experiments (default: ./{DEFAULT_STORAGE})")  # fmt: skip
+    r.add_argument("--name", type=_name, help="experiment name: letters, digits, '.', '_', '-' "
+                   f"(at most {MAX_NAME} characters; default: alexnet-<date>-<time>)")  # fmt: skip
+    r.add_argument("--resume", action="store_true",
+                   help="continue the experiment --name (default: the newest in --storage) with its own settings")  # fmt: skip
+    r.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: go on although the data differs from the experiment's (refused otherwise)")  # fmt: skip
     r.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
-    r.add_argument(
-        "--cpus-per-trial",
-        type=_nonneg_float,
-        default=DEFAULT_CPUS_PER_TRIAL,
-        help=f"CPUs per trial (default: {DEFAULT_CPUS_PER_TRIAL:g})",
-    )
-    r.add_argument(
-        "--gpus-per-trial",
-        type=_nonneg_float,
-        help=f"GPUs per trial, fractional allowed (default: {DEFAULT_GPU_SHARE:g} if the cluster has GPUs "
-        "or node types that can start them, else 0)",
-    )
-    r.add_argument(
-        "--max-failures",
-        type=_whole(0),
-        default=DEFAULT_MAX_FAILURES,
-        help=f"restarts of a trial whose process died, from its last resume state (default: {DEFAULT_MAX_FAILURES})",
-    )
-    k = sw.add_argument_group("trackers (optional extras)")
-    k.add_argument(
-        "--mlflow",
-        metavar="TRACKING_URI",
-        help="log every trial as an MLflow run, in an experiment named after the sweep "
-        "(pip install 'tune-alexnet[mlflow]')",
-    )
-    k.add_argument(
-        "--wandb",
-        metavar="PROJECT",
-        help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')",
-    )
+    r.add_argument("--cpus-per-trial", type=_bounded("cpus_per_trial"), default=DEFAULT_CPUS_PER_TRIAL,
+                   help=f"CPUs per trial (default: {DEFAULT_CPUS_PER_TRIAL:g})")  # fmt: skip
+    r.add_argument("--gpus-per-trial", type=_bounded("gpus_per_trial"),
+                   help=f"GPUs per trial, fractional allowed (default: {DEFAULT_GPU_SHARE:g} if the cluster has GPUs "
+                   "or node types that can start them, else 0)")  # fmt: skip
+    r.add_argument("--max-failures", type=_bounded("max_failures"), default=DEFAULT_MAX_FAILURES,
+                   help=f"restarts of a trial whose process died, from its last resume state (default: "
+                   f"{DEFAULT_MAX_FAILURES})")  # fmt: skip
     r.add_argument("--quiet", action="store_true", help="print only the final summary and errors")
-    r.add_argument(
-        "--shared-storage",
-        action="store_true",
-        help="a local --storage folder is shared by every node of the cluster (NFS and the like)",
-    )
+    r.add_argument("--shared-storage", action="store_true",
+                   help="a local --storage folder is shared by every node of the cluster (NFS and the like)")  # fmt: skip
 
-    ex = sub.add_parser(
-        "export",
-        help="write the table of an experiment folder (finished or not)",
-        description="Write results.parquet, results.csv, epochs.parquet and the original's "
-        "results_<optimizer>.csv for an experiment folder, without re-running anything.",
-    )
-    ex.add_argument("experiment", help="experiment folder or URI, e.g. ray_results/<name> or s3://BUCKET/PATH/<name>")
-    ex.add_argument("--out", help="folder or URI for the tables (default: the experiment folder)")
 
-    rp = sub.add_parser(
-        "report",
-        help="write report.md and figures for an experiment folder",
-        description="Write report.md and PNG figures (per-optimiser statistics, heatmaps, batch norm "
-        "and dropout effects, learning curves, failed runs, comparison with the original "
-        "study) for an experiment folder, finished or not.",
-    )
-    rp.add_argument("experiment", help="experiment folder or URI, e.g. ray_results/<name> or s3://BUCKET/PATH/<name>")
-    rp.add_argument("--out", help="folder or URI for report.md and the figures (default: the experiment folder)")
-    return parser
+def _tracker_flags(k) -> None:
+    k.add_argument("--mlflow", metavar="TRACKING_URI", help="log every trial as an MLflow run, in an experiment "
+                   "named after the sweep (pip install 'tune-alexnet[mlflow]')")  # fmt: skip
+    k.add_argument("--wandb", metavar="PROJECT",
+                   help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')")  # fmt: skip
+
+
+def _experiment_args(p, writes: str) -> None:
+    p.add_argument("experiment", help=f"experiment folder or URI, e.g. ray_results/<name> or {URIS}/<name>")
+    p.add_argument("--out", help=f"folder or URI for {writes} (default: the experiment folder)")
+
+
+def _export_parser(sub) -> None:
+    tables = "results.parquet, results.csv, epochs.parquet, results_<optimizer>.csv and merged_results.csv"
+    ex = sub.add_parser("export", help="write the table of an experiment folder (finished or not)",
+                        description=f"Write {tables} (the original study's per-optimizer CSVs and their merge) for "
+                        "an experiment folder, without re-running anything.")  # fmt: skip
+    _experiment_args(ex, "the tables")
+
+
+def _report_parser(sub) -> None:
+    rp = sub.add_parser("report", help="write report.md and figures for an experiment folder",
+                        description="Write report.md and PNG figures (per-optimizer statistics, heatmaps, batch "
+                        "norm and dropout effects, learning curves, failed runs, comparison with the original "
+                        "study) for an experiment folder, finished or not.")  # fmt: skip
+    _experiment_args(rp, "report.md and the figures")
+
+
+# --- flags -> settings ------------------------------------------------------------------------------------
 
 
 def _settings(args: argparse.Namespace):
     from .settings import SweepSettings
 
-    pins = {
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "dropout": args.dropout,
-        "batchnorm": args.batchnorm,
-    }
+    pins = {d: getattr(args, d) for d in GRID_FLAGS if d != "runs"}
+    given = getattr(args, "_given", set())
     if args.runs and any(v is not None for v in pins.values()):
-        given = next(k for k, v in pins.items() if v is not None)
-        raise CliError(f"--runs picks whole runs of the study and cannot be combined with --{given}")
+        raise CliError(f"--runs picks whole runs of the study and cannot be combined with --{_first(pins)}")
+    if args.resume and given & set(TRIAL_FLAGS):
+        flags = ", ".join(f"--{f.replace('_', '-')}" for f in TRIAL_FLAGS if f in given)
+        raise CliError(
+            f"--resume continues the experiment with the settings its trials started with, so {flags} cannot change "
+            "it; allowed with --resume: the flags on how trials run, where the data is, and the cluster's"
+        )
     if args.cpus_per_trial == 0 and not args.gpus_per_trial:
         raise CliError("--cpus-per-trial 0 needs --gpus-per-trial above 0; allowed: a trial asks for some CPU or GPU")
-    grid = make_grid(**pins)
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
     data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
+    runtime = {"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "step": args.step,
+               "augment_chunk": args.augment_chunk, "resume_every_s": args.resume_every,
+               "best_every_s": args.best_every}  # fmt: skip
     return SweepSettings(
-        grid=grid,
+        grid=make_grid(**pins),
         runs=args.runs or (),
         epochs=args.epochs,
         patience=args.patience,
@@ -349,18 +346,15 @@ def _settings(args: argparse.Namespace):
         wandb=args.wandb,
         allow_data_change=args.allow_data_change,
         trial={"precision": args.precision, "width": args.width},
-        runtime={
-            k: v
-            for k, v in (
-                ("device", args.device),
-                ("channels_last", channels_last),
-                ("tf32", args.tf32),
-                ("compile", args.compile),
-                ("resume_every_s", args.resume_every),
-            )
-            if v is not None
-        },
+        runtime={k: v for k, v in runtime.items() if v is not None},
     )
+
+
+def _first(pins: dict) -> str:
+    return next(k for k, v in pins.items() if v is not None)
+
+
+# --- the commands -----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings = _settings(args)
         except CliError as exc:
-            parser.error(str(exc))
+            parser.exit(EXIT_USAGE, f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     from .data import DataError
@@ -385,9 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 
             exp, written = export(args.experiment, args.out)
             _warn(exp.notes)
-            for p in written:
-                print(p)
-        elif args.command == "report":
+            print("\n".join(written))
+        else:
             from .export import load_experiment
             from .report import write_report
 
@@ -397,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # before the sweep started (loading data, say): nothing to keep
-        print(f"tune-alexnet {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before the sweep started (loading data, starting Ray): nothing to keep
+        print(f"tune-alexnet {args.command}: interrupted before the sweep started; nothing was run", file=sys.stderr)
         return EXIT_FAILED
     return 0
 
@@ -406,36 +399,33 @@ def main(argv: list[str] | None = None) -> int:
 def run_study(settings, data=None, quiet: bool = True):
     """Preflight, the sweep, then its tables and report in the experiment folder (local or in a bucket).
     Returns (experiment URI, export.Experiment, the files written); what tests and benchmarks call."""
-    import ray
-
     from . import export, preflight, sweep
-    from .data import load_cifar10
+    from .console import RayLines
     from .report import write_report
+    from .storage import RESERVE_NAME, is_remote, release_reserve
 
     _leave_job_working_dir()
-    settings, exp_uri, lock = sweep.prepare(settings)
-    with lock:
-        if data is None:
-            data = load_cifar10(settings.data_dir, settings.subset, settings.download_root, progress=not quiet)
-        sweep.check_resume_data(settings, exp_uri, data)
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            context = preflight.connect(settings.address or os.environ.get("RAY_ADDRESS") or "local")
-            if context.dashboard_url and not quiet:
-                print(f"tune-alexnet: Ray dashboard at http://{context.dashboard_url}", flush=True)
-        try:
-            with _stop_signals_as_ctrl_c():
-                sweep.run_sweep(settings, exp_uri, data, quiet)
-        except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while Tune was stopping: stop now, cleanly
-            print("tune-alexnet: stopping at once; writing the tables of what is there", file=sys.stderr)
-        finally:
-            with _stop_signals_ignored():
-                if started_ray:
-                    ray.shutdown()
-        with _stop_signals_ignored():  # what finished gets its tables, whatever is pressed now
-            exp, written = export.export(exp_uri)
-            written.append(write_report(exp))
-    return exp_uri, exp, written
+    with RayLines(quiet) as lines:
+        with _stop_signals_as_ctrl_c():  # Ctrl-C, SIGTERM and SIGHUP stop cleanly from Ray's start on
+            plan = preflight.prepare(settings, data, quiet)
+        with plan:
+            lines.keep_in(plan.exp_uri)
+            if plan.dashboard_url and not quiet:
+                print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
+            try:
+                with _stop_signals_as_ctrl_c():
+                    sweep.run(plan, quiet)
+            except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while Tune was stopping: stop now, cleanly
+                print("tune-alexnet: stopping at once; writing the tables of what is there", file=sys.stderr)
+            finally:
+                with _stop_signals_ignored():
+                    plan.stop_ray()
+            with _stop_signals_ignored():  # what finished gets its tables, whatever is pressed now
+                if not is_remote(plan.exp_uri):  # the room held back for these last writes
+                    release_reserve(os.path.join(plan.exp_uri, RESERVE_NAME))
+                exp, written = export.export(plan.exp_uri)
+                written.append(write_report(exp))
+    return plan.exp_uri, exp, written
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -476,18 +466,30 @@ def _sweep_command(settings, quiet: bool) -> int:
 
     exp_uri, exp, written = run_study(settings, quiet=quiet)
     print(summary(exp.table, exp_uri, written))
-    table = exp.table
-    errored = int((table["status"] == "errored").sum())
-    unfinished = int(table["status"].isin(["pending", "running", "paused"]).sum())
-    if errored or unfinished:  # interrupted (Ctrl-C) or failed trials: say how to go on, exit non-zero
+    failed, unfinished = left_over(exp.table)
+    if failed or unfinished:  # interrupted (Ctrl-C), failed or lost trials: say how to go on, exit non-zero
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
         print(
-            f"tune-alexnet sweep: {errored} trial(s) errored (see the table's error column), "
-            f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {settings.name}{where}' continues them",
+            f"tune-alexnet sweep: {failed} trial(s) errored or lost (see the table's error column), "
+            f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
+            "continues them",
             file=sys.stderr,
         )
         return EXIT_FAILED
     return 0
+
+
+def left_over(table) -> tuple[int, int]:
+    """(trials that failed: errored, lost or unknown; trials that did not finish): any of them fails the sweep."""
+    status = table["status"]
+    return int((~status.isin(["terminated", "diverged", *UNFINISHED])).sum()), int(status.isin(UNFINISHED).sum())
+
+
+UNFINISHED = ("pending", "running", "paused")
+
+
+def _name_of(exp_uri: str) -> str:
+    return exp_uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def _warn(notes: list[str]) -> None:

@@ -8,7 +8,10 @@ line with counts, the best run so far, the elapsed time and a rough time left.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import tempfile
 import time
 
 from ray import tune
@@ -34,15 +37,14 @@ def describe_trial(config: dict) -> str:
     )
 
 
-def trial_row(trial) -> str:
-    c = full_config(trial.config)
-    r = trial.last_result or {}
+def trial_row(config: dict, result: dict, status: str) -> str:
+    c, r = full_config(config), result
     run = run_number(c)
     acc = f"{r['val_acc']:6.2f}" if "val_acc" in r else "     -"
     best = f"{r['best_val_acc']:6.2f}" if "best_val_acc" in r else "     -"
     return (
         f"{run if run else '-':>4} {c['optimizer']:<8} {c['lr']:<7g} {c['batch_size']:>5} "
-        f"{str(c['dropout']).lower():<5} {str(c['batchnorm']).lower():<5} {STATUS.get(trial.status, trial.status):<8} "
+        f"{str(c['dropout']).lower():<5} {str(c['batchnorm']).lower():<5} {STATUS.get(status, status):<8} "
         f"{r.get('epoch', 0):>3}/{c.get('epochs', '?'):<3} {acc} {best}"
     )
 
@@ -51,7 +53,11 @@ HEADER = f"{'run':>4} {'optim':<8} {'lr':<7} {'batch':>5} {'drop':<5} {'bn':<5} 
 
 
 class Console(tune.Callback):
-    """Pickled with the experiment (Tune saves its callbacks), so it keeps no stream and no clock of a past run."""
+    """Pickled with the experiment (Tune saves its callbacks), so it keeps no stream and no clock of a past run.
+
+    It counts what Tune's experiment state counts: the statuses as of the last step of the loop. When the sweep
+    is stopped, Tune marks the trials it tears down as terminated in memory only; the saved state, the table
+    and the summary keep them running or pending, and so does this."""
 
     def __init__(self, every_s: float = 30.0):
         self.every_s = every_s
@@ -64,51 +70,75 @@ class Console(tune.Callback):
         self.__dict__.update(state)
         self.started = None
         self.last_print = 0.0
-        self.done_before = None  # trials already finished when this driver started (a resume)
+        self.snapshot: list[tuple] = []  # (status, config, last result) of every trial at the last step
+        self.pace = Pace()
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if self.started is None:
             self.started = time.monotonic()
+        self.snapshot = [(t.status, t.config, dict(t.last_result or {})) for t in trials]
+        self.pace.update(self.snapshot)
         if time.monotonic() - self.last_print >= self.every_s:
-            self.show(trials)
+            self.show()
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        self.show(trials)
+        if not self.snapshot:
+            self.snapshot = [(t.status, t.config, dict(t.last_result or {})) for t in trials]
+        self.show()
 
-    def show(self, trials: list) -> None:
+    def show(self) -> None:
         self.last_print = time.monotonic()
-        running = [t for t in trials if t.status == "RUNNING"]
-        lines = [self.progress(trials)]
+        running = [(c, r, status) for status, c, r in self.snapshot if status == "RUNNING"]
+        lines = [self.progress()]
         if running:
-            lines += [HEADER, *(trial_row(t) for t in running)]
+            lines += [HEADER, *(trial_row(c, r, status) for c, r, status in running)]
         print("\n".join(lines), file=sys.stdout, flush=True)
 
-    def progress(self, trials: list) -> str:
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        if self.done_before is None:
-            self.done_before = len(ended)
-        running = sum(t.status == "RUNNING" for t in trials)
-        pending = sum(t.status == "PENDING" for t in trials)
-        scored = [t for t in trials if (t.last_result or {}).get("best_val_acc") is not None]
-        best = max(scored, key=lambda t: t.last_result["best_val_acc"], default=None)
-        best_text = (
-            f"best {best.last_result['best_val_acc']:.2f}% ({describe_trial(best.config)})"
-            if best
-            else "best: none yet"
-        )
+    def progress(self) -> str:
+        statuses = [status for status, _, _ in self.snapshot]
+        ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
+        running, pending = statuses.count("RUNNING"), statuses.count("PENDING")
+        scored = [(r["best_val_acc"], c) for _, c, r in self.snapshot if r.get("best_val_acc") is not None]
+        best = max(scored, key=lambda x: x[0], default=None)
+        best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else "best: none yet"
         elapsed = time.monotonic() - (self.started or time.monotonic())
-        finished_here = len(ended) - self.done_before
-        left = ""
-        if finished_here and pending + running:  # rough: the pace so far, applied to what is left
-            left = f", ~{duration(elapsed / finished_here * (pending + running))} left"
+        left = self.pace.left(self.snapshot)
+        left_text = f", ~{duration(left)} left" if left is not None and running + pending else ""
         return (
-            f"[{duration(elapsed)}] {len(ended)}/{len(trials)} done, {running} running, {pending} pending; "
-            f"{best_text}{left}"
+            f"[{duration(elapsed)}] {ended}/{len(statuses)} done, {running} running, {pending} pending; "
+            f"{best_text}{left_text}"
         )
+
+
+class Pace:
+    """Time left from the work done: epochs trained per second since this driver started, and the epochs still
+    to train (a running trial's remaining ones, a pending trial's as many as finished trials needed on average).
+    It waits for a trial to finish, since until then a run's length under early stopping is unknown."""
+
+    def __init__(self):
+        self.first: tuple[float, int] | None = None  # (time, epochs trained) when this driver saw its first epoch
+        self.last: tuple[float, int] | None = None  # the same at the newest epoch
+
+    def update(self, snapshot: list[tuple]) -> None:
+        trained = sum(r.get("epoch", 0) or 0 for _, _, r in snapshot)
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, trained)
+        elif self.last is None or trained > self.last[1]:
+            self.last = (now, trained)
+
+    def left(self, snapshot: list[tuple]) -> float | None:
+        finished = [r.get("epoch", 0) for s, _, r in snapshot if s == "TERMINATED" and r.get("epoch")]
+        if not finished or self.first is None or self.last is None or self.last[1] <= self.first[1]:
+            return None
+        per_run = sum(finished) / len(finished)
+        todo = sum(max(0.0, per_run - (r.get("epoch") or 0)) for s, _, r in snapshot if s in ("RUNNING", "PENDING"))
+        rate = (self.last[1] - self.first[1]) / max(self.last[0] - self.first[0], 1e-9)
+        return max(0.0, todo / rate - (time.monotonic() - self.last[0]))
 
 
 def summary(table, exp_uri: str, written: list[str]) -> str:
-    """The end of a sweep, for a person: the best run, each optimiser's best, counts, and where things are."""
+    """The end of a sweep, for a person: the best run, each optimizer's best, counts, and where things are."""
     from .grid import optimizer_order
     from .storage import is_remote
 
@@ -130,3 +160,103 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
     copy = "  (from a local copy of the folder)" if is_remote(exp_uri) else ""
     lines.append(f"  curves: tensorboard --logdir {exp_uri}{copy}")
     return "\n".join(lines)
+
+
+# Ray's driver lines that repeat or contradict ours: kept in the experiment's driver.log, not shown.
+HIDDEN = (
+    "Resume experiment with",  # a resume instruction other than ours, which names --resume and --storage
+    "Failed to fetch metrics for",  # trials that had not started yet have no results to fetch
+    "Token authentication is enabled",  # the README says what a local Ray listens on and how the token guards it
+)
+STOP_NOTICE = "Stop signal received"  # said again in our words
+DRIVER_LOG = "driver.log"  # in the experiment folder: every line Ray logged on the driver
+
+
+class RayLines(logging.Filter):
+    """Ray's log lines on the driver, so that the console speaks with one voice: every line is kept whole in the
+    experiment folder's driver.log; the console shows Ray's warnings and errors but those that repeat or
+    contradict ours (with --quiet, its errors only), and Tune's stop notice in our words."""
+
+    def __init__(self, quiet: bool):
+        super().__init__()
+        self.quiet = quiet
+        self.kept: list[str] = []  # lines from before the experiment folder was known
+        self.fd: int | None = None
+        self.upload_to: str | None = None
+        self.local_copy: str | None = None
+
+    def __enter__(self) -> RayLines:
+        import ray  # noqa: F401  (importing Ray sets up its logger and handler)
+
+        for handler in logging.getLogger("ray").handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handler in logging.getLogger("ray").handlers:
+            handler.removeFilter(self)
+        self.close()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}")
+        if STOP_NOTICE in message:
+            if not self.quiet:
+                print(
+                    "tune-alexnet: stopping: running trials keep their last checkpoints, and the tables of what is "
+                    "there follow; press Ctrl-C again to stop at once",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return False
+        if any(hidden in message for hidden in HIDDEN):
+            return False
+        return record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
+
+    def keep_in(self, exp_uri: str) -> None:
+        """From now on, and with every line so far, into the experiment's driver.log (for a bucket: a local file
+        uploaded at the end). Ray's informational lines, below the console's level, are kept too."""
+        from .storage import is_remote
+
+        logging.getLogger("ray").setLevel(logging.INFO)
+        if is_remote(exp_uri):
+            fd, self.local_copy = tempfile.mkstemp(prefix="tune-alexnet-driver-", suffix=".log")
+            self.upload_to = exp_uri
+        else:
+            try:
+                os.makedirs(exp_uri, exist_ok=True)
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                fd = os.open(os.path.join(exp_uri, DRIVER_LOG), flags, 0o644)
+            except OSError:  # a full or read-only folder: the console still works
+                return
+        self.fd = fd
+        for line in self.kept:
+            self._write(line)
+        self.kept = []
+
+    def _keep(self, line: str) -> None:
+        if self.fd is None:
+            self.kept.append(line)
+        else:
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        try:
+            os.write(self.fd, (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        if self.upload_to and self.local_copy:
+            try:
+                import pyarrow.fs
+
+                fs, base = pyarrow.fs.FileSystem.from_uri(self.upload_to)
+                pyarrow.fs.copy_files(self.local_copy, f"{base}/{DRIVER_LOG}", destination_filesystem=fs)
+            except Exception:  # the log is a convenience; the tables are what must arrive
+                pass
+            os.unlink(self.local_copy)

@@ -9,7 +9,9 @@ crash never leaves a truncated one; in a bucket each file is one upload.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -19,8 +21,27 @@ from pathlib import Path
 import pandas as pd
 
 from .grid import full_config, optimizer_order, run_number
-from .settings import DIMENSIONS, EPOCHS, read_settings
-from .storage import experiment_uri, is_remote, storage_uri
+from .settings import BOUNDS, DIMENSIONS, EPOCHS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
+from .storage import (
+    ERROR_LIMIT,
+    JSON_LIMIT,
+    RESULT_LIMIT,
+    STATE_LIMIT,
+    TEXT_LIMIT,
+    RefusedFile,
+    check_file,
+    experiment_uri,
+    is_remote,
+    list_folder,
+    parse_json,
+    plain_name,
+    reach,
+    read_bytes,
+    read_json,
+    scheme_problem,
+    shown,
+    storage_uri,
+)
 
 TABLE_NAME = "results"  # results.parquet and results.csv
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
@@ -87,6 +108,25 @@ STATUS = {
 }
 
 
+LOST = "lost"  # a trial whose result.json is gone: what it reported is unknown
+DAMAGED = "damaged"  # a trial whose config, folder or results are not what Tune and this package write
+TRIAL_PREFIX = "train_cifar_"  # Tune's trial folders: <trainable>_<trial id>_<index>_<its settings>_<date>
+_TRIAL_FOLDER = re.compile(re.escape(TRIAL_PREFIX) + r"([0-9a-f]+_[0-9]+)(_.*)?", re.DOTALL)
+STUDY_RUNS = len(Grid())
+ERROR_LINE = 500  # characters of a trial's error line kept in the table
+# Bounds of what a result line holds (a config's are settings.BOUNDS): epoch counts never above the most epochs a
+# sweep may run, accuracies in percent, times and rates >= 0; a loss may be any size >= 0, or NaN once diverged.
+_EPOCH_COUNT = Bound(0, BOUNDS["epochs"].high, whole=True)
+_PERCENT = Bound(0, 100)
+_AMOUNT = Bound(0, math.inf)
+_ACCURACIES = ("train_acc", "val_acc", "best_val_acc")
+_LOSSES = ("train_loss", "val_loss")
+_RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c != "trial_id"]
+# What the table holds of a trial's results: unknown (null) for a lost or damaged trial.
+_RESULT_FIELDS = ("final_accuracy", "epochs_run", "best_epoch", "stopped_early", "train_time_s", "eval_time_s",
+                  "node_id", "best_checkpoint")  # fmt: skip
+
+
 class ExportError(Exception):
     """The folder is not something we can read as an experiment; one line for the command line."""
 
@@ -103,43 +143,43 @@ class Experiment:
 def load_experiment(source) -> Experiment:
     """`source`: an experiment folder (path, ~path or URI) or a local tune.ResultGrid (a ResultGrid of a
     bucket forgets its URI's scheme: pass the URI). Tune's experiment state is read as plain JSON, never
-    unpickled (Ray's own reader unpickles parts of it), so a folder from a shared bucket runs no code here."""
+    unpickled (Ray's own reader unpickles parts of it), so a folder from a shared bucket runs no code here.
+
+    Nothing in the folder is trusted: every file is read through storage.read_bytes (inside the folder, no link
+    followed, size-bounded) and every value is checked. A bad trial among good ones becomes a row marked
+    `damaged` (or `lost` when its result.json is gone) whose error names the file and field; a problem with the
+    folder as a whole raises ExportError."""
+
     path = storage_uri(str(getattr(source, "experiment_path", source)))
     if not is_remote(path) and not Path(path).is_dir():
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
+    if scheme_problem(path):
+        raise ExportError(f"{path}: {scheme_problem(path)}")
     notes: list[str] = []
     try:
-        trials = _trials_from_state(path)
+        fs, base = reach(path)
+        settings = _settings(path)
+        entries = list_folder(fs, base)
+        trials, why = _trials_from_state(fs, base, [name for name, _ in entries])
         if trials is None:
-            trials = _trials_on_disk(path)
+            trials = _trials_on_disk(fs, base, entries)
             if not trials:
-                raise FileNotFoundError("no experiment state and no trial folders")
+                raise FileNotFoundError(f"{why}, and no trial folders")
             notes.append(
-                f"the experiment state in {path} is missing or unreadable; the table is rebuilt from the "
+                f"the experiment state in {path} is missing or unreadable ({why}); the table is rebuilt from the "
                 f"{len(trials)} trial folders, and trials that did not end say 'unknown'"
             )
-    except OSError as exc:  # an absent folder in a bucket, a typo, no access
+    except (OSError, ValueError, TimeoutError) as exc:  # an absent folder in a bucket, no access, no answer
         raise ExportError(
             f"{path} holds no readable Tune experiment ({_first_line(exc)}); allowed: an experiment folder such "
             f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
         ) from None
     rows, epoch_frames = [], []
     for trial in trials:
-        epochs = _read_results(trial)
-        row = _trial_row(trial, pd.DataFrame() if epochs is None else epochs, path)
-        if epochs is None and trial.status != "PENDING":  # it ran, but what it reported is gone
-            row.update(
-                status="lost",
-                error=f"{trial.storage.trial_dir_name}/result.json is missing or unreadable: "
-                "its epochs and accuracy are unknown",
-            )
-        epochs = pd.DataFrame() if epochs is None else epochs
+        row, records = _read_trial(fs, base, trial, path)
         rows.append(row)
-        if len(epochs):
-            epochs.insert(0, "trial_id", trial.trial_id)
-            for col in ("run", *DIMENSIONS, "seed"):
-                epochs[col] = row[col]
-            epoch_frames.append(epochs)
+        if records:
+            epoch_frames.append(_epoch_frame(records, row))
     # Study order; trials off the study's grid (no run number) follow in creation order.
     table = (
         typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA)
@@ -148,82 +188,158 @@ def load_experiment(source) -> Experiment:
     )
     epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
     epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
-    return Experiment(path, table, epochs, read_settings(path) or {}, notes)
+    return Experiment(path, table, epochs, settings, notes)
 
 
 @dataclass
-class _TrialFolder:
-    """What the table needs of a trial, read from its own folder when Tune's experiment state is unreadable."""
+class _Trial:
+    """A trial as its experiment state (or, where that is unreadable, its own folder) names it, not yet trusted."""
 
-    trial_id: str
-    config: dict
-    status: str
-    storage: object
-
-
-@dataclass
-class _FolderStorage:
-    storage_filesystem: object
-    trial_fs_path: str
-    trial_dir_name: str
+    trial_id: str | None
+    config: object  # as read; checked when its row is built
+    status: str  # Tune's status; UNKNOWN when rebuilt from its folder
+    folder: str | None  # its folder's name inside the experiment; None where none can be used
+    source: str  # the file its config came from, for error lines
+    problem: str | None = None  # why it is damaged before anything of it is read
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _trials_from_state(path: str) -> list[_TrialFolder] | None:
-    """The trials of Tune's newest experiment_state-*.json, from its JSON fields alone; None if it is missing
-    or unreadable (a full disk may have cut it short)."""
-    import pyarrow.fs
-
-    fs, base = pyarrow.fs.FileSystem.from_uri(path)
-    states = sorted(
-        i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(base))
-        if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
-    )  # fmt: skip
-    if not states:
-        return None
+def _settings(path: str) -> dict:
+    """The sweep's settings record, checked as --resume checks it; {} for a folder without one (other code)."""
     try:
-        with fs.open_input_stream(states[-1]) as f:
-            entries = json.loads(f.readall().decode())["trial_data"]
-        trials = []
-        for entry in entries:
-            t = json.loads(entry[0])
-            folder = t["relative_logdir"]
-            trials.append(_TrialFolder(t["trial_id"], t["config"], t["status"],
-                                       _FolderStorage(fs, f"{base}/{folder}", folder)))  # fmt: skip
-        return trials
-    except (ValueError, KeyError, TypeError, IndexError):
-        return None
+        record = read_settings(path, strict=True)
+        if record is not None:
+            from_record(record)
+            if not isinstance(record.get("data", {}), dict):
+                raise ValueError(f"data: {shown(record['data'])}; allowed: a JSON object describing the data")
+    except (OSError, ValueError, TypeError) as exc:
+        raise ExportError(
+            f"{path}/{SETTINGS_FILE} is damaged: {_first_line(exc)} (move the file away to read the folder without it)"
+        ) from None
+    return record or {}
 
 
-def _trials_on_disk(path: str) -> list[_TrialFolder]:
-    import pyarrow.fs
+def _trials_from_state(fs, base: str, names: list[str]) -> tuple[list[_Trial] | None, str]:
+    """The trials of Tune's newest experiment_state-*.json, from its JSON fields alone; (None, why) where it is
+    missing or unreadable as a whole (a full disk may have cut it short, or it is not a regular file)."""
+    states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    if not states:
+        return None, "no experiment_state-*.json"
+    name = states[-1]
+    try:
+        entries = read_json(fs, base, name, STATE_LIMIT)["trial_data"]
+        return [_state_trial(name, parse_json(entry[0])) for entry in entries], ""
+    except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:
+        why = _first_line(exc)
+        return None, why if name in why else f"{name}: {type(exc).__name__}: {why}"
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(path)
+
+def _state_trial(state: str, t) -> _Trial:
+    """One trial of the experiment state. A bad field makes it damaged; a folder name that is not one plain name
+    (no '/', no '..') is never joined to a path."""
+    if not isinstance(t, dict):
+        raise TypeError(f"a trial entry holds {shown(t)}")
+    trial_id, status, folder = t.get("trial_id"), t.get("status"), t.get("relative_logdir")
+    good_id, good_status = plain_name(trial_id), isinstance(status, str) and status in STATUS
+    good_folder = folder is None or plain_name(folder)  # a trial not started yet may have none
+    problem = (
+        (None if good_id else f"trial_id is {shown(trial_id)}; allowed: a Tune trial id")
+        or (None if good_status else f"status is {shown(status)}; allowed: {', '.join(STATUS)}")
+        or (None if good_folder else f"relative_logdir is {shown(folder)}; allowed: a folder name in the experiment")
+    )
+    return _Trial(
+        trial_id if good_id else None,
+        t.get("config"),
+        status if good_status else "UNKNOWN",
+        folder if good_folder else None,
+        state,
+        f"{state}: {problem}" if problem else None,
+    )
+
+
+def _trials_on_disk(fs, base: str, entries: list[tuple[str, bool]]) -> list[_Trial]:
+    """The trials of the experiment's trial folders, each from its params.json (a folder without one is not a
+    trial's); one whose name is not Tune's or whose params.json cannot be trusted is damaged."""
     trials = []
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(base)):
-        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("train_cifar_"):
+    for name, is_folder in entries:
+        if not (is_folder and name.startswith(TRIAL_PREFIX)):
             continue
-        storage = _FolderStorage(fs, info.path, info.base_name)
+        if not plain_name(name):  # not UTF-8 (spelled out here), or not printable
+            spelled = str(os.fsencode(name))[2:-1]
+            problem = f"trial folder '{spelled}' is not a plain name; allowed: Tune's trial folder names"
+            trials.append(_Trial(None, None, "UNKNOWN", None, spelled, problem))
+            continue
+        config, problem = None, None
         try:
-            with fs.open_input_stream(f"{info.path}/params.json") as f:
-                config = json.loads(f.readall().decode())
-        except (OSError, ValueError):
+            config = read_json(fs, base, f"{name}/params.json", JSON_LIMIT)
+        except FileNotFoundError:
             continue
-        epochs = _read_results(_TrialFolder("", config, "", storage))
-        last = epochs.iloc[-1] if epochs is not None and len(epochs) else None
-        ended = last is not None and (last["checkpoint_kind"] == "final" or bool(last["diverged"]))
-        trials.append(
-            _TrialFolder(
-                info.base_name.split("_")[2] + "_" + info.base_name.split("_")[3],
-                config,
-                "TERMINATED" if ended else "UNKNOWN",
-                storage,
-            )
-        )
+        except (OSError, ValueError) as exc:
+            problem = _first_line(exc)
+        match = _TRIAL_FOLDER.fullmatch(name)
+        if match is None:
+            problem = f"trial folder {name!r} is not named like Tune's ({TRIAL_PREFIX}<id>_<number>_...)"
+        folder = name if match and not problem else None
+        trials.append(_Trial(match and match[1], config, "UNKNOWN", folder, f"{name}/params.json", problem))
     return trials
+
+
+def _read_trial(fs, base: str, trial: _Trial, exp_path: str) -> tuple[dict, list[dict]]:
+    """A trial's row and its epochs. A trial whose config, folder or results cannot be trusted is damaged, one whose
+    result.json is gone is lost; either keeps its checked config and nothing of what it reported."""
+    config, problem = _checked_config(trial.config)
+    problem = trial.problem or (problem and f"{trial.source}: {problem}")
+    records, lost = [], None
+    if problem is None and trial.folder is None:
+        lost = "its folder is not named in the experiment state: its epochs and accuracy are unknown"
+    elif problem is None:
+        try:
+            records = _read_results(fs, base, trial.folder)
+        except RefusedFile as exc:
+            problem = _first_line(exc)
+        except OSError:  # gone, or no access
+            lost = f"{trial.folder}/result.json is missing or unreadable: its epochs and accuracy are unknown"
+        except ValueError as exc:
+            problem = _first_line(exc)
+    row = _trial_row(fs, base, trial, config, records, exp_path)
+    if problem:
+        return {**row, **dict.fromkeys(_RESULT_FIELDS), "status": DAMAGED, "error": problem}, []
+    if lost and trial.status != "PENDING":  # a pending trial has reported nothing yet
+        return {**row, **dict.fromkeys(_RESULT_FIELDS), "status": LOST, "error": lost}, []
+    return row, records
+
+
+def _checked_config(config) -> tuple[dict, str | None]:
+    """The config fields the table uses, each checked against its type and settings.BOUNDS; a bad one is left out
+    (None) and the first is named. A --runs trial's config names its study run, which fills in the grid's."""
+    if not isinstance(config, dict):
+        return {}, f"the config is {shown(config)}; allowed: a JSON object of the trial's settings"
+    run = config.get("run")
+    if run is not None:
+        if not Bound(1, STUDY_RUNS, whole=True).allows(run):
+            return {}, f"'run' is {shown(run)}; allowed: a run number 1..{STUDY_RUNS}"
+        config = full_config({**config, "run": int(run)})
+    checked, problems = {}, []
+    for key in (*DIMENSIONS, "seed", "epochs"):
+        problem = _config_value_problem(key, config.get(key))
+        checked[key] = None if problem else config.get(key)
+        problems += [problem] if problem else []
+    return checked, (problems[0] if problems else None)
+
+
+def _config_value_problem(key: str, value) -> str | None:
+    if value is None:  # seed and epochs may be absent (defaults), a grid setting may not
+        return f"{key!r} is missing" if key in DIMENSIONS else None
+    if key == "optimizer":  # it names a file, results_<optimizer>.csv
+        ok, allowed = plain_name(f"results_{value}.csv"), "a name without '/' of at most 240 characters"
+    elif key in ("dropout", "batchnorm"):
+        ok, allowed = isinstance(value, bool), "true or false"
+    else:
+        ok, allowed = BOUNDS[key].allows(value), BOUNDS[key].text()
+    return None if ok else f"{key!r} is {shown(value)}; allowed: {allowed}"
 
 
 def typed(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
@@ -237,92 +353,135 @@ def typed(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
     return out
 
 
-def _read_results(trial) -> pd.DataFrame | None:
-    """Every epoch the trial reported, tolerating a half-written last line of a running trial; None if its
-    result.json is gone or unreadable."""
-    fs = trial.storage.storage_filesystem
-    result_file = Path(trial.storage.trial_fs_path, "result.json").as_posix()
-    try:
-        with fs.open_input_stream(result_file) as f:
-            text = f.readall().decode("utf-8", "replace")
-    except (FileNotFoundError, OSError):
-        return None
-    records = []
-    for line in text.splitlines():
+def _read_results(fs, base: str, folder: str) -> list[dict]:
+    """Every epoch the trial reported, each line checked, tolerating a half-written last line of a running trial.
+    FileNotFoundError: result.json is gone; RefusedFile or ValueError (naming the line and field): untrusted."""
+    name = f"{folder}/result.json"
+    text = read_bytes(fs, base, name, RESULT_LIMIT).decode("utf-8", "replace")
+    records: list[dict] = []
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError:
-            break  # a trial still running may be mid-write
-        if record.get("epoch") is not None:
-            # A restarted trial replays from its last resume state: what the dead attempt reported from there
-            # on is superseded, even where the replay has not reached yet.
-            records = [r for r in records if r["epoch"] < record["epoch"]]
-            records.append(record)
-    keep = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c != "trial_id"]
-    return pd.DataFrame([{k: r.get(k) for k in keep} for r in records], columns=keep)
+            continue  # half-written: a running trial's last line, or a killed attempt's before its restart's lines
+        except (ValueError, RecursionError) as exc:  # an integer beyond 64 bits, nesting beyond Python's stack
+            raise ValueError(f"{name} line {number}: {_first_line(exc)}") from None
+        if problem := _line_problem(record):
+            raise ValueError(f"{name} line {number}: {problem}")
+        if record.get("epoch") is None:
+            continue
+        # A restarted trial replays from its last resume state: what the dead attempt reported from there on is
+        # superseded, even where the replay has not reached yet (records stay in increasing epoch order).
+        while records and records[-1]["epoch"] >= record["epoch"]:
+            records.pop()
+        records.append({c: record.get(c) for c in _RESULT_COLUMNS})
+    return records
 
 
-def _trial_row(trial, epochs: pd.DataFrame, exp_path: str) -> dict:
-    config = full_config(trial.config)
-    last = epochs.iloc[-1] if len(epochs) else None
-    diverged = bool(last is not None and last["diverged"])
-    status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, trial.status.lower())
-    best_epoch = int(last["best_epoch"]) if last is not None and last["best_epoch"] else None
-    best_ckpt = None
-    missing = None
-    if best_epoch:  # every checkpoint holds the best weights so far, so the newest one is the best model
-        names = epochs["checkpoint_dir_name"].dropna()
-        if len(names):
-            found = _checkpoint_exists(trial, names.iloc[-1])
-            best_ckpt = experiment_uri(exp_path, f"{trial.storage.trial_dir_name}/{names.iloc[-1]}") if found else None
-            if not found:
-                missing = f"best checkpoint {trial.storage.trial_dir_name}/{names.iloc[-1]} is missing"
-    max_epochs = int(config.get("epochs", EPOCHS))
-    epochs_run = int(last["epoch"]) if last is not None else 0
+def _column_check(col: str):
+    """(test, what is allowed) of one result column's non-null values."""
+    kind = EPOCH_SCHEMA[col]
+    if kind == "Int64":  # every integer a result line holds is an epoch count
+        return _EPOCH_COUNT.allows, _EPOCH_COUNT.text()
+    if col in _LOSSES:
+        return (lambda v: _AMOUNT.allows(v) or (isinstance(v, float) and (v != v or v >= 0))), "a number >= 0, NaN"
+    if kind == "float64":
+        bound = _PERCENT if col in _ACCURACIES else _AMOUNT
+        return bound.allows, bound.text()
+    if kind == "boolean":
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if col == "checkpoint_dir_name":
+        return plain_name, "a folder name inside the trial's folder"
+    return (lambda v: isinstance(v, str) and len(v) <= TEXT_LIMIT), f"a string of at most {TEXT_LIMIT} characters"
+
+
+_RESULT_CHECKS = {col: _column_check(col) for col in _RESULT_COLUMNS}
+
+
+def _line_problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return f"it holds {shown(record)}; allowed: a JSON object of one epoch's results"
+    for col, (test, allowed) in _RESULT_CHECKS.items():
+        value = record.get(col)
+        if value is not None and not test(value):
+            return f"{col!r} is {shown(value)}; allowed: {allowed}"
+    return None
+
+
+def _trial_row(fs, base: str, trial: _Trial, config: dict, records: list[dict], exp_path: str) -> dict:
+    last = records[-1] if records else {}
+    diverged = bool(last.get("diverged"))
+    tune_status = trial.status
+    if tune_status == "UNKNOWN" and (last.get("checkpoint_kind") == "final" or diverged):
+        tune_status = "TERMINATED"  # rebuilt from its folder: its last result says it ended
+    status = "diverged" if diverged and tune_status == "TERMINATED" else STATUS.get(tune_status, tune_status.lower())
+    best_epoch = last.get("best_epoch") or None
+    best_ckpt, missing = _best_checkpoint(fs, base, trial.folder, records, exp_path) if best_epoch else (None, None)
+    max_epochs = config.get("epochs") or EPOCHS
+    epochs_run = last.get("epoch", 0)
+    accuracy = last.get("best_val_acc")
     return {
-        "run": run_number(config),
-        **{d: config[d] for d in DIMENSIONS},
+        "run": run_number(config) if all(config.get(d) is not None for d in DIMENSIONS) else None,
+        **{d: config.get(d) for d in DIMENSIONS},
         "seed": config.get("seed"),
-        "final_accuracy": round(float(last["best_val_acc"]), 2) if best_epoch else None,
+        "final_accuracy": round(accuracy, 2) if best_epoch and accuracy is not None else None,
         "epochs_run": epochs_run,
         "best_epoch": best_epoch,
         "max_epochs": max_epochs,
         "stopped_early": status == "terminated" and epochs_run < max_epochs,
         "status": status,
-        "error": _error_line(trial) if trial.status == "ERROR" else missing,
-        "train_time_s": float(last["train_time_s"]) if last is not None else 0.0,
-        "eval_time_s": last["eval_time_s"] if last is not None else None,
+        "error": _error_line(fs, base, trial.folder) if tune_status == "ERROR" and trial.folder else missing,
+        "train_time_s": last.get("train_time_s") if records else 0.0,
+        "eval_time_s": last.get("eval_time_s"),
         "trial_id": trial.trial_id,
-        "node_id": last["node_id"] if last is not None else None,
+        "node_id": last.get("node_id"),
         "best_checkpoint": best_ckpt,
     }
 
 
-def _checkpoint_exists(trial, name: str) -> bool:
-    from pyarrow.fs import FileType
+def _best_checkpoint(fs, base: str, folder: str, records: list[dict], exp_path: str) -> tuple[str | None, str | None]:
+    """The trial's newest checkpoint (each holds the best weights so far, so the newest is the best model) and,
+    where it cannot be used, why: its weights and arguments must be regular files inside the experiment."""
+    from .checkpoint import MODEL_ARGS_FILE, MODEL_FILE
 
-    info = trial.storage.storage_filesystem.get_file_info(
-        Path(trial.storage.trial_fs_path, name, "model.pt").as_posix()
-    )
-    return info.type == FileType.File
-
-
-def _error_line(trial) -> str:
-    fs = trial.storage.storage_filesystem
-    error_file = Path(trial.storage.trial_fs_path, "error.txt").as_posix()
+    names = [r["checkpoint_dir_name"] for r in records if r.get("checkpoint_dir_name")]
+    if not names:
+        return None, None
+    where = f"{folder}/{names[-1]}"
     try:
-        with fs.open_input_stream(error_file) as f:
-            lines = [ln.strip() for ln in f.readall().decode("utf-8", "replace").splitlines() if ln.strip()]
-    except (FileNotFoundError, OSError):
+        for name in (MODEL_FILE, MODEL_ARGS_FILE):
+            check_file(fs, base, f"{where}/{name}")
+    except FileNotFoundError:
+        return None, f"best checkpoint {where} is missing"
+    except OSError as exc:
+        return None, f"best checkpoint {where} is not used: {_first_line(exc)}"
+    return experiment_uri(exp_path, where), None
+
+
+def _error_line(fs, base: str, folder: str) -> str:
+    """The exception's own line: the last one of the traceback in error.txt (of which only the tail is read)."""
+    try:
+        text = read_bytes(fs, base, f"{folder}/error.txt", ERROR_LIMIT, tail=True).decode("utf-8", "replace")
+    except FileNotFoundError:
         return "error (no error.txt)"
-    # The exception's own line is the last one of the traceback.
-    return lines[-1][:500] if lines else "error"
+    except OSError as exc:
+        return f"error ({_first_line(exc)})"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:ERROR_LINE] if lines else "error"
+
+
+def _epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:
+    epochs = pd.DataFrame(records, columns=_RESULT_COLUMNS)
+    epochs.insert(0, "trial_id", row["trial_id"])
+    for col in ("run", *DIMENSIONS, "seed"):
+        epochs[col] = row[col]
+    return epochs
 
 
 def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The study's per-optimiser CSVs: its exact columns, accuracy written like 85.36%."""
+    """The study's per-optimizer CSVs: its exact columns, accuracy written like 85.36%."""
     out = {}
-    for opt in optimizer_order(table["optimizer"]):
+    for opt in optimizer_order(table["optimizer"].dropna()):
         part = table[table["optimizer"] == opt]
         out[opt] = pd.DataFrame(
             {
@@ -349,7 +508,7 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
         out.put(f"{EPOCHS_NAME}.parquet", lambda p: write_parquet(exp.epochs, p, meta))
         for opt, df in originals.items():
             out.put(f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False))
-        # The original merged its per-optimiser CSVs into this one.
+        # The original merged its per-optimizer CSVs into this one.
         merged = (
             pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
         )
@@ -419,12 +578,14 @@ def output_dir(out: str | os.PathLike):
         return
     import pyarrow.fs
 
+    if scheme_problem(out):
+        raise ExportError(f"--out {out}: {scheme_problem(out)}")
     tmp = Path(tempfile.mkdtemp(prefix="tune-alexnet-out-"))
     try:
         output = Output(out, tmp, [])
         yield output
         try:
-            fs, base = pyarrow.fs.FileSystem.from_uri(out)
+            fs, base = reach(out)
             fs.create_dir(base, recursive=True)
             for f in sorted(tmp.iterdir()):
                 pyarrow.fs.copy_files(
@@ -434,7 +595,7 @@ def output_dir(out: str | os.PathLike):
                     destination_filesystem=fs,
                 )
                 output.written.append(experiment_uri(out, f.name))
-        except OSError as exc:
+        except (OSError, ValueError, TimeoutError) as exc:
             raise ExportError(
                 f"cannot write into {out} ({_first_line(exc)}); allowed: a bucket path your "
                 f"credentials can write, or a local folder (--out DIR)"

@@ -46,7 +46,7 @@ def study_config(run: int) -> dict:
 
 
 def optimizer_order(values) -> list[str]:
-    """Optimisers in the study's order; names off its grid follow, alphabetically."""
+    """Optimizers in the study's order; names off its grid follow, alphabetically."""
     study = STUDY_VALUES["optimizer"]
     return sorted(set(values), key=lambda o: (study.index(o) if o in study else len(study), o))
 

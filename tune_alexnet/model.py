@@ -1,6 +1,6 @@
 """AlexNet adapted to 32x32 CIFAR-10 images, exactly as in the study (docs/STUDY.md).
 
-Layers only: nothing here knows about data, optimisers or Ray.
+Layers only: nothing here knows about data, optimizers or Ray.
 """
 
 from __future__ import annotations

@@ -1,88 +1,196 @@
-"""Every reason to refuse a sweep before a trial starts, each as one line (PreflightError).
+"""Every reason to refuse a sweep, checked once, in one pass, before a trial starts; and the plan that pass fixes.
 
-Storage that cannot be written or reached or has too little room, a name already
-taken or held by a live sweep (the lock), a cluster that does not answer, a trial
-size no node can ever hold, a node-local folder that trials on other machines
-would write to: all are found here, before the sweep writes anything. It also
-reads what an autoscaling cluster can start, so trials ask for GPU shares before
-the GPU workers are up.
+`prepare` walks the user's settings to a `Plan`: the numbers within bounds, the
+storage and the experiment's URI fixed (on --resume the experiment's own
+settings), the experiment held by a lock, the trackers reachable, the data loaded
+and, on --resume, the data it started on, Ray connected and the trial's resources
+known to fit, the storage reachable from every node with room for what the sweep
+keeps. Each refusal is one PreflightError line; nothing is written before the
+last check but the lock. sweep.py then only builds and fits the Tuner.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib.util
+import io
 import logging
 import os
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
-from .storage import experiment_uri, is_remote
+from . import cluster, settings
+from .data import Cifar, DataError, check_same_data, load_cifar10
+from .plan import Plan
+from .settings import DEFAULT_GPU_SHARE, SETTINGS_FILE, TRIAL_DEFAULTS, SweepSettings, read_settings
+from .storage import (
+    REACH_TIMEOUT_S,
+    RESERVE_BYTES,
+    SCHEMES,
+    experiment_uri,
+    is_remote,
+    scheme_problem,
+    storage_uri,
+    within,
+)
 
 log = logging.getLogger("tune_alexnet.preflight")
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
-
-NETWORK_FILESYSTEMS = (
-    "nfs",
-    "nfs4",
-    "cifs",
-    "smb3",
-    "smbfs",
-    "lustre",
-    "gpfs",
-    "ceph",
-    "glusterfs",
-    "beegfs",
-    "fuse.s3fs",
-    "fuse.gcsfuse",
-    "fuse.juicefs",
-    "efs",
-    "9p",
-    "virtiofs",
-)
+TRACKER_TIMEOUT_S = 5.0  # and a tracking server
+TRIAL_PATH_ROOM = 400  # characters a trial adds below the experiment folder (its folder, checkpoint, files)
+STORAGE_ALLOWED = f"a local folder you can write, or a {' or '.join(s + '://BUCKET/PATH' for s in SCHEMES)} URI"
 
 
 class PreflightError(Exception):
     """A reason not to start (or resume) a sweep, as one line for the command line."""
 
 
+def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> Plan:
+    """The one preflight pass, in the order that writes nothing before the last refusal but the lock."""
+    try:
+        settings.check(s)
+    except ValueError as exc:
+        raise PreflightError(f"a setting is out of bounds: {exc}") from None
+    root = storage_uri(s.storage)
+    check_scheme(root, "--storage")
+    name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
+    check_path_length(root, experiment_uri(root, name))
+    lock = lock_experiment(root, name)
+    started = False
+    try:
+        exp_uri = experiment_uri(root, name)
+        s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
+        check_storage(root, exp_uri, s.resume, name)
+        check_trackers(s)
+        if data is None:
+            data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
+        check_resume_data(s, exp_uri, data)
+        started, dashboard = connect(s.address or os.environ.get("RAY_ADDRESS") or "local", quiet)
+        per_trial, keep_free = check_resources(s, root)
+        return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        lock.release()
+        raise
+
+
+# --- the storage and the experiment's name ----------------------------------------------------------------
+
+
+def check_scheme(uri: str, flag: str) -> None:
+    problem = scheme_problem(uri)
+    if problem:
+        raise PreflightError(f"{flag} {uri}: {problem}")
+
+
 def check_storage(root: str, exp_path: str, resume: bool, name: str) -> None:
-    """The storage can be written, local or remote; a new experiment's name is free."""
+    """The storage can be written, local or remote, with room for trial paths; a new experiment's name is free."""
     from ray import tune
 
     if is_remote(root):
         _check_remote(root)
     else:
-        try:
-            Path(root).mkdir(parents=True, exist_ok=True)
-            probe = Path(root, f".tune-alexnet-write-test-{os.getpid()}")
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise PreflightError(
-                f"--storage {root} is not writable ({exc.strerror}); allowed: a folder you can "
-                f"write, or an s3:// or gs:// URI"
-            ) from None
-    if not resume and tune.Tuner.can_restore(exp_path):
+        _check_local(root, exp_path)
+    if not resume and tune.Tuner.can_restore(exp_path) and not never_started(exp_path):
         raise PreflightError(
             f"an experiment named {name!r} already exists in "
             f"{root}; continue it with --resume, or start a new one with another --name"
         )
-    if not is_remote(exp_path) and Path(exp_path).exists() and not Path(exp_path).is_dir():
-        raise PreflightError(f"{exp_path} is a file; allowed: a --name that is not taken in {root}")
-    if not resume and not is_remote(exp_path) and Path(exp_path).exists() and any(Path(exp_path).iterdir()):
+    if is_remote(exp_path) or not os.path.lexists(exp_path):
+        return
+    if os.path.islink(exp_path) or not Path(exp_path).is_dir():
+        kind = "a symbolic link" if os.path.islink(exp_path) else "a file"
+        raise PreflightError(f"{exp_path} is {kind}; allowed: a --name that is not taken in {root}")
+    if not resume and any(Path(exp_path).iterdir()) and not never_started(exp_path):
         raise PreflightError(f"{exp_path} already exists and is not empty; pick another --name")
 
 
-def lock_experiment(root: str, name: str):
+def _check_local(root: str, exp_path: str) -> None:
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".tune-alexnet-write-test-"):
+            pass
+    except OSError as exc:
+        raise PreflightError(f"--storage {root} is not writable ({exc.strerror}); allowed: {STORAGE_ALLOWED}") from None
+
+
+def check_path_length(root: str, exp_path: str) -> None:
+    """Trial folders and checkpoints lie up to TRIAL_PATH_ROOM characters below the experiment: a storage path
+    that leaves them no room would fail every trial with 'File name too long'."""
+    if is_remote(root):
+        return
+    limit = 4096
+    with contextlib.suppress(OSError):
+        limit = os.pathconf(_existing_parent(root), "PC_PATH_MAX")
+    longest = len(os.fsencode(exp_path)) + TRIAL_PATH_ROOM
+    if longest > limit:
+        allowed = limit - TRIAL_PATH_ROOM - (len(os.fsencode(exp_path)) - len(os.fsencode(root)))
+        raise PreflightError(
+            f"--storage {root[:40]}... is {len(os.fsencode(root))} characters long, so trial files below it would "
+            f"pass the file system's {limit}-character path limit; allowed: a --storage path of at most {allowed} "
+            "characters"
+        )
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def never_started(exp_path: str) -> bool:
+    """A folder of ours that a sweep left before Tune saved any state or any trial reported: nothing in it is a
+    result, so a fresh sweep may take the name over (and --resume says so)."""
+    if is_remote(exp_path):
+        return False
+    folder = Path(exp_path)
+    if not (folder / SETTINGS_FILE).is_file() or any(folder.glob("experiment_state-*.json")):
+        return False
+    return not any(p.is_file() for p in folder.glob("*/result.json"))
+
+
+def _check_remote(root: str) -> None:
+    def probe() -> None:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(root)
+        probe_file = f"{path.rstrip('/')}/.tune-alexnet-write-test-{os.getpid()}"
+        with fs.open_output_stream(probe_file) as f:  # reading is not enough: trials write here
+            f.write(b"ok")
+        fs.delete_file(probe_file)
+
+    try:
+        within(REACH_TIMEOUT_S, probe)
+    except Exception as exc:  # pyarrow raises OSError, ValueError or ArrowInvalid depending on the failure
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise PreflightError(
+            f"--storage {root} cannot be reached ({reason}); allowed: a bucket URI your "
+            f"credentials can read and write, or a local folder"
+        ) from None
+
+
+def lock_experiment(root: str, name: str) -> ExperimentLock:
     """Hold the experiment for this process: a second sweep or resume of it is refused, naming the holder.
 
     An flock on a file beside the experiment (for a bucket: in the user's cache, so it guards this machine
     only); the kernel drops it when the process ends, however it ends, so a killed sweep leaves no stale lock.
-    Returns the open file: the lock lasts as long as it stays open.
+    The file is opened without following links: a link planted in a shared storage redirects no write.
     """
-    import fcntl
-    import hashlib
-    import socket
-    import time
-
     if is_remote(root):
         from .data import user_cache_dir
 
@@ -91,27 +199,32 @@ def lock_experiment(root: str, name: str):
     else:
         folder = Path(root)
         path = folder / f".{name}.lock"
+    where = f"--storage {root}" if not is_remote(root) else f"the lock folder {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
-        where = f"--storage {root}" if not is_remote(root) else f"the lock folder {folder}"
-        raise PreflightError(
-            f"{where} is not writable ({exc.strerror}); allowed: a folder you can write, or an s3:// or gs:// URI"
-        ) from None
+        if os.path.islink(path):
+            raise PreflightError(
+                f"the lock file {path} is a symbolic link, which tune-alexnet never makes; remove it, or use "
+                "another --name"
+            ) from None
+        raise PreflightError(f"{where} is not writable ({exc.strerror}); allowed: {STORAGE_ALLOWED}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PreflightError(f"the lock file {path} is not a regular file; remove it, or use another --name")
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
             raise BlockingIOError  # the holder ended and removed this file between our open and our lock
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another sweep"
+        holder = handle.read(500).strip() or "another sweep"
         handle.close()
         raise PreflightError(
             f"experiment {name!r} in {root} is in use by {holder}; wait for it to end, or use another --name"
         ) from None
-    handle.seek(0)
-    handle.truncate()
+    handle.truncate(0)
     handle.write(f"a sweep (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
     handle.flush()
     return ExperimentLock(path, handle)
@@ -139,152 +252,315 @@ class ExperimentLock:
         self.handle.close()
 
 
-def _check_remote(root: str) -> None:
-    import pyarrow.fs
+# --- resuming: the experiment's own settings, on the data it started on --------------------------------------
+
+
+def latest_experiment(root: str) -> str:
+    """The newest experiment in `root` that has not finished (its table says so, or it has none yet)."""
+    from ray import tune
+
+    if is_remote(root) or not Path(root).is_dir():
+        raise PreflightError(
+            f"--resume without --name needs a local --storage folder that holds experiments; got {root}"
+        )
+    found = [p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink() and tune.Tuner.can_restore(str(p))]
+    if not found:
+        raise PreflightError(f"--resume: {root} holds no experiment to resume; start one without --resume")
+    unfinished = [p for p in found if not _finished(p)]
+    if not unfinished:
+        names = ", ".join(sorted(p.name for p in found))
+        raise PreflightError(
+            f"--resume: every experiment in {root} has finished ({names}); pass --name "
+            f"to resume one anyway (its errored trials are retried)"
+        )
+    return max(unfinished, key=lambda p: p.stat().st_mtime).name
+
+
+def _finished(exp_dir: Path) -> bool:
+    import pandas as pd
 
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(root)
-        probe = f"{path.rstrip('/')}/.tune-alexnet-write-test-{os.getpid()}"
-        with fs.open_output_stream(probe) as f:  # reading is not enough: trials write here
-            f.write(b"ok")
-        fs.delete_file(probe)
-    except Exception as exc:  # pyarrow raises OSError, ValueError or ArrowInvalid depending on the failure
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        status = pd.read_parquet(exp_dir / "results.parquet", columns=["status"])["status"]
+    except Exception:  # no table yet, or a damaged one: treat it as unfinished
+        return False
+    return bool(status.isin(["terminated", "diverged"]).all())
+
+
+def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
+    """The interrupted sweep's own settings; of them the cluster address, the data's location, a GPU share
+    given again and the flags on how trials run (--device, --resume-every, ...) may change."""
+    exp_uri = experiment_uri(root, name)
+    _check_restorable(exp_uri, root, name)
+    try:
+        record = read_settings(exp_uri, strict=True)
+    except (OSError, ValueError) as exc:
+        raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
+    if record is None:
+        if not s.allow_data_change:
+            raise PreflightError(
+                f"--resume: {exp_uri}/{SETTINGS_FILE} is missing, so neither the sweep's settings nor "
+                f"its data can be checked; pass --allow-data-change to resume it with the flags given now"
+            )
+        return dataclasses.replace(s, name=name)
+    try:
+        saved = settings.from_record(record)
+    except ValueError as exc:
+        raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
+    keep = {
+        "address": s.address,
+        "shared_storage": s.shared_storage,
+        "allow_data_change": s.allow_data_change,
+        "runtime": {**saved.runtime, **s.runtime},
+        "storage": s.storage,
+        "name": name,
+        "resume": True,
+    }
+    if s.gpus_per_trial is not None:
+        keep["gpus_per_trial"] = s.gpus_per_trial
+    if s.data_dir is not None:  # the data may have moved since
+        keep["data_dir"] = s.data_dir
+    if s.subset is not None:  # a deliberate change of data: check_resume_data refuses it without the flag
+        keep["subset"] = s.subset
+    return dataclasses.replace(saved, **keep)
+
+
+def _check_restorable(exp_uri: str, root: str, name: str) -> None:
+    from ray import tune
+
+    if never_started(exp_uri):
         raise PreflightError(
-            f"--storage {root} cannot be reached ({reason}); allowed: a bucket URI your "
-            f"credentials can read and write, or a local folder"
+            f"--resume: experiment {name!r} in {root} stopped before its first trial reported, so there is nothing "
+            f"to resume; run the same command without --resume to start it afresh under this name"
+        )
+    if not tune.Tuner.can_restore(exp_uri):
+        raise PreflightError(
+            f"--resume: no experiment named {name!r} in {root}; start it without --resume, or pass the --name of one "
+            f"that exists"
+        )
+    try:
+        tune.ExperimentAnalysis(exp_uri)
+    except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
+        raise PreflightError(
+            f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
+            f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
 
 
-def check_cluster(root: str, nodes: list[dict], per_trial: dict, joined: bool, shared_storage: bool) -> None:
-    """Refuse a node-local storage path that other nodes' trials would write to."""
-    if is_remote(root) or shared_storage or on_network_filesystem(root):
+def _what_is_left(exp_uri: str, name: str) -> str:
+    from .export import ExportError, load_experiment
+
+    try:
+        table = load_experiment(exp_uri).table
+    except ExportError:
+        return f"start a new sweep with the same flags and --name {name}-rest"
+    unfinished = table[~table["status"].isin(["terminated", "diverged"])]
+    if not len(unfinished):
+        return "nothing is left to run"
+    runs = unfinished["run"].dropna().astype(int).tolist()
+    off_grid = len(unfinished) - len(runs)
+    return (
+        f"to finish the {len(unfinished)} trial(s) that did not, start a new sweep with the same flags and "
+        + (f"--runs {','.join(map(str, runs))} " if runs else "")
+        + f"--name {name}-rest"
+        + (f" ({off_grid} of them are off the study's grid: give their values instead)" if off_grid else "")
+    )
+
+
+def check_resume_data(s: SweepSettings, exp_uri: str, data: Cifar) -> None:
+    """A resume finishes the runs on the data they started on, unless the user says the change is deliberate."""
+    if not s.resume or s.allow_data_change:
         return
-    problem = local_storage_problem(nodes, per_trial, joined)
-    if problem:
+    recorded = (read_settings(exp_uri) or {}).get("data")
+    if recorded is None:
         raise PreflightError(
-            f"--storage {root} is a local folder but {problem}; use --storage s3://BUCKET/PATH "
-            f"(or gs://), a shared filesystem mount, or --shared-storage if {root} is the same "
-            f"folder on every node"
+            f"--resume: {exp_uri}/{SETTINGS_FILE} holds no record of the data the sweep started on; pass "
+            "--allow-data-change to resume on this data anyway"
+        )
+    try:
+        check_same_data(recorded, data)
+    except DataError as exc:
+        raise PreflightError(str(exc)) from None
+
+
+# --- trackers ----------------------------------------------------------------------------------------------
+
+
+def check_trackers(s: SweepSettings) -> None:
+    """A requested tracker whose package is missing, whose server cannot be reached or, for W&B, that has no API
+    key: Ray itself would only fail once the sweep had started."""
+    if s.mlflow is not None:
+        _need("mlflow", "--mlflow")
+        _check_mlflow_uri(s.mlflow)
+    if s.wandb is not None:
+        _need("wandb", "--wandb")
+        _check_wandb_key()
+
+
+def _need(package: str, flag: str) -> None:
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        try:  # find_spec does not run the package: a broken install only shows on import
+            __import__(package)
+        except ImportError:
+            found = False
+    if not found:
+        raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
+
+
+def _check_mlflow_uri(uri: str) -> None:
+    """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder."""
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        _probe(uri)
+    elif scheme == "sqlite":
+        path = uri.split("://", 1)[1].lstrip("/") if "://" in uri else ""
+        # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
+        folder = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser().parent
+        if path and not folder.is_dir():
+            raise PreflightError(f"--mlflow {uri}: the folder {folder} does not exist; create it or pick another path")
+
+
+def _probe(uri: str) -> None:
+    """Any HTTP answer below 500 proves a server is there (auth and paths are MLflow's to judge)."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=TRACKER_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:
+            return
+        reason = f"it answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise PreflightError(
+        f"--mlflow {uri}: the MLflow tracking server cannot be reached ({reason}); start it "
+        f"(mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
+    )
+
+
+def _check_wandb_key() -> None:
+    """Online W&B needs an API key; Ray would only find that out after the sweep had started."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return
+    import wandb
+
+    try:  # the lookup Ray's callback makes (env, netrc, settings), without its deprecation notice
+        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            key = wandb.api.api_key
+    except Exception:  # an unreadable settings file or netrc is as good as no key
+        key = None
+    if not key:
+        raise PreflightError(
+            "--wandb needs a W&B API key: run 'wandb login' or set WANDB_API_KEY "
+            "(or WANDB_MODE=offline to keep the runs on disk for 'wandb sync')"
         )
 
 
-def local_storage_problem(nodes: list[dict], per_trial: dict, joined: bool) -> str | None:
-    """Why trials could not all write to a local folder: several nodes now, or (on a cluster we joined, which
-    may autoscale) no node up yet that can hold one trial, so trials will run on machines started later."""
-    alive = [n for n in nodes if n.get("Alive")]
-    if len(alive) > 1:
-        return f"this Ray cluster has {len(alive)} nodes, whose trials cannot write there"
-    fits = any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in per_trial.items() if v > 0) for n in alive)
-    if joined and not fits:
-        wants = ", ".join(f"{v:g} {k}" for k, v in per_trial.items() if v > 0)
-        return (
-            f"no node of this cluster has the {wants} a trial asks for yet, so trials will run on nodes "
-            f"started later, which cannot write there"
-        )
-    return None
+# --- Ray, the cluster and the resources ---------------------------------------------------------------------
 
 
-def on_network_filesystem(path: str) -> bool:
-    """Whether `path` lies on a filesystem that other machines can mount too (from /proc/mounts)."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    best, fstype = "", ""
-    for mount_point, kind in mounts:
-        if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
-            best, fstype = mount_point, kind
-    return fstype in NETWORK_FILESYSTEMS
-
-
-def startable_node_types() -> list[dict]:
-    """Resources of each node type the connected cluster's autoscaler can start ([] without an autoscaler):
-    an autoscaling cluster's GPU workers are not up when a sweep starts, yet its trials must ask for GPU
-    shares so that the autoscaler starts them."""
+def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
+    """ray.init for a sweep unless this process is connected already: (whether it started Ray, the dashboard's
+    URL). Fails within seconds, in one line, where no cluster answers at `address`. A local Ray listens on
+    loopback only and keeps its logs in a folder of this user's alone."""
     import ray
 
-    context = ray.get_runtime_context()
-    head = [n for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
-    try:
-        if not head or head[0]["NodeID"] == context.get_node_id():
-            return autoscaler_node_types(context.gcs_address)
-        # the autoscaler's config lies on the head node: read it there
-        task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001}, max_retries=0)
-        return ray.get(task(autoscaler_node_types).remote(context.gcs_address), timeout=60)
-    except Exception as exc:  # no verdict is no reason to refuse: go by the nodes that are up
-        log.warning("could not read the autoscaler's node types (%s); going by the nodes that are up", exc)
-        return []
-
-
-def max_cluster_gpus(node_types: list[dict]) -> float:
-    """GPUs the connected cluster has now, or that one node of a startable type has."""
-    import ray
-
-    return max([float(ray.cluster_resources().get("GPU", 0))] + [float(t.get("GPU", 0)) for t in node_types])
-
-
-def autoscaler_node_types(gcs_address: str) -> list[dict]:
-    """Resources of the node types that this machine's autoscaler (for the cluster at `gcs_address`) can start.
-
-    Ray keeps the node types only in the autoscaler's own config file, named on its monitor's command line
-    (`ray up` puts it in ~/ray_bootstrap_config.yaml); a monitor without one, as an embedded Ray has, means
-    no autoscaling.
-    """
-    import yaml
-
-    config, monitor_seen = None, False
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
-            continue
-        if f"--gcs-address={gcs_address}" not in args:
-            continue
-        monitor_seen = True
-        for a in args:
-            if a.startswith("--autoscaling-config="):
-                config = Path(os.readlink(f"/proc/{pid}/cwd"), os.path.expanduser(a.split("=", 1)[1]))
-    if config is None:
-        if monitor_seen:
-            return []
-        config = Path(BOOTSTRAP_CONFIG).expanduser()
-    if not config.is_file():
-        return []
-    cfg = yaml.safe_load(config.read_text()) or {}
-    return [
-        dict(t.get("resources") or {})
-        for name, t in (cfg.get("available_node_types") or {}).items()
-        if name == cfg.get("head_node_type") or int(t.get("max_workers", cfg.get("max_workers", 0)) or 0) > 0
-    ]
-
-
-def connect(address: str):
-    """ray.init for a sweep, failing within seconds, in one line, where no cluster answers at `address`."""
-    import socket
-
-    import ray
-
+    if ray.is_initialized():
+        return False, None
     host, _, port = address.rpartition(":")
     if address not in ("local", "auto") and "://" not in address and port.isdigit():
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as exc:
             raise PreflightError(
-                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
-                f"allowed: the address of a running Ray head (host:port), auto, or none for a "
-                f"local Ray"
+                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); allowed: the address of "
+                f"a running Ray head (host:port), auto, or none for a local Ray"
             ) from None
     try:
-        return ray.init(address=address, logging_level=logging.WARNING)
+        options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
+        with _stop_signals_deferred() as stopped:
+            context = ray.init(address=address, logging_level=logging.WARNING, **options)
+        if stopped:
+            ray.shutdown()
+            raise KeyboardInterrupt
+    except cluster.UnsafeTempDir as exc:
+        raise PreflightError(f"Ray's session folder {exc}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PreflightError(
-            f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); "
-            f"allowed: the address of a running Ray head (host:port), auto, or none for a local "
-            f"Ray"
+            f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); allowed: the address "
+            f"of a running Ray head (host:port), auto, or none for a local Ray"
         ) from None
+    if address == "local":
+        cluster.keep_token_private()
+    return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Ctrl-C, SIGTERM or SIGHUP while Ray starts: let the start finish, then stop it. Interrupted halfway, its
+    agents outlive the process, and an exception raised inside its threads' locks is lost. A second signal
+    interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def defer(sig, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(sig)
+
+    for sig in signals:
+        signal.signal(sig, defer)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_resources(s: SweepSettings, root: str) -> tuple[dict, int]:
+    """One trial's resources, checked against the nodes that are up and the node types the autoscaler can start,
+    and the bytes a local storage keeps free for the running trials' next checkpoints (0 for a bucket)."""
+    import ray
+
+    node_types = cluster.startable_node_types()
+    gpus = s.gpus_per_trial
+    if gpus is None:
+        gpus = DEFAULT_GPU_SHARE if cluster.max_cluster_gpus(node_types) > 0 else 0.0
+    per_trial = {"CPU": s.cpus_per_trial, "GPU": gpus}
+    check_resources_fit(per_trial, ray.nodes(), node_types)
+    joined = (s.address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+    check_cluster(root, ray.nodes(), per_trial, joined, s.shared_storage)
+    trials = (len(s.runs) or len(s.grid)) * s.repeats
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.cpus_per_trial, 1e-9)))
+    if gpus:
+        concurrent = max(1, int(max(ray.cluster_resources().get("GPU", 0), 1) / gpus))
+    width = float({**TRIAL_DEFAULTS, **s.trial}["width"])
+    if is_remote(root):
+        return per_trial, 0
+    if not s.resume:
+        check_space(root, trials, concurrent, width)
+    return per_trial, space_needed(trials, concurrent, width)[1]
+
+
+def check_cluster(root: str, nodes: list[dict], per_trial: dict, joined: bool, shared_storage: bool) -> None:
+    """Refuse a node-local storage path that other nodes' trials would write to."""
+    if is_remote(root) or shared_storage or cluster.on_network_filesystem(root):
+        return
+    problem = cluster.local_storage_problem(nodes, per_trial, joined)
+    if problem:
+        raise PreflightError(
+            f"--storage {root} is a local folder but {problem}; use --storage s3://BUCKET/PATH "
+            f"(or gs://), a shared filesystem mount, or --shared-storage if {root} is the same "
+            f"folder on every node"
+        )
 
 
 def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dict]) -> None:
@@ -305,21 +581,17 @@ def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dic
 def space_needed(trials: int, concurrent: int, width: float) -> tuple[int, int, int]:
     """Bytes a sweep keeps on its storage: (all of it, what the trials running at once hold on top of their
     best weights, one trial's best weights). Adam's resume state (weights, two moments, a best copy) is the
-    largest a trial holds."""
+    largest a trial holds; the reserve keeps room for the last state, the tables and the report."""
     from .model import AlexNet, count_parameters
 
     weights = 4 * count_parameters(AlexNet(dropout=True, batchnorm=True, width=width))  # fp32 bytes
     running = min(trials, concurrent) * 5 * weights
-    return trials * weights + running, running, weights
+    return trials * weights + running + RESERVE_BYTES, running, weights
 
 
 def check_space(root: str, trials: int, concurrent: int, width: float) -> None:
     """Refuse a local --storage without room for what the sweep keeps: each finished trial's best weights, and
     while trials run their resume states (current weights, optimizer moments, a copy of the best weights)."""
-    if is_remote(root):
-        return
-    import shutil
-
     needed, running, weights = space_needed(trials, concurrent, width)
     free = shutil.disk_usage(root).free
     if free < needed:

@@ -6,13 +6,21 @@ train.py stays plain PyTorch and imports this module only when Tune runs it.
 from __future__ import annotations
 
 import logging
-from pathlib import PurePosixPath
+import os
+import shutil
+import sys
+import time
+from pathlib import Path, PurePosixPath
 
 import ray
 from ray import tune
 
 # Tune logs a line per persisted checkpoint in the trial's process; the table says as much.
 logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+log = logging.getLogger("tune_alexnet.train")
+
+STORAGE_FULL = "storage_full"  # a result key: bytes the trial's next checkpoint lacked on a local storage
+STOP_WAIT_S = 600.0  # how long a trial with no room waits for the sweep to stop it before it fails
 
 
 def granted_resources() -> dict:
@@ -23,8 +31,55 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def report(metrics: dict, checkpoint_dir: str | None) -> None:
+def quiet_exit_on_sigterm() -> None:
+    """Ray's workers turn SIGTERM into SystemExit; when that lands inside a garbage-collector callback Python
+    prints it as an ignored exception with a traceback and the process lives on. Exit quietly instead."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            code = unraisable.exc_value.code
+            os._exit(code if isinstance(code, int) else 1)
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> None:
+    """tune.report, but a checkpoint that would leave a local storage with less than `keep_free` bytes (what the
+    other running trials' next checkpoints need) is not written: the trial says so and waits to be stopped."""
+    if checkpoint_dir is not None:
+        short = room_short(checkpoint_dir, keep_free)
+        if short:
+            tune.report({**metrics, STORAGE_FULL: short})
+            _wait_to_be_stopped(short)
     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def room_short(checkpoint_dir: str, keep_free: int) -> int:
+    """Bytes missing on the trial's local storage for this checkpoint plus `keep_free`; 0 if there is room or the
+    storage is not a local folder (a bucket has no such limit to check)."""
+    from pyarrow.fs import LocalFileSystem
+
+    try:
+        storage = tune.get_context().get_storage()
+    except Exception:  # no Tune session (a test) or an API that moved: nothing to check against
+        return 0
+    if not isinstance(storage.storage_filesystem, LocalFileSystem):
+        return 0
+    folder = Path(storage.trial_fs_path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    needed = sum(f.stat().st_size for f in Path(checkpoint_dir).iterdir() if f.is_file()) + keep_free
+    return max(0, needed - shutil.disk_usage(folder).free)
+
+
+def _wait_to_be_stopped(short: int) -> None:
+    log.warning("the storage lacks %.0f MB for this trial's checkpoint; waiting for the sweep to stop", short / 1e6)
+    time.sleep(STOP_WAIT_S)
+    raise OSError(f"the storage lacked {short / 1e6:.0f} MB for a checkpoint and the sweep did not stop")
 
 
 def resume_candidates() -> list[tune.Checkpoint]:

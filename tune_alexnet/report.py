@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import Experiment, load_experiment, output_dir
+from .export import DAMAGED, LOST, Experiment, load_experiment, output_dir
 from .grid import optimizer_order
 from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
 NOISE_SIGMAS = 2.0  # an original-vs-ours difference within this many seeds' std is noise
+HEATMAP_ROWS = 12  # optimizers drawn in the heatmaps at most (a row each): the figure stays a readable size
 
 
 def reference_table() -> pd.DataFrame:
@@ -38,7 +39,7 @@ def scored(table: pd.DataFrame) -> pd.DataFrame:
 
 def per_optimizer(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for opt in optimizer_order(table["optimizer"]):
+    for opt in optimizer_order(table["optimizer"].dropna()):  # a damaged trial's may be unknown
         part = scored(table[table["optimizer"] == opt])
         if part.empty:
             continue
@@ -66,7 +67,7 @@ def describe(row) -> str:
 
 
 def effects(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean accuracy with and without batch norm and dropout, per optimiser."""
+    """Mean accuracy with and without batch norm and dropout, per optimizer."""
     part = scored(table)
     rows = []
     for opt in optimizer_order(part["optimizer"]):
@@ -114,6 +115,11 @@ def failed_runs(table: pd.DataFrame) -> pd.DataFrame:
     return table[bad]
 
 
+def unreadable_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """Trials whose files are gone or not what a sweep writes: they count in no statistic, their error says why."""
+    return table[table["status"].isin([DAMAGED, LOST])]
+
+
 # --- figures -----------------------------------------------------------------
 
 
@@ -129,7 +135,7 @@ def _plt():
 def heatmaps(table: pd.DataFrame, out, name: str) -> None:
     plt = _plt()
     part = scored(table)
-    opts = optimizer_order(part["optimizer"]) or list(OPTIMIZERS)
+    opts = (optimizer_order(part["optimizer"]) or list(OPTIMIZERS))[:HEATMAP_ROWS]
     panels = [(d, b) for d in (True, False) for b in (False, True)]
     lrs = sorted(set(part["lr"]) | set(LRS), reverse=True)
     bss = sorted(set(part["batch_size"]) | set(BATCH_SIZES))
@@ -158,7 +164,8 @@ def heatmaps(table: pd.DataFrame, out, name: str) -> None:
             if i == len(opts) - 1:
                 ax.set_xlabel("batch size")
     fig.colorbar(image, ax=axes, shrink=0.8, label="final accuracy (%)")
-    fig.suptitle("Final accuracy (%) by learning rate and batch size; empty cells: not run")
+    shown = "" if len(opts) == part["optimizer"].nunique() or part.empty else f" (the first {len(opts)} optimizers)"
+    fig.suptitle(f"Final accuracy (%) by learning rate and batch size; empty cells: not run{shown}")
     _save(fig, out, name)
 
 
@@ -214,7 +221,8 @@ def comparison_figure(comp: pd.DataFrame, out, name: str) -> None:
     ax.set_xlabel("original study: final accuracy (%)")
     ax.set_ylabel("this experiment (%)")
     ax.set_title(f"Runs in both (n={len(comp)}), rank corr. {rank_correlation(comp):.2f}")
-    ax.legend()
+    if len(comp):
+        ax.legend()
     _save(fig, out, name)
 
 
@@ -229,12 +237,12 @@ def _save(fig, out, name: str) -> None:
 
 
 def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
-    """Floats to 2 decimals (accuracies in %), learning rates as written (0.001)."""
+    """Floats to 2 decimals (accuracies in %), learning rates as written (0.001); text kept inside its cell."""
 
     def fmt(v, col):
         if isinstance(v, float):
             return "" if math.isnan(v) else (f"{v:g}" if col == "lr" else floats.format(v))
-        return "" if v is None or v is pd.NA else str(v)
+        return "" if v is None or v is pd.NA else " ".join(str(v).split()).replace("|", "\\|")
 
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
     lines += [
@@ -278,12 +286,31 @@ def what_ran(exp: Experiment) -> tuple[str, str]:
     return sentence, "; ".join(reduced)
 
 
+def _failure_sections(table: pd.DataFrame) -> list[str]:
+    """The runs that failed, and (only where there are any) the trials that could not be read."""
+    failed = failed_runs(table)
+    parts = [
+        f"## Diverged, errored or chance-level runs (at or below {CHANCE_LEVEL:g}%)",
+        markdown_table(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]])
+        if len(failed)
+        else "None.",
+    ]
+    unreadable = unreadable_runs(table)
+    if len(unreadable):
+        parts += [
+            "## Trials that could not be read",
+            "Their result files are missing (lost) or not what a sweep writes (damaged): they count in no statistic "
+            "above, and the error column names the file and field.",
+            markdown_table(unreadable[["trial_id", "run", "optimizer", "status", "error"]]),
+        ]
+    return parts
+
+
 def _write(exp: Experiment, out) -> None:
     table = exp.table
     opt_stats = per_optimizer(table)
     eff = effects(table)
     comp = comparison(table)
-    failed = failed_runs(table)
     repeats = int(table.groupby(["run", *DIMENSIONS], dropna=False).size().max()) if len(table) else 0
 
     heatmaps(table, out, "heatmaps.png")
@@ -307,25 +334,22 @@ def _write(exp: Experiment, out) -> None:
         f"Experiment `{exp.path}`: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
         f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
         f"({len(scored(table))}); errored trials and trials that diverged before their first good epoch have none.",
-        "## Per optimiser",
+        "## Per optimizer",
         markdown_table(opt_stats),
         "### Side by side with the original study",
-        "The original's mean and best are over its 36 runs per optimiser; *same runs* is its mean over only the "
+        "The original's mean and best are over its 36 runs per optimizer; *same runs* is its mean over only the "
         "runs present here.",
         markdown_table(side),
         "## Final accuracy by learning rate and batch size",
         "![heatmaps](heatmaps.png)",
         "## Batch norm and dropout",
-        "Mean final accuracy with each switch on and off, per optimiser.",
+        "Mean final accuracy with each switch on and off, per optimizer.",
         markdown_table(eff),
         "![effects](effects.png)",
         "## Learning curves",
-        "Validation accuracy per epoch of the best trial of each optimiser, and of diverged trials.",
+        "Validation accuracy per epoch of the best trial of each optimizer, and of diverged trials.",
         "![curves](curves.png)",
-        f"## Diverged, errored or chance-level runs (at or below {CHANCE_LEVEL:g}%)",
-        markdown_table(failed[["run", *DIMENSIONS, "seed", "status", "final_accuracy", "epochs_run", "error"]])
-        if len(failed)
-        else "None.",
+        *_failure_sections(table),
         "## Comparison with the original study",
     ]
     if len(comp) and reduced:

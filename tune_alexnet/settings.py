@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 # --- the study ---------------------------------------------------------------------------
 NUM_CLASSES = 10  # CIFAR-10's classes: the network's outputs
-# Optimisers, in the study's order: torch.optim's class and the settings beyond the learning rate
+# Optimizers, in the study's order: torch.optim's class and the settings beyond the learning rate
 # (PyTorch defaults for everything not named).
 OPTIMIZERS: dict[str, tuple[str, dict]] = {
     "sgd": ("SGD", {"momentum": 0.9, "weight_decay": 1e-4}),
@@ -35,18 +36,26 @@ TRIAL_DEFAULTS = {
     "patience": PATIENCE,
     "augment": True,  # the study's training augmentation; off only for learning checks
     "width": 1.0,  # AlexNet width multiplier; 1 is the study's network
-    "precision": "auto",  # fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU): changes the numbers
+    # fp32 (the study's; on CUDA its matmuls and convolutions use TF32 unless --no-tf32) | bf16 (autocast on CUDA)
+    # | auto (bf16 on CUDA, fp32 on CPU: the default of earlier versions, kept so their experiments resume alike)
+    "precision": "fp32",
 }
+PRECISIONS = ("fp32", "bf16", "auto")
 
 # How a trial runs: may change on --resume, never in the tables' grid columns.
 RUNTIME_DEFAULTS = {
     "device": "auto",  # auto (the GPU Ray granted, else CPU) | cpu (train on CPU even if granted a GPU)
-    "channels_last": "auto",  # true | false | auto (on CUDA only)
+    "channels_last": "auto",  # true | false | auto (with bf16 autocast on CUDA only)
     "tf32": True,  # TF32 matmuls and convolutions on CUDA
-    "compile": False,  # torch.compile the model
+    # eager | graph (forward, loss, backward and optimizer step replayed as one captured CUDA graph; CUDA only,
+    # else eager with a warning) | compile (torch.compile the model)
+    "step": "eager",
+    "augment_chunk": 0,  # images augmented at once, ahead of the steps that use them; 0: one batch at a time
     "eval_batch_size": 1000,  # images per evaluation step (no gradients, so large is fine)
     "resume_every_s": 300.0,  # seconds between resume states (weights + optimizer); 0: every epoch
+    "best_every_s": 30.0,  # at most one best-weights checkpoint this often (the last one always); 0: every gain
 }
+STEP_MODES = ("eager", "graph", "compile")
 
 # --- where and how a sweep runs -----------------------------------------------------------
 DEFAULT_STORAGE = "ray_results"
@@ -54,6 +63,61 @@ DEFAULT_GPU_SHARE = 0.25  # of one GPU per trial, when the cluster has (or can s
 DEFAULT_CPUS_PER_TRIAL = 1.0
 DEFAULT_MAX_FAILURES = 3  # restarts of a trial whose process died, from its last resume state
 METRIC, MODE = "best_val_acc", "max"  # what Tune ranks trials by: the study's result
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The sensible range of a number, from a flag or read back from an experiment folder: checked before
+    anything starts, so that a 10**20 or an inf never reaches the training loop or the tables."""
+
+    low: float
+    high: float
+    whole: bool = False  # a whole number
+    above_low: bool = False  # `low` itself is not allowed (a learning rate of 0)
+    or_zero: bool = False  # 0 is allowed besides [low, high] (no CPU for a trial that has a GPU)
+
+    def allows(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, int):  # a whole number of any size: no float conversion to overflow
+            return (self.or_zero and value == 0) or (
+                (value > self.low if self.above_low else value >= self.low) and value <= self.high
+            )
+        if not math.isfinite(value):
+            return False
+        if self.whole and value != int(value):
+            return False
+        if self.or_zero and value == 0:
+            return True
+        return (value > self.low if self.above_low else value >= self.low) and value <= self.high
+
+    def text(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        low = f"> {_shown(self.low)}" if self.above_low else f">= {_shown(self.low)}"
+        return f"{'0 or ' if self.or_zero else ''}{kind} {low} and <= {_shown(self.high)}"
+
+
+def _shown(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+BOUNDS = {
+    "lr": Bound(0, 1e6, above_low=True),
+    "batch_size": Bound(2, 65_536, whole=True),
+    "epochs": Bound(1, 10_000, whole=True),
+    "patience": Bound(1, 10_000, whole=True),
+    "seed": Bound(0, 2**32 - 1, whole=True),
+    "repeats": Bound(1, 1_000, whole=True),
+    "subset": Bound(1, 1_000_000, whole=True),
+    "width": Bound(0, 4, above_low=True),  # 1 is the study's network; 4 is already 16x its arithmetic
+    "cpus_per_trial": Bound(0.01, 1_024, or_zero=True),
+    "gpus_per_trial": Bound(0.01, 64, or_zero=True),
+    "max_failures": Bound(0, 1_000, whole=True),
+    "resume_every_s": Bound(0, 7 * 86_400),
+    "best_every_s": Bound(0, 7 * 86_400),
+    "augment_chunk": Bound(0, 1_000_000, whole=True),
+    "eval_batch_size": Bound(1, 65_536, whole=True),
+}
 
 
 # The grid's dimensions in the study's nesting order (outermost first): its run numbers follow it.
@@ -110,6 +174,82 @@ class SweepSettings:
     runtime: dict = field(default_factory=dict)  # overrides of RUNTIME_DEFAULTS
 
 
+RUNTIME_CHOICES = {"device": ("auto", "cpu"), "channels_last": ("auto", True, False), "step": STEP_MODES}
+
+
+def check(s: SweepSettings) -> None:
+    """Every number and choice of a sweep within its bounds and types (ValueError naming the field), whether it
+    came from flags, from code or from an experiment folder on --resume."""
+    for dim in DIMENSIONS:
+        values = getattr(s.grid, dim)
+        if not isinstance(values, tuple) or not values:
+            raise ValueError(f"grid.{dim}: {values!r}; allowed: a non-empty list")
+        for v in values:
+            _check_value(f"grid.{dim}", v, dim)
+    study_runs = len(Grid())
+    for run in s.runs:
+        if not (isinstance(run, int) and not isinstance(run, bool) and 1 <= run <= study_runs):
+            raise ValueError(f"runs: {run!r}; allowed: run numbers 1..{study_runs}")
+    for name in ("epochs", "patience", "seed", "repeats", "cpus_per_trial", "max_failures"):
+        _check_value(name, getattr(s, name), name)
+    for name in ("subset", "gpus_per_trial"):
+        if getattr(s, name) is not None:
+            _check_value(name, getattr(s, name), name)
+    for name in ("data_dir", "download_root", "storage", "name", "address", "mlflow", "wandb"):
+        value = getattr(s, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: {value!r}; allowed: text")
+    for name in ("shared_storage", "resume", "allow_data_change"):
+        if not isinstance(getattr(s, name), bool):
+            raise ValueError(f"{name}: {getattr(s, name)!r}; allowed: true or false")
+    _check_overrides("trial", s.trial, TRIAL_DEFAULTS, {"precision": PRECISIONS})
+    _check_overrides("runtime", s.runtime, RUNTIME_DEFAULTS, RUNTIME_CHOICES)
+
+
+def _check_value(field_name: str, value, kind: str) -> None:
+    if kind == "optimizer":
+        ok, allowed = isinstance(value, str) and 0 < len(value) <= 64, "an optimizer name"
+    elif kind in ("dropout", "batchnorm", "augment", "tf32"):
+        ok, allowed = isinstance(value, bool), "true or false"
+    else:
+        ok, allowed = BOUNDS[kind].allows(value), BOUNDS[kind].text()
+    if not ok:
+        raise ValueError(f"{field_name}: {value!r}; allowed: {allowed}")
+
+
+def _check_overrides(where: str, given, defaults: dict, choices: dict) -> None:
+    if not isinstance(given, dict):
+        raise ValueError(f"{where}: {given!r}; allowed: a mapping of {', '.join(defaults)}")
+    for key, value in given.items():
+        if key not in defaults:
+            continue  # a setting of another version: ignored, as the training function ignores it
+        if key in choices:
+            if not any(type(value) is type(c) and value == c for c in choices[key]):  # 1 is not True here
+                raise ValueError(f"{where}.{key}: {value!r}; allowed: {', '.join(map(str, choices[key]))}")
+        elif isinstance(defaults[key], bool) or key in BOUNDS:
+            _check_value(f"{where}.{key}", value, key)
+
+
+def from_record(record) -> SweepSettings:
+    """The settings of an experiment's record (its JSON file), checked as flags are; ValueError names the field."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{type(record).__name__} instead of a mapping of settings")
+    fields = {k: v for k, v in record.items() if k in SweepSettings.__dataclass_fields__ and k != "resume"}
+    grid = fields.get("grid", {})
+    if not isinstance(grid, dict) or set(grid) != set(DIMENSIONS):
+        raise ValueError(f"grid: {grid!r}; allowed: a mapping of {', '.join(DIMENSIONS)} to lists")
+    if not all(isinstance(v, list) for v in grid.values()):
+        raise ValueError("grid: every dimension must be a list")
+    fields["grid"] = Grid(**{k: tuple(v) for k, v in grid.items()})
+    runs = fields.get("runs", [])
+    if not isinstance(runs, list):
+        raise ValueError(f"runs: {runs!r}; allowed: a list of run numbers")
+    fields["runs"] = tuple(runs)
+    s = SweepSettings(**fields)
+    check(s)
+    return s
+
+
 SETTINGS_FILE = "tune_alexnet_sweep.json"  # in the experiment folder: what --resume and the tables need
 
 
@@ -125,12 +265,24 @@ def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) ->
         f.write(json.dumps(record, indent=2).encode())
 
 
-def read_settings(exp_uri: str) -> dict | None:
+def read_settings(exp_uri: str, strict: bool = False) -> dict | None:
+    """The experiment's settings record, read as storage.read_json reads (a regular file inside the folder, no
+    link followed, at most JSON_LIMIT bytes): an untrusted folder can neither block nor feed this a huge file.
+    None where there is none, and where it is unreadable or not a JSON object, unless `strict`: then that
+    raises OSError or ValueError saying why. Its fields are checked by `from_record`."""
     import pyarrow.fs
+
+    from .storage import JSON_LIMIT, read_json, shown
 
     try:
         fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
-        with fs.open_input_stream(f"{path}/{SETTINGS_FILE}") as f:
-            return json.loads(f.readall().decode())
+        record = read_json(fs, path, SETTINGS_FILE, JSON_LIMIT)
+        if not isinstance(record, dict):
+            raise ValueError(f"{SETTINGS_FILE} holds {shown(record)}; allowed: a JSON object of the sweep's settings")
+        return record
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
+        if strict:
+            raise
         return None

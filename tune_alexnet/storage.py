@@ -2,15 +2,82 @@
 
 Not a refusal module: export, console and the sweep read locations through here,
 and preflight.py decides which of them a sweep may use.
+
+Reading back: nothing in an experiment folder is trusted. Its files are read through
+`read_bytes` (a regular file inside the folder, reached without following any link,
+within a size bound), and what they hold is checked before it is used.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import stat
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+
+SCHEMES = ("s3", "gs")  # bucket URIs a sweep, export and report accept (through pyarrow's filesystems)
+
+
+def scheme_problem(uri: str) -> str | None:
+    """Why `uri` is no place for experiments (an unknown scheme, no bucket), or None for a folder or a good URI."""
+    if not is_remote(uri):
+        return None
+    allowed = "allowed: a local folder, or " + " or ".join(f"{s}://BUCKET/PATH" for s in SCHEMES)
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() not in SCHEMES:
+        return f"the scheme {scheme}:// is not supported; {allowed}"
+    if not rest.split("?")[0].split("/")[0]:
+        return f"it names no bucket; {allowed}"
+    return None
 
 
 def is_remote(path: str) -> bool:
     return "://" in path
+
+
+REACH_TIMEOUT_S = 15.0  # a bucket that has not answered by then is taken as unreachable
+
+
+def within(seconds: float, fn):
+    """fn() in a daemon thread; TimeoutError if it has not returned by then. A bucket client may retry its
+    credential lookup for minutes (gs:// without credentials does), which would otherwise hold the command."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def reach(uri: str):
+    """(pyarrow filesystem, path) of a folder or bucket URI, with the bucket asked once within REACH_TIMEOUT_S."""
+    import pyarrow.fs
+
+    problem = scheme_problem(uri)
+    if problem:
+        raise ValueError(problem)
+    if not is_remote(uri):
+        return pyarrow.fs.FileSystem.from_uri(uri)
+
+    def ask():
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        fs.get_file_info(path)
+        return fs, path
+
+    return within(REACH_TIMEOUT_S, ask)
 
 
 def storage_uri(storage: str) -> str:
@@ -24,3 +91,220 @@ def experiment_uri(root: str, name: str) -> str:
         return f"{root.rstrip('/')}/{name}"
     base, sep, query = root.partition("?")
     return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+RESERVE_NAME = ".tune-alexnet-reserve"  # in a local experiment folder: room held back for the last writes
+RESERVE_BYTES = 8 * 2**20  # Tune's final state, the last result lines, the tables, the report and its figures
+
+
+def make_reserve(exp_dir: str, size: int) -> str | None:
+    """Hold `size` bytes of the experiment's disk in a file of our own, released when the disk fills or the sweep
+    ends, so that a full disk still ends with tables. None where the disk has no such room to hold."""
+    path = os.path.join(exp_dir, RESERVE_NAME)
+    release_reserve(path)
+    try:
+        os.makedirs(exp_dir, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, size)  # real blocks, not a sparse file
+    except OSError:
+        os.close(fd)
+        release_reserve(path)
+        return None
+    os.close(fd)
+    return path
+
+
+def release_reserve(path: str | None) -> None:
+    if path and os.path.lexists(path) and os.path.basename(path) == RESERVE_NAME:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+# --- reading an experiment's files back ------------------------------------------------------------------------
+# Size bounds: a file over its bound is refused, never read whole. A 100-epoch trial's result.json is ~150 KB.
+RESULT_LIMIT = 64 * 2**20  # a trial's result.json
+ERROR_LIMIT = 2**20  # the tail of a trial's error.txt that is read: its last line is the error
+STATE_LIMIT = 256 * 2**20  # Tune's experiment_state-*.json
+JSON_LIMIT = 2**20  # small JSON side files: the sweep's settings, params.json, model.json, progress.json
+NAME_LIMIT = 255  # bytes of one file or folder name (the common file system limit)
+TEXT_LIMIT = 4096  # characters of any string read back (the longest path Linux accepts)
+INT_LIMIT = 2**63  # integers read back from JSON are below this (int64), or no number (parse_json)
+
+
+class RefusedFile(OSError):
+    """A file of an experiment that is not read: reached through a link, not a regular file, or too large."""
+
+
+def plain_name(name: str) -> bool:
+    """One file or folder name that stays where it is joined: no separator, not '.' or '..', not empty, printable
+    (a name that is not UTF-8 is not), at most NAME_LIMIT bytes."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\")
+        and name.isprintable()
+        and len(name.encode("utf-8")) <= NAME_LIMIT
+    )
+
+
+def list_folder(fs, base: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of each entry of the folder `base` of `fs`. Locally through os.scandir, which (unlike
+    pyarrow's listing) takes names that are not UTF-8: they come back with surrogates, which plain_name refuses."""
+    import pyarrow.fs
+
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base))
+        return [(i.base_name, i.type == pyarrow.fs.FileType.Directory) for i in infos]
+    with os.scandir(base) as entries:
+        return [(e.name, _is_folder(e)) for e in entries]
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a link to a folder counts: reading through it is refused, with a reason
+    except OSError:
+        return False
+
+
+def read_bytes(fs, base: str, relative: str, limit: int, tail: bool = False) -> bytes:
+    """At most `limit` bytes of the regular file `relative` (names joined by '/') inside the folder `base` of the
+    pyarrow filesystem `fs`; a larger file raises RefusedFile, or with `tail` gives its last `limit` bytes.
+
+    On a local disk no symbolic link below `base` is followed (one pointing inside the folder is refused too,
+    so what is read is always inside it) and only a regular file is opened: a FIFO cannot block and /dev/zero
+    cannot fill memory. In a bucket, which has neither, the names and the size are checked before reading.
+    A file that is not there raises FileNotFoundError."""
+    with open_file(fs, base, relative, None if tail else limit) as (f, size):
+        if tail:
+            f.seek(max(0, size - limit))
+            return f.read(limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew after it was checked
+        raise RefusedFile(f"{relative} is over {_size(limit)}; allowed: at most {_size(limit)}")
+    return data
+
+
+def read_json(fs, base: str, relative: str, limit: int):
+    """The JSON value of a file read as read_bytes reads it, parsed by parse_json; ValueError names the file."""
+    data = read_bytes(fs, base, relative, limit)
+    try:
+        return parse_json(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # undecodable, not JSON, or nested beyond Python's stack
+        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise ValueError(f"{relative} is not JSON ({reason}); allowed: the JSON this package writes") from None
+
+
+def parse_json(text: str):
+    """json.loads, except that an integer no int64 holds comes back as a HugeInt, which is no number: every check
+    downstream refuses it by its field's name, and none meets an integer that no float comparison takes."""
+    return json.loads(text, parse_int=_int_or_huge)
+
+
+class HugeInt:
+    """An integer of INT_LIMIT or more read back from JSON, kept as its digits."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"{self.digits[:20]}... ({len(self.digits.lstrip('-'))} digits)"
+
+    __str__ = __repr__
+
+
+def _int_or_huge(digits: str) -> int | HugeInt:
+    if len(digits.lstrip("-")) > len(str(INT_LIMIT)) or abs(int(digits)) >= INT_LIMIT:
+        return HugeInt(digits)
+    return int(digits)
+
+
+def check_file(fs, base: str, relative: str) -> int:
+    """The size of the regular file `relative` inside `base`, checked as read_bytes checks it, without reading it."""
+    with open_file(fs, base, relative, None) as (_, size):
+        return size
+
+
+@contextmanager
+def open_file(fs, base: str, relative: str, limit: int | None):
+    """(binary file, size) of `relative` inside `base`, checked as read_bytes describes; `limit` None: any size."""
+    import pyarrow.fs
+
+    parts = relative.split("/")
+    if not all(plain_name(p) for p in parts):
+        raise RefusedFile(f"{relative!r} is not a path inside the experiment; allowed: names without '..' or '/'")
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        fd = _open_local(base, parts, relative)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            _check_kind(st.st_mode, relative, regular=True)
+            _check_size(st.st_size, relative, limit)
+            yield f, st.st_size
+        return
+    path = "/".join([base.rstrip("/"), *parts] if base else parts)
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(errno.ENOENT, f"{relative} is missing", path)
+    if info.type != pyarrow.fs.FileType.File:
+        raise RefusedFile(f"{relative} is not a regular file; allowed: a regular file inside the experiment")
+    _check_size(info.size, relative, limit)
+    with fs.open_input_file(path) as f:
+        yield f, info.size
+
+
+def _open_local(base: str, parts: list[str], relative: str) -> int:
+    """A descriptor of base/parts, opened one name at a time below `base` without following a link."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # `base` itself is the caller's own path
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        try:
+            _check_kind(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode, "/".join(parts[: i + 1]), last)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
+            child = os.open(part, flags, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # it was swapped for a link or a file meanwhile
+                raise RefusedFile(f"{relative} changed while it was opened; allowed: a folder at rest") from None
+            raise
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+    stat.S_IFREG: "a regular file",
+}
+
+
+def _check_kind(mode: int, name: str, regular: bool) -> None:
+    wanted = stat.S_IFREG if regular else stat.S_IFDIR
+    if stat.S_IFMT(mode) != wanted:
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise RefusedFile(f"{name} is {kind}; allowed: {_KINDS[wanted]} inside the experiment, not a link")
+
+
+def _check_size(size: int, relative: str, limit: int | None) -> None:
+    if limit is not None and size > limit:
+        raise RefusedFile(f"{relative} is {_size(size)}; allowed: at most {_size(limit)}")
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MB" if n and n % 2**20 == 0 else f"{n:,} bytes"
+
+
+def shown(value) -> str:
+    """A value read back, as its JSON spelling, short enough for an error line."""
+    if isinstance(value, dict | list):
+        return f"a {'list' if isinstance(value, list) else 'JSON object'} ({len(value)} items)"
+    text = json.dumps(value) if isinstance(value, bool | float | str | type(None)) else str(value)
+    return text if len(text) <= 40 else text[:40] + "..."

@@ -2,39 +2,17 @@
 
 Both go through Ray's own logger callbacks, which log from the driver as results arrive; the
 subclasses here only add what a reader of the study needs beside them (the study's run number,
-the trial's final status). `check` refuses, before any trial starts and before anything is
-written, a tracker whose package is missing, whose server cannot be reached or, for W&B, that
-has no API key: Ray itself would only fail once the sweep had started.
+the trial's final status). preflight.check_trackers refuses a tracker that cannot work before
+any trial starts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.util
-import io
 import os
-import urllib.error
-import urllib.request
-import warnings
-from pathlib import Path
-from urllib.parse import urlparse
 
 from .grid import run_number
-from .preflight import PreflightError
 from .settings import SweepSettings
-
-PROBE_TIMEOUT_S = 5.0  # a tracking server that has not answered by then is taken as unreachable
-
-
-def check(s: SweepSettings) -> None:
-    """Raise preflight.PreflightError (one line) if a requested tracker cannot work."""
-    if s.mlflow is not None:
-        _need("mlflow", "--mlflow")
-        _check_mlflow_uri(s.mlflow)
-    if s.wandb is not None:
-        _need("wandb", "--wandb")
-        _check_wandb_key()
 
 
 def callbacks(s: SweepSettings) -> list:
@@ -52,73 +30,6 @@ def trial_status(failed: bool, last_result: dict | None) -> str:
     if failed:
         return "errored"
     return "diverged" if (last_result or {}).get("diverged") else "terminated"
-
-
-# --- checks -----------------------------------------------------------------------------------
-
-
-def _need(package: str, flag: str) -> None:
-    try:
-        found = importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        found = False
-    if found:
-        try:  # find_spec does not run the package: a broken install only shows on import
-            __import__(package)
-        except ImportError:
-            found = False
-    if not found:
-        raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
-
-
-def _check_mlflow_uri(uri: str) -> None:
-    """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder."""
-    scheme = urlparse(uri).scheme.lower()
-    if scheme in ("http", "https"):
-        _probe(uri)
-    elif scheme == "sqlite":
-        path = uri.split("://", 1)[1].lstrip("/") if "://" in uri else ""
-        # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
-        folder = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser().parent
-        if path and not folder.is_dir():
-            raise PreflightError(f"--mlflow {uri}: the folder {folder} does not exist; create it or pick another path")
-
-
-def _probe(uri: str) -> None:
-    """Any HTTP answer below 500 proves a server is there (auth and paths are MLflow's to judge)."""
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
-            return
-    except urllib.error.HTTPError as exc:
-        if exc.code < 500:
-            return
-        reason = f"it answered HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = str(getattr(exc, "reason", exc))
-    raise PreflightError(
-        f"--mlflow {uri}: the MLflow tracking server cannot be reached ({reason}); start it "
-        f"(mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
-    )
-
-
-def _check_wandb_key() -> None:
-    """Online W&B needs an API key; Ray would only find that out after the sweep had started."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or os.environ.get("WANDB_API_KEY"):
-        return
-    import wandb
-
-    try:  # the lookup Ray's callback makes (env, netrc, settings), without its deprecation notice
-        with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            key = wandb.api.api_key
-    except Exception:  # an unreadable settings file or netrc is as good as no key
-        key = None
-    if not key:
-        raise PreflightError(
-            "--wandb needs a W&B API key: run 'wandb login' or set WANDB_API_KEY "
-            "(or WANDB_MODE=offline to keep the runs on disk for 'wandb sync')"
-        )
 
 
 # --- callbacks --------------------------------------------------------------------------------

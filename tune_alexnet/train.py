@@ -11,13 +11,14 @@ as checkpoint.py describes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from . import augment, checkpoint
 from .data import Cifar
 from .grid import full_config
 from .model import AlexNet
-from .settings import OPTIMIZERS, RUNTIME_DEFAULTS, TRIAL_DEFAULTS
+from .settings import OPTIMIZERS, RUNTIME_DEFAULTS, STEP_MODES, TRIAL_DEFAULTS
 from .stopper import plateau_update, should_stop
 
 log = logging.getLogger("tune_alexnet.train")
@@ -65,13 +66,22 @@ class Runtime:
     gpu_share: float  # fraction of a GPU Ray granted; 0 on CPU
     amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
     channels_last: bool
+    step: str = "eager"  # eager | graph | compile (settings.STEP_MODES)
+    augment_chunk: int = 0  # images augmented at once; 0: one batch at a time
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """The study's optimizer; `capturable` keeps Adam's and RMSprop's step counts on the device, as a captured
+    CUDA graph needs (SGD has none)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
     torch_class, settings = OPTIMIZERS[name]
-    return getattr(torch.optim, torch_class)(params, lr=lr, **settings)
+    extra = {"capturable": True} if capturable and torch_class != "SGD" else {}
+    return getattr(torch.optim, torch_class)(params, lr=lr, **settings, **extra)
 
 
 def resolve_runtime(config: dict, runtime: dict, granted: dict | None) -> Runtime:
@@ -87,25 +97,38 @@ def resolve_runtime(config: dict, runtime: dict, granted: dict | None) -> Runtim
     if runtime["device"] == "cpu":
         gpu_share = 0.0
     elif gpu_share > 0 and not torch.cuda.is_available():
-        fix = (
-            "install a CUDA build of torch on the GPU nodes"
-            if torch.version.cuda is None
-            else f"this torch is built for CUDA {torch.version.cuda}: check the node's NVIDIA driver and that it has "
-            f"the GPU it declares"
-        )
-        raise GpuNotVisible(
-            f"Ray granted this trial {gpu_share:g} GPU but torch {torch.__version__} sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); {fix}; or pass --device cpu "
-            f"to train on the CPU on purpose"
-        )
+        raise GpuNotVisible(_gpu_not_visible(gpu_share))
     use_cuda = gpu_share > 0
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     precision = config["precision"] if config["precision"] != "auto" else ("bf16" if use_cuda else "fp32")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {precision!r} is unknown; allowed: fp32, bf16, auto")
     cl = runtime["channels_last"]
-    channels_last = use_cuda if cl == "auto" else bool(cl)
-    return Runtime(device, threads, gpu_share, torch.bfloat16 if precision == "bf16" else None, channels_last)
+    channels_last = (use_cuda and precision == "bf16") if cl == "auto" else bool(cl)
+    step = runtime["step"]
+    if step not in STEP_MODES:
+        raise ValueError(f"step {step!r} is unknown; allowed: {', '.join(STEP_MODES)}")
+    if step == "graph" and not use_cuda:
+        log.warning("--step graph needs a CUDA device; this trial on the CPU trains eagerly")
+        step = "eager"
+    if runtime.get("compile") and step == "eager":  # the flag of earlier versions
+        step = "compile"
+    amp = torch.bfloat16 if precision == "bf16" else None
+    return Runtime(device, threads, gpu_share, amp, channels_last, step, int(runtime["augment_chunk"]))
+
+
+def _gpu_not_visible(gpu_share: float) -> str:
+    fix = (
+        "install a CUDA build of torch on the GPU nodes"
+        if torch.version.cuda is None
+        else f"this torch is built for CUDA {torch.version.cuda}: check the node's NVIDIA driver and that it has "
+        f"the GPU it declares"
+    )
+    return (
+        f"Ray granted this trial {gpu_share:g} GPU but torch {torch.__version__} sees no CUDA device "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); {fix}; or pass --device cpu "
+        f"to train on the CPU on purpose"
+    )
 
 
 def to_device_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -113,152 +136,184 @@ def to_device_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
 
 
-def _cpu_copy(model: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+@dataclass
+class Trial:
+    """One run's model, optimizer, generator and counters, and its best weights so far (kept on the device
+    between checkpoint writes: no host copy, no sync, when the accuracy improves)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    gen: torch.Generator
+    model_args: dict
+    state: dict = field(default_factory=lambda: dict(NEW_COUNTERS))
+    best_weights: dict | None = None
+    unwritten_best: bool = False  # a new best since the last checkpoint
+
+
+NEW_COUNTERS = {
+    "epoch": 0,
+    "best_val_acc": -1.0,
+    "best_epoch": 0,
+    "epochs_since_best": 0,
+    "train_time_s": 0.0,
+    "eval_time_s": 0.0,
+}
 
 
 def train_cifar(
-    config: dict, data: Cifar, report: Report | None = None, checkpoint_from=None, runtime: dict | None = None
+    config: dict,
+    data: Cifar,
+    report: Report | None = None,
+    checkpoint_from=None,
+    runtime: dict | None = None,
+    keep_free: int = 0,
 ) -> None:
     """Tune's function trainable. Outside Tune, pass `report` and, to resume, `checkpoint_from`: a
-    checkpoint folder (or URI, or tune.Checkpoint), or a list of them, newest first."""
+    checkpoint folder (or URI, or tune.Checkpoint), or a list of them, newest first. Under Tune, a checkpoint
+    that would leave a local storage with less than `keep_free` bytes is not written (ray_hooks.report)."""
     cfg = {**TRIAL_DEFAULTS, **full_config(config)}
     run = {**RUNTIME_DEFAULTS, **(runtime or {})}
     granted, node = None, None
     if report is None:
         from . import ray_hooks
 
-        report, checkpoint_from = ray_hooks.report, ray_hooks.resume_candidates()
+        ray_hooks.quiet_exit_on_sigterm()
+        report = functools.partial(ray_hooks.report, keep_free=keep_free)
+        checkpoint_from = ray_hooks.resume_candidates()
         granted, node = ray_hooks.granted_resources(), ray_hooks.node_id()
     rt = resolve_runtime(cfg, run, granted)
+    _set_backends(rt, run)
+    trial = _new_trial(cfg, rt)
+    if not _restore(trial, checkpoint_from, rt):
+        return  # it had finished; the driver died before recording that
+    train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)
+    test_x, test_y = to_device_nchw(data.test_x, rt.device), torch.tensor(data.test_y, device=rt.device)
+    clock = {"resume": time.monotonic(), "best": -math.inf, "report_s": 0.0}
+    extra = {"node_id": node, "gpus_granted": (granted or {}).get("GPU", 0.0)}
+    for epoch in range(trial.state["epoch"] + 1, cfg["epochs"] + 1):
+        metrics = _train_and_evaluate(trial, epoch, cfg, run, rt, (train_x, train_y, test_x, test_y))
+        kind = _checkpoint_kind(trial, metrics, run, clock)
+        metrics.update(extra, report_s=clock["report_s"], checkpoint_kind=kind)
+        metrics["checkpoint_rank"] = checkpoint_rank(kind, epoch, trial.state["best_val_acc"])
+        _report(trial, metrics, kind, rt, data.classes, report, clock)
+        if metrics["ends_trial"]:
+            return
+
+
+def _set_backends(rt: Runtime, run: dict) -> None:
     torch.set_num_threads(rt.threads)
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(run["tf32"])
         torch.backends.cudnn.benchmark = True
         if 0 < rt.gpu_share < 1:  # packed trials must not starve each other of memory
             torch.cuda.set_per_process_memory_fraction(rt.gpu_share, rt.device)
+
+
+def _new_trial(cfg: dict, rt: Runtime) -> Trial:
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator(rt.device).manual_seed(cfg["seed"])
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-
     model_args = {"dropout": cfg["dropout"], "batchnorm": cfg["batchnorm"], "width": cfg["width"]}
-    model = AlexNet(**model_args).to(rt.device, memory_format=memory_format)
-    optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"])
-    state = {
-        "epoch": 0,
-        "best_val_acc": -1.0,
-        "best_epoch": 0,
-        "epochs_since_best": 0,
-        "train_time_s": 0.0,
-        "eval_time_s": 0.0,
-    }
-    best_weights = None
+    model = AlexNet(**model_args).to(rt.device, memory_format=rt.memory_format)
+    optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], capturable=rt.step == "graph")
+    step_model = torch.compile(model) if rt.step == "compile" else model
+    return Trial(model, optimizer, TrainStep(step_model, optimizer, rt, cfg["batch_size"]), gen, model_args)
 
+
+def _restore(trial: Trial, checkpoint_from, rt: Runtime) -> bool:
+    """Load the newest readable resume state into the trial; False if the run had already finished."""
     resumed = _resume(checkpoint_from, rt.device)
     if resumed == "finished":
-        return  # it had finished; the driver died before recording that
+        return False
     if resumed is not None:
-        trainer, best_weights = resumed
-        model.load_state_dict(trainer["model"])
-        optimizer.load_state_dict(trainer["optimizer"])
-        gen.set_state(trainer["generator"].cpu())
+        trainer, best = resumed
+        trial.model.load_state_dict(trainer["model"])
+        trial.optimizer.load_state_dict(trainer["optimizer"])
+        trial.gen.set_state(trainer["generator"].cpu())
         torch.set_rng_state(trainer["torch_rng"].cpu())
         if rt.device.type == "cuda" and trainer.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(trainer["cuda_rng"].cpu(), rt.device)
-        state = dict(trainer["counters"])
-        log.info(
-            "resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
-            state["epoch"],
-            state["best_val_acc"],
-            state["epochs_since_best"],
-        )
-
-    step_model = torch.compile(model) if run["compile"] else model
-    train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)
-    test_x, test_y = to_device_nchw(data.test_x, rt.device), torch.tensor(data.test_y, device=rt.device)
-    last_resume_state = time.monotonic()
-    report_s = 0.0  # the previous epoch's report call: Tune's persisting of its checkpoint included
-
-    for epoch in range(state["epoch"] + 1, cfg["epochs"] + 1):
-        start = time.perf_counter()
-        train_loss, train_acc = train_epoch(
-            step_model, optimizer, train_x, train_y, cfg["batch_size"], gen, rt, augment_images=cfg["augment"]
-        )
-        _sync(rt)
-        trained = time.perf_counter()
-        val_loss, val_acc = evaluate(step_model, test_x, test_y, run["eval_batch_size"], rt)
-        _sync(rt)
-        train_s, eval_s = trained - start, time.perf_counter() - trained
-        diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
-        improved = False
-        state["epoch"] = epoch
-        state["train_time_s"] += train_s
-        state["eval_time_s"] += eval_s
-        if not diverged:
-            best, since, improved = plateau_update(state["best_val_acc"], state["epochs_since_best"], val_acc)
-            state.update(
-                best_val_acc=best, epochs_since_best=since, best_epoch=epoch if improved else state["best_epoch"]
-            )
-            if improved:
-                best_weights = _cpu_copy(model)
-        stop = diverged or should_stop(epoch, state["epochs_since_best"], cfg["patience"], cfg["epochs"])
-        if stop:
-            kind = checkpoint.KIND_FINAL if best_weights is not None else None
-        elif time.monotonic() - last_resume_state >= run["resume_every_s"]:
-            kind = checkpoint.KIND_RESUME
-        else:
-            kind = checkpoint.KIND_BEST if improved else None
-        metrics = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "best_val_acc": max(state["best_val_acc"], 0.0),
-            "best_epoch": state["best_epoch"],
-            "epochs_since_best": state["epochs_since_best"],
-            "train_s": train_s,
-            "eval_s": eval_s,
-            "train_time_s": state["train_time_s"],
-            "eval_time_s": state["eval_time_s"],
-            "diverged": diverged,
-            "images_per_s": len(train_x) / train_s,
-            "device": str(rt.device),
-            "precision": "bf16" if rt.amp_dtype else "fp32",
-            "channels_last": rt.channels_last,
-            "node_id": node,
-            "gpus_granted": (granted or {}).get("GPU", 0.0),
-            "report_s": report_s,
-            "checkpoint_kind": kind,
-            "checkpoint_rank": checkpoint_rank(kind, epoch, state["best_val_acc"]),
-            "ends_trial": stop,  # the function returns right after this report
-        }
-        if diverged:
-            log.warning("loss became non-finite at epoch %d; stopping this trial as diverged", epoch)
-        with tempfile.TemporaryDirectory(prefix="tune-alexnet-ckpt-") as d:
-            written = time.perf_counter()
-            if kind is not None:
-                progress = {**state, "kind": kind}
-                trainer = _trainer_state(model, optimizer, gen, state, rt) if kind == checkpoint.KIND_RESUME else None
-                checkpoint.write(d, best_weights, model_args, progress, trainer, data.classes)
-            metrics["checkpoint_s"] = time.perf_counter() - written
-            reported = time.perf_counter()
-            report(metrics, d if kind is not None else None)
-            report_s = time.perf_counter() - reported
-        if kind == checkpoint.KIND_RESUME:
-            last_resume_state = time.monotonic()
-        if stop:
-            return
+        trial.state = dict(trainer["counters"])
+        trial.best_weights = {k: v.to(rt.device) for k, v in best.items()}
+        s = trial.state
+        log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
+                 s["epoch"], s["best_val_acc"], s["epochs_since_best"])  # fmt: skip
+    return True
 
 
-def _trainer_state(model, optimizer, gen, state, rt: Runtime) -> dict:
+def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runtime, tensors) -> dict:
+    """One epoch: train, evaluate, apply the plateau rule; the epoch's metrics (the counters updated)."""
+    train_x, train_y, test_x, test_y = tensors
+    start = time.perf_counter()
+    train_loss, train_acc = train_epoch(trial.model, trial.optimizer, train_x, train_y, cfg["batch_size"], trial.gen,
+                                        rt, augment_images=cfg["augment"], step=trial.step)  # fmt: skip
+    _sync(rt)
+    trained = time.perf_counter()
+    val_loss, val_acc = evaluate(trial.model, test_x, test_y, run["eval_batch_size"], rt)
+    _sync(rt)
+    train_s, eval_s = trained - start, time.perf_counter() - trained
+    s = trial.state
+    diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
+    s.update(epoch=epoch, train_time_s=s["train_time_s"] + train_s, eval_time_s=s["eval_time_s"] + eval_s)
+    if not diverged:
+        best, since, improved = plateau_update(s["best_val_acc"], s["epochs_since_best"], val_acc)
+        s.update(best_val_acc=best, epochs_since_best=since, best_epoch=epoch if improved else s["best_epoch"])
+        if improved:  # on the device: a copy kernel per tensor, no host round trip
+            trial.best_weights = {k: v.detach().clone() for k, v in trial.model.state_dict().items()}
+            trial.unwritten_best = True
+    else:
+        log.warning("loss became non-finite at epoch %d; stopping this trial as diverged", epoch)
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": gen.get_state(),
+        "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+        "best_val_acc": max(s["best_val_acc"], 0.0), "best_epoch": s["best_epoch"],
+        "epochs_since_best": s["epochs_since_best"], "train_s": train_s, "eval_s": eval_s,
+        "train_time_s": s["train_time_s"], "eval_time_s": s["eval_time_s"], "diverged": diverged,
+        "images_per_s": len(train_x) / train_s, "device": str(rt.device),
+        "precision": "bf16" if rt.amp_dtype else "fp32", "channels_last": rt.channels_last,
+        "step_mode": trial.step.mode,
+        "ends_trial": diverged or should_stop(epoch, s["epochs_since_best"], cfg["patience"], cfg["epochs"]),
+    }  # fmt: skip
+
+
+def _checkpoint_kind(trial: Trial, metrics: dict, run: dict, clock: dict) -> str | None:
+    """The run's last report carries its final checkpoint; a resume state every `resume_every_s`; new best
+    weights at most every `best_every_s` (a crash in between replays exactly, reaching the same best again)."""
+    now = time.monotonic()
+    if metrics["ends_trial"]:
+        return checkpoint.KIND_FINAL if trial.best_weights is not None else None
+    if now - clock["resume"] >= run["resume_every_s"]:
+        return checkpoint.KIND_RESUME
+    if trial.unwritten_best and now - clock["best"] >= run["best_every_s"]:
+        return checkpoint.KIND_BEST
+    return None
+
+
+def _report(trial: Trial, metrics: dict, kind: str | None, rt: Runtime, classes, report: Report, clock: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="tune-alexnet-ckpt-") as d:
+        written = time.perf_counter()
+        if kind is not None:
+            trainer = _trainer_state(trial, rt) if kind == checkpoint.KIND_RESUME else None
+            best = {k: v.to("cpu") for k, v in trial.best_weights.items()}  # files the same whatever the device
+            checkpoint.write(d, best, trial.model_args, {**trial.state, "kind": kind}, trainer, classes)
+        metrics["checkpoint_s"] = time.perf_counter() - written
+        reported = time.perf_counter()
+        report(metrics, d if kind is not None else None)
+        clock["report_s"] = time.perf_counter() - reported
+    if kind is not None:
+        trial.unwritten_best = False
+        clock["best"] = time.monotonic()
+    if kind == checkpoint.KIND_RESUME:
+        clock["resume"] = time.monotonic()
+
+
+def _trainer_state(trial: Trial, rt: Runtime) -> dict:
+    return {
+        "model": trial.model.state_dict(),
+        "optimizer": trial.optimizer.state_dict(),
+        "generator": trial.gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
-        "counters": dict(state),
+        "counters": dict(trial.state),
     }
 
 
@@ -294,6 +349,78 @@ def _autocast(rt: Runtime):
     return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
 
 
+GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy optimizer state, cuDNN's choices
+
+
+class TrainStep:
+    """Forward, loss, backward and optimizer step on one batch, adding the loss and the correct count into
+    device tensors (no host sync). In `graph` mode, after a few eager steps, the whole step of a full batch is
+    captured once as a CUDA graph and then replayed, one launch where eager mode issues hundreds: each replay
+    draws fresh dropout masks (the default CUDA generator advances per replay), batch norm updates its running
+    statistics in place as in eager mode, and a batch of another size (an epoch's last) runs eagerly on the
+    same weights and optimizer state. A capture that fails leaves the trial eager, with one warning."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, batch_size: int):
+        self.model, self.optimizer, self.rt, self.batch_size = model, optimizer, rt, batch_size
+        self.loss_sum = torch.zeros((), device=rt.device)
+        self.correct = torch.zeros((), device=rt.device, dtype=torch.long)
+        self.mode = rt.step
+        self.warmup_left = GRAPH_WARMUP_STEPS
+        self.graph = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def begin_epoch(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.mode != "graph" or len(targets) != self.batch_size:
+            self.eager(inputs, targets)
+        elif self.graph is not None:
+            self.static[0].copy_(inputs)
+            self.static[1].copy_(targets)
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream(self.rt.device)
+            side.wait_stream(torch.cuda.current_stream(self.rt.device))
+            with torch.cuda.stream(side):
+                self.eager(inputs, targets)
+            torch.cuda.current_stream(self.rt.device).wait_stream(side)
+        else:
+            self.capture(inputs, targets)
+
+    def eager(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._forward_backward_step(inputs, targets)
+
+    def _forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        with _autocast(self.rt):
+            logits = self.model(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum.add_(loss.detach() * targets.shape[0])
+        self.correct.add_((logits.argmax(1) == targets).sum())
+
+    def capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Record the step once (nothing runs while recording), then replay it for this batch."""
+        self.static = (inputs.clone(), targets.clone())
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # backward makes the gradients inside the graph's memory
+        try:
+            with torch.cuda.graph(graph):
+                self._forward_backward_step(*self.static)
+        except Exception as exc:  # an op that cannot be captured, or too little memory for the graph's pool
+            log.warning("capturing the training step as a CUDA graph failed (%s); this trial trains eagerly",
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)  # fmt: skip
+            self.mode, self.static = "eager", None
+            self.eager(inputs, targets)
+            return
+        self.graph = graph
+        graph.replay()
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -303,35 +430,36 @@ def train_epoch(
     gen: torch.Generator,
     rt: Runtime,
     augment_images: bool = True,
+    step: TrainStep | None = None,
 ) -> tuple[float, float]:
-    """One shuffled pass; returns (mean loss, accuracy %). A non-finite loss ends the pass early as NaN."""
+    """One shuffled pass; returns (mean loss, accuracy %). A non-finite loss ends the pass early as NaN.
+
+    Images are augmented `rt.augment_chunk` at a time (whole batches; one batch when 0), ahead of the steps that
+    use them: the same per-image distribution in a handful of launches per chunk instead of per batch. The
+    host waits for the device only every DIVERGENCE_CHECK_EVERY steps, to check the loss."""
     model.train()
+    step = step or TrainStep(model, optimizer, rt, batch_size)
+    step.begin_epoch()
     n = len(x_u8)
     order = torch.randperm(n, device=x_u8.device, generator=gen)
-    loss_sum = torch.zeros((), device=x_u8.device)
-    correct = torch.zeros((), device=x_u8.device, dtype=torch.long)
-    seen = 0
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    for step, start in enumerate(range(0, n, batch_size)):
-        idx = order[start : start + batch_size]
+    chunk = max(1, rt.augment_chunk // batch_size) * batch_size
+    seen = steps = 0
+    for first in range(0, n, chunk):
+        idx = order[first : first + chunk]
         if len(idx) < 2 and seen:  # a last batch of one breaks BatchNorm; the study's loader never made one
             break
         images = x_u8[idx]
         inputs = augment.augment_batch(images, gen) if augment_images else augment.prepare_eval(images)
-        inputs = inputs.contiguous(memory_format=memory_format)
-        targets = y[idx]
-        with _autocast(rt):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == targets).sum()
-        seen += len(idx)
-        if step % DIVERGENCE_CHECK_EVERY == DIVERGENCE_CHECK_EVERY - 1 and not torch.isfinite(loss_sum).item():
-            return math.nan, 100.0 * correct.item() / seen
-    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+        inputs, targets = inputs.contiguous(memory_format=rt.memory_format), y[idx]
+        for start in range(0, len(idx), batch_size):
+            if len(idx) - start < 2 and seen:
+                break
+            step(inputs[start : start + batch_size], targets[start : start + batch_size])
+            seen += len(targets[start : start + batch_size])
+            steps += 1
+            if steps % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(step.loss_sum).item():
+                return math.nan, 100.0 * step.correct.item() / seen
+    return step.loss_sum.item() / seen, 100.0 * step.correct.item() / seen
 
 
 @torch.inference_mode()
@@ -342,9 +470,8 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), device=x_u8.device)
     correct = torch.zeros((), device=x_u8.device, dtype=torch.long)
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     for start in range(0, len(x_u8), batch_size):
-        inputs = augment.prepare_eval(x_u8[start : start + batch_size]).contiguous(memory_format=memory_format)
+        inputs = augment.prepare_eval(x_u8[start : start + batch_size]).contiguous(memory_format=rt.memory_format)
         targets = y[start : start + batch_size]
         with _autocast(rt):
             logits = model(inputs)

@@ -1,0 +1,594 @@
+"""Folders that lie: links out, FIFOs, '..', huge and tampered files in an experiment or a checkpoint.
+
+export and report never hang, crash or read or write outside the experiment: one bad trial becomes a row
+marked in the table (its error names the file and field) while the others export intact; a bad folder is one
+line and exit 2. load_model and predict refuse what they must, in one line. Everything here is a real file."""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import CLASSES
+
+from tune_alexnet import checkpoint
+from tune_alexnet.cli import main
+from tune_alexnet.model import AlexNet
+from tune_alexnet.settings import SETTINGS_FILE
+
+PASSWD = "/etc/passwd"  # a file outside every experiment, readable by anyone
+PASSWD_MARK = "root:"  # what /etc/passwd starts with: it must never reach a table
+
+
+@dataclass
+class Folder:
+    """A copy of the mixed experiment to break, and a folder beside it that nothing may read or write."""
+
+    exp: Path
+    outside: Path
+    before: pd.DataFrame  # the table of the intact experiment
+
+    def trial(self, status: str) -> tuple[str, Path]:
+        """(trial id, folder) of the first trial that ended with `status` in the intact table."""
+        trial_id = self.before[self.before["status"] == status]["trial_id"].iloc[0]
+        return trial_id, next(self.exp.glob(f"train_cifar_{trial_id}_*"))
+
+    def state(self) -> Path:
+        (state,) = self.exp.glob("experiment_state-*.json")
+        return state
+
+    def edit_state(self, status: str, edit) -> str:
+        """`edit(trial)` on the JSON fields of one trial of Tune's experiment state; returns its id."""
+        trial_id, _ = self.trial(status)
+        data = json.loads(self.state().read_text())
+        for entry in data["trial_data"]:
+            t = json.loads(entry[0])
+            if t["trial_id"] == trial_id:
+                edit(t)
+                entry[0] = json.dumps(t)
+        self.state().write_text(json.dumps(data))
+        return trial_id
+
+    def edit_results(self, status: str, edit) -> str:
+        """`edit(lines)` on the parsed lines of a trial's result.json; returns its id."""
+        trial_id, folder = self.trial(status)
+        lines = [json.loads(ln) for ln in (folder / "result.json").read_text().splitlines()]
+        edit(lines)
+        (folder / "result.json").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+        return trial_id
+
+    def replace(self, path: Path, with_what) -> None:
+        """`path` becomes a symbolic link to `with_what` (a path), a FIFO ("fifo") or a sparse file of N bytes."""
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        if with_what == "fifo":
+            os.mkfifo(path)
+        elif isinstance(with_what, int):
+            with open(path, "wb") as f:
+                f.truncate(with_what)  # no blocks written
+        else:
+            path.symlink_to(with_what)
+
+    def settings(self, edit) -> None:
+        path = self.exp / SETTINGS_FILE
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    def drop_state(self) -> None:
+        for state in self.exp.glob("experiment_state-*.json"):
+            state.unlink()
+
+
+@pytest.fixture
+def folder(mixed_experiment, tmp_path) -> Folder:
+    path, exp = mixed_experiment
+    copy = tmp_path / "results" / "mixed"
+    shutil.copytree(path, copy)
+    (tmp_path / "outside").mkdir()
+    return Folder(copy, tmp_path / "outside", exp.table)
+
+
+@dataclass
+class Row:
+    """Export exits 0; the victim's row has `status` and an error holding `needle` (None: no error, accuracy
+    unchanged); every other trial is as before (`rebuilt`: Tune's state was gone, so unfinished ones say
+    unknown)."""
+
+    status: str
+    needle: str | None
+    rebuilt: bool = False
+
+
+@dataclass
+class Refused:
+    """Export and report exit 2 with one line naming the file and `needle`."""
+
+    needle: str
+
+
+def _moved_out(f: Folder, status: str) -> Path:
+    """A trial's folder, copied outside the experiment with a telltale accuracy (99.99) in its results."""
+    _, folder = f.trial(status)
+    twin = f.outside / folder.name
+    shutil.copytree(folder, twin)
+    lines = [json.loads(ln) for ln in (twin / "result.json").read_text().splitlines()]
+    for ln in lines:
+        ln["best_val_acc"] = 99.99
+    (twin / "result.json").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    return twin
+
+
+def swap(status: str, name: str | None, with_what):
+    """Replace a trial's file `name` (None: its folder) by `with_what` (see Folder.replace; a function of the
+    Folder gives a path made for the case)."""
+
+    def tamper(f: Folder) -> str:
+        trial_id, folder = f.trial(status)
+        target = with_what(f) if callable(with_what) else with_what
+        f.replace(folder / name if name else folder, target)
+        return trial_id
+
+    return tamper
+
+
+def swap_in_checkpoint(name: str | None):
+    """The trained trial's checkpoint file `name` (None: the checkpoint folder) becomes a link to a copy outside."""
+
+    def tamper(f: Folder) -> str:
+        trial_id, folder = f.trial("terminated")
+        (ckpt,) = folder.glob("checkpoint_*")
+        inside, outside = (ckpt / name, f.outside / name) if name else (ckpt, f.outside / ckpt.name)
+        (shutil.copy if name else shutil.copytree)(inside, outside)
+        f.replace(inside, outside)
+        return trial_id
+
+    return tamper
+
+
+def without_state(tamper):
+    """`tamper`, with Tune's experiment state gone: the table is rebuilt from the trial folders."""
+
+    def both(f: Folder) -> str:
+        f.drop_state()
+        return tamper(f)
+
+    return both
+
+
+def lines_set(status: str = "terminated", **changes):
+    """Every result line of a trial gets `changes`."""
+    return lambda f: f.edit_results(status, lambda lines: [ln.update(changes) for ln in lines])
+
+
+def line_added(text: str, status: str = "terminated"):
+    def tamper(f: Folder) -> str:
+        trial_id, folder = f.trial(status)
+        with open(folder / "result.json", "a") as out:
+            out.write(text + "\n")
+        return trial_id
+
+    return tamper
+
+
+def config_set(**changes):
+    return lambda f: f.edit_state("terminated", lambda t: t["config"].update(changes))
+
+
+def state_set(**changes):
+    return lambda f: f.edit_state("terminated", lambda t: t.update(changes))
+
+
+def renamed(name: str | bytes):
+    def tamper(f: Folder) -> str:
+        trial_id, folder = f.trial("terminated")
+        os.rename(folder, os.path.join(os.fsencode(f.exp), name) if isinstance(name, bytes) else f.exp / name)
+        return trial_id
+
+    return without_state(tamper)
+
+
+def written(status: str, name: str, text: str):
+    def tamper(f: Folder) -> str:
+        trial_id, folder = f.trial(status)
+        (folder / name).write_text(text)
+        return trial_id
+
+    return tamper
+
+
+def settings_set(edit):
+    return lambda f: f.settings(edit)
+
+
+def settings_text(text: str):
+    return lambda f: (f.exp / SETTINGS_FILE).write_text(text)
+
+
+def relative_logdir_out(f: Folder) -> str:
+    return f.edit_state(
+        "terminated", lambda t: t.update(relative_logdir=f"../../outside/{_moved_out(f, 'terminated').name}")
+    )
+
+
+def checkpoint_dir_name_out(f: Folder) -> str:
+    shutil.copytree(next(f.trial("terminated")[1].glob("checkpoint_*")), f.outside / "ckpt")
+    return lines_set(checkpoint_dir_name="../../outside/ckpt")(f)
+
+
+def long_error(f: Folder) -> str:
+    trial_id, folder = f.trial("errored")
+    (folder / "error.txt").write_text("x" * (3 * 2**20) + "\nValueError: the last line\n")
+    return trial_id
+
+
+REBUILT = Row("unknown", None, rebuilt=True)
+CASES = {
+    # Links, '..' and special files: nothing outside is read, nothing blocks, nothing fills memory.
+    "error.txt links to /etc/passwd": (
+        swap("errored", "error.txt", PASSWD),
+        Row("errored", "error.txt is a symbolic link"),
+    ),
+    "error.txt is a FIFO": (swap("errored", "error.txt", "fifo"), Row("errored", "error.txt is a FIFO")),
+    "error.txt of 3 MB: its tail is read": (long_error, Row("errored", "ValueError: the last line")),
+    "result.json is a FIFO": (swap("terminated", "result.json", "fifo"), Row("damaged", "result.json is a FIFO")),
+    "result.json links to /dev/zero": (
+        swap("terminated", "result.json", "/dev/zero"),
+        Row("damaged", "result.json is a symbolic link"),
+    ),
+    "result.json links to a copy outside": (
+        swap("terminated", "result.json", lambda f: _moved_out(f, "terminated") / "result.json"),
+        Row("damaged", "result.json is a symbolic link"),
+    ),
+    "result.json links inside the experiment (refused too)": (
+        swap("terminated", "result.json", lambda f: f.trial("diverged")[1] / "result.json"),
+        Row("damaged", "result.json is a symbolic link"),
+    ),
+    "result.json over 64 MB": (swap("terminated", "result.json", 64 * 2**20 + 1), Row("damaged", "at most 64 MB")),
+    "trial folder links to a copy outside": (
+        swap("terminated", None, lambda f: _moved_out(f, "terminated")),
+        Row("damaged", "is a symbolic link"),
+    ),
+    "relative_logdir leads out with ../": (relative_logdir_out, Row("damaged", "relative_logdir is")),
+    "relative_logdir is absolute": (state_set(relative_logdir="/etc"), Row("damaged", "relative_logdir is")),
+    "checkpoint_dir_name leads out with ../": (checkpoint_dir_name_out, Row("damaged", "'checkpoint_dir_name' is")),
+    "best model.pt links outside": (swap_in_checkpoint("model.pt"), Row("terminated", "model.pt is a symbolic link")),
+    "best model.json links outside": (
+        swap_in_checkpoint("model.json"),
+        Row("terminated", "model.json is a symbolic link"),
+    ),
+    "best checkpoint folder links outside": (swap_in_checkpoint(None), Row("terminated", "is a symbolic link")),
+    "experiment state links to /dev/zero": (lambda f: f.replace(f.state(), "/dev/zero"), REBUILT),
+    "experiment state is a FIFO": (lambda f: f.replace(f.state(), "fifo"), REBUILT),
+    "experiment state over 256 MB": (lambda f: f.replace(f.state(), 256 * 2**20 + 1), REBUILT),
+    "params.json links to /etc/passwd": (
+        without_state(swap("terminated", "params.json", PASSWD)),
+        Row("damaged", "params.json is a symbolic link", rebuilt=True),
+    ),
+    "settings link to /etc/passwd": (
+        lambda f: f.replace(f.exp / SETTINGS_FILE, PASSWD),
+        Refused(f"{SETTINGS_FILE} is a symbolic link"),
+    ),
+    "settings are a FIFO": (lambda f: f.replace(f.exp / SETTINGS_FILE, "fifo"), Refused(f"{SETTINGS_FILE} is a FIFO")),
+    # The sweep's settings, tampered: the folder as a whole is refused, naming the field.
+    "settings are a list": (settings_set(lambda s: [s]), Refused(f"{SETTINGS_FILE} holds a list")),
+    "settings are not JSON": (settings_text('{"grid": '), Refused(f"{SETTINGS_FILE} is not JSON")),
+    "settings epochs a string": (settings_set(lambda s: {**s, "epochs": "abc"}), Refused("epochs: 'abc'")),
+    "settings epochs 10**20": (settings_set(lambda s: {**s, "epochs": 10**20}), Refused("epochs: 10000")),
+    "settings epochs of 400 digits": (
+        settings_set(lambda s: {**s, "epochs": 10**400}),
+        Refused("epochs: 10000000000000000000... (401 digits)"),
+    ),
+    "settings grid lr a string": (
+        settings_set(lambda s: {**s, "grid": {**s["grid"], "lr": ["fast"]}}),
+        Refused("grid.lr: 'fast'"),
+    ),
+    "settings grid without lr": (
+        settings_set(lambda s: {**s, "grid": {k: v for k, v in s["grid"].items() if k != "lr"}}),
+        Refused("grid:"),
+    ),
+    "settings width a string": (
+        settings_set(lambda s: {**s, "trial": {"width": "wide"}}),
+        Refused("trial.width: 'wide'"),
+    ),
+    "settings data a list": (settings_set(lambda s: {**s, "data": [1]}), Refused("data: a list")),
+    # One trial's results, tampered: that trial is damaged, the others export intact.
+    "epoch NaN": (lines_set(epoch=float("nan")), Row("damaged", "'epoch' is NaN")),
+    "epoch a string": (lines_set(epoch="3"), Row("damaged", "'epoch' is \"3\"")),
+    "epoch 1e23": (lines_set(epoch=1e23), Row("damaged", "'epoch' is 1e+23")),
+    "epoch negative": (lines_set(epoch=-1), Row("damaged", "'epoch' is -1")),
+    "epoch 10**20": (lines_set(epoch=10**20), Row("damaged", "'epoch' is 10000000000000000000... (21 digits)")),
+    "epoch of 400 digits": (
+        lines_set(epoch=10**400),
+        Row("damaged", "'epoch' is 10000000000000000000... (401 digits)"),
+    ),
+    "best_epoch 10**18": (lines_set(best_epoch=10**18), Row("damaged", "'best_epoch' is")),
+    "best_val_acc a string": (lines_set(best_val_acc="high"), Row("damaged", "'best_val_acc' is \"high\"")),
+    "best_val_acc 1e23": (lines_set(best_val_acc=1e23), Row("damaged", "'best_val_acc' is 1e+23")),
+    "diverged a string": (lines_set(diverged="yes"), Row("damaged", "'diverged' is \"yes\"")),
+    "a result line is a list": (line_added("[1, 2]"), Row("damaged", "it holds a list")),
+    "a result line nested too deep": (line_added("[" * 100_000), Row("damaged", "recursion")),
+    "train_time_s null (allowed: unknown)": (lines_set(train_time_s=None), Row("terminated", None)),
+    # One trial's config in Tune's experiment state, tampered.
+    "config without lr": (
+        lambda f: f.edit_state("terminated", lambda t: t["config"].pop("lr")),
+        Row("damaged", "'lr' is missing"),
+    ),
+    "config lr a string": (config_set(lr="fast"), Row("damaged", "'lr' is \"fast\"")),
+    "config batch_size 32.5": (config_set(batch_size=32.5), Row("damaged", "'batch_size' is 32.5")),
+    "config dropout a string": (config_set(dropout="true"), Row("damaged", "'dropout' is \"true\"")),
+    "config epochs 10**20": (
+        config_set(epochs=10**20),
+        Row("damaged", "'epochs' is 10000000000000000000... (21 digits)"),
+    ),
+    "config optimizer leads out": (config_set(optimizer="../../../outside/x"), Row("damaged", "'optimizer' is")),
+    "config run 10**20": (config_set(run=10**20), Row("damaged", "'run' is")),
+    "config a list": (state_set(config=[1, 2]), Row("damaged", "the config is a list")),
+    "status unknown to Tune": (state_set(status="WEIRD"), Row("damaged", 'status is "WEIRD"')),
+    "trial_id a number": (state_set(trial_id=5), Row("damaged", "trial_id is 5")),
+    "trial_data not a list": (lambda f: f.state().write_text(json.dumps({"trial_data": 5})), REBUILT),
+    # Tune's state gone: the table is rebuilt from the trial folders, which may be odd.
+    "params.json holds a list": (
+        without_state(written("terminated", "params.json", "[1]")),
+        Row("damaged", "the config is a list", rebuilt=True),
+    ),
+    "trial folder train_cifar_x": (
+        renamed("train_cifar_x"),
+        Row("damaged", "'train_cifar_x' is not named like Tune's", rebuilt=True),
+    ),
+    "trial folder with unicode": (renamed("train_cifar_é_ü"), Row("damaged", "not named like Tune's", rebuilt=True)),
+    "trial folder not UTF-8": (renamed(b"train_cifar_\xff\xfe"), Row("damaged", "is not a plain name", rebuilt=True)),
+    "a folder without underscores is no trial": (renamed("nounderscores"), REBUILT),
+}
+
+
+def _files_outside(root: Path, exp: Path) -> dict:
+    """Every file under `root` but outside the experiment, with its size and modification time."""
+    found = {}
+    for dirpath, _, filenames in os.walk(root):
+        if Path(dirpath) == exp or exp in Path(dirpath).parents:
+            continue
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            found[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(30, func_only=True)  # a FIFO that blocked would hang here: that is a failure
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_export_and_report_of_a_folder_that_lies(case, folder, capsys):
+    tamper, expect = CASES[case]
+    victim = tamper(folder)
+    root = folder.exp.parents[1]
+    outside = _files_outside(root, folder.exp)
+    for command in ("export", "report"):
+        code, err = _run([command, str(folder.exp)], capsys)
+        assert "Traceback" not in err, err
+        if isinstance(expect, Refused):
+            lines = [ln for ln in err.splitlines() if ln.strip()]
+            assert code == 2 and len(lines) == 1, err
+            assert SETTINGS_FILE in lines[0] and expect.needle in lines[0], lines[0]
+        else:
+            assert code == 0, err
+            assert ("is missing or unreadable" in err) == expect.rebuilt, err
+    assert _files_outside(root, folder.exp) == outside  # nothing written (or touched) outside the experiment
+    if isinstance(expect, Row):
+        _check_table(folder, victim, expect)
+
+
+def _check_table(folder: Folder, victim: str | None, expect: Row) -> None:
+    table = pd.read_parquet(folder.exp / "results.parquet")
+    assert not table["error"].fillna("").str.contains(PASSWD_MARK).any()  # nothing of /etc/passwd
+    assert not (table["final_accuracy"] == 99.99).any()  # nothing of the copy outside
+    after = table.dropna(subset=["trial_id"]).set_index("trial_id")
+    if expect.needle is not None:  # the victim, marked
+        hit = table[
+            (table["status"] == expect.status) & table["error"].fillna("").str.contains(expect.needle, regex=False)
+        ]
+        assert len(hit) == 1, table[["trial_id", "status", "error"]].to_string()
+        if expect.status == "damaged":
+            assert pd.isna(hit["final_accuracy"].iloc[0]) and pd.isna(hit["best_checkpoint"].iloc[0])
+    elif victim in after.index:  # tampered within what is allowed: the victim is as before
+        was = folder.before.set_index("trial_id").loc[victim]
+        assert after.loc[victim, "status"] == expect.status and pd.isna(after.loc[victim, "error"])
+        assert after.loc[victim, "final_accuracy"] == was["final_accuracy"]
+    others = folder.before[folder.before["trial_id"] != victim].set_index("trial_id")
+    assert set(others.index) <= set(after.index), table.to_string()
+    kept = after.loc[others.index]
+    assert (kept["final_accuracy"].fillna(-1) == others["final_accuracy"].fillna(-1)).all()
+    finished = others["status"].isin(["terminated", "diverged"])
+    assert (kept.loc[finished, "status"] == others.loc[finished, "status"]).all(), kept.to_string()
+    if not expect.rebuilt:
+        assert (kept["status"] == others["status"]).all(), kept.to_string()
+    for ckpt in table["best_checkpoint"].dropna():  # inside the experiment, and it loads
+        assert os.path.realpath(ckpt).startswith(str(folder.exp.resolve()) + os.sep), ckpt
+        assert checkpoint.load_model(ckpt)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    unreadable = table["status"].isin(["damaged", "lost"]).any()
+    assert ("## Trials that could not be read" in (folder.exp / "report.md").read_text()) == unreadable
+
+
+# --- load_model: a checkpoint folder that lies -------------------------------------------------------------------
+
+MODEL_ARGS = {"dropout": False, "batchnorm": True, "width": 0.125}
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    """A real checkpoint folder of a small network, as a trial writes it."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    weights = AlexNet(**MODEL_ARGS).state_dict()
+    checkpoint.write(d, weights, MODEL_ARGS, {"epoch": 1}, classes=CLASSES)
+    (tmp_path / "outside").mkdir()
+    return d
+
+
+def _model_json(**changes):
+    def tamper(d: Path) -> None:
+        args = {**MODEL_ARGS, "classes": list(CLASSES), **changes}
+        (d / "model.json").write_text(json.dumps({k: v for k, v in args.items() if v is not ...}))
+
+    return tamper
+
+
+def _swap(name: str, with_what):
+    def tamper(d: Path) -> None:
+        target = d / name
+        if with_what == "outside":
+            shutil.copy(target, d.parent / "outside" / name)
+        target.unlink()
+        if with_what == "fifo":
+            os.mkfifo(target)
+        elif isinstance(with_what, int):
+            with open(target, "wb") as f:
+                f.truncate(with_what)
+        else:
+            target.symlink_to(d.parent / "outside" / name if with_what == "outside" else with_what)
+
+    return tamper
+
+
+def _other_weights(d: Path) -> None:
+    torch.save(AlexNet(**{**MODEL_ARGS, "batchnorm": False}).state_dict(), d / "model.pt")
+
+
+LOAD_CASES = {
+    "width 40 (gigabytes)": (_model_json(width=40), "model.json: 'width' is 40"),
+    "width 0": (_model_json(width=0), "'width' is 0"),
+    "width negative": (_model_json(width=-1), "'width' is -1"),
+    "width a string": (_model_json(width="1"), "'width' is \"1\""),
+    "width true": (_model_json(width=True), "'width' is true"),
+    "width NaN": (_model_json(width=float("nan")), "'width' is NaN"),
+    "width of 400 digits": (
+        _model_json(width=10**400),
+        "'width' is 10000000000000000000... (401 digits)",
+    ),
+    "dropout a string": (_model_json(dropout="yes"), "'dropout' is \"yes\""),
+    "batchnorm missing": (_model_json(batchnorm=...), "'batchnorm' is missing"),
+    "an unknown argument": (_model_json(num_classes=1000), "'num_classes' is not one of AlexNet's arguments"),
+    "11 classes": (_model_json(classes=[*CLASSES, "extra"]), "'classes' is a list (11 items)"),
+    "classes not strings": (_model_json(classes=[1, 2]), "'classes'"),
+    "a class name of 1000 characters": (_model_json(classes=["x" * 1000]), "'classes'"),
+    "model.json a list": (lambda d: (d / "model.json").write_text("[1]"), "it holds a list"),
+    "model.json not JSON": (lambda d: (d / "model.json").write_text("{"), "model.json is not JSON"),
+    "model.json links to /etc/passwd": (_swap("model.json", PASSWD), "model.json is a symbolic link"),
+    "model.json is a FIFO": (_swap("model.json", "fifo"), "model.json is a FIFO"),
+    "model.json of 2 MB": (_swap("model.json", 2 * 2**20), "allowed: at most 1 MB"),
+    "model.pt links outside": (_swap("model.pt", "outside"), "model.pt is a symbolic link"),
+    "model.pt links to /dev/zero": (_swap("model.pt", "/dev/zero"), "model.pt is a symbolic link"),
+    "model.pt is a FIFO": (_swap("model.pt", "fifo"), "model.pt is a FIFO"),
+    "model.pt larger than its network": (_swap("model.pt", 200 * 2**20), "model.pt is 200 MB; allowed: at most"),
+    "model.pt not a torch file": (
+        lambda d: (d / "model.pt").write_bytes(b"not a zip"),
+        "model.pt is not what torch.save writes",
+    ),
+    "model.pt of another network": (_other_weights, "model.pt does not hold the weights"),
+    "model.pt missing": (lambda d: (d / "model.pt").unlink(), "model.pt is missing"),
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(LOAD_CASES), ids=list(LOAD_CASES))
+def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
+    tamper, needle = LOAD_CASES[case]
+    tamper(ckpt)
+    with pytest.raises(ValueError) as refused:  # checkpoint.CheckpointError
+        checkpoint.load_model(ckpt)
+    message = str(refused.value)
+    assert type(refused.value).__name__ == "CheckpointError" and "\n" not in message, message
+    assert str(ckpt) in message and needle in message, message
+
+
+def test_load_model_takes_a_checkpoint_folder_through_a_link_of_the_users_own(ckpt, tmp_path):
+    """The folder named is the user's choice (a link to it is fine); only links below it are refused."""
+    (tmp_path / "link").symlink_to(ckpt)
+    model = checkpoint.load_model(tmp_path / "link")
+    assert model.classes == CLASSES and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --- predict: images of every wrong kind -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return AlexNet(**MODEL_ARGS).eval()
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+
+
+def test_predict_takes_uint8_floats_in_0_1_integers_and_pil_images_alike(model):
+    from PIL import Image
+
+    labels = checkpoint.predict(model, IMAGES)
+    assert labels.shape == (40,) and labels.dtype == np.int64
+    assert (checkpoint.predict(model, IMAGES.astype(np.float32) / np.float32(255)) == labels).all()
+    assert (checkpoint.predict(model, IMAGES.astype(np.int64)) == labels).all()
+    assert (checkpoint.predict(model, [Image.fromarray(im) for im in IMAGES[:8]]) == labels[:8]).all()
+    assert checkpoint.predict(model, IMAGES[:0]).shape == (0,)
+
+
+def _pil(size, mode="RGB"):
+    from PIL import Image
+
+    return Image.new(mode, size)
+
+
+PREDICT_CASES = {
+    "one image without the batch axis": (lambda: IMAGES[0], "shape (32, 32, 3)"),
+    "grayscale": (lambda: IMAGES[..., 0], "shape (40, 32, 32)"),
+    "channels first": (lambda: IMAGES.transpose(0, 3, 1, 2), "shape (40, 3, 32, 32)"),
+    "64x64": (lambda: np.zeros((2, 64, 64, 3), np.uint8), "shape (2, 64, 64, 3)"),
+    "floats 0..255": (lambda: IMAGES.astype(np.float32), "floats in [0, 1]"),
+    "floats with NaN": (lambda: np.full((2, 32, 32, 3), np.nan), "floats in [0, 1]"),
+    "integers over 255": (lambda: IMAGES.astype(np.int64) + 256, "integers 0..255"),
+    "booleans": (lambda: IMAGES > 128, "images of bool"),
+    "one PIL image": (lambda: _pil((32, 32)), "one PIL image"),
+    "a PIL image of another size": (lambda: [_pil((64, 48))], "image 0 is 64x48; allowed: 32x32"),
+    "a torch tensor": (lambda: torch.zeros(2, 3, 32, 32), "a Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_CASES), ids=list(PREDICT_CASES))
+def test_predict_refuses_images_it_cannot_take_in_one_line(case, model):
+    make, needle = PREDICT_CASES[case]
+    with pytest.raises(ValueError) as refused:
+        checkpoint.predict(model, make())
+    assert needle in str(refused.value) and "allowed" in str(refused.value) and "\n" not in str(refused.value)
+
+
+# --- the bounded reader on a filesystem that is not local (a bucket's path) -----------------------------------
+
+
+def test_a_bucket_path_is_checked_by_name_and_size_before_reading(tmp_path):
+    import pyarrow.fs
+
+    from tune_alexnet.storage import RefusedFile, read_bytes
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "a.json").write_text("{}")
+    (tmp_path / "secret").write_text("outside")
+    bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem())  # not local: names only
+    assert read_bytes(bucket, "exp", "a.json", 10) == b"{}"
+    for relative, needle in (("../secret", "not a path inside"), ("/secret", "not a path inside"), ("", "not a path")):
+        with pytest.raises(RefusedFile, match=needle):
+            read_bytes(bucket, "exp", relative, 10)
+    with pytest.raises(RefusedFile, match="allowed: at most 1 bytes"):
+        read_bytes(bucket, "exp", "a.json", 1)
+    with pytest.raises(FileNotFoundError):
+        read_bytes(bucket, "exp", "b.json", 10)

@@ -1,0 +1,171 @@
+"""What the Ray cluster is and how a local one is started: its nodes, the node types its autoscaler can start,
+the filesystem a storage folder lies on, and the options of an embedded local Ray.
+
+Facts, not refusals: preflight.py decides what to refuse from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("tune_alexnet.cluster")
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
+MAX_TEMP_DIR = 48  # Ray's Unix sockets live below its temp folder; their paths must stay under 108 bytes
+
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "ceph",
+    "glusterfs",
+    "beegfs",
+    "fuse.s3fs",
+    "fuse.gcsfuse",
+    "fuse.juicefs",
+    "efs",
+    "9p",
+    "virtiofs",
+)
+
+
+class UnsafeTempDir(Exception):
+    """The private folder for a local Ray's sessions exists but is not ours alone."""
+
+
+def local_ray_options(log_to_driver: bool = True) -> dict:
+    """ray.init options of an embedded local Ray that shows other users of the machine nothing: its sessions and
+    logs (which hold the environment Tune forwards to trials, cloud secrets included) lie in a folder only this
+    user can enter. (Ray's servers listen on every interface whatever it is told, its token guarding them; and
+    it makes its own temp folder world-writable, hence the private folder above it.)"""
+    return {"_temp_dir": os.path.join(private_temp_dir(), "ray"), "log_to_driver": log_to_driver}
+
+
+def private_temp_dir() -> str:
+    """/tmp/tune-alexnet-UID, mode 0700, owned by this user; refused (UnsafeTempDir) if another user or a link
+    holds that name."""
+    base = tempfile.gettempdir()
+    if len(base) > MAX_TEMP_DIR - 20:
+        base = "/tmp"
+    path = os.path.join(base, f"tune-alexnet-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise UnsafeTempDir(f"{path} is not a folder of this user's; remove it, or set TMPDIR to another folder")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def keep_token_private() -> None:
+    """Ray's token (its servers refuse any client without it) is written readable by all; only this user may
+    read it."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
+def startable_node_types() -> list[dict]:
+    """Resources of each node type the connected cluster's autoscaler can start ([] without an autoscaler):
+    an autoscaling cluster's GPU workers are not up when a sweep starts, yet its trials must ask for GPU
+    shares so that the autoscaler starts them."""
+    import ray
+
+    context = ray.get_runtime_context()
+    head = [n for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})]
+    try:
+        if not head or head[0]["NodeID"] == context.get_node_id():
+            return autoscaler_node_types(context.gcs_address)
+        # the autoscaler's config lies on the head node: read it there
+        task = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001}, max_retries=0)
+        return ray.get(task(autoscaler_node_types).remote(context.gcs_address), timeout=60)
+    except Exception as exc:  # no verdict is no reason to refuse: go by the nodes that are up
+        log.warning("could not read the autoscaler's node types (%s); going by the nodes that are up", exc)
+        return []
+
+
+def max_cluster_gpus(node_types: list[dict]) -> float:
+    """GPUs the connected cluster has now, or that one node of a startable type has."""
+    import ray
+
+    return max([float(ray.cluster_resources().get("GPU", 0))] + [float(t.get("GPU", 0)) for t in node_types])
+
+
+def autoscaler_node_types(gcs_address: str) -> list[dict]:
+    """Resources of the node types that this machine's autoscaler (for the cluster at `gcs_address`) can start.
+
+    Ray keeps the node types only in the autoscaler's own config file, named on its monitor's command line
+    (`ray up` puts it in ~/ray_bootstrap_config.yaml); a monitor without one, as an embedded Ray has, means
+    no autoscaling.
+    """
+    import yaml
+
+    config, monitor_seen = None, False
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
+            continue
+        if f"--gcs-address={gcs_address}" not in args:
+            continue
+        monitor_seen = True
+        for a in args:
+            if a.startswith("--autoscaling-config="):
+                config = Path(os.readlink(f"/proc/{pid}/cwd"), os.path.expanduser(a.split("=", 1)[1]))
+    if config is None:
+        if monitor_seen:
+            return []
+        config = Path(BOOTSTRAP_CONFIG).expanduser()
+    if not config.is_file():
+        return []
+    cfg = yaml.safe_load(config.read_text()) or {}
+    return [
+        dict(t.get("resources") or {})
+        for name, t in (cfg.get("available_node_types") or {}).items()
+        if name == cfg.get("head_node_type") or int(t.get("max_workers", cfg.get("max_workers", 0)) or 0) > 0
+    ]
+
+
+def on_network_filesystem(path: str) -> bool:
+    """Whether `path` lies on a filesystem that other machines can mount too (from /proc/mounts)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    best, fstype = "", ""
+    for mount_point, kind in mounts:
+        if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
+            best, fstype = mount_point, kind
+    return fstype in NETWORK_FILESYSTEMS
+
+
+def local_storage_problem(nodes: list[dict], per_trial: dict, joined: bool) -> str | None:
+    """Why trials could not all write to a local folder: several nodes now, or (on a cluster we joined, which
+    may autoscale) no node up yet that can hold one trial, so trials will run on machines started later."""
+    alive = [n for n in nodes if n.get("Alive")]
+    if len(alive) > 1:
+        return f"this Ray cluster has {len(alive)} nodes, whose trials cannot write there"
+    fits = any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in per_trial.items() if v > 0) for n in alive)
+    if joined and not fits:
+        wants = ", ".join(f"{v:g} {k}" for k, v in per_trial.items() if v > 0)
+        return (
+            f"no node of this cluster has the {wants} a trial asks for yet, so trials will run on nodes "
+            f"started later, which cannot write there"
+        )
+    return None
