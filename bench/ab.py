@@ -4,7 +4,7 @@ Arms, for each study run and seed:
 - original: bench/original.py, the study's recipe (per-image PIL transforms in DataLoader worker processes,
   fp32, PyTorch's default backend flags);
 - project-bf16 and project-fp32: train.train_cifar with the config's precision set to bf16 and to fp32, and
-  the sweep's other defaults (batched augmentation on the device; channels-last and TF32 on CUDA).
+  the sweep's other defaults (batched augmentation on the device; on CUDA TF32, and channels-last with bf16).
 Each (run, arm, seed) trains in its own process with 1/K of the GPU's memory until the plateau rule ends it or
 the budget cuts it (a cut run gives no number). The table gives each seed's best test accuracy, each arm's mean
 and spread between seeds, and each project arm's mean minus the original arm's, with both spreads beside it.
@@ -218,14 +218,14 @@ def ab_text(data: Cifar, args: argparse.Namespace, workdir: Path, setting: str) 
     ]
     return "\n".join(
         [
-            "## (e) Fidelity A/B: the study's own recipe and this project's path on the same images",
+            "## (f) Fidelity A/B: the study's own recipe and this project's path on the same images",
             "",
             f"Card: {common.card_name()}; data: {data.source} ({train:,} train and {len(data.test_x):,} "
             f"test images, the same arrays for every arm); width {args.ab_width:g}; up to {limit} epochs, patience "
             f"{patience}, the test set every epoch; {setting}. original: bench/original.py (per-image PIL transforms, "
             f"fp32, PyTorch's default backend flags). project-bf16 / project-fp32: train.train_cifar with precision "
-            f"bf16 / fp32 and the sweep's other defaults (batched augmentation on the device; channels-last and TF32 "
-            f"on CUDA). Each number is a seed's best test accuracy; a run the budget cut short says so and counts in "
+            f"bf16 / fp32 and the sweep's other defaults (batched augmentation on the device; on CUDA TF32, and "
+            f"channels-last with bf16). Each number is a seed's best test accuracy; a run the budget cut short says so and counts in "
             f"no mean. The study's published results (CIFAR-10's original pixels, one run each): {published}.",
             "",
             common.markdown(

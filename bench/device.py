@@ -1,18 +1,29 @@
-"""One call on a GPU machine: throughput, packing, checkpoint cost and fidelity, each as a Markdown table.
+"""One call on a GPU machine: the training step, packing, checkpoint cost, fidelity and a study projection.
 
 A GPU may be lent for a few minutes only, without Ray and without a network, so everything here is plain
 PyTorch from the checkout (`train.train_cifar` with a report callback of its own) and every part stops on its
 own deadline inside one wall-clock budget (data decoding included). This file is the runner (arguments, the
 budget, the loop over the parts, the summary); each part is a module of its own:
 
-(a) throughput (part_throughput.py): training images/s of the original loop and of this project's path at
-    batch 32, 64 and 128, with the share of the card's dense bf16 peak;
-(b) packing (part_packing.py): K trials sharing the GPU, each in its own process with its memory capped at 1/K;
-(c) checkpoint (part_checkpoint.py): what writing and persisting checkpoints costs per epoch;
+(a) throughput (part_throughput.py): one trial's images/s for each step mode (eager, graph, compile), precision
+    and layout, augmenting one batch or --chunk images at a time, against the launch-free bound (the captured
+    step on pre-augmented data); the augmentation alone; launches and kernels per step; the original loop;
+(b) packing (part_packing.py): K trials sharing the GPU, each its own process with 1/K of the memory, with the
+    step (a) found fastest, without and with NVIDIA MPS;
+(c) checkpoint (part_checkpoint.py): the checkpoint share of an epoch at that speed, best weights paced
+    (the default) and at every new best;
 (d) fidelity (part_fidelity.py): study runs with the study's full recipe, concurrently, until they finish or
     the budget ends; a run cut short says so and gives no final number;
-(e) ab (ab.py, not run by default): the fidelity A/B, the study's own recipe (original.py) against this
+(e) projection (part_projection.py): the 108-run study's wall time at the default share, from (b) and (d);
+(f) ab (ab.py, not run by default): the fidelity A/B, the study's own recipe (original.py) against this
     project's path in bf16 and fp32, on the same images, several seeds.
+
+The budget (480 s from the call's start, unpacking the data included; the call must end within 9 minutes):
+unpacking and decoding the 60,000 JPEGs take about 20 s (decoding took 15 s on a 2-core CPU, BENCHMARKS.md);
+RESERVE_S stays for the end; each part then gets its share of the time
+left when it starts: (a) 0.45 (about 3.3 minutes: 20 rows of about 3.5 s, the counts' process, compile's), (b)
+0.45 of the rest (about 1.8 minutes: 14 points and two pools of processes), (c) 0.25 of the rest (about 35 s),
+(d) all the rest (about 1.6 minutes); (e) is arithmetic. Time a part leaves unused passes to the next one.
 
     bash bench/device.sh                        # on the GPU machine; results in $OUT (default ./device-out)
     bash bench/device.sh --parts ab             # the A/B alone
@@ -39,24 +50,25 @@ import torch
 from part_checkpoint import part_checkpoint
 from part_fidelity import FIDELITY_RUNS, part_fidelity
 from part_packing import part_packing
+from part_projection import part_projection
 from part_throughput import part_throughput
 
 from tune_alexnet.data import Cifar
+from tune_alexnet.settings import STEP_MODES
 
 DEFAULT_BUDGET_S = 480.0
 SMOKE_BUDGET_S = 50.0
 RESERVE_S = 20.0  # left at the end for stopping the fidelity runs, writing the summary and cleaning up
-DEFAULT_PARTS = "throughput,packing,checkpoint,fidelity"
-# Each part: its function and its share of the time left when it starts (about 1.5, 2 and 0.8 minutes of an
-# 8-minute call, fidelity the rest); the last part run takes all the time left, and time a part leaves unused
-# passes to the next one. A smoke run (a check, not a measurement: its windows are fixed and short) gives each
-# part at least its floor in seconds, so that a busy machine still runs every point of (a) to (c), and the
-# fidelity runs reach their first epochs.
+DEFAULT_PARTS = "throughput,packing,checkpoint,fidelity,projection"
+# Each part: its function, its share of the time left when it starts (0: it needs none of its own and runs on
+# what is left) and its floor in seconds under --smoke (a check, not a measurement: its windows are fixed and
+# short), so that a busy machine still runs every point of (a) to (c) and the fidelity runs reach an epoch.
 PARTS = {
-    "throughput": (part_throughput, 0.21, 60.0),
-    "packing": (part_packing, 0.35, 60.0),
-    "checkpoint": (part_checkpoint, 0.23, 60.0),
-    "fidelity": (part_fidelity, 0.5, 30.0),
+    "throughput": (part_throughput, 0.45, 40.0),
+    "packing": (part_packing, 0.45, 40.0),
+    "checkpoint": (part_checkpoint, 0.25, 40.0),
+    "fidelity": (part_fidelity, 0.5, 25.0),
+    "projection": (part_projection, 0.0, 0.0),
     "ab": (ab.part_ab, 1.0, 45.0),
 }
 
@@ -68,7 +80,7 @@ def machine_lines(args: argparse.Namespace) -> list[str]:
         lines.append(f"- GPU memory: {props.total_memory / 2**30:.1f} GiB; CUDA {torch.version.cuda}")
         if shutil.which("nvidia-smi"):
             smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_mode", "--format=csv,noheader"],
                 capture_output=True,
                 text=True,
                 timeout=20,
@@ -85,42 +97,46 @@ def machine_lines(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", required=True, help="CIFAR-10 ImageFolder tree (train/<class>/, test/<class>/)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "device-out", help="folder for the Markdown files")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is: a check")
-    ap.add_argument(
-        "--budget-s",
-        type=float,
-        help=f"wall-clock budget (default {DEFAULT_BUDGET_S:g} s, {SMOKE_BUDGET_S:g} with --smoke)",
-    )
-    ap.add_argument("--started-at", type=float, help="UNIX time the call started (default: now)")
-    ap.add_argument("--width", type=float, help="AlexNet width (default 1, 0.125 with --smoke)")
-    ap.add_argument("--images", type=int, help="train images for (a) and (b) (default 10000, 256 with --smoke)")
-    ap.add_argument("--batch-sizes", default="32,64,128", help="(a)'s batch sizes")
-    ap.add_argument("--pack-batch-sizes", default="32,128", help="(b)'s batch sizes")
-    ap.add_argument("--concurrency", help="(b)'s trials at once (default 1,2,4,8; 1,2 with --smoke)")
-    ap.add_argument("--runs", default=",".join(map(str, FIDELITY_RUNS)), help="(d)'s study runs")
-    ap.add_argument("--window", type=float, help="seconds per timed window in (a) and (b) (default: from the budget)")
-    ap.add_argument("--checkpoint-epochs", type=int, help="epochs per configuration in (c) (default 3, 2 smoke)")
-    ap.add_argument(
-        "--parts", default=DEFAULT_PARTS, help=f"which parts to run, of {','.join(PARTS)} (default {DEFAULT_PARTS})"
-    )
+    add = ap.add_argument
+    add("--data-dir", required=True, help="CIFAR-10 ImageFolder tree (train/<class>/, test/<class>/)")
+    add("--out", default=os.environ.get("OUT") or "device-out", help="folder for the Markdown files")
+    add("--smoke", action="store_true", help="tiny sizes on whatever device there is: a check")
+    add("--budget-s", type=float, help=f"wall-clock budget (default {DEFAULT_BUDGET_S:g} s, {SMOKE_BUDGET_S:g} smoke)")
+    add("--started-at", type=float, help="UNIX time the call started (default: now)")
+    add("--width", type=float, help="AlexNet width (default 1, 0.125 with --smoke)")
+    add("--images", type=int, help="train images for (a) and (b) (default 16384, 256 with --smoke)")
+    add("--batch-sizes", default="32,128", help="(a)'s batch sizes (default 32,128)")
+    add("--chunk", type=int, help="(a)'s chunked setting: images augmented at once (default 8192, 128 smoke)")
+    add("--aug-chunks", help="(a)'s chunk sizes for the augmentation alone (default 32,128,1024,8192; 32,128 smoke)")
+    add("--compile-limit-s", type=float, default=75.0, help="(a)'s compile process, at most (default 75 s)")
+    add("--step", default="auto", choices=("auto", *STEP_MODES), help="(b) to (d)'s step (default: (a)'s fastest)")
+    add("--augment-chunk", type=int, help="(b) to (d)'s augment chunk (default: that of (a)'s fastest)")
+    add("--pack-batch-sizes", default="32,128", help="(b)'s batch sizes")
+    add("--concurrency", help="(b)'s trials at once (default 1,2,4,8; 1,2 with --smoke)")
+    add("--no-mps", action="store_true", help="(b) without its MPS rows")
+    add("--runs", default=",".join(map(str, FIDELITY_RUNS)), help="(d)'s study runs")
+    add("--window", type=float, help="seconds per timed window in (a) and (b) (default: from the budget)")
+    add("--checkpoint-epochs", type=int, default=3, help="epochs per configuration in (c) (default 3)")
+    add("--parts", default=DEFAULT_PARTS, help=f"which parts to run, of {','.join(PARTS)} (default {DEFAULT_PARTS})")
     ab.add_arguments(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = parser()
     args = ap.parse_args(argv)
+    smoke = args.smoke
     ints = lambda text: tuple(int(v) for v in text.split(","))  # noqa: E731
-    args.batch_sizes, args.pack_batch_sizes, args.runs = (
-        ints(args.batch_sizes),
-        ints(args.pack_batch_sizes),
-        ints(args.runs),
-    )
-    args.concurrency = ints(args.concurrency or ("1,2" if args.smoke else "1,2,4,8"))
-    args.budget_s = args.budget_s or (SMOKE_BUDGET_S if args.smoke else DEFAULT_BUDGET_S)
-    args.width = args.width or (0.125 if args.smoke else 1.0)
-    args.images = args.images or (256 if args.smoke else 10_000)
-    args.checkpoint_epochs = args.checkpoint_epochs or (2 if args.smoke else 3)
-    if args.smoke and args.window is None:
+    args.batch_sizes, args.pack_batch_sizes, args.runs = map(ints, (args.batch_sizes, args.pack_batch_sizes, args.runs))
+    args.aug_chunks = ints(args.aug_chunks or ("32,128" if smoke else "32,128,1024,8192"))
+    args.concurrency = ints(args.concurrency or ("1,2" if smoke else "1,2,4,8"))
+    args.budget_s = args.budget_s or (SMOKE_BUDGET_S if smoke else DEFAULT_BUDGET_S)
+    args.width = args.width or (0.125 if smoke else 1.0)
+    args.images = args.images or (256 if smoke else 16_384)
+    args.chunk = args.chunk or (128 if smoke else 8192)
+    if smoke and args.window is None:
         args.window = 0.3
     args.parts = tuple(p for p in args.parts.split(",") if p)
     unknown = [p for p in args.parts if p not in PARTS]
@@ -164,6 +180,8 @@ def run_part(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # a check on a shared machine: a busy core must not stall a second thread
     end = (args.started_at or time.time()) + args.budget_s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     timings, sections, failed = [], [], []
     chosen = [name for name in PARTS if name in args.parts]
+    timed = [name for name in chosen if PARTS[name][1] > 0] or chosen
     try:
         data, timing = load_data(args, workdir)
         timings.append(timing)
         for name in chosen:
-            text, timing, part_failed = run_part(name, data, args, end, workdir, last=name == chosen[-1])
+            text, timing, part_failed = run_part(name, data, args, end, workdir, last=name == timed[-1])
             failed += [name] if part_failed else []
             timings.append(timing)
             (out / f"{name}.md").write_text(text + "\n")

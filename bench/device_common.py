@@ -114,6 +114,17 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def record(workdir: Path, part: str, values: dict) -> None:
+    """A part's measured values, for the parts after it (the step choice, the study projection)."""
+    (Path(workdir) / f"{part}.json").write_text(json.dumps(values))
+
+
+def recorded(workdir: Path, part: str) -> dict:
+    """What `record` kept for a part; empty when that part did not run (or not in this call)."""
+    path = Path(workdir) / f"{part}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def decode(data_dir: str) -> Cifar:
     """load_cifar10 without a progress bar (so without tqdm, which a bare GPU image may lack)."""
     return load_cifar10(data_dir, progress=False)

@@ -1,7 +1,9 @@
 """Part (d) of bench/device.py: study runs trained with the study's full recipe, next to the original's accuracy.
 
 The runs train concurrently on the one GPU, each in its own process with 1/K of its memory, until they finish or
-the budget ends; a run cut short says so and gives no final number.
+the budget ends; a run cut short says so and gives no final number. They train with the step of parts (b) and
+(c) (steps.chosen_step: the fastest part (a) measured, or --step and --augment-chunk), as runtime settings: the
+trial's config, and so what it computes, is the study's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import device_common as common
+import steps
 
 from tune_alexnet.data import Cifar
 from tune_alexnet.grid import study_config
@@ -53,13 +56,20 @@ def _fidelity_worker(
     memory_fraction: float,
     store: str,
     original: float,
+    runtime: dict,
 ) -> None:
     """One study run with the full recipe, in its own process, until it ends itself or the deadline nears."""
     common.worker_setup(threads, memory_fraction)
     data = common.load_arrays(Path(arrays))
     echo = partial(_echo, run, original)
     recorder = common.LocalStore(Path(store), deadline=deadline, log=Path(log), keep_last=True, echo=echo)
-    common.logged_run(lambda: train_cifar({**study_config(run), "width": width}, data, recorder), Path(log))
+    config = {**study_config(run), "width": width}
+    common.logged_run(lambda: train_cifar(config, data, recorder, runtime=runtime), Path(log))
+
+
+def log_path(workdir: Path, run: int) -> Path:
+    """A fidelity run's JSON-lines log: its epochs' metrics and how it ended."""
+    return Path(workdir) / f"fidelity-{run}.jsonl"
 
 
 def _fidelity_row(run: int, original: float, log: Path, max_epochs: int, patience: int) -> list:
@@ -101,12 +111,14 @@ def part_fidelity(data: Cifar, args: argparse.Namespace, deadline: float, workdi
     threads = 1 if not on_cuda else max(1, (os.cpu_count() or 2) // k)
     fraction = 1.0 / k if on_cuda else 1.0
     arrays = common.arrays_dir(workdir)
-    logs = {run: workdir / f"fidelity-{run}.jsonl" for run in args.runs}
+    mode, chunk, why = steps.chosen_step(args, workdir)
+    runtime = {"step": mode, "augment_chunk": chunk}
+    logs = {run: log_path(workdir, run) for run in args.runs}
     jobs = [
         (
             _fidelity_worker,
             (run, str(arrays), args.width, deadline, str(logs[run]), threads, fraction)
-            + (str(workdir / f"fidelity-{run}"), float(ref[run])),
+            + (str(workdir / f"fidelity-{run}"), float(ref[run]), runtime),
         )
         for run in args.runs
     ]
@@ -123,8 +135,8 @@ def part_fidelity(data: Cifar, args: argparse.Namespace, deadline: float, workdi
             + (f" with 1/{k} of the GPU's memory" if on_cuda else "")
             + f"; the recipe: up to {TRIAL_DEFAULTS['epochs']} epochs, patience {TRIAL_DEFAULTS['patience']}, "
             f"augmentation, the whole train set ({common.train_images(arrays):,} images) and test set every epoch; "
-            f"checkpoints copied to local disk. A run the time budget cut short says so: its number is the best so far, "
-            f"not a result.",
+            f"checkpoints copied to local disk; step {mode}, augment chunk {chunk} ({why}). A run the time budget cut "
+            f"short says so: its number is the best so far, not a result.",
             "",
             common.markdown(HEADER, rows),
         ]

@@ -1,25 +1,40 @@
-"""Part (b) of bench/device.py: K trials sharing one GPU, as Ray's fractional GPUs run them.
+"""Part (b) of bench/device.py: K trials sharing one GPU, as Ray's fractional GPUs run them, with and without MPS.
 
-Each trial is its own process with its CUDA memory capped at 1/K; every process trains for the same window
-after all K have warmed up, and the aggregate is the sum of their images/s.
+Each trial is its own process with its CUDA memory capped at 1/K, training with the step that part (a) measured
+fastest (steps.chosen_step; --step and --augment-chunk choose instead); every process trains for the same window
+after all K have warmed up (a graph step has captured by then), and the aggregate is the sum of their images/s.
+With NVIDIA MPS the kernels of the K processes may run at once instead of taking turns: its control daemon is
+started for these points alone (`nvidia-cuda-mps-control -d`, its pipe and log folders in the work folder), the
+processes are started after it, and it is stopped (`echo quit | nvidia-cuda-mps-control`) whatever happens. The
+MPS rows say why they were skipped where there is no CUDA, no nvidia-cuda-mps-control, or the daemon does not
+serve a test process. About half the part's time goes to the points without MPS, the rest to those with it (K=1
+is not run again under MPS); a short budget cuts K=2 first, then K=8.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import device_common as common
-import throughput
+import steps
 import torch
 
 from tune_alexnet.data import Cifar
-from tune_alexnet.model import AlexNet
-from tune_alexnet.train import make_optimizer, to_device_nchw, train_epoch
+from tune_alexnet.train import to_device_nchw
+
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_PROBE_S = 60.0  # a test process that has not run a kernel through the daemon by then: MPS does not serve
 
 
 def _collect(results, kind: str, point: int, n: int, until: float, workers: list) -> dict[int, tuple]:
@@ -45,67 +60,56 @@ def _collect(results, kind: str, point: int, n: int, until: float, workers: list
     return got
 
 
-def _pack_worker(index: int, arrays: str, images: int, width: float, threads: int, commands, results, go) -> None:
-    """One trial's process: waits for (point, K, batch, window) commands and trains for the window."""
+def _pack_worker(index: int, arrays: str, images: int, width: float, threads: int, step: tuple, queues) -> None:
+    """One trial's process: waits for (point, K, batch, window, wait_s) commands and trains for the window."""
+    commands, results, go = queues
     torch.set_num_threads(threads)
     data = common.load_arrays(Path(arrays), images)
     device = common.device_of_this_machine()
-    if device.type == "cuda":
-        torch.zeros(1, device=device)  # the CUDA context, before the clock of any point starts
+    x, y = to_device_nchw(data.train_x, device), torch.from_numpy(data.train_y.copy()).to(device)
     results.put(("hello", index, -1))
     while (command := commands.get()) is not None:
         point, k, batch, window, wait_s = command
         try:
-            done = _pack_point(index, point, k, batch, window, wait_s, data, width, device, results, go[point])
-            results.put(("done", index, point, *done))
+            rt, run = steps.runtime(device, steps.DEFAULT_VARIANT, *step)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction(1.0 / k, device)
+            trial = steps.new_trial(rt, run, batch, width, seed=index)
+            steps.warm_up(trial, x, y, batch, rt)
+            results.put(("ready", index, point))
+            if not go[point].wait(timeout=wait_s):
+                raise TimeoutError("the other trials of this point never became ready")
+            results.put(("done", index, point, *steps.timed(trial, x, y, batch, rt, window), trial.step.mode))
+            del trial
         except Exception as exc:
             results.put(("error", index, point, f"{type(exc).__name__}: {exc}"))
-
-
-def _pack_point(index, point, k, batch, window, wait_s, data, width, device, results, go) -> tuple[int, float]:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0 / k, device)
-    rt = throughput.project_runtime(device)
-    memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
-    model = AlexNet(dropout=True, batchnorm=True, width=width).to(device, memory_format=memory_format)
-    optimizer = make_optimizer("sgd", model.parameters(), 0.01)
-    x, y = to_device_nchw(data.train_x, device), torch.from_numpy(data.train_y.copy()).to(device)
-    gen = torch.Generator(device).manual_seed(index)
-    for _ in range(2):  # warm-up: cudnn autotuning, the allocator
-        train_epoch(model, optimizer, x[: batch * 4], y[: batch * 4], batch, gen, rt)
-    common.sync()
-    results.put(("ready", index, point))
-    if not go.wait(timeout=wait_s):
-        raise TimeoutError("the other trials of this point never became ready")
-    chunk = min(len(x), batch * 50)  # 50 steps, then one sync, as train_epoch checks the loss every 50 steps
-    start, done, offset = time.perf_counter(), 0, 0
-    while done == 0 or time.perf_counter() - start < window:
-        if offset + chunk > len(x):
-            offset = 0
-        train_epoch(model, optimizer, x[offset : offset + chunk], y[offset : offset + chunk], batch, gen, rt)
-        done, offset = done + chunk, offset + chunk
-    common.sync()
-    elapsed = time.perf_counter() - start
-    del model, optimizer, x, y
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return done, elapsed
+        gc.collect()  # the trial, and a captured graph's memory pool with it
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class _Pool:
     """The worker processes of part (b), one per trial of the largest K, and their queues."""
 
-    def __init__(self, args, arrays: Path, points: list, threads: int):
+    def __init__(self, args, arrays: Path, points: int, threads: int, step: tuple[str, int]):
         ctx = mp.get_context("spawn")
         self.n = max(args.concurrency)
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(self.n)]
-        self.go = [ctx.Event() for _ in points]
+        self.go = [ctx.Event() for _ in range(points)]
         self.workers = [
             ctx.Process(
                 target=_pack_worker,
-                args=(i, str(arrays), args.images, args.width, threads, self.commands[i], self.results, self.go),
+                args=(
+                    i,
+                    str(arrays),
+                    args.images,
+                    args.width,
+                    threads,
+                    step,
+                    (self.commands[i], self.results, self.go),
+                ),
                 daemon=True,
             )
             for i in range(self.n)
@@ -116,15 +120,15 @@ class _Pool:
             w.start()
         _collect(self.results, "hello", -1, self.n, deadline, self.workers)
 
-    def measure(self, i: int, k: int, bs: int, window: float, deadline: float) -> list[float]:
-        """Point i: k trials at batch bs train for the window at once; each trial's images/s."""
+    def measure(self, i: int, k: int, bs: int, window: float, deadline: float) -> tuple[list[float], set]:
+        """Point i: k trials at batch bs train for the window at once; each trial's images/s, the modes they ran."""
         wait_s = max(5.0, deadline - time.time())
         for w in range(k):
             self.commands[w].put((i, k, bs, window, wait_s))
         _collect(self.results, "ready", i, k, deadline + 30, self.workers)
         self.go[i].set()
         done = _collect(self.results, "done", i, k, deadline + 30 + window, self.workers)
-        return [images / seconds for images, seconds in done.values()]
+        return [images / seconds for images, seconds, _ in done.values()], {mode for *_, mode in done.values()}
 
     def stop(self) -> None:
         for c in self.commands:
@@ -135,50 +139,130 @@ class _Pool:
                 w.terminate()
 
 
+def mps_possible(args: argparse.Namespace) -> bool:
+    return torch.cuda.is_available() and shutil.which(MPS_CONTROL) is not None and not args.no_mps
+
+
+@contextlib.contextmanager
+def mps_daemon(workdir: Path) -> Iterator[str | None]:
+    """NVIDIA MPS for the processes started inside: None while it serves them (its folders in os.environ, which
+    they inherit), else why not. The daemon this started is stopped on the way out, whatever happened."""
+    control = shutil.which(MPS_CONTROL)
+    if not torch.cuda.is_available() or control is None:
+        yield "needs an NVIDIA GPU" if not torch.cuda.is_available() else f"{MPS_CONTROL} is not installed"
+        return
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(workdir / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(workdir / "mps-log")}
+    for folder in env.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        started = subprocess.run([control, "-d"], env={**os.environ, **env}, capture_output=True, text=True,
+                                 timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        yield f"{MPS_CONTROL} -d failed: {exc}"
+        return
+    if started.returncode != 0:
+        yield f"{MPS_CONTROL} -d failed: {(started.stderr or started.stdout).strip()[:200]}"
+        return
+    os.environ.update(env)
+    try:
+        yield _mps_probe()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _mps_quit(control, env)
+
+
+def _mps_quit(control: str, env: dict) -> None:
+    """`echo quit | nvidia-cuda-mps-control` for the daemon of these folders; a loud line if it may still run."""
+    try:
+        done = subprocess.run([control], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        problem = None if done.returncode == 0 else (done.stderr or done.stdout).strip()[:200]
+    except (OSError, subprocess.SubprocessError) as exc:
+        problem = str(exc)
+    if problem is not None:
+        print(f"WARNING: MPS may still run ({problem}); stop it with: echo quit | CUDA_MPS_PIPE_DIRECTORY="
+              f"{env['CUDA_MPS_PIPE_DIRECTORY']} {MPS_CONTROL}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _mps_probe() -> str | None:
+    """None when a fresh process runs a kernel through the daemon, else what went wrong."""
+    code = "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()"
+    try:
+        probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=MPS_PROBE_S)
+    except subprocess.TimeoutExpired:
+        return f"a test process did not run a kernel through MPS within {MPS_PROBE_S:g} s"
+    tail = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+    return None if probe.returncode == 0 else f"a test process failed under MPS: {tail[:200]}"
+
+
 def part_packing(data: Cifar, args: argparse.Namespace, deadline: float, workdir: Path) -> str:
     device = common.device_of_this_machine()
-    points = [(k, bs) for bs in args.pack_batch_sizes for k in args.concurrency]
+    mode, chunk, why = steps.chosen_step(args, workdir)
     threads = 1 if device.type == "cpu" else max(1, (os.cpu_count() or 2) // max(args.concurrency))
-    cap = (lambda k: f"1/{k}") if device.type == "cuda" else (lambda k: "no GPU")
-    pool = _Pool(args, common.arrays_dir(workdir), points, threads)
+    rows, measured, notes = [], {}, [f"Step: {mode}, augment chunk {chunk} ({why})."]
+    for mps in (False, True):
+        stop = deadline if mps or not mps_possible(args) else time.time() + 0.55 * (deadline - time.time())
+        order = sorted(args.concurrency, key=lambda k: (k != 1, k == 2, k))  # what a short budget cuts: K=2 first
+        points = [(k, bs) for k in order for bs in args.pack_batch_sizes if not (mps and k == 1)]
+        if mps and args.no_mps:
+            notes.append("MPS rows skipped: --no-mps.")
+            continue
+        with mps_daemon(workdir) if mps else contextlib.nullcontext() as problem:
+            if problem:
+                notes.append(f"MPS rows skipped: {problem}.")
+                continue
+            notes.append(_points(args, workdir, points, threads, (mode, chunk), mps, stop, rows, measured))
+    rows.sort(key=lambda r: (r[1] == "on", r[3], r[0]))  # by MPS, batch, K
+    common.record(workdir, "packing", {"step": mode, "chunk": chunk, "points": [
+        {"k": k, "batch": bs, "mps": mps, "aggregate": v} for (k, bs, mps), v in measured.items()]})  # fmt: skip
+    return _text(args, threads, notes, rows)
+
+
+def _points(args, workdir: Path, points, threads: int, step: tuple, mps: bool, deadline: float, rows, measured) -> str:
+    """Measures the points with one pool of processes; appends their rows; a line on how it went."""
+    on_cuda = torch.cuda.is_available()
+    cap, label = ("1/{}" if on_cuda else "no GPU"), ("on" if mps else "off")
+    pool = _Pool(args, common.arrays_dir(workdir), len(points), threads, step)
     started = time.time()
-    rows, measured = [], {}
-    note = ""
     try:
         pool.start(deadline)
         startup = time.time() - started
-        overhead = 5.0 if device.type == "cuda" else 1.5  # model, warm-up, cudnn autotuning, hand-shakes
-        window = args.window or max(0.3, min(15.0, (deadline - time.time()) / len(points) - overhead))
+        overhead = 6.0 if on_cuda else 1.5  # a model per process, its warm-up and capture, hand-shakes
+        window = args.window or max(0.5, min(10.0, (deadline - time.time()) / len(points) - overhead))
         for i, (k, bs) in enumerate(points):
             if time.time() + window + overhead > deadline:
-                rows.append([k, cap(k), bs, "not measured (out of time)", "", ""])
+                rows.append([k, label, cap.format(k), bs, "not measured (out of time)", "", "", ""])
                 continue
-            per_trial = pool.measure(i, k, bs, window, deadline)
-            measured[k, bs] = sum(per_trial)
-            base = measured.get((1, bs))
+            per_trial, modes = pool.measure(i, k, bs, window, deadline)
+            measured[k, bs, mps] = sum(per_trial)
+            base = measured.get((1, bs, False))
             vs_one = f"{sum(per_trial) / base:.2f}x" if base else ""
-            rows.append([k, cap(k), bs, ", ".join(f"{r:,.0f}" for r in per_trial), f"{sum(per_trial):,.0f}", vs_one])
-        note = (
-            f"{pool.n} worker processes started in {startup:.1f} s (not timed); each point trains for "
-            f"{window:.1f} s in every process after all of them have warmed up."
-        )
+            rows.append([k, label, cap.format(k), bs, ", ".join(f"{r:,.0f}" for r in per_trial),
+                         f"{sum(per_trial):,.0f}", vs_one, ", ".join(sorted(modes))])  # fmt: skip
+        return (f"MPS {label}: {pool.n} worker processes started in {startup:.1f} s (not timed); each point trains "
+                f"for {window:.1f} s in every process after all of them have warmed up.")  # fmt: skip
     except (TimeoutError, RuntimeError) as exc:
-        note = f"stopped early: {exc}"
+        return f"MPS {label}: stopped early: {exc}"
     finally:
         pool.stop()
-    return _text(args, threads, note, rows)
 
 
-def _text(args, threads: int, note: str, rows: list[list]) -> str:
+def _text(args, threads: int, notes: list[str], rows: list[list]) -> str:
     cap = "torch.cuda.set_per_process_memory_fraction(1/K)" if torch.cuda.is_available() else "CPU: no memory cap"
-    header = ["trials at once (K)", "memory cap each", "batch", "img/s of each trial", "aggregate img/s", "vs 1 trial"]
+    header = ["trials at once (K)", "MPS", "memory cap each", "batch", "img/s of each trial", "aggregate img/s",
+              "vs 1 trial without MPS", "step ran"]  # fmt: skip
     return "\n".join(
         [
-            "## (b) Packing: trials sharing one GPU",
+            "## (b) Packing: trials sharing one GPU, with and without MPS",
             "",
-            f"Card: {common.card_name()}; width {args.width:g}; each trial is its own process ({cap}, "
-            f"{threads} CPU thread(s)), training this project's path (SGD, dropout and batch norm on, the sweep's "
-            f"defaults) on the first {args.images:,} train images. {note}",
+            f"Card: {common.card_name()}; width {args.width:g}; each trial is its own process ({cap}, {threads} CPU "
+            f"thread(s)), training this project's path (SGD, dropout and batch norm on, fp32 with TF32 on CUDA) on "
+            f"the first {args.images:,} train images. " + " ".join(notes),
             "",
             common.markdown(header, rows),
         ]

@@ -82,7 +82,7 @@ def _original_step(model, opt, images, labels) -> None:
 
 
 def project_runtime(device: torch.device) -> Runtime:
-    """The sweep's defaults for a trial on `device` (bf16, channels-last and TF32 on CUDA; fp32 on the CPU),
+    """The sweep's defaults for a trial on `device` (settings.TRIAL_DEFAULTS and RUNTIME_DEFAULTS),
     with the backend flags the training function sets."""
     runtime = {**RUNTIME_DEFAULTS, "device": "auto" if device.type == "cuda" else "cpu"}
     rt = resolve_runtime(dict(TRIAL_DEFAULTS), runtime, None)

@@ -45,7 +45,7 @@ def one_line_exit_2(argv, capsys) -> str:
         (["--name", "a/b"], "'a/b'; allowed: letters, digits"),
         (["--name", "x" * 300], "at most 100 characters"),
         (["--name", ".hidden"], "not starting with '.'"),
-        (["--seed", str(2**64)], f"'{2**64}'; allowed: a whole number 0..4294967295"),
+        (["--seed", str(2**64)], f"'{2**64}'; allowed: a whole number >= 0 and <= 4294967295"),
         (["--cpus-per-trial", "0"], "--cpus-per-trial 0 needs --gpus-per-trial above 0"),
         (["--gpus-per-trial", "1"], "a trial asks for 1 CPU, 1 GPU but no node of this cluster has that"),
         (
@@ -213,14 +213,19 @@ def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
     while not (tmp_path / ".held.lock").exists():
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
-    for extra in ([], ["--resume"]):
-        second = subprocess.run(args + extra, env=env, capture_output=True, text=True, timeout=120)
+    resume = [*args[:4], "--resume", "--name", "held", "--storage", str(tmp_path)]
+    for again in (args, resume):
+        second = subprocess.run(again, env=env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
         line = second.stderr.strip().splitlines()[-1]
         assert f"experiment 'held' in {tmp_path} is in use by a sweep (pid {first.pid} on " in line, line
-    assert first.wait(300) == 0, first.stderr[-2000:]
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
     assert len(pd.read_parquet(tmp_path / "held" / "results.parquet")) == 1
     assert not (tmp_path / ".held.lock").exists()  # released
+    # --quiet: our summary alone, none of Ray's lines (its token notice, its warnings) and no progress table.
+    assert err == "" and out.startswith("tune-alexnet: experiment ") and "WARNING" not in out, out + err
+    assert not any(line.startswith("[") for line in out.splitlines()), out
 
 
 @pytest.mark.slow

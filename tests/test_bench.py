@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end on tiny settings, so they work when a GPU is there to measure.
 
 bench/device.sh is meant for a GPU machine that has no Ray: its smoke runs here go through the same parts (the
-default four, and the fidelity A/B) with `import ray` made to fail.
+default five, and the fidelity A/B) with `import ray` made to fail.
 """
 
 import importlib.util
@@ -68,7 +68,7 @@ def no_ray_env(tmp_path):
     return env
 
 
-def test_device_smoke_runs_all_four_parts_without_ray(no_ray_env, synthetic_dir, tmp_path):
+def test_device_smoke_runs_every_part_without_ray(no_ray_env, synthetic_dir, tmp_path):
     data = MINI if MINI.is_dir() else synthetic_dir
     out = tmp_path / "out"
     env = {**no_ray_env, "OUT": str(out)}
@@ -82,30 +82,45 @@ def test_device_smoke_runs_all_four_parts_without_ray(no_ray_env, synthetic_dir,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["checkpoint.md", "fidelity.md", "log.txt", "packing.md", "summary.md", "throughput.md"]
-    assert all(p.is_file() for p in out.iterdir())
+    parts = ["checkpoint.md", "fidelity.md", "packing.md", "projection.md", "throughput.md"]
+    assert files == sorted([*parts, "log.txt", "summary.md"])
     text = {name: (out / name).read_text() for name in files}
 
-    for path in ("original", "project"):
-        for batch in (32, 64, 128):
+    step = text["throughput.md"]
+    cpu = r"fp32 \(TF32 is CUDA's\)"
+    for batch in (32, 128):  # the bound and the eager rows measured; what needs CUDA says so instead of failing
+        bound = rf"^\| bound: graph, pre-augmented \(eager here\) \| {cpu} \| {batch} \| pre-augmented \| {NUMBER} \|"
+        assert re.search(bound, step, re.M), step
+        for chunk in (0, 128):
             assert re.search(
-                rf"^\| {path} \| {batch} \| {NUMBER} \| {NUMBER} \| no GPU \|", text["throughput.md"], re.M
-            ), text["throughput.md"]
-    assert re.search(r"= \d+\.\d TFLOP", text["throughput.md"])  # the epoch's arithmetic, from the layer shapes
+                rf"^\| eager \| {cpu} \| {batch} \| {chunk} \| {NUMBER} \| {NUMBER} \| no GPU \|", step, re.M
+            )
+            for mode in ("graph", "compile"):
+                assert re.search(rf"^\| {mode} \| {cpu} \| {batch} \| {chunk} \| needs CUDA \|", step, re.M), step
+        assert re.search(rf"^\| eager \| bf16, channels-last \| {batch} \| 0 \| needs CUDA \|", step, re.M)
+        assert re.search(rf"^\| eager \| fp32, TF32 off, NCHW \| {batch} \| 128 \| needs CUDA \|", step, re.M)
+    assert "Launch counts: 3 of 3 configurations counted in their process." in step  # the profiler's process ran
+    assert re.search(rf"^\| 32 \| {NUMBER} \| {NUMBER} \| eager batch 32 chunk 0: \d+% \|$", step, re.M), step
+    assert re.search(r"= \d+\.\d TFLOP", step)  # the epoch's arithmetic, from the layer shapes
 
+    pack = text["packing.md"]
+    assert "Step: eager, augment chunk " in pack and "MPS rows skipped: needs an NVIDIA GPU." in pack
     for batch in (32, 128):
-        assert re.search(rf"^\| 1 \| no GPU \| {batch} \| {NUMBER} \| {NUMBER} \| 1\.00x \|", text["packing.md"], re.M)
         assert re.search(
-            rf"^\| 2 \| no GPU \| {batch} \| {NUMBER}, {NUMBER} \| {NUMBER} \| {NUMBER}x \|", text["packing.md"], re.M
-        ), text["packing.md"]
-
-    for optimizer, run_number in (("sgd", 12), ("adam", 48)):
-        rows = re.findall(
-            rf"^\| {optimizer} \(run {run_number}\) \| (\S+) s \| \d+ \| (\w+) \| {NUMBER} \|.*%",
-            text["checkpoint.md"],
-            re.M,
+            rf"^\| 1 \| off \| no GPU \| {batch} \| {NUMBER} \| {NUMBER} \| 1\.00x \| eager \|", pack, re.M
         )
-        assert {kind for _, kind in rows} >= {"best", "resume", "final"}, text["checkpoint.md"]
+        two = rf"^\| 2 \| off \| no GPU \| {batch} \| {NUMBER}, {NUMBER} \| {NUMBER} \| {NUMBER}x \| eager \|"
+        assert re.search(two, pack, re.M), pack
+    assert "| on |" not in pack  # no MPS row where there is no GPU
+
+    kinds = {}
+    for run, pacing, kind in re.findall(
+        r"^\| (\d+) \(\w+\) \| ([^|]+) \| \d+ \| (\w+) \| " + NUMBER, text["checkpoint.md"], re.M
+    ):
+        kinds.setdefault((run, pacing.strip()), []).append(kind)
+    default = ("12", "default: best every 30 s, resume every 300 s")
+    assert kinds[default][0] == "best" and kinds[default][-1] == "final", text["checkpoint.md"]
+    assert kinds["48", "a resume state every epoch (resume_every_s 0)"] == ["resume", "resume", "final"]
 
     for run_number, original in ((16, "88.43"), (12, "88.11"), (62, "88.14"), (79, "13.54")):
         row = re.search(
@@ -117,12 +132,45 @@ def test_device_smoke_runs_all_four_parts_without_ray(no_ray_env, synthetic_dir,
         assert re.fullmatch(
             r"\d+\.\d\d% \(finished: .*\)|cut at epoch \d+ of <=100: best so far \d+\.\d\d%", row.group(1)
         ), row.group(1)
+    assert "step eager, augment chunk " in text["fidelity.md"]
+
+    projection = text["projection.md"]  # from (d)'s four runs at once: the default share packs four
+    assert re.search(r"^\| \(d\): whole epochs .* \| 100\.0 \(the epoch limit, 100 .* = [\d,]+ s = [\d.]+ h \| [\d.]+ \|$",
+                     projection, re.M), projection  # fmt: skip
+    assert "6.0 (the plateau rule's least: 1 + patience 5 (a lower bound))" in projection
 
     summary = text["summary.md"]
     assert "Ray modules loaded by this run: none" in summary
-    for part in ("(a) Training throughput", "(b) Packing", "(c) Checkpoint share", "(d) Fidelity"):
+    for part in (
+        "(a) One trial's training step",
+        "(b) Packing",
+        "(c) Checkpoint share",
+        "(d) Fidelity",
+        "(e) Projection",
+    ):
         assert part in summary
     assert "part failed" not in summary
+
+
+def test_launch_count_splits_ops_and_chunking_divides_the_augmentations():
+    """bench/launches.py --smoke: at batch 32 a 128-image chunk augments once per 4 steps, so the augmentation's
+    ops per step fall 4-fold while the model's step is the same op for op."""
+    out = run("launches.py", "--smoke", cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("Command: python bench/launches.py --smoke\nMachine: ")
+    assert f"torch {__import__('torch').__version__}" in out.stdout
+    rows = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0].isdigit():
+            rows[int(cells[0]), cells[1].split()[0]] = [float(c.rstrip("x")) for c in cells[2:]]
+    one, chunked = rows[32, "0"], rows[32, "128"]
+    augmentation, step, optimizer, other, compute, ratio, views = range(7)
+    assert one[augmentation] > 100 and chunked[augmentation] == pytest.approx(one[augmentation] / 4, abs=0.2)
+    assert chunked[step] == one[step] > 20 and chunked[optimizer] == one[optimizer] > 0
+    assert one[compute] == pytest.approx(sum(one[:4]), abs=0.2) and one[ratio] == 1.0 and chunked[ratio] < 0.6
+    assert rows[128, "128"][augmentation] == rows[128, "0"][augmentation]  # a chunk of one batch is one batch
+    assert "| 128 | 0 (one batch at a time) |" in out.stdout.split("Training images/s")[1]  # the wall-clock table
 
 
 def write_log(path: Path, lines: list[dict]) -> Path:
@@ -270,7 +318,9 @@ def test_device_runner_refuses_an_unknown_part(capsys):
     with pytest.raises(SystemExit) as refused:
         device.parse_args(["--data-dir", ".", "--parts", "throughput,abc"])
     assert refused.value.code == 2
-    assert "unknown part(s) abc; allowed: throughput, packing, checkpoint, fidelity, ab" in capsys.readouterr().err
+    assert "unknown part(s) abc; allowed: throughput, packing, checkpoint, fidelity, projection, ab" in (
+        capsys.readouterr().err
+    )
     assert device.parse_args(["--data-dir", ".", "--smoke", "--parts", "ab"]).ab_seeds == (0, 1)
 
 
@@ -376,3 +426,77 @@ def test_fidelity_projection_arithmetic_by_hand():
     # 32: 36 x 20 x 4 = 2880 s; 128: 36 x 20 x 1 = 720 s; 64 unmeasured takes the mean of the medians, 2.5 s: 1800 s
     assert hours == pytest.approx((2880 + 720 + 1800) / 4 / 3600)
     assert "20.0 epochs a run" in how and "/ 4 trials at once" in how
+
+
+def test_study_projection_arithmetic_and_run_lengths_by_hand(tmp_path):
+    """(e): 36 runs at each batch size x epochs a run x seconds an epoch, / 4 at once; a missing size is assumed
+    and says so; a cut run gives only a lower bound on the run length."""
+    projection = load_bench("part_projection")
+    hours, how = projection.project({32: 10.0, 128: 4.0}, 20.0, 4)
+    assert hours == pytest.approx(36 * 20 * (10 + 7 + 4) / 4 / 3600)  # batch 64: the mean of 10 and 4
+    assert "7.00 s (batch 64, assumed: the mean of the measured sizes)" in how and "/ 4 trials at once" in how
+    assert projection.run_lengths([(30, True), (20, True)])[0] == (25.0, "the mean of (d)'s 2 finished runs")
+    floor, why = projection.run_lengths([(30, True), (20, False)])[0]
+    assert floor == 25.5 and why.startswith("at least")
+    assert [n for n, _ in projection.run_lengths([])] == [6.0, 100.0]  # the plateau rule's bounds alone
+
+    common = load_bench("device_common")
+    common.record(tmp_path, "packing", {"points": [
+        {"k": 4, "batch": 32, "mps": False, "aggregate": 20_000.0},
+        {"k": 4, "batch": 32, "mps": True, "aggregate": 40_000.0},
+        {"k": 2, "batch": 128, "mps": False, "aggregate": 1e6},
+    ]})  # fmt: skip
+    assert projection.packing_epochs(tmp_path, mps=False) == {32: 4 * 50_000 / 20_000}  # one trial's epoch at K=4
+    assert projection.packing_epochs(tmp_path, mps=True) == {32: 5.0}
+
+
+def test_later_parts_train_with_the_pair_part_a_measured_fastest(tmp_path):
+    """Summed epoch time over the batch sizes decides; a graph row that fell back to eager, a row at another
+    precision and a pair not measured at every batch size do not count; the flags override."""
+    import argparse
+
+    steps, common = load_bench("steps"), load_bench("device_common")
+    args = argparse.Namespace(batch_sizes=(32, 128), chunk=8192, step="auto", augment_chunk=None)
+    assert steps.chosen_step(args, tmp_path)[:2] == ("eager", 8192)  # nothing measured, no CUDA here
+
+    def row(mode, batch, chunk, img_s, ran=None, variant="tf32"):
+        return {"variant": variant, "mode": mode, "batch": batch, "chunk": chunk, "img_s": img_s, "ran": ran or mode}
+
+    rows = [
+        row("eager", 32, 0, 3_000), row("eager", 128, 0, 11_000),
+        row("graph", 32, 8192, 20_000), row("graph", 128, 8192, 5_000),  # 2.5 + 10 s: slower in sum
+        row("eager", 32, 8192, 9_000), row("eager", 128, 8192, 30_000),  # 5.6 + 1.7 s: the fastest
+        row("graph", 32, 0, 90_000, ran="eager"), row("graph", 128, 0, 90_000, ran="eager"),
+        row("eager", 32, 1024, 99_000, variant="bf16-cl"), row("eager", 128, 1024, 99_000, variant="bf16-cl"),
+        row("compile", 32, 0, 99_000), row("compile", 128, 0, 99_000), row("graph", 32, 1024, 99_000),
+    ]  # fmt: skip
+    common.record(tmp_path, "throughput", {"rows": rows})
+    assert steps.chosen_step(args, tmp_path)[:2] == ("eager", 8192)
+    args.step, args.augment_chunk = "graph", 0
+    assert steps.chosen_step(args, tmp_path)[:2] == ("graph", 0)
+
+
+def test_mps_is_skipped_with_its_reason_and_leaves_the_environment_alone(tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine would start the daemon")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    packing = load_bench("part_packing")
+    with packing.mps_daemon(tmp_path) as problem:
+        assert problem == "needs an NVIDIA GPU"
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not (tmp_path / "mps-pipe").exists()
+
+
+def test_checkpoint_bench_runs_a_sweep_through_the_current_api(mini_dir, tmp_path):
+    """bench/checkpoint.py end to end on a local Ray: preflight's Plan, sweep.run, the size callback, the reserve
+    released (the finished folder holds the checkpoint alone)."""
+    out = run("checkpoint.py", "--data-dir", mini_dir, "--subset", "1", "--epochs", "2", "--width", "0.125",
+              "--optimizers", "sgd", "--storage", tmp_path, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| after | sgd |")]
+    assert len(rows) == 2, out.stdout
+    assert "| default (300 s) | 2 | best x1, final x1 | 2 |" in rows[0]
+    assert "| 0 s | 2 | resume x1, final x1 | 2 |" in rows[1]
+    folder, kept = (float(c) for c in rows[0].strip("|").split("|")[-2:])
+    assert folder == kept > 0  # no 8 MiB reserve left behind in the experiment folder

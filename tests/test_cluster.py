@@ -118,27 +118,19 @@ def cluster(tmp_path_factory):
 
 
 def small_sweep(data_dir, storage, name, *extra):
-    return [
-        "--data-dir",
-        data_dir,
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.01",
-        "--batchnorm",
-        "true",
-        "--batch-size",
-        "32,64",
-        "--epochs",
-        "3",
-        "--width",
-        "0.125",
-        "--storage",
-        storage,
-        "--name",
-        name,
-        *extra,
-    ]
+    """A small sweep's flags; `extra` adds flags or, for one given here already, replaces its value (a flag is
+    refused when given twice)."""
+    flags = {"--data-dir": data_dir, "--optimizer": "sgd", "--lr": "0.01", "--batchnorm": "true",
+             "--batch-size": "32,64", "--epochs": "3", "--width": "0.125", "--storage": storage, "--name": name}  # fmt: skip
+    alone = []
+    extra = list(extra)
+    while extra:
+        flag = extra.pop(0)
+        if extra and not str(extra[0]).startswith("--"):
+            flags[flag] = extra.pop(0)
+        else:
+            alone.append(flag)
+    return [*(item for pair in flags.items() for item in pair), *alone]
 
 
 def trial_rows(exp_dir: Path) -> dict[str, list[dict]]:

@@ -346,7 +346,8 @@ def _sync(rt: Runtime) -> None:
 def _autocast(rt: Runtime):
     if rt.amp_dtype is None:
         return torch.autocast(rt.device.type, enabled=False)
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
+    # A captured graph must not keep autocast's cache of cast weights (PyTorch's CUDA-graph notes).
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype, cache_enabled=rt.step != "graph")
 
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy optimizer state, cuDNN's choices
