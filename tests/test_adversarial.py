@@ -482,28 +482,33 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
     args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:-1], "6"]
     proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    printed = ""
+    while "Ray dashboard at http://" not in printed:  # the dashboard and the job API, which take no token
+        line = proc.stdout.readline()
+        assert line, printed[-3000:]
+        printed += line
+    dashboard_port = int(printed.split("Ray dashboard at http://")[1].split()[0].rsplit(":", 1)[1])
     deadline = time.monotonic() + 180
     while not list((storage / "net").glob("train_cifar_*/result.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        assert proc.poll() is None and time.monotonic() < deadline, printed
         time.sleep(0.2)
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    listening = {}
+    listening = []
     for p in tree:
         try:
-            for c in p.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    listening[c.laddr.port] = (c.laddr.ip, p.name())
+            listening += [(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]  # fmt: skip
         except psutil.Error:
             continue
-    http = [ip for port, (ip, _) in listening.items() if port == 8265]  # the dashboard and job API: no token
-    assert http and set(http) == {"127.0.0.1"}, listening
-    gcs = next(port for port, (_, name) in listening.items() if name == "gcs_server")
+    assert {ip for ip, port, _ in listening if port == dashboard_port} == {"127.0.0.1"}, listening
+    gcs = next(port for _, port, name in listening if name == "gcs_server")
     no_token = subprocess.run([sys.executable, "-c", TOKEN_PROBE, f"127.0.0.1:{gcs}"], capture_output=True,
                               text=True, timeout=60, env={**env, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path)})  # fmt: skip
     assert "refused: AuthenticationError" in no_token.stdout, no_token.stdout + no_token.stderr[-1000:]
     with_token = subprocess.run([sys.executable, "-c", TOKEN_PROBE, f"127.0.0.1:{gcs}"], capture_output=True,
                                 text=True, timeout=60, env={**env, "RAY_AUTH_MODE": "token"})  # fmt: skip
     assert "joined" in with_token.stdout, with_token.stdout + with_token.stderr[-1000:]
+    proc.stdout.read()
     assert proc.wait(300) == 0
     token = Path.home() / ".ray" / "auth_token"
     assert token.stat().st_mode & 0o077 == 0  # readable by this user only
