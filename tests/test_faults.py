@@ -274,7 +274,7 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(disk)], check=True)
     try:
         log = tmp_path / "sweep.log"
-        args = sweep_args(synthetic_dir, disk, "filling", 20, ["--dropout", "true", "--batch-size", "32,64",
+        args = sweep_args(synthetic_dir, disk, "filling", 12, ["--dropout", "true", "--batch-size", "32,64",
                                                                "--patience", "100", "--resume-every", "0"])  # fmt: skip
         proc = start_sweep(args, log)
         wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(disk / "filling").values()), proc, "epochs")
@@ -290,6 +290,6 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
         resumed = start_sweep(["--resume", "--name", "filling", "--storage", disk], tmp_path / "resume.log")
         assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
         table = pd.read_parquet(disk / "filling" / "results.parquet")
-        assert set(table["status"]) == {"terminated"} and (table["epochs_run"] == 20).all()
+        assert set(table["status"]) == {"terminated"} and (table["epochs_run"] == 12).all()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
