@@ -171,6 +171,16 @@ def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, 
     assert sorted(p.name for p in copy.glob("experiment_state-*.json")) == states  # nothing newer hides it
 
 
+@pytest.mark.timeout(60, func_only=True)  # Tune's own reader would block on the FIFO for ever
+def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged, capsys):
+    copy, _ = damaged
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state.unlink()
+    os.mkfifo(state)
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"--resume: {state} is a FIFO, which a sweep never makes; what finished is in 'tune-alexnet export" in err
+
+
 @pytest.mark.slow
 def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -290,14 +300,18 @@ TINY = ["--optimizer", "sgd", "--lr", "0.01", "--batch-size", "32", "--dropout",
         "--width", "0.125", "--epochs", "1"]  # fmt: skip
 
 
-def test_a_planted_lock_link_redirects_no_write(synthetic_dir, tmp_path, capsys):
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_planted_lock_link_redirects_no_write(link, synthetic_dir, tmp_path, capsys):
     storage, victim = tmp_path / "shared", tmp_path / "victim.txt"
     storage.mkdir()
     victim.write_text("precious")
-    (storage / ".study.lock").symlink_to(victim)
+    (storage / ".study.lock").symlink_to(victim) if link == "symbolic" else (storage / ".study.lock").hardlink_to(
+        victim
+    )
     err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "study",
                            *TINY], capsys)  # fmt: skip
-    assert f"the lock file {storage / '.study.lock'} is a symbolic link, which tune-alexnet never makes" in err
+    kind = "a symbolic link" if link == "symbolic" else "a file with 2 names"
+    assert f"the lock file {storage / '.study.lock'} is {kind}, which tune-alexnet never makes" in err
     assert victim.read_text() == "precious" and sorted(p.name for p in storage.iterdir()) == [".study.lock"]
 
 
@@ -352,6 +366,24 @@ def test_a_failed_or_lost_trial_fails_the_sweep():
     assert left_over(table("errored", "unknown", "running", "pending")) == (2, 2)
 
 
+@pytest.mark.slow
+def test_a_sweep_piped_into_head_loses_no_table(synthetic_dir, tmp_path):
+    """`tune-alexnet sweep ... | head -n 2`: once the reader has gone, the sweep trains on and writes its tables,
+    without a traceback, and exits 1 (its summary could not be shown)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    read, write = os.pipe()
+    argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path), "--name", "piped", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", *argv], env=env, stdout=write,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(write)
+    with os.fdopen(read) as head:
+        assert head.readline() and head.readline()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err[-3000:]
+    table = pd.read_parquet(tmp_path / "piped" / "results.parquet")
+    assert list(table["status"]) == ["terminated"] and (tmp_path / "piped" / "report.md").is_file()
+
+
 # --- resume: a record that lies, or none ---------------------------------------------------------------------
 
 
@@ -370,6 +402,7 @@ def test_a_failed_or_lost_trial_fails_the_sweep():
         ("grid=no-batchnorm", "is damaged: grid: "),
         ("trial.width=40", "is damaged: trial.width: 40; allowed: a number > 0 and <= 4"),
         ("no-data-record", "holds no record of the data the sweep started on; pass --allow-data-change"),
+        ("data.train_images=Infinity", "the experiment's data record is damaged (data.train_images is Infinity; "),
     ],
 )
 def test_resume_trusts_no_damaged_record(damage, needle, damaged, capsys, synthetic_dir):
@@ -392,6 +425,8 @@ def test_resume_trusts_no_damaged_record(damage, needle, damaged, capsys, synthe
             del record["grid"]["batchnorm"]
         elif key == "trial.width":
             record["trial"]["width"] = 40
+        elif key == "data.train_images":
+            record["data"]["train_images"] = float("inf")
         else:
             del record["data"]
         record_file.write_text(json.dumps(record))
@@ -408,9 +443,23 @@ def test_a_name_left_before_the_first_trial_reported_has_a_way_forward(damaged, 
     for path in copy.iterdir():  # what a sweep killed right after starting leaves: its record and Tune's first file
         if path.name not in ("tune_alexnet_sweep.json", "tuner.pkl"):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
-    assert "stopped before its first trial reported, so there is nothing to resume; run the same command " in err
+    early = copy.parent / "early"  # killed sooner still: before its record, with only its log and reserve
+    early.mkdir()
+    (early / "driver.log").write_text("2026-11-30 06:00:00 WARNING ray: ...\n")
+    (early / ".tune-alexnet-reserve").write_bytes(b"\0" * 1024)
+    for name in ("mixed", "early"):
+        err = one_line_exit_2(["sweep", "--resume", "--name", name, "--storage", str(copy.parent)], capsys)
+        assert "stopped before its first trial reported, so there is nothing to resume; run the same command " in err
     argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(copy.parent), "--name", "mixed", *TINY]
+    # Such a folder with a link planted in it is no sweep's leftover: taking it over would write through the link.
+    victim = copy.parent / "victim.txt"
+    victim.write_text("precious")
+    (copy / "tuner.pkl").rename(copy.parent / "tuner.pkl.kept")
+    (copy / "tuner.pkl").symlink_to(victim)
+    assert "an experiment named 'mixed' already exists" in one_line_exit_2(argv, capsys)
+    assert victim.read_text() == "precious"
+    (copy / "tuner.pkl").unlink()
+    (copy.parent / "tuner.pkl.kept").rename(copy / "tuner.pkl")
     assert main(argv) == 0, capsys.readouterr().err  # the way it named: a fresh sweep takes the name over
     assert len(pd.read_parquet(copy / "results.parquet")) == 1
 
@@ -502,7 +551,9 @@ except Exception as exc:
 
 
 @pytest.mark.slow
-def test_sighup_while_ray_starts_is_one_line_and_leaves_no_ray_behind(synthetic_dir, tmp_path, short_tmpdir):
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["sighup", "sigterm"])
+def test_a_stop_signal_while_ray_starts_is_one_line_and_leaves_no_ray_behind(sig, synthetic_dir, tmp_path,
+                                                                             short_tmpdir):  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": short_tmpdir}
     sessions = Path(short_tmpdir) / f"tune-alexnet-{os.getuid()}" / "ray"
     proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", str(synthetic_dir),
@@ -512,7 +563,7 @@ def test_sighup_while_ray_starts_is_one_line_and_leaves_no_ray_behind(synthetic_
     while not list(sessions.glob("session_2*")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
-    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(sig)  # SIGTERM: after ray.init has put its own handler in place of ours
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "tune-alexnet sweep: interrupted before the sweep started; nothing was run"

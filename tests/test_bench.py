@@ -221,7 +221,7 @@ def test_ab_smoke_trains_every_arm_and_seed_without_ray(no_ray_env, synthetic_di
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["ab.md", "log.txt", "summary.md"]
     text = (out / "ab.md").read_text()
-    assert f"data: image folder {data}" in text  # the comparison names the images it ran on
+    assert f"data: image folder {data.resolve()}" in text  # the comparison names the images it ran on
     assert "The study's published results (CIFAR-10's original pixels, one run each): run 12: 88.11%." in text
     finished = r"\d+\.\d\d% \(epoch limit at epoch 2, best at epoch [12]\)"
     for arm, difference in (

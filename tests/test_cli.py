@@ -49,6 +49,8 @@ from tune_alexnet.cli import _settings, build_parser, main
         ),  # fmt: skip
         (["sweep", "--resume", "--lr", "0.1", "--width", "1"], "so --lr, --width cannot change it"),
         (["train"], "invalid choice: 'train'"),
+        (["sweep", "--storage", "r\udcff"], "--storage: invalid value 'r\\xff'; allowed: a path or URI in UTF-8"),
+        (["export", "x", "--out", "o\udcff"], "--out: invalid value 'o\\xff'; allowed: a path or URI in UTF-8"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):

@@ -296,7 +296,15 @@ CASES = {
         settings_set(lambda s: {**s, "trial": {"width": "wide"}}),
         Refused("trial.width: 'wide'"),
     ),
-    "settings data a list": (settings_set(lambda s: {**s, "data": [1]}), Refused("data: a list")),
+    "settings data a list": (settings_set(lambda s: {**s, "data": [1]}), Refused("data is a list")),
+    "settings data train_images Infinity": (
+        settings_set(lambda s: {**s, "data": {**s["data"], "train_images": float("inf")}}),
+        Refused("data.train_images is Infinity"),
+    ),
+    "settings data source of two lines": (  # it would write a heading of its own into report.md
+        settings_set(lambda s: {**s, "data": {**s["data"], "source": "x\n# injected"}}),
+        Refused('data.source is "x\\n# injected"'),
+    ),
     # One trial's results, tampered: that trial is damaged, the others export intact.
     "epoch NaN": (lines_set(epoch=float("nan")), Row("damaged", "'epoch' is NaN")),
     "epoch a string": (lines_set(epoch="3"), Row("damaged", "'epoch' is \"3\"")),
@@ -327,11 +335,15 @@ CASES = {
         Row("damaged", "'epochs' is 10000000000000000000... (21 digits)"),
     ),
     "config optimizer leads out": (config_set(optimizer="../../../outside/x"), Row("damaged", "'optimizer' is")),
+    "config optimizer an object": (config_set(optimizer={"a": 1}), Row("damaged", "'optimizer' is a JSON object")),
+    "config optimizer a nested list": (config_set(optimizer=[1, [2, {"b": None}]]), Row("damaged", "'optimizer' is a")),
+    "config optimizer of 243 characters": (config_set(optimizer="x" * 243), Row("damaged", "'optimizer' is")),
     "config run 10**20": (config_set(run=10**20), Row("damaged", "'run' is")),
     "config a list": (state_set(config=[1, 2]), Row("damaged", "the config is a list")),
     "status unknown to Tune": (state_set(status="WEIRD"), Row("damaged", 'status is "WEIRD"')),
     "trial_id a number": (state_set(trial_id=5), Row("damaged", "trial_id is 5")),
     "trial_data not a list": (lambda f: f.state().write_text(json.dumps({"trial_data": 5})), REBUILT),
+    "trial_data names no trial": (lambda f: f.state().write_text(json.dumps({"trial_data": []})), REBUILT),
     # Tune's state gone: the table is rebuilt from the trial folders, which may be odd.
     "params.json holds a list": (
         without_state(written("terminated", "params.json", "[1]")),
@@ -384,7 +396,8 @@ def test_export_and_report_of_a_folder_that_lies(case, folder, capsys):
             assert SETTINGS_FILE in lines[0] and expect.needle in lines[0], lines[0]
         else:
             assert code == 0, err
-            assert ("is missing or unreadable" in err) == expect.rebuilt, err
+            rebuilt = "is missing or unreadable" in err or "are not in its experiment state" in err
+            assert rebuilt == expect.rebuilt, err
     assert _files_outside(root, folder.exp) == outside  # nothing written (or touched) outside the experiment
     if isinstance(expect, Row):
         _check_table(folder, victim, expect)
@@ -482,6 +495,7 @@ LOAD_CASES = {
     "an unknown argument": (_model_json(num_classes=1000), "'num_classes' is not one of AlexNet's arguments"),
     "11 classes": (_model_json(classes=[*CLASSES, "extra"]), "'classes' is a list (11 items)"),
     "classes not strings": (_model_json(classes=[1, 2]), "'classes'"),
+    "3 classes for 10 outputs": (_model_json(classes=["a", "b", "c"]), "'classes' is a list (3 items)"),
     "a class name of 1000 characters": (_model_json(classes=["x" * 1000]), "'classes'"),
     "model.json a list": (lambda d: (d / "model.json").write_text("[1]"), "it holds a list"),
     "model.json not JSON": (lambda d: (d / "model.json").write_text("{"), "model.json is not JSON"),
@@ -570,6 +584,12 @@ def test_predict_refuses_images_it_cannot_take_in_one_line(case, model):
     with pytest.raises(ValueError) as refused:
         checkpoint.predict(model, make())
     assert needle in str(refused.value) and "allowed" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+def test_predict_refuses_a_batch_size_below_one_in_one_line(batch_size, model):
+    with pytest.raises(ValueError, match=f"batch_size {batch_size!r}; allowed: a whole number >= 1"):
+        checkpoint.predict(model, IMAGES, batch_size=batch_size)
 
 
 # --- the bounded reader on a filesystem that is not local (a bucket's path) -----------------------------------

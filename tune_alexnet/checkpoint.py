@@ -146,10 +146,10 @@ def _model_args_problem(raw) -> str | None:
     names_ok = isinstance(classes, list) and all(
         isinstance(c, str) and c.isprintable() and 0 < len(c) <= CLASS_NAME_LIMIT for c in classes
     )
-    if not names_ok or len(classes) > NUM_CLASSES:
+    if not names_ok or len(classes) not in (0, NUM_CLASSES):  # one name an output, or none recorded
         return (
-            f"'classes' is {shown(classes)}; allowed: a list of at most {NUM_CLASSES} names "
-            f"of 1..{CLASS_NAME_LIMIT} characters"
+            f"'classes' is {shown(classes)}; allowed: a list of {NUM_CLASSES} names (one an output) "
+            f"of 1..{CLASS_NAME_LIMIT} characters, or none"
         )
     return None
 
@@ -201,6 +201,8 @@ def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
     same shape with values in [0, 1] (as `uint8 / 255` gives), or a list of 32x32 PIL images (converted to RGB).
     Anything else (one image without the batch axis, grayscale, channels first, another size, floats outside
     [0, 1]) raises ValueError saying what is allowed."""
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}; allowed: a whole number >= 1")
     x = _as_batch(images)
     device = next(model.parameters()).device
     model.eval()

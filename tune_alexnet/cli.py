@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from . import __version__
@@ -148,6 +148,17 @@ def _name(text: str) -> str:
     return text
 
 
+def _place(text: str) -> str:
+    """A folder or URI as typed; one whose name is not UTF-8 (the bytes of another encoding) cannot be passed on
+    to Ray, pyarrow or the tables, so it is refused here rather than halfway."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        spelled = str(os.fsencode(text))[2:-1]
+        raise argparse.ArgumentTypeError(f"invalid value '{spelled}'; allowed: a path or URI in UTF-8") from None
+    return text
+
+
 # --- the parser: one small builder a subcommand, the shared groups written once ---------------------------
 
 
@@ -242,16 +253,16 @@ def _runtime_flags(h) -> None:
 
 
 def _data_flags(d) -> None:
-    d.add_argument("--data-dir", help="offline data: a folder with train/<class>/ and test/<class>/ images "
+    d.add_argument("--data-dir", type=_place, help="offline data: a folder with train/<class>/ and test/<class>/ images "
                    "(default: download CIFAR-10 with torchvision)")  # fmt: skip
-    d.add_argument("--download-root",
+    d.add_argument("--download-root", type=_place,
                    help="where torchvision's CIFAR-10 is downloaded (default: ~/.cache/tune-alexnet/torchvision)")  # fmt: skip
     d.add_argument("--subset", type=_bounded("subset"),
                    help="use N train images per class (and the test set cut in the same proportion)")  # fmt: skip
 
 
 def _placement_flags(r) -> None:
-    r.add_argument("--storage", default=DEFAULT_STORAGE,
+    r.add_argument("--storage", type=_place, default=DEFAULT_STORAGE,
                    help=f"folder or {URIS} URI for experiments (default: ./{DEFAULT_STORAGE})")  # fmt: skip
     r.add_argument("--name", type=_name, help="experiment name: letters, digits, '.', '_', '-' "
                    f"(at most {MAX_NAME} characters; default: alexnet-<date>-<time>)")  # fmt: skip
@@ -281,8 +292,10 @@ def _tracker_flags(k) -> None:
 
 
 def _experiment_args(p, writes: str) -> None:
-    p.add_argument("experiment", help=f"experiment folder or URI, e.g. ray_results/<name> or {URIS}/<name>")
-    p.add_argument("--out", help=f"folder or URI for {writes} (default: the experiment folder)")
+    p.add_argument(
+        "experiment", type=_place, help=f"experiment folder or URI, e.g. ray_results/<name> or {URIS}/<name>"
+    )
+    p.add_argument("--out", type=_place, help=f"folder or URI for {writes} (default: the experiment folder)")
 
 
 def _export_parser(sub) -> None:
@@ -367,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(EXIT_USAGE, f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
     from .data import DataError
     from .export import ExportError
     from .preflight import PreflightError
@@ -391,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before the sweep started (loading data, starting Ray): nothing to keep
-        print(f"tune-alexnet {args.command}: interrupted before the sweep started; nothing was run", file=sys.stderr)
+        done = " before the sweep started; nothing was run" if args.command == "sweep" else "; no file is half-written"
+        _say(f"tune-alexnet {args.command}: interrupted{done}")
+        return EXIT_FAILED
+    except BrokenPipeError:  # `| head` or a pager closed early: what was written stays, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     return 0
 
@@ -412,19 +430,32 @@ def run_study(settings, data=None, quiet: bool = True):
             lines.keep_in(plan.exp_uri)
             if plan.dashboard_url and not quiet:
                 print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
+            interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():
                     sweep.run(plan, quiet)
             except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while Tune was stopping: stop now, cleanly
-                print("tune-alexnet: stopping at once; writing the tables of what is there", file=sys.stderr)
+                interrupted = True
+                _say("tune-alexnet: stopping at once; writing the tables of what is there")
+            except Exception as exc:  # whatever broke the sweep, what finished still gets its tables
+                failure = exc
             finally:
                 with _stop_signals_ignored():
                     plan.stop_ray()
             with _stop_signals_ignored():  # what finished gets its tables, whatever is pressed now
                 if not is_remote(plan.exp_uri):  # the room held back for these last writes
                     release_reserve(os.path.join(plan.exp_uri, RESERVE_NAME))
-                exp, written = export.export(plan.exp_uri)
+                try:
+                    exp, written = export.export(plan.exp_uri)
+                except export.ExportError:
+                    if failure is not None:
+                        raise failure from None
+                    if interrupted:  # stopped before Tune wrote its first state: nothing ran
+                        raise KeyboardInterrupt from None
+                    raise
                 written.append(write_report(exp))
+            if failure is not None:
+                raise failure
     return plan.exp_uri, exp, written
 
 
@@ -495,6 +526,12 @@ def _name_of(exp_uri: str) -> str:
 def _warn(notes: list[str]) -> None:
     for note in notes:
         print(f"tune-alexnet: warning: {note}", file=sys.stderr)
+
+
+def _say(line: str) -> None:
+    """A line on stderr that a closed terminal or pipe cannot turn into an error."""
+    with suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _leave_job_working_dir() -> None:

@@ -8,6 +8,7 @@ line with counts, the best run so far, the elapsed time and a rough time left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import time
 from ray import tune
 
 from .grid import full_config, run_number
+from .storage import DRIVER_LOG
 
 STATUS = {"RUNNING": "running", "PENDING": "pending", "TERMINATED": "done", "ERROR": "errored", "PAUSED": "paused"}
 
@@ -92,7 +94,10 @@ class Console(tune.Callback):
         lines = [self.progress()]
         if running:
             lines += [HEADER, *(trial_row(c, r, status) for c, r, status in running)]
-        print("\n".join(lines), file=sys.stdout, flush=True)
+        try:
+            print("\n".join(lines), file=sys.stdout, flush=True)
+        except OSError:  # a closed pipe or terminal: the sweep goes on without its progress lines
+            self.every_s = float("inf")
 
     def progress(self) -> str:
         statuses = [status for status, _, _ in self.snapshot]
@@ -169,7 +174,6 @@ HIDDEN = (
     "Token authentication is enabled",  # the README says what a local Ray listens on and how the token guards it
 )
 STOP_NOTICE = "Stop signal received"  # said again in our words
-DRIVER_LOG = "driver.log"  # in the experiment folder: every line Ray logged on the driver
 
 
 class RayLines(logging.Filter):
@@ -202,12 +206,13 @@ class RayLines(logging.Filter):
         self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}")
         if STOP_NOTICE in message:
             if not self.quiet:
-                print(
-                    "tune-alexnet: stopping: running trials keep their last checkpoints, and the tables of what is "
-                    "there follow; press Ctrl-C again to stop at once",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                with contextlib.suppress(OSError):  # a closed terminal or pipe
+                    print(
+                        "tune-alexnet: stopping: running trials keep their last checkpoints, and the tables of what "
+                        "is there follow; press Ctrl-C again to stop at once",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             return False
         if any(hidden in message for hidden in HIDDEN):
             return False

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .settings import NUM_CLASSES
+from .storage import shown
 
 IMAGE_SIZE = 32
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -161,17 +162,39 @@ def describe(data: Cifar) -> dict:
     }
 
 
+def check_record(recorded: object) -> dict:
+    """A data record read back from an experiment folder, as `describe` writes it: a hand-edited or tampered one
+    raises ValueError naming the field, since its text lands in reports and its numbers in comparisons."""
+
+    def line(value: object, field: str, limit: int) -> str:
+        if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+            raise ValueError(f"data.{field} is {shown(value)}; allowed: one line of text, at most {limit} characters")
+        return value
+
+    if not isinstance(recorded, Mapping):
+        raise ValueError(f"data is {shown(recorded)}; allowed: a JSON object describing the data")
+    classes = recorded.get("classes")
+    if not isinstance(classes, list) or not 0 < len(classes) <= 1000:
+        raise ValueError(f"data.classes is {shown(classes)}; allowed: a list of 1 to 1000 class names")
+    out = {"classes": [line(c, "classes", 200) for c in classes]}
+    for field in ("train_images", "test_images"):
+        n = recorded.get(field)
+        if type(n) is not int or not 0 <= n <= 10**9:
+            raise ValueError(f"data.{field} is {shown(n)}; allowed: a whole number from 0 to 1000000000")
+        out[field] = n
+    out["fingerprint"] = line(recorded.get("fingerprint"), "fingerprint", 64)
+    out["source"] = line(recorded.get("source", "unknown"), "source", 1000)
+    return out
+
+
 def check_same_data(recorded: Mapping, data: Cifar) -> None:
     """Refuse to resume a sweep on data other than the data it was trained on: a mix would mean nothing."""
     try:
-        classes = [str(c) for c in recorded["classes"]]
-        counts = (int(recorded["train_images"]), int(recorded["test_images"]))
-        recorded_fp = str(recorded["fingerprint"])
-        source = str(recorded.get("source", "unknown"))
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # hand-edited, or from another version
-        raise DataError(
-            f"the experiment's data record is damaged ({type(exc).__name__}: {exc}); {ALLOW_CHANGE}"
-        ) from None
+        record = check_record(recorded)
+    except ValueError as exc:  # hand-edited, or from another version
+        raise DataError(f"the experiment's data record is damaged ({exc}); {ALLOW_CHANGE}") from None
+    classes, recorded_fp, source = record["classes"], record["fingerprint"], record["source"]
+    counts = (record["train_images"], record["test_images"])
     now_counts = (len(data.train_y), len(data.test_y))
     if classes != list(data.classes):
         only_then = [c for c in classes if c not in data.classes]

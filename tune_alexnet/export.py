@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .data import check_record
 from .grid import full_config, optimizer_order, run_number
 from .settings import BOUNDS, DIMENSIONS, EPOCHS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
 from .storage import (
@@ -169,6 +170,8 @@ def load_experiment(source) -> Experiment:
                 f"the experiment state in {path} is missing or unreadable ({why}); the table is rebuilt from the "
                 f"{len(trials)} trial folders, and trials that did not end say 'unknown'"
             )
+        else:
+            trials += _trials_left_out(fs, base, entries, trials, path, notes)
     except (OSError, ValueError, TimeoutError) as exc:  # an absent folder in a bucket, no access, no answer
         raise ExportError(
             f"{path} holds no readable Tune experiment ({_first_line(exc)}); allowed: an experiment folder such "
@@ -213,8 +216,8 @@ def _settings(path: str) -> dict:
         record = read_settings(path, strict=True)
         if record is not None:
             from_record(record)
-            if not isinstance(record.get("data", {}), dict):
-                raise ValueError(f"data: {shown(record['data'])}; allowed: a JSON object describing the data")
+            if "data" in record:
+                record["data"] = check_record(record["data"])
     except (OSError, ValueError, TypeError) as exc:
         raise ExportError(
             f"{path}/{SETTINGS_FILE} is damaged: {_first_line(exc)} (move the file away to read the folder without it)"
@@ -258,6 +261,21 @@ def _state_trial(state: str, t) -> _Trial:
         state,
         f"{state}: {problem}" if problem else None,
     )
+
+
+def _trials_left_out(fs, base: str, entries: list, trials: list[_Trial], path: str, notes: list[str]) -> list[_Trial]:
+    """Trial folders that the experiment state does not name (an edited or foreign state): their rows too, so that
+    no finished trial is silently absent from the table."""
+    named = {t.folder for t in trials}
+    others = [e for e in entries if e[1] and e[0].startswith(TRIAL_PREFIX) and e[0] not in named]
+    ids = {t.trial_id for t in trials}
+    extra = [t for t in _trials_on_disk(fs, base, others) if t.trial_id is None or t.trial_id not in ids]
+    if extra:
+        notes.append(
+            f"{len(extra)} trial folder(s) in {path} are not in its experiment state; their rows are rebuilt from "
+            "the folders and say 'unknown'"
+        )
+    return extra
 
 
 def _trials_on_disk(fs, base: str, entries: list[tuple[str, bool]]) -> list[_Trial]:
@@ -334,7 +352,8 @@ def _config_value_problem(key: str, value) -> str | None:
     if value is None:  # seed and epochs may be absent (defaults), a grid setting may not
         return f"{key!r} is missing" if key in DIMENSIONS else None
     if key == "optimizer":  # it names a file, results_<optimizer>.csv
-        ok, allowed = plain_name(f"results_{value}.csv"), "a name without '/' of at most 240 characters"
+        ok = isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) is not None
+        allowed = "a name of at most 64 letters, digits, '.', '_' or '-'"
     elif key in ("dropout", "batchnorm"):
         ok, allowed = isinstance(value, bool), "true or false"
     else:

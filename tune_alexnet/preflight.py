@@ -17,12 +17,14 @@ import fcntl
 import hashlib
 import importlib.util
 import io
+import itertools
 import logging
 import os
 import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -37,8 +39,10 @@ from .data import Cifar, DataError, check_same_data, load_cifar10
 from .plan import Plan
 from .settings import DEFAULT_GPU_SHARE, SETTINGS_FILE, TRIAL_DEFAULTS, SweepSettings, read_settings
 from .storage import (
+    DRIVER_LOG,
     REACH_TIMEOUT_S,
     RESERVE_BYTES,
+    RESERVE_NAME,
     SCHEMES,
     experiment_uri,
     is_remote,
@@ -156,10 +160,18 @@ def _existing_parent(path: str) -> str:
 def never_started(exp_path: str) -> bool:
     """A folder of ours that a sweep left before Tune saved any state or any trial reported: nothing in it is a
     result, so a fresh sweep may take the name over (and --resume says so)."""
-    if is_remote(exp_path):
+    if is_remote(exp_path) or os.path.islink(exp_path) or not os.path.isdir(exp_path):
         return False
     folder = Path(exp_path)
-    if not (folder / SETTINGS_FILE).is_file() or any(folder.glob("experiment_state-*.json")):
+    inside = (Path(top, name) for top, dirs, files in os.walk(folder) for name in (*dirs, *files))
+    try:
+        if any(p.is_symlink() for p in itertools.islice(inside, 10_000)):  # a sweep writes through none of those
+            return False
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return False
+    ours = bool(names) and names <= {DRIVER_LOG, RESERVE_NAME}  # killed before Tune's files or the record
+    if not ((folder / SETTINGS_FILE).is_file() or ours) or any(folder.glob("experiment_state-*.json")):
         return False
     return not any(p.is_file() for p in folder.glob("*/result.json"))
 
@@ -210,9 +222,12 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
                 "another --name"
             ) from None
         raise PreflightError(f"{where} is not writable ({exc.strerror}); allowed: {STORAGE_ALLOWED}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would carry our write to another name
         os.close(fd)
-        raise PreflightError(f"the lock file {path} is not a regular file; remove it, or use another --name")
+        kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} names"
+        raise PreflightError(f"the lock file {path} is {kind}, which tune-alexnet never makes; remove it, or use "
+                             "another --name")  # fmt: skip
     handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -337,6 +352,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: no experiment named {name!r} in {root}; start it without --resume, or pass the --name of one "
             f"that exists"
         )
+    odd = None if is_remote(exp_uri) else _not_a_sweeps_file(exp_uri)
+    if odd:  # Tune would follow it, or block on it for ever (a FIFO)
+        raise PreflightError(
+            f"--resume: {odd}, which a sweep never makes; what finished is in 'tune-alexnet export {exp_uri}'; "
+            f"{_what_is_left(exp_uri, name)}"
+        )
     try:
         tune.ExperimentAnalysis(exp_uri)
     except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
@@ -344,6 +365,23 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
             f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
+
+
+def _not_a_sweeps_file(exp_path: str) -> str | None:
+    """The first thing in the experiment folder that is neither a regular file nor a folder (a link, a FIFO, a
+    device), said in words; None where there is none."""
+    for top, dirs, files in os.walk(exp_path):
+        for name in (*dirs, *files):
+            try:
+                mode = os.lstat(os.path.join(top, name)).st_mode
+            except OSError:  # gone meanwhile
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                kind = (
+                    "a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+                )
+                return f"{os.path.join(top, name)} is {kind}"
+    return None
 
 
 def _what_is_left(exp_uri: str, name: str) -> str:
@@ -483,7 +521,12 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
         with _stop_signals_deferred() as stopped:
-            context = ray.init(address=address, logging_level=logging.WARNING, **options)
+            try:
+                context = ray.init(address=address, logging_level=logging.WARNING, **options)
+            except SystemExit as exc:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours
+                if exc.code != signal.SIGTERM:
+                    raise
+                stopped.append(signal.SIGTERM)
         if stopped:
             ray.shutdown()
             raise KeyboardInterrupt
@@ -516,6 +559,13 @@ def _stop_signals_deferred():
             raise KeyboardInterrupt
         received.append(sig)
 
+    def ignored(unraisable) -> None:  # Ray's own SIGTERM handler (set inside ray.init) fired where Python ignores
+        if isinstance(unraisable.exc_value, SystemExit) and unraisable.exc_value.code == signal.SIGTERM:
+            received.append(signal.SIGTERM)
+        else:
+            previous_hook(unraisable)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, ignored
     for sig in signals:
         signal.signal(sig, defer)
     try:
@@ -523,6 +573,7 @@ def _stop_signals_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
 
 
 def check_resources(s: SweepSettings, root: str) -> tuple[dict, int]:

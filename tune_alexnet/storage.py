@@ -93,6 +93,7 @@ def experiment_uri(root: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
+DRIVER_LOG = "driver.log"  # in the experiment folder: every line Ray logged on the driver
 RESERVE_NAME = ".tune-alexnet-reserve"  # in a local experiment folder: room held back for the last writes
 RESERVE_BYTES = 8 * 2**20  # Tune's final state, the last result lines, the tables, the report and its figures
 
