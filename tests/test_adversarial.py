@@ -451,15 +451,19 @@ def test_a_name_left_before_the_first_trial_reported_has_a_way_forward(damaged, 
         err = one_line_exit_2(["sweep", "--resume", "--name", name, "--storage", str(copy.parent)], capsys)
         assert "stopped before its first trial reported, so there is nothing to resume; run the same command " in err
     argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(copy.parent), "--name", "mixed", *TINY]
-    # Such a folder with a link planted in it is no sweep's leftover: taking it over would write through the link.
+    # Such a folder with a link or a FIFO planted in it is no sweep's leftover: taking it over would write through
+    # the link, or block on the FIFO.
     victim = copy.parent / "victim.txt"
     victim.write_text("precious")
     (copy / "tuner.pkl").rename(copy.parent / "tuner.pkl.kept")
-    (copy / "tuner.pkl").symlink_to(victim)
-    assert "an experiment named 'mixed' already exists" in one_line_exit_2(argv, capsys)
-    assert victim.read_text() == "precious"
-    (copy / "tuner.pkl").unlink()
-    (copy.parent / "tuner.pkl.kept").rename(copy / "tuner.pkl")
+    for planted, plant in (("tuner.pkl", lambda p: p.symlink_to(victim)), ("tuner.pkl", lambda p: p.hardlink_to(victim)),
+                           ("driver.log", os.mkfifo)):  # fmt: skip
+        if planted == "driver.log":
+            (copy.parent / "tuner.pkl.kept").rename(copy / "tuner.pkl")
+        plant(copy / planted)
+        assert "an experiment named 'mixed' already exists" in one_line_exit_2(argv, capsys)
+        assert victim.read_text() == "precious"
+        (copy / planted).unlink()
     assert main(argv) == 0, capsys.readouterr().err  # the way it named: a fresh sweep takes the name over
     assert len(pd.read_parquet(copy / "results.parquet")) == 1
 

@@ -1,5 +1,6 @@
 """Bad input: one line naming the value and what is allowed, exit 2, nothing started or written."""
 
+import os
 import subprocess
 import sys
 
@@ -166,3 +167,20 @@ def test_paths_are_taken_as_typed_from_any_working_directory(tmp_path, monkeypat
         storage_uri("s3://bucket/x?endpoint_override=127.0.0.1:9000")
         == "s3://bucket/x?endpoint_override=127.0.0.1:9000"
     )
+
+
+def test_a_relative_path_from_a_folder_whose_name_is_not_utf8_is_refused(tmp_path, capsys, monkeypatch):
+    odd = os.fsdecode(bytes(tmp_path) + b"/cwd\xff")
+    os.mkdir(odd)
+    monkeypatch.chdir(odd)
+    for argv, flag in (
+        (["sweep", "--storage", "rel"], "--storage"),
+        (["export", "x"], "experiment"),
+        (["report", "/tmp", "--out", "out"], "--out"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: invalid value '" in err and "cwd\\xff/" in err, err
+        assert "allowed: a path or URI in UTF-8" in err
+    assert os.listdir(odd) == []

@@ -534,6 +534,14 @@ def test_load_model_takes_a_checkpoint_folder_through_a_link_of_the_users_own(ck
     assert model.classes == CLASSES and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("classes", [[], ...], ids=["empty", "absent"])
+def test_a_checkpoint_without_class_names_names_each_output_by_its_index(classes, ckpt):
+    _model_json(classes=classes)(ckpt)
+    model = checkpoint.load_model(ckpt)
+    assert model.classes == tuple(str(i) for i in range(10))
+    assert all(model.classes[i] for i in checkpoint.predict(model, IMAGES))  # the README's lookup
+
+
 # --- predict: images of every wrong kind -----------------------------------------------------------------------
 
 
@@ -586,10 +594,12 @@ def test_predict_refuses_images_it_cannot_take_in_one_line(case, model):
     assert needle in str(refused.value) and "allowed" in str(refused.value) and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
 def test_predict_refuses_a_batch_size_below_one_in_one_line(batch_size, model):
     with pytest.raises(ValueError, match=f"batch_size {batch_size!r}; allowed: a whole number >= 1"):
         checkpoint.predict(model, IMAGES, batch_size=batch_size)
+    by_numpy = checkpoint.predict(model, IMAGES, batch_size=np.int64(3))  # as read from the table's column
+    assert (by_numpy == checkpoint.predict(model, IMAGES)).all()
 
 
 # --- the bounded reader on a filesystem that is not local (a bucket's path) -----------------------------------

@@ -15,6 +15,7 @@ that pyarrow can open, or any object with `to_directory()` (a tune.Checkpoint).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -100,7 +101,7 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
     args, classes = _model_args(fs, base, label)
     model = AlexNet(**args)
     _load_weights(model, fs, base, label, device)
-    model.classes = classes
+    model.classes = classes or tuple(str(i) for i in range(NUM_CLASSES))  # none recorded: each output's index
     return model.to(device).eval()
 
 
@@ -201,9 +202,9 @@ def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
     same shape with values in [0, 1] (as `uint8 / 255` gives), or a list of 32x32 PIL images (converted to RGB).
     Anything else (one image without the batch axis, grayscale, channels first, another size, floats outside
     [0, 1]) raises ValueError saying what is allowed."""
-    if type(batch_size) is not int or batch_size < 1:
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size {batch_size!r}; allowed: a whole number >= 1")
-    x = _as_batch(images)
+    x, batch_size = _as_batch(images), int(batch_size)
     device = next(model.parameters()).device
     model.eval()
     out = [model(_prepare(x[i : i + batch_size], device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]

@@ -150,12 +150,15 @@ def _name(text: str) -> str:
 
 def _place(text: str) -> str:
     """A folder or URI as typed; one whose name is not UTF-8 (the bytes of another encoding) cannot be passed on
-    to Ray, pyarrow or the tables, so it is refused here rather than halfway."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        spelled = str(os.fsencode(text))[2:-1]
-        raise argparse.ArgumentTypeError(f"invalid value '{spelled}'; allowed: a path or URI in UTF-8") from None
+    to Ray, pyarrow or the tables, so it is refused here rather than halfway. A relative path counts as the full
+    path it becomes: the working folder or home may not be UTF-8 either."""
+    full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+    for value in (text, full):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            spelled = str(os.fsencode(value))[2:-1]
+            raise argparse.ArgumentTypeError(f"invalid value '{spelled}'; allowed: a path or URI in UTF-8") from None
     return text
 
 
@@ -285,8 +288,8 @@ def _placement_flags(r) -> None:
 
 
 def _tracker_flags(k) -> None:
-    k.add_argument("--mlflow", metavar="TRACKING_URI", help="log every trial as an MLflow run, in an experiment "
-                   "named after the sweep (pip install 'tune-alexnet[mlflow]')")  # fmt: skip
+    k.add_argument("--mlflow", type=_place, metavar="TRACKING_URI", help="log every trial as an MLflow run, in an "
+                   "experiment named after the sweep (pip install 'tune-alexnet[mlflow]')")  # fmt: skip
     k.add_argument("--wandb", metavar="PROJECT",
                    help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')")  # fmt: skip
 
@@ -429,7 +432,8 @@ def run_study(settings, data=None, quiet: bool = True):
         with plan:
             lines.keep_in(plan.exp_uri)
             if plan.dashboard_url and not quiet:
-                print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
+                with suppress(OSError):  # a reader gone already (`| true`): the sweep runs all the same
+                    print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
             interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():

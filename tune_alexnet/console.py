@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -230,9 +231,12 @@ class RayLines(logging.Filter):
         else:
             try:
                 os.makedirs(exp_uri, exist_ok=True)
-                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                 fd = os.open(os.path.join(exp_uri, DRIVER_LOG), flags, 0o644)
             except OSError:  # a full or read-only folder: the console still works
+                return
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: not a log to keep
+                os.close(fd)
                 return
         self.fd = fd
         for line in self.kept:

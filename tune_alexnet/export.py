@@ -273,7 +273,7 @@ def _trials_left_out(fs, base: str, entries: list, trials: list[_Trial], path: s
     if extra:
         notes.append(
             f"{len(extra)} trial folder(s) in {path} are not in its experiment state; their rows are rebuilt from "
-            "the folders and say 'unknown'"
+            "the folders"
         )
     return extra
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from . import cluster, settings
-from .data import Cifar, DataError, check_same_data, load_cifar10
+from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
 from .settings import DEFAULT_GPU_SHARE, SETTINGS_FILE, TRIAL_DEFAULTS, SweepSettings, read_settings
 from .storage import (
@@ -163,10 +163,9 @@ def never_started(exp_path: str) -> bool:
     if is_remote(exp_path) or os.path.islink(exp_path) or not os.path.isdir(exp_path):
         return False
     folder = Path(exp_path)
-    inside = (Path(top, name) for top, dirs, files in os.walk(folder) for name in (*dirs, *files))
+    if _not_a_sweeps_file(exp_path):  # a sweep would write through a link, or block on a FIFO
+        return False
     try:
-        if any(p.is_symlink() for p in itertools.islice(inside, 10_000)):  # a sweep writes through none of those
-            return False
         names = {p.name for p in folder.iterdir()}
     except OSError:
         return False
@@ -319,6 +318,8 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
         return dataclasses.replace(s, name=name)
     try:
         saved = settings.from_record(record)
+        if "data" in record:  # the tables at the end need it whole, whatever --allow-data-change says
+            check_record(record["data"])
     except ValueError as exc:
         raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
     keep = {
@@ -368,19 +369,20 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
 
 
 def _not_a_sweeps_file(exp_path: str) -> str | None:
-    """The first thing in the experiment folder that is neither a regular file nor a folder (a link, a FIFO, a
-    device), said in words; None where there is none."""
-    for top, dirs, files in os.walk(exp_path):
-        for name in (*dirs, *files):
-            try:
-                mode = os.lstat(os.path.join(top, name)).st_mode
-            except OSError:  # gone meanwhile
-                continue
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                kind = (
-                    "a symbolic link" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
-                )
-                return f"{os.path.join(top, name)} is {kind}"
+    """The first thing in the experiment folder that a sweep never makes: a link (symbolic, or a file with another
+    name elsewhere), a FIFO, a device; said in words, None where there is none. Tune and Ray would write through
+    it or block on it."""
+    entries = ((top, name) for top, dirs, files in os.walk(exp_path) for name in (*dirs, *files))
+    for top, name in itertools.islice(entries, 100_000):
+        try:
+            st = os.lstat(os.path.join(top, name))
+        except OSError:  # gone meanwhile
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            return f"{os.path.join(top, name)} is a file with {st.st_nlink} names (a hard link)"
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
+            return f"{os.path.join(top, name)} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else kind}"
     return None
 
 
