@@ -52,6 +52,7 @@ from tune_alexnet.cli import _settings, build_parser, main
         (["train"], "invalid choice: 'train'"),
         (["sweep", "--storage", "r\udcff"], "--storage: invalid value 'r\\xff'; allowed: a path or URI in UTF-8"),
         (["export", "x", "--out", "o\udcff"], "--out: invalid value 'o\\xff'; allowed: a path or URI in UTF-8"),
+        (["sweep", "--mlflow", "file:///m\udcff"], "--mlflow: invalid value 'file:///m\\xff'; allowed: a path or URI"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
