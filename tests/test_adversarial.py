@@ -401,7 +401,7 @@ def test_a_sweep_whose_reader_has_gone_loses_no_table(synthetic_dir, tmp_path):
         ("grid=no-batchnorm", "is damaged: grid: "),
         ("trial.width=40", "is damaged: trial.width: 40; allowed: a number > 0 and <= 4"),
         ("no-data-record", "holds no record of the data the sweep started on; pass --allow-data-change"),
-        ("data.train_images=Infinity", "the experiment's data record is damaged (data.train_images is Infinity; "),
+        ("data.train_images=Infinity", "tune_alexnet_sweep.json is damaged: data.train_images is Infinity; allowed: "),
     ],
 )
 def test_resume_trusts_no_damaged_record(damage, needle, damaged, capsys, synthetic_dir):
