@@ -515,7 +515,9 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(TMPDIR=short_tmpdir, AWS_SECRET_ACCESS_KEY=canary, AWS_ACCESS_KEY_ID="canary-id")
     storage = tmp_path / "results"
-    args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:-1], "6"]
+    # Epochs enough for the sweep (and its Ray) to outlive the port and token checks below.
+    args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:-1], "40",
+            "--patience", "100"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     printed = ""
@@ -528,6 +530,7 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
     while not list((storage / "net").glob("train_cifar_*/result.json")):
         assert proc.poll() is None and time.monotonic() < deadline, printed
         time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before its ports could be checked"
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     listening = []
     for p in tree:
@@ -544,6 +547,7 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
     with_token = subprocess.run([sys.executable, "-c", TOKEN_PROBE, f"127.0.0.1:{gcs}"], capture_output=True,
                                 text=True, timeout=60, env={**env, "RAY_AUTH_MODE": "token"})  # fmt: skip
     assert "joined" in with_token.stdout, with_token.stdout + with_token.stderr[-1000:]
+    assert proc.poll() is None, "the sweep ended during the token checks: they did not reach its Ray"
     proc.stdout.read()
     assert proc.wait(300) == 0
     token = Path.home() / ".ray" / "auth_token"
