@@ -163,8 +163,6 @@ def never_started(exp_path: str) -> bool:
     if is_remote(exp_path) or os.path.islink(exp_path) or not os.path.isdir(exp_path):
         return False
     folder = Path(exp_path)
-    if _not_a_sweeps_file(exp_path):  # a sweep would write through a link, or block on a FIFO
-        return False
     try:
         names = {p.name for p in folder.iterdir()}
     except OSError:
@@ -172,7 +170,9 @@ def never_started(exp_path: str) -> bool:
     ours = bool(names) and names <= {DRIVER_LOG, RESERVE_NAME}  # killed before Tune's files or the record
     if not ((folder / SETTINGS_FILE).is_file() or ours) or any(folder.glob("experiment_state-*.json")):
         return False
-    return not any(p.is_file() for p in folder.glob("*/result.json"))
+    if any(p.is_file() for p in folder.glob("*/result.json")):
+        return False
+    return _not_a_sweeps_file(exp_path) is None  # last, as it walks the folder: no link to write through, no FIFO
 
 
 def _check_remote(root: str) -> None:
