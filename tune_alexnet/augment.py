@@ -14,7 +14,7 @@ distribution at once:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -57,6 +57,13 @@ def sample_params(n: int, device: torch.device | str, generator: torch.Generator
         hue=uniform(-HUE, HUE),
         order=torch.rand(n, 4, device=device, generator=generator).argsort(dim=1),
     )
+
+
+def concat_params(parts: list[AugmentParams]) -> AugmentParams:
+    """The draws of several batches as those of one chunk, image for image."""
+    if len(parts) == 1:
+        return parts[0]
+    return AugmentParams(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(AugmentParams)))
 
 
 def geometric(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:

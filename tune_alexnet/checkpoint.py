@@ -261,10 +261,12 @@ def read_progress(directory: Path) -> dict | None:
     return progress if isinstance(progress, dict) else None
 
 
-def read_resume(directory: Path, device: torch.device) -> tuple[dict, dict] | None:
-    """(trainer state, best weights) of a resume checkpoint folder; None if it holds no readable resume state."""
+def read_resume(directory: Path) -> tuple[dict, dict] | None:
+    """(trainer state, best weights) of a resume checkpoint folder, on the CPU; None if it holds no readable resume
+    state. On the CPU, because the state is checked before use (resume.py) and its optimizer's step counts must
+    go where this run's step mode needs them, not where the writing run kept them."""
     try:
-        state = torch.load(directory / TRAINER_FILE, map_location=device, weights_only=True)
+        state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
         best = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception:  # a torn or corrupt file fails in many ways inside the unpickler
         return None

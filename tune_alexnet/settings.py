@@ -60,6 +60,11 @@ STEP_MODES = ("eager", "graph", "compile")
 # --- where and how a sweep runs -----------------------------------------------------------
 DEFAULT_STORAGE = "ray_results"
 DEFAULT_GPU_SHARE = 0.25  # of one GPU per trial, when the cluster has (or can start) GPUs
+# A packed trial's allocator may use this much of its share of the card: the rest holds its CUDA context (about
+# 0.5 GB, outside the allocator). BENCHMARKS.md has the arithmetic for the cluster's cards.
+GPU_MEMORY_CAP = 0.9
+AUGMENT_BYTES_PER_IMAGE = 128 * 1024  # peak float temporaries of augmenting one image in a chunk (measured: 122 KB)
+AUGMENT_MEMORY_SHARE = 0.25  # of a trial's GPU memory, at most, for its augmentation chunk
 DEFAULT_CPUS_PER_TRIAL = 1.0
 DEFAULT_MAX_FAILURES = 3  # restarts of a trial whose process died, from its last resume state
 METRIC, MODE = "best_val_acc", "max"  # what Tune ranks trials by: the study's result

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,11 +26,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import augment, checkpoint
+from . import augment, checkpoint, resume
 from .data import Cifar
 from .grid import full_config
 from .model import AlexNet
-from .settings import OPTIMIZERS, RUNTIME_DEFAULTS, STEP_MODES, TRIAL_DEFAULTS
+from .settings import (
+    AUGMENT_BYTES_PER_IMAGE,
+    AUGMENT_MEMORY_SHARE,
+    GPU_MEMORY_CAP,
+    OPTIMIZERS,
+    RUNTIME_DEFAULTS,
+    STEP_MODES,
+    TRIAL_DEFAULTS,
+)
 from .stopper import plateau_update, should_stop
 
 log = logging.getLogger("tune_alexnet.train")
@@ -68,6 +77,7 @@ class Runtime:
     channels_last: bool
     step: str = "eager"  # eager | graph | compile (settings.STEP_MODES)
     augment_chunk: int = 0  # images augmented at once; 0: one batch at a time
+    tf32: bool = False  # TF32 matmuls and convolutions (CUDA only)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -114,7 +124,27 @@ def resolve_runtime(config: dict, runtime: dict, granted: dict | None) -> Runtim
     if runtime.get("compile") and step == "eager":  # the flag of earlier versions
         step = "compile"
     amp = torch.bfloat16 if precision == "bf16" else None
-    return Runtime(device, threads, gpu_share, amp, channels_last, step, int(runtime["augment_chunk"]))
+    chunk = int(runtime["augment_chunk"])
+    if use_cuda and chunk:
+        chunk = fitting_chunk(chunk, memory_cap(gpu_share) * torch.cuda.get_device_properties(device).total_memory)
+    tf32 = use_cuda and bool(runtime["tf32"])
+    return Runtime(device, threads, gpu_share, amp, channels_last, step, chunk, tf32)
+
+
+def memory_cap(gpu_share: float) -> float:
+    """The fraction of the card one trial's allocator may use: GPU_MEMORY_CAP of its share, so that the CUDA
+    context (outside the allocator, about 0.5 GB) of every trial packed on the card fits beside the caps."""
+    return min(1.0, GPU_MEMORY_CAP * gpu_share)
+
+
+def fitting_chunk(requested: int, trial_bytes: float) -> int:
+    """The augmentation chunk that fits a trial's memory: at most AUGMENT_MEMORY_SHARE of it in the chunk's float
+    temporaries (BENCHMARKS.md has the arithmetic). The draws do not depend on the chunk (train_epoch)."""
+    fits = int(AUGMENT_MEMORY_SHARE * trial_bytes // AUGMENT_BYTES_PER_IMAGE)
+    if fits < requested:
+        log.info("augmenting %d images at once instead of %d: that many fit this trial's GPU memory",
+                 fits, requested)  # fmt: skip
+    return max(1, min(requested, fits))
 
 
 def _gpu_not_visible(gpu_share: float) -> str:
@@ -184,8 +214,8 @@ def train_cifar(
         granted, node = ray_hooks.granted_resources(), ray_hooks.node_id()
     rt = resolve_runtime(cfg, run, granted)
     _set_backends(rt, run)
-    trial = _new_trial(cfg, rt)
-    if not _restore(trial, checkpoint_from, rt):
+    trial = _restore(cfg, rt, checkpoint_from)
+    if trial is None:
         return  # it had finished; the driver died before recording that
     train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)
     test_x, test_y = to_device_nchw(data.test_x, rt.device), torch.tensor(data.test_y, device=rt.device)
@@ -204,10 +234,18 @@ def train_cifar(
 def _set_backends(rt: Runtime, run: dict) -> None:
     torch.set_num_threads(rt.threads)
     if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(run["tf32"])
+        set_tf32(rt.tf32)
         torch.backends.cudnn.benchmark = True
         if 0 < rt.gpu_share < 1:  # packed trials must not starve each other of memory
-            torch.cuda.set_per_process_memory_fraction(rt.gpu_share, rt.device)
+            torch.cuda.set_per_process_memory_fraction(memory_cap(rt.gpu_share), rt.device)
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 in CUDA's fp32 matmuls and convolutions, through one API (`fp32_precision`): mixing it with the older
+    `allow_tf32` setters makes torch's getters of either raise."""
+    precision = "tf32" if on else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def _new_trial(cfg: dict, rt: Runtime) -> Trial:
@@ -216,29 +254,48 @@ def _new_trial(cfg: dict, rt: Runtime) -> Trial:
     model_args = {"dropout": cfg["dropout"], "batchnorm": cfg["batchnorm"], "width": cfg["width"]}
     model = AlexNet(**model_args).to(rt.device, memory_format=rt.memory_format)
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], capturable=rt.step == "graph")
-    step_model = torch.compile(model) if rt.step == "compile" else model
-    return Trial(model, optimizer, TrainStep(step_model, optimizer, rt, cfg["batch_size"]), gen, model_args)
+    # Static shapes: the epoch's last, smaller batch runs on the eager model instead of recompiling (TrainStep).
+    step_model = torch.compile(model, dynamic=False) if rt.step == "compile" else model
+    step = TrainStep(step_model, optimizer, rt, cfg["batch_size"], eager_model=model)
+    return Trial(model, optimizer, step, gen, model_args)
 
 
-def _restore(trial: Trial, checkpoint_from, rt: Runtime) -> bool:
-    """Load the newest readable resume state into the trial; False if the run had already finished."""
-    resumed = _resume(checkpoint_from, rt.device)
-    if resumed == "finished":
-        return False
-    if resumed is not None:
-        trainer, best = resumed
-        trial.model.load_state_dict(trainer["model"])
-        trial.optimizer.load_state_dict(trainer["optimizer"])
-        trial.gen.set_state(trainer["generator"].cpu())
-        torch.set_rng_state(trainer["torch_rng"].cpu())
-        if rt.device.type == "cuda" and trainer.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(trainer["cuda_rng"].cpu(), rt.device)
-        trial.state = dict(trainer["counters"])
-        trial.best_weights = {k: v.to(rt.device) for k, v in best.items()}
-        s = trial.state
-        log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
-                 s["epoch"], s["best_val_acc"], s["epochs_since_best"])  # fmt: skip
-    return True
+def _restore(cfg: dict, rt: Runtime, checkpoint_from) -> Trial | None:
+    """A new trial with the newest resume state that fits it loaded; None if the run had already finished.
+
+    A state that does not fit this trial (resume.state_problem: tampered, or from another trial) is passed over
+    like a torn one, with one line in the trial's log: an older state is tried, else the trial starts afresh."""
+    trial = _new_trial(cfg, rt)
+    for resumed in _resume_candidates(checkpoint_from):
+        if resumed == "finished":
+            return None
+        where, trainer, best = resumed
+        problem = resume.state_problem(trainer, best, cfg, trial.model.state_dict())
+        if problem is None:
+            try:
+                _load_state(trial, trainer, best, rt)
+            except Exception as exc:  # a shape or size the checks above did not foresee
+                problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if problem is None:
+            s = trial.state
+            log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
+                     s["epoch"], s["best_val_acc"], s["epochs_since_best"])  # fmt: skip
+            return trial
+        log.warning("resume state %s does not fit this trial (%s); trying an older checkpoint", where, problem)
+        trial = _new_trial(cfg, rt)  # nothing of the refused state may stay
+    return trial
+
+
+def _load_state(trial: Trial, trainer: dict, best: dict, rt: Runtime) -> None:
+    """A checked resume state (loaded on the CPU) into the trial, its optimizer in this run's step mode."""
+    trial.model.load_state_dict(trainer["model"])
+    trial.optimizer.load_state_dict(resume.in_step_mode(trainer["optimizer"], rt.step == "graph"))
+    trial.gen.set_state(trainer["generator"].cpu())
+    torch.set_rng_state(trainer["torch_rng"].cpu())
+    if rt.device.type == "cuda" and trainer.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(trainer["cuda_rng"].cpu(), rt.device)
+    trial.state = {k: trainer["counters"][k] for k in NEW_COUNTERS}
+    trial.best_weights = {k: v.to(rt.device) for k, v in best.items()}
 
 
 def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runtime, tensors) -> dict:
@@ -270,7 +327,7 @@ def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runt
         "train_time_s": s["train_time_s"], "eval_time_s": s["eval_time_s"], "diverged": diverged,
         "images_per_s": len(train_x) / train_s, "device": str(rt.device),
         "precision": "bf16" if rt.amp_dtype else "fp32", "channels_last": rt.channels_last,
-        "step_mode": trial.step.mode,
+        "step_mode": trial.step.mode, "tf32": rt.tf32, "augment_chunk": rt.augment_chunk,
         "ends_trial": diverged or should_stop(epoch, s["epochs_since_best"], cfg["patience"], cfg["epochs"]),
     }  # fmt: skip
 
@@ -317,25 +374,27 @@ def _trainer_state(trial: Trial, rt: Runtime) -> dict:
     }
 
 
-def _resume(candidates, device: torch.device):
-    """The newest readable resume state among the trial's checkpoints (newest first), "finished" if the
-    newest says the run ended, or None to start afresh (an exact replay: every draw is seeded)."""
+def _resume_candidates(candidates):
+    """The readable resume states among the trial's checkpoints (newest first), as (where, trainer state, best
+    weights), loaded on the CPU; first "finished" instead if the newest says the run ended. None left: the trial
+    starts afresh (an exact replay: every draw is seeded)."""
     if candidates is None:
-        return None
+        return
     if not isinstance(candidates, (list, tuple)):
         candidates = [candidates]
     for i, candidate in enumerate(candidates):
         with checkpoint.local_copy(candidate) as d:
             progress = checkpoint.read_progress(d)
             if i == 0 and progress is not None and progress.get("kind") == checkpoint.KIND_FINAL:
-                return "finished"
+                yield "finished"
+                return
             if not (d / checkpoint.TRAINER_FILE).exists():
                 continue
-            resumed = checkpoint.read_resume(d, device)
+            resumed = checkpoint.read_resume(d)
             if resumed is not None:
-                return resumed
+                yield (d / checkpoint.TRAINER_FILE, *resumed)
+                continue
             log.warning("resume state %s is unreadable; trying an older checkpoint", d / checkpoint.TRAINER_FILE)
-    return None
 
 
 def _sync(rt: Runtime) -> None:
@@ -351,6 +410,16 @@ def _autocast(rt: Runtime):
 
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before capture: lazy optimizer state, cuDNN's choices
+# Below this torch, a capture that fails can leave the CUDA generator in capture mode: the next eager dropout
+# then fails ("Offset increment outside graph capture"), so a failed capture cannot fall back to eager there.
+CAPTURE_FALLBACK_TORCH = "2.12"
+# Adam's and RMSprop's one-time warning that a capturable optimizer steps outside a capture: the warm-up and
+# the epoch's last batch do so on purpose.
+CAPTURABLE_WARNING = ".*capturable=True.*"
+
+
+class CaptureFailed(RuntimeError):
+    """A failed capture on a torch that cannot fall back to eager steps: one line that names the way out."""
 
 
 class TrainStep:
@@ -359,10 +428,24 @@ class TrainStep:
     captured once as a CUDA graph and then replayed, one launch where eager mode issues hundreds: each replay
     draws fresh dropout masks (the default CUDA generator advances per replay), batch norm updates its running
     statistics in place as in eager mode, and a batch of another size (an epoch's last) runs eagerly on the
-    same weights and optimizer state. A capture that fails leaves the trial eager, with one warning."""
+    same weights, optimizer state and gradient tensors. A capture that fails leaves the trial eager, with one
+    warning (on torch below CAPTURE_FALLBACK_TORCH it ends the trial with one line instead). In `compile` mode
+    the compiled model has static shapes and that last batch runs on `eager_model`, so nothing recompiles.
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, batch_size: int):
+    Exactness on CUDA: a replay runs the kernels eager mode chose, so it matches eager steps up to the summation
+    order of those kernels; `cudnn.benchmark` (on in training) may choose other kernels in another process, and
+    some backward kernels are not deterministic, so two runs on CUDA agree closely, not bit for bit."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rt: Runtime,
+        batch_size: int,
+        eager_model: nn.Module | None = None,
+    ):
         self.model, self.optimizer, self.rt, self.batch_size = model, optimizer, rt, batch_size
+        self.eager_model = eager_model or model
         self.loss_sum = torch.zeros((), device=rt.device)
         self.correct = torch.zeros((), device=rt.device, dtype=torch.long)
         self.mode = rt.step
@@ -376,7 +459,10 @@ class TrainStep:
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.mode != "graph" or len(targets) != self.batch_size:
-            self.eager(inputs, targets)
+            model = self.model if self.mode != "compile" or len(targets) == self.batch_size else self.eager_model
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=CAPTURABLE_WARNING)
+                self.eager(inputs, targets, model)
         elif self.graph is not None:
             self.static[0].copy_(inputs)
             self.static[1].copy_(targets)
@@ -385,19 +471,21 @@ class TrainStep:
             self.warmup_left -= 1
             side = torch.cuda.Stream(self.rt.device)
             side.wait_stream(torch.cuda.current_stream(self.rt.device))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=CAPTURABLE_WARNING)
                 self.eager(inputs, targets)
             torch.cuda.current_stream(self.rt.device).wait_stream(side)
         else:
             self.capture(inputs, targets)
 
-    def eager(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._forward_backward_step(inputs, targets)
+    def eager(self, inputs: torch.Tensor, targets: torch.Tensor, model: nn.Module | None = None) -> None:
+        # Once a graph exists its gradient tensors are the ones to use: zeroed, not dropped for a second set.
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        self._forward_backward_step(inputs, targets, model or self.model)
 
-    def _forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> None:
         with _autocast(self.rt):
-            logits = self.model(inputs)
+            logits = model(inputs)
         loss = F.cross_entropy(logits.float(), targets)
         loss.backward()
         self.optimizer.step()
@@ -409,17 +497,28 @@ class TrainStep:
         self.static = (inputs.clone(), targets.clone())
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # backward makes the gradients inside the graph's memory
+        stream = torch.cuda.current_stream(self.rt.device)
         try:
             with torch.cuda.graph(graph):
-                self._forward_backward_step(*self.static)
+                self._forward_backward_step(*self.static, self.model)
         except Exception as exc:  # an op that cannot be captured, or too little memory for the graph's pool
-            log.warning("capturing the training step as a CUDA graph failed (%s); this trial trains eagerly",
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)  # fmt: skip
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's side stream current
+            self._capture_failed(exc)
             self.mode, self.static = "eager", None
-            self.eager(inputs, targets)
+            self(inputs, targets)
             return
         self.graph = graph
         graph.replay()
+
+    def _capture_failed(self, exc: Exception) -> None:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if torch.torch_version.TorchVersion(torch.__version__) < CAPTURE_FALLBACK_TORCH:
+            raise CaptureFailed(
+                f"capturing the training step as a CUDA graph failed ({why}); torch {torch.__version__} cannot "
+                f"train on eagerly after that (CUDA's random generator stays in capture mode): run with --step "
+                f"eager, or torch >= {CAPTURE_FALLBACK_TORCH}"
+            ) from None
+        log.warning("capturing the training step as a CUDA graph failed (%s); this trial trains eagerly", why)
 
 
 def train_epoch(
@@ -436,8 +535,10 @@ def train_epoch(
     """One shuffled pass; returns (mean loss, accuracy %). A non-finite loss ends the pass early as NaN.
 
     Images are augmented `rt.augment_chunk` at a time (whole batches; one batch when 0), ahead of the steps that
-    use them: the same per-image distribution in a handful of launches per chunk instead of per batch. The
-    host waits for the device only every DIVERGENCE_CHECK_EVERY steps, to check the loss."""
+    use them: the same per-image distribution in a handful of launches per chunk instead of per batch. Each
+    batch's draws are made in batch order from `gen` whatever the chunk, so the chunk changes no number: a run
+    replays exactly with any chunk. The host waits for the device only every DIVERGENCE_CHECK_EVERY steps, to
+    check the loss."""
     model.train()
     step = step or TrainStep(model, optimizer, rt, batch_size)
     step.begin_epoch()
@@ -446,21 +547,36 @@ def train_epoch(
     chunk = max(1, rt.augment_chunk // batch_size) * batch_size
     seen = steps = 0
     for first in range(0, n, chunk):
-        idx = order[first : first + chunk]
-        if len(idx) < 2 and seen:  # a last batch of one breaks BatchNorm; the study's loader never made one
+        sizes = _batch_sizes(min(chunk, n - first), batch_size, seen)
+        if not sizes:
             break
+        idx = order[first : first + sum(sizes)]
         images = x_u8[idx]
-        inputs = augment.augment_batch(images, gen) if augment_images else augment.prepare_eval(images)
+        if augment_images:
+            params = augment.concat_params([augment.sample_params(b, x_u8.device, gen) for b in sizes])
+            inputs = augment.augment_batch(images, params=params)
+        else:
+            inputs = augment.prepare_eval(images)
         inputs, targets = inputs.contiguous(memory_format=rt.memory_format), y[idx]
-        for start in range(0, len(idx), batch_size):
-            if len(idx) - start < 2 and seen:
-                break
-            step(inputs[start : start + batch_size], targets[start : start + batch_size])
-            seen += len(targets[start : start + batch_size])
-            steps += 1
+        start = 0
+        for size in sizes:
+            step(inputs[start : start + size], targets[start : start + size])
+            start, seen, steps = start + size, seen + size, steps + 1
             if steps % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(step.loss_sum).item():
                 return math.nan, 100.0 * step.correct.item() / seen
     return step.loss_sum.item() / seen, 100.0 * step.correct.item() / seen
+
+
+def _batch_sizes(images: int, batch_size: int, seen: int) -> list[int]:
+    """The batches of a chunk of `images`, `seen` images into the epoch: a last batch of one is left out (it
+    breaks BatchNorm; the study's loader never made one) unless it is the epoch's only image."""
+    sizes = []
+    for start in range(0, images, batch_size):
+        size = min(batch_size, images - start)
+        if size < 2 and seen + start:
+            break
+        sizes.append(size)
+    return sizes
 
 
 @torch.inference_mode()

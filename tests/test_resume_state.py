@@ -1,0 +1,110 @@
+"""A resume state is data: a tampered or foreign `trainer.pt` is passed over like a torn one (the previous state
+is used, or the trial starts afresh, with one line in its log), and a state written in another step mode resumes
+in this run's mode. Plain train_cifar with a report callback of its own; no Ray."""
+
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+from tune_alexnet.checkpoint import TRAINER_FILE
+from tune_alexnet.data import load_cifar10, take_subset
+from tune_alexnet.train import train_cifar
+
+CONFIG = {"optimizer": "adam", "lr": 0.001, "batch_size": 32, "dropout": True, "batchnorm": True, "width": 0.125,
+          "epochs": 4, "patience": 100}  # fmt: skip
+EVERY_EPOCH = {"resume_every_s": 0}
+
+
+class Killed(Exception):
+    """What a killed worker looks like from inside: training stops right after a report."""
+
+
+def record(into: list, folder=None, kill_after: int | None = None):
+    def report(metrics, checkpoint_dir):
+        into.append(metrics)
+        if checkpoint_dir is not None and folder is not None:
+            shutil.copytree(checkpoint_dir, folder / f"ckpt_{metrics['epoch']}")
+        if metrics["epoch"] == kill_after:
+            raise Killed
+
+    return report
+
+
+@pytest.fixture(scope="module")
+def runs(synthetic_dir, tmp_path_factory):
+    """The data, an uninterrupted run's epochs, and the checkpoints of a run killed after epoch 2."""
+    data = take_subset(load_cifar10(synthetic_dir, progress=False), 10)
+    straight: list = []
+    train_cifar(CONFIG, data, record(straight), runtime=EVERY_EPOCH)
+    folder = tmp_path_factory.mktemp("killed")
+    with pytest.raises(Killed):
+        train_cifar(CONFIG, data, record([], folder, kill_after=2), runtime=EVERY_EPOCH)
+    return data, straight, folder
+
+
+def resumed_from(runs, tmp_path, tamper=None, older_too=False):
+    data, _, folder = runs
+    copy = shutil.copytree(folder, tmp_path / "ckpts")
+    newest, older = copy / "ckpt_2", copy / "ckpt_1"
+    for ckpt in [newest, older] if older_too else [newest]:
+        if tamper is not None:
+            state = torch.load(ckpt / TRAINER_FILE, weights_only=True)
+            tamper(state)
+            torch.save(state, ckpt / TRAINER_FILE)
+    metrics: list = []
+    train_cifar(CONFIG, data, record(metrics), checkpoint_from=[newest, older], runtime=EVERY_EPOCH)
+    return metrics
+
+
+def same_epochs(a: list[dict], b: list[dict]):
+    keys = ("epoch", "train_loss", "val_acc", "best_val_acc", "best_epoch", "epochs_since_best")
+    assert [[m[k] for k in keys] for m in a] == [[m[k] for k in keys] for m in b]
+
+
+def group(state):
+    return state["optimizer"]["param_groups"][0]
+
+
+def captured_step(state):
+    """What a `--step graph` trial writes: capturable groups, float step counts (on its GPU, read on the CPU)."""
+    group(state)["capturable"] = True
+    for s in state["optimizer"]["state"].values():
+        s["step"] = s["step"].to(torch.float32)
+
+
+def test_a_state_written_by_a_captured_step_resumes_eagerly_on_the_cpu(runs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        metrics = resumed_from(runs, tmp_path, captured_step)
+    same_epochs(metrics, runs[1][2:])  # from epoch 2's state, exactly as the uninterrupted run
+    assert not caplog.records
+
+
+TAMPERED = {
+    "lr 1e30": lambda s: group(s).update(lr=1e30),
+    "lr -5": lambda s: group(s).update(lr=-5.0),
+    "NaN weight decay": lambda s: group(s).update(weight_decay=math.nan),
+    "odd Adam betas": lambda s: group(s).update(betas=(1.5, -0.2)),
+    "epoch -100": lambda s: s["counters"].update(epoch=-100),
+    "epoch 10**6": lambda s: s["counters"].update(epoch=10**6),
+    "no counters": lambda s: s.pop("counters"),
+    "weights of another network": lambda s: s["model"].pop(next(iter(s["model"]))),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_a_tampered_state_is_passed_over_for_the_previous_one_with_one_line(runs, tmp_path, caplog, case):
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        metrics = resumed_from(runs, tmp_path, TAMPERED[case])
+    same_epochs(metrics, runs[1][1:])  # from epoch 1's state: epoch 2 trained again, the same numbers
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "does not fit this trial" in lines[0] and "ckpt_2" in lines[0], lines
+
+
+def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        metrics = resumed_from(runs, tmp_path, TAMPERED["lr 1e30"], older_too=True)
+    same_epochs(metrics, runs[1])
+    assert len(caplog.records) == 2
