@@ -185,3 +185,10 @@ def test_a_relative_path_from_a_folder_whose_name_is_not_utf8_is_refused(tmp_pat
         assert e.value.code == 2 and f"argument {flag}: invalid value '" in err and "cwd\\xff/" in err, err
         assert "allowed: a path or URI in UTF-8" in err
     assert os.listdir(odd) == []
+
+
+def test_tf32_undoes_no_tf32_and_neither_flag_leaves_the_experiments_choice():
+    runtime = lambda *flags: _settings(build_parser().parse_args(["sweep", *flags])).runtime  # noqa: E731
+    assert runtime("--no-tf32")["tf32"] is False
+    assert runtime("--no-tf32", "--tf32")["tf32"] is True  # the last one given counts, as on --resume
+    assert "tf32" not in runtime()  # on --resume: the experiment's own choice stays

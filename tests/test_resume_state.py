@@ -108,3 +108,56 @@ def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplo
         metrics = resumed_from(runs, tmp_path, TAMPERED["lr 1e30"], older_too=True)
     same_epochs(metrics, runs[1])
     assert len(caplog.records) == 2
+
+
+# --- end to end: a sweep stopped, its resume state made a captured-step one, resumed on the CPU -------------
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_a_captured_step_state_on_the_cpu_and_keeps_the_flags_given(synthetic_dir, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    storage, name, epochs = tmp_path / "results", "captured", 6
+    exp_dir = storage / name
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def sweep(args, log):
+        cmd = [sys.executable, "-m", "tune_alexnet", "sweep", "--storage", str(storage), "--name", name, *args]
+        return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def states():
+        return sorted(exp_dir.glob(f"train_cifar_*/checkpoint_*/{TRAINER_FILE}"))
+
+    first = sweep(["--data-dir", synthetic_dir, "--optimizer", "adam", "--lr", "0.001", "--batch-size", "32",
+                   "--dropout", "true", "--batchnorm", "true", "--width", "0.125", "--epochs", str(epochs),
+                   "--patience", "100", "--resume-every", "0"], tmp_path / "first.log")  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not any(int(p.parent.name.split("_")[1]) >= 1 for p in states()):  # the state after epoch 2
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    for path in states():  # as a --step graph trial on a GPU writes it
+        state = torch.load(path, weights_only=True)
+        captured_step(state)
+        torch.save(state, path)
+
+    resumed = sweep(["--resume", "--augment-chunk", "64", "--no-tf32"], tmp_path / "resume.log")
+    assert resumed.wait(240) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    table = pd.read_parquet(exp_dir / "results.parquet")
+    assert list(table["status"]) == ["terminated"] and list(table["epochs_run"]) == [epochs]
+    seen = pd.read_parquet(exp_dir / "epochs.parquet")
+    assert sorted(set(seen["epoch"])) == list(range(1, epochs + 1))
+    assert (seen["epoch"] == 1).sum() == 1  # resumed, not started afresh
+    last = seen[seen["epoch"] == epochs].iloc[0]  # how the epoch ran is in the table
+    assert (last["step_mode"], bool(last["tf32"]), int(last["augment_chunk"])) == ("eager", False, 64)
+    # The flags given with --resume are the experiment's now: the next --resume keeps them.
+    runtime = json.loads((exp_dir / "tune_alexnet_sweep.json").read_text())["runtime"]
+    assert runtime["augment_chunk"] == 64 and runtime["tf32"] is False and runtime["resume_every_s"] == 0

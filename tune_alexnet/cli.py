@@ -240,7 +240,10 @@ def _runtime_flags(h) -> None:
                    "cpu: train on the CPU even where GPUs are granted (default: auto)")  # fmt: skip
     h.add_argument("--channels-last", choices=("auto", "true", "false"),
                    help="channels-last memory format; auto: with bf16 on CUDA only (default: auto)")  # fmt: skip
-    h.add_argument("--no-tf32", dest="tf32", action="store_const", const=False, help="disable TF32 matmuls on CUDA")
+    h.add_argument("--tf32", dest="tf32", action="store_const", const=True,
+                   help="TF32 matmuls and convolutions on CUDA (the default; undoes an experiment's --no-tf32)")  # fmt: skip
+    h.add_argument("--no-tf32", dest="tf32", action="store_const", const=False,
+                   help="no TF32 on CUDA: fp32 matmuls and convolutions in full precision")  # fmt: skip
     h.add_argument("--step", choices=STEP_MODES,
                    help="eager; graph: each training step replays one captured CUDA graph (CUDA only); compile: "
                    f"torch.compile the model (default: {RUNTIME_DEFAULTS['step']})")  # fmt: skip

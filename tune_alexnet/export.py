@@ -93,6 +93,11 @@ EPOCH_SCHEMA = {
     "images_per_s": "float64",
     "device": "string",
     "precision": "string",
+    # How the epoch ran: results replay exactly whatever these were, except TF32 (a speed setting that rounds)
+    "step_mode": "string",
+    "channels_last": "boolean",
+    "tf32": "boolean",
+    "augment_chunk": "Int64",
     "gpus_granted": "float64",
     "node_id": "string",
     "checkpoint_kind": "string",
@@ -400,7 +405,9 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
 def _column_check(col: str):
     """(test, what is allowed) of one result column's non-null values."""
     kind = EPOCH_SCHEMA[col]
-    if kind == "Int64":  # every integer a result line holds is an epoch count
+    if col == "augment_chunk":
+        return BOUNDS[col].allows, BOUNDS[col].text()
+    if kind == "Int64":  # every other integer a result line holds is an epoch count
         return _EPOCH_COUNT.allows, _EPOCH_COUNT.text()
     if col in _LOSSES:
         return (lambda v: _AMOUNT.allows(v) or (isinstance(v, float) and (v != v or v >= 0))), "a number >= 0, NaN"

@@ -270,6 +270,20 @@ def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) ->
         f.write(json.dumps(record, indent=2).encode())
 
 
+def keep_runtime(exp_uri: str, runtime: dict) -> None:
+    """On --resume: the flags on how trials run, as this resume runs them, into the experiment's record, so that the
+    next --resume keeps them. Written beside the record and renamed over it: a crash leaves the old one whole."""
+    import pyarrow.fs
+
+    record = read_settings(exp_uri)
+    if record is None or record.get("runtime") == runtime:
+        return
+    fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
+    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}.new") as f:
+        f.write(json.dumps({**record, "runtime": runtime}, indent=2).encode())
+    fs.move(f"{path}/{SETTINGS_FILE}.new", f"{path}/{SETTINGS_FILE}")
+
+
 def read_settings(exp_uri: str, strict: bool = False) -> dict | None:
     """The experiment's settings record, read as storage.read_json reads (a regular file inside the folder, no
     link followed, at most JSON_LIMIT bytes): an untrusted folder can neither block nor feed this a huge file.

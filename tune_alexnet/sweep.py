@@ -31,6 +31,7 @@ from .settings import (
     PATIENCE,
     TRIAL_DEFAULTS,
     SweepSettings,
+    keep_runtime,
     write_settings,
 )
 from .stopper import result_says_stop
@@ -135,6 +136,7 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
         {"cpu": plan.per_trial["CPU"], "gpu": plan.per_trial["GPU"]},
     )
     if s.resume:
+        keep_runtime(plan.exp_uri, s.runtime)
         tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
