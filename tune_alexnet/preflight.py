@@ -450,6 +450,19 @@ def _need(package: str, flag: str) -> None:
         raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
 
 
+def redacted(uri: str) -> str:
+    """`uri` with the password of its user part (http://user:password@host) shown as ***, for refusal lines."""
+    try:
+        parts = urlparse(uri)
+        secret = parts.password
+    except ValueError:
+        return uri
+    if secret is None:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
+
+
 def _check_mlflow_uri(uri: str) -> None:
     """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder."""
     scheme = urlparse(uri).scheme.lower()
@@ -460,7 +473,9 @@ def _check_mlflow_uri(uri: str) -> None:
         # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
         folder = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser().parent
         if path and not folder.is_dir():
-            raise PreflightError(f"--mlflow {uri}: the folder {folder} does not exist; create it or pick another path")
+            raise PreflightError(
+                f"--mlflow {redacted(uri)}: the folder {folder} does not exist; create it or pick another path"
+            )
 
 
 def _probe(uri: str) -> None:
@@ -476,8 +491,8 @@ def _probe(uri: str) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = str(getattr(exc, "reason", exc))
     raise PreflightError(
-        f"--mlflow {uri}: the MLflow tracking server cannot be reached ({reason}); start it "
-        f"(mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
+        f"--mlflow {redacted(uri)}: the MLflow tracking server cannot be reached ({reason.replace(uri, redacted(uri))}); "
+        f"start it (mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
     )
 
 
