@@ -4,6 +4,7 @@ vanish, a reader racing the sweep, checkpoints that lie, and the small lines a p
 Real links, real tmpfs mounts, real read-only remounts, real processes run as another user (nobody)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -91,3 +92,107 @@ def test_load_model_from_a_bucket_without_credentials_fails_within_the_export_li
         load_model("gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001")
     assert time.monotonic() - start < REACH_TIMEOUT_S + 10
     assert "gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001 cannot be reached" in str(refused.value)
+
+
+# --- the local Ray: token authentication on, its token and its folder this user's alone ----------------------
+
+
+@pytest.fixture
+def open_dir():
+    """A folder outside pytest's private one, that the user nobody can reach (for processes run as nobody)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ta", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["umount", "-l", str(path / "home")], check=False, capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(*argv: str) -> None:
+    subprocess.run([*NOBODY, *argv], check=True)
+
+
+def _planted_ray_link(d: Path, tmpdir: Path, victim: Path) -> None:
+    private = tmpdir / f"tune-alexnet-{os.getuid()}"
+    private.mkdir(mode=0o777)
+    private.chmod(0o777)  # as an earlier run, or another user, left it
+    as_nobody("ln", "-s", str(victim), str(private / "ray"))
+
+
+def _own_ray_link(d: Path, tmpdir: Path, victim: Path) -> None:
+    private = tmpdir / f"tune-alexnet-{os.getuid()}"
+    private.mkdir(mode=0o700)
+    (private / "ray").symlink_to(victim)
+
+
+def _token(kind: str):
+    def plant(d: Path, tmpdir: Path, victim: Path) -> None:
+        token = d / "home" / ".ray" / "auth_token"
+        token.parent.mkdir(parents=True)
+        if kind == "dangling link":
+            token.symlink_to(victim / "auth_token")
+        elif kind == "link to another's":
+            (victim / "auth_token").write_text("a token someone else knows")
+            os.chown(victim / "auth_token", 65534, 65534)
+            token.symlink_to(victim / "auth_token")
+        elif kind == "folder":
+            token.mkdir()
+        elif kind == "read-only home":
+            token.parent.rmdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d / "home")], check=True)
+
+    return plant
+
+
+LOCAL_RAY_CASES = {
+    "auth disabled": (None, {"RAY_AUTH_MODE": "disabled"}, "RAY_AUTH_MODE=disabled would start the local Ray without "
+                      "token authentication"),
+    "a planted link in an open private folder": (_planted_ray_link, {}, "was writable by other users and holds 'ray'"),
+    "a link in the private folder": (_own_ray_link, {}, "/ray is a symbolic link to"),
+    "a dangling token link": (_token("dangling link"), {}, "/.ray/auth_token is a symbolic link"),
+    "a token linked to another's file": (_token("link to another's"), {}, "/.ray/auth_token is a symbolic link"),
+    "a token that is a folder": (_token("folder"), {}, "/.ray/auth_token is a folder"),
+    "a read-only home": (_token("read-only home"), {}, "is on a read-only file system, so Ray cannot save one"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LOCAL_RAY_CASES), ids=list(LOCAL_RAY_CASES))
+def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthetic_dir):
+    plant, env, needle = LOCAL_RAY_CASES[case]
+    tmpdir, victim, home = open_dir / "t", open_dir / "victim", open_dir / "home"
+    for d in (tmpdir, victim):
+        d.mkdir()
+    victim.chmod(0o777)
+    os.chown(victim, 65534, 65534)  # another user's folder
+    if plant:
+        plant(open_dir, tmpdir, victim)
+    home.mkdir(exist_ok=True)
+    storage = open_dir / "results"
+    code, lines = sweep_process(["--data-dir", str(synthetic_dir), "--storage", str(storage), *TINY],
+                                {"TMPDIR": str(tmpdir), "HOME": str(home), **env})  # fmt: skip
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines[-20:]
+    assert list(victim.iterdir()) == [] or case == "a token linked to another's file"  # nothing written through
+    assert not storage.exists()  # a refused sweep leaves no folder behind
+
+
+@pytest.mark.slow
+def test_a_token_that_cannot_be_read_is_one_line(open_dir, mini_dir):
+    """Root reads every file: the sweep runs as nobody, whose own token has no read permission."""
+    home, cache, storage = open_dir / "home", open_dir / "cache", open_dir / "results"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("x" * 32)
+    (home / ".ray" / "auth_token").chmod(0)
+    for path in (home, home / ".ray", home / ".ray" / "auth_token"):
+        os.chown(path, 65534, 65534)
+    for d in (cache, storage):
+        d.mkdir()
+        os.chown(d, 65534, 65534)
+    code, lines = sweep_process(
+        ["--data-dir", str(mini_dir), "--subset", "2", "--storage", str(storage), *TINY],
+        {"HOME": str(home), "TUNE_ALEXNET_CACHE": str(cache), "TMPDIR": str(cache), "PYTHONPATH": os.getcwd()},
+        user=NOBODY,
+    )
+    assert code == 2 and len(lines) == 1, lines[-20:]
+    assert f"Ray's token {home}/.ray/auth_token cannot be read (Permission denied)" in lines[0]

@@ -71,7 +71,12 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     check_scheme(root, "--storage")
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
-    lock = lock_experiment(root, name)
+    made = [] if is_remote(root) else _missing_folders(root)  # removed again if the sweep is refused
+    try:
+        lock = lock_experiment(root, name)
+    except BaseException:
+        _remove_empty(made)
+        raise
     started = False
     try:
         exp_uri = experiment_uri(root, name)
@@ -90,7 +95,25 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
 
             ray.shutdown()
         lock.release()
+        _remove_empty(made)
         raise
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first: what a refused sweep must not leave behind."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one: whatever someone else put there meanwhile stays
+        except OSError:
+            return
 
 
 # --- the storage and the experiment's name ----------------------------------------------------------------
@@ -535,6 +558,10 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
                 f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); allowed: the address of "
                 f"a running Ray head (host:port), auto, or none for a local Ray"
             ) from None
+    if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
+        problem = cluster.auth_mode_problem() or cluster.token_problem()
+        if problem:
+            raise PreflightError(problem)
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
         with _stop_signals_deferred() as stopped:
@@ -549,6 +576,9 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
             raise KeyboardInterrupt
     except cluster.UnsafeTempDir as exc:
         raise PreflightError(f"Ray's session folder {exc}") from None
+    except OSError as exc:  # the token, made or read inside ray.init (a race with the checks above)
+        where = f" {exc.filename}" if exc.filename else ""
+        raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PreflightError(
             f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); allowed: the address "
