@@ -7,6 +7,7 @@ line and exit 2. load_model and predict refuse what they must, in one line. Ever
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -512,6 +513,16 @@ LOAD_CASES = {
     ),
     "model.pt of another network": (_other_weights, "model.pt does not hold the weights"),
     "model.pt missing": (lambda d: (d / "model.pt").unlink(), "model.pt is missing"),
+    # 65 bytes of model.json against 2.8 GB of network: the shapes are compared before the network is built
+    "model.json says width 4": (
+        _model_json(width=4),
+        "model.pt does not hold the weights of the network model.json describes: tensor 'features.0.weight' has "
+        "shape (8, 3, 5, 5), the network needs (256, 3, 5, 5)",
+    ),
+    "model.pt a pickle that runs code": (
+        lambda d: torch.save({"features.0.weight": Path("/")}, d / "model.pt"),
+        "model.pt was refused: it holds Python objects besides tensors, and loading them would run code",
+    ),
 }
 
 
@@ -520,8 +531,10 @@ LOAD_CASES = {
 def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     tamper, needle = LOAD_CASES[case]
     tamper(ckpt)
+    start = time.monotonic()
     with pytest.raises(ValueError) as refused:  # checkpoint.CheckpointError
         checkpoint.load_model(ckpt)
+    assert time.monotonic() - start < 2  # nothing of a declared network is allocated before it is known to fit
     message = str(refused.value)
     assert type(refused.value).__name__ == "CheckpointError" and "\n" not in message, message
     assert str(ckpt) in message and needle in message, message

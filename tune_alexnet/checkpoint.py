@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import pickle
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from .augment import normalize, prepare_eval
 from .data import IMAGE_SIZE
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES
-from .storage import JSON_LIMIT, RefusedFile, open_file, read_json, shown
+from .storage import JSON_LIMIT, RefusedFile, open_file, reach, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
 MODEL_ARGS_FILE = "model.json"  # AlexNet's arguments, so the folder alone rebuilds the network
@@ -99,8 +100,11 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
     missing file included, raises CheckpointError naming the file."""
     fs, base, label = _location(checkpoint)
     args, classes = _model_args(fs, base, label)
+    with torch.device("meta"):  # the shapes model.json declares, without allocating a byte of them
+        expected = AlexNet(**args).state_dict()
+    state = _read_weights(fs, base, label, expected, device)
     model = AlexNet(**args)
-    _load_weights(model, fs, base, label, device)
+    model.load_state_dict(state)
     model.classes = classes or tuple(str(i) for i in range(NUM_CLASSES))  # none recorded: each output's index
     return model.to(device).eval()
 
@@ -114,7 +118,15 @@ def _location(checkpoint) -> tuple:
         return checkpoint.filesystem, checkpoint.path, checkpoint.path
     checkpoint = os.fspath(checkpoint)
     if "://" in checkpoint:
-        return *pyarrow.fs.FileSystem.from_uri(checkpoint), checkpoint.split("?")[0]
+        label = checkpoint.split("?")[0]
+        try:  # bounded as export's reads are: gs:// without credentials would retry for minutes
+            return *reach(checkpoint), label
+        except (OSError, ValueError, TimeoutError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointError(
+                f"{label} cannot be reached ({reason}); allowed: a checkpoint folder, or a bucket URI your "
+                "credentials can read"
+            ) from None
     path = os.path.abspath(os.path.expanduser(checkpoint))
     return pyarrow.fs.LocalFileSystem(), path, path
 
@@ -155,26 +167,52 @@ def _model_args_problem(raw) -> str | None:
     return None
 
 
-def _load_weights(model: AlexNet, fs, base: str, label: str, device) -> None:
-    """model.pt into `model`, read only if it is no larger than that network's tensors (plus torch's framing)."""
+def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
+    """model.pt's tensors, read only if the file is no larger than the network model.json describes (plus torch's
+    framing), each of the shape that network needs: a mismatch is named before the network is built."""
     where = f"{label}/{MODEL_FILE}"
-    limit = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + WEIGHTS_SLACK
+    limit = sum(t.numel() * t.element_size() for t in expected.values()) + WEIGHTS_SLACK
     try:
         with open_file(fs, base, MODEL_FILE, limit) as (f, _):
             _check_unpacked_size(f, limit, where)
             state = torch.load(f, map_location=device, weights_only=True)
-        model.load_state_dict(state)
     except FileNotFoundError:
         raise CheckpointError(f"{where} is missing; allowed: a checkpoint folder written by a sweep") from None
     except RefusedFile as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     except CheckpointError:
         raise
-    except Exception as exc:  # a torn or foreign file fails in many ways inside the unpickler or load_state_dict
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise CheckpointError(f"{where} is not what torch.save writes ({_first_line(exc)})") from None
         raise CheckpointError(
-            f"{where} does not hold the weights of the network {MODEL_ARGS_FILE} describes ({first})"
+            f"{where} was refused: it holds Python objects besides tensors, and loading them would run code; "
+            "allowed: a model.pt of tensors only, as a sweep writes it"
         ) from None
+    except Exception as exc:  # a torn or foreign file fails in many ways inside the unpickler
+        raise CheckpointError(f"{where} is not what torch.save writes ({_first_line(exc)})") from None
+    if problem := _shape_problem(state, expected):
+        raise CheckpointError(
+            f"{where} does not hold the weights of the network {MODEL_ARGS_FILE} describes: {problem}"
+        )
+    return state
+
+
+def _shape_problem(state, expected: dict) -> str | None:
+    """The first tensor of `expected` that `state` lacks or holds in another shape, named with both shapes."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"it holds {type(state).__name__} of other values; allowed: a state_dict of tensors"
+    for name, want in expected.items():
+        if name not in state:
+            return f"tensor {name!r} is missing"
+        if tuple(state[name].shape) != tuple(want.shape):
+            return f"tensor {name!r} has shape {tuple(state[name].shape)}, the network needs {tuple(want.shape)}"
+    extra = sorted(set(state) - set(expected))
+    return f"tensor {extra[0]!r} is not one of the network's" if extra else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _check_unpacked_size(f, limit: int, where: str) -> None:

@@ -227,8 +227,8 @@ def _training_flags(t) -> None:
     t.add_argument("--repeats", type=_bounded("repeats"), default=1,
                    help="trials per grid point, each with its own seed (default: 1)")  # fmt: skip
     t.add_argument("--precision", choices=PRECISIONS, default=TRIAL_DEFAULTS["precision"],
-                   help="fp32: the study's (TF32 matmuls on CUDA unless --no-tf32); bf16: autocast on CUDA; auto: "
-                   f"bf16 on CUDA, fp32 on CPU (default: {TRIAL_DEFAULTS['precision']})")  # fmt: skip
+                   help="fp32: the study's (TF32 matmuls on CUDA unless --no-tf32); bf16: autocast, on CUDA and on the "
+                   f"CPU alike; auto: bf16 on CUDA, fp32 on CPU (default: {TRIAL_DEFAULTS['precision']})")  # fmt: skip
     t.add_argument("--width", type=_bounded("width"), default=TRIAL_DEFAULTS["width"],
                    help="scale AlexNet's channels and hidden units; 1 is the study's network, 0.125 a quick smoke test")  # fmt: skip
 

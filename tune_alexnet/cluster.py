@@ -64,13 +64,116 @@ def private_temp_dir() -> str:
         raise UnsafeTempDir(f"{path} is not a folder of this user's; remove it, or set TMPDIR to another folder")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
+    _check_private_entries(path, was_open=bool(st.st_mode & 0o022))
     return path
+
+
+def _check_private_entries(path: str, was_open: bool) -> None:
+    """Nothing in the private folder that this user did not make: Ray follows links it finds there and writes its
+    whole session through them. In a folder found writable by others nothing can be told from a planted entry;
+    below, only this user's own folders (and, inside Ray's own, the links Ray makes) are taken."""
+    fix = f"remove {path}, or set TMPDIR to another folder"
+    entries = sorted(os.listdir(path))
+    if was_open and entries:
+        raise UnsafeTempDir(
+            f"{path} was writable by other users and holds {entries[0]!r}, which may have been planted; {fix}"
+        )
+    for name in entries:
+        _check_entry(os.path.join(path, name), fix, links_allowed=False)
+        ray_dir = os.path.join(path, name)
+        if name == "ray" and stat.S_ISDIR(os.lstat(ray_dir).st_mode):
+            for inner in sorted(os.listdir(ray_dir)):
+                _check_entry(os.path.join(ray_dir, inner), fix, links_allowed=True)
+
+
+def _check_entry(entry: str, fix: str, links_allowed: bool) -> None:
+    st = os.lstat(entry)
+    if st.st_uid != os.getuid():
+        raise UnsafeTempDir(f"{entry} belongs to another user (uid {st.st_uid}); {fix}")
+    if stat.S_ISLNK(st.st_mode) and not links_allowed:
+        raise UnsafeTempDir(
+            f"{entry} is a symbolic link to {os.readlink(entry)}, which tune-alexnet never makes; {fix}"
+        )
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise UnsafeTempDir(f"{entry} is not a folder or a file; {fix}")
+
+
+AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication: token (its default) or disabled
+TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"  # where Ray reads its token from, instead of ~/.ray/auth_token
+
+
+def auth_mode_problem() -> str | None:
+    """Why the local Ray this package starts would run without token authentication: then any client that
+    reaches its GCS (which listens on every interface) could run code as this user."""
+    mode = os.environ.get(AUTH_MODE)
+    if mode is None or mode.strip().lower() == "token":
+        return None
+    return (
+        f"{AUTH_MODE}={mode} would start the local Ray without token authentication, so anyone who reaches this "
+        f"machine could run code as you through it; unset {AUTH_MODE} (or set it to token)"
+    )
+
+
+def token_path() -> Path:
+    return Path(os.environ.get(TOKEN_PATH) or Path.home() / ".ray" / "auth_token")
+
+
+def token_problem() -> str | None:
+    """Why Ray's token file cannot serve the local Ray: a link (Ray would write the token through it, or use one
+    that someone else knows), a folder, a file of another user's or that cannot be read, or, where there is none
+    yet, a folder where Ray cannot save a new one (a read-only HOME)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):  # the token itself, given in the environment: no file is used
+        return None
+    path = token_path()
+    allowed = f"allowed: a file of your own, or none (Ray then makes one); or point {TOKEN_PATH} at one"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return _token_folder_problem(path)
+    except OSError as exc:
+        return f"Ray's token {path} cannot be read ({exc.strerror}); {allowed}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"Ray's token {path} is a symbolic link, through which Ray would read or write it; {allowed}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"Ray's token {path} is a folder; {allowed}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"Ray's token {path} is not a regular file; {allowed}"
+    if st.st_uid != os.getuid():
+        return f"Ray's token {path} belongs to another user (uid {st.st_uid}), who knows it; {allowed}"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
+    except OSError as exc:
+        return f"Ray's token {path} cannot be read ({exc.strerror}); {allowed}"
+    return None
+
+
+def _token_folder_problem(path: Path) -> str | None:
+    folder = path.parent
+    existing = folder
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if os.path.islink(folder):
+        return f"Ray's token folder {folder} is a symbolic link, through which Ray would write its token"
+    if not os.access(existing, os.W_OK):
+        why = "is on a read-only file system" if _read_only(existing) else "cannot be written"
+        return (
+            f"Ray's token {path} does not exist and {existing} {why}, so Ray cannot save one; set HOME to a "
+            f"writable folder, or point {TOKEN_PATH} at a token file (ray get-auth-token --generate)"
+        )
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def keep_token_private() -> None:
     """Ray's token (its servers refuse any client without it) is written readable by all; only this user may
     read it."""
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = token_path()
     try:
         st = os.lstat(path)
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:

@@ -104,7 +104,9 @@ class Console(tune.Callback):
         statuses = [status for status, _, _ in self.snapshot]
         ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
         running, pending = statuses.count("RUNNING"), statuses.count("PENDING")
-        scored = [(r["best_val_acc"], c) for _, c, r in self.snapshot if r.get("best_val_acc") is not None]
+        # a trial with no best epoch (diverged at once) has no accuracy to show, not 0%
+        scored = [(r.get("best_val_acc"), c) for _, c, r in self.snapshot if r.get("best_epoch")]
+        scored = [(acc, c) for acc, c in scored if acc is not None]
         best = max(scored, key=lambda x: x[0], default=None)
         best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else "best: none yet"
         elapsed = time.monotonic() - (self.started or time.monotonic())

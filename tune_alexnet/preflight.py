@@ -71,7 +71,12 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     check_scheme(root, "--storage")
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
-    lock = lock_experiment(root, name)
+    made = [] if is_remote(root) else _missing_folders(root)  # removed again if the sweep is refused
+    try:
+        lock = lock_experiment(root, name)
+    except BaseException:
+        _remove_empty(made)
+        raise
     started = False
     try:
         exp_uri = experiment_uri(root, name)
@@ -90,7 +95,25 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
 
             ray.shutdown()
         lock.release()
+        _remove_empty(made)
         raise
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first: what a refused sweep must not leave behind."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one: whatever someone else put there meanwhile stays
+        except OSError:
+            return
 
 
 # --- the storage and the experiment's name ----------------------------------------------------------------
@@ -450,6 +473,19 @@ def _need(package: str, flag: str) -> None:
         raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
 
 
+def redacted(uri: str) -> str:
+    """`uri` with the password of its user part (http://user:password@host) shown as ***, for refusal lines."""
+    try:
+        parts = urlparse(uri)
+        secret = parts.password
+    except ValueError:
+        return uri
+    if secret is None:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
+
+
 def _check_mlflow_uri(uri: str) -> None:
     """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder."""
     scheme = urlparse(uri).scheme.lower()
@@ -460,7 +496,9 @@ def _check_mlflow_uri(uri: str) -> None:
         # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
         folder = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser().parent
         if path and not folder.is_dir():
-            raise PreflightError(f"--mlflow {uri}: the folder {folder} does not exist; create it or pick another path")
+            raise PreflightError(
+                f"--mlflow {redacted(uri)}: the folder {folder} does not exist; create it or pick another path"
+            )
 
 
 def _probe(uri: str) -> None:
@@ -476,8 +514,8 @@ def _probe(uri: str) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = str(getattr(exc, "reason", exc))
     raise PreflightError(
-        f"--mlflow {uri}: the MLflow tracking server cannot be reached ({reason}); start it "
-        f"(mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
+        f"--mlflow {redacted(uri)}: the MLflow tracking server cannot be reached ({reason.replace(uri, redacted(uri))}); "
+        f"start it (mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
     )
 
 
@@ -520,6 +558,10 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
                 f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); allowed: the address of "
                 f"a running Ray head (host:port), auto, or none for a local Ray"
             ) from None
+    if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
+        problem = cluster.auth_mode_problem() or cluster.token_problem()
+        if problem:
+            raise PreflightError(problem)
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
         with _stop_signals_deferred() as stopped:
@@ -534,6 +576,9 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
             raise KeyboardInterrupt
     except cluster.UnsafeTempDir as exc:
         raise PreflightError(f"Ray's session folder {exc}") from None
+    except OSError as exc:  # the token, made or read inside ray.init (a race with the checks above)
+        where = f" {exc.filename}" if exc.filename else ""
+        raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PreflightError(
             f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); allowed: the address "

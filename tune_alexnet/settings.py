@@ -36,7 +36,8 @@ TRIAL_DEFAULTS = {
     "patience": PATIENCE,
     "augment": True,  # the study's training augmentation; off only for learning checks
     "width": 1.0,  # AlexNet width multiplier; 1 is the study's network
-    # fp32 (the study's; on CUDA its matmuls and convolutions use TF32 unless --no-tf32) | bf16 (autocast on CUDA)
+    # fp32 (the study's; on CUDA its matmuls and convolutions use TF32 unless --no-tf32) | bf16 (autocast, on CUDA
+    # and on the CPU alike)
     # | auto (bf16 on CUDA, fp32 on CPU: the default of earlier versions, kept so their experiments resume alike)
     "precision": "fp32",
 }

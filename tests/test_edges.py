@@ -1,0 +1,198 @@
+"""The edges of trust and storage: the local Ray's token and private folder, storages that fill, turn read-only or
+vanish, a reader racing the sweep, checkpoints that lie, and the small lines a person reads.
+
+Real links, real tmpfs mounts, real read-only remounts, real processes run as another user (nobody)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tune_alexnet.cli import main
+
+TINY = ["--optimizer", "sgd", "--lr", "0.01", "--batch-size", "32", "--dropout", "true", "--batchnorm", "true",
+        "--width", "0.125", "--epochs", "1"]  # fmt: skip
+NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+
+
+def one_line(argv, capsys, code: int = 2) -> str:
+    try:
+        got = main(argv)
+    except SystemExit as e:
+        got = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "decoding " not in ln]
+    assert got == code and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def sweep_process(args: list[str], env: dict | None = None, timeout: float = 180, user: list[str] = ()):
+    """`tune-alexnet sweep ARGS` in a process of its own: (exit status, stderr's lines that are not blank)."""
+    run_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+    proc = subprocess.run([*user, sys.executable, "-m", "tune_alexnet", "sweep", *args], env=run_env,
+                          capture_output=True, text=True, timeout=timeout, cwd="/")  # fmt: skip
+    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip() and "decoding " not in ln]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a real tmpfs of a given size (MB); unmounted afterwards."""
+    mounts = []
+
+    def mount(size_mb: float, name: str = "disk") -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_mb * 1024)}k", "tmpfs", str(point)], check=True)
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounts):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+# --- small things a person reads ----------------------------------------------------------------------------
+
+
+def test_a_tracking_password_is_never_echoed(tmp_path, capsys):
+    err = one_line(
+        ["sweep", "--mlflow", "http://alice:s3cret-pw@127.0.0.1:1", "--storage", str(tmp_path), *TINY], capsys
+    )
+    assert "s3cret-pw" not in err and "--mlflow http://alice:***@127.0.0.1:1: the MLflow tracking server" in err
+
+
+def test_an_all_diverged_sweep_has_no_best_accuracy():
+    from tune_alexnet.console import Console
+
+    console = Console()
+    diverged = {"epoch": 1, "best_val_acc": 0.0, "best_epoch": 0, "diverged": True}
+    console.snapshot = [("TERMINATED", {"optimizer": "sgd"}, diverged), ("RUNNING", {"optimizer": "sgd"}, diverged)]
+    assert "best: none yet" in console.progress() and "0.00%" not in console.progress()
+
+
+def test_help_says_bf16_autocasts_on_the_cpu_too(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    assert "autocast, on CUDA and on the CPU alike" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.timeout(60, func_only=True)  # it hung for more than 300 s
+def test_load_model_from_a_bucket_without_credentials_fails_within_the_export_limit(monkeypatch):
+    from tune_alexnet.checkpoint import CheckpointError, load_model
+    from tune_alexnet.storage import REACH_TIMEOUT_S
+
+    for key in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError) as refused:
+        load_model("gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001")
+    assert time.monotonic() - start < REACH_TIMEOUT_S + 10
+    assert "gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001 cannot be reached" in str(refused.value)
+
+
+# --- the local Ray: token authentication on, its token and its folder this user's alone ----------------------
+
+
+@pytest.fixture
+def open_dir():
+    """A folder outside pytest's private one, that the user nobody can reach (for processes run as nobody)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ta", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["umount", "-l", str(path / "home")], check=False, capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_nobody(*argv: str) -> None:
+    subprocess.run([*NOBODY, *argv], check=True)
+
+
+def _planted_ray_link(d: Path, tmpdir: Path, victim: Path) -> None:
+    private = tmpdir / f"tune-alexnet-{os.getuid()}"
+    private.mkdir(mode=0o777)
+    private.chmod(0o777)  # as an earlier run, or another user, left it
+    as_nobody("ln", "-s", str(victim), str(private / "ray"))
+
+
+def _own_ray_link(d: Path, tmpdir: Path, victim: Path) -> None:
+    private = tmpdir / f"tune-alexnet-{os.getuid()}"
+    private.mkdir(mode=0o700)
+    (private / "ray").symlink_to(victim)
+
+
+def _token(kind: str):
+    def plant(d: Path, tmpdir: Path, victim: Path) -> None:
+        token = d / "home" / ".ray" / "auth_token"
+        token.parent.mkdir(parents=True)
+        if kind == "dangling link":
+            token.symlink_to(victim / "auth_token")
+        elif kind == "link to another's":
+            (victim / "auth_token").write_text("a token someone else knows")
+            os.chown(victim / "auth_token", 65534, 65534)
+            token.symlink_to(victim / "auth_token")
+        elif kind == "folder":
+            token.mkdir()
+        elif kind == "read-only home":
+            token.parent.rmdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d / "home")], check=True)
+
+    return plant
+
+
+LOCAL_RAY_CASES = {
+    "auth disabled": (None, {"RAY_AUTH_MODE": "disabled"}, "RAY_AUTH_MODE=disabled would start the local Ray without "
+                      "token authentication"),
+    "a planted link in an open private folder": (_planted_ray_link, {}, "was writable by other users and holds 'ray'"),
+    "a link in the private folder": (_own_ray_link, {}, "/ray is a symbolic link to"),
+    "a dangling token link": (_token("dangling link"), {}, "/.ray/auth_token is a symbolic link"),
+    "a token linked to another's file": (_token("link to another's"), {}, "/.ray/auth_token is a symbolic link"),
+    "a token that is a folder": (_token("folder"), {}, "/.ray/auth_token is a folder"),
+    "a read-only home": (_token("read-only home"), {}, "is on a read-only file system, so Ray cannot save one"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LOCAL_RAY_CASES), ids=list(LOCAL_RAY_CASES))
+def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthetic_dir):
+    plant, env, needle = LOCAL_RAY_CASES[case]
+    tmpdir, victim, home = open_dir / "t", open_dir / "victim", open_dir / "home"
+    for d in (tmpdir, victim):
+        d.mkdir()
+    victim.chmod(0o777)
+    os.chown(victim, 65534, 65534)  # another user's folder
+    if plant:
+        plant(open_dir, tmpdir, victim)
+    home.mkdir(exist_ok=True)
+    storage = open_dir / "results"
+    code, lines = sweep_process(["--data-dir", str(synthetic_dir), "--storage", str(storage), *TINY],
+                                {"TMPDIR": str(tmpdir), "HOME": str(home), **env})  # fmt: skip
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines[-20:]
+    assert list(victim.iterdir()) == [] or case == "a token linked to another's file"  # nothing written through
+    assert not storage.exists()  # a refused sweep leaves no folder behind
+
+
+@pytest.mark.slow
+def test_a_token_that_cannot_be_read_is_one_line(open_dir, mini_dir):
+    """Root reads every file: the sweep runs as nobody, whose own token has no read permission."""
+    home, cache, storage = open_dir / "home", open_dir / "cache", open_dir / "results"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("x" * 32)
+    (home / ".ray" / "auth_token").chmod(0)
+    for path in (home, home / ".ray", home / ".ray" / "auth_token"):
+        os.chown(path, 65534, 65534)
+    for d in (cache, storage):
+        d.mkdir()
+        os.chown(d, 65534, 65534)
+    code, lines = sweep_process(
+        ["--data-dir", str(mini_dir), "--subset", "2", "--storage", str(storage), *TINY],
+        {"HOME": str(home), "TUNE_ALEXNET_CACHE": str(cache), "TMPDIR": str(cache), "PYTHONPATH": os.getcwd()},
+        user=NOBODY,
+    )
+    assert code == 2 and len(lines) == 1, lines[-20:]
+    assert f"Ray's token {home}/.ray/auth_token cannot be read (Permission denied)" in lines[0]
