@@ -429,6 +429,7 @@ def run_study(settings, data=None, quiet: bool = True):
     with RayLines(quiet) as lines:
         with _stop_signals_as_ctrl_c():  # Ctrl-C, SIGTERM and SIGHUP stop cleanly from Ray's start on
             plan = preflight.prepare(settings, data, quiet)
+        lines.gather()  # Ray is connected and the trackers imported: their lines too, from here on
         with plan:
             lines.keep_in(plan.exp_uri)
             if plan.dashboard_url and not quiet:
@@ -501,6 +502,9 @@ def _sweep_command(settings, quiet: bool) -> int:
 
     exp_uri, exp, written = run_study(settings, quiet=quiet)
     print(summary(exp.table, exp_uri, written))
+    if settings.wandb and os.environ.get("WANDB_MODE") == "offline" and not os.environ.get("WANDB_DIR"):
+        runs = os.path.join(exp_uri, "*", "wandb", "offline-run-*")  # in the experiment: the copy that lasts
+        print(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})")
     failed, unfinished = left_over(exp.table)
     if failed or unfinished:  # interrupted (Ctrl-C), failed or lost trials: say how to go on, exit non-zero
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
