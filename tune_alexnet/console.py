@@ -105,8 +105,11 @@ class Console(tune.Callback):
         statuses = [status for status, _, _ in self.snapshot]
         ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
         running, pending = statuses.count("RUNNING"), statuses.count("PENDING")
-        scored = [(r["best_val_acc"], c) for _, c, r in self.snapshot if r.get("best_val_acc") is not None]
-        best = max(scored, key=lambda x: x[0], default=None)
+        from .export import best_key
+
+        scored = [(r["best_val_acc"], c, r.get("trial_id")) for _, c, r in self.snapshot
+                  if r.get("best_val_acc") is not None]  # fmt: skip
+        best = min(scored, key=lambda x: best_key(x[0], run_number(full_config(x[1])), x[2]), default=None)
         best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else "best: none yet"
         elapsed = time.monotonic() - (self.started or time.monotonic())
         left = self.pace.left(self.snapshot)
@@ -150,14 +153,16 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
     from .storage import is_remote
 
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
+    from .export import best_run
+
     scored = table[table["final_accuracy"].notna()]
     lines = [f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})"]
     if len(scored):
-        best = scored.loc[scored["final_accuracy"].idxmax()]
+        best = best_run(scored)
         lines.append(f"  best:   {best['final_accuracy']:.2f}% ({describe_trial(best.to_dict())})")
         for opt in optimizer_order(scored["optimizer"]):
             part = scored[scored["optimizer"] == opt]
-            top = part.loc[part["final_accuracy"].idxmax()]
+            top = best_run(part)
             lines.append(
                 f"    {opt:<8} best {top['final_accuracy']:.2f}% of {len(part)} runs ({describe_trial(top.to_dict())})"
             )

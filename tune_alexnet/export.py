@@ -128,6 +128,23 @@ _RESULT_FIELDS = ("final_accuracy", "epochs_run", "best_epoch", "stopped_early",
                   "node_id", "best_checkpoint")  # fmt: skip
 
 
+def best_key(accuracy: float, run, trial_id) -> tuple:
+    """The order of the one best-run rule, smallest first: the highest best accuracy (as the tables show it, to
+    0.01 points), then the lowest study run number (a run off the study's grid after every run on it), then the
+    earliest trial (the lowest trial id: Tune numbers trials as it creates them)."""
+    return (-round(float(accuracy), 2), math.inf if run is None or pd.isna(run) else int(run), str(trial_id or ""))
+
+
+def best_run(table: pd.DataFrame) -> pd.Series | None:
+    """The best run of a results table (TABLE_SCHEMA) by the one rule of `best_key`; None when no run has an
+    accuracy. The console's progress line and summary, the report and the tables all pick with this rule."""
+    scored = table[table["final_accuracy"].notna()]
+    if scored.empty:
+        return None
+    rows = scored[["final_accuracy", "run", "trial_id"]].itertuples()
+    return scored.loc[min(rows, key=lambda r: best_key(r.final_accuracy, r.run, r.trial_id)).Index]
+
+
 class ExportError(Exception):
     """The folder is not something we can read as an experiment; one line for the command line."""
 

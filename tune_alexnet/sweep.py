@@ -108,7 +108,9 @@ class DiskGuard(tune.Callback):
 def trial_space(s: SweepSettings) -> dict:
     """Tune's param space: the grid's five dimensions plus the settings that define a trial's result."""
     if s.runs:  # chosen runs of the study: one grid dimension over run numbers (grid.full_config looks them up)
-        space = {"run": tune.grid_search(list(s.runs))}
+        # In ascending order: Tune creates trials in this order, and ResultGrid.get_best_result() gives a tie to
+        # the earliest trial, as export.best_run gives it to the lowest run number.
+        space = {"run": tune.grid_search(sorted(s.runs))}
     else:
         space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
     space.update({**TRIAL_DEFAULTS, **s.trial, "epochs": s.epochs, "patience": s.patience})
