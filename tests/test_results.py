@@ -161,3 +161,16 @@ def test_resume_on_other_data_is_refused_unless_deliberate(cli_run, mini_dir, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "pass --allow-data-change to resume on purpose" in err[-1], err
     assert sorted(p.name for p in exp.iterdir()) == before  # nothing written
+
+
+def test_a_trial_is_running_only_while_a_sweep_holds_its_experiment(tmp_path):
+    from tune_alexnet.export import sweep_holds
+    from tune_alexnet.preflight import lock_experiment
+
+    exp = tmp_path / "results" / "e"
+    exp.mkdir(parents=True)
+    assert not sweep_holds(str(exp))  # no lock file: no sweep
+    with lock_experiment(str(tmp_path / "results"), "e"):
+        assert sweep_holds(str(exp))
+    (tmp_path / "results" / ".e.lock").write_text("a sweep (pid 1)")  # what a killed sweep leaves: unlocked
+    assert not sweep_holds(str(exp))

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
     from .data import DataError
     from .export import ExportError
-    from .preflight import PreflightError
+    from .preflight import NothingToResume, PreflightError
 
     try:
         if args.command == "sweep":
@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
             print(write_report(exp, args.out))
+    except NothingToResume as exc:
+        print(f"tune-alexnet {args.command}: {exc}")
+        return 0
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -458,7 +461,7 @@ def run_study(settings, data=None, quiet: bool = True):
                 if not is_remote(plan.exp_uri):  # the room held back for these last writes
                     release_reserve(os.path.join(plan.exp_uri, RESERVE_NAME))
                 try:
-                    exp, written = export.export(plan.exp_uri)
+                    exp, written = export.export(plan.exp_uri, ended=True)
                 except export.ExportError:
                     if failure is not None:
                         raise failure from None
@@ -515,9 +518,10 @@ def _sweep_command(settings, quiet: bool) -> int:
     failed, unfinished = left_over(exp.table)
     if failed or unfinished:  # interrupted (Ctrl-C), failed or lost trials: say how to go on, exit non-zero
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
+        parts = [f"{failed} trial(s) errored or lost (see the table's error column)"] if failed else []
+        parts += [f"{unfinished} did not finish"] if unfinished else []
         print(
-            f"tune-alexnet sweep: {failed} trial(s) errored or lost (see the table's error column), "
-            f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
+            f"tune-alexnet sweep: {', '.join(parts)}; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
             "continues them",
             file=sys.stderr,
         )
@@ -531,7 +535,7 @@ def left_over(table) -> tuple[int, int]:
     return int((~status.isin(["terminated", "diverged", *UNFINISHED])).sum()), int(status.isin(UNFINISHED).sum())
 
 
-UNFINISHED = ("pending", "running", "paused")
+UNFINISHED = ("pending", "running", "paused", "interrupted")
 
 
 def _name_of(exp_uri: str) -> str:

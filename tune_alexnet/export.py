@@ -109,6 +109,7 @@ STATUS = {
 }
 
 
+INTERRUPTED = "interrupted"  # a trial that was running or paused when its sweep stopped (--resume continues it)
 LOST = "lost"  # a trial whose result.json is gone: what it reported is unknown
 DAMAGED = "damaged"  # a trial whose config, folder or results are not what Tune and this package write
 TRIAL_PREFIX = "train_cifar_"  # Tune's trial folders: <trainable>_<trial id>_<index>_<its settings>_<date>
@@ -158,7 +159,29 @@ class Experiment:
     notes: list[str] = field(default_factory=list)  # what could not be read, for the user
 
 
-def load_experiment(source) -> Experiment:
+def sweep_holds(path: str) -> bool:
+    """Whether a sweep holds this local experiment now (its lock file beside the folder is locked); a bucket's
+    lock is on the machine that runs it, so there the answer is yes: its trials may well be running."""
+    if is_remote(path):
+        return True
+    folder = Path(path)
+    lock = folder.parent / f".{folder.name}.lock"
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # released (the file is removed) or never there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def load_experiment(source, ended: bool | None = None) -> Experiment:
     """`source`: an experiment folder (path, ~path or URI) or a local tune.ResultGrid (a ResultGrid of a
     bucket forgets its URI's scheme: pass the URI). Tune's experiment state is read as plain JSON, never
     unpickled (Ray's own reader unpickles parts of it), so a folder from a shared bucket runs no code here.
@@ -166,7 +189,10 @@ def load_experiment(source) -> Experiment:
     Nothing in the folder is trusted: every file is read through storage.read_bytes (inside the folder, no link
     followed, size-bounded) and every value is checked. A bad trial among good ones becomes a row marked
     `damaged` (or `lost` when its result.json is gone) whose error names the file and field; a problem with the
-    folder as a whole raises ExportError."""
+    folder as a whole raises ExportError.
+
+    `ended`: the sweep is over (None: over unless a sweep holds the folder now); then a trial that Tune's state
+    leaves running or paused says `interrupted`."""
 
     path = storage_uri(str(getattr(source, "experiment_path", source)))
     if not is_remote(path) and not Path(path).is_dir():
@@ -200,6 +226,10 @@ def load_experiment(source) -> Experiment:
         rows.append(row)
         if records:
             epoch_frames.append(_epoch_frame(records, row))
+    if ended if ended is not None else not sweep_holds(path):
+        for row in rows:
+            if row["status"] in ("running", "paused"):
+                row["status"] = INTERRUPTED
     # Study order; trials off the study's grid (no run number) follow in creation order.
     table = (
         typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA)
@@ -656,7 +686,7 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-def export(source, out_dir: str | os.PathLike | None = None) -> tuple[Experiment, list[str]]:
+def export(source, out_dir: str | os.PathLike | None = None, ended: bool | None = None) -> tuple[Experiment, list[str]]:
     """Tables of an experiment, written into `out_dir` (default: the experiment folder, local or remote)."""
-    exp = load_experiment(source)
+    exp = load_experiment(source, ended)
     return exp, write_tables(exp, out_dir or exp.path)

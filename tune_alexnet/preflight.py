@@ -77,6 +77,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         exp_uri = experiment_uri(root, name)
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         check_storage(root, exp_uri, s.resume, name)
+        if s.resume:
+            check_unfinished(exp_uri)
         check_trackers(s)
         if data is None:
             data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
@@ -339,6 +341,24 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
     if s.subset is not None:  # a deliberate change of data: check_resume_data refuses it without the flag
         keep["subset"] = s.subset
     return dataclasses.replace(saved, **keep)
+
+
+class NothingToResume(PreflightError):
+    """--resume of an experiment whose every trial has ended: said at once, without starting Ray."""
+
+
+def check_unfinished(exp_uri: str) -> None:
+    from .export import ExportError, load_experiment
+
+    try:
+        status = load_experiment(exp_uri, ended=True).table["status"]
+    except ExportError:
+        return  # Tune's restore names what is wrong with it
+    if len(status) and status.isin(["terminated", "diverged"]).all():
+        raise NothingToResume(
+            f"experiment {exp_uri} has finished: {len(status)}/{len(status)} trials done, nothing to resume; "
+            f"its tables and report are in that folder"
+        )
 
 
 def check_unchanged(asked: dict, saved: SweepSettings) -> None:

@@ -120,7 +120,7 @@ def _wandb_callback_class():
                 import ray
                 from ray.air.integrations.wandb import WANDB_ENV_VAR, _force_on_current_node
 
-                env = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+                env = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_SYMLINK": "false"}  # no links in folders
                 if WANDB_ENV_VAR in os.environ:
                     env[WANDB_ENV_VAR] = os.environ[WANDB_ENV_VAR]
                 self._remote_logger_class = ray.remote(
@@ -151,6 +151,17 @@ def _wandb_callback_class():
             if trial not in self.ended and trial in self._trial_queues:  # and end it twice (KeyError in Ray's)
                 self.ended.add(trial)
                 super().log_trial_end(trial, failed)
+
+        def on_experiment_end(self, trials: list, **info) -> None:
+            super().on_experiment_end(trials, **info)  # waits for the logging actors to finish their runs
+            for trial in trials:  # W&B links its core's log into each run; an experiment folder holds no links
+                folder = os.path.join(trial.path, "wandb")
+                if is_remote(trial.path) or not os.path.isdir(folder):
+                    continue
+                for where, dirs, files in os.walk(folder):
+                    for name in dirs + files:
+                        if os.path.islink(os.path.join(where, name)):
+                            os.unlink(os.path.join(where, name))
 
         @property
         def ended(self) -> set:
