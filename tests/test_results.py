@@ -129,6 +129,15 @@ def test_tables_share_one_schema_and_say_what_made_them(cli_run, mixed_experimen
         assert meta["settings"]["epochs"] == 2 and meta["settings"]["grid"]["optimizer"] == ["sgd"]
     epochs = pd.read_parquet(exp / "epochs.parquet")
     assert list(zip(epochs["run"], epochs["epoch"])) == sorted(zip(epochs["run"], epochs["epoch"]))
+    # Rows of several experiments read as one dataset still say where each came from.
+    record = json.loads((exp / "tune_alexnet_sweep.json").read_text())
+    for name in ("results.parquet", "epochs.parquet"):
+        both = pd.concat([pd.read_parquet(Path(mixed_path, name)), pd.read_parquet(exp / name)])
+        assert set(both["experiment"]) == {"mixed", "typed"}
+        mine = both[both["experiment"] == "typed"]
+        assert (mine["width"] == 0.125).all() and mine["subset"].isna().all()
+        assert (mine["data_fingerprint"] == record["data"]["fingerprint"]).all() and len(record["data"]["fingerprint"])
+    assert (pd.read_parquet(exp / "results.parquet")["precision"] == "fp32").all()
     merged = pd.read_csv(exp / "merged_results.csv")
     assert list(merged.columns) == ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
     assert merged["Run"].is_unique and len(merged) == 2

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .data import check_record
 from .grid import full_config, optimizer_order, run_number
-from .settings import BOUNDS, DIMENSIONS, EPOCHS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
+from .settings import BOUNDS, DIMENSIONS, EPOCHS, PRECISIONS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
 from .storage import (
     ERROR_LIMIT,
     JSON_LIMIT,
@@ -55,6 +55,10 @@ _GRID_TYPES = {
     "batchnorm": "boolean",
     "seed": "Int64",
 }
+# Where a row came from, in both tables, so that the tables of many experiments concatenated still tell their rows
+# apart: the experiment's name, the network's width, the train images per class (null: all of them), and the
+# fingerprint of the pixels it trained on (null where the folder has no record of its data).
+_PROVENANCE = {"experiment": "string", "width": "float64", "subset": "Int64", "data_fingerprint": "string"}
 # Column -> pandas dtype: the same in every experiment (a column without errors is still a string column,
 # integers with gaps are nullable), so tables of many experiments read as one dataset.
 TABLE_SCHEMA = {
@@ -71,6 +75,8 @@ TABLE_SCHEMA = {
     "trial_id": "string",
     "node_id": "string",
     "best_checkpoint": "string",
+    "precision": "string",  # what the trial computed in (fp32, bf16); as configured where it reported nothing
+    **_PROVENANCE,
 }
 EPOCH_SCHEMA = {
     "trial_id": "string",
@@ -97,6 +103,7 @@ EPOCH_SCHEMA = {
     "node_id": "string",
     "checkpoint_kind": "string",
     "checkpoint_dir_name": "string",
+    **_PROVENANCE,
 }
 COLUMNS = list(TABLE_SCHEMA)
 ORIGINAL_COLUMNS = ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
@@ -123,7 +130,7 @@ _PERCENT = Bound(0, 100)
 _AMOUNT = Bound(0, math.inf)
 _ACCURACIES = ("train_acc", "val_acc", "best_val_acc")
 _LOSSES = ("train_loss", "val_loss")
-_RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c != "trial_id"]
+_RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c not in _PROVENANCE and c != "trial_id"]
 # What the table holds of a trial's results: unknown (null) for a lost or damaged trial.
 _RESULT_FIELDS = ("final_accuracy", "epochs_run", "best_epoch", "stopped_early", "train_time_s", "eval_time_s",
                   "node_id", "best_checkpoint")  # fmt: skip
@@ -221,8 +228,10 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
             f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
         ) from None
     rows, epoch_frames = [], []
+    origin = _origin(path, settings)
     for trial in trials:
         row, records = _read_trial(fs, base, trial, path)
+        row.update(origin)
         rows.append(row)
         if records:
             epoch_frames.append(_epoch_frame(records, row))
@@ -251,6 +260,16 @@ class _Trial:
     folder: str | None  # its folder's name inside the experiment; None where none can be used
     source: str  # the file its config came from, for error lines
     problem: str | None = None  # why it is damaged before anything of it is read
+
+
+def _origin(path: str, settings: dict) -> dict:
+    """The provenance columns an experiment shares by all its rows (the width is each trial's own)."""
+    data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
+    return {
+        "experiment": path.split("?")[0].rstrip("/").rsplit("/", 1)[-1],
+        "subset": settings.get("subset"),
+        "data_fingerprint": data.get("fingerprint"),
+    }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -388,7 +407,7 @@ def _checked_config(config) -> tuple[dict, str | None]:
             return {}, f"'run' is {shown(run)}; allowed: a run number 1..{STUDY_RUNS}"
         config = full_config({**config, "run": int(run)})
     checked, problems = {}, []
-    for key in (*DIMENSIONS, "seed", "epochs"):
+    for key in (*DIMENSIONS, "seed", "epochs", "width", "precision"):
         problem = _config_value_problem(key, config.get(key))
         checked[key] = None if problem else config.get(key)
         problems += [problem] if problem else []
@@ -403,6 +422,8 @@ def _config_value_problem(key: str, value) -> str | None:
         allowed = "a name of at most 64 letters, digits, '.', '_' or '-'"
     elif key in ("dropout", "batchnorm"):
         ok, allowed = isinstance(value, bool), "true or false"
+    elif key == "precision":
+        ok, allowed = value in PRECISIONS, ", ".join(PRECISIONS)
     else:
         ok, allowed = BOUNDS[key].allows(value), BOUNDS[key].text()
     return None if ok else f"{key!r} is {shown(value)}; allowed: {allowed}"
@@ -502,6 +523,8 @@ def _trial_row(fs, base: str, trial: _Trial, config: dict, records: list[dict], 
         "trial_id": trial.trial_id,
         "node_id": last.get("node_id"),
         "best_checkpoint": best_ckpt,
+        "precision": last.get("precision") or config.get("precision"),
+        "width": config.get("width"),
     }
 
 
@@ -539,7 +562,7 @@ def _error_line(fs, base: str, folder: str) -> str:
 def _epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:
     epochs = pd.DataFrame(records, columns=_RESULT_COLUMNS)
     epochs.insert(0, "trial_id", row["trial_id"])
-    for col in ("run", *DIMENSIONS, "seed"):
+    for col in ("run", *DIMENSIONS, "seed", *_PROVENANCE):
         epochs[col] = row[col]
     return epochs
 
