@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -183,3 +184,24 @@ def test_a_trial_is_running_only_while_a_sweep_holds_its_experiment(tmp_path):
         assert sweep_holds(str(exp))
     (tmp_path / "results" / ".e.lock").write_text("a sweep (pid 1)")  # what a killed sweep leaves: unlocked
     assert not sweep_holds(str(exp))
+
+
+def test_the_readmes_python_runs_on_a_real_experiment(cli_run):
+    """The tour's snippets, in order, with the experiment's folder in place of ray_results/<name>."""
+    import re
+
+    import numpy as np
+
+    out, exp, _ = cli_run
+    assert out.returncode == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL)]
+    assert len(blocks) == 2
+    scope = {}
+    for block in blocks:
+        exec(block.replace("ray_results/<name>", str(exp)), scope)
+    from tune_alexnet.checkpoint import predict, predict_proba
+
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    model = scope["model"]
+    assert predict_proba(model, images).shape == (3, 10) and predict(model, images).shape == (3,)
