@@ -101,7 +101,7 @@ def test_one_best_run_rule_for_the_progress_line_the_summary_the_report_and_the_
     assert per_optimizer(table)["best_config"][0].startswith("run 4:")
 
 
-def test_chosen_runs_are_created_in_run_order_so_get_best_result_breaks_ties_alike():
+def test_chosen_runs_are_created_in_run_order():
     from tune_alexnet.settings import SweepSettings
     from tune_alexnet.sweep import trial_space
 

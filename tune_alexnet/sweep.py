@@ -108,8 +108,7 @@ class DiskGuard(tune.Callback):
 def trial_space(s: SweepSettings) -> dict:
     """Tune's param space: the grid's five dimensions plus the settings that define a trial's result."""
     if s.runs:  # chosen runs of the study: one grid dimension over run numbers (grid.full_config looks them up)
-        # In ascending order: Tune creates trials in this order, and ResultGrid.get_best_result() gives a tie to
-        # the earliest trial, as export.best_run gives it to the lowest run number.
+        # In ascending order, the order of the tables: Tune creates (and numbers) trials in this order.
         space = {"run": tune.grid_search(sorted(s.runs))}
     else:
         space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
