@@ -77,12 +77,12 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         exp_uri = experiment_uri(root, name)
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         check_storage(root, exp_uri, s.resume, name)
-        if s.resume:
-            check_unfinished(exp_uri)
         check_trackers(s)
         if data is None:
             data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
         check_resume_data(s, exp_uri, data)
+        if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
+            check_unfinished(exp_uri)
         started, dashboard = connect(s.address or os.environ.get("RAY_ADDRESS") or "local", quiet)
         per_trial, keep_free = check_resources(s, root)
         return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
