@@ -1,6 +1,7 @@
 """Bad input: one line naming the value and what is allowed, exit 2, nothing started or written."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -44,11 +45,8 @@ from tune_alexnet.cli import _settings, build_parser, main
             "comma-separated list, e.g. --lr 0.01,0.001)",
         ),  # fmt: skip
         (["sweep", "--storage=a", "--storage", "b"], "--storage is given 2 times"),
-        (
-            ["sweep", "--resume", "--epochs", "5"],
-            "--resume continues the experiment with the settings its trials started with, so --epochs cannot change it",
-        ),  # fmt: skip
-        (["sweep", "--resume", "--lr", "0.1", "--width", "1"], "so --lr, --width cannot change it"),
+        (["sweep", "--epochs", "2", "--epochs", "3"], "--epochs is given 2 times; allowed: once (see tune-alexnet"),
+        (["sweep", "--batchnorm", "true", "--batchnorm=false"], "list, e.g. --batchnorm true,false)"),
         (["train"], "invalid choice: 'train'"),
         (["sweep", "--storage", "r\udcff"], "--storage: invalid value 'r\\xff'; allowed: a path or URI in UTF-8"),
         (["export", "x", "--out", "o\udcff"], "--out: invalid value 'o\\xff'; allowed: a path or URI in UTF-8"),
@@ -192,3 +190,31 @@ def test_tf32_undoes_no_tf32_and_neither_flag_leaves_the_experiments_choice():
     assert runtime("--no-tf32")["tf32"] is False
     assert runtime("--no-tf32", "--tf32")["tf32"] is True  # the last one given counts, as on --resume
     assert "tf32" not in runtime()  # on --resume: the experiment's own choice stays
+
+
+def test_help_names_the_bounds_its_errors_name():
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["sweep"].format_help().split())
+    for flag, bound in (("--epochs EPOCHS", "epochs"), ("--width WIDTH", "width"), ("--subset SUBSET", "subset")):
+        from tune_alexnet.settings import BOUNDS
+
+        help_text = text.rsplit(flag, 1)[1].split(" --", 1)[0]  # its entry, not the usage line
+        assert f"allowed: {BOUNDS[bound].text()}" in help_text, help_text
+
+
+def test_resume_takes_trial_flags_equal_to_the_experiments_and_names_a_change():
+    from tune_alexnet.grid import make_grid
+    from tune_alexnet.preflight import PreflightError, check_unchanged
+    from tune_alexnet.settings import SweepSettings
+
+    parse = build_parser().parse_args
+    argv = ["sweep", "--optimizer", "sgd", "--lr", "0.01,0.001", "--epochs", "2", "--width", "0.125"]
+    asked = _settings(parse([*argv, "--resume"])).asked
+    assert asked == {"optimizer": ("sgd",), "lr": (0.01, 0.001), "epochs": 2, "width": 0.125}
+    saved = SweepSettings(grid=make_grid(optimizer=("sgd",), lr=(0.001, 0.01)), epochs=2, trial={"width": 0.125})
+    check_unchanged(asked, saved)  # the same command with --resume added: accepted
+    for changed, needle in (({"epochs": 3}, "--epochs 3 differs from the experiment's own 2"),
+                            ({"lr": (0.1,)}, "--lr 0.1 differs from the experiment's own 0.001,0.01"),
+                            ({"width": 1.0}, "--width 1 differs from the experiment's own 0.125"),
+                            ({"runs": (4,)}, "--runs 4 differs from the experiment's own (all runs of its grid)")):  # fmt: skip
+        with pytest.raises(PreflightError, match=re.escape(needle)):
+            check_unchanged({**asked, **changed}, saved)

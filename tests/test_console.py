@@ -74,3 +74,35 @@ def test_ray_lines_are_kept_whole_and_shown_only_where_they_add_to_ours(quiet, t
     kept = (tmp_path / "driver.log").read_text()
     for line in (*HIDDEN, "Stop signal received", "worth seeing", "an error of Ray's", "an informational line"):
         assert line in kept
+
+
+def test_one_best_run_rule_for_the_progress_line_the_summary_the_report_and_the_tables():
+    """Runs 6 and 4 tie at 17.50% (run 6 reported first) and an off-grid trial ties too: every place names run 4."""
+    import pandas as pd
+
+    from tune_alexnet.console import Console, summary
+    from tune_alexnet.export import COLUMNS, TABLE_SCHEMA, best_run, typed
+    from tune_alexnet.grid import study_config
+    from tune_alexnet.report import per_optimizer
+
+    trials = [("t_00000", study_config(6), 17.5), ("t_00001", {**study_config(4), "lr": 0.05}, 17.5),
+              ("t_00002", study_config(4), 17.5), ("t_00003", study_config(6), 17.5), ("t_00004", study_config(1), 9.0)]  # fmt: skip
+    console = Console()
+    console.snapshot = [("TERMINATED", c, {"best_val_acc": acc + 0.001, "trial_id": t}) for t, c, acc in trials]
+    assert "best 17.50% (run 4:" in console.progress()
+
+    rows = [{**c, "run": [6, None, 4, 6, 1][i], "final_accuracy": acc, "trial_id": t, "status": "terminated"}
+            for i, (t, c, acc) in enumerate(trials)]  # fmt: skip
+    table = typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA)
+    assert best_run(table)["trial_id"] == "t_00002"
+    assert best_run(table.iloc[::-1])["trial_id"] == "t_00002"  # whatever the order of the rows
+    written = ["/x/results.parquet", "/x/report.md"]
+    assert "  best:   17.50% (run 4:" in summary(table, "/x", written)
+    assert per_optimizer(table)["best_config"][0].startswith("run 4:")
+
+
+def test_chosen_runs_are_created_in_run_order():
+    from tune_alexnet.settings import SweepSettings
+    from tune_alexnet.sweep import trial_space
+
+    assert trial_space(SweepSettings(runs=(16, 12, 38)))["run"] == {"grid_search": [12, 16, 38]}

@@ -96,7 +96,7 @@ def test_driver_killed_mid_sweep_then_resume_keeps_finished_trials(synthetic_dir
     # A half-finished experiment exports with every trial's recorded status, no crash.
     half = load_experiment(exp_dir).table
     assert len(half) == 3
-    assert set(half["status"]) <= {"terminated", "running", "pending"}
+    assert set(half["status"]) <= {"terminated", "interrupted", "pending"}  # no sweep holds it: none is running
     assert (half["status"] != "terminated").any()
 
     # Without --resume the name is refused; with it the sweep completes.
@@ -202,6 +202,7 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     assert (
         f"did not finish; 'tune-alexnet sweep --resume --name interrupted --storage {storage}' continues them" in text
     )
+    assert "errored or lost" not in text  # no error column to point to
     table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
     assert len(table) == 3 and (table["status"] != "terminated").any()
     console_tells_what_the_table_tells(text, table)
@@ -222,7 +223,8 @@ def console_tells_what_the_table_tells(text: str, table: pd.DataFrame) -> None:
     counts = table["status"].value_counts()
     done = sum(counts.get(s, 0) for s in ("terminated", "diverged", "errored"))
     for progress in re.findall(r"\] (\d+)/(\d+) done, (\d+) running, (\d+) pending", after_stop)[-1:]:
-        assert tuple(map(int, progress)) == (done, len(table), counts.get("running", 0), counts.get("pending", 0))
+        assert tuple(map(int, progress)) == (done, len(table), counts.get("interrupted", 0), counts.get("pending", 0))
+    assert "running" not in counts  # the sweep stopped: what ran is interrupted
     summary = next(line for line in text.splitlines() if line.startswith("tune-alexnet: experiment "))
     assert f"{len(table)} trials (" in summary and all(f"{n} {s}" in summary for s, n in counts.items()), summary
 

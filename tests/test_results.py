@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -129,6 +130,15 @@ def test_tables_share_one_schema_and_say_what_made_them(cli_run, mixed_experimen
         assert meta["settings"]["epochs"] == 2 and meta["settings"]["grid"]["optimizer"] == ["sgd"]
     epochs = pd.read_parquet(exp / "epochs.parquet")
     assert list(zip(epochs["run"], epochs["epoch"])) == sorted(zip(epochs["run"], epochs["epoch"]))
+    # Rows of several experiments read as one dataset still say where each came from.
+    record = json.loads((exp / "tune_alexnet_sweep.json").read_text())
+    for name in ("results.parquet", "epochs.parquet"):
+        both = pd.concat([pd.read_parquet(Path(mixed_path, name)), pd.read_parquet(exp / name)])
+        assert set(both["experiment"]) == {"mixed", "typed"}
+        mine = both[both["experiment"] == "typed"]
+        assert (mine["width"] == 0.125).all() and mine["subset"].isna().all()
+        assert (mine["data_fingerprint"] == record["data"]["fingerprint"]).all() and len(record["data"]["fingerprint"])
+    assert (pd.read_parquet(exp / "results.parquet")["precision"] == "fp32").all()
     merged = pd.read_csv(exp / "merged_results.csv")
     assert list(merged.columns) == ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
     assert merged["Run"].is_unique and len(merged) == 2
@@ -161,3 +171,37 @@ def test_resume_on_other_data_is_refused_unless_deliberate(cli_run, mini_dir, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "pass --allow-data-change to resume on purpose" in err[-1], err
     assert sorted(p.name for p in exp.iterdir()) == before  # nothing written
+
+
+def test_a_trial_is_running_only_while_a_sweep_holds_its_experiment(tmp_path):
+    from tune_alexnet.export import sweep_holds
+    from tune_alexnet.preflight import lock_experiment
+
+    exp = tmp_path / "results" / "e"
+    exp.mkdir(parents=True)
+    assert not sweep_holds(str(exp))  # no lock file: no sweep
+    with lock_experiment(str(tmp_path / "results"), "e"):
+        assert sweep_holds(str(exp))
+    (tmp_path / "results" / ".e.lock").write_text("a sweep (pid 1)")  # what a killed sweep leaves: unlocked
+    assert not sweep_holds(str(exp))
+
+
+def test_the_readmes_python_runs_on_a_real_experiment(cli_run):
+    """The tour's snippets, in order, with the experiment's folder in place of ray_results/<name>."""
+    import re
+
+    import numpy as np
+
+    out, exp, _ = cli_run
+    assert out.returncode == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL)]
+    assert len(blocks) == 2
+    scope = {}
+    for block in blocks:
+        exec(block.replace("ray_results/<name>", str(exp)), scope)
+    from tune_alexnet.checkpoint import predict, predict_proba
+
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    model = scope["model"]
+    assert predict_proba(model, images).shape == (3, 10) and predict(model, images).shape == (3,)

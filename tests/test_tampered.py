@@ -578,6 +578,16 @@ def test_predict_takes_uint8_floats_in_0_1_integers_and_pil_images_alike(model):
     assert checkpoint.predict(model, IMAGES[:0]).shape == (0,)
 
 
+def test_predict_proba_gives_each_class_a_probability_whose_largest_is_predicts_answer(model):
+    probs = checkpoint.predict_proba(model, IMAGES, batch_size=16)
+    assert probs.shape == (40, 10) and probs.dtype == np.float32 and (probs >= 0).all()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == checkpoint.predict(model, IMAGES)).all()
+    assert checkpoint.predict_proba(model, IMAGES[:0]).shape == (0, 10)
+    with pytest.raises(ValueError, match="allowed"):
+        checkpoint.predict_proba(model, IMAGES[0])  # one image without the batch axis
+
+
 def _pil(size, mode="RGB"):
     from PIL import Image
 

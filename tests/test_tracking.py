@@ -258,3 +258,77 @@ def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--wandb needs a W&B API key" in err, err
     assert not (storage / "x").exists()
+
+
+# --- every way of choosing runs, and the console with trackers -----------------------------------------------
+
+ESCAPE = "\x1b["
+NOISE = ("Traceback", "core_worker", "wandb sync", "Creating initial MLflow", "Restored on", "reinit", "wandb:")
+
+
+@pytest.fixture(scope="module")
+def runs_tracked(synthetic_dir, tmp_path_factory):
+    """`--runs` with repeats, sent to MLflow (a SQLite store) and offline W&B, as a person types it: a new process,
+    its console captured into files (no terminal), W&B's folder left where Ray puts it."""
+    root = tmp_path_factory.mktemp("runs-tracked")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", HOME=str(root))
+    argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(root / "results"), "--name", "r",
+            "--runs", "2", "--repeats", "2", "--epochs", "2", "--width", "0.125", "--cpus-per-trial", "1",
+            "--mlflow", f"sqlite:///{root}/mlflow.db", "--wandb", "tune-alexnet-try"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=600)  # fmt: skip
+    out.env = env
+    return root, out
+
+
+@pytest.mark.slow
+def test_runs_and_repeats_reach_every_tracker_with_the_study_metrics_and_a_quiet_console(runs_tracked):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tune_alexnet.tracking import STEP, TRACKED_METRICS
+
+    root, out = runs_tracked
+    assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    assert ESCAPE not in console
+    assert not [n for n in NOISE if n in console.replace("wandb sync " + str(root), "")], console
+    assert f"wandb sync {root}" in out.stdout  # the offline runs named where they last
+    exp = root / "results" / "r"
+    assert "Creating initial MLflow" in (exp / "driver.log").read_text()  # kept, not shown
+    assert ESCAPE not in (exp / "driver.log").read_text()
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.params["optimizer"] == "sgd" and run.data.params["batch_size"] == "32"  # run 2's settings
+        assert run.data.tags["run_number"] == "2" and run.info.status == "FINISHED"
+        assert "val_acc" in run.data.metrics and set(run.data.metrics) <= set(TRACKED_METRICS)
+
+    wandb_files = sorted(exp.glob("train_cifar_*/wandb/offline-run-*/run-*.wandb"))  # the copy that lasts, whole
+    assert len(wandb_files) == 2
+    # W&B 0.31 sometimes loses a whole offline run when two logging actors end at once (its file holds only the
+    # header); the runs it writes must hold the study's metrics only.
+    written = [run for run in map(wandb_run, wandb_files) if "config" in run]
+    assert written
+    for run in written:
+        assert run["config"]["run"] == 2 and run["config"]["optimizer"] == "sgd" and "run-2" in run["tags"]
+        logged = {k for h in run["history"] for k in h if not k.startswith("_")}
+        assert "val_acc" in logged and logged <= {*TRACKED_METRICS, STEP}
+
+    for folder in exp.glob("train_cifar_*"):
+        tags = EventAccumulator(str(folder)).Reload().Tags()["scalars"]
+        assert "ray/tune/val_acc" in tags and {t.removeprefix("ray/tune/") for t in tags} <= set(TRACKED_METRICS)
+
+
+@pytest.mark.slow
+def test_the_same_command_with_resume_added_says_the_finished_experiment_is_done_without_starting_ray(runs_tracked):
+    root, first = runs_tracked
+    assert first.returncode == 0
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", *first.args[3:], "--resume"], capture_output=True,
+                         text=True, env=first.env, cwd=root, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"experiment {root / 'results' / 'r'} has finished: 2/2 trials done, nothing to resume" in out.stdout
+    assert "dashboard" not in out.stdout + out.stderr  # Ray was not started

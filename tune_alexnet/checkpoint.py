@@ -240,13 +240,29 @@ def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
     same shape with values in [0, 1] (as `uint8 / 255` gives), or a list of 32x32 PIL images (converted to RGB).
     Anything else (one image without the batch axis, grayscale, channels first, another size, floats outside
     [0, 1]) raises ValueError saying what is allowed."""
+    out = [logits.argmax(1).cpu() for logits in _logits(model, images, batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+@torch.inference_mode()
+def predict_proba(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities, an (N, classes) float32 array whose rows sum to 1 (the softmax of the network's
+    outputs); column i is `model.classes[i]`, and its largest entry is what `predict` returns. Takes the images
+    `predict` takes."""
+    out = [torch.softmax(logits.float(), 1).cpu() for logits in _logits(model, images, batch_size)]
+    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    return torch.cat(out).numpy() if out else np.zeros((0, outputs), dtype=np.float32)
+
+
+def _logits(model: AlexNet, images, batch_size: int):
+    """The network's outputs for `images`, one batch at a time, in evaluation mode."""
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size {batch_size!r}; allowed: a whole number >= 1")
     x, batch_size = _as_batch(images), int(batch_size)
     device = next(model.parameters()).device
     model.eval()
-    out = [model(_prepare(x[i : i + batch_size], device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    for i in range(0, len(x), batch_size):
+        yield model(_prepare(x[i : i + batch_size], device))
 
 
 def _as_batch(images) -> np.ndarray:

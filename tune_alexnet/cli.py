@@ -72,8 +72,10 @@ class OneLineParser(argparse.ArgumentParser):
                 continue
             uses = [a for a in own if a.split("=", 1)[0] in action.option_strings]
             if len(uses) > 1 and self._subparsers is None:
-                self.error(f"{action.option_strings[0]} is given {len(uses)} times; allowed: once (several values "
-                           "go in one comma-separated list, e.g. --lr 0.01,0.001)")  # fmt: skip
+                lists = getattr(action.type, "takes_list", False)  # the advice fits the flags that take a list
+                self.error(f"{action.option_strings[0]} is given {len(uses)} times; allowed: once" + (
+                    f" (several values go in one comma-separated list, e.g. {action.option_strings[0]} "
+                    f"{action.type.example})" if lists else ""))  # fmt: skip
             if uses:
                 given.add(action.dest)
         namespace, extras = super().parse_known_args(args, namespace)
@@ -92,7 +94,7 @@ class OneLineParser(argparse.ArgumentParser):
 # --- values -----------------------------------------------------------------------------------------------
 
 
-def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None):
+def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None, example: str = ""):
     """A comma-separated list of values; a flag given pins its grid dimension to them."""
 
     def parse(text: str):
@@ -111,6 +113,7 @@ def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None):
             values.append(value)
         return tuple(dict.fromkeys(values))
 
+    parse.takes_list, parse.example = True, example
     return parse
 
 
@@ -134,6 +137,7 @@ def _bounded(name: str):
             raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {bound.text()}")
         return value
 
+    parse.bound = bound
     return parse
 
 
@@ -199,22 +203,28 @@ def _sweep_parser(sub) -> None:
     _data_flags(sw.add_argument_group("data"))
     _placement_flags(sw.add_argument_group("where and how it runs"))
     _tracker_flags(sw.add_argument_group("trackers (optional extras)"))
+    for action in sw._actions:  # a bounded number's help names its bounds, as its error does
+        bound = getattr(action.type, "bound", None)
+        if bound is not None and action.help:
+            action.help += f"; allowed: {bound.text()}"
 
 
 def _grid_flags(g) -> None:
     names = ", ".join(OPTIMIZERS)
     lr, batch = BOUNDS["lr"], BOUNDS["batch_size"]
-    g.add_argument("--optimizer", type=_list_of(str, f"{names} or all", choices=tuple(OPTIMIZERS)),
+    g.add_argument("--optimizer", type=_list_of(str, f"{names} or all", choices=tuple(OPTIMIZERS), example="sgd,adam"),
                    help=f"{names}, or all (default: all)")  # fmt: skip
-    g.add_argument("--lr", type=_list_of(float, f"{lr.text()}, such as 0.01", check=lr.allows),
+    g.add_argument("--lr", type=_list_of(float, f"{lr.text()}, such as 0.01", check=lr.allows, example="0.01,0.001"),
                    help=f"learning rate(s) (default: {', '.join(map(str, LRS))})")  # fmt: skip
     g.add_argument("--batch_size", "--batch-size", dest="batch_size",
-                   type=_list_of(int, f"{batch.text()}, such as 32", check=batch.allows),
+                   type=_list_of(int, f"{batch.text()}, such as 32", check=batch.allows, example="32,64"),
                    help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))})")  # fmt: skip
-    g.add_argument("--dropout", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
-    g.add_argument("--batchnorm", type=_list_of(_bool, "true or false"), help="true or false (default: both)")
+    g.add_argument("--dropout", type=_list_of(_bool, "true or false", example="true,false"),
+                   help="true or false (default: both)")  # fmt: skip
+    g.add_argument("--batchnorm", type=_list_of(_bool, "true or false", example="true,false"),
+                   help="true or false (default: both)")  # fmt: skip
     g.add_argument("--runs", type=_list_of(int, f"run numbers 1..{STUDY_RUNS} of the study",
-                                           check=lambda v: 1 <= v <= STUDY_RUNS),
+                                           check=lambda v: 1 <= v <= STUDY_RUNS, example="16,12,38"),
                    help="instead of the grid flags: these run numbers of the study, e.g. 16,12,38")  # fmt: skip
 
 
@@ -330,12 +340,8 @@ def _settings(args: argparse.Namespace):
     given = getattr(args, "_given", set())
     if args.runs and any(v is not None for v in pins.values()):
         raise CliError(f"--runs picks whole runs of the study and cannot be combined with --{_first(pins)}")
-    if args.resume and given & set(TRIAL_FLAGS):
-        flags = ", ".join(f"--{f.replace('_', '-')}" for f in TRIAL_FLAGS if f in given)
-        raise CliError(
-            f"--resume continues the experiment with the settings its trials started with, so {flags} cannot change "
-            "it; allowed with --resume: the flags on how trials run, where the data is, and the cluster's"
-        )
+    # With --resume, a trial-defining flag given again must equal the experiment's own (preflight compares them).
+    asked = {f: getattr(args, f) for f in TRIAL_FLAGS if f in given} if args.resume else {}
     if args.cpus_per_trial == 0 and not args.gpus_per_trial:
         raise CliError("--cpus-per-trial 0 needs --gpus-per-trial above 0; allowed: a trial asks for some CPU or GPU")
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
@@ -366,6 +372,7 @@ def _settings(args: argparse.Namespace):
         allow_data_change=args.allow_data_change,
         trial={"precision": args.precision, "width": args.width},
         runtime={k: v for k, v in runtime.items() if v is not None},
+        asked=asked,
     )
 
 
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
     from .data import DataError
     from .export import ExportError
-    from .preflight import PreflightError
+    from .preflight import NothingToResume, PreflightError
 
     try:
         if args.command == "sweep":
@@ -407,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
             print(write_report(exp, args.out))
+    except NothingToResume as exc:
+        print(f"tune-alexnet {args.command}: {exc}")
+        return 0
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -432,6 +442,7 @@ def run_study(settings, data=None, quiet: bool = True):
     with RayLines(quiet) as lines:
         with _stop_signals_as_ctrl_c():  # Ctrl-C, SIGTERM and SIGHUP stop cleanly from Ray's start on
             plan = preflight.prepare(settings, data, quiet)
+        lines.gather()  # Ray is connected and the trackers imported: their lines too, from here on
         with plan:
             lines.keep_in(plan.exp_uri)
             if plan.dashboard_url and not quiet:
@@ -453,7 +464,7 @@ def run_study(settings, data=None, quiet: bool = True):
                 if not is_remote(plan.exp_uri):  # the room held back for these last writes
                     release_reserve(os.path.join(plan.exp_uri, RESERVE_NAME))
                 try:
-                    exp, written = export.export(plan.exp_uri)
+                    exp, written = export.export(plan.exp_uri, ended=True)
                 except export.ExportError:
                     if failure is not None:
                         raise failure from None
@@ -504,12 +515,16 @@ def _sweep_command(settings, quiet: bool) -> int:
 
     exp_uri, exp, written = run_study(settings, quiet=quiet)
     print(summary(exp.table, exp_uri, written))
+    if settings.wandb and os.environ.get("WANDB_MODE") == "offline" and not os.environ.get("WANDB_DIR"):
+        runs = os.path.join(exp_uri, "*", "wandb", "offline-run-*")  # in the experiment: the copy that lasts
+        print(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})")
     failed, unfinished = left_over(exp.table)
     if failed or unfinished:  # interrupted (Ctrl-C), failed or lost trials: say how to go on, exit non-zero
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
+        parts = [f"{failed} trial(s) errored or lost (see the table's error column)"] if failed else []
+        parts += [f"{unfinished} did not finish"] if unfinished else []
         print(
-            f"tune-alexnet sweep: {failed} trial(s) errored or lost (see the table's error column), "
-            f"{unfinished} did not finish; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
+            f"tune-alexnet sweep: {', '.join(parts)}; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
             "continues them",
             file=sys.stderr,
         )
@@ -523,7 +538,7 @@ def left_over(table) -> tuple[int, int]:
     return int((~status.isin(["terminated", "diverged", *UNFINISHED])).sum()), int(status.isin(UNFINISHED).sum())
 
 
-UNFINISHED = ("pending", "running", "paused")
+UNFINISHED = ("pending", "running", "paused", "interrupted")
 
 
 def _name_of(exp_uri: str) -> str:

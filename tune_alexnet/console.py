@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -104,10 +105,12 @@ class Console(tune.Callback):
         statuses = [status for status, _, _ in self.snapshot]
         ended = sum(s in ("TERMINATED", "ERROR") for s in statuses)
         running, pending = statuses.count("RUNNING"), statuses.count("PENDING")
+        from .export import best_key
+
         # a trial with no best epoch (diverged at once) has no accuracy to show, not 0%
-        scored = [(r.get("best_val_acc"), c) for _, c, r in self.snapshot if r.get("best_epoch")]
-        scored = [(acc, c) for acc, c in scored if acc is not None]
-        best = max(scored, key=lambda x: x[0], default=None)
+        scored = [(r["best_val_acc"], c, r.get("trial_id")) for _, c, r in self.snapshot
+                  if r.get("best_epoch") and r.get("best_val_acc") is not None]  # fmt: skip
+        best = min(scored, key=lambda x: best_key(x[0], run_number(full_config(x[1])), x[2]), default=None)
         best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else "best: none yet"
         elapsed = time.monotonic() - (self.started or time.monotonic())
         left = self.pace.left(self.snapshot)
@@ -151,14 +154,16 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
     from .storage import is_remote
 
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
+    from .export import best_run
+
     scored = table[table["final_accuracy"].notna()]
     lines = [f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})"]
     if len(scored):
-        best = scored.loc[scored["final_accuracy"].idxmax()]
+        best = best_run(scored)
         lines.append(f"  best:   {best['final_accuracy']:.2f}% ({describe_trial(best.to_dict())})")
         for opt in optimizer_order(scored["optimizer"]):
             part = scored[scored["optimizer"] == opt]
-            top = part.loc[part["final_accuracy"].idxmax()]
+            top = best_run(part)
             lines.append(
                 f"    {opt:<8} best {top['final_accuracy']:.2f}% of {len(part)} runs ({describe_trial(top.to_dict())})"
             )
@@ -177,6 +182,16 @@ HIDDEN = (
     "Token authentication is enabled",  # the README says what a local Ray listens on and how the token guards it
 )
 STOP_NOTICE = "Stop signal received"  # said again in our words
+# Loggers whose lines go to driver.log whole and to the console filtered: Ray's, and the trackers' (MLflow's
+# INFO lines about its database are not ours to show).
+LOGGERS = ("ray", "mlflow", "alembic")
+# Output of Ray's worker processes that Ray forwards to the driver: kept in driver.log, not shown. The trackers'
+# logging actors (W&B's banners, run summaries, sync hints), Ray's C++ warnings about them, and Tune's note of a
+# restored trial (the progress line says what runs).
+WORKER_HANDLER = "ray_print_logs"  # the name Ray's own forwarding is registered under
+HIDDEN_WORKERS = ("Wandb", "Mlflow", "_QueueActor")
+HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: never into a file
 
 
 class RayLines(logging.Filter):
@@ -191,21 +206,64 @@ class RayLines(logging.Filter):
         self.fd: int | None = None
         self.upload_to: str | None = None
         self.local_copy: str | None = None
+        self.ray_forwarding = None  # Ray's own handler of worker output, put back on exit
 
     def __enter__(self) -> RayLines:
         import ray  # noqa: F401  (importing Ray sets up its logger and handler)
 
-        for handler in logging.getLogger("ray").handlers:
-            handler.addFilter(self)
+        self.gather()
         return self
 
+    def gather(self) -> None:
+        """Filter the handlers of LOGGERS that exist by now (a tracker's appear once preflight imported it), and
+        take over Ray's forwarding of worker output once Ray is connected."""
+        for name in LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                if self not in handler.filters:
+                    handler.addFilter(self)
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        for name, handler in list(dispatcher.handlers):
+            if name == WORKER_HANDLER and handler != self.worker_lines:
+                self.ray_forwarding = handler
+                dispatcher.remove_handler(WORKER_HANDLER)
+                dispatcher.add_handler(WORKER_HANDLER, self.worker_lines)
+
     def __exit__(self, *exc) -> None:
-        for handler in logging.getLogger("ray").handlers:
-            handler.removeFilter(self)
+        for name in LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                handler.removeFilter(self)
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        if any(h == self.worker_lines for _, h in dispatcher.handlers):  # Ray still connected: its own again
+            dispatcher.remove_handler(WORKER_HANDLER)
+            if self.ray_forwarding is not None:
+                dispatcher.add_handler(WORKER_HANDLER, self.ray_forwarding)
         self.close()
 
+    def worker_lines(self, data: dict) -> None:
+        """One batch of a worker's output, as Ray forwards it: every line into driver.log, without escapes; on
+        the console those not hidden, as Ray would show them."""
+        name = data.get("actor_name") or data.get("task_name") or ""
+        where = f", ip={data.get('ip')}" if data.get("ip") != data.get("localhost") else ""
+        prefix = f"({name + ' ' if name else ''}pid={data.get('pid')}{where})"
+        lines = [ANSI.sub("", line) for line in data.get("lines", [])]
+        if data.get("pid") == "autoscaler":  # as Ray shows it: its events, not its status tables
+            from ray._private.worker import filter_autoscaler_events
+
+            lines = list(filter_autoscaler_events(lines))
+        for line in lines:
+            self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} WORKER {prefix} {line}")
+        if self.quiet or any(hidden in name for hidden in HIDDEN_WORKERS):
+            return
+        shown = [line for line in lines if line.strip() and not any(h in line for h in HIDDEN_WORKER_LINES)]
+        if shown:
+            with contextlib.suppress(OSError):
+                print("\n".join(f"{prefix} {line}" for line in shown),
+                      file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)  # fmt: skip
+
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = ANSI.sub("", record.getMessage())
         self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}")
         if STOP_NOTICE in message:
             if not self.quiet:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .data import check_record
 from .grid import full_config, optimizer_order, run_number
-from .settings import BOUNDS, DIMENSIONS, EPOCHS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
+from .settings import BOUNDS, DIMENSIONS, EPOCHS, PRECISIONS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
 from .storage import (
     ERROR_LIMIT,
     JSON_LIMIT,
@@ -55,6 +55,10 @@ _GRID_TYPES = {
     "batchnorm": "boolean",
     "seed": "Int64",
 }
+# Where a row came from, in both tables, so that the tables of many experiments concatenated still tell their rows
+# apart: the experiment's name, the network's width, the train images per class (null: all of them), and the
+# fingerprint of the pixels it trained on (null where the folder has no record of its data).
+_PROVENANCE = {"experiment": "string", "width": "float64", "subset": "Int64", "data_fingerprint": "string"}
 # Column -> pandas dtype: the same in every experiment (a column without errors is still a string column,
 # integers with gaps are nullable), so tables of many experiments read as one dataset.
 TABLE_SCHEMA = {
@@ -71,6 +75,8 @@ TABLE_SCHEMA = {
     "trial_id": "string",
     "node_id": "string",
     "best_checkpoint": "string",
+    "precision": "string",  # what the trial computed in (fp32, bf16); as configured where it reported nothing
+    **_PROVENANCE,
 }
 EPOCH_SCHEMA = {
     "trial_id": "string",
@@ -102,6 +108,7 @@ EPOCH_SCHEMA = {
     "node_id": "string",
     "checkpoint_kind": "string",
     "checkpoint_dir_name": "string",
+    **_PROVENANCE,
 }
 COLUMNS = list(TABLE_SCHEMA)
 ORIGINAL_COLUMNS = ["Run", "Optimizer", "LR", "Batch Size", "Dropout", "Batch Norm", "Final Accuracy"]
@@ -114,6 +121,7 @@ STATUS = {
 }
 
 
+INTERRUPTED = "interrupted"  # a trial that was running or paused when its sweep stopped (--resume continues it)
 LOST = "lost"  # a trial whose result.json is gone: what it reported is unknown
 DAMAGED = "damaged"  # a trial whose config, folder or results are not what Tune and this package write
 TRIAL_PREFIX = "train_cifar_"  # Tune's trial folders: <trainable>_<trial id>_<index>_<its settings>_<date>
@@ -127,10 +135,27 @@ _PERCENT = Bound(0, 100)
 _AMOUNT = Bound(0, math.inf)
 _ACCURACIES = ("train_acc", "val_acc", "best_val_acc")
 _LOSSES = ("train_loss", "val_loss")
-_RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c != "trial_id"]
+_RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c not in _PROVENANCE and c != "trial_id"]
 # What the table holds of a trial's results: unknown (null) for a lost or damaged trial.
 _RESULT_FIELDS = ("final_accuracy", "epochs_run", "best_epoch", "stopped_early", "train_time_s", "eval_time_s",
                   "node_id", "best_checkpoint")  # fmt: skip
+
+
+def best_key(accuracy: float, run, trial_id) -> tuple:
+    """The order of the one best-run rule, smallest first: the highest best accuracy (as the tables show it, to
+    0.01 points), then the lowest study run number (a run off the study's grid after every run on it), then the
+    earliest trial (the lowest trial id: Tune numbers trials as it creates them)."""
+    return (-round(float(accuracy), 2), math.inf if run is None or pd.isna(run) else int(run), str(trial_id or ""))
+
+
+def best_run(table: pd.DataFrame) -> pd.Series | None:
+    """The best run of a results table (TABLE_SCHEMA) by the one rule of `best_key`; None when no run has an
+    accuracy. The console's progress line and summary, the report and the tables all pick with this rule."""
+    scored = table[table["final_accuracy"].notna()]
+    if scored.empty:
+        return None
+    rows = scored[["final_accuracy", "run", "trial_id"]].itertuples()
+    return scored.loc[min(rows, key=lambda r: best_key(r.final_accuracy, r.run, r.trial_id)).Index]
 
 
 class ExportError(Exception):
@@ -146,7 +171,29 @@ class Experiment:
     notes: list[str] = field(default_factory=list)  # what could not be read, for the user
 
 
-def load_experiment(source) -> Experiment:
+def sweep_holds(path: str) -> bool:
+    """Whether a sweep holds this local experiment now (its lock file beside the folder is locked); a bucket's
+    lock is on the machine that runs it, so there the answer is yes: its trials may well be running."""
+    if is_remote(path):
+        return True
+    folder = Path(path)
+    lock = folder.parent / f".{folder.name}.lock"
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # released (the file is removed) or never there
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def load_experiment(source, ended: bool | None = None) -> Experiment:
     """`source`: an experiment folder (path, ~path or URI) or a local tune.ResultGrid (a ResultGrid of a
     bucket forgets its URI's scheme: pass the URI). Tune's experiment state is read as plain JSON, never
     unpickled (Ray's own reader unpickles parts of it), so a folder from a shared bucket runs no code here.
@@ -154,7 +201,10 @@ def load_experiment(source) -> Experiment:
     Nothing in the folder is trusted: every file is read through storage.read_bytes (inside the folder, no link
     followed, size-bounded) and every value is checked. A bad trial among good ones becomes a row marked
     `damaged` (or `lost` when its result.json is gone) whose error names the file and field; a problem with the
-    folder as a whole raises ExportError."""
+    folder as a whole raises ExportError.
+
+    `ended`: the sweep is over (None: over unless a sweep holds the folder now); then a trial that Tune's state
+    leaves running or paused says `interrupted`."""
 
     path = storage_uri(str(getattr(source, "experiment_path", source)))
     if not is_remote(path) and not Path(path).is_dir():
@@ -183,11 +233,17 @@ def load_experiment(source) -> Experiment:
             f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
         ) from None
     rows, epoch_frames = [], []
+    origin = _origin(path, settings)
     for trial in trials:
         row, records = _read_trial(fs, base, trial, path)
+        row.update(origin)
         rows.append(row)
         if records:
             epoch_frames.append(_epoch_frame(records, row))
+    if ended if ended is not None else not sweep_holds(path):
+        for row in rows:
+            if row["status"] in ("running", "paused"):
+                row["status"] = INTERRUPTED
     # Study order; trials off the study's grid (no run number) follow in creation order.
     table = (
         typed(pd.DataFrame(rows, columns=COLUMNS), TABLE_SCHEMA)
@@ -209,6 +265,16 @@ class _Trial:
     folder: str | None  # its folder's name inside the experiment; None where none can be used
     source: str  # the file its config came from, for error lines
     problem: str | None = None  # why it is damaged before anything of it is read
+
+
+def _origin(path: str, settings: dict) -> dict:
+    """The provenance columns an experiment shares by all its rows (the width is each trial's own)."""
+    data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
+    return {
+        "experiment": path.split("?")[0].rstrip("/").rsplit("/", 1)[-1],
+        "subset": settings.get("subset"),
+        "data_fingerprint": data.get("fingerprint"),
+    }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -346,7 +412,7 @@ def _checked_config(config) -> tuple[dict, str | None]:
             return {}, f"'run' is {shown(run)}; allowed: a run number 1..{STUDY_RUNS}"
         config = full_config({**config, "run": int(run)})
     checked, problems = {}, []
-    for key in (*DIMENSIONS, "seed", "epochs"):
+    for key in (*DIMENSIONS, "seed", "epochs", "width", "precision"):
         problem = _config_value_problem(key, config.get(key))
         checked[key] = None if problem else config.get(key)
         problems += [problem] if problem else []
@@ -361,6 +427,8 @@ def _config_value_problem(key: str, value) -> str | None:
         allowed = "a name of at most 64 letters, digits, '.', '_' or '-'"
     elif key in ("dropout", "batchnorm"):
         ok, allowed = isinstance(value, bool), "true or false"
+    elif key == "precision":
+        ok, allowed = value in PRECISIONS, ", ".join(PRECISIONS)
     else:
         ok, allowed = BOUNDS[key].allows(value), BOUNDS[key].text()
     return None if ok else f"{key!r} is {shown(value)}; allowed: {allowed}"
@@ -462,6 +530,8 @@ def _trial_row(fs, base: str, trial: _Trial, config: dict, records: list[dict], 
         "trial_id": trial.trial_id,
         "node_id": last.get("node_id"),
         "best_checkpoint": best_ckpt,
+        "precision": last.get("precision") or config.get("precision"),
+        "width": config.get("width"),
     }
 
 
@@ -499,7 +569,7 @@ def _error_line(fs, base: str, folder: str) -> str:
 def _epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:
     epochs = pd.DataFrame(records, columns=_RESULT_COLUMNS)
     epochs.insert(0, "trial_id", row["trial_id"])
-    for col in ("run", *DIMENSIONS, "seed"):
+    for col in ("run", *DIMENSIONS, "seed", *_PROVENANCE):
         epochs[col] = row[col]
     return epochs
 
@@ -646,7 +716,7 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-def export(source, out_dir: str | os.PathLike | None = None) -> tuple[Experiment, list[str]]:
+def export(source, out_dir: str | os.PathLike | None = None, ended: bool | None = None) -> tuple[Experiment, list[str]]:
     """Tables of an experiment, written into `out_dir` (default: the experiment folder, local or remote)."""
-    exp = load_experiment(source)
+    exp = load_experiment(source, ended)
     return exp, write_tables(exp, out_dir or exp.path)

@@ -86,6 +86,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         if data is None:
             data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
         check_resume_data(s, exp_uri, data)
+        if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
+            check_unfinished(exp_uri)
         started, dashboard = connect(s.address or os.environ.get("RAY_ADDRESS") or "local", quiet)
         per_trial, keep_free = check_resources(s, root)
         return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
@@ -345,6 +347,7 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
             check_record(record["data"])
     except ValueError as exc:
         raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
+    check_unchanged(s.asked, saved)
     keep = {
         "address": s.address,
         "shared_storage": s.shared_storage,
@@ -361,6 +364,51 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
     if s.subset is not None:  # a deliberate change of data: check_resume_data refuses it without the flag
         keep["subset"] = s.subset
     return dataclasses.replace(saved, **keep)
+
+
+class NothingToResume(PreflightError):
+    """--resume of an experiment whose every trial has ended: said at once, without starting Ray."""
+
+
+def check_unfinished(exp_uri: str) -> None:
+    from .export import ExportError, load_experiment
+
+    try:
+        status = load_experiment(exp_uri, ended=True).table["status"]
+    except ExportError:
+        return  # Tune's restore names what is wrong with it
+    if len(status) and status.isin(["terminated", "diverged"]).all():
+        raise NothingToResume(
+            f"experiment {exp_uri} has finished: {len(status)}/{len(status)} trials done, nothing to resume; "
+            f"its tables and report are in that folder"
+        )
+
+
+def check_unchanged(asked: dict, saved: SweepSettings) -> None:
+    """Flags that define a trial may be given again with --resume (the same command, --resume added), but only
+    with the experiment's own values: a resume cannot change what its trials are."""
+    for flag, new in asked.items():
+        if flag in settings.DIMENSIONS:
+            old, same = getattr(saved.grid, flag), set(new) == set(getattr(saved.grid, flag)) and not saved.runs
+        elif flag == "runs":
+            old, same = saved.runs, set(new) == set(saved.runs)
+        elif flag in settings.TRIAL_DEFAULTS and flag not in ("epochs", "patience", "seed"):
+            old = saved.trial.get(flag, settings.TRIAL_DEFAULTS[flag])
+            same = new == old
+        else:
+            old = getattr(saved, flag)
+            same = new == old
+        if not same:
+            shown_new, shown_old = (",".join(map(_plain, v)) if isinstance(v, tuple) else _plain(v) for v in (new, old))
+            raise PreflightError(
+                f"--resume: --{flag.replace('_', '-')} {shown_new} differs from the experiment's own "
+                f"{shown_old or '(all runs of its grid)'}; a resume continues its trials as they started: drop the "
+                "flag or give the same value, or start a new experiment with another --name"
+            )
+
+
+def _plain(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _check_restorable(exp_uri: str, root: str, name: str) -> None:

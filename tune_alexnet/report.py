@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import DAMAGED, LOST, Experiment, load_experiment, output_dir
+from .export import DAMAGED, LOST, Experiment, best_run, load_experiment, output_dir
 from .grid import optimizer_order
 from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
 
@@ -43,7 +43,7 @@ def per_optimizer(table: pd.DataFrame) -> pd.DataFrame:
         part = scored(table[table["optimizer"] == opt])
         if part.empty:
             continue
-        best = part.loc[part["final_accuracy"].idxmax()]
+        best = best_run(part)
         rows.append(
             {
                 "optimizer": opt,
@@ -192,7 +192,7 @@ def curves_figure(exp: Experiment, out, name: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for opt in optimizer_order(scored(table)["optimizer"]):
         part = scored(table[table["optimizer"] == opt])
-        best = part.loc[part["final_accuracy"].idxmax()]
+        best = best_run(part)
         e = epochs[epochs["trial_id"] == best["trial_id"]]
         ax.plot(e["epoch"], e["val_acc"], marker="o", ms=3, label=f"best {opt}: {describe(best)}")
     for _, row in table[table["status"] == "diverged"].iterrows():

@@ -178,6 +178,8 @@ class SweepSettings:
     wandb: str | None = None  # Weights & Biases project to log every trial to
     trial: dict = field(default_factory=dict)  # overrides of TRIAL_DEFAULTS (width, precision, augment)
     runtime: dict = field(default_factory=dict)  # overrides of RUNTIME_DEFAULTS
+    # With resume: trial-defining values given again (flag name -> value); each must equal the experiment's own.
+    asked: dict = field(default_factory=dict)
 
 
 RUNTIME_CHOICES = {"device": ("auto", "cpu"), "channels_last": ("auto", True, False), "step": STEP_MODES}
@@ -240,7 +242,9 @@ def from_record(record) -> SweepSettings:
     """The settings of an experiment's record (its JSON file), checked as flags are; ValueError names the field."""
     if not isinstance(record, dict):
         raise ValueError(f"{type(record).__name__} instead of a mapping of settings")
-    fields = {k: v for k, v in record.items() if k in SweepSettings.__dataclass_fields__ and k != "resume"}
+    fields = {
+        k: v for k, v in record.items() if k in SweepSettings.__dataclass_fields__ and k not in ("resume", "asked")
+    }
     grid = fields.get("grid", {})
     if not isinstance(grid, dict) or set(grid) != set(DIMENSIONS):
         raise ValueError(f"grid: {grid!r}; allowed: a mapping of {', '.join(DIMENSIONS)} to lists")
@@ -265,6 +269,7 @@ def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) ->
 
     record = {**asdict(s), **(extra or {})}
     record.pop("resume")
+    record.pop("asked")
     fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:

@@ -109,7 +109,8 @@ class DiskGuard(tune.Callback):
 def trial_space(s: SweepSettings) -> dict:
     """Tune's param space: the grid's five dimensions plus the settings that define a trial's result."""
     if s.runs:  # chosen runs of the study: one grid dimension over run numbers (grid.full_config looks them up)
-        space = {"run": tune.grid_search(list(s.runs))}
+        # In ascending order, the order of the tables: Tune creates (and numbers) trials in this order.
+        space = {"run": tune.grid_search(sorted(s.runs))}
     else:
         space = {dim: tune.grid_search(list(values)) for dim, values in s.grid.values().items()}
     space.update({**TRIAL_DEFAULTS, **s.trial, "epochs": s.epochs, "patience": s.patience})

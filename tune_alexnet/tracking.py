@@ -11,18 +11,42 @@ from __future__ import annotations
 import functools
 import os
 
-from .grid import run_number
+from .grid import full_config, run_number
 from .settings import SweepSettings
+from .storage import is_remote
+
+# What a tracker receives of each result: the study's metrics, and nothing else. A result carries more (how the
+# trial ran, Tune's checkpoint bookkeeping, fields added later); those stay in result.json and the tables. How a
+# trial ran goes in each tracker's config/params once, never as a metric.
+TRACKED_METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch",
+                   "epochs_since_best", "train_time_s", "eval_time_s", "images_per_s")  # fmt: skip
+STEP = "training_iteration"  # Tune's step counter: the x axis each tracker plots against, not a metric of ours
+
+
+def study_metrics(result: dict) -> dict:
+    """The study's metrics of one result (TRACKED_METRICS that it holds)."""
+    return {k: result[k] for k in TRACKED_METRICS if k in result}
 
 
 def callbacks(s: SweepSettings) -> list:
-    """Tune callbacks for the trackers the settings ask for, each run grouped under the sweep's name."""
-    found = []
+    """Tune callbacks for the trackers the settings ask for, each run grouped under the sweep's name, and
+    TensorBoard's (Tune's own, which it would add anyway) fed the same study metrics."""
+    found = [_tbx_callback_class()()] if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0") != "1" else []
     if s.mlflow is not None:
         found.append(_mlflow_callback_class()(s.mlflow, experiment_name=s.name))
     if s.wandb is not None:
         found.append(_wandb_callback_class()(project=s.wandb, group=s.name, **_wandb_env()))
     return found
+
+
+def trial_settings(config: dict) -> dict:
+    """A trial's settings as trackers show them: the five grid settings filled in (a --runs trial's config holds
+    its run number alone) and the study's run number where it has one."""
+    settings = dict(full_config(config))
+    number = run_number(settings)
+    if number is not None:
+        settings["run"] = number
+    return settings
 
 
 def trial_status(failed: bool, last_result: dict | None) -> str:
@@ -38,6 +62,8 @@ def trial_status(failed: bool, last_result: dict | None) -> str:
 def _wandb_env() -> dict:
     """W&B's mode and folder as set on the driver, for the logging actors: a worker process of a Ray
     started earlier (or on a cluster) does not see the driver's environment."""
+    # W&B's own console output (banners, run summaries, a sync hint naming a temporary folder) off: the trial's
+    # folder in the experiment keeps its offline run, and the console speaks with one voice.
     kwargs = {}
     if os.environ.get("WANDB_MODE"):
         kwargs["mode"] = os.environ["WANDB_MODE"]
@@ -55,17 +81,22 @@ def _mlflow_callback_class():
 
         def log_trial_start(self, trial) -> None:
             super().log_trial_start(trial)
+            run_id = self._trial_runs[trial]
+            settings = trial_settings(trial.config)
+            extra = {k: v for k, v in settings.items() if k not in trial.config}  # a --runs trial's five settings
+            if extra:
+                self.mlflow_util.log_params(run_id=run_id, params_to_log=extra)
             tags = {"trial_id": trial.trial_id}
-            number = run_number(trial.config)
-            if number is not None:  # off the study's grid a trial has no run number
-                tags["run_number"] = str(number)
+            if "run" in settings:  # off the study's grid a trial has no run number
+                tags["run_number"] = str(settings["run"])
             client = self.mlflow_util._get_client()
             for key, value in tags.items():
-                client.set_tag(self._trial_runs[trial], key, value)
+                client.set_tag(run_id, key, value)
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-            # The config is already in the params; Ray would log each number of it again as a metric.
-            super().log_trial_result(iteration, trial, {k: v for k, v in result.items() if k != "config"})
+            self.mlflow_util.log_metrics(
+                run_id=self._trial_runs[trial], metrics_to_log=study_metrics(result), step=result[STEP]
+            )
 
         def log_trial_end(self, trial, failed: bool = False) -> None:
             run_id = self._trial_runs[trial]
@@ -83,10 +114,72 @@ def _wandb_callback_class():
         """Ray's W&B callback, plus the study's run number in each run's config and tags."""
 
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs) -> None:
-            number = run_number(trial.config)
-            if number is not None:
-                wandb_init_kwargs["config"] = {**wandb_init_kwargs.get("config", {}), "run": number}
-                wandb_init_kwargs["tags"] = [*wandb_init_kwargs.get("tags", []), f"run-{number}"]
+            if not self._remote_logger_class:
+                # Ray's own makes the actor restartable, and Ray's core worker then prints a warning about its
+                # arguments on the driver's stderr, past any logger; a logging actor that dies is not worth it.
+                import ray
+                from ray.air.integrations.wandb import WANDB_ENV_VAR, _force_on_current_node
+
+                env = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_SYMLINK": "false"}  # no links in folders
+                if WANDB_ENV_VAR in os.environ:
+                    env[WANDB_ENV_VAR] = os.environ[WANDB_ENV_VAR]
+                self._remote_logger_class = ray.remote(
+                    num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env}, max_restarts=0
+                )(self._logger_actor_cls)
+            if "dir" not in wandb_init_kwargs and not is_remote(trial.path):
+                # Into the trial's folder in the experiment, the copy that lasts: Ray's own choice is a staging
+                # folder under its temp folder, copied to the experiment before W&B has written the run.
+                os.makedirs(trial.path, exist_ok=True)
+                wandb_init_kwargs["dir"] = trial.path
+            settings = trial_settings(trial.config)
+            wandb_init_kwargs["config"] = {**wandb_init_kwargs.get("config", {}), **settings}
+            if "run" in settings:
+                wandb_init_kwargs["tags"] = [*wandb_init_kwargs.get("tags", []), f"run-{settings['run']}"]
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
+        def log_trial_start(self, trial) -> None:
+            self.ended.discard(trial)  # a restarted trial logs on
+            super().log_trial_start(trial)
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            # Tune may hand over a trial's last result again once it ended: Ray's callback would start a second
+            # W&B run for it.
+            if trial not in self.ended:
+                super().log_trial_result(iteration, trial, {**study_metrics(result), STEP: result[STEP]})
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            if trial not in self.ended and trial in self._trial_queues:  # and end it twice (KeyError in Ray's)
+                self.ended.add(trial)
+                super().log_trial_end(trial, failed)
+
+        def on_experiment_end(self, trials: list, **info) -> None:
+            super().on_experiment_end(trials, **info)  # waits for the logging actors to finish their runs
+            for trial in trials:  # W&B links its core's log into each run; an experiment folder holds no links
+                folder = os.path.join(trial.path, "wandb")
+                if is_remote(trial.path) or not os.path.isdir(folder):
+                    continue
+                for where, dirs, files in os.walk(folder):
+                    for name in dirs + files:
+                        if os.path.islink(os.path.join(where, name)):
+                            os.unlink(os.path.join(where, name))
+
+        @property
+        def ended(self) -> set:
+            if "_ended" not in self.__dict__:  # also on a callback unpickled from an older experiment
+                self._ended = set()
+            return self._ended
+
     return StudyWandbCallback
+
+
+@functools.cache
+def _tbx_callback_class():
+    from ray.tune.logger import TBXLoggerCallback
+
+    class StudyTBXCallback(TBXLoggerCallback):
+        """Tune's TensorBoard callback, given the study's metrics only (the settings go in its HParams view)."""
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            super().log_trial_result(iteration, trial, {**study_metrics(result), STEP: result[STEP]})
+
+    return StudyTBXCallback

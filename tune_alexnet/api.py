@@ -1,0 +1,68 @@
+"""The package from Python, with the command line's settings and checks: a sweep, its tables and report.
+
+`sweep(optimizer="sgd", epochs=2, width=0.125)` takes the flags of `tune-alexnet sweep` as keyword arguments
+(named as the flags, with `_` for `-`; a list for a flag that takes several values; True for a switch). They go
+through the command line's own parser and checks, so a bad value raises ValueError with the line the command
+would print, before anything starts or is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pandas as pd
+
+from .checkpoint import load_model, predict, predict_proba
+from .export import best_run, export, load_experiment
+from .report import write_report
+
+__all__ = ["sweep", "settings", "table", "export", "write_report", "load_experiment", "best_run", "load_model", "predict",
+           "predict_proba"]  # fmt: skip
+
+
+def settings(**flags):
+    """The SweepSettings the command line would make of these flags; ValueError with its one line if it refuses."""
+    from .cli import CliError, _settings, build_parser
+
+    parser = build_parser()
+    sweep_parser = parser._subparsers._group_actions[0].choices["sweep"]
+    switches = {o for a in sweep_parser._actions if a.nargs == 0 for o in a.option_strings}
+    argv = ["sweep"]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or (flag in switches and value is False):
+            continue
+        if flag in switches:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(str(v).lower() if isinstance(v, bool) else str(v) for v in value)]
+        else:
+            argv += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return _settings(parser.parse_args(argv))
+    except SystemExit:
+        raise ValueError(err.getvalue().strip().removesuffix(" (see tune-alexnet sweep --help)")) from None
+    except CliError as exc:
+        raise ValueError(f"tune-alexnet sweep: error: {exc}") from None
+
+
+def sweep(**flags) -> tuple:
+    """Run (or, with resume=True, continue) a sweep as `tune-alexnet sweep` does, quietly, and return what comes
+    next: (the ResultGrid, the results table). Its tables and report are in the experiment folder, as after the
+    command. Refusals raise ValueError (bad flags) or preflight.PreflightError, each with the command's line."""
+    from ray import tune
+
+    from .cli import run_study
+    from .settings import METRIC, MODE
+
+    exp_uri, exp, _ = run_study(settings(**flags), quiet=flags.get("quiet", True))
+    analysis = tune.ExperimentAnalysis(exp_uri, default_metric=METRIC, default_mode=MODE)
+    return tune.ResultGrid(analysis), exp.table
+
+
+def table(experiment) -> pd.DataFrame:
+    """The results table of an experiment folder or URI, read as `tune-alexnet export` reads it."""
+    return load_experiment(experiment).table
