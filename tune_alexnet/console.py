@@ -146,23 +146,26 @@ class Pace:
 def summary(table, exp_uri: str, written: list[str]) -> str:
     """The end of a sweep, for a person: the best run, each optimizer's best, counts, and where things are."""
     from .grid import optimizer_order
+    from .page import page_uri
+    from .report import best_run
     from .storage import is_remote
 
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     scored = table[table["final_accuracy"].notna()]
     lines = [f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})"]
     if len(scored):
-        best = scored.loc[scored["final_accuracy"].idxmax()]
+        best = best_run(table)
         lines.append(f"  best:   {best['final_accuracy']:.2f}% ({describe_trial(best.to_dict())})")
         for opt in optimizer_order(scored["optimizer"]):
             part = scored[scored["optimizer"] == opt]
-            top = part.loc[part["final_accuracy"].idxmax()]
+            top = best_run(part)
             lines.append(
                 f"    {opt:<8} best {top['final_accuracy']:.2f}% of {len(part)} runs ({describe_trial(top.to_dict())})"
             )
         lines.append(f"  best checkpoint: {best['best_checkpoint']}")
     lines.append(f"  table:  {next(p for p in written if 'results.parquet' in p)} (and .csv, epochs.parquet)")
     lines.append(f"  report: {next(p for p in written if 'report.md' in p)}")
+    lines.append(f"  page:   {next((p for p in written if 'report.html' in p), page_uri(exp_uri))} (opens offline)")
     copy = "  (from a local copy of the folder)" if is_remote(exp_uri) else ""
     lines.append(f"  curves: tensorboard --logdir {exp_uri}{copy}")
     return "\n".join(lines)

@@ -37,13 +37,25 @@ def scored(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["final_accuracy"].notna()]
 
 
+def best_run(table: pd.DataFrame) -> pd.Series | None:
+    """The best run: the highest best accuracy; a tie goes to the lowest run number, then the earliest trial.
+    Every place that names a best run asks this one function, so they never disagree."""
+    part = scored(table)
+    if part.empty:
+        return None
+    order = part.sort_values(
+        ["final_accuracy", "run", "trial_id"], ascending=[False, True, True], na_position="last", kind="stable"
+    )
+    return order.iloc[0]
+
+
 def per_optimizer(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for opt in optimizer_order(table["optimizer"].dropna()):  # a damaged trial's may be unknown
         part = scored(table[table["optimizer"] == opt])
         if part.empty:
             continue
-        best = part.loc[part["final_accuracy"].idxmax()]
+        best = best_run(part)
         rows.append(
             {
                 "optimizer": opt,
