@@ -439,7 +439,7 @@ def run_study(settings, data=None, quiet: bool = True):
                 with suppress(OSError):  # a reader gone already (`| true`): the sweep runs all the same
                     if plan.dashboard_url:
                         print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
-                    print(f"tune-alexnet: study page (updated while it runs): {page_uri(plan.exp_uri)}", flush=True)
+                    print(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}", flush=True)  # live while it runs
             interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():

@@ -165,7 +165,7 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
         lines.append(f"  best checkpoint: {best['best_checkpoint']}")
     lines.append(f"  table:  {next(p for p in written if 'results.parquet' in p)} (and .csv, epochs.parquet)")
     lines.append(f"  report: {next(p for p in written if 'report.md' in p)}")
-    lines.append(f"  page:   {next((p for p in written if 'report.html' in p), page_uri(exp_uri))} (opens offline)")
+    lines.append(f"  page:   {next((p for p in written if 'report.html' in p), page_uri(exp_uri))}")
     copy = "  (from a local copy of the folder)" if is_remote(exp_uri) else ""
     lines.append(f"  curves: tensorboard --logdir {exp_uri}{copy}")
     return "\n".join(lines)

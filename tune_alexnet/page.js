@@ -71,8 +71,8 @@
       bestP.append(el("b", best.acc.toFixed(2) + "%"), document.createTextNode(" " + label(best) +
         (best.orig !== null ? " (original: " + best.orig.toFixed(2) + "%)" : "")));
     } else bestP.textContent = "No run has an accuracy yet.";
-    table($("optimizers"), ["optimizer", "runs", "best here", "best run here", "mean here",
-      "original best", "original best run", "original mean"], data.optimizers.map((o) => [
+    table($("optimizers"), ["optimizer", "runs", "best %", "its run", "mean %", "original best %", "its run",
+      "original mean %"], data.optimizers.map((o) => [
       [o.optimizer], [o.runs, "num"], [fmt.acc(o.best), "num"], [fmt.plain(o.best_run), "num"],
       [fmt.acc(o.mean), "num"], [fmt.acc(o.orig_best), "num"], [fmt.plain(o.orig_best_run), "num"],
       [fmt.acc(o.orig_mean), "num"]]));
@@ -297,7 +297,7 @@
                     color: "#1f2430", line: { width: 2.5 } } });
       }
     }
-    const base = (title, y) => ({ title: { text: title }, height: 400, margin: { l: 60, r: 10, t: 40, b: 80 },
+    const base = (title, y) => ({ title: { text: title, x: 0.01, xanchor: "left" }, height: 400, margin: { l: 60, r: 10, t: 40, b: 80 },
       hovermode: "closest", xaxis: { title: { text: "epoch" }, zeroline: false }, yaxis: y,
       legend: { orientation: "h", y: -0.22, x: 0 } });
     Plotly.react("curve-acc", traces.acc, base("Test accuracy per epoch", { title: { text: "accuracy (%)" } }), CONFIG);
@@ -309,7 +309,7 @@
   function heatmap() {
     const H = data.heatmap, nO = H.optimizers.length;
     const panels = ["dropout, no BN", "dropout, BN", "no dropout, no BN", "no dropout, BN"];
-    const traces = [], layout = { height: 80 + 210 * Math.max(nO, 1), margin: { l: 70, r: 20, t: 30, b: 50 },
+    const traces = [], layout = { height: 80 + 240 * Math.max(nO, 1), margin: { l: 70, r: 20, t: 30, b: 50 },
       annotations: [], font: { size: 11 } };
     const xs = H.batch_sizes.map(String), ys = H.lrs.map(String);
     for (let o = 0; o < nO; o++) {
@@ -328,10 +328,10 @@
         const x0 = p / 4 + 0.01, x1 = (p + 1) / 4 - 0.02, top = 1 - o / nO, bottom = 1 - (o + 1) / nO;
         layout["xaxis" + (k === 1 ? "" : k)] = { domain: [x0, x1], type: "category", anchor: "y" + (k === 1 ? "" : k),
           title: o === nO - 1 ? { text: "batch size" } : undefined };
-        layout["yaxis" + (k === 1 ? "" : k)] = { domain: [bottom + 0.06 / nO, top - 0.1 / nO], type: "category",
+        layout["yaxis" + (k === 1 ? "" : k)] = { domain: [bottom + 0.1 / nO, top - 0.12 / nO], type: "category",
           anchor: "x" + (k === 1 ? "" : k), title: p === 0 ? { text: "learning rate" } : undefined };
         layout.annotations.push({ text: "<b>" + esc(H.optimizers[o]) + "</b>: " + panels[p], showarrow: false,
-          xref: "paper", yref: "paper", x: (x0 + x1) / 2, y: top - 0.1 / nO, yanchor: "bottom", font: { size: 12 } });
+          xref: "paper", yref: "paper", x: (x0 + x1) / 2, y: top - 0.115 / nO, yanchor: "bottom", font: { size: 12 } });
       }
     }
     $("heat-note").textContent = "Each cell: this experiment's mean best accuracy" +
