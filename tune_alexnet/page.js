@@ -58,7 +58,10 @@
     for (const [k, v] of Object.entries(data.headline)) { what.append(el("dt", k), el("dd", v)); }
     const counts = $("counts");
     counts.replaceChildren();
-    for (const [status, n] of Object.entries(data.counts)) {
+    const order = ["running", "pending", "paused", "terminated", "diverged", "errored", "lost", "damaged"];
+    const rank = (s) => (order.includes(s) ? order.indexOf(s) : order.length);
+    const entries = Object.entries(data.counts).sort((a, b) => rank(a[0]) - rank(b[0]));
+    for (const [status, n] of entries) {
       const chip = el("span", null, "chip st-" + status.replace(/[^a-z]/g, ""));
       chip.append(el("b", n), document.createTextNode(status));
       counts.append(chip);
@@ -312,9 +315,10 @@
     const traces = [], layout = { height: 80 + 240 * Math.max(nO, 1), margin: { l: 70, r: 20, t: 30, b: 50 },
       annotations: [], font: { size: 11 } };
     const xs = H.batch_sizes.map(String), ys = H.lrs.map(String);
+    const used = [0, 1, 2, 3].filter((p) => H.cells.some((c) => c.p === p)), nP = Math.max(used.length, 1);
     for (let o = 0; o < nO; o++) {
-      for (let p = 0; p < 4; p++) {
-        const k = o * 4 + p + 1, z = ys.map(() => xs.map(() => null)), text = ys.map(() => xs.map(() => ""));
+      for (const [j, p] of used.entries()) {
+        const k = o * nP + j + 1, z = ys.map(() => xs.map(() => null)), text = ys.map(() => xs.map(() => ""));
         for (const c of H.cells.filter((c) => c.o === o && c.p === p)) {
           z[c.lr][c.bs] = c.mean;
           text[c.lr][c.bs] = c.mean.toFixed(1) + (c.std !== null ? " ± " + c.std.toFixed(1) : "") +
@@ -325,11 +329,11 @@
           zmin: 10, zmax: 90, colorscale: "Viridis", showscale: k === 1, xgap: 2, ygap: 2,
           colorbar: { title: { text: "acc. %" }, thickness: 12, len: 0.6 },
           xaxis: "x" + (k === 1 ? "" : k), yaxis: "y" + (k === 1 ? "" : k) });
-        const x0 = p / 4 + 0.01, x1 = (p + 1) / 4 - 0.02, top = 1 - o / nO, bottom = 1 - (o + 1) / nO;
+        const w = Math.min(1 / nP, 0.25), x0 = j * w + 0.01, x1 = (j + 1) * w - 0.02, top = 1 - o / nO, bottom = 1 - (o + 1) / nO;
         layout["xaxis" + (k === 1 ? "" : k)] = { domain: [x0, x1], type: "category", anchor: "y" + (k === 1 ? "" : k),
           title: o === nO - 1 ? { text: "batch size" } : undefined };
         layout["yaxis" + (k === 1 ? "" : k)] = { domain: [bottom + 0.1 / nO, top - 0.12 / nO], type: "category",
-          anchor: "x" + (k === 1 ? "" : k), title: p === 0 ? { text: "learning rate" } : undefined };
+          anchor: "x" + (k === 1 ? "" : k), title: j === 0 ? { text: "learning rate" } : undefined };
         layout.annotations.push({ text: "<b>" + esc(H.optimizers[o]) + "</b>: " + panels[p], showarrow: false,
           xref: "paper", yref: "paper", x: (x0 + x1) / 2, y: top - 0.115 / nO, yanchor: "bottom", font: { size: 12 } });
       }

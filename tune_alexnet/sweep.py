@@ -137,6 +137,12 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     )
     if s.resume:
         tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
+        # The callbacks come back pickled with the experiment: the page goes where the experiment is now.
+        local = getattr(tuner, "_local_tuner", None)
+        callbacks = (local.get_run_config().callbacks or []) if local is not None else []
+        for callback in callbacks:
+            if isinstance(callback, LivePage):
+                callback.exp_uri = plan.exp_uri
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(
