@@ -95,6 +95,7 @@ def test_a_real_sweeps_page_opens_offline_with_its_runs_and_failures(mixed_exper
     page = Path(path, PAGE_NAME)
     assert page.is_file() and 1e6 < page.stat().st_size < 8e6
     assert '"live":null' in Path(path, DATA_NAME).read_text()  # the sweep ended: an open page stops polling
+    assert "study page was not written" not in Path(path, "driver.log").read_text()  # the live writes worked
     open_page(browser, page)
     shown = rows(browser)
     assert sorted(r["trial"] for r in shown) == sorted(exp.table["trial_id"])
@@ -211,3 +212,17 @@ def test_a_resumed_sweeps_page_takes_earlier_epochs_from_the_folder(mixed_experi
     callback.on_trial_result(0, trials, SimpleNamespace(trial_id=trained), {"epoch": 2, "val_acc": 1.0})
     redone = callback.experiment(trials).epochs
     assert redone.loc[redone["trial_id"] == trained, "val_acc"].tolist()[1:] == [1.0]
+
+
+def test_a_page_that_cannot_be_written_is_logged_in_driver_log_and_the_sweep_goes_on(tmp_path):
+    from tune_alexnet.console import RayLines
+    from tune_alexnet.live_page import LivePage
+
+    (tmp_path / "afile").write_text("not a folder")
+    with RayLines(quiet=True) as lines:
+        lines.keep_in(str(tmp_path))
+        callback = LivePage(str(tmp_path / "afile" / "exp"))
+        callback.write([], live=True)  # raises nothing
+        callback.write([], live=True)
+    log = (tmp_path / "driver.log").read_text().splitlines()
+    assert [line.split()[2] for line in log if "study page was not written" in line] == ["WARNING", "INFO"]

@@ -379,7 +379,7 @@
   function problems() {
     const rows = data.runs.filter((r) => data.problem_statuses.includes(r.status));
     $("no-problems").hidden = rows.length > 0;
-    $("problems").hidden = rows.length === 0;
+    $("problems").parentElement.hidden = rows.length === 0;
     table($("problems"), ["run", "trial", "optimizer", "status", "epochs", "error"], rows.map((r) => [
       [fmt.plain(r.run), "num"], [r.trial], [fmt.plain(r.optimizer)], [r.status], [fmt.plain(r.epochs), "num"],
       [r.error || "", "err"]]));

@@ -123,8 +123,10 @@ def _headline(exp: Experiment, repeats: int) -> dict:
         grid = "; ".join(f"{k} {', '.join(_level(k, v) for v in values)}" for k, values in st["grid"].items() if values)
     return {
         "grid": grid or "not recorded",
-        "data": f"{data.get('source', 'not recorded')} ({data.get('train_images', '?')} train, "
-        f"{data.get('test_images', '?')} test images; classes {', '.join(map(str, data.get('classes', [])))})",
+        "data": f"{data.get('source', 'a source not recorded')} ({data.get('train_images', '?')} train, "
+        f"{data.get('test_images', '?')} test images; classes {', '.join(map(str, data.get('classes', [])))})"
+        if data
+        else "not recorded",
         "epochs": f"up to {st.get('epochs', '?')} a run, patience {st.get('patience', '?')}",
         "device": ", ".join(sorted(set(exp.epochs["device"].dropna()))) or "not recorded",
         "precision": ", ".join(sorted(set(exp.epochs["precision"].dropna()))) or "not recorded",
