@@ -125,7 +125,9 @@ def drag_on_axis(driver, axis: int, top: float, bottom: float) -> None:
 
 def test_brush_sort_highlight_survive_a_live_update_and_planted_markup_stays_text(browser, tmp_path):
     exp = bench_page.synthetic_experiment(str(tmp_path / PLANT.replace("/", "|")), runs=24, epochs=12, mark=PLANT)
-    exp.table.loc[exp.table["run"] == 10, "error"] = PLANT  # an errored trial's one line
+    errored = exp.table["run"] == 10
+    exp.table.loc[errored, "error"] = PLANT  # an errored trial's one line, and its trial name
+    exp.table.loc[errored, "trial_id"] = "a1b2c_00010" + PLANT
     folder = tmp_path / "exp"
     live = {"running": [], "pending": 2, "left_s": 90.0, "elapsed_s": 30.0}
     page = Path(write_page(exp, folder, live=live, poll_s=0.5))
@@ -135,7 +137,7 @@ def test_brush_sort_highlight_survive_a_live_update_and_planted_markup_stays_tex
     assert len(rows(browser)) == len(exp.table)  # one row per trial
     # The planted strings read as text where they are shown; none became an element.
     text = browser.execute_script("return document.body.innerText")
-    assert PLANT in text and text.count("window.__pwned=2") >= 3
+    assert PLANT in text and text.count("window.__pwned=2") >= 5  # title, path, data folder, classes, error, trial
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
 
     # A header click sorts (best accuracy, highest first; empty cells last).
@@ -225,4 +227,6 @@ def test_a_page_that_cannot_be_written_is_logged_in_driver_log_and_the_sweep_goe
         callback.write([], live=True)  # raises nothing
         callback.write([], live=True)
     log = (tmp_path / "driver.log").read_text().splitlines()
-    assert [line.split()[2] for line in log if "study page was not written" in line] == ["WARNING", "INFO"]
+    levels = [line.split()[2] for line in log if "study page was not written" in line]
+    # The first failure is a warning, later ones are kept quietly (each line once per handler of Ray's logger).
+    assert set(levels) == {"WARNING", "INFO"} and levels == sorted(levels, key=lambda level: level == "INFO")
