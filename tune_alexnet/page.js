@@ -12,6 +12,7 @@
   const CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["sendDataToCloud"] };
   const state = { sort: null, highlight: null, colourBy: "optimizer", constraints: {}, updates: 0 };
   let data = null, pollTimer = null, pending = null;
+  const seen = new Set();  // the plots below the first screen: drawn once they come near it, then on every update
   window.tuneAlexnetState = state;
 
   function esc(v) {
@@ -253,6 +254,7 @@
     return (r) => map.get(r[key]) || "#98a2b3";
   }
   function curves(axs) {
+    seen.add("curve-acc");
     // One trace per colour and selection state (runs joined by gaps), plus one for the highlighted run: a
     // hundred runs draw as a handful of traces, which keeps the page quick to open.
     const colour = colours(), hl = state.highlight, groups = new Map(), marks = [[], [], [], [], [], [], [], []];
@@ -310,6 +312,7 @@
 
   // --- heatmaps, main effects, importance --------------------------------------------------------------
   function heatmap() {
+    seen.add("heatmap");
     const H = data.heatmap, nO = H.optimizers.length;
     const panels = ["dropout, no BN", "dropout, BN", "no dropout, no BN", "no dropout, BN"];
     const traces = [], layout = { height: 80 + 240 * Math.max(nO, 1), margin: { l: 70, r: 20, t: 30, b: 50 },
@@ -344,6 +347,7 @@
     Plotly.react("heatmap", traces, layout, CONFIG);
   }
   function effects() {
+    seen.add("effects");
     const E = data.effects, n = E.length, traces = [], layout = { height: 330, barmode: "group",
       margin: { l: 55, r: 10, t: 40, b: 45 }, legend: { orientation: "h", y: 1.14, x: 0 }, annotations: [] };
     E.forEach((e, i) => {
@@ -394,9 +398,9 @@
     const gd = $("parcoords");
     if (gd.on && !gd.dataset.linked) { gd.on("plotly_restyle", brushed); gd.dataset.linked = "1"; }
     timed("table", () => runsTable(axs));
-    timed("curves", () => curves(axs));
-    timed("heatmap", heatmap);
-    timed("effects", () => { effects(); importance(); });
+    if (seen.has("curve-acc")) timed("curves", () => curves(axs));
+    if (seen.has("heatmap")) timed("heatmap", heatmap);
+    if (seen.has("effects")) timed("effects", () => { effects(); importance(); });
     timed("problems", problems);
     document.body.dataset.drawMs = JSON.stringify(times);
     document.body.dataset.updates = String(state.updates);
@@ -440,8 +444,23 @@
     schedule();
   };
 
+  // The plots below the first screen draw when they come near it, so that the page opens quickly.
+  const LAZY = { "curve-acc": () => curves(axes()), heatmap: heatmap, effects: () => { effects(); importance(); } };
+  function lazy() {
+    if (!("IntersectionObserver" in window)) { for (const f of Object.values(LAZY)) f(); return; }
+    const io = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        if (!e.isIntersecting) continue;
+        io.unobserve(e.target);
+        if (!seen.has(e.target.id)) LAZY[e.target.id]();
+      }
+    }, { rootMargin: "300px" });
+    for (const id of Object.keys(LAZY)) io.observe($(id));
+  }
+
   data = JSON.parse($("study-data").textContent);
   setup();
   draw();
+  lazy();
   schedule();
 })();
