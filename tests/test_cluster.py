@@ -371,6 +371,7 @@ def test_a_sweep_on_s3_storage_is_whole_and_resumes_from_the_bucket(cluster, s3,
     out = cluster.run([sys.executable, "-m", "tune_alexnet", "report", uri])
     assert out.returncode == 0, out.stderr[-3000:]
     assert prefix + "report.md" in bucket_keys(client, prefix)
+    assert prefix + "report.html" in bucket_keys(client, prefix)  # the study page, beside the report
     assert not Path("s3:").exists()
 
 

@@ -72,6 +72,9 @@ def test_console_tells_the_story_and_nothing_else(cli_run):
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "tune-alexnet: Ray dashboard at http://" in text
+    page = exp / "report.html"  # the study page, named first and in the summary, live from the start
+    assert f"tune-alexnet: study page: {page}" in out.stdout.splitlines()[:3]
+    assert f"  page:   {page}" in out.stdout and page.is_file()
     assert "2/2 done, 0 running, 0 pending; best " in text  # the progress line, with the best run so far
     table = pd.read_parquet(exp / "results.parquet")
     best = table.loc[table["final_accuracy"].idxmax()]

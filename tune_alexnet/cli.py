@@ -323,11 +323,12 @@ def _export_parser(sub) -> None:
 
 
 def _report_parser(sub) -> None:
-    rp = sub.add_parser("report", help="write report.md and figures for an experiment folder",
+    rp = sub.add_parser("report", help="write report.md, its figures and the study page for an experiment folder",
                         description="Write report.md and PNG figures (per-optimizer statistics, heatmaps, batch "
                         "norm and dropout effects, learning curves, failed runs, comparison with the original "
-                        "study) for an experiment folder, finished or not.")  # fmt: skip
-    _experiment_args(rp, "report.md and the figures")
+                        "study), and report.html, the interactive study page that opens offline, for an "
+                        "experiment folder, finished or not.")  # fmt: skip
+    _experiment_args(rp, "report.md, the figures and report.html")
 
 
 # --- flags -> settings ------------------------------------------------------------------------------------
@@ -409,11 +410,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(written))
         else:
             from .export import load_experiment
+            from .page import write_page
             from .report import write_report
 
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
             print(write_report(exp, args.out))
+            print(write_page(exp, args.out))
     except NothingToResume as exc:
         print(f"tune-alexnet {args.command}: {exc}")
         return 0
@@ -435,6 +438,7 @@ def run_study(settings, data=None, quiet: bool = True):
     Returns (experiment URI, export.Experiment, the files written); what tests and benchmarks call."""
     from . import export, preflight, sweep
     from .console import RayLines
+    from .page import page_uri, write_page
     from .report import write_report
     from .storage import RESERVE_NAME, is_remote, release_reserve
 
@@ -445,9 +449,11 @@ def run_study(settings, data=None, quiet: bool = True):
         lines.gather()  # Ray is connected and the trackers imported: their lines too, from here on
         with plan:
             lines.keep_in(plan.exp_uri)
-            if plan.dashboard_url and not quiet:
+            if not quiet:
                 with suppress(OSError):  # a reader gone already (`| true`): the sweep runs all the same
-                    print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
+                    if plan.dashboard_url:
+                        print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
+                    print(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}", flush=True)  # live while it runs
             interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():
@@ -472,6 +478,7 @@ def run_study(settings, data=None, quiet: bool = True):
                         raise KeyboardInterrupt from None
                     raise
                 written.append(write_report(exp))
+                written.append(write_page(exp))
             if failure is not None:
                 raise failure
     return plan.exp_uri, exp, written

@@ -150,12 +150,12 @@ class Pace:
 
 def summary(table, exp_uri: str, written: list[str]) -> str:
     """The end of a sweep, for a person: the best run, each optimizer's best, counts, and where things are."""
+    from .export import best_run
     from .grid import optimizer_order
+    from .page import page_uri
     from .storage import is_remote
 
     counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
-    from .export import best_run
-
     scored = table[table["final_accuracy"].notna()]
     lines = [f"tune-alexnet: experiment {exp_uri}: {len(table)} trials ({counts})"]
     if len(scored):
@@ -170,6 +170,7 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
         lines.append(f"  best checkpoint: {best['best_checkpoint']}")
     lines.append(f"  table:  {next(p for p in written if 'results.parquet' in p)} (and .csv, epochs.parquet)")
     lines.append(f"  report: {next(p for p in written if 'report.md' in p)}")
+    lines.append(f"  page:   {next((p for p in written if 'report.html' in p), page_uri(exp_uri))}")
     copy = "  (from a local copy of the folder)" if is_remote(exp_uri) else ""
     lines.append(f"  curves: tensorboard --logdir {exp_uri}{copy}")
     return "\n".join(lines)

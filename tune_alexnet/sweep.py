@@ -22,6 +22,7 @@ from ray.tune.search import BasicVariantGenerator
 from . import tracking
 from .console import Console
 from .data import describe
+from .live_page import LivePage
 from .plan import Plan
 from .ray_hooks import STORAGE_FULL
 from .settings import (
@@ -139,13 +140,19 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     if s.resume:
         keep_runtime(plan.exp_uri, s.runtime)
         tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
+        # The callbacks come back pickled with the experiment: the page goes where the experiment is now.
+        local = getattr(tuner, "_local_tuner", None)
+        callbacks = (local.get_run_config().callbacks or []) if local is not None else []
+        for callback in callbacks:
+            if isinstance(callback, LivePage):
+                callback.exp_uri = plan.exp_uri
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(
             trainable,
             param_space=trial_space(s),
             tune_config=_tune_config(s),
-            run_config=_run_config(s, plan.root, quiet, guard),
+            run_config=_run_config(s, plan.root, quiet, guard, plan.exp_uri),
         )
     return tuner.fit()
 
@@ -156,7 +163,9 @@ def _tune_config(s: SweepSettings) -> tune.TuneConfig:
     )
 
 
-def _run_config(s: SweepSettings, root: str, quiet: bool = False, guards: list | None = None) -> tune.RunConfig:
+def _run_config(
+    s: SweepSettings, root: str, quiet: bool = False, guards: list | None = None, exp_uri: str | None = None
+) -> tune.RunConfig:
     return tune.RunConfig(
         name=s.name,
         storage_path=root,
@@ -170,6 +179,12 @@ def _run_config(s: SweepSettings, root: str, quiet: bool = False, guards: list |
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[*tracking.callbacks(s), *(guards or []), *([] if quiet else [Console()])],
+        # The study page is written with --quiet too: it is for whoever opens it, not for this console.
+        callbacks=[
+            *tracking.callbacks(s),
+            *(guards or []),
+            *([LivePage(exp_uri)] if exp_uri else []),
+            *([] if quiet else [Console()]),
+        ],
         verbose=0,
     )
