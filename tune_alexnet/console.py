@@ -109,7 +109,7 @@ class Console(tune.Callback):
 
         # a trial with no best epoch (diverged at once) has no accuracy to show, not 0%
         scored = [(r["best_val_acc"], c, r.get("trial_id")) for _, c, r in self.snapshot
-                  if r.get("best_epoch") and r.get("best_val_acc") is not None]  # fmt: skip
+                  if r.get("best_epoch", 1) and r.get("best_val_acc") is not None]  # fmt: skip
         best = min(scored, key=lambda x: best_key(x[0], run_number(full_config(x[1])), x[2]), default=None)
         best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else "best: none yet"
         elapsed = time.monotonic() - (self.started or time.monotonic())
