@@ -22,7 +22,6 @@ augmentation, the counts, compile, TF32-off rows, the original loop.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from argparse import Namespace
@@ -40,6 +39,7 @@ from tune_alexnet.data import Cifar
 from tune_alexnet.train import to_device_nchw
 
 MODES = (steps.BOUND, "eager", "graph", "compile")
+GPU_TESTS_FILE = "gpu-tests.txt"  # bench/device.sh's run of tests/test_gpu_step.py, in the output folder
 ROW_OVERHEAD_S = {"cuda": 1.5, "cpu": 0.5}  # a fresh trial, its warm-up, cuDNN's choices
 COUNT_LIMIT_S = 60.0  # the launch counts' process, at most
 
@@ -99,23 +99,27 @@ def measure(
             continue
         if needs_cuda(key) and x.device.type != "cuda":
             rows[key] = {"note": "needs CUDA"}
+        elif mode in ("graph", steps.BOUND) and x.device.type == "cuda" and args.gpu_tests == "failed":
+            rows[key] = {"note": f"skipped: tests/test_gpu_step.py failed ({GPU_TESTS_FILE})"}
         elif time.time() + window + overhead > deadline:
             rows[key] = {"note": "not measured (out of time)"}
         elif mode == steps.BOUND:
             rows[key] = guarded(steps.bound_row, x, y, batch, variant, args.width, window)
         else:
             rows[key] = guarded(steps.training_row, x, y, batch, variant, mode, chunk, args.width, window)
+        common.emit("throughput", {"key": list(key), **rows[key]})
 
 
 def guarded(measure_row: Callable[..., dict], *args) -> dict:
     try:
-        return measure_row(*args)
+        row = measure_row(*args)
     except Exception as exc:  # out of memory, a backend that refuses: the row says so, the part goes on
-        return {"note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
-    finally:
-        gc.collect()  # the trial, and a captured graph's memory pool with it
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        row = {"note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+    try:
+        common.release_memory()  # the trial, and a captured graph's memory pool with it
+    except Exception as exc:  # a sticky CUDA error: this row is measured; the next ones will say they failed
+        row.setdefault("note", f"after it: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return row
 
 
 def augmentation_rate(x: Tensor, chunk: int, window: float, deadline: float) -> float | None:
@@ -159,6 +163,8 @@ def child_rows(
     arrays = str(common.arrays_dir(workdir))
     common.run_processes([(worker, (arrays, n, args.width, [list(k) for k in keys], str(log), *extra))], stop)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for line in lines:
+        common.emit("throughput", line)
     return {tuple(line.pop("key")): line for line in lines}
 
 

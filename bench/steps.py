@@ -219,5 +219,7 @@ def chosen_step(args: argparse.Namespace, workdir: Path) -> tuple[str, int, str]
         mode, why = args.step, "--step"
     if args.augment_chunk is not None:
         chunk, why = args.augment_chunk, why + ", --augment-chunk"
+    if mode == "graph" and getattr(args, "gpu_tests", None) == "failed":
+        mode, why = "eager", "eager: tests/test_gpu_step.py failed on this card"
     assert mode in STEP_MODES
     return mode, chunk, why
