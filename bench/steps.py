@@ -70,6 +70,15 @@ def warm_up(trial: train.Trial, x: torch.Tensor, y: torch.Tensor, batch: int, rt
     return time.perf_counter() - began
 
 
+def epoch_seconds(trial: train.Trial, x: torch.Tensor, y: torch.Tensor, batch: int, rt: Runtime) -> float:
+    """One train_epoch over all of x, its last batch partial where len(x) is not a multiple of the batch."""
+    common.sync()
+    began = time.perf_counter()
+    train_epoch(trial.model, trial.optimizer, x, y, batch, trial.gen, rt, step=trial.step)
+    common.sync()
+    return time.perf_counter() - began
+
+
 def timed(
     trial: train.Trial, x: torch.Tensor, y: torch.Tensor, batch: int, rt: Runtime, window: float
 ) -> tuple[int, float]:
