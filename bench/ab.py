@@ -10,7 +10,7 @@ the budget cuts it (a cut run gives no number). The table gives each seed's best
 and spread between seeds, and each project arm's mean minus the original arm's, with both spreads beside it.
 
     bash bench/device.sh --parts ab              # on the GPU machine: run 12, seeds 0 and 1 (--ab-runs 12,16: run 16 too)
-    python bench/ab.py --smoke --data-dir ../shared/data/cifar10-mini --out /tmp/ab    # a CPU check, in seconds
+    bash bench/device.sh --smoke --parts ab --data-dir ../shared/data/cifar10-mini   # a CPU check, in seconds
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -236,14 +235,3 @@ def ab_text(data: Cifar, args: argparse.Namespace, workdir: Path, setting: str) 
             common.markdown(detail, detail_rows(args.ab_runs, args.ab_seeds, workdir)),
         ]
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """bench/device.py with the A/B part alone."""
-    import device
-
-    return device.main(["--parts", "ab", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

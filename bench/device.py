@@ -36,6 +36,7 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,8 @@ def parser() -> argparse.ArgumentParser:
     add("--window", type=float, help="seconds per timed window in (a) and (b) (default: from the budget)")
     add("--checkpoint-epochs", type=int, default=3, help="epochs per configuration in (c) (default 3)")
     add("--parts", default=DEFAULT_PARTS, help=f"which parts to run, of {','.join(PARTS)} (default {DEFAULT_PARTS})")
+    add("--gpu-tests", default="not-run", choices=("passed", "failed", "not-run"),
+        help="how bench/device.sh's run of tests/test_gpu_step.py ended; failed: no graph rows")  # fmt: skip
     ab.add_arguments(ap)
     return ap
 
@@ -170,21 +173,33 @@ def run_part(
     failed = False
     try:
         text = part(data, args, deadline, workdir)
-    except Exception:
+        common.release_memory()
+    except Exception:  # a sticky CUDA error raises in the cleanup too: inside the guard, like the part
         failed = True
         text = f"## {name}: failed\n\n```\n{traceback.format_exc()[-3000:]}\n```"
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return text, f"{name}: {time.time() - start:.1f} s (its deadline allowed {deadline - start:.1f} s)", failed
 
 
+class WallClockStop(BaseException):
+    """bench/device.sh's hard stop (SIGTERM from `timeout`): the summary is still written."""
+
+
+def _stop(signum, frame) -> None:
+    raise WallClockStop(f"stopped by signal {signum} at the call's wall-clock limit")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every part in turn, each inside its guard; each row goes to rows.jsonl as it is measured and summary.md is
+    rewritten after every part and once more on the way out, whatever ends the call. Files in --out: summary.md,
+    rows.jsonl, and bench/device.sh's log.txt and gpu-tests.txt."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # a check on a shared machine: a busy core must not stall a second thread
     end = (args.started_at or time.time()) + args.budget_s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    common.ROWS[:] = [out / common.ROWS_FILE]
+    signal.signal(signal.SIGTERM, _stop)
     workdir = Path(tempfile.mkdtemp(prefix="tune-alexnet-device-"))
     began = time.time()
     header = ["# Device measurements", "", *machine_lines(args)]
@@ -199,17 +214,21 @@ def main(argv: list[str] | None = None) -> int:
             text, timing, part_failed = run_part(name, data, args, end, workdir, last=name == timed[-1])
             failed += [name] if part_failed else []
             timings.append(timing)
-            (out / f"{name}.md").write_text(text + "\n")
             sections.append(text)
             print("\n" + text + "\n", flush=True)
+            write_summary(out, header, timings, failed, sections, quiet=True)
+    except (Exception, WallClockStop) as exc:  # the data, or the hard stop: what was measured stays
+        failed.append(f"the call ({type(exc).__name__}: {str(exc)[:200]})")
     finally:
+        timings.append(f"total: {time.time() - (args.started_at or began):.1f} s of the {args.budget_s:.0f} s budget")
+        write_summary(out, header, timings, failed, sections)
         shutil.rmtree(workdir, ignore_errors=True)
-    timings.append(f"total: {time.time() - (args.started_at or began):.1f} s of the {args.budget_s:.0f} s budget")
-    write_summary(out, header, timings, failed, sections)
     return 1 if failed else 0
 
 
-def write_summary(out: Path, header: list[str], timings: list[str], failed: list[str], sections: list[str]) -> None:
+def write_summary(
+    out: Path, header: list[str], timings: list[str], failed: list[str], sections: list[str], quiet: bool = False
+) -> None:
     """summary.md: the machine, the time each part took, whether Ray was loaded, every part's section."""
     ray_loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
     time_lines = [
@@ -217,10 +236,11 @@ def write_summary(out: Path, header: list[str], timings: list[str], failed: list
         f"- Ray modules loaded by this run: {', '.join(ray_loaded) if ray_loaded else 'none'}",
     ]
     failures = [f"- part failed: {name}" for name in failed]
-    (out / "summary.md").write_text(
-        "\n".join([*header, "", "## Time", "", *time_lines, *failures, "", *sections]) + "\n"
-    )
-    print("\n".join(["## Time", *time_lines]))
+    tmp = out / "summary.md.tmp"
+    tmp.write_text("\n".join([*header, "", "## Time", "", *time_lines, *failures, "", *sections]) + "\n")
+    tmp.replace(out / "summary.md")
+    if not quiet:
+        print("\n".join(["## Time", *time_lines, *failures]))
 
 
 if __name__ == "__main__":

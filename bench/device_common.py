@@ -114,9 +114,33 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+ROWS_FILE = "rows.jsonl"  # in the call's output folder: every measured row, appended as it is measured
+ROWS: list[Path] = []  # that file, once the runner has set it
+
+
+def emit(part: str, values: dict) -> None:
+    """One measured row into the output folder at once, so that a later fault (a sticky CUDA error, the wall-clock
+    stop) loses no number measured before it."""
+    if ROWS:
+        with open(ROWS[0], "a") as f:
+            f.write(json.dumps({"part": part, **values}, default=str) + "\n")
+
+
+def release_memory() -> None:
+    """What a part or a row leaves on the card, returned to it; called inside the guards (a sticky CUDA error
+    raises here too)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def record(workdir: Path, part: str, values: dict) -> None:
-    """A part's measured values, for the parts after it (the step choice, the study projection)."""
+    """A part's measured values, for the parts after it (the step choice, the study projection), and into the
+    output folder's rows."""
     (Path(workdir) / f"{part}.json").write_text(json.dumps(values))
+    emit(part, {"recorded": values})
 
 
 def recorded(workdir: Path, part: str) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import multiprocessing as mp
 import os
 import queue
@@ -30,11 +29,14 @@ import device_common as common
 import steps
 import torch
 
+from tune_alexnet import train
 from tune_alexnet.data import Cifar
 from tune_alexnet.train import to_device_nchw
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
-MPS_PROBE_S = 60.0  # a test process that has not run a kernel through the daemon by then: MPS does not serve
+MPS_PROBE_S = 20.0  # a test process that has not run a kernel through the daemon by then: MPS does not serve
+# bench/device.sh names the MPS folders, so that its exit trap quits a daemon left running whatever ends the call
+MPS_DIR_VARIABLE = "TUNE_ALEXNET_MPS_DIR"
 
 
 def _collect(results, kind: str, point: int, n: int, until: float, workers: list) -> dict[int, tuple]:
@@ -74,7 +76,7 @@ def _pack_worker(index: int, arrays: str, images: int, width: float, threads: in
             rt, run = steps.runtime(device, steps.DEFAULT_VARIANT, *step)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.set_per_process_memory_fraction(1.0 / k, device)
+                torch.cuda.set_per_process_memory_fraction(train.memory_cap(1.0 / k), device)  # as a sweep caps it
             trial = steps.new_trial(rt, run, batch, width, seed=index)
             steps.warm_up(trial, x, y, batch, rt)
             results.put(("ready", index, point))
@@ -84,9 +86,11 @@ def _pack_worker(index: int, arrays: str, images: int, width: float, threads: in
             del trial
         except Exception as exc:
             results.put(("error", index, point, f"{type(exc).__name__}: {exc}"))
-        gc.collect()  # the trial, and a captured graph's memory pool with it
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        try:
+            common.release_memory()  # the trial, and a captured graph's memory pool with it
+        except Exception as exc:  # a sticky CUDA error: this process can measure no more
+            results.put(("error", index, point, f"{type(exc).__name__}: {exc}"))
+            return
 
 
 class _Pool:
@@ -151,7 +155,11 @@ def mps_daemon(workdir: Path) -> Iterator[str | None]:
     if not torch.cuda.is_available() or control is None:
         yield "needs an NVIDIA GPU" if not torch.cuda.is_available() else f"{MPS_CONTROL} is not installed"
         return
-    env = {"CUDA_MPS_PIPE_DIRECTORY": str(workdir / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(workdir / "mps-log")}
+    if (mode := compute_mode()) != "Default":  # Exclusive_Process: MPS needs the card to itself; Prohibited: none
+        yield f"the card's compute mode is {mode}, not Default"
+        return
+    folder = Path(os.environ.get(MPS_DIR_VARIABLE) or workdir)
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "mps-log")}
     for folder in env.values():
         Path(folder).mkdir(parents=True, exist_ok=True)
     saved = {k: os.environ.get(k) for k in env}
@@ -174,6 +182,16 @@ def mps_daemon(workdir: Path) -> Iterator[str | None]:
             else:
                 os.environ[k] = v
         _mps_quit(control, env)
+
+
+def compute_mode() -> str:
+    """The card's compute mode as nvidia-smi names it (Default, Exclusive_Process, Prohibited), or why unknown."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader", "-i", "0"],
+                              capture_output=True, text=True, timeout=15)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({type(exc).__name__})"
+    return done.stdout.strip() or f"unknown ({done.stderr.strip()[:80]})"
 
 
 def _mps_quit(control: str, env: dict) -> None:

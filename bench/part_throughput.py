@@ -12,7 +12,8 @@ and 128 (--batch-sizes):
 - the original loop (bench/throughput.py), last, if time allows.
 Each row gives images/s, seconds per 50,000-image epoch, the share of the card's dense bf16 peak, the seconds of
 its warm-up (capture or compilation included) and, at the default precision, host launch calls and GPU kernels per
-step from torch.profiler. Compile runs in a process of its own, time-boxed (--compile-limit-s), and so do the
+step from torch.profiler. Compile runs in a process of its own, time-boxed (--compile-limit-s), over real epochs
+that end in a partial batch (its compilation and any recompilation counted), and so do the
 counts (a profiler fault there costs the counts alone). Without CUDA, graph, compile, bf16 and TF32-off rows say
 "needs CUDA" and the bound uses the eager step.
 
@@ -22,7 +23,6 @@ augmentation, the counts, compile, TF32-off rows, the original loop.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from argparse import Namespace
@@ -40,6 +40,7 @@ from tune_alexnet.data import Cifar
 from tune_alexnet.train import to_device_nchw
 
 MODES = (steps.BOUND, "eager", "graph", "compile")
+GPU_TESTS_FILE = "gpu-tests.txt"  # bench/device.sh's run of tests/test_gpu_step.py, in the output folder
 ROW_OVERHEAD_S = {"cuda": 1.5, "cpu": 0.5}  # a fresh trial, its warm-up, cuDNN's choices
 COUNT_LIMIT_S = 60.0  # the launch counts' process, at most
 
@@ -99,23 +100,27 @@ def measure(
             continue
         if needs_cuda(key) and x.device.type != "cuda":
             rows[key] = {"note": "needs CUDA"}
+        elif mode in ("graph", steps.BOUND) and x.device.type == "cuda" and args.gpu_tests == "failed":
+            rows[key] = {"note": f"skipped: tests/test_gpu_step.py failed ({GPU_TESTS_FILE})"}
         elif time.time() + window + overhead > deadline:
             rows[key] = {"note": "not measured (out of time)"}
         elif mode == steps.BOUND:
             rows[key] = guarded(steps.bound_row, x, y, batch, variant, args.width, window)
         else:
             rows[key] = guarded(steps.training_row, x, y, batch, variant, mode, chunk, args.width, window)
+        common.emit("throughput", {"key": list(key), **rows[key]})
 
 
 def guarded(measure_row: Callable[..., dict], *args) -> dict:
     try:
-        return measure_row(*args)
+        row = measure_row(*args)
     except Exception as exc:  # out of memory, a backend that refuses: the row says so, the part goes on
-        return {"note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
-    finally:
-        gc.collect()  # the trial, and a captured graph's memory pool with it
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        row = {"note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+    try:
+        common.release_memory()  # the trial, and a captured graph's memory pool with it
+    except Exception as exc:  # a sticky CUDA error: this row is measured; the next ones will say they failed
+        row.setdefault("note", f"after it: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return row
 
 
 def augmentation_rate(x: Tensor, chunk: int, window: float, deadline: float) -> float | None:
@@ -159,6 +164,8 @@ def child_rows(
     arrays = str(common.arrays_dir(workdir))
     common.run_processes([(worker, (arrays, n, args.width, [list(k) for k in keys], str(log), *extra))], stop)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for line in lines:
+        common.emit("throughput", line)
     return {tuple(line.pop("key")): line for line in lines}
 
 
@@ -199,19 +206,20 @@ def count_worker(arrays: str, n: int, width: float, keys: list, log: str) -> Non
 
 
 def compile_worker(arrays: str, n: int, width: float, keys: list, log: str, window: float) -> None:
-    """The compiled step: one compilation per batch size (its seconds are the first row's warm-up), both chunks."""
+    """The compiled step over real epochs: a fresh compilation per row, an epoch that ends in a partial batch (as
+    50,000 images do at every batch size), its seconds with the compilation as the warm-up, then the rate of the
+    next epoch. A recompilation on the partial batch would show in both."""
     x, y = _device_data(arrays, n)
-    trials = {}
     for key in keys:
         variant, mode, batch, chunk = key
         rt, run = steps.runtime(x.device, variant, mode, chunk)
+        m = len(x) - batch // 2 if len(x) % batch == 0 else len(x)  # a last batch of another size
         try:
-            if batch not in trials:
-                torch._dynamo.reset()
-                trials = {batch: steps.new_trial(rt, run, batch, width)}
-            first_s = steps.warm_up(trials[batch], x, y, batch, rt)
-            images, seconds = steps.timed(trials[batch], x, y, batch, rt, window)
-            row = {"img_s": images / seconds, "first_s": first_s, "ran": trials[batch].step.mode}
+            torch._dynamo.reset()
+            trial = steps.new_trial(rt, run, batch, width)
+            first_s = steps.epoch_seconds(trial, x[:m], y[:m], batch, rt)
+            row = {"img_s": m / steps.epoch_seconds(trial, x[:m], y[:m], batch, rt), "first_s": first_s}
+            row["ran"] = trial.step.mode
         except Exception as exc:
             row = {"note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
         _append(log, {"key": key, **row})
@@ -284,7 +292,9 @@ def text(
         f"norm) through train.train_epoch, timed over a {window:.1f} s window after a warm-up of two short epochs. "
         f"Augment chunk 0 augments one batch at a time (the default); the bound replays the captured step on data "
         f"augmented once beforehand. Launch calls and kernels: torch.profiler over one timed call after the warm-up, "
-        f"at the default precision; compile: at most {args.compile_limit_s:g} s in a process of its own.",
+        f"at the default precision; compile: at most {args.compile_limit_s:g} s in a process of its own, each row "
+        f"a fresh compilation timed over real epochs that end in a partial batch (warm-up: the first epoch, "
+        f"compilation included; the rate: the next epoch).",
         "",
         peak_text(fwd, peak, on_cuda),
         "",

@@ -68,6 +68,12 @@ def no_ray_env(tmp_path):
     return env
 
 
+def sections(summary: str) -> dict[str, str]:
+    """summary.md's part sections by their letter: "(a)" ... "(f)"."""
+    found = re.split(r"^## (\([a-f]\))", summary, flags=re.M)
+    return dict(zip(found[1::2], found[2::2]))
+
+
 def test_device_smoke_runs_every_part_without_ray(no_ray_env, synthetic_dir, tmp_path):
     data = MINI if MINI.is_dir() else synthetic_dir
     out = tmp_path / "out"
@@ -81,12 +87,11 @@ def test_device_smoke_runs_every_part_without_ray(no_ray_env, synthetic_dir, tmp
         timeout=240,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    files = sorted(p.name for p in out.iterdir())
-    parts = ["checkpoint.md", "fidelity.md", "packing.md", "projection.md", "throughput.md"]
-    assert files == sorted([*parts, "log.txt", "summary.md"])
-    text = {name: (out / name).read_text() for name in files}
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-tests.txt", "log.txt", "rows.jsonl", "summary.md"]
+    assert "skipped" in (out / "gpu-tests.txt").read_text()  # the CUDA tests ran first, and skip without CUDA
+    text = sections((out / "summary.md").read_text())
 
-    step = text["throughput.md"]
+    step = text["(a)"]
     cpu = r"fp32 \(TF32 is CUDA's\)"
     for batch in (32, 128):  # the bound and the eager rows measured; what needs CUDA says so instead of failing
         bound = rf"^\| bound: graph, pre-augmented \(eager here\) \| {cpu} \| {batch} \| pre-augmented \| {NUMBER} \|"
@@ -103,7 +108,7 @@ def test_device_smoke_runs_every_part_without_ray(no_ray_env, synthetic_dir, tmp
     assert re.search(rf"^\| 32 \| {NUMBER} \| {NUMBER} \| eager batch 32 chunk 0: \d+% \|$", step, re.M), step
     assert re.search(r"= \d+\.\d TFLOP", step)  # the epoch's arithmetic, from the layer shapes
 
-    pack = text["packing.md"]
+    pack = text["(b)"]
     assert "Step: eager, augment chunk " in pack and "MPS rows skipped: needs an NVIDIA GPU." in pack
     for batch in (32, 128):
         assert re.search(
@@ -115,31 +120,31 @@ def test_device_smoke_runs_every_part_without_ray(no_ray_env, synthetic_dir, tmp
 
     kinds = {}
     for run, pacing, kind in re.findall(
-        r"^\| (\d+) \(\w+\) \| ([^|]+) \| \d+ \| (\w+) \| " + NUMBER, text["checkpoint.md"], re.M
+        r"^\| (\d+) \(\w+\) \| ([^|]+) \| \d+ \| (\w+) \| " + NUMBER, text["(c)"], re.M
     ):
         kinds.setdefault((run, pacing.strip()), []).append(kind)
     default = ("12", "default: best every 30 s, resume every 300 s")
-    assert kinds[default][0] == "best" and kinds[default][-1] == "final", text["checkpoint.md"]
+    assert kinds[default][0] == "best" and kinds[default][-1] == "final", text["(c)"]
     assert kinds["48", "a resume state every epoch (resume_every_s 0)"] == ["resume", "resume", "final"]
 
     for run_number, original in ((16, "88.43"), (12, "88.11"), (62, "88.14"), (79, "13.54")):
         row = re.search(
             rf"^\| {run_number} \| \w+ \| [\d.]+ \| \d+ \| \w+ \| \w+ \| {original} \| (.*?) \|",
-            text["fidelity.md"],
+            text["(d)"],
             re.M,
         )
-        assert row, text["fidelity.md"]
+        assert row, text["(d)"]
         assert re.fullmatch(
             r"\d+\.\d\d% \(finished: .*\)|cut at epoch \d+ of <=100: best so far \d+\.\d\d%", row.group(1)
         ), row.group(1)
-    assert "step eager, augment chunk " in text["fidelity.md"]
+    assert "step eager, augment chunk " in text["(d)"]
 
-    projection = text["projection.md"]  # from (d)'s four runs at once: the default share packs four
+    projection = text["(e)"]  # from (d)'s four runs at once: the default share packs four
     assert re.search(r"^\| \(d\): whole epochs .* \| 100\.0 \(the epoch limit, 100 .* = [\d,]+ s = [\d.]+ h \| [\d.]+ \|$",
                      projection, re.M), projection  # fmt: skip
     assert "6.0 (the plateau rule's least: 1 + patience 5 (a lower bound))" in projection
 
-    summary = text["summary.md"]
+    summary = (out / "summary.md").read_text()
     assert "Ray modules loaded by this run: none" in summary
     for part in (
         "(a) One trial's training step",
@@ -219,8 +224,8 @@ def test_ab_smoke_trains_every_arm_and_seed_without_ray(no_ray_env, synthetic_di
         timeout=240,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert sorted(p.name for p in out.iterdir()) == ["ab.md", "log.txt", "summary.md"]
-    text = (out / "ab.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-tests.txt", "log.txt", "rows.jsonl", "summary.md"]
+    text = sections((out / "summary.md").read_text())["(f)"]
     assert f"data: image folder {data.resolve()}" in text  # the comparison names the images it ran on
     assert "The study's published results (CIFAR-10's original pixels, one run each): run 12: 88.11%." in text
     finished = r"\d+\.\d\d% \(epoch limit at epoch 2, best at epoch [12]\)"
@@ -500,3 +505,39 @@ def test_checkpoint_bench_runs_a_sweep_through_the_current_api(mini_dir, tmp_pat
     assert "| 0 s | 2 | resume x1, final x1 | 2 |" in rows[1]
     folder, kept = (float(c) for c in rows[0].strip("|").split("|")[-2:])
     assert folder == kept > 0  # no 8 MiB reserve left behind in the experiment folder
+
+
+def test_a_part_that_fails_loses_no_row_of_the_others_and_the_summary_is_written(synthetic_dir, tmp_path, monkeypatch):
+    """Part (b) measures a row, then a sticky CUDA error shows in the cleanup after it; part (c) measures a row and
+    raises: every row measured, the other parts' sections and the summary are all there, in at most 8 files."""
+    device = load_bench("device")
+    common = sys.modules["device_common"]
+    error = RuntimeError("CUDA error: an illegal memory access was encountered")
+    cleanups = []
+
+    def release_memory():
+        cleanups.append(1)
+        if len(cleanups) == 2:  # the cleanup after part (b)
+            raise error
+
+    def part(letter: str):
+        def run(data, args, deadline, workdir):
+            common.emit(letter, {"img_s": 1.0})
+            if letter == "c":
+                raise error
+            return f"## ({letter}) part {letter}"
+
+        return run
+
+    monkeypatch.setattr(common, "release_memory", release_memory, raising=False)
+    monkeypatch.setattr(device, "PARTS", {n: (part(x), 0.3, 1.0) for n, x in zip(device.PARTS, "abcdef")})
+    out = tmp_path / "out"
+    args = ["--smoke", "--data-dir", str(synthetic_dir), "--out", str(out), "--budget-s", "20"]
+    assert device.main([*args, "--parts", "throughput,packing,checkpoint,fidelity"]) == 1
+    rows = [json.loads(line)["part"] for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert rows == ["a", "b", "c", "d"]
+    summary = (out / "summary.md").read_text()
+    assert "## (a) part a" in summary and "## (d) part d" in summary
+    assert "## packing: failed" in summary and "## checkpoint: failed" in summary
+    assert "- part failed: packing" in summary and "illegal memory access" in summary
+    assert len(list(out.iterdir())) <= 8 and all(p.is_file() for p in out.iterdir())

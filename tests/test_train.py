@@ -299,3 +299,26 @@ def test_best_weights_are_written_at_most_every_so_often_and_always_at_the_end(s
         preds = final(prepare_eval(to_device_nchw(small.test_x, torch.device("cpu")))).argmax(1)
     best = max(m["val_acc"] for m in rec.metrics)
     assert 100.0 * (preds.numpy() == small.test_y).mean() == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.slow  # torch.compile on the CPU: about 30 s
+def test_a_compiled_step_compiles_once_although_the_epoch_ends_in_a_partial_batch(small):
+    from torch._dynamo.utils import counters
+
+    from tune_alexnet import train
+    from tune_alexnet.settings import RUNTIME_DEFAULTS, TRIAL_DEFAULTS
+
+    def epoch(step_mode: str):
+        config = {**TRIAL_DEFAULTS, **BASE, "width": 0.125}
+        rt = train.resolve_runtime(config, {**RUNTIME_DEFAULTS, "device": "cpu", "step": step_mode}, None)
+        trial = train._new_trial(config, rt)
+        step = CountingStep(trial.step)
+        x, y = train.to_device_nchw(small.train_x, rt.device), torch.tensor(small.train_y)
+        return train.train_epoch(trial.model, trial.optimizer, x, y, 32, trial.gen, rt, step=step), step.sizes
+
+    torch._dynamo.reset()
+    counters.clear()
+    (compiled, _), sizes = epoch("compile")
+    assert sizes == [32, 32, 32, 4] and counters["stats"]["unique_graphs"] == 1  # the last 4 ran eagerly
+    (eager, _), _ = epoch("eager")
+    assert compiled == pytest.approx(eager, rel=1e-3)

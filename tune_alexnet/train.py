@@ -445,7 +445,7 @@ class TrainStep:
         eager_model: nn.Module | None = None,
     ):
         self.model, self.optimizer, self.rt, self.batch_size = model, optimizer, rt, batch_size
-        self.eager_model = eager_model or model
+        self.eager_model = model if eager_model is None else eager_model
         self.loss_sum = torch.zeros((), device=rt.device)
         self.correct = torch.zeros((), device=rt.device, dtype=torch.long)
         self.mode = rt.step
@@ -481,7 +481,7 @@ class TrainStep:
     def eager(self, inputs: torch.Tensor, targets: torch.Tensor, model: nn.Module | None = None) -> None:
         # Once a graph exists its gradient tensors are the ones to use: zeroed, not dropped for a second set.
         self.optimizer.zero_grad(set_to_none=self.graph is None)
-        self._forward_backward_step(inputs, targets, model or self.model)
+        self._forward_backward_step(inputs, targets, self.model if model is None else model)
 
     def _forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> None:
         with _autocast(self.rt):
