@@ -196,3 +196,29 @@ def test_a_token_that_cannot_be_read_is_one_line(open_dir, mini_dir):
     )
     assert code == 2 and len(lines) == 1, lines[-20:]
     assert f"Ray's token {home}/.ray/auth_token cannot be read (Permission denied)" in lines[0]
+
+
+# --- storage at its edges ------------------------------------------------------------------------------------
+
+
+def test_a_storage_full_from_the_start_is_one_line_and_keeps_nothing(tmpfs, synthetic_dir, capsys):
+    disk = tmpfs(1)
+    with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:  # until the disk is full
+            f.write(b"x" * 2**16)
+    err = one_line(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(disk), "--name", "full", *TINY], capsys)
+    assert f"--storage {disk} cannot hold even the experiment's lock file (No space left on device; 0.0 MB free)" in err
+    assert [p.name for p in disk.iterdir()] == ["filler"]  # no 0-byte lock, nothing else
+
+
+@pytest.mark.slow
+def test_a_sweep_approved_by_the_space_check_finishes_under_the_disk_guard(tmpfs, synthetic_dir):
+    """One formula for both: on a disk just large enough for the approval, the guard lets the sweep finish."""
+    args = ["--data-dir", str(synthetic_dir), "--name", "tight", *TINY[:2], "--lr", "0.01,0.001", *TINY[4:-1], "2",
+            "--resume-every", "0", "--best-every", "0"]  # fmt: skip
+    code, lines = sweep_process([*args, "--storage", str(tmpfs(30, "small"))])
+    assert code == 2 and "but this sweep needs about" in lines[-1], lines[-5:]
+    needed_mb = float(lines[-1].split("needs about ")[1].split(" MB")[0].replace(",", ""))
+    disk = tmpfs(needed_mb * 1e6 / 2**20 + 1, "just-enough")
+    code, lines = sweep_process([*args, "--storage", str(disk)], timeout=300)
+    assert code == 0 and not any("nearly full" in ln for ln in lines), "\n".join(lines[-30:])

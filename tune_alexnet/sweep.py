@@ -66,25 +66,31 @@ class PlateauStopper(tune.Stopper):
 
 class DiskGuard(tune.Callback):
     """Stops the sweep as Ctrl-C does (so --resume continues it) once a local storage has less room than the
-    running trials' next checkpoints need, before a write fails halfway: from its own look at the disk every
-    few seconds, or at once when a trial reports that it held back a checkpoint for want of room
-    (ray_hooks.report). Tripping releases the reserve, so Tune's last state and the tables still fit."""
+    running trials' next checkpoints need (storage.checkpoint_room each: the formula preflight approved the sweep
+    by), before a write fails halfway: from its own look at the disk every few seconds, or at once when a trial
+    reports that it held back a checkpoint for want of room (ray_hooks.report). Tripping releases the reserve, so
+    Tune's last state and the tables still fit."""
 
-    def __init__(self, root: str, min_free: int, reserve: str | None = None, every_s: float = 2.0):
-        self.root, self.min_free, self.reserve, self.every_s = root, min_free, reserve, every_s
-        self.last_check, self.tripped = 0.0, False
+    def __init__(self, root: str, per_trial: int, reserve: str | None = None, every_s: float = 2.0):
+        self.root, self.per_trial, self.reserve, self.every_s = root, per_trial, reserve, every_s
+        self.last_check, self.tripped, self.running = 0.0, False, 1
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self.running = max(1, sum(t.status == "RUNNING" for t in trials))
         if self.tripped or time.monotonic() - self.last_check < self.every_s:
             return
         self.last_check = time.monotonic()
         free = self._free()
-        if free is not None and free < self.min_free:
+        if free is not None and free < self._needed():
             self.trip(free)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get(STORAGE_FULL) and not self.tripped:
             self.trip(self._free() or 0)
+
+    def _needed(self) -> int:
+        per_trial = getattr(self, "per_trial", None)  # None: a guard saved by an earlier version, with its total
+        return self.min_free if per_trial is None else getattr(self, "running", 1) * per_trial
 
     def _free(self) -> int | None:
         try:
@@ -96,9 +102,11 @@ class DiskGuard(tune.Callback):
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
+        running = getattr(self, "running", 1)
         print(
             f"tune-alexnet sweep: --storage {self.root} is nearly full ({free / 1e6:,.0f} MB free, about "
-            f"{self.min_free / 1e6:,.0f} MB needed for the running trials' next checkpoints); stopping",
+            f"{self._needed() / 1e6:,.0f} MB needed for the next checkpoints of the {running} running trial(s)); "
+            "stopping; free some room, then --resume continues",
             file=sys.stderr,
             flush=True,
         )
@@ -131,7 +139,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = tune.with_resources(
-        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=plan.keep_free),
+        # a trial checks only that its own checkpoint fits: the guard, which sees every trial, keeps the others' room
+        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=0),
         {"cpu": plan.per_trial["CPU"], "gpu": plan.per_trial["GPU"]},
     )
     if s.resume:
