@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .export import ExportError
     from .preflight import PreflightError
+    from .storage import StorageLost
 
     try:
         if args.command == "sweep":
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
             print(write_report(exp, args.out))
+    except StorageLost as exc:  # not bad input: the storage went away under a running sweep
+        _say(f"tune-alexnet {args.command}: error: {exc}")
+        return EXIT_FAILED
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -115,6 +115,10 @@ def room_needed(trials_left: int, running: int, weights: int) -> int:
     return trials_left * weights + 2 * running * checkpoint_room(weights) + RESERVE_BYTES
 
 
+class StorageLost(Exception):
+    """The experiment folder was deleted, or turned unwritable, while the sweep ran: one line, exit 1."""
+
+
 def make_reserve(exp_dir: str, size: int) -> str | None:
     """Hold `size` bytes of the experiment's disk in a file of our own, released when the disk fills or the sweep
     ends, so that a full disk still ends with tables. None where the disk has no such room to hold."""
