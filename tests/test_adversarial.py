@@ -267,7 +267,7 @@ def test_a_storage_without_room_for_the_sweep_is_refused_before_any_trial(small_
          "sgd", "--lr", "0.01", "--batchnorm", "true", "--width", "0.125", "--epochs", "1"],
         capsys,
     )  # fmt: skip
-    assert f"--storage {small_disk} has 21 MB free but this sweep needs about 45 MB (6 trial(s) keep 2 MB" in err
+    assert f"--storage {small_disk} has 21 MB free but this sweep needs about 68 MB (6 trial(s) keep 2 MB" in err
     assert list(small_disk.iterdir()) == []  # nothing written, the lock gone
 
 

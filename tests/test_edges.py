@@ -3,6 +3,7 @@ vanish, a reader racing the sweep, checkpoints that lie, and the small lines a p
 
 Real links, real tmpfs mounts, real read-only remounts, real processes run as another user (nobody)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tune_alexnet.cli import main
@@ -196,3 +198,68 @@ def test_a_token_that_cannot_be_read_is_one_line(open_dir, mini_dir):
     )
     assert code == 2 and len(lines) == 1, lines[-20:]
     assert f"Ray's token {home}/.ray/auth_token cannot be read (Permission denied)" in lines[0]
+
+
+# --- storage at its edges ------------------------------------------------------------------------------------
+
+
+def test_a_storage_full_from_the_start_is_one_line_and_keeps_nothing(tmpfs, synthetic_dir, capsys):
+    disk = tmpfs(1)
+    with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:  # until the disk is full
+            f.write(b"x" * 2**16)
+    err = one_line(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(disk), "--name", "full", *TINY], capsys)
+    assert f"--storage {disk} cannot hold even the experiment's lock file (No space left on device; 0.0 MB free)" in err
+    assert [p.name for p in disk.iterdir()] == ["filler"]  # no 0-byte lock, nothing else
+
+
+@pytest.mark.slow
+def test_a_sweep_approved_by_the_space_check_finishes_under_the_disk_guard(tmpfs, synthetic_dir):
+    """One formula for both: on a disk just large enough for the approval, the guard lets the sweep finish."""
+    args = ["--data-dir", str(synthetic_dir), "--name", "tight", *TINY[:2], "--lr", "0.01,0.001", *TINY[4:-1], "2",
+            "--resume-every", "0", "--best-every", "0"]  # fmt: skip
+    code, lines = sweep_process([*args, "--storage", str(tmpfs(30, "small"))])
+    assert code == 2 and "but this sweep needs about" in lines[-1], lines[-5:]
+    needed_mb = float(lines[-1].split("needs about ")[1].split(" MB")[0].replace(",", ""))
+    disk = tmpfs(needed_mb * 1e6 / 2**20 + 1, "just-enough")
+    code, lines = sweep_process([*args, "--storage", str(disk)], timeout=300)
+    assert code == 0 and not any("nearly full" in ln for ln in lines), "\n".join(lines[-30:])
+
+
+@pytest.mark.slow
+def test_report_on_a_full_disk_says_how_much_room_it_needs(mixed_experiment, tmpfs, capsys):
+    path, _ = mixed_experiment
+    disk = tmpfs(0.1)
+    err = one_line(["report", path, "--out", str(disk)], capsys)
+    assert (
+        f"cannot write {disk}/" in err and "(No space left on device; " in err and "MB free there, and it needs " in err
+    )
+
+
+# --- a reader that races the sweep ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_export_of_an_older_read_never_replaces_newer_tables(mixed_experiment, tmp_path, capsys):
+    """A reader that read the experiment while a trial ran, and writes after the sweep's own tables: it leaves them."""
+    from tune_alexnet.export import load_experiment, write_tables
+
+    copy = Path(shutil.copytree(mixed_experiment[0], tmp_path / "mixed"))
+    (state,) = copy.glob("experiment_state-*.json")
+    finished = state.read_text()
+    data = json.loads(finished)
+    for entry in data["trial_data"]:
+        trial = json.loads(entry[0])
+        trial["status"] = "RUNNING"
+        entry[0] = json.dumps(trial)
+    state.write_text(json.dumps(data))
+    older = load_experiment(copy)  # read while the trials ran
+    assert set(older.table["status"]) == {"running"}
+    time.sleep(0.01)
+    state.write_text(finished)  # the sweep ended, and wrote its own tables
+    assert main(["export", str(copy)]) == 0
+    newer = (copy / "results.parquet").read_bytes()
+    assert write_tables(older, copy) == []
+    assert (copy / "results.parquet").read_bytes() == newer
+    assert "running" not in set(pd.read_parquet(copy / "results.parquet")["status"])
+    assert "were written from a newer read" in older.notes[-1]

@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .export import ExportError
     from .preflight import NothingToResume, PreflightError
+    from .storage import StorageLost
 
     try:
         if args.command == "sweep":
@@ -420,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     except NothingToResume as exc:
         print(f"tune-alexnet {args.command}: {exc}")
         return 0
+    except StorageLost as exc:  # not bad input: the storage went away under a running sweep
+        _say(f"tune-alexnet {args.command}: error: {exc}")
+        return EXIT_FAILED
     except (DataError, PreflightError, ExportError) as exc:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,6 +8,9 @@ crash never leaves a truncated one; in a bucket each file is one upload.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -169,6 +172,7 @@ class Experiment:
     epochs: pd.DataFrame  # one row per reported epoch, EPOCH_SCHEMA
     settings: dict  # the sweep's settings record (empty for a folder written by other code)
     notes: list[str] = field(default_factory=list)  # what could not be read, for the user
+    generation: int | None = None  # newest change of the files read (ns), taken before reading; None: unknown
 
 
 def sweep_holds(path: str) -> bool:
@@ -212,6 +216,7 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     if scheme_problem(path):
         raise ExportError(f"{path}: {scheme_problem(path)}")
     notes: list[str] = []
+    generation = None if is_remote(path) else _generation(path)
     try:
         fs, base = reach(path)
         settings = _settings(path)
@@ -252,7 +257,26 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     )
     epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
     epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
-    return Experiment(path, table, epochs, settings, notes)
+    return Experiment(path, table, epochs, settings, notes, generation)
+
+
+def _generation(path: str) -> int | None:
+    """The newest modification time (ns) of what a table is read from: Tune's experiment state and each trial's
+    result.json, looked at without following links. Taken before they are read, so a table is never newer than
+    it says; tables of an older read never replace those of a newer one (write_tables)."""
+    newest = 0
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("experiment_state-") and name.endswith(".json"):
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
+                elif name.startswith(TRIAL_PREFIX) and entry.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        newest = max(newest, os.lstat(os.path.join(entry.path, "result.json")).st_mtime_ns)
+    except OSError:
+        return None
+    return newest
 
 
 @dataclass
@@ -596,9 +620,14 @@ def original_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
     """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written whole or not at all."""
-    meta = provenance(exp)
+    meta = {**provenance(exp), "generation": exp.generation}
     originals = original_tables(exp.table)
     with output_dir(out_dir) as out:
+        if out.newer_than(exp):
+            exp.notes.append(
+                f"the tables in {out.uri} were written from a newer read of {exp.path}; they are left as they are"
+            )
+            return []
         out.put(f"{TABLE_NAME}.parquet", lambda p: write_parquet(exp.table, p, meta))
         out.put(f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False))
         out.put(f"{EPOCHS_NAME}.parquet", lambda p: write_parquet(exp.epochs, p, meta))
@@ -645,17 +674,45 @@ class Output:
     local: Path
     written: list[str]
 
+    def newer_than(self, exp: Experiment) -> bool:
+        """Whether the results.parquet here was written from a later read of the experiment than `exp` (the
+        folder's own lock, held by output_dir, makes this check and the writes that follow one step)."""
+        if exp.generation is None or is_remote(self.uri):
+            return False
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(self.local / f"{TABLE_NAME}.parquet").metadata or {}
+            written = json.loads(meta.get(b"tune_alexnet", b"{}")).get("generation")
+        except (OSError, ValueError, AttributeError):  # none yet, or not ours: ours replaces it
+            return False
+        return isinstance(written, int) and written > exp.generation
+
     def put(self, name: str, write) -> None:
         try:
             atomic_write(self.local / name, write)
         except OSError as exc:
             free = shutil.disk_usage(self.local).free if self.local.exists() else 0
+            need = _size_elsewhere(write) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+            needs = f", and it needs {need / 1e6:,.1f} MB" if need else ""
             raise ExportError(
-                f"cannot write {self.local / name} ({exc.strerror}; {free / 1e6:.0f} MB free there); "
-                f"allowed: a folder you can write with room for the tables"
+                f"cannot write {self.local / name} ({exc.strerror}; {free / 1e6:,.1f} MB free there{needs}); "
+                f"allowed: a folder you can write with room for the tables and the report"
             ) from None
         if not is_remote(self.uri):
             self.written.append(str(self.local / name))
+
+
+def _size_elsewhere(write) -> int | None:
+    """The size of what `write` writes, written once more in the temp folder to learn it; None if it fails there
+    too (the same full disk)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="tune-alexnet-size-") as tmp:
+            path = Path(tmp) / "probe"
+            write(path)
+            return path.stat().st_size
+    except Exception:  # the temp folder may be as full, or the writer may not take another path
+        return None
 
 
 @contextmanager
@@ -670,7 +727,12 @@ def output_dir(out: str | os.PathLike):
             raise ExportError(
                 f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
             ) from None
-        yield Output(out, Path(out), [])
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one writer of this folder's tables at a time, however many exports
+            yield Output(out, Path(out), [])
+        finally:
+            os.close(fd)
         return
     import pyarrow.fs
 

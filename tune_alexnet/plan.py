@@ -21,7 +21,7 @@ class Plan:
     exp_uri: str  # root/name
     data: Cifar
     per_trial: dict  # Ray resources of one trial
-    keep_free: int  # bytes a local storage keeps free for the running trials' next checkpoints; 0 for a bucket
+    keep_free: int  # bytes a local storage keeps free for each running trial's next checkpoint; 0 for a bucket
     lock: object  # preflight.ExperimentLock: released when the sweep ends
     started_ray: bool = False
     dashboard_url: str | None = None

@@ -44,8 +44,10 @@ from .storage import (
     RESERVE_BYTES,
     RESERVE_NAME,
     SCHEMES,
+    checkpoint_room,
     experiment_uri,
     is_remote,
+    room_needed,
     scheme_problem,
     storage_uri,
     within,
@@ -263,9 +265,19 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
         raise PreflightError(
             f"experiment {name!r} in {root} is in use by {holder}; wait for it to end, or use another --name"
         ) from None
-    handle.truncate(0)
-    handle.write(f"a sweep (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
-    handle.flush()
+    try:
+        handle.truncate(0)
+        handle.write(
+            f"a sweep (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+        )
+        handle.flush()
+    except OSError as exc:  # a full disk takes the name but not the line: leave neither
+        ExperimentLock(path, handle).release()
+        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        raise PreflightError(
+            f"{where} cannot hold even the experiment's lock file ({exc.strerror}; {free / 1e6:,.1f} MB free); "
+            f"allowed: {STORAGE_ALLOWED}, with room for the sweep"
+        ) from None
     return ExperimentLock(path, handle)
 
 
@@ -288,7 +300,10 @@ class ExperimentLock:
             self.path.unlink()  # while still locked: a waiting opener then sees another inode and backs off
         except OSError:
             pass
-        self.handle.close()
+        try:
+            self.handle.close()
+        except OSError:  # a line it could not write (a full disk) fails its flush; the file is closed all the same
+            pass
 
 
 # --- resuming: the experiment's own settings, on the data it started on --------------------------------------
@@ -693,7 +708,7 @@ def check_resources(s: SweepSettings, root: str) -> tuple[dict, int]:
         return per_trial, 0
     if not s.resume:
         check_space(root, trials, concurrent, width)
-    return per_trial, space_needed(trials, concurrent, width)[1]
+    return per_trial, space_needed(trials, concurrent, width)[1]  # the disk guard's share of each running trial
 
 
 def check_cluster(root: str, nodes: list[dict], per_trial: dict, joined: bool, shared_storage: bool) -> None:
@@ -725,25 +740,27 @@ def check_resources_fit(per_trial: dict, nodes: list[dict], node_types: list[dic
 
 
 def space_needed(trials: int, concurrent: int, width: float) -> tuple[int, int, int]:
-    """Bytes a sweep keeps on its storage: (all of it, what the trials running at once hold on top of their
-    best weights, one trial's best weights). Adam's resume state (weights, two moments, a best copy) is the
-    largest a trial holds; the reserve keeps room for the last state, the tables and the report."""
+    """Bytes a sweep needs on its storage: (all of it, what one running trial's next checkpoint needs, one trial's
+    best weights). The same formula as the disk guard's (storage.room_needed), so that what is approved here can
+    finish under the guard."""
     from .model import AlexNet, count_parameters
 
     weights = 4 * count_parameters(AlexNet(dropout=True, batchnorm=True, width=width))  # fp32 bytes
-    running = min(trials, concurrent) * 5 * weights
-    return trials * weights + running + RESERVE_BYTES, running, weights
+    return room_needed(trials, min(trials, concurrent), weights), checkpoint_room(weights), weights
 
 
 def check_space(root: str, trials: int, concurrent: int, width: float) -> None:
     """Refuse a local --storage without room for what the sweep keeps: each finished trial's best weights, and
-    while trials run their resume states (current weights, optimizer moments, a copy of the best weights)."""
-    needed, running, weights = space_needed(trials, concurrent, width)
+    while trials run their resume states (current weights, optimizer moments, a copy of the best weights) and
+    room for the next one."""
+    needed, per_running, weights = space_needed(trials, concurrent, width)
     free = shutil.disk_usage(root).free
+    running = min(trials, concurrent)
     if free < needed:
         raise PreflightError(
             f"--storage {root} has {free / 1e6:,.0f} MB free but this sweep needs about {needed / 1e6:,.0f} MB "
-            f"({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights each, and each running trial briefly "
-            f"holds about {5 * weights / 1e6:,.0f} MB more); allowed: a folder with that much room, fewer runs, "
-            f"or an s3:// URI"
+            f"({trials} trial(s) keep {weights / 1e6:,.0f} MB of best weights each; each of the {running} running at "
+            f"once holds about {per_running / 1e6:,.0f} MB of checkpoints and needs as much again for its next one; "
+            f"{RESERVE_BYTES / 1e6:,.0f} MB for the tables); allowed: a folder with that much room, fewer runs, or "
+            "an s3:// URI"
         )

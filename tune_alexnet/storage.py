@@ -98,6 +98,27 @@ RESERVE_NAME = ".tune-alexnet-reserve"  # in a local experiment folder: room hel
 RESERVE_BYTES = 8 * 2**20  # Tune's final state, the last result lines, the tables, the report and its figures
 
 
+RESUME_STATE_WEIGHTS = (
+    5  # a running trial's checkpoint in network sizes: trainer.pt (weights, 2 moments, best) + model.pt
+)
+
+
+def checkpoint_room(weights: int) -> int:
+    """Bytes one running trial's checkpoint takes: it holds one, and its next one needs as much again."""
+    return RESUME_STATE_WEIGHTS * weights
+
+
+def room_needed(trials_left: int, running: int, weights: int) -> int:
+    """The one formula of the room a sweep needs, up front and as it runs: each trial still to finish keeps its
+    best weights, each running trial holds a checkpoint and needs room for its next, and the reserve. The disk
+    guard keeps `running * checkpoint_room` free (the next checkpoints); the rest is what the sweep fills in."""
+    return trials_left * weights + 2 * running * checkpoint_room(weights) + RESERVE_BYTES
+
+
+class StorageLost(Exception):
+    """The experiment folder was deleted, or turned unwritable, while the sweep ran: one line, exit 1."""
+
+
 def make_reserve(exp_dir: str, size: int) -> str | None:
     """Hold `size` bytes of the experiment's disk in a file of our own, released when the disk fills or the sweep
     ends, so that a full disk still ends with tables. None where the disk has no such room to hold."""

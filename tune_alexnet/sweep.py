@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from ray import tune
@@ -36,7 +37,7 @@ from .settings import (
     write_settings,
 )
 from .stopper import result_says_stop
-from .storage import RESERVE_BYTES, is_remote, make_reserve, release_reserve
+from .storage import RESERVE_BYTES, StorageLost, is_remote, make_reserve, release_reserve
 from .train import train_cifar
 
 log = logging.getLogger("tune_alexnet.sweep")
@@ -68,25 +69,72 @@ class PlateauStopper(tune.Stopper):
 
 class DiskGuard(tune.Callback):
     """Stops the sweep as Ctrl-C does (so --resume continues it) once a local storage has less room than the
-    running trials' next checkpoints need, before a write fails halfway: from its own look at the disk every
-    few seconds, or at once when a trial reports that it held back a checkpoint for want of room
-    (ray_hooks.report). Tripping releases the reserve, so Tune's last state and the tables still fit."""
+    running trials' next checkpoints need (storage.checkpoint_room each: the formula preflight approved the sweep
+    by), before a write fails halfway: from its own look at the disk every few seconds, or at once when a trial
+    reports that it held back a checkpoint for want of room (ray_hooks.report). Tripping releases the reserve, so
+    Tune's last state and the tables still fit."""
 
-    def __init__(self, root: str, min_free: int, reserve: str | None = None, every_s: float = 2.0):
-        self.root, self.min_free, self.reserve, self.every_s = root, min_free, reserve, every_s
-        self.last_check, self.tripped = 0.0, False
+    def __init__(
+        self, root: str, per_trial: int, reserve: str | None = None, every_s: float = 2.0, exp_dir: str | None = None
+    ):
+        self.root, self.per_trial, self.reserve, self.every_s = root, per_trial, reserve, every_s
+        self.last_check, self.tripped, self.running, self.exp_dir = 0.0, False, 1, exp_dir
+        self.lost: str | None = None  # why the experiment folder can no longer be written, once seen
+
+    def __getstate__(self) -> dict:  # saved with the experiment: what it saw this time is not kept
+        return {**self.__dict__, "lost": None, "tripped": False}
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self.running = max(1, sum(t.status == "RUNNING" for t in trials))
         if self.tripped or time.monotonic() - self.last_check < self.every_s:
             return
         self.last_check = time.monotonic()
+        if self._check_writable():
+            return
         free = self._free()
-        if free is not None and free < self.min_free:
+        if free is not None and free < self._needed():
             self.trip(free)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         if result.get(STORAGE_FULL) and not self.tripped:
             self.trip(self._free() or 0)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        if not self.tripped:  # a trial that failed to write: the storage may have gone from under the sweep
+            self._check_writable()
+
+    def _check_writable(self) -> bool:
+        """Whether the experiment folder was found deleted or unwritable (read-only, immutable); if so, the sweep
+        is stopped as Ctrl-C stops it, and sweep.run raises StorageLost."""
+        exp_dir = getattr(self, "exp_dir", None)
+        if exp_dir is None:
+            return False
+        try:
+            with tempfile.NamedTemporaryFile(dir=exp_dir, prefix=".tune-alexnet-write-test-"):
+                pass
+            return False
+        except FileNotFoundError:
+            self.lost = (
+                f"the experiment folder {exp_dir} was deleted while the sweep ran, and what its trials had done "
+                f"with it; start afresh with the same command and another --name (or once {exp_dir} is removed, "
+                "with this one)"
+            )
+        except OSError as exc:
+            self.lost = (
+                f"--storage {self.root} can no longer be written ({exc.strerror}); the sweep stopped; once it can "
+                f"be written again, 'tune-alexnet sweep --resume --name {os.path.basename(exp_dir)} --storage "
+                f"{self.root}' continues it"
+            )
+        _lost.append(self.lost)  # on --resume this guard is Tune's restored copy: sweep.run reads it here
+        self.tripped = True
+        if self.reserve:
+            release_reserve(self.reserve)
+        os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
+        return True
+
+    def _needed(self) -> int:
+        per_trial = getattr(self, "per_trial", None)  # None: a guard saved by an earlier version, with its total
+        return self.min_free if per_trial is None else getattr(self, "running", 1) * per_trial
 
     def _free(self) -> int | None:
         try:
@@ -98,13 +146,18 @@ class DiskGuard(tune.Callback):
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
+        running = getattr(self, "running", 1)
         print(
             f"tune-alexnet sweep: --storage {self.root} is nearly full ({free / 1e6:,.0f} MB free, about "
-            f"{self.min_free / 1e6:,.0f} MB needed for the running trials' next checkpoints); stopping",
+            f"{self._needed() / 1e6:,.0f} MB needed for the next checkpoints of the {running} running trial(s)); "
+            "stopping; free some room, then --resume continues",
             file=sys.stderr,
             flush=True,
         )
         os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
+
+
+_lost: list[str] = []  # what a disk guard found, in this (the driver's) process
 
 
 def trial_space(s: SweepSettings) -> dict:
@@ -126,7 +179,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     log.info("data: %s: %d train, %d test images", data.source, len(data.train_x), len(data.test_x))
     guard = []
     if not is_remote(plan.root):
-        guard = [DiskGuard(plan.root, plan.keep_free, make_reserve(plan.exp_uri, RESERVE_BYTES))]
+        reserve = make_reserve(plan.exp_uri, RESERVE_BYTES)
+        guard = [DiskGuard(plan.root, plan.keep_free, reserve, exp_dir=plan.exp_uri)]
     # Each checkpoint a trial reports forces a snapshot of the experiment state (so that the checkpoints Tune
     # deletes are never still named in it); we checkpoint rarely, so the warning about frequent ones is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -134,7 +188,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     trainable = tune.with_resources(
-        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=plan.keep_free),
+        # a trial checks only that its own checkpoint fits: the guard, which sees every trial, keeps the others' room
+        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=0),
         {"cpu": plan.per_trial["CPU"], "gpu": plan.per_trial["GPU"]},
     )
     if s.resume:
@@ -154,7 +209,11 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
             tune_config=_tune_config(s),
             run_config=_run_config(s, plan.root, quiet, guard, plan.exp_uri),
         )
-    return tuner.fit()
+    _lost.clear()
+    results = tuner.fit()
+    if _lost:
+        raise StorageLost(_lost[0])
+    return results
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:
