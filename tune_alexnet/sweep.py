@@ -19,7 +19,7 @@ import time
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
-from . import tracking
+from . import stopping, tracking
 from .console import Console
 from .data import describe
 from .plan import Plan
@@ -102,7 +102,9 @@ class DiskGuard(tune.Callback):
             file=sys.stderr,
             flush=True,
         )
-        os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
+        # Tune's own clean stop at once (SIGUSR1, not the stop signals: those first ask every trial to save, and
+        # there is no room for that): trials keep their last checkpoints.
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def trial_space(s: SweepSettings) -> dict:
@@ -130,8 +132,9 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     # Tune's newer console output prints a box and a TensorBoard folder that is not the experiment's even when
     # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    stop_key = stopping.new_key()  # the flag that asks every trial to save before a stop (stopping.py)
     trainable = tune.with_resources(
-        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=plan.keep_free),
+        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=plan.keep_free, stop_key=stop_key),
         {"cpu": plan.per_trial["CPU"], "gpu": plan.per_trial["GPU"]},
     )
     if s.resume:
@@ -144,7 +147,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
             tune_config=_tune_config(s),
             run_config=_run_config(s, plan.root, quiet, guard),
         )
-    return tuner.fit()
+    with stopping.SaveFirst(stop_key, quiet=quiet):
+        return tuner.fit()
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:
@@ -167,6 +171,11 @@ def _run_config(s: SweepSettings, root: str, quiet: bool = False, guards: list |
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[*tracking.callbacks(s), *(guards or []), *([] if quiet else [Console()])],
+        callbacks=[
+            *tracking.callbacks(s),
+            *(guards or []),
+            stopping.StopAfterSaving(),
+            *([] if quiet else [Console()]),
+        ],
         verbose=0,
     )
