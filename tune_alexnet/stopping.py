@@ -29,7 +29,7 @@ from ray import tune
 from . import spot
 
 STOP_WAIT_S = 60.0  # the longest a stop waits for the running trials' saved states
-POLL_S = 1.0  # how often a trial looks at the stop flag
+POLL_S = 0.5  # how often a trial looks at the stop flag
 SPOT_POLL_S = 5.0  # how often a trial on a node with a metadata service asks for a notice (AWS's advice)
 KV_NAMESPACE = "tune_alexnet"
 SAVED_FOR = "saved_for"  # a result key: why the trial saved its state and waits ("stop" or "spot")
