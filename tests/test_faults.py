@@ -207,11 +207,13 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     console_tells_what_the_table_tells(text, table)
     if signals == [signal.SIGTERM]:  # Tune's own stop ran to its end: the console's last word is about it
         assert re.search(r"\] \d+/3 done, \d+ running, \d+ pending", text.split("tune-alexnet: stopping:")[1])
+        for rows in reported_epochs(exp_dir).values():  # what `ray job stop` sends: each running trial saved first
+            assert rows[-1].get("saved_for") == "stop" or rows[-1].get("epoch") == epochs, rows[-1]
     # One voice: Ray's own resume hint, its stop notice and its noise about trials that never started stay in
     # the experiment's driver.log.
     for ray_line in ("Tuner.restore", "Stop signal received", "Failed to fetch metrics"):
         assert ray_line not in text, text[-3000:]
-    assert "tune-alexnet: stopping: running trials keep their last checkpoints" in text
+    assert "tune-alexnet: stopping: each running trial saves its state at its next training step" in text
     assert "Stop signal received" in (exp_dir / "driver.log").read_text()
 
 
