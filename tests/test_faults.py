@@ -214,7 +214,8 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     for ray_line in ("Tuner.restore", "Stop signal received", "Failed to fetch metrics"):
         assert ray_line not in text, text[-3000:]
     assert "tune-alexnet: stopping: each running trial saves its state at its next training step" in text
-    assert "Stop signal received" in (exp_dir / "driver.log").read_text()
+    if signals == [signal.SIGTERM]:  # (the second signal stopped before Tune's own stop began)
+        assert "Stop signal received" in (exp_dir / "driver.log").read_text()
 
 
 def console_tells_what_the_table_tells(text: str, table: pd.DataFrame) -> None:
