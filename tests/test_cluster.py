@@ -35,6 +35,8 @@ class LocalCluster:
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # Token auth on, explicitly: whether it is on must not depend on ~/.ray/auth_token: a local ray.init() may have written one.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+        # As cluster.yaml's head: `ray job stop` leaves a sweep 120 s (not Ray's 3) for its trials to save.
+        self.env.update(RAY_JOB_STOP_WAIT_TIME_S="120")
         # Credentials for the S3 emulator on loopback (the nodes' trials write checkpoints there).
         self.env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         port, dash = free_port(), free_port()
@@ -253,6 +255,29 @@ def test_job_submission_runs_the_sweep_on_the_cluster(cluster, synthetic_dir, tm
     table = pd.read_parquet(storage / "job" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"terminated"}
     assert (storage / "job" / "report.md").is_file()
+
+
+def test_ray_job_stop_has_every_running_trial_save_before_the_job_ends(cluster, synthetic_dir, tmp_path):
+    storage, job = tmp_path / "shared", f"stop-{secrets.token_hex(4)}"
+    entry = [sys.executable, "-m", "tune_alexnet", "sweep", "--address", "auto",
+             *small_sweep(synthetic_dir, storage, "stopped", "--epochs", "200", "--patience", "300",
+                          "--cpus-per-trial", "1", "--shared-storage", "--gpus-per-trial", "0")]  # fmt: skip
+    ray_job = [str(BIN / "ray"), "job"]
+    submit = cluster.run([*ray_job, "submit", "--address", cluster.dashboard, "--submission-id", job, "--no-wait",
+                          "--working-dir", str(ROOT), "--", *map(str, entry)], cwd=ROOT)  # fmt: skip
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    deadline = time.monotonic() + TIMEOUT
+    while sum(sum("epoch" in r for r in rows) >= 2 for rows in trial_rows(storage / "stopped").values()) < 2:
+        assert time.monotonic() < deadline, cluster.run([*ray_job, "logs", "--address", cluster.dashboard, job]).stdout
+        time.sleep(0.5)
+    stop = cluster.run([*ray_job, "stop", "--address", cluster.dashboard, job])
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    logs = cluster.run([*ray_job, "logs", "--address", cluster.dashboard, job]).stdout
+    assert "each running trial saves its state at its next training step" in logs, logs[-3000:]
+    assert "4 of 4 running trial(s) saved their state" in logs, logs[-3000:]
+    for rows in trial_rows(storage / "stopped").values():
+        assert rows[-1].get("saved_for") == "stop", rows[-1]
+    assert len(pd.read_parquet(storage / "stopped" / "results.parquet")) == 4  # the tables, before the job ended
 
 
 # --- S3 storage, against an S3 emulator on loopback ------------------------------------------------------------
