@@ -275,8 +275,9 @@ def _restore(trial: Trial, checkpoint_from, rt: Runtime) -> bool:
             torch.cuda.set_rng_state(trainer["cuda_rng"].cpu(), rt.device)
         trial.state = dict(trainer["counters"])
         trial.best_weights = {k: v.to(rt.device) for k, v in best.items()} if trial.state["best_epoch"] else None
-        trial.position = trainer.get("position")  # a state saved inside an epoch: where it stood
+        position = trainer.get("position")  # a state saved inside an epoch: where it stood, in the next epoch
         s = trial.state
+        trial.position = position if isinstance(position, dict) and position.get("epoch") == s["epoch"] + 1 else None
         log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
                  s["epoch"], s["best_val_acc"], s["epochs_since_best"])  # fmt: skip
     return True
@@ -521,6 +522,8 @@ def train_epoch(
     n = len(x_u8)
     chunk = max(1, rt.augment_chunk // batch_size) * batch_size
     seen = steps = begin = skip = 0
+    if resume_at is not None and len(resume_at["order"]) != n:  # other data (--allow-data-change): a fresh epoch
+        resume_at = None
     if resume_at is None:
         order = torch.randperm(n, device=x_u8.device, generator=gen)
     else:
