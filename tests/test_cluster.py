@@ -28,12 +28,15 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    """`ray start --head` (2 CPUs, a fake GPU) plus `ray start --address` (2 CPUs, no GPU), torn down by pgid."""
+    """`ray start --head` (2 CPUs, a fake GPU) plus `ray start --address` (2 CPUs, no GPU), torn down by pgid;
+    other nodes where a test says so."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, head=("--num-cpus=2", "--num-gpus=1"), workers=(("--num-cpus=2", "--num-gpus=0"),)):
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         # Token auth on, explicitly: whether it is on must not depend on ~/.ray/auth_token: a local ray.init() may have written one.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+        # As cluster.yaml's head: `ray job stop` leaves a sweep 120 s (not Ray's 3) for its trials to save.
+        self.env.update(RAY_JOB_STOP_WAIT_TIME_S="120")
         # Credentials for the S3 emulator on loopback (the nodes' trials write checkpoints there).
         self.env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
         port, dash = free_port(), free_port()
@@ -44,8 +47,7 @@ class LocalCluster:
                 [
                     "--head",
                     f"--port={port}",
-                    "--num-cpus=2",
-                    "--num-gpus=1",
+                    *head,
                     "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dash}",
@@ -55,10 +57,18 @@ class LocalCluster:
             )
         ]
         self.wait_nodes(1)
-        self.procs.append(self._start([f"--address={self.gcs}", "--num-cpus=2", "--num-gpus=0"], tmp / "worker.log"))
-        self.wait_nodes(2)
+        for i, args in enumerate(workers):
+            self.add_worker(args, tmp / f"worker{i or ''}.log", nodes=2 + i)
 
-    def _start(self, args, log: Path) -> subprocess.Popen:
+    def add_worker(self, args, log: Path, env: dict | None = None, nodes: int | None = None) -> subprocess.Popen:
+        """One more node, with `env` added to its processes' environment; waits until `nodes` are up."""
+        proc = self._start([f"--address={self.gcs}", *args], log, env)
+        self.procs.append(proc)
+        if nodes:
+            self.wait_nodes(nodes)
+        return proc
+
+    def _start(self, args, log: Path, env: dict | None = None) -> subprocess.Popen:
         # Every port chosen free, so another Ray on this machine (default ports) cannot collide with this one.
         ports = [
             f"--{flag}={free_port()}"
@@ -75,7 +85,7 @@ class LocalCluster:
             [str(BIN / "ray"), "start", "--block", *args, *ports],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             start_new_session=True,
         )
 
@@ -247,6 +257,29 @@ def test_job_submission_runs_the_sweep_on_the_cluster(cluster, synthetic_dir, tm
     assert (storage / "job" / "report.md").is_file()
 
 
+def test_ray_job_stop_has_every_running_trial_save_before_the_job_ends(cluster, synthetic_dir, tmp_path):
+    storage, job = tmp_path / "shared", f"stop-{secrets.token_hex(4)}"
+    entry = [sys.executable, "-m", "tune_alexnet", "sweep", "--address", "auto",
+             *small_sweep(synthetic_dir, storage, "stopped", "--epochs", "200", "--patience", "300",
+                          "--cpus-per-trial", "1", "--shared-storage", "--gpus-per-trial", "0")]  # fmt: skip
+    ray_job = [str(BIN / "ray"), "job"]
+    submit = cluster.run([*ray_job, "submit", "--address", cluster.dashboard, "--submission-id", job, "--no-wait",
+                          "--working-dir", str(ROOT), "--", *map(str, entry)], cwd=ROOT)  # fmt: skip
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    deadline = time.monotonic() + TIMEOUT
+    while sum(sum("epoch" in r for r in rows) >= 2 for rows in trial_rows(storage / "stopped").values()) < 2:
+        assert time.monotonic() < deadline, cluster.run([*ray_job, "logs", "--address", cluster.dashboard, job]).stdout
+        time.sleep(0.5)
+    stop = cluster.run([*ray_job, "stop", "--address", cluster.dashboard, job])
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    logs = cluster.run([*ray_job, "logs", "--address", cluster.dashboard, job]).stdout
+    assert "each running trial saves its state at its next training step" in logs, logs[-3000:]
+    assert "4 of 4 running trial(s) saved their state" in logs, logs[-3000:]
+    for rows in trial_rows(storage / "stopped").values():
+        assert rows[-1].get("saved_for") == "stop", rows[-1]
+    assert len(pd.read_parquet(storage / "stopped" / "results.parquet")) == 4  # the tables, before the job ended
+
+
 # --- S3 storage, against an S3 emulator on loopback ------------------------------------------------------------
 
 
@@ -379,3 +412,97 @@ def torch_zeros():
     import torch
 
     return torch.zeros(1, 3, 32, 32)
+
+
+def stand_in_metadata_service():
+    """EC2's instance metadata service on loopback, IMDSv2 only: a session token, then 404 for the spot notice
+    until the test posts one. Returns (server, the notice to fill in, the requests seen)."""
+    import http.server
+    import threading
+
+    token, notice, seen = secrets.token_hex(8), {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            seen.append(("PUT", self.path, self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")))
+            self._answer(200, token) if self.path == "/latest/api/token" else self._answer(404, "")
+
+        def do_GET(self):
+            seen.append(("GET", self.path, self.headers.get("X-aws-ec2-metadata-token")))
+            if self.headers.get("X-aws-ec2-metadata-token") != token:
+                self._answer(401, "")
+            elif self.path == "/latest/meta-data/spot/instance-action" and notice:
+                self._answer(200, json.dumps(notice))
+            else:
+                self._answer(404, "")
+
+        def _answer(self, code: int, body: str):
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, notice, seen
+
+
+def test_a_spot_notice_saves_the_trial_and_it_finishes_on_another_node_training_no_epoch_twice(synthetic_dir, tmp_path):
+    """The trial's node (the only one with CPUs) gets an interruption notice, the trial saves and reports its state,
+    the node is killed, a replacement joins, and the trial finishes there from the saved state."""
+    from tune_alexnet.spot import ENDPOINT_VAR
+
+    server, notice, seen = stand_in_metadata_service()
+    c = LocalCluster(tmp_path, head=("--num-cpus=0", "--num-gpus=0"), workers=())
+    try:
+        # Only the spot node's processes see the metadata service; the head and the driver do not.
+        spot_node = c.add_worker(["--num-cpus=1", "--num-gpus=0"], tmp_path / "spot.log",
+                                 {ENDPOINT_VAR: f"http://127.0.0.1:{server.server_port}"}, nodes=2)  # fmt: skip
+        storage, epochs = tmp_path / "shared", 150
+        exp_dir = storage / "spot"
+        args = small_sweep(synthetic_dir, storage, "spot", "--batch-size", "32", "--epochs", epochs, "--patience",
+                           "200", "--dropout", "true", "--cpus-per-trial", "1", "--gpus-per-trial", "0",
+                           "--shared-storage")  # one trial  # fmt: skip
+        log = tmp_path / "sweep.log"
+        proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", "--address", c.gcs, *map(str, args)],
+                                env=c.env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+        def rows() -> list[dict]:
+            found = list(exp_dir.glob("train_cifar_*/result.json"))
+            lines = found[0].read_text().splitlines() if found else []
+            return [json.loads(line) for line in lines if line.endswith("}")]
+
+        def wait(predicate, what: str):
+            deadline = time.monotonic() + TIMEOUT
+            while not predicate():
+                assert proc.poll() is None and time.monotonic() < deadline, f"{what}: {log.read_text()[-3000:]}"
+                time.sleep(0.2)
+
+        wait(lambda: sum("epoch" in r for r in rows()) >= 2, "a trial training on the spot node")
+        notice.update(action="terminate", time="2026-12-04T12:00:00Z")
+        wait(lambda: rows()[-1].get("saved_for") == "spot", "the trial's saved state")
+        os.killpg(spot_node.pid, signal.SIGKILL)  # the instance is taken back
+        c.add_worker(["--num-cpus=1", "--num-gpus=0"], tmp_path / "replacement.log")  # the autoscaler's new node
+        assert proc.wait(TIMEOUT) == 0, log.read_text()[-3000:]
+    finally:
+        server.shutdown()
+        c.stop()
+    text, reported = log.read_text(), rows()
+    assert "saved its state: its node got a spot interruption notice" in text
+    epochs_seen = [r["epoch"] for r in reported if "epoch" in r]
+    assert epochs_seen == list(range(1, epochs + 1))  # each epoch once, the interrupted one continued
+    saved = next(i for i, r in enumerate(reported) if r.get("saved_for") == "spot")
+    assert {r["node_id"] for r in reported[: saved + 1]} != {r["node_id"] for r in reported[saved + 1 :]}
+    assert reported[saved + 1]["epoch"] == reported[saved]["saved_in_epoch"]
+    progress = pd.read_csv(next(exp_dir.glob("train_cifar_*/progress.csv")))
+    assert progress["epoch"].dropna().astype(int).tolist() == epochs_seen
+    table = pd.read_parquet(exp_dir / "results.parquet")
+    assert table["status"].tolist() == ["terminated"] and table["epochs_run"].tolist() == [epochs]
+    assert pd.read_parquet(exp_dir / "epochs.parquet")["epoch"].tolist() == epochs_seen
+    # IMDSv2 as AWS serves it: a session token first, then the notice asked for with it.
+    assert ("PUT", "/latest/api/token", "21600") in seen
+    asked = [token for method, path, token in seen if method == "GET"]
+    assert asked and all(asked), seen

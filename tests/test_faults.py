@@ -208,12 +208,15 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     console_tells_what_the_table_tells(text, table)
     if signals == [signal.SIGTERM]:  # Tune's own stop ran to its end: the console's last word is about it
         assert re.search(r"\] \d+/3 done, \d+ running, \d+ pending", text.split("tune-alexnet: stopping:")[1])
+        for rows in reported_epochs(exp_dir).values():  # what `ray job stop` sends: each running trial saved first
+            assert rows[-1].get("saved_for") == "stop" or rows[-1].get("epoch") == epochs, rows[-1]
     # One voice: Ray's own resume hint, its stop notice and its noise about trials that never started stay in
     # the experiment's driver.log.
     for ray_line in ("Tuner.restore", "Stop signal received", "Failed to fetch metrics"):
         assert ray_line not in text, text[-3000:]
-    assert "tune-alexnet: stopping: running trials keep their last checkpoints" in text
-    assert "Stop signal received" in (exp_dir / "driver.log").read_text()
+    assert "tune-alexnet: stopping: each running trial saves its state at its next training step" in text
+    if signals == [signal.SIGTERM]:  # (the second signal stopped before Tune's own stop began)
+        assert "Stop signal received" in (exp_dir / "driver.log").read_text()
 
 
 def console_tells_what_the_table_tells(text: str, table: pd.DataFrame) -> None:
@@ -295,3 +298,51 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
         assert set(table["status"]) == {"terminated"} and (table["epochs_run"] == 12).all()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def epochs_of(rows: list[dict]) -> list[int]:
+    return [r["epoch"] for r in rows if r.get("epoch") is not None]
+
+
+def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synthetic_dir, tmp_path):
+    """Ctrl-C mid-epoch: each running trial saves where it stands and reports it before the sweep ends, within the
+    time the stop message states; --resume continues there, so every record shows each epoch once."""
+    from ray import tune
+
+    from tune_alexnet.stopping import STOP_WAIT_S
+
+    storage, epochs = tmp_path / "results", 100  # 0.2 s an epoch: still training when the stop comes
+    exp_dir = storage / "saved"
+    log = tmp_path / "sweep.log"
+    args = sweep_args(synthetic_dir, storage, "saved", epochs, ["--dropout", "true", "--batch-size", "16,32",
+                                                                "--patience", "100", "--cpus-per-trial", "1"])  # fmt: skip
+    proc = start_sweep(args, log)
+    wait_for(lambda: len(reported_epochs(exp_dir)) == 2 and all(len(epochs_of(r)) >= 2 for r in reported_epochs(exp_dir).values()),
+             proc, "both trials to train")  # fmt: skip
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    stopped = time.monotonic()
+    assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
+    assert time.monotonic() - stopped < STOP_WAIT_S + 30
+    text = log.read_text()
+    assert f"saves its state at its next training step (waiting at most {STOP_WAIT_S:g} s)" in text, text[-3000:]
+    assert "2 of 2 running trial(s) saved their state" in text and "Traceback" not in text
+    before = reported_epochs(exp_dir)
+    for rows in before.values():  # the last report: a state saved inside an epoch, not an epoch's
+        assert rows[-1]["saved_for"] == "stop" and "epoch" not in rows[-1]
+        assert rows[-1]["saved_in_epoch"] == epochs_of(rows)[-1] + 1 < epochs
+    resumed = start_sweep(["--resume", "--name", "saved", "--storage", storage, "--data-dir", synthetic_dir],
+                          tmp_path / "resume.log")  # fmt: skip
+    assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    every = list(range(1, epochs + 1))
+    for folder, rows in reported_epochs(exp_dir).items():
+        assert epochs_of(rows) == every, folder  # result.json: each epoch once, the saved one continued
+        assert rows[len(before[folder])]["epoch"] == before[folder][-1]["saved_in_epoch"]
+        progress = pd.read_csv(exp_dir / folder / "progress.csv")
+        assert progress["epoch"].dropna().astype(int).tolist() == every, folder
+    grid = tune.ResultGrid(tune.ExperimentAnalysis(str(exp_dir)))
+    for result in grid:  # what Ray's own API shows
+        assert result.metrics_dataframe["epoch"].dropna().astype(int).tolist() == every
+    table = pd.read_parquet(exp_dir / "epochs.parquet")
+    assert table.groupby("trial_id")["epoch"].apply(list).map(lambda e: e == every).all()
+    results = pd.read_parquet(exp_dir / "results.parquet")
+    assert set(results["status"]) == {"terminated"} and results["best_checkpoint"].notna().all()

@@ -322,3 +322,45 @@ def test_a_compiled_step_compiles_once_although_the_epoch_ends_in_a_partial_batc
     assert sizes == [32, 32, 32, 4] and counters["stats"]["unique_graphs"] == 1  # the last 4 ran eagerly
     (eager, _), _ = epoch("eager")
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+class SaveAt:
+    """Stands in for the trial's watch: asks for a save before the `at`-th training step; then, while held, the
+    trial is either killed (a stop, a lost node) or let go on in the same process (a notice withdrawn)."""
+
+    def __init__(self, at: int, killed: bool):
+        self.at, self.killed, self.asked = at, killed, 0
+
+    def requested(self):
+        self.asked += 1
+        return "stop" if self.asked == self.at else None
+
+    def hold(self):
+        if self.killed:
+            raise Killed
+
+
+def test_a_state_saved_inside_an_epoch_continues_it_exactly(small, tmp_path):
+    """100 images in batches of 32, augmented 64 at a time: the save comes before epoch 2's second step, inside an
+    augmented chunk, with dropout drawing from the global generator."""
+    config, runtime = {**CONFIG, "epochs": 3}, {"augment_chunk": 64, "resume_every_s": 1e9}
+    reports, kept = [], []
+
+    def report(metrics, checkpoint_dir):
+        reports.append(metrics)
+        if checkpoint_dir is not None:
+            kept.append(shutil.copytree(checkpoint_dir, tmp_path / f"ckpt_{len(kept)}"))
+
+    straight = Recorder(tmp_path / "straight")
+    train_cifar(config, small, straight, runtime=runtime)
+    train_cifar(config, small, report, runtime=runtime, watch=SaveAt(6, killed=False))
+    saved = [m for m in reports if "epoch" not in m]
+    assert [(m["saved_for"], m["saved_in_epoch"], m["saved_at_step"]) for m in saved] == [("stop", 2, 1)]
+    same_epochs([m for m in reports if "epoch" in m], straight.metrics)  # went on in the same process
+    reports.clear()
+    with pytest.raises(Killed):
+        train_cifar(config, small, report, runtime=runtime, watch=SaveAt(6, killed=True))
+    assert "epoch" not in reports[-1] and (kept[-1] / TRAINER_FILE).exists()
+    resumed = Recorder(tmp_path / "resumed")
+    train_cifar(config, small, resumed, checkpoint_from=kept[::-1], runtime=runtime)
+    same_epochs(resumed.metrics, straight.metrics[1:])  # epoch 2 from its second step on, then epoch 3

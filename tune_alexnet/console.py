@@ -19,6 +19,7 @@ import time
 
 from ray import tune
 
+from . import stopping
 from .grid import full_config, run_number
 from .storage import DRIVER_LOG
 
@@ -49,8 +50,13 @@ def trial_row(config: dict, result: dict, status: str) -> str:
     return (
         f"{run if run else '-':>4} {c['optimizer']:<8} {c['lr']:<7g} {c['batch_size']:>5} "
         f"{str(c['dropout']).lower():<5} {str(c['batchnorm']).lower():<5} {STATUS.get(status, status):<8} "
-        f"{r.get('epoch', 0):>3}/{c.get('epochs', '?'):<3} {acc} {best}"
+        f"{_epochs_done(r):>3}/{c.get('epochs', '?'):<3} {acc} {best}"
     )
+
+
+def _epochs_done(result: dict) -> int:
+    """The epoch of an epoch's result; for a state saved inside an epoch, the epochs before it."""
+    return result.get("epoch") or max(0, result.get("saved_in_epoch", 1) - 1)
 
 
 HEADER = f"{'run':>4} {'optim':<8} {'lr':<7} {'batch':>5} {'drop':<5} {'bn':<5} {'status':<8} {'epoch':>7} {'acc %':>6} {'best %':>6}"
@@ -267,7 +273,7 @@ class RayLines(logging.Filter):
         message = ANSI.sub("", record.getMessage())
         self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}")
         if STOP_NOTICE in message:
-            if not self.quiet:
+            if not self.quiet and not stopping.announced():  # a stop that saved the trials first has said so
                 with contextlib.suppress(OSError):  # a closed terminal or pipe
                     print(
                         "tune-alexnet: stopping: running trials keep their last checkpoints, and the tables of what "

@@ -485,6 +485,9 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
         if problem := _line_problem(record):
             raise ValueError(f"{name} line {number}: {problem}")
         if record.get("epoch") is None:
+            if records and record.get("checkpoint_dir_name"):  # a state saved inside the next epoch (a stop, a
+                # spot notice): it holds the best weights as of this epoch, and Tune may have removed the older one
+                records[-1] = {**records[-1], "checkpoint_dir_name": record["checkpoint_dir_name"]}
             continue
         # A restarted trial replays from its last resume state: what the dead attempt reported from there on is
         # superseded, even where the replay has not reached yet (records stay in increasing epoch order).

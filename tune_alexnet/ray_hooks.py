@@ -31,6 +31,14 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def trial_watch(stop_key: str | None):
+    """What tells this trial to save: the sweep's stop flag in Ray's key-value store, and this node's spot
+    interruption notice where the node has a metadata service to ask (stopping.TrialWatch)."""
+    from . import spot, stopping
+
+    return stopping.TrialWatch(stop_key, spot.endpoint())
+
+
 def quiet_exit_on_sigterm() -> None:
     """Ray's workers turn SIGTERM into SystemExit; when that lands inside a garbage-collector callback Python
     prints it as an ignored exception with a traceback and the process lives on. Exit quietly instead."""

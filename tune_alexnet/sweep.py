@@ -20,7 +20,7 @@ import time
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
 
-from . import tracking
+from . import stopping, tracking
 from .console import Console
 from .data import describe
 from .live_page import LivePage
@@ -154,7 +154,9 @@ class DiskGuard(tune.Callback):
             file=sys.stderr,
             flush=True,
         )
-        os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
+        # Tune's own clean stop at once (SIGUSR1, not the stop signals: those first ask every trial to save, and
+        # there is no room for that): trials keep their last checkpoints.
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 _lost: list[str] = []  # what a disk guard found, in this (the driver's) process
@@ -187,9 +189,10 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     # Tune's newer console output prints a box and a TensorBoard folder that is not the experiment's even when
     # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    stop_key = stopping.new_key()  # the flag that asks every trial to save before a stop (stopping.py)
     trainable = tune.with_resources(
         # a trial checks only that its own checkpoint fits: the guard, which sees every trial, keeps the others' room
-        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=0),
+        tune.with_parameters(train_cifar, data=data, runtime=s.runtime, keep_free=0, stop_key=stop_key),
         {"cpu": plan.per_trial["CPU"], "gpu": plan.per_trial["GPU"]},
     )
     if s.resume:
@@ -210,7 +213,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
             run_config=_run_config(s, plan.root, quiet, guard, plan.exp_uri),
         )
     _lost.clear()
-    results = tuner.fit()
+    with stopping.SaveFirst(stop_key, quiet=quiet):
+        results = tuner.fit()
     if _lost:
         raise StorageLost(_lost[0])
     return results
@@ -243,6 +247,7 @@ def _run_config(
             *tracking.callbacks(s),
             *(guards or []),
             *([LivePage(exp_uri)] if exp_uri else []),
+            stopping.StopAfterSaving(),
             *([] if quiet else [Console()]),
         ],
         verbose=0,

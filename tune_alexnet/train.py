@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -64,6 +65,24 @@ Report = Callable[[dict, "str | None"], None]
 
 class GpuNotVisible(RuntimeError):
     """Ray granted a GPU share that torch cannot use."""
+
+
+class SaveNow(Exception):
+    """Raised at a step boundary when the trial is asked to save (a stop, a spot notice): `position` is where the
+    epoch stands, enough to continue it exactly."""
+
+    def __init__(self, reason: str, position: dict):
+        super().__init__(reason)
+        self.reason, self.position = reason, position
+
+
+class Watch(Protocol):
+    """What tells a trial to save (stopping.TrialWatch under Tune): `requested()` is read at every training step
+    and names the reason; `hold()` waits after the saved state is reported."""
+
+    def requested(self) -> str | None: ...
+
+    def hold(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,8 @@ class Trial:
     state: dict = field(default_factory=lambda: dict(NEW_COUNTERS))
     best_weights: dict | None = None
     unwritten_best: bool = False  # a new best since the last checkpoint
+    position: dict | None = None  # inside an epoch: where a saved state stopped it (SaveNow.position)
+    watch: Watch | None = None
 
 
 NEW_COUNTERS = {
@@ -198,10 +219,14 @@ def train_cifar(
     checkpoint_from=None,
     runtime: dict | None = None,
     keep_free: int = 0,
+    stop_key: str | None = None,
+    watch: Watch | None = None,
 ) -> None:
     """Tune's function trainable. Outside Tune, pass `report` and, to resume, `checkpoint_from`: a
     checkpoint folder (or URI, or tune.Checkpoint), or a list of them, newest first. Under Tune, a checkpoint
-    that would leave a local storage with less than `keep_free` bytes is not written (ray_hooks.report)."""
+    that would leave a local storage with less than `keep_free` bytes is not written (ray_hooks.report), and the
+    trial saves its state at the next step when the sweep's flag `stop_key` is raised or its node gets a spot
+    notice (stopping.py); outside Tune, `watch` does that."""
     cfg = {**TRIAL_DEFAULTS, **full_config(config)}
     run = {**RUNTIME_DEFAULTS, **(runtime or {})}
     granted, node = None, None
@@ -212,17 +237,32 @@ def train_cifar(
         report = functools.partial(ray_hooks.report, keep_free=keep_free)
         checkpoint_from = ray_hooks.resume_candidates()
         granted, node = ray_hooks.granted_resources(), ray_hooks.node_id()
+        watch = ray_hooks.trial_watch(stop_key)
+    try:
+        _train(cfg, data, report, checkpoint_from, run, granted, node, watch)
+    finally:
+        if hasattr(watch, "close"):
+            watch.close()
+
+
+def _train(cfg: dict, data: Cifar, report: Report, checkpoint_from, run: dict, granted, node, watch) -> None:
     rt = resolve_runtime(cfg, run, granted)
     _set_backends(rt, run)
     trial = _restore(cfg, rt, checkpoint_from)
     if trial is None:
         return  # it had finished; the driver died before recording that
+    trial.watch = watch
     train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)
     test_x, test_y = to_device_nchw(data.test_x, rt.device), torch.tensor(data.test_y, device=rt.device)
     clock = {"resume": time.monotonic(), "best": -math.inf, "report_s": 0.0}
     extra = {"node_id": node, "gpus_granted": (granted or {}).get("GPU", 0.0)}
     for epoch in range(trial.state["epoch"] + 1, cfg["epochs"] + 1):
-        metrics = _train_and_evaluate(trial, epoch, cfg, run, rt, (train_x, train_y, test_x, test_y))
+        while True:  # an epoch, saved and held at a step where asked to (a stop, a spot notice), then continued
+            try:
+                metrics = _train_and_evaluate(trial, epoch, cfg, run, rt, (train_x, train_y, test_x, test_y))
+                break
+            except SaveNow as save:
+                _save_and_hold(trial, epoch, save, extra, rt, data.classes, report, clock)
         kind = _checkpoint_kind(trial, metrics, run, clock)
         metrics.update(extra, report_s=clock["report_s"], checkpoint_kind=kind)
         metrics["checkpoint_rank"] = checkpoint_rank(kind, epoch, trial.state["best_val_acc"])
@@ -295,20 +335,33 @@ def _load_state(trial: Trial, trainer: dict, best: dict, rt: Runtime) -> None:
     if rt.device.type == "cuda" and trainer.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(trainer["cuda_rng"].cpu(), rt.device)
     trial.state = {k: trainer["counters"][k] for k in NEW_COUNTERS}
-    trial.best_weights = {k: v.to(rt.device) for k, v in best.items()}
+    # before the first epoch's end (a state saved inside epoch 1) there are no best weights yet
+    trial.best_weights = {k: v.to(rt.device) for k, v in best.items()} if trial.state["best_epoch"] else None
+    position = trainer.get("position")  # a state saved inside an epoch: where it stood, in the next epoch
+    trial.position = (
+        position if isinstance(position, dict) and position.get("epoch") == trial.state["epoch"] + 1 else None
+    )
 
 
 def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runtime, tensors) -> dict:
     """One epoch: train, evaluate, apply the plateau rule; the epoch's metrics (the counters updated)."""
     train_x, train_y, test_x, test_y = tensors
     start = time.perf_counter()
-    train_loss, train_acc = train_epoch(trial.model, trial.optimizer, train_x, train_y, cfg["batch_size"], trial.gen,
-                                        rt, augment_images=cfg["augment"], step=trial.step)  # fmt: skip
+    before = trial.position["train_s"] if trial.position else 0.0  # the part trained before a saved state
+    try:
+        train_loss, train_acc = train_epoch(trial.model, trial.optimizer, train_x, train_y, cfg["batch_size"],
+                                            trial.gen, rt, augment_images=cfg["augment"], step=trial.step,
+                                            resume_at=trial.position,
+                                            save_now=trial.watch.requested if trial.watch else None)  # fmt: skip
+    except SaveNow as save:
+        save.position.update(epoch=epoch, train_s=before + time.perf_counter() - start)
+        raise
+    trial.position = None
     _sync(rt)
     trained = time.perf_counter()
     val_loss, val_acc = evaluate(trial.model, test_x, test_y, run["eval_batch_size"], rt)
     _sync(rt)
-    train_s, eval_s = trained - start, time.perf_counter() - trained
+    train_s, eval_s = before + trained - start, time.perf_counter() - trained
     s = trial.state
     diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
     s.update(epoch=epoch, train_time_s=s["train_time_s"] + train_s, eval_time_s=s["eval_time_s"] + eval_s)
@@ -345,12 +398,33 @@ def _checkpoint_kind(trial: Trial, metrics: dict, run: dict, clock: dict) -> str
     return None
 
 
+def _save_and_hold(trial: Trial, epoch: int, save: SaveNow, extra: dict, rt: Runtime, classes, report: Report,
+                   clock: dict) -> None:  # fmt: skip
+    """Report a resume state of where the epoch stands, then wait (Watch.hold). The report is not an epoch's: it
+    has no `epoch`, so each epoch is reported once, whether the trial goes on here or restarts from the state."""
+    trial.position = save.position
+    s, kind = trial.state, checkpoint.KIND_RESUME
+    metrics = {
+        "saved_for": save.reason, "saved_in_epoch": epoch, "saved_at_step": save.position["steps"],
+        "best_val_acc": max(s["best_val_acc"], 0.0), "best_epoch": s["best_epoch"],
+        "epochs_since_best": s["epochs_since_best"], "train_time_s": s["train_time_s"],
+        "eval_time_s": s["eval_time_s"], **extra, "checkpoint_kind": kind,
+        # above the resume state after the last whole epoch, below the one after this epoch
+        "checkpoint_rank": checkpoint_rank(kind, epoch - 1, s["best_val_acc"]) + 0.5,
+    }  # fmt: skip
+    _report(trial, metrics, kind, rt, classes, report, clock)
+    log.info("saved the state at step %d of epoch %d (%s); waiting", save.position["steps"], epoch, save.reason)
+    trial.watch.hold()
+
+
 def _report(trial: Trial, metrics: dict, kind: str | None, rt: Runtime, classes, report: Report, clock: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="tune-alexnet-ckpt-") as d:
         written = time.perf_counter()
         if kind is not None:
             trainer = _trainer_state(trial, rt) if kind == checkpoint.KIND_RESUME else None
-            best = {k: v.to("cpu") for k, v in trial.best_weights.items()}  # files the same whatever the device
+            # files the same whatever the device; before the first epoch's end, the weights as they stand
+            best = trial.best_weights if trial.best_weights is not None else trial.model.state_dict()
+            best = {k: v.to("cpu") for k, v in best.items()}
             checkpoint.write(d, best, trial.model_args, {**trial.state, "kind": kind}, trainer, classes)
         metrics["checkpoint_s"] = time.perf_counter() - written
         reported = time.perf_counter()
@@ -371,6 +445,7 @@ def _trainer_state(trial: Trial, rt: Runtime) -> dict:
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
         "counters": dict(trial.state),
+        **({"position": trial.position} if trial.position is not None else {}),
     }
 
 
@@ -531,6 +606,8 @@ def train_epoch(
     rt: Runtime,
     augment_images: bool = True,
     step: TrainStep | None = None,
+    resume_at: dict | None = None,
+    save_now: Callable[[], str | None] | None = None,
 ) -> tuple[float, float]:
     """One shuffled pass; returns (mean loss, accuracy %). A non-finite loss ends the pass early as NaN.
 
@@ -538,16 +615,34 @@ def train_epoch(
     use them: the same per-image distribution in a handful of launches per chunk instead of per batch. Each
     batch's draws are made in batch order from `gen` whatever the chunk, so the chunk changes no number: a run
     replays exactly with any chunk. The host waits for the device only every DIVERGENCE_CHECK_EVERY steps, to
-    check the loss."""
+    check the loss.
+
+    Before each step, `save_now()` naming a reason raises SaveNow with where the pass stands: its order, the
+    generator's state at the current chunk's start (the chunk's draws are made again from it), the step and the
+    running sums. `resume_at` (such a position) continues the pass from there, as if it had never stopped; one
+    that does not fit this pass (other data, a tampered file) is set aside for a fresh pass."""
     model.train()
     step = step or TrainStep(model, optimizer, rt, batch_size)
     step.begin_epoch()
     n = len(x_u8)
-    order = torch.randperm(n, device=x_u8.device, generator=gen)
     chunk = max(1, rt.augment_chunk // batch_size) * batch_size
-    seen = steps = 0
-    for first in range(0, n, chunk):
-        sizes = _batch_sizes(min(chunk, n - first), batch_size, seen)
+    seen = steps = begin = skip = 0
+    if resume_at is not None and (problem := _position_problem(resume_at, n, batch_size)):
+        log.warning("the state saved inside this epoch does not fit it (%s); the epoch starts afresh", problem)
+        resume_at = None
+    if resume_at is None:
+        order = torch.randperm(n, device=x_u8.device, generator=gen)
+    else:
+        order, chunk, begin, skip = (resume_at["order"].to(x_u8.device), resume_at["chunk"], resume_at["first"],
+                                     resume_at["start"])  # fmt: skip
+        seen, steps = resume_at["seen"], resume_at["steps"]
+        step.loss_sum.copy_(resume_at["loss_sum"])
+        step.correct.copy_(resume_at["correct"])
+        gen.set_state(resume_at["chunk_gen"].cpu())
+    for first in range(begin, n, chunk):
+        chunk_gen = gen.get_state() if save_now is not None else None
+        skipped = skip if first == begin else 0  # images of this chunk trained before a saved state
+        sizes = _batch_sizes(min(chunk, n - first), batch_size, seen - skipped)
         if not sizes:
             break
         idx = order[first : first + sum(sizes)]
@@ -560,11 +655,44 @@ def train_epoch(
         inputs, targets = inputs.contiguous(memory_format=rt.memory_format), y[idx]
         start = 0
         for size in sizes:
+            if start < skipped:
+                start += size
+                continue
+            if save_now is not None and (reason := save_now()):
+                raise SaveNow(reason, {"order": order.cpu(), "chunk": chunk, "first": first, "start": start,
+                                       "chunk_gen": chunk_gen, "seen": seen, "steps": steps,
+                                       "loss_sum": step.loss_sum.detach().cpu().clone(),
+                                       "correct": step.correct.cpu().clone()})  # fmt: skip
             step(inputs[start : start + size], targets[start : start + size])
             start, seen, steps = start + size, seen + size, steps + 1
             if steps % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(step.loss_sum).item():
                 return math.nan, 100.0 * step.correct.item() / seen
     return step.loss_sum.item() / seen, 100.0 * step.correct.item() / seen
+
+
+def _position_problem(p: dict, n: int, batch_size: int) -> str | None:
+    """Why a position saved inside an epoch cannot continue this pass (None if it can): a resume state is data,
+    so its order must be a permutation of this data and its counters must fall on a step of it."""
+    try:
+        order, chunk, first, start, seen, steps = (p[k] for k in ("order", "chunk", "first", "start", "seen", "steps"))
+        if not (isinstance(order, torch.Tensor) and order.dtype == torch.int64 and order.shape == (n,)):
+            return f"its order is not one of {n} images"
+        if not torch.equal(order.sort().values, torch.arange(n)):
+            return "its order is not a permutation of the data"
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (chunk, first, start, seen, steps)):
+            return "its counters are not integers"
+        if chunk < batch_size or chunk % batch_size or first % chunk or not 0 <= first < n:
+            return f"chunk {chunk} and first image {first} do not fit batches of {batch_size}"
+        if start % batch_size or not 0 <= start < chunk or seen != first + start or steps * batch_size != seen:
+            return f"step {steps} at image {seen} does not fall on a step of this epoch"
+        for key in ("loss_sum", "correct"):
+            if not (isinstance(p[key], torch.Tensor) and p[key].numel() == 1 and torch.isfinite(p[key]).all()):
+                return f"{key} is not one finite number"
+        if not (isinstance(p["chunk_gen"], torch.Tensor) and p["chunk_gen"].dtype == torch.uint8):
+            return "its generator state is not one"
+    except (KeyError, TypeError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
 
 
 def _batch_sizes(images: int, batch_size: int, seen: int) -> list[int]:
