@@ -331,4 +331,4 @@ def test_packed_trials_leave_room_for_their_contexts_and_the_chunk_fits_the_shar
     assert memory_cap(0.25) == pytest.approx(0.225)
     assert 4 * (memory_cap(0.25) * a10g + 0.5e9) < a10g  # four caps and four CUDA contexts fit the card
     assert fitting_chunk(8192, memory_cap(0.25) * a10g) == 8192
-    assert fitting_chunk(1_000_000, memory_cap(0.25) * a10g) == 10_360  # a quarter of the cap, 128 KiB an image
+    assert fitting_chunk(1_000_000, memory_cap(0.25) * a10g) == 10_362  # a quarter of the cap, 128 KiB an image
