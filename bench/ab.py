@@ -121,6 +121,10 @@ def part_ab(data: Cifar, args: argparse.Namespace, deadline: float, workdir: Pat
         f"{k} processes at once" + (f", each with 1/{k} of the GPU's memory" if on_cuda else "") + f"; the original "
         f"arm's DataLoader has {loader_workers} worker process(es) a run"
     )
+    for row in detail_rows(args.ab_runs, args.ab_seeds, workdir):  # each run's outcome, into rows.jsonl
+        common.emit(
+            "ab", dict(zip(("run", "arm", "seed", "epochs", "best_epoch", "epoch_s", "img_s", "precision"), row))
+        )
     return ab_text(data, args, workdir, setting)
 
 

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common.ROWS[:] = [out / common.ROWS_FILE]
+    common.ROWS[0].touch()
     signal.signal(signal.SIGTERM, _stop)
     workdir = Path(tempfile.mkdtemp(prefix="tune-alexnet-device-"))
     began = time.time()

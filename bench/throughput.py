@@ -24,7 +24,7 @@ from tune_alexnet import augment
 from tune_alexnet.data import load_cifar10
 from tune_alexnet.model import AlexNet
 from tune_alexnet.settings import RUNTIME_DEFAULTS, TRIAL_DEFAULTS
-from tune_alexnet.train import Runtime, make_optimizer, resolve_runtime, to_device_nchw, train_epoch
+from tune_alexnet.train import Runtime, make_optimizer, resolve_runtime, set_tf32, to_device_nchw, train_epoch
 
 
 class OriginalCifar(Dataset):
@@ -49,8 +49,8 @@ def pytorch_defaults(device: torch.device) -> None:
     """The original ran with PyTorch's default backend flags: no cudnn autotuning, no TF32 in matmuls."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "ieee"  # one API throughout (train.set_tf32's)
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def original_epoch(x, y, batch_size, device, width: float = 1.0, seconds: float | None = None) -> float:
@@ -92,7 +92,7 @@ def project_runtime(device: torch.device) -> Runtime:
 
 def project_flags(rt: Runtime) -> None:
     if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(RUNTIME_DEFAULTS["tf32"])
+        set_tf32(bool(RUNTIME_DEFAULTS["tf32"]))
         torch.backends.cudnn.benchmark = True
 
 

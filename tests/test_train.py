@@ -364,3 +364,13 @@ def test_a_state_saved_inside_an_epoch_continues_it_exactly(small, tmp_path):
     resumed = Recorder(tmp_path / "resumed")
     train_cifar(config, small, resumed, checkpoint_from=kept[::-1], runtime=runtime)
     same_epochs(resumed.metrics, straight.metrics[1:])  # epoch 2 from its second step on, then epoch 3
+
+
+def test_packed_trials_leave_room_for_their_contexts_and_the_chunk_fits_the_share():
+    from tune_alexnet.train import fitting_chunk, memory_cap
+
+    a10g = 23_028 * 2**20  # bytes; four trials at the default share of 0.25 (BENCHMARKS.md's arithmetic)
+    assert memory_cap(0.25) == pytest.approx(0.225)
+    assert 4 * (memory_cap(0.25) * a10g + 0.5e9) < a10g  # four caps and four CUDA contexts fit the card
+    assert fitting_chunk(8192, memory_cap(0.25) * a10g) == 8192
+    assert fitting_chunk(1_000_000, memory_cap(0.25) * a10g) == 10_362  # a quarter of the cap, 128 KiB an image
