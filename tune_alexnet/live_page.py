@@ -24,6 +24,7 @@ from .export import (
     Experiment,
     _checked_config,
     _epoch_frame,
+    _origin,
     load_experiment,
     typed,
 )
@@ -96,7 +97,7 @@ class LivePage(tune.Callback):
             live = self.records.get(t.trial_id, [])
             if live:
                 records = [r for r in records if r["epoch"] < live[0]["epoch"]] + live
-            row = _row(t, records, row)
+            row = {**_row(t, records, row), **_origin(self.exp_uri, self.settings)}
             rows.append(row)
             if records:
                 frames.append(_epoch_frame(records, row))
@@ -179,6 +180,8 @@ def _row(trial, records: list[dict], earlier: dict | None) -> dict:
         "trial_id": trial.trial_id,
         "node_id": last.get("node_id"),
         "best_checkpoint": None,
+        "precision": last.get("precision") or config.get("precision"),
+        "width": config.get("width"),
     }
 
 
