@@ -78,6 +78,7 @@ class DiskGuard(tune.Callback):
         self.root, self.per_trial, self.reserve, self.every_s = root, per_trial, reserve, every_s
         self.last_check, self.tripped, self.running, self.exp_dir = 0.0, False, 1, exp_dir
         self.lost: str | None = None  # why the experiment folder can no longer be written, once seen
+        self.identity = _identity(exp_dir)  # a folder deleted and made again (Tune makes it) is another folder
 
     def __getstate__(self) -> dict:  # saved with the experiment: what it saw this time is not kept
         return {**self.__dict__, "lost": None, "tripped": False}
@@ -108,6 +109,8 @@ class DiskGuard(tune.Callback):
         if exp_dir is None:
             return False
         try:
+            if _identity(exp_dir) != getattr(self, "identity", None):
+                raise FileNotFoundError(exp_dir)
             with tempfile.NamedTemporaryFile(dir=exp_dir, prefix=".tune-alexnet-write-test-"):
                 pass
             return False
@@ -153,6 +156,14 @@ class DiskGuard(tune.Callback):
             flush=True,
         )
         os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
+
+
+def _identity(folder: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder) if folder else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
 
 
 _lost: list[str] = []  # what a disk guard found, in this (the driver's) process
