@@ -263,3 +263,50 @@ def test_an_export_of_an_older_read_never_replaces_newer_tables(mixed_experiment
     assert (copy / "results.parquet").read_bytes() == newer
     assert "running" not in set(pd.read_parquet(copy / "results.parquet")["status"])
     assert "were written from a newer read" in older.notes[-1]
+
+
+def _sweep_then(storage: Path, synthetic_dir: Path, act) -> tuple[int, str]:
+    """A sweep of two trials that runs a while; `act()` once a trial has reported. (exit status, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:2], "--lr",
+            "0.01,0.001", *TINY[4:-1], "60", "--patience", "100", "--resume-every", "0", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not list((storage / "net").glob("train_cifar_*/checkpoint_*/trainer.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    act()
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_a_storage_that_turns_read_only_mid_sweep_stops_it_cleanly_and_resumably(tmpfs, synthetic_dir):
+    disk = tmpfs(400)
+
+    def read_only() -> None:  # a read-only view of the same disk in its place (a busy disk cannot be remounted)
+        subprocess.run(["mount", "--bind", str(disk), str(disk)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(disk)], check=True)
+
+    code, err = _sweep_then(disk, synthetic_dir, read_only)
+    subprocess.run(["umount", str(disk)], check=True)  # the read-only view: the disk is writable again
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # at most the trials that failed before the guard noticed (Tune prints each trial's error; there were 35)
+    assert code == 1 and err.count("Traceback") <= 2, err[-5000:]
+    assert lines[-1].startswith(f"tune-alexnet sweep: error: --storage {disk} can no longer be written (Read-only")
+    assert "--resume --name net" in lines[-1]
+    from ray import tune
+
+    assert tune.Tuner.can_restore(str(disk / "net"))
+
+
+@pytest.mark.slow
+def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
+    disk = tmpfs(400)
+    code, err = _sweep_then(disk, synthetic_dir, lambda: shutil.rmtree(disk / "net"))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # at most the trials that failed before the guard noticed (Tune prints each trial's error; there were 35)
+    assert code == 1 and err.count("Traceback") <= 2, err[-5000:]
+    assert lines[-1].startswith(f"tune-alexnet sweep: error: the experiment folder {disk}/net was deleted while")
+    assert "start afresh with the same command and another --name" in lines[-1]

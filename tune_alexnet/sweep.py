@@ -80,6 +80,7 @@ class DiskGuard(tune.Callback):
         self.root, self.per_trial, self.reserve, self.every_s = root, per_trial, reserve, every_s
         self.last_check, self.tripped, self.running, self.exp_dir = 0.0, False, 1, exp_dir
         self.lost: str | None = None  # why the experiment folder can no longer be written, once seen
+        self.identity = _identity(exp_dir)  # a folder deleted and made again (Tune makes it) is another folder
 
     def __getstate__(self) -> dict:  # saved with the experiment: what it saw this time is not kept
         return {**self.__dict__, "lost": None, "tripped": False}
@@ -110,6 +111,8 @@ class DiskGuard(tune.Callback):
         if exp_dir is None:
             return False
         try:
+            if _identity(exp_dir) != getattr(self, "identity", None):
+                raise FileNotFoundError(exp_dir)
             with tempfile.NamedTemporaryFile(dir=exp_dir, prefix=".tune-alexnet-write-test-"):
                 pass
             return False
@@ -157,6 +160,14 @@ class DiskGuard(tune.Callback):
         # Tune's own clean stop at once (SIGUSR1, not the stop signals: those first ask every trial to save, and
         # there is no room for that): trials keep their last checkpoints.
         os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _identity(folder: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder) if folder else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
 
 
 _lost: list[str] = []  # what a disk guard found, in this (the driver's) process
