@@ -293,7 +293,7 @@ def test_a_storage_that_turns_read_only_mid_sweep_stops_it_cleanly_and_resumably
     subprocess.run(["umount", str(disk)], check=True)  # the read-only view: the disk is writable again
     lines = [ln for ln in err.splitlines() if ln.strip()]
     # at most the trials that failed before the guard noticed (Tune prints each trial's error; there were 35)
-    assert code == 1 and err.count("Traceback") <= 2, err[-5000:]
+    assert code == 1 and "Traceback" not in err, err[-5000:]
     assert lines[-1].startswith(f"tune-alexnet sweep: error: --storage {disk} can no longer be written (Read-only")
     assert "--resume --name net" in lines[-1]
     from ray import tune
@@ -307,6 +307,6 @@ def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
     code, err = _sweep_then(disk, synthetic_dir, lambda: shutil.rmtree(disk / "net"))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     # at most the trials that failed before the guard noticed (Tune prints each trial's error; there were 35)
-    assert code == 1 and err.count("Traceback") <= 2, err[-5000:]
+    assert code == 1 and "Traceback" not in err, err[-5000:]
     assert lines[-1].startswith(f"tune-alexnet sweep: error: the experiment folder {disk}/net was deleted while")
     assert "start afresh with the same command and another --name" in lines[-1]

@@ -63,7 +63,30 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
         if short:
             tune.report({**metrics, STORAGE_FULL: short})
             _wait_to_be_stopped(short)
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+    try:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+    except Exception as exc:
+        if checkpoint_dir is None or not _storage_gone():
+            raise
+        # The local storage turned read-only or was deleted: the sweep's disk guard sees that within seconds and
+        # stops the sweep cleanly, naming it; failing here would only add a traceback per trial to its line.
+        log.warning("the checkpoint could not be written (%s); waiting for the sweep to stop", str(exc)[:200])
+        time.sleep(STOP_WAIT_S)
+        raise
+
+
+def _storage_gone() -> bool:
+    """Whether this trial's local storage can no longer be written: its experiment folder deleted or read-only."""
+    from pyarrow.fs import LocalFileSystem
+
+    try:
+        storage = tune.get_context().get_storage()
+    except Exception:
+        return False
+    if not isinstance(storage.storage_filesystem, LocalFileSystem):
+        return False
+    folder = Path(storage.experiment_fs_path)
+    return not folder.is_dir() or not os.access(folder, os.W_OK)
 
 
 def room_short(checkpoint_dir: str, keep_free: int) -> int:
