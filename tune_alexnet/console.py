@@ -196,6 +196,11 @@ LOGGERS = ("ray", "mlflow", "alembic")
 # logging actors (W&B's banners, run summaries, sync hints), Ray's C++ warnings about them, and Tune's note of a
 # restored trial (the progress line says what runs).
 WORKER_HANDLER = "ray_print_logs"  # the name Ray's own forwarding is registered under
+HIDDEN_WORKERS = ("Wandb", "Mlflow", "_QueueActor")
+HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: never into a file
+
+
 def _lost_storage_line(message: str) -> bool:
     """Tune's own traceback for an experiment state it could not save to a local folder that was deleted or
     turned read-only: the disk guard's line names the storage and the way on (sweep.DiskGuard)."""
@@ -203,11 +208,6 @@ def _lost_storage_line(message: str) -> bool:
         return False
     path = message.split("'")[1]
     return path.startswith("/") and not (os.path.isdir(path) and os.access(path, os.W_OK))
-
-
-HIDDEN_WORKERS = ("Wandb", "Mlflow", "_QueueActor")
-HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on")
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: never into a file
 
 
 class RayLines(logging.Filter):

@@ -536,8 +536,18 @@ def _trial_row(fs, base: str, trial: _Trial, config: dict, records: list[dict], 
     if tune_status == "UNKNOWN" and (last.get("checkpoint_kind") == "final" or diverged):
         tune_status = "TERMINATED"  # rebuilt from its folder: its last result says it ended
     status = "diverged" if diverged and tune_status == "TERMINATED" else STATUS.get(tune_status, tune_status.lower())
+    best_ckpt, missing = (
+        _best_checkpoint(fs, base, trial.folder, records, exp_path) if last.get("best_epoch") else (None, None)
+    )
+    error = _error_line(fs, base, trial.folder) if tune_status == "ERROR" and trial.folder else missing
+    return row_of(config, records, status, trial.trial_id, error, best_ckpt)
+
+
+def row_of(config: dict, records: list[dict], status: str, trial_id: str, error, best_checkpoint) -> dict:
+    """A trial's row of TABLE_SCHEMA from its config, its epochs and how it ended: export's from the folder, the
+    study page's from a running sweep's reports (live_page.py)."""
+    last = records[-1] if records else {}
     best_epoch = last.get("best_epoch") or None
-    best_ckpt, missing = _best_checkpoint(fs, base, trial.folder, records, exp_path) if best_epoch else (None, None)
     max_epochs = config.get("epochs") or EPOCHS
     epochs_run = last.get("epoch", 0)
     accuracy = last.get("best_val_acc")
@@ -551,12 +561,12 @@ def _trial_row(fs, base: str, trial: _Trial, config: dict, records: list[dict], 
         "max_epochs": max_epochs,
         "stopped_early": status == "terminated" and epochs_run < max_epochs,
         "status": status,
-        "error": _error_line(fs, base, trial.folder) if tune_status == "ERROR" and trial.folder else missing,
+        "error": error,
         "train_time_s": last.get("train_time_s") if records else 0.0,
         "eval_time_s": last.get("eval_time_s"),
-        "trial_id": trial.trial_id,
+        "trial_id": trial_id,
         "node_id": last.get("node_id"),
-        "best_checkpoint": best_ckpt,
+        "best_checkpoint": best_checkpoint,
         "precision": last.get("precision") or config.get("precision"),
         "width": config.get("width"),
     }

@@ -26,6 +26,7 @@ from .export import (
     _epoch_frame,
     _origin,
     load_experiment,
+    row_of,
     typed,
 )
 from .grid import run_number
@@ -157,32 +158,10 @@ def _row(trial, records: list[dict], earlier: dict | None) -> dict:
     last = records[-1] if records else {}
     diverged = bool(last.get("diverged"))
     status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, "unknown")
-    best_epoch = last.get("best_epoch") or None
-    max_epochs = config.get("epochs") or EPOCHS
-    epochs_run = last.get("epoch", 0)
-    accuracy = last.get("best_val_acc")
     error = None
     if trial.status == "ERROR":
         error = (earlier or {}).get("error") or _error_line(trial)
-    return {
-        "run": run_number(config) if all(config.get(d) is not None for d in DIMENSIONS) else None,
-        **{d: config.get(d) for d in DIMENSIONS},
-        "seed": config.get("seed"),
-        "final_accuracy": round(accuracy, 2) if best_epoch and accuracy is not None else None,
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch,
-        "max_epochs": max_epochs,
-        "stopped_early": status == "terminated" and epochs_run < max_epochs,
-        "status": status,
-        "error": error,
-        "train_time_s": last.get("train_time_s") if records else 0.0,
-        "eval_time_s": last.get("eval_time_s"),
-        "trial_id": trial.trial_id,
-        "node_id": last.get("node_id"),
-        "best_checkpoint": None,
-        "precision": last.get("precision") or config.get("precision"),
-        "width": config.get("width"),
-    }
+    return row_of(config, records, status, trial.trial_id, error, None)
 
 
 def _error_line(trial) -> str:
