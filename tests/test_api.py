@@ -25,3 +25,6 @@ def test_a_sweep_from_python_returns_the_result_grid_and_the_table(ray_local, sy
     assert round(best.metrics["best_val_acc"], 2) == api.best_run(table)["final_accuracy"]
     model = api.load_model(api.best_run(table)["best_checkpoint"])
     assert api.predict_proba(model, __import__("numpy").zeros((2, 32, 32, 3), "uint8")).shape == (2, 10)
+    out = tmp_path / "elsewhere"
+    assert [p.rsplit("/", 1)[-1] for p in api.report(tmp_path / "api", out)] == ["report.md", "report.html"]
+    assert (out / "report.md").is_file() and (out / "report.html").stat().st_size > 1e6

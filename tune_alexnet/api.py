@@ -17,8 +17,8 @@ from .checkpoint import load_model, predict, predict_proba
 from .export import best_run, export, load_experiment
 from .report import write_report
 
-__all__ = ["sweep", "settings", "table", "export", "write_report", "load_experiment", "best_run", "load_model", "predict",
-           "predict_proba"]  # fmt: skip
+__all__ = ["sweep", "settings", "table", "export", "report", "write_report", "load_experiment", "best_run", "load_model",
+           "predict", "predict_proba"]  # fmt: skip
 
 
 def settings(**flags):
@@ -66,3 +66,12 @@ def sweep(**flags) -> tuple:
 def table(experiment) -> pd.DataFrame:
     """The results table of an experiment folder or URI, read as `tune-alexnet export` reads it."""
     return load_experiment(experiment).table
+
+
+def report(experiment, out_dir=None) -> list[str]:
+    """What `tune-alexnet report` writes, for an experiment folder or URI: report.md with its figures and the study
+    page, report.html (into the experiment folder, or `out_dir`); their paths or URIs."""
+    from .page import write_page
+
+    exp = load_experiment(experiment)
+    return [write_report(exp, out_dir), write_page(exp, out_dir)]
