@@ -688,9 +688,10 @@ class Output:
     written: list[str]
 
     def newer_than(self, exp: Experiment) -> bool:
-        """Whether the results.parquet here was written from a later read of the experiment than `exp` (the
-        folder's own lock, held by output_dir, makes this check and the writes that follow one step)."""
-        if exp.generation is None or is_remote(self.uri):
+        """Whether the experiment changed since `exp` was read and the results.parquet here was written from a
+        later read (the folder's own lock, held by output_dir, makes this check and the writes that follow one
+        step). A read of an experiment that has not changed since is the newest there is, whatever came before."""
+        if exp.generation is None or is_remote(self.uri) or _generation(exp.path) == exp.generation:
             return False
         try:
             import pyarrow.parquet as pq
