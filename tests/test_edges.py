@@ -140,6 +140,8 @@ def _token(kind: str):
             token.symlink_to(victim / "auth_token")
         elif kind == "folder":
             token.mkdir()
+        elif kind == "empty":
+            token.write_text("")
         elif kind == "read-only home":
             token.parent.rmdir()
             subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d / "home")], check=True)
@@ -150,6 +152,10 @@ def _token(kind: str):
 LOCAL_RAY_CASES = {
     "auth disabled": (None, {"RAY_AUTH_MODE": "disabled"}, "RAY_AUTH_MODE=disabled would start the local Ray without "
                       "token authentication"),
+    "auth mode with a space": (None, {"RAY_AUTH_MODE": " token"}, "RAY_AUTH_MODE= token would start the local Ray"),
+    "an empty token": (_token("empty"), {}, "/.ray/auth_token is empty"),
+    "a named token that is missing": (None, {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "(RAY_AUTH_TOKEN_PATH) does "
+                                      "not exist"),
     "a planted link in an open private folder": (_planted_ray_link, {}, "was writable by other users and holds 'ray'"),
     "a link in the private folder": (_own_ray_link, {}, "/ray is a symbolic link to"),
     "a dangling token link": (_token("dangling link"), {}, "/.ray/auth_token is a symbolic link"),

@@ -106,7 +106,7 @@ def auth_mode_problem() -> str | None:
     """Why the local Ray this package starts would run without token authentication: then any client that
     reaches its GCS (which listens on every interface) could run code as this user."""
     mode = os.environ.get(AUTH_MODE)
-    if mode is None or mode.strip().lower() == "token":
+    if mode is None or mode == "token":  # Ray reads any other spelling (" token", "TOKEN ") as no authentication
         return None
     return (
         f"{AUTH_MODE}={mode} would start the local Ray without token authentication, so anyone who reaches this "
@@ -129,6 +129,8 @@ def token_problem() -> str | None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
+        if os.environ.get(TOKEN_PATH):  # named on purpose: Ray would refuse to start without it
+            return f"Ray's token {path} ({TOKEN_PATH}) does not exist; {allowed}"
         return _token_folder_problem(path)
     except OSError as exc:
         return f"Ray's token {path} cannot be read ({exc.strerror}); {allowed}"
@@ -140,6 +142,8 @@ def token_problem() -> str | None:
         return f"Ray's token {path} is not a regular file; {allowed}"
     if st.st_uid != os.getuid():
         return f"Ray's token {path} belongs to another user (uid {st.st_uid}), who knows it; {allowed}"
+    if st.st_size == 0:
+        return f"Ray's token {path} is empty; {allowed}"
     try:
         os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
     except OSError as exc:
