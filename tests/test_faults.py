@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,6 +331,9 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     for rows in before.values():  # the last report: a state saved inside an epoch, not an epoch's
         assert rows[-1]["saved_for"] == "stop" and "epoch" not in rows[-1]
         assert rows[-1]["saved_in_epoch"] == epochs_of(rows)[-1] + 1 < epochs
+    storage = tmp_path / "moved"  # the folder moved before it resumes: the guard watches it where it is now
+    storage.mkdir()
+    exp_dir = Path(shutil.move(exp_dir, storage / "saved"))
     resumed = start_sweep(["--resume", "--name", "saved", "--storage", storage, "--data-dir", synthetic_dir],
                           tmp_path / "resume.log")  # fmt: skip
     assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]

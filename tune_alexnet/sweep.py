@@ -209,12 +209,15 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     if s.resume:
         keep_runtime(plan.exp_uri, s.runtime)
         tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
-        # The callbacks come back pickled with the experiment: the page goes where the experiment is now.
+        # The callbacks come back pickled with the experiment: the page goes, and the guard looks, where the
+        # experiment is now (a folder moved or copied back is not one deleted), with this run's reserve.
         local = getattr(tuner, "_local_tuner", None)
         callbacks = (local.get_run_config().callbacks or []) if local is not None else []
         for callback in callbacks:
             if isinstance(callback, LivePage):
                 callback.exp_uri = plan.exp_uri
+            elif isinstance(callback, DiskGuard) and guard:
+                callback.__dict__.update(guard[0].__dict__)
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(
