@@ -13,6 +13,8 @@ def test_flags_from_python_pass_the_command_lines_checks():
         api.settings(epochs=0)
     with pytest.raises(ValueError, match="--runs picks whole runs of the study"):
         api.settings(runs=[2], optimizer="sgd")
+    assert api.settings(tf32=False).runtime["tf32"] is False  # a switch turned off: its --no- twin
+    assert api.settings(tf32=True).runtime["tf32"] is True and "tf32" not in api.settings().runtime
 
 
 @pytest.mark.slow

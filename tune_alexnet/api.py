@@ -31,7 +31,10 @@ def settings(**flags):
     argv = ["sweep"]
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
-        if value is None or (flag in switches and value is False):
+        if flag in switches and value is False:  # a switch turned off: its --no- twin where it has one (tf32)
+            flag = flag.replace("--", "--no-", 1) if flag.replace("--", "--no-", 1) in switches else None
+            value = True
+        if value is None or flag is None:
             continue
         if flag in switches:
             argv.append(flag)
