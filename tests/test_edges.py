@@ -316,3 +316,20 @@ def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
     assert code == 1 and "Traceback" not in err, err[-5000:]
     assert lines[-1].startswith(f"tune-alexnet sweep: error: the experiment folder {disk}/net was deleted while")
     assert "start afresh with the same command and another --name" in lines[-1]
+
+
+def test_a_folder_another_process_holds_for_writing_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """Any user who can open a folder can flock it: export, report and the live page wait a bounded time."""
+    from tune_alexnet import export
+
+    monkeypatch.setattr(export, "WRITE_LOCK_WAIT_S", 0.5)
+    hold = "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()
+        with pytest.raises(export.ExportError, match=r"another process has held .* for writing for more than 0.5 s"):
+            with export.output_dir(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()

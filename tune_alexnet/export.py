@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -729,6 +730,26 @@ def _size_elsewhere(write) -> int | None:
         return None
 
 
+WRITE_LOCK_WAIT_S = 30.0  # the longest an export, a report or the study page waits for another writer
+
+
+def _lock_within(fd: int, out: str, wait_s: float) -> None:
+    """The folder's write lock, waited for at most `wait_s`: another process (any user who can open the folder)
+    holding it longer is named in one line, never a hang."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise ExportError(
+                    f"another process has held {out} for writing for more than {wait_s:g} s; allowed: a folder no "
+                    "other process is writing (--out DIR)"
+                ) from None
+            time.sleep(0.1)
+
+
 @contextmanager
 def output_dir(out: str | os.PathLike):
     out = storage_uri(os.fspath(out))
@@ -743,7 +764,7 @@ def output_dir(out: str | os.PathLike):
             ) from None
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # one writer of this folder's tables at a time, however many exports
+            _lock_within(fd, out, WRITE_LOCK_WAIT_S)  # one writer of this folder's tables at a time
             yield Output(out, Path(out), [])
         finally:
             os.close(fd)
