@@ -76,7 +76,9 @@ class NoticeReader:
             notice = json.loads(body)
         except ValueError:
             notice = None
-        return notice if isinstance(notice, dict) else {"action": body.decode("utf-8", "replace")[:100]}
+        # AWS's notice names what it will do: a body without one (an empty page, a proxy's HTML) is no notice
+        is_notice = isinstance(notice, dict) and notice.get("action") in ("terminate", "stop", "hibernate")
+        return notice if is_notice else None
 
     def _token_header(self) -> dict:
         if self.token is None or time.monotonic() > self.token_until:
