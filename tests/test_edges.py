@@ -333,3 +333,17 @@ def test_a_folder_another_process_holds_for_writing_is_one_line_not_a_hang(tmp_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_settings_record_is_never_written_through_a_planted_link(tmp_path):
+    from tune_alexnet.settings import SETTINGS_FILE, keep_runtime, read_settings
+
+    exp, victim = tmp_path / "exp", tmp_path / "victim.txt"
+    exp.mkdir()
+    (exp / SETTINGS_FILE).write_text(json.dumps({"runtime": {}}))
+    victim.write_text("not yours")
+    for name in (f"{SETTINGS_FILE}.new", f".{SETTINGS_FILE}.tmp"):
+        (exp / name).symlink_to(victim)
+    keep_runtime(str(exp), {"resume_every_s": 60})
+    assert victim.read_text() == "not yours" and not (exp / SETTINGS_FILE).is_symlink()
+    assert read_settings(str(exp))["runtime"] == {"resume_every_s": 60}

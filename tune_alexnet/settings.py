@@ -8,9 +8,12 @@ beside it, so it neither shows in trial names nor blocks changing it on --resume
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 # --- the study ---------------------------------------------------------------------------
@@ -265,29 +268,42 @@ SETTINGS_FILE = "tune_alexnet_sweep.json"  # in the experiment folder: what --re
 
 def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) -> None:
     """The sweep's settings beside Tune's state, local or in a bucket, so --resume needs only the name."""
-    import pyarrow.fs
-
     record = {**asdict(s), **(extra or {})}
     record.pop("resume")
     record.pop("asked")
-    fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
-        f.write(json.dumps(record, indent=2).encode())
+    _write_record(exp_uri, record)
 
 
 def keep_runtime(exp_uri: str, runtime: dict) -> None:
     """On --resume: the flags on how trials run, as this resume runs them, into the experiment's record, so that the
-    next --resume keeps them. Written beside the record and renamed over it: a crash leaves the old one whole."""
-    import pyarrow.fs
-
+    next --resume keeps them."""
     record = read_settings(exp_uri)
     if record is None or record.get("runtime") == runtime:
         return
+    _write_record(exp_uri, {**record, "runtime": runtime})
+
+
+def _write_record(exp_uri: str, record: dict) -> None:
+    """The record written whole or not at all: in a local folder, into a new file of its own (never through a
+    link planted there) renamed over the old one; in a bucket, as one object."""
+    import pyarrow.fs
+
+    data = json.dumps(record, indent=2).encode()
     fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
-    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}.new") as f:
-        f.write(json.dumps({**record, "runtime": runtime}, indent=2).encode())
-    fs.move(f"{path}/{SETTINGS_FILE}.new", f"{path}/{SETTINGS_FILE}")
+    fs.create_dir(path, recursive=True)
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
+            f.write(data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{SETTINGS_FILE}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(path, SETTINGS_FILE))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_settings(exp_uri: str, strict: bool = False) -> dict | None:
