@@ -194,7 +194,8 @@ def test_tf32_undoes_no_tf32_and_neither_flag_leaves_the_experiments_choice():
 
 def test_help_names_the_bounds_its_errors_name():
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["sweep"].format_help().split())
-    for flag, bound in (("--epochs EPOCHS", "epochs"), ("--width WIDTH", "width"), ("--subset SUBSET", "subset")):
+    for flag, bound in (("--epochs EPOCHS", "epochs"), ("--width WIDTH", "width"), ("--subset SUBSET", "subset"),
+                        ("--lr LR", "lr"), ("--batch-size BATCH_SIZE", "batch_size")):  # fmt: skip
         from tune_alexnet.settings import BOUNDS
 
         help_text = text.rsplit(flag, 1)[1].split(" --", 1)[0]  # its entry, not the usage line

@@ -215,10 +215,10 @@ def _grid_flags(g) -> None:
     g.add_argument("--optimizer", type=_list_of(str, f"{names} or all", choices=tuple(OPTIMIZERS), example="sgd,adam"),
                    help=f"{names}, or all (default: all)")  # fmt: skip
     g.add_argument("--lr", type=_list_of(float, f"{lr.text()}, such as 0.01", check=lr.allows, example="0.01,0.001"),
-                   help=f"learning rate(s) (default: {', '.join(map(str, LRS))})")  # fmt: skip
+                   help=f"learning rate(s) (default: {', '.join(map(str, LRS))}); allowed: {lr.text()}")  # fmt: skip
     g.add_argument("--batch_size", "--batch-size", dest="batch_size",
                    type=_list_of(int, f"{batch.text()}, such as 32", check=batch.allows, example="32,64"),
-                   help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))})")  # fmt: skip
+                   help=f"batch size(s) (default: {', '.join(map(str, BATCH_SIZES))}); allowed: {batch.text()}")  # fmt: skip
     g.add_argument("--dropout", type=_list_of(_bool, "true or false", example="true,false"),
                    help="true or false (default: both)")  # fmt: skip
     g.add_argument("--batchnorm", type=_list_of(_bool, "true or false", example="true,false"),
