@@ -1,12 +1,25 @@
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MINI = SHARED_DATA / "cifar10-mini"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def load_bench(script: str):
+    """A bench/ script as a module (bench/ is no package; its modules import each other by name)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    found = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

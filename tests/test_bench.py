@@ -4,7 +4,6 @@ bench/device.sh is meant for a GPU machine that has no Ray: its smoke runs here 
 default five, and the fidelity A/B) with `import ray` made to fail.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 from tune_alexnet.storage import RESERVE_NAME
 
@@ -34,16 +34,6 @@ def run(script, *args, cwd):
         text=True,
         timeout=300,
     )
-
-
-def load_bench(script: str):
-    """A bench/ script as a module (bench/ is no package; its modules import each other by name)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    found = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
-    module = importlib.util.module_from_spec(found)
-    found.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import load_bench
 
 from tune_alexnet.export import best_run
 from tune_alexnet.page import DATA_NAME, PAGE_NAME, page_data, sidecar, to_json, variance_shares, write_page
 from tune_alexnet.report import reference_table
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_page", ROOT / "bench" / "page.py")
-bench_page = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_page)
+bench_page = load_bench("page")
 
 # Markup planted in every string a folder can set: none of it may run, all of it must read as text.
 PLANT = "<img src=x onerror=window.__pwned=1></script><script>window.__pwned=2</script>"
