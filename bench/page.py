@@ -1,6 +1,6 @@
 """The study page of a full-size experiment: how long it takes to open in headless Chromium, and its size.
 
-    python bench/page.py [--runs 108] [--epochs 100] [--repeat 3]
+    python bench/page.py [--runs 108] [--epochs 100] [--repeat 3] [--browsers 1]
 
 Builds synthetic tables with the real schema (export.TABLE_SCHEMA, EPOCH_SCHEMA): every run of the study's grid,
 each with `--epochs` epochs, a few diverged and errored, then writes report.html and opens it from file:// with
@@ -179,7 +179,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=108)
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="opens in each browser")
+    p.add_argument("--browsers", type=int, default=1, help="fresh browsers (each one's first open parses plotly.js)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-page-"))
     try:
@@ -189,18 +190,20 @@ def main() -> None:
         write_s = time.perf_counter() - t0
         size = page.stat().st_size
         sidecar = (page.parent / "report-data.js").stat().st_size
-        driver = chromium(str(tmp / "profile"))
-        try:
-            times = [open_page(driver, page) for _ in range(args.repeat)]
-        finally:
-            driver.quit()
+        times = []
+        for b in range(args.browsers):
+            driver = chromium(str(tmp / f"profile-{b}"))
+            try:
+                times += [(b + 1, i + 1, *open_page(driver, page)) for i in range(args.repeat)]
+            finally:
+                driver.quit()
         print(f"runs {args.runs}, epochs {args.epochs}, points {len(exp.epochs)}")
-        print(f"{'what':<28} {'value':>12}")
-        print(f"{'report.html size':<28} {size / 1e6:>10.2f} MB")
-        print(f"{'report-data.js size':<28} {sidecar / 1e3:>10.0f} KB")
-        print(f"{'write (Python)':<28} {write_s:>10.2f} s")
-        for i, (browser_s, wall_s) in enumerate(times, 1):
-            print(f"{f'open #{i} (browser / wall)':<28} {browser_s:>6.2f} s / {wall_s:.2f} s")
+        print(f"{'what':<34} {'value':>12}")
+        print(f"{'report.html size':<34} {size / 1e6:>10.2f} MB")
+        print(f"{'report-data.js size':<34} {sidecar / 1e3:>10.0f} KB")
+        print(f"{'write (Python)':<34} {write_s:>10.2f} s")
+        for b, i, browser_s, wall_s in times:
+            print(f"{f'browser {b}, open #{i} (browser / wall)':<34} {browser_s:>6.2f} s / {wall_s:.2f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

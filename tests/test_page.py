@@ -88,6 +88,19 @@ def test_json_in_the_page_cannot_close_its_script_and_variance_shares_are_exact(
     assert best_run(exp.table)["trial_id"] == "a1b2c_00000"
 
 
+def test_the_embedded_plotly_is_the_pinned_build_and_every_page_asset_ships_in_the_package():
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    pinned = json.loads((root / "tools/plotly/package.json").read_text())["dependencies"]["plotly.js"]
+    banner = (root / "tune_alexnet/plotly.min.js").read_text()[:200]
+    assert re.match(rf"/\*! plotly\.js v{re.escape(pinned)}: ", banner), banner
+    shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    read = set(re.findall(r"_asset\([\"']([^\"']+)[\"']\)", (root / "tune_alexnet/page.py").read_text()))
+    assert read == {"page.html", "page.css", "page.js", "plotly.min.js"} and read <= set(shipped["tune_alexnet"])
+
+
 @pytest.mark.slow
 def test_a_real_sweeps_page_opens_offline_with_its_runs_and_failures(mixed_experiment, browser):
     path, exp = mixed_experiment
@@ -108,6 +121,37 @@ def test_a_real_sweeps_page_opens_offline_with_its_runs_and_failures(mixed_exper
     assert any("nosuchopt" in p for p in problems)
     assert_clean(browser)
     assert_not_blank(browser)
+
+
+def test_axes_read_whole_epochs_and_distinct_losses_and_the_table_fits_a_laptop_screen(browser, tmp_path):
+    """A two-epoch sweep's curves tick at whole epochs, the log loss axis never repeats a label or drops its
+    decade, and every column of the run table shows at 1280 px. The page runs no eval and loads no file
+    scripts except through its own code."""
+    exp = bench_page.synthetic_experiment(str(tmp_path / "short"), runs=24, epochs=2)
+    page = Path(write_page(exp, tmp_path / "short"))
+    csp = page.read_text().split('http-equiv="Content-Security-Policy" content="')[1].split('"')[0]
+    script_src = next(d for d in csp.split(";") if d.strip().startswith("script-src")).split()
+    assert "'strict-dynamic'" in script_src and not {"'unsafe-eval'", "'unsafe-inline'", "file:"} & set(script_src)
+    browser.set_window_size(1280, 900)
+    try:
+        open_page(browser, page)
+        fits = "const s = document.getElementById('runs').parentElement; return s.scrollWidth <= s.clientWidth"
+        assert browser.execute_script(fits)
+        browser.execute_script("document.getElementById('curve-acc').scrollIntoView()")
+        ticks = "return [...document.querySelectorAll('#%s .%s text')].map(t => t.textContent)"
+        deadline = time.time() + 10
+        while not browser.execute_script(ticks % ("curve-loss", "ytick")):
+            assert time.time() < deadline, "the curves were not drawn"
+            time.sleep(0.1)
+        epochs = browser.execute_script(ticks % ("curve-acc", "xtick"))
+        assert epochs and all(t.isdigit() for t in epochs) and len(set(epochs)) == len(epochs), epochs
+        losses = browser.execute_script(ticks % ("curve-loss", "ytick"))
+        values = [float(t) for t in losses]
+        lo, hi = exp.epochs["train_loss"].min(), exp.epochs["train_loss"].max()
+        assert len(set(losses)) == len(losses) >= 2 and all(lo <= v <= hi for v in values), (losses, lo, hi)
+        assert_clean(browser)
+    finally:
+        browser.set_window_size(1400, 1000)
 
 
 def drag_on_axis(driver, axis: int, top: float, bottom: float) -> None:

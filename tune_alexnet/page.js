@@ -302,12 +302,37 @@
                     color: "#1f2430", line: { width: 2.5 } } });
       }
     }
+    // Epochs are whole numbers: ticks at a whole step (1, 2, 5, 10, 20, ...) that gives at most about ten.
+    let last = 1;
+    for (const r of data.runs) { const c = data.curves[r.trial]; if (c && c[0].length) last = Math.max(last, c[0][c[0].length - 1]); }
+    let step = 1;
+    for (let i = 0; last / step > 10; i++) step = [2, 5, 10][i % 3] * 10 ** Math.floor(i / 3);
     const base = (title, y) => ({ title: { text: title, x: 0.01, xanchor: "left" }, height: 400, margin: { l: 60, r: 10, t: 40, b: 80 },
-      hovermode: "closest", xaxis: { title: { text: "epoch" }, zeroline: false }, yaxis: y,
+      hovermode: "closest", yaxis: y,
+      xaxis: { title: { text: "epoch" }, zeroline: false, tickmode: "linear", tick0: 0, dtick: step, tickformat: "d" },
       legend: { orientation: "h", y: -0.22, x: 0 } });
     Plotly.react("curve-acc", traces.acc, base("Test accuracy per epoch", { title: { text: "accuracy (%)" } }), CONFIG);
     Plotly.react("curve-loss", traces.loss,
-      base("Train loss per epoch", { title: { text: "train loss" }, type: "log", tickformat: ".2~g" }), CONFIG);
+      base("Train loss per epoch", { title: { text: "train loss" }, type: "log", ...logTicks(traces.loss) }), CONFIG);
+  }
+
+  // Log-axis ticks at 1, 2 and 5 times a power of ten (every digit where that leaves fewer than three), each
+  // written out in full: plotly's own labels either repeat ("0.35, 0.35") or drop the decade ("5" for 0.5).
+  function logTicks(traces) {
+    let lo = Infinity, hi = -Infinity;
+    for (const t of traces) for (const y of t.y) if (y > 0) { lo = Math.min(lo, y); hi = Math.max(hi, y); }
+    if (!(lo < Infinity)) return {};
+    const within = (digits) => {
+      const v = [];
+      for (let k = Math.floor(Math.log10(lo)); k <= Math.ceil(Math.log10(hi)); k++) {
+        for (const d of digits) { const x = Number((d * 10 ** k).toPrecision(1)); if (x >= lo && x <= hi) v.push(x); }
+      }
+      return v;
+    };
+    let vals = within([1, 2, 5]);
+    if (vals.length < 3) vals = within([1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    if (vals.length < 2) return {};
+    return { tickmode: "array", tickvals: vals, ticktext: vals.map((v) => String(v)) };
   }
 
   // --- heatmaps, main effects, importance --------------------------------------------------------------
