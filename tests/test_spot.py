@@ -57,12 +57,19 @@ def test_only_awss_notice_counts_as_one(imds):
 @pytest.fixture
 def slow_imds():
     """A metadata service on 127.0.0.1 that accepts each connection and then trickles a byte of headers every
-    0.2 s for 20 s: a timeout on each read never fires."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    0.2 s for 20 s (a timeout on each read never fires); or, with `mode["hold"]`, answers in full, the notice
+    included, and keeps the connection open."""
+    listener, mode = socket.create_server(("127.0.0.1", 0)), {"hold": False}
     closed = threading.Event()
+    notice = json.dumps({"action": "terminate", "time": "2026-12-04T12:00:00Z"}).encode()
 
     def trickle(conn):
         with conn:
+            if mode["hold"]:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(notice), notice))
+                closed.wait(20)
+                return
             for byte in b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 100:
                 if closed.wait(0.2):
                     return
@@ -75,15 +82,19 @@ def slow_imds():
                 threading.Thread(target=trickle, args=(listener.accept()[0],), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", mode, json.loads(notice)
     closed.set()
     listener.close()
 
 
 def test_a_metadata_service_that_trickles_gets_no_longer_than_the_deadline(slow_imds):
+    url, mode, notice = slow_imds
     start = time.monotonic()
-    assert NoticeReader(slow_imds).notice() is None
+    assert NoticeReader(url).notice() is None
     assert time.monotonic() - start < 2 * REQUEST_DEADLINE_S + 0.5  # the token's request, then the notice's
+    mode["hold"] = True  # a whole answer on a connection left open: read as far as it says, not to the deadline
+    start = time.monotonic()
+    assert NoticeReader(url).notice() == notice and time.monotonic() - start < REQUEST_DEADLINE_S
 
 
 @pytest.mark.slow
@@ -91,7 +102,7 @@ def test_the_stop_flag_is_seen_on_time_while_the_metadata_service_trickles(ray_l
     from ray.experimental import internal_kv
 
     key = new_key()
-    watch = TrialWatch(key, slow_imds)
+    watch = TrialWatch(key, slow_imds[0])
     try:
         time.sleep(2 * POLL_S)  # the watch is asking the service by now
         internal_kv._internal_kv_put(key, STOP, namespace=KV_NAMESPACE)

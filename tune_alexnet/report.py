@@ -403,4 +403,4 @@ def report_files(exp: Experiment) -> dict[str, bytes]:
         parts.append("No run of this experiment is on the original study's grid.")
     if repeats >= 2:
         parts += ["## Repeats: mean and standard deviation per configuration", markdown_table(per_config(table))]
-    return {REPORT_NAME: ("\n\n".join(parts) + "\n").encode(), **figures}
+    return {**figures, REPORT_NAME: ("\n\n".join(parts) + "\n").encode()}  # the figures before the text naming them

@@ -85,7 +85,10 @@ class NoticeReader:
             )
             if status != 200:  # a service that issues no tokens (IMDSv1 only)
                 return {}
-            self.token = body.decode("ascii", "replace").strip()
+            token = body.decode("ascii", "replace").strip()
+            if not token.isprintable():  # it goes into a header line of ours
+                return {}
+            self.token = token
             self.token_until = time.monotonic() + TOKEN_TTL_S / 2
         return {"X-aws-ec2-metadata-token": self.token}
 
@@ -101,14 +104,13 @@ def request(
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"{url}: allowed: an http:// URL")
-    lines = [f"{method} {path} HTTP/1.0", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
-    if method == "PUT":
-        lines.append("Content-Length: 0")
+    lines = [f"{method} {path} HTTP/1.0", f"Host: {parts.netloc}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()] + (["Content-Length: 0"] if method == "PUT" else [])
     answer = b""
     with socket.create_connection((parts.hostname, parts.port or 80), timeout=_left(deadline)) as conn:
         conn.settimeout(_left(deadline))
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        while len(answer) <= BODY_LIMIT + HEADER_LIMIT:
+        while len(answer) <= BODY_LIMIT + HEADER_LIMIT and not _whole(answer):
             conn.settimeout(_left(deadline))
             chunk = conn.recv(4096)
             if not chunk:
@@ -119,6 +121,17 @@ def request(
     if not sep or len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
         raise ValueError("not an HTTP answer")
     return int(status[1]), body[:BODY_LIMIT]
+
+
+def _whole(answer: bytes) -> bool:
+    """Whether an answer holds its headers and the body they announce (a server that keeps the connection open
+    despite `Connection: close` is not waited for)."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:] if sep else ():
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value)
+    return False
 
 
 def _left(deadline: float) -> float:
