@@ -3,11 +3,15 @@ vanish, a reader racing the sweep, checkpoints that lie, and the small lines a p
 
 Real links, real tmpfs mounts, real read-only remounts, real processes run as another user (nobody)."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +98,89 @@ def test_load_model_from_a_bucket_without_credentials_fails_within_the_export_li
         load_model("gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001")
     assert time.monotonic() - start < REACH_TIMEOUT_S + 10
     assert "gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001 cannot be reached" in str(refused.value)
+
+
+@pytest.fixture
+def crawling_bucket(tmp_path):
+    """A checkpoint in moto's S3 on loopback, reached through a proxy that passes each answer on at a byte every
+    0.5 s once a request names `slow["name"]`: the bucket answers the first look, then one read crawls (a client's
+    own per-read timeout never fires). Yields (the checkpoint's URI, slow)."""
+    import boto3
+
+    from tune_alexnet import checkpoint
+    from tune_alexnet.model import AlexNet
+
+    listener, probe = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s3.create_bucket(Bucket="ckpts")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    args = {"dropout": True, "batchnorm": True, "width": 0.125}
+    checkpoint.write(tmp_path, AlexNet(**args).state_dict(), args, {"epoch": 1})
+    for name in (checkpoint.MODEL_FILE, checkpoint.MODEL_ARGS_FILE):
+        s3.upload_file(str(tmp_path / name), "ckpts", f"trial/ckpt/{name}")
+    slow = {"name": None}
+    closed = threading.Event()
+
+    def pipe(src, dst, crawl, request: bool):
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                if request and slow["name"] and slow["name"].encode() in chunk:
+                    crawl.set()
+                if request or not crawl.is_set():
+                    dst.sendall(chunk)
+                    continue
+                for byte in chunk:
+                    if closed.wait(0.5):
+                        return
+                    dst.sendall(bytes([byte]))
+
+    def proxy():
+        with contextlib.suppress(OSError):
+            while True:
+                client = listener.accept()[0]
+                upstream, crawl = socket.create_connection(("127.0.0.1", port)), threading.Event()
+                for src, dst, request in ((client, upstream, True), (upstream, client, False)):
+                    threading.Thread(target=pipe, args=(src, dst, crawl, request), daemon=True).start()
+
+    threading.Thread(target=proxy, daemon=True).start()
+    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    yield f"s3://ckpts/trial/ckpt?endpoint_override={host}&scheme=http", slow
+    closed.set()
+    listener.close()
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+@pytest.mark.slow
+def test_load_model_bounds_every_read_of_a_bucket_not_only_the_first(crawling_bucket, monkeypatch):
+    from tune_alexnet import storage
+    from tune_alexnet.checkpoint import CheckpointError, load_model
+
+    uri, slow = crawling_bucket
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    assert load_model(uri).classes  # the bucket itself works
+    monkeypatch.setattr(storage, "REACH_TIMEOUT_S", 2.0)  # the export limit, shortened for the test
+    for name in ("model.json", "model.pt"):
+        slow["name"] = name
+        start = time.monotonic()
+        with pytest.raises(CheckpointError) as refused:
+            load_model(uri)
+        assert time.monotonic() - start < 2 * 2.0 + 3, name  # the first look, then the read that crawls
+        assert f"ckpts/trial/ckpt/{name} cannot be reached (no answer within 2 s)" in str(refused.value), name
 
 
 # --- the local Ray: token authentication on, its token and its folder this user's alone ----------------------
@@ -233,13 +320,20 @@ def test_a_sweep_approved_by_the_space_check_finishes_under_the_disk_guard(tmpfs
 
 
 @pytest.mark.slow
-def test_report_on_a_full_disk_says_how_much_room_it_needs(mixed_experiment, tmpfs, capsys):
+def test_report_on_a_full_disk_says_how_much_room_it_needs_and_leaves_nothing(
+    mixed_experiment, tmpfs, tmp_path, capsys
+):
     path, _ = mixed_experiment
     disk = tmpfs(0.1)
-    err = one_line(["report", path, "--out", str(disk)], capsys)
-    assert (
-        f"cannot write {disk}/" in err and "(No space left on device; " in err and "MB free there, and it needs " in err
-    )
+    out = disk / "reports" / "mixed"
+    err = one_line(["report", path, "--out", str(out)], capsys)
+    free = float(err.split(f"{out} has ")[1].split(" MB free")[0])
+    need = float(err.split("need about ")[1].split(" MB")[0])
+    assert "report.md, 4 figures and the study page need about" in err and 0 < free <= 0.11 < need, err
+    assert list(disk.iterdir()) == []  # no folder made, no file begun
+    assert main(["report", path, "--out", str(tmp_path / "roomy")]) == 0
+    written = sum(f.stat().st_size for f in (tmp_path / "roomy").iterdir()) / 1e6
+    assert written <= need <= written * 1.1 + 0.05, (written, need)  # what it would write, in whole blocks
 
 
 # --- a reader that races the sweep ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from tune_alexnet.export import load_experiment
@@ -350,3 +351,34 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     assert table.groupby("trial_id")["epoch"].apply(list).map(lambda e: e == every).all()
     results = pd.read_parquet(exp_dir / "results.parquet")
     assert set(results["status"]) == {"terminated"} and results["best_checkpoint"].notna().all()
+
+
+def test_sigterm_to_the_whole_process_group_saves_writes_the_tables_and_resumes(synthetic_dir, tmp_path):
+    """`timeout`, systemd's KillMode=control-group and a shell's `kill -- -PGID` signal every process of the
+    driver's group: the local Ray it started is not among them, so the trials still save and the tables follow."""
+    storage, epochs = tmp_path / "results", 100  # 0.1-0.2 s an epoch: still training when the signal comes
+    exp_dir = storage / "grouped"
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(
+        sweep_args(
+            synthetic_dir, storage, "grouped", epochs, ["--patience", "100", "--dropout", "true", "--batch-size", "32"]
+        ),
+        log,
+    )
+    wait_for(lambda: any(len(epochs_of(r)) >= 2 for r in reported_epochs(exp_dir).values()), proc, "a trial to train")
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    assert ray_processes and all(os.getpgid(p.pid) != proc.pid for p in ray_processes)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
+    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, alive  # Ray ended with the driver
+    text = log.read_text()
+    assert text.count("tune-alexnet: stopping:") == 1 and "Traceback" not in text, text[-3000:]
+    assert "1 of 1 running trial(s) saved their state" in text, text[-3000:]
+    assert len(pd.read_parquet(exp_dir / "results.parquet")) == len(pd.read_csv(exp_dir / "results.csv")) == 1
+    (rows,) = reported_epochs(exp_dir).values()
+    assert rows[-1]["saved_for"] == "stop", rows[-1]
+    resumed = start_sweep(["--resume", "--name", "grouped", "--storage", storage], tmp_path / "resume.log")
+    assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    (rows,) = reported_epochs(exp_dir).values()
+    assert epochs_of(rows) == list(range(1, epochs + 1))  # continued from the saved state: no epoch twice

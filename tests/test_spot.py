@@ -1,12 +1,17 @@
-"""The spot notice reader against a stand-in metadata service on loopback: only AWS's notice counts as one."""
+"""The spot notice reader against a stand-in metadata service on loopback: only AWS's notice counts as one, and a
+slow service delays neither the reader nor the trial's look at the stop flag."""
 
+import contextlib
 import http.server
 import json
+import socket
 import threading
+import time
 
 import pytest
 
-from tune_alexnet.spot import NoticeReader
+from tune_alexnet.spot import REQUEST_DEADLINE_S, NoticeReader
+from tune_alexnet.stopping import KV_NAMESPACE, POLL_S, STOP, TrialWatch, new_key
 
 
 @pytest.fixture
@@ -47,3 +52,64 @@ def test_only_awss_notice_counts_as_one(imds):
     notice = {"action": "terminate", "time": "2026-12-04T12:00:00Z"}
     answer["notice"] = (200, json.dumps(notice).encode())
     assert reader.notice() == notice
+
+
+@pytest.fixture
+def slow_imds():
+    """A metadata service on 127.0.0.1 that accepts each connection and then trickles a byte of headers every
+    0.2 s for 20 s (a timeout on each read never fires); or, with `mode["hold"]`, answers in full, the notice
+    included, and keeps the connection open."""
+    listener, mode = socket.create_server(("127.0.0.1", 0)), {"hold": False}
+    closed = threading.Event()
+    notice = json.dumps({"action": "terminate", "time": "2026-12-04T12:00:00Z"}).encode()
+
+    def trickle(conn):
+        with conn:
+            if mode["hold"]:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(notice), notice))
+                closed.wait(20)
+                return
+            for byte in b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 100:
+                if closed.wait(0.2):
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+
+    def serve():
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=trickle, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", mode, json.loads(notice)
+    closed.set()
+    listener.close()
+
+
+def test_a_metadata_service_that_trickles_gets_no_longer_than_the_deadline(slow_imds):
+    url, mode, notice = slow_imds
+    start = time.monotonic()
+    assert NoticeReader(url).notice() is None
+    assert time.monotonic() - start < 2 * REQUEST_DEADLINE_S + 0.5  # the token's request, then the notice's
+    mode["hold"] = True  # a whole answer on a connection left open: read as far as it says, not to the deadline
+    start = time.monotonic()
+    assert NoticeReader(url).notice() == notice and time.monotonic() - start < REQUEST_DEADLINE_S
+
+
+@pytest.mark.slow
+def test_the_stop_flag_is_seen_on_time_while_the_metadata_service_trickles(ray_local, slow_imds):
+    from ray.experimental import internal_kv
+
+    key = new_key()
+    watch = TrialWatch(key, slow_imds[0])
+    try:
+        time.sleep(2 * POLL_S)  # the watch is asking the service by now
+        internal_kv._internal_kv_put(key, STOP, namespace=KV_NAMESPACE)
+        raised = time.monotonic()
+        while watch.requested() is None and time.monotonic() - raised < 10:
+            time.sleep(0.05)
+        assert watch.requested() == STOP and time.monotonic() - raised < 2 * POLL_S + 0.5
+    finally:
+        watch.close()
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)

@@ -74,7 +74,6 @@ def table(experiment) -> pd.DataFrame:
 def report(experiment, out_dir=None) -> list[str]:
     """What `tune-alexnet report` writes, for an experiment folder or URI: report.md with its figures and the study
     page, report.html (into the experiment folder, or `out_dir`); their paths or URIs."""
-    from .page import write_page
+    from .report import write_report_and_page
 
-    exp = load_experiment(experiment)
-    return [write_report(exp, out_dir), write_page(exp, out_dir)]
+    return write_report_and_page(experiment, out_dir)

@@ -14,6 +14,7 @@ that pyarrow can open, or any object with `to_directory()` (a tune.Checkpoint).
 
 from __future__ import annotations
 
+import io
 import json
 import numbers
 import os
@@ -122,13 +123,17 @@ def _location(checkpoint) -> tuple:
         try:  # bounded as export's reads are: gs:// without credentials would retry for minutes
             return *reach(checkpoint), label
         except (OSError, ValueError, TimeoutError) as exc:
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            raise CheckpointError(
-                f"{label} cannot be reached ({reason}); allowed: a checkpoint folder, or a bucket URI your "
-                "credentials can read"
-            ) from None
+            raise _unreachable(label, exc) from None
     path = os.path.abspath(os.path.expanduser(checkpoint))
     return pyarrow.fs.LocalFileSystem(), path, path
+
+
+def _unreachable(where: str, exc: BaseException) -> CheckpointError:
+    """A bucket that did not answer (each read is bounded by storage.REACH_TIMEOUT_S, as export's are)."""
+    return CheckpointError(
+        f"{where} cannot be reached ({_first_line(exc)}); allowed: a checkpoint folder, or a bucket URI your "
+        "credentials can read"
+    )
 
 
 def _model_args(fs, base: str, label: str) -> tuple[dict, tuple[str, ...]]:
@@ -136,6 +141,8 @@ def _model_args(fs, base: str, label: str) -> tuple[dict, tuple[str, ...]]:
     where = f"{label}/{MODEL_ARGS_FILE}"
     try:
         raw = read_json(fs, base, MODEL_ARGS_FILE, JSON_LIMIT)
+    except TimeoutError as exc:
+        raise _unreachable(where, exc) from None
     except FileNotFoundError:
         raise CheckpointError(f"{where} is missing; allowed: a checkpoint folder written by a sweep") from None
     except (OSError, ValueError) as exc:
@@ -170,12 +177,18 @@ def _model_args_problem(raw) -> str | None:
 def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
     """model.pt's tensors, read only if the file is no larger than the network model.json describes (plus torch's
     framing), each of the shape that network needs: a mismatch is named before the network is built."""
+    import pyarrow.fs
+
     where = f"{label}/{MODEL_FILE}"
     limit = sum(t.numel() * t.element_size() for t in expected.values()) + WEIGHTS_SLACK
     try:
         with open_file(fs, base, MODEL_FILE, limit) as (f, _):
+            if not isinstance(fs, pyarrow.fs.LocalFileSystem):  # read here, each piece bounded: torch's reader
+                f = io.BytesIO(f.read(limit + 1))  # turns a timeout inside it into another error
             _check_unpacked_size(f, limit, where)
             state = torch.load(f, map_location=device, weights_only=True)
+    except TimeoutError as exc:
+        raise _unreachable(where, exc) from None
     except FileNotFoundError:
         raise CheckpointError(f"{where} is missing; allowed: a checkpoint folder written by a sweep") from None
     except RefusedFile as exc:

@@ -411,13 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(written))
         else:
             from .export import load_experiment
-            from .page import write_page
-            from .report import write_report
+            from .report import write_report_and_page
 
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
-            print(write_report(exp, args.out))
-            print(write_page(exp, args.out))
+            print("\n".join(write_report_and_page(exp, args.out)))
     except NothingToResume as exc:
         print(f"tune-alexnet {args.command}: {exc}")
         return 0

@@ -6,6 +6,7 @@ Facts, not refusals: preflight.py decides what to refuse from them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -46,6 +47,32 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     user can enter. (Ray's servers listen on every interface whatever it is told, its token guarding them; and
     it makes its own temp folder world-writable, hence the private folder above it.)"""
     return {"_temp_dir": os.path.join(private_temp_dir(), "ray"), "log_to_driver": log_to_driver}
+
+
+@contextlib.contextmanager
+def own_session():
+    """While a local Ray starts: its processes (GCS, raylet, and through the raylet every worker) start in a session
+    of their own. A stop signal sent to the driver's whole process group (`timeout`, systemd's
+    KillMode=control-group, `kill -- -PGID`) then reaches the driver alone, which asks the trials to save and stops
+    Ray itself; in the driver's group, the GCS died of it and the stop could save nothing. Ray still ends with the
+    driver however it ends: each of its processes is told the driver's death by the kernel (Ray's fate sharing)."""
+    from ray._private import services
+
+    started = getattr(services, "ConsolePopen", None)
+    if started is None:  # a Ray that starts its processes some other way: they stay in the driver's group
+        yield
+        return
+
+    class InOwnSession(started):
+        def __init__(self, *args, **kwargs):
+            kwargs["start_new_session"] = True
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = InOwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = started
 
 
 def private_temp_dir() -> str:

@@ -35,14 +35,17 @@ from .storage import (
     TEXT_LIMIT,
     RefusedFile,
     check_file,
+    existing_parent,
     experiment_uri,
     is_remote,
     list_folder,
+    missing_folders,
     parse_json,
     plain_name,
     reach,
     read_bytes,
     read_json,
+    remove_empty,
     scheme_problem,
     shown,
     storage_uri,
@@ -750,15 +753,43 @@ def _lock_within(fd: int, out: str, wait_s: float) -> None:
             time.sleep(0.1)
 
 
+def check_room(out: str | os.PathLike, sizes: dict[str, int], what: str) -> None:
+    """Refuse, before a folder is made or a file written, a local `out` without room for files of `sizes` (bytes
+    by name), each rounded up to whole blocks as the disk counts them. Written whole or not at all, one at a time
+    (atomic_write), each new file needs its full size beside the one it replaces."""
+    out = storage_uri(os.fspath(out))
+    if is_remote(out):
+        return
+    try:
+        disk = os.statvfs(existing_parent(out))
+    except OSError:  # output_dir names what is wrong with the folder
+        return
+    block = disk.f_frsize or 4096
+    need = sum(-(-size // block) * block for size in sizes.values()) + block * len(missing_folders(out))
+    free = disk.f_bavail * disk.f_frsize
+    if need > free:
+        raise ExportError(
+            f"{out} has {_mb(free)} free, but {what} need about {_mb(need)}; allowed: a folder with that much room "
+            "(--out DIR)"
+        )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.2f} MB"
+
+
 @contextmanager
 def output_dir(out: str | os.PathLike):
+    """Where a command's files go; a local folder it had to make is removed again if nothing was written in it."""
     out = storage_uri(os.fspath(out))
     if not is_remote(out):
+        made = missing_folders(out)
         try:
             Path(out).mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tune-alexnet-write-test-")
             probe.close()
         except OSError as exc:
+            remove_empty(made)
             raise ExportError(
                 f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
             ) from None
@@ -766,6 +797,9 @@ def output_dir(out: str | os.PathLike):
         try:
             _lock_within(fd, out, WRITE_LOCK_WAIT_S)  # one writer of this folder's tables at a time
             yield Output(out, Path(out), [])
+        except BaseException:
+            remove_empty(made)
+            raise
         finally:
             os.close(fd)
         return

@@ -45,8 +45,11 @@ from .storage import (
     RESERVE_NAME,
     SCHEMES,
     checkpoint_room,
+    existing_parent,
     experiment_uri,
     is_remote,
+    missing_folders,
+    remove_empty,
     room_needed,
     scheme_problem,
     storage_uri,
@@ -73,11 +76,11 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     check_scheme(root, "--storage")
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
-    made = [] if is_remote(root) else _missing_folders(root)  # removed again if the sweep is refused
+    made = [] if is_remote(root) else missing_folders(root)  # removed again if the sweep is refused
     try:
         lock = lock_experiment(root, name)
     except BaseException:
-        _remove_empty(made)
+        remove_empty(made)
         raise
     started = False
     try:
@@ -99,25 +102,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
 
             ray.shutdown()
         lock.release()
-        _remove_empty(made)
+        remove_empty(made)
         raise
-
-
-def _missing_folders(path: str) -> list[str]:
-    """The folders of `path` that do not exist yet, deepest first: what a refused sweep must not leave behind."""
-    missing = []
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def _remove_empty(folders: list[str]) -> None:
-    for folder in folders:
-        try:
-            os.rmdir(folder)  # only an empty one: whatever someone else put there meanwhile stays
-        except OSError:
-            return
 
 
 # --- the storage and the experiment's name ----------------------------------------------------------------
@@ -167,7 +153,7 @@ def check_path_length(root: str, exp_path: str) -> None:
         return
     limit = 4096
     with contextlib.suppress(OSError):
-        limit = os.pathconf(_existing_parent(root), "PC_PATH_MAX")
+        limit = os.pathconf(existing_parent(root), "PC_PATH_MAX")
     longest = len(os.fsencode(exp_path)) + TRIAL_PATH_ROOM
     if longest > limit:
         allowed = limit - TRIAL_PATH_ROOM - (len(os.fsencode(exp_path)) - len(os.fsencode(root)))
@@ -176,12 +162,6 @@ def check_path_length(root: str, exp_path: str) -> None:
             f"pass the file system's {limit}-character path limit; allowed: a --storage path of at most {allowed} "
             "characters"
         )
-
-
-def _existing_parent(path: str) -> str:
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def never_started(exp_path: str) -> bool:
@@ -627,7 +607,8 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
             raise PreflightError(problem)
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
-        with _stop_signals_deferred() as stopped:
+        own_session = cluster.own_session() if address == "local" else contextlib.nullcontext()
+        with _stop_signals_deferred() as stopped, own_session:
             try:
                 context = ray.init(address=address, logging_level=logging.WARNING, **options)
             except SystemExit as exc:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours

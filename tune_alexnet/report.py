@@ -6,6 +6,7 @@ so it reads finished, half-finished and failed experiments alike.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from importlib import resources
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import DAMAGED, LOST, Experiment, best_run, load_experiment, output_dir
+from .export import DAMAGED, LOST, Experiment, best_run, check_room, load_experiment, output_dir
 from .grid import optimizer_order
 from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
 NOISE_SIGMAS = 2.0  # an original-vs-ours difference within this many seeds' std is noise
+REPORT_NAME = "report.md"
 HEATMAP_ROWS = 12  # optimizers drawn in the heatmaps at most (a row each): the figure stays a readable size
 
 
@@ -132,7 +134,7 @@ def _plt():
     return plt
 
 
-def heatmaps(table: pd.DataFrame, out, name: str) -> None:
+def heatmaps(table: pd.DataFrame) -> bytes:
     plt = _plt()
     part = scored(table)
     opts = (optimizer_order(part["optimizer"]) or list(OPTIMIZERS))[:HEATMAP_ROWS]
@@ -166,10 +168,10 @@ def heatmaps(table: pd.DataFrame, out, name: str) -> None:
     fig.colorbar(image, ax=axes, shrink=0.8, label="final accuracy (%)")
     shown = "" if len(opts) == part["optimizer"].nunique() or part.empty else f" (the first {len(opts)} optimizers)"
     fig.suptitle(f"Final accuracy (%) by learning rate and batch size; empty cells: not run{shown}")
-    _save(fig, out, name)
+    return _png(fig)
 
 
-def effects_figure(eff: pd.DataFrame, out, name: str) -> None:
+def effects_figure(eff: pd.DataFrame) -> bytes:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, switch in zip(axes, ("batchnorm", "dropout")):
@@ -183,10 +185,10 @@ def effects_figure(eff: pd.DataFrame, out, name: str) -> None:
         ax.set_ylabel("mean final accuracy (%)")
         ax.set_title("batch norm" if switch == "batchnorm" else "dropout")
         ax.legend()
-    _save(fig, out, name)
+    return _png(fig)
 
 
-def curves_figure(exp: Experiment, out, name: str) -> None:
+def curves_figure(exp: Experiment) -> bytes:
     plt = _plt()
     table, epochs = exp.table, exp.epochs
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -206,10 +208,10 @@ def curves_figure(exp: Experiment, out, name: str) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Validation accuracy per epoch")
-    _save(fig, out, name)
+    return _png(fig)
 
 
-def comparison_figure(comp: pd.DataFrame, out, name: str) -> None:
+def comparison_figure(comp: pd.DataFrame) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     for opt in optimizer_order(comp["optimizer"]):
@@ -223,14 +225,16 @@ def comparison_figure(comp: pd.DataFrame, out, name: str) -> None:
     ax.set_title(f"Runs in both (n={len(comp)}), rank corr. {rank_correlation(comp):.2f}")
     if len(comp):
         ax.legend()
-    _save(fig, out, name)
+    return _png(fig)
 
 
-def _save(fig, out, name: str) -> None:
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
     try:
-        out.put(name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+        fig.savefig(buffer, dpi=110, bbox_inches="tight", format="png")
     finally:
         _plt().close(fig)
+    return buffer.getvalue()
 
 
 # --- report.md -----------------------------------------------------------------
@@ -251,13 +255,30 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     return "\n".join(lines)
 
 
-def write_report(source, out_dir: str | os.PathLike | None = None) -> str:
-    """report.md and its figures in `out_dir` (default: the experiment folder, local or in a bucket);
-    returns report.md's path or URI."""
+def write_report(source, out_dir: str | os.PathLike | None = None, files: dict[str, bytes] | None = None) -> str:
+    """report.md and its figures in `out_dir` (default: the experiment folder, local or in a bucket), each written
+    whole or not at all; returns report.md's path or URI. `files`: report_files(exp), when already made."""
     exp = source if isinstance(source, Experiment) else load_experiment(source)
+    files = report_files(exp) if files is None else files
     with output_dir(out_dir or exp.path) as out:
-        _write(exp, out)
-    return next(p for p in out.written if p.split("?")[0].endswith("report.md"))
+        for name, data in files.items():
+            out.put(name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    return next(p for p in out.written if p.split("?")[0].endswith(REPORT_NAME))
+
+
+def write_report_and_page(source, out_dir: str | os.PathLike | None = None) -> list[str]:
+    """What `tune-alexnet report` writes: report.md, its figures and the study page (report.html and its data),
+    made in memory first, so that a folder without room for all of them is refused before any is written or a
+    folder made. Their paths or URIs."""
+    from .page import DATA_NAME, PAGE_NAME, page_data, render, sidecar, write_page
+
+    exp = source if isinstance(source, Experiment) else load_experiment(source)
+    files = report_files(exp)
+    data = page_data(exp)
+    page = {PAGE_NAME: len(render(data).encode()), DATA_NAME: len(sidecar(data).encode())}
+    sizes = {name: len(content) for name, content in files.items()} | page
+    check_room(out_dir or exp.path, sizes, f"{REPORT_NAME}, {len(files) - 1} figures and the study page")
+    return [write_report(exp, out_dir, files), write_page(exp, out_dir)]
 
 
 def what_ran(exp: Experiment) -> tuple[str, str]:
@@ -306,17 +327,20 @@ def _failure_sections(table: pd.DataFrame) -> list[str]:
     return parts
 
 
-def _write(exp: Experiment, out) -> None:
+def report_files(exp: Experiment) -> dict[str, bytes]:
+    """report.md and its PNG figures, by name, made in memory."""
     table = exp.table
     opt_stats = per_optimizer(table)
     eff = effects(table)
     comp = comparison(table)
     repeats = int(table.groupby(["run", *DIMENSIONS], dropna=False).size().max()) if len(table) else 0
 
-    heatmaps(table, out, "heatmaps.png")
-    effects_figure(eff, out, "effects.png")
-    curves_figure(exp, out, "curves.png")
-    comparison_figure(comp, out, "comparison.png")
+    figures = {
+        "heatmaps.png": heatmaps(table),
+        "effects.png": effects_figure(eff),
+        "curves.png": curves_figure(exp),
+        "comparison.png": comparison_figure(comp),
+    }
 
     status_counts = ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items())
     side = opt_stats[["optimizer", "runs", "mean", "best"]].copy()
@@ -379,5 +403,4 @@ def _write(exp: Experiment, out) -> None:
         parts.append("No run of this experiment is on the original study's grid.")
     if repeats >= 2:
         parts += ["## Repeats: mean and standard deviation per configuration", markdown_table(per_config(table))]
-    text = "\n\n".join(parts) + "\n"
-    out.put("report.md", lambda tmp: Path(tmp).write_text(text))
+    return {**figures, REPORT_NAME: ("\n\n".join(parts) + "\n").encode()}  # the figures before the text naming them

@@ -3,17 +3,17 @@
 AWS posts `spot/instance-action` about two minutes before it takes a spot instance back; until then the path
 answers 404. The endpoint is found as botocore finds it: `AWS_EC2_METADATA_SERVICE_ENDPOINT`, else the link-local
 default, which is asked only on a machine whose firmware says it is an EC2 instance (so a laptop or another cloud
-never sends a packet there), and never with `AWS_EC2_METADATA_DISABLED=true`. Every request is short and bypasses
-any proxy; a service that does not answer means no notice.
+never sends a packet there), and never with `AWS_EC2_METADATA_DISABLED=true`. Every request ends within a second,
+whatever the service does, and bypasses any proxy; a service that does not answer means no notice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 ENDPOINT_VAR = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
@@ -22,7 +22,9 @@ DEFAULT_ENDPOINT = "http://169.254.169.254"
 TOKEN_PATH = "/latest/api/token"
 NOTICE_PATH = "/latest/meta-data/spot/instance-action"
 TOKEN_TTL_S = 21600  # what botocore asks for
-TIMEOUT_S = 1.0
+REQUEST_DEADLINE_S = 1.0  # one request to the service, start to end: it is on the node itself, it answers in ms
+BODY_LIMIT = 4096  # bytes of a notice or a token read at most
+HEADER_LIMIT = 8192  # bytes of an answer's status line and headers
 # Where the firmware names the machine's maker: "Amazon EC2" on Nitro instances, a "...amazon" version on Xen ones.
 DMI_FILES = ("sys_vendor", "board_vendor", "bios_vendor", "bios_version")
 DMI = Path("/sys/devices/virtual/dmi/id")
@@ -56,21 +58,17 @@ class NoticeReader:
         self.url = url
         self.token: str | None = None
         self.token_until = 0.0
-        # No proxy: the service is on the node itself, and a proxy would ask its own.
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def notice(self) -> dict | None:
-        """The posted notice ({"action": ..., "time": ...}), or None: no notice, or no answer."""
+        """The posted notice ({"action": ..., "time": ...}), or None: no notice, or no answer. Takes at most
+        2 x REQUEST_DEADLINE_S, whatever the service does."""
         try:
-            headers = self._token_header()
-            request = urllib.request.Request(self.url + NOTICE_PATH, headers=headers)
-            with self.opener.open(request, timeout=TIMEOUT_S) as response:
-                body = response.read(4096)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 401:  # the token expired early: a fresh one next time
-                self.token = None
-            return None
+            status, body = request(self.url, "GET", NOTICE_PATH, self._token_header())
         except (OSError, ValueError):
+            return None
+        if status == 401:  # the token expired early: a fresh one next time
+            self.token = None
+        if status != 200:
             return None
         try:
             notice = json.loads(body)
@@ -82,13 +80,62 @@ class NoticeReader:
 
     def _token_header(self) -> dict:
         if self.token is None or time.monotonic() > self.token_until:
-            request = urllib.request.Request(
-                self.url + TOKEN_PATH, method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)}
+            status, body = request(
+                self.url, "PUT", TOKEN_PATH, {"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)}
             )
-            try:
-                with self.opener.open(request, timeout=TIMEOUT_S) as response:
-                    self.token = response.read(1024).decode("ascii", "replace").strip()
-                self.token_until = time.monotonic() + TOKEN_TTL_S / 2
-            except urllib.error.HTTPError:  # a service that issues no tokens (IMDSv1 only)
+            if status != 200:  # a service that issues no tokens (IMDSv1 only)
                 return {}
+            token = body.decode("ascii", "replace").strip()
+            if not token.isprintable():  # it goes into a header line of ours
+                return {}
+            self.token = token
+            self.token_until = time.monotonic() + TOKEN_TTL_S / 2
         return {"X-aws-ec2-metadata-token": self.token}
+
+
+def request(
+    url: str, method: str, path: str, headers: dict, deadline_s: float = REQUEST_DEADLINE_S
+) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request to the service at `url`, all of it within `deadline_s`: the connection,
+    the request and every byte of the answer. A timeout on each read would not do: a server that sends a byte now
+    and then holds the caller for ever. Plain HTTP/1.0, no proxy (the service is on the node itself), a body of at
+    most BODY_LIMIT bytes. TimeoutError when the deadline passes, OSError or ValueError for anything else."""
+    deadline = time.monotonic() + deadline_s
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{url}: allowed: an http:// URL")
+    lines = [f"{method} {path} HTTP/1.0", f"Host: {parts.netloc}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers.items()] + (["Content-Length: 0"] if method == "PUT" else [])
+    answer = b""
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=_left(deadline)) as conn:
+        conn.settimeout(_left(deadline))
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        while len(answer) <= BODY_LIMIT + HEADER_LIMIT and not _whole(answer):
+            conn.settimeout(_left(deadline))
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(status) < 2 or not status[0].startswith(b"HTTP/") or not status[1].isdigit():
+        raise ValueError("not an HTTP answer")
+    return int(status[1]), body[:BODY_LIMIT]
+
+
+def _whole(answer: bytes) -> bool:
+    """Whether an answer holds its headers and the body they announce (a server that keeps the connection open
+    despite `Connection: close` is not waited for)."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:] if sep else ():
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value)
+    return False
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the metadata service did not answer in time")
+    return left

@@ -176,10 +176,13 @@ class TrialWatch:
         self.key = key
         self.reader = spot.NoticeReader(imds) if imds else None
         self.reason: str | None = None
+        self.notice: dict | None = None  # the node's spot notice, as last read
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tune-alexnet-watch", daemon=True)
         if key or self.reader:
             self.thread.start()
+        if self.reader:  # a thread of its own: a slow metadata service never delays a look at the stop flag
+            threading.Thread(target=self._ask_spot, name="tune-alexnet-spot", daemon=True).start()
 
     def requested(self) -> str | None:
         return self.reason
@@ -194,13 +197,15 @@ class TrialWatch:
         self.closed.set()
 
     def _run(self) -> None:
-        notice, next_ask = None, 0.0
         while not self.closed.is_set():
             stop = self.key is not None and _flag(self.key)
-            if self.reader is not None and time.monotonic() >= next_ask:
-                notice, next_ask = self.reader.notice(), time.monotonic() + SPOT_POLL_S
-            self.reason = STOP if stop else (SPOT if notice else None)
+            self.reason = STOP if stop else (SPOT if self.notice else None)
             self.closed.wait(POLL_S)
+
+    def _ask_spot(self) -> None:
+        while not self.closed.is_set():
+            self.notice = self.reader.notice()
+            self.closed.wait(SPOT_POLL_S)
 
 
 def _flag(key: str) -> bool:

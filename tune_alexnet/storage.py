@@ -11,6 +11,7 @@ within a size bound), and what they hold is checked before it is used.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import stat
@@ -43,7 +44,8 @@ REACH_TIMEOUT_S = 15.0  # a bucket that has not answered by then is taken as unr
 
 def within(seconds: float, fn):
     """fn() in a daemon thread; TimeoutError if it has not returned by then. A bucket client may retry its
-    credential lookup for minutes (gs:// without credentials does), which would otherwise hold the command."""
+    credential lookup for minutes (gs:// without credentials does), which would otherwise hold the command: every
+    call on a bucket (reach, list_folder, open_file and each read) goes through here."""
     result: dict = {}
 
     def run() -> None:
@@ -91,6 +93,29 @@ def experiment_uri(root: str, name: str) -> str:
         return f"{root.rstrip('/')}/{name}"
     base, sep, query = root.partition("?")
     return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first: what a refused command must not leave behind."""
+    missing = []
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def remove_empty(folders: list[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one: whatever someone else put there meanwhile stays
+        except OSError:
+            return
+
+
+def existing_parent(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 DRIVER_LOG = "driver.log"  # in the experiment folder: every line Ray logged on the driver
@@ -180,7 +205,7 @@ def list_folder(fs, base: str) -> list[tuple[str, bool]]:
     import pyarrow.fs
 
     if not isinstance(fs, pyarrow.fs.LocalFileSystem):
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(base))
+        infos = within(REACH_TIMEOUT_S, lambda: fs.get_file_info(pyarrow.fs.FileSelector(base)))
         return [(i.base_name, i.type == pyarrow.fs.FileType.Directory) for i in infos]
     with os.scandir(base) as entries:
         return [(e.name, _is_folder(e)) for e in entries]
@@ -268,14 +293,44 @@ def open_file(fs, base: str, relative: str, limit: int | None):
             yield f, st.st_size
         return
     path = "/".join([base.rstrip("/"), *parts] if base else parts)
-    info = fs.get_file_info(path)
+    info = within(REACH_TIMEOUT_S, lambda: fs.get_file_info(path))
     if info.type == pyarrow.fs.FileType.NotFound:
         raise FileNotFoundError(errno.ENOENT, f"{relative} is missing", path)
     if info.type != pyarrow.fs.FileType.File:
         raise RefusedFile(f"{relative} is not a regular file; allowed: a regular file inside the experiment")
     _check_size(info.size, relative, limit)
-    with fs.open_input_file(path) as f:
-        yield f, info.size
+    with within(REACH_TIMEOUT_S, lambda: fs.open_input_file(path)) as f:
+        yield io.BufferedReader(_BoundedReads(f)), info.size
+
+
+READ_CHUNK = 8 * 2**20  # bytes of a bucket's file asked for at once, each within REACH_TIMEOUT_S
+
+
+class _BoundedReads(io.RawIOBase):
+    """A file in a bucket whose every read ends within REACH_TIMEOUT_S, as the first look at the bucket does: a
+    client may wait for minutes on a stalled connection or a slow trickle. Reads of READ_CHUNK at most, so the
+    bound is on each piece, not on a large file as a whole."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def readinto(self, buffer) -> int:
+        wanted = min(len(buffer), READ_CHUNK)
+        data = within(REACH_TIMEOUT_S, lambda: self.f.read(wanted))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _open_local(base: str, parts: list[str], relative: str) -> int:
