@@ -255,7 +255,7 @@ def write_report(source, out_dir: str | os.PathLike | None = None) -> str:
     """report.md and its figures in `out_dir` (default: the experiment folder, local or in a bucket);
     returns report.md's path or URI."""
     exp = source if isinstance(source, Experiment) else load_experiment(source)
-    with output_dir(out_dir or exp.path) as out:
+    with output_dir(out_dir or exp.path, exp) as out:
         _write(exp, out)
     return next(p for p in out.written if p.split("?")[0].endswith("report.md"))
 
