@@ -2,6 +2,7 @@
 
 The data folder's own table of bad inputs is in test_data.py."""
 
+import json
 import os
 import shutil
 import signal
@@ -126,6 +127,29 @@ def damaged(mixed_experiment, tmp_path):
     copy = tmp_path / "mixed"
     shutil.copytree(path, copy)
     return copy, exp.table
+
+
+@pytest.mark.slow
+def test_an_out_folder_holding_another_experiments_tables_is_refused_naming_both(mixed_experiment, damaged, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    path, other = str(Path(mixed_experiment[0]).resolve()), str(damaged[0])  # the copy: another experiment
+    out = tmp_path / "tables"
+    assert main(["export", path, "--out", str(out)]) == 0
+
+    def files():
+        return {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+
+    before = files()
+    for command in ("export", "report"):
+        err = one_line_exit_2([command, other, "--out", str(out)], capsys)
+        assert f"{out} holds the tables of experiment {path}, not of {other}" in err
+    assert files() == before  # the first experiment's tables, untouched, and nothing of the other's beside them
+    assert main(["export", path, "--out", str(out)]) == 0  # its own experiment writes on
+    assert main(["export", other]) == 0  # a copied folder is its own, though its tables name where they came from
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(Path(other) / "results.parquet").metadata[b"tune_alexnet"])
+    assert meta["experiment"] == other
 
 
 @pytest.mark.slow
