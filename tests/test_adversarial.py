@@ -702,3 +702,18 @@ def test_a_tracker_password_is_stored_redacted_and_resume_asks_for_it(tmp_path, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert _resumed_mlflow(None, recorded) == uri
     assert _resumed_mlflow(None, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # no secret: as recorded
+
+
+def test_a_log_line_naming_a_tracker_uri_is_shown_and_kept_redacted():
+    import logging
+
+    from tune_alexnet.console import RayLines
+
+    lines = RayLines(quiet=False)
+    uri = "http://alice:s3cret-pw@127.0.0.1:5000/#/experiments/1?token=s3cret-pw"
+    record = logging.LogRecord("mlflow", logging.WARNING, __file__, 1, "View run at %s", (uri,), None)
+    assert lines.filter(record)  # shown, as a warning is
+    assert "s3cret-pw" not in record.getMessage() and "alice:***@127.0.0.1:5000" in record.getMessage()
+    assert len(lines.kept) == 1 and "s3cret-pw" not in lines.kept[0]  # for driver.log
+    lines.worker_lines({"lines": [f"run at {uri}"], "pid": 1})
+    assert "s3cret-pw" not in lines.kept[1]

@@ -273,14 +273,15 @@ REDACTED = "***"
 def redacted(uri: str) -> str:
     """`uri` as it may be shown, logged or stored: the password of its user part (user:***@), a user part
     that is a bare token (***@) and the values of query parameters that carry secrets (?token=***) hidden.
-    By pattern, not by a URI parser: text that does not parse as a URI is shown too (in the line refusing it)."""
+    By pattern, not by a URI parser: text that does not parse as a URI is shown too (in the line refusing it),
+    and so are URIs inside a longer text (a log line)."""
     text = re.sub(
-        r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@",
+        r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@",
         lambda m: f"{m[1]}{m[2].split(':', 1)[0] + ':' if ':' in m[2] else ''}{REDACTED}@",
         uri,
     )
     names = "|".join(SECRET_PARAMS)
-    return re.sub(rf"([?&;][^=&;#]*(?:{names})[^=&;#]*=)[^&;#]*", rf"\g<1>{REDACTED}", text, flags=re.IGNORECASE)
+    return re.sub(rf"([?&;][^=&;#\s]*(?:{names})[^=&;#\s]*=)[^&;#\s]*", rf"\g<1>{REDACTED}", text, flags=re.I)
 
 
 def has_secret(uri: str | None) -> bool:
