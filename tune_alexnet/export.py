@@ -27,7 +27,18 @@ import pandas as pd
 
 from .data import check_record
 from .grid import full_config, optimizer_order, run_number
-from .settings import BOUNDS, DIMENSIONS, EPOCHS, PRECISIONS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
+from .settings import (
+    BOUNDS,
+    DIMENSIONS,
+    EPOCHS,
+    PRECISIONS,
+    SETTINGS_FILE,
+    Bound,
+    Grid,
+    from_record,
+    read_settings,
+    redacted,
+)
 from .storage import (
     ERROR_LIMIT,
     JSON_LIMIT,
@@ -723,9 +734,9 @@ class Output:
         other = self.tables_of()
         if other is not None and other != exp.path:
             raise ExportError(
-                f"{self.uri} holds the tables of experiment {other}, not of {exp.path}; allowed: an --out folder "
-                f"that is empty or holds this experiment's tables (pick another folder, or remove the other "
-                f"experiment's tables first)"
+                f"{self.uri} holds the tables of experiment {redacted(other)}, not of {redacted(exp.path)}; allowed: "
+                "an --out folder that is empty or holds this experiment's tables (pick another folder, or remove "
+                "the other experiment's tables first)"
             )
 
     def put(self, name: str, write) -> None:
