@@ -43,8 +43,8 @@ def state_problem(trainer, best, cfg: dict, model: torch.nn.Module, train_images
             return "its position inside an epoch is not a mapping"
         if (problem := position_problem(position, train_images, cfg["batch_size"])) is not None:
             return f"its position inside an epoch: {problem}"
-        if position.get("epoch") != trainer["counters"]["epoch"] + 1:
-            return f"its position is in epoch {position.get('epoch')!r}; allowed: the next, {trainer['counters']['epoch'] + 1}"
+        if position.get("epoch") != (after := trainer["counters"]["epoch"] + 1):
+            return f"its position is in epoch {position.get('epoch')!r}; allowed: the one after its counters, {after}"
     steps = trainer["counters"]["epoch"] * len(epoch_batches(train_images, cfg["batch_size"], 0))
     steps += position["steps"] if position is not None else 0
     return _optimizer_state_problem(trainer["optimizer"], cfg, [p.shape for p in model.parameters()], steps)
