@@ -2,6 +2,7 @@
 
 The data folder's own table of bad inputs is in test_data.py."""
 
+import json
 import os
 import shutil
 import signal
@@ -126,6 +127,29 @@ def damaged(mixed_experiment, tmp_path):
     copy = tmp_path / "mixed"
     shutil.copytree(path, copy)
     return copy, exp.table
+
+
+@pytest.mark.slow
+def test_an_out_folder_holding_another_experiments_tables_is_refused_naming_both(mixed_experiment, damaged, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    path, other = str(Path(mixed_experiment[0]).resolve()), str(damaged[0])  # the copy: another experiment
+    out = tmp_path / "tables"
+    assert main(["export", path, "--out", str(out)]) == 0
+
+    def files():
+        return {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+
+    before = files()
+    for command in ("export", "report"):
+        err = one_line_exit_2([command, other, "--out", str(out)], capsys)
+        assert f"{out} holds the tables of experiment {path}, not of {other}" in err
+    assert files() == before  # the first experiment's tables, untouched, and nothing of the other's beside them
+    assert main(["export", path, "--out", str(out)]) == 0  # its own experiment writes on
+    assert main(["export", other]) == 0  # a copied folder is its own, though its tables name where they came from
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(Path(other) / "results.parquet").metadata[b"tune_alexnet"])
+    assert meta["experiment"] == other
 
 
 @pytest.mark.slow
@@ -592,3 +616,104 @@ def test_a_stop_signal_while_ray_starts_is_one_line_and_leaves_no_ray_behind(sig
     while ray_processes(str(sessions)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_processes(str(sessions)) == []
+
+
+# --- tracker URIs: probed without their secrets, which are never echoed or stored in clear --------------------
+
+
+@pytest.fixture
+def health_server():
+    """A stand-in tracking server on 127.0.0.1 that answers 200 and records each request's path and headers."""
+    import http.server
+    import threading
+
+    seen: list = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, dict(self.headers)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("secret", ["alice:s3cret-pw@", "s3cret-pw@"])
+def test_a_tracker_uri_with_a_user_part_is_probed_without_it(health_server, secret):
+    from tune_alexnet.preflight import _check_mlflow_uri
+
+    port, seen = health_server
+    _check_mlflow_uri(f"http://{secret}127.0.0.1:{port}/mlflow/?token=s3cret-pw")
+    assert [path for path, _ in seen] == ["/mlflow/health"]
+    assert "s3cret-pw" not in repr(seen)
+
+
+@pytest.mark.parametrize(
+    "uri,shown",
+    [
+        ("http://alice:s3cret-pw@127.0.0.1:1", "http://alice:***@127.0.0.1:1"),
+        ("http://s3cret-pw@127.0.0.1:1", "http://***@127.0.0.1:1"),
+        ("http://127.0.0.1:1/?token=s3cret-pw", "http://127.0.0.1:1/?token=***"),
+        ("http://127.0.0.1:1/?a=1&access_token=s3cret-pw", "http://127.0.0.1:1/?a=1&access_token=***"),
+        ("http://127.0.0.1:1/?password=s3cret-pw", "http://127.0.0.1:1/?password=***"),
+        ("http://127.0.0.1:1/?key=s3cret-pw", "http://127.0.0.1:1/?key=***"),
+    ],
+)
+def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, tmp_path, capsys):
+    storage = tmp_path / "results"
+    err = one_line_exit_2(["sweep", "--mlflow", uri, "--storage", str(storage), *TINY], capsys)
+    assert "s3cret-pw" not in err and f"--mlflow {shown}: the MLflow tracking server cannot be reached" in err
+
+
+@pytest.mark.parametrize("uri", ["http://[::1", "http://alice:s3cret-pw@[::1", "http://127.0.0.1:port"])
+def test_a_tracker_uri_that_does_not_parse_is_one_line_and_nothing_written(uri, tmp_path, capsys):
+    storage = tmp_path / "results"
+    err = one_line_exit_2(["sweep", "--mlflow", uri, "--storage", str(storage), *TINY], capsys)
+    assert err.startswith("tune-alexnet sweep: error: argument --mlflow: invalid value 'http://")
+    assert "s3cret-pw" not in err and not storage.exists()
+
+
+def test_a_tracker_password_is_stored_redacted_and_resume_asks_for_it(tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    from tune_alexnet import tracking
+    from tune_alexnet.preflight import PreflightError, _resumed_mlflow
+    from tune_alexnet.settings import SweepSettings, read_settings, write_settings
+
+    uri = "http://alice:s3cret-pw@127.0.0.1:5000"
+    write_settings(str(tmp_path), SweepSettings(mlflow=uri, name="x"))
+    assert "s3cret-pw" not in (tmp_path / "tune_alexnet_sweep.json").read_text()
+    recorded = read_settings(str(tmp_path))["mlflow"]
+    assert recorded == "http://alice:***@127.0.0.1:5000"
+    # Tune pickles its callbacks into the experiment folder: the URI goes there redacted too.
+    callback = tracking._mlflow_callback_class()(uri, experiment_name="x")
+    assert b"s3cret-pw" not in cloudpickle.dumps(callback) and callback.tracking_uri == uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(PreflightError, match=r"alice:\*\*\*@.*pass --mlflow with the whole URI again"):
+        _resumed_mlflow(None, recorded)
+    assert _resumed_mlflow(uri, recorded) == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert _resumed_mlflow(None, recorded) == uri
+    assert _resumed_mlflow(None, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # no secret: as recorded
+
+
+def test_a_log_line_naming_a_tracker_uri_is_shown_and_kept_redacted():
+    import logging
+
+    from tune_alexnet.console import RayLines
+
+    lines = RayLines(quiet=False)
+    uri = "http://alice:s3cret-pw@127.0.0.1:5000/#/experiments/1?token=s3cret-pw"
+    record = logging.LogRecord("mlflow", logging.WARNING, __file__, 1, "View run at %s", (uri,), None)
+    assert lines.filter(record)  # shown, as a warning is
+    assert "s3cret-pw" not in record.getMessage() and "alice:***@127.0.0.1:5000" in record.getMessage()
+    assert len(lines.kept) == 1 and "s3cret-pw" not in lines.kept[0]  # for driver.log
+    lines.worker_lines({"lines": [f"run at {uri}"], "pid": 1})
+    assert "s3cret-pw" not in lines.kept[1]

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -413,12 +414,13 @@ def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
 
 
 def test_a_folder_another_process_holds_for_writing_is_one_line_not_a_hang(tmp_path, monkeypatch):
-    """Any user who can open a folder can flock it: export, report and the live page wait a bounded time."""
+    """Export, report and the live page wait a bounded time for another writer of the folder (its lock file)."""
     from tune_alexnet import export
 
     monkeypatch.setattr(export, "WRITE_LOCK_WAIT_S", 0.5)
-    hold = "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"  # fmt: skip
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    hold = "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600), fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"  # fmt: skip
+    lock = tmp_path / export.WRITE_LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()
         with pytest.raises(export.ExportError, match=r"another process has held .* for writing for more than 0.5 s"):
@@ -427,6 +429,50 @@ def test_a_folder_another_process_holds_for_writing_is_one_line_not_a_hang(tmp_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_lock_on_the_folder_itself_no_longer_blocks_a_writer(tmp_path, monkeypatch):
+    """Any user who can open a folder can flock it: the write lock is a private file of this user's instead."""
+    import fcntl
+
+    from tune_alexnet import export
+
+    monkeypatch.setattr(export, "WRITE_LOCK_WAIT_S", 0.5)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with export.output_dir(tmp_path):
+            pass
+    finally:
+        os.close(fd)
+    lock = os.stat(tmp_path / export.WRITE_LOCK_NAME)
+    assert stat.S_IMODE(lock.st_mode) == 0o600 and lock.st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("plant", ["link", "fifo", "folder", "another user's", "two names"])
+def test_a_planted_write_lock_is_refused_with_one_line(tmp_path, plant):
+    from tune_alexnet import export
+
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.write_text("not yours")
+    lock = out / export.WRITE_LOCK_NAME
+    if plant == "link":
+        lock.symlink_to(victim)
+    elif plant == "fifo":
+        os.mkfifo(lock)
+    elif plant == "folder":
+        lock.mkdir()
+    elif plant == "two names":
+        os.link(victim, lock)
+    else:
+        lock.write_text("")
+        os.chown(lock, os.getuid() + 4242, os.getgid() + 4242)
+    with pytest.raises(export.ExportError) as refused:
+        with export.output_dir(out):
+            pass
+    assert str(refused.value).startswith(f"the lock file {lock} is ") and "\n" not in str(refused.value)
+    assert victim.read_text() == "not yours" and stat.S_IMODE(victim.stat().st_mode) != 0o600
 
 
 def test_the_settings_record_is_never_written_through_a_planted_link(tmp_path):
@@ -441,3 +487,16 @@ def test_the_settings_record_is_never_written_through_a_planted_link(tmp_path):
     keep_runtime(str(exp), {"resume_every_s": 60})
     assert victim.read_text() == "not yours" and not (exp / SETTINGS_FILE).is_symlink()
     assert read_settings(str(exp))["runtime"] == {"resume_every_s": 60}
+
+
+def test_a_write_that_fails_leaves_no_folder_it_made_not_even_its_lock_file(tmp_path):
+    from tune_alexnet.export import WRITE_LOCK_NAME, output_dir
+
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "new" / "out"):
+        raise RuntimeError("a write failed")
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError), output_dir(kept):
+        raise RuntimeError("a write failed")
+    assert kept.is_dir() and [p.name for p in kept.iterdir()] == [WRITE_LOCK_NAME]  # not ours to remove

@@ -91,6 +91,15 @@ TAMPERED = {
     "epoch 10**6": lambda s: s["counters"].update(epoch=10**6),
     "no counters": lambda s: s.pop("counters"),
     "weights of another network": lambda s: s["model"].pop(next(iter(s["model"]))),
+    # each parameter's optimizer state: shapes, finite numbers, the step count the counters give
+    "exp_avg of another shape": lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+    "NaN in exp_avg_sq": lambda s: s["optimizer"]["state"][1]["exp_avg_sq"].view(-1)[0].fill_(math.nan),
+    "negative exp_avg_sq": lambda s: s["optimizer"]["state"][1]["exp_avg_sq"].neg_().sub_(1),
+    "step -1": lambda s: s["optimizer"]["state"][0]["step"].fill_(-1),
+    "step 2.5": lambda s: s["optimizer"]["state"][0]["step"].fill_(2.5),
+    "step 10**9": lambda s: s["optimizer"]["state"][0]["step"].fill_(10**9),
+    "a parameter the network lacks": lambda s: s["optimizer"]["state"].update({999: s["optimizer"]["state"][0]}),
+    "a parameter's state dropped": lambda s: s["optimizer"]["state"].pop(2),
 }
 
 
@@ -108,6 +117,77 @@ def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplo
         metrics = resumed_from(runs, tmp_path, TAMPERED["lr 1e30"], older_too=True)
     same_epochs(metrics, runs[1])
     assert len(caplog.records) == 2
+
+
+# --- a state saved inside an epoch (a stop, a spot notice) --------------------------------------------------
+
+
+class SaveAt:
+    """A Watch that asks for a save before the `step`-th training step (counted from 1 over the run), then, as
+    the killed node would, never comes back from the hold."""
+
+    def __init__(self, step: int):
+        self.calls, self.step = 0, step
+
+    def requested(self):
+        self.calls += 1
+        return "stop" if self.calls == self.step else None
+
+    def hold(self):
+        raise Killed
+
+
+@pytest.fixture(scope="module")
+def saved_inside(runs, tmp_path_factory):
+    """The checkpoints of a run that saved at the third of epoch 2's four steps and was then killed."""
+    data, _, _ = runs
+    folder = tmp_path_factory.mktemp("inside")
+
+    def report(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, folder / f"ckpt_{metrics.get('epoch', 'saved')}")
+
+    with pytest.raises(Killed):
+        train_cifar(CONFIG, data, report, runtime=EVERY_EPOCH, watch=SaveAt(4 + 3))
+    return folder
+
+
+def resumed_inside(runs, saved_inside, tmp_path, tamper=None):
+    copy = shutil.copytree(saved_inside, tmp_path / "ckpts")
+    if tamper is not None:
+        state = torch.load(copy / "ckpt_saved" / TRAINER_FILE, weights_only=True)
+        tamper(state["position"])
+        torch.save(state, copy / "ckpt_saved" / TRAINER_FILE)
+    metrics: list = []
+    train_cifar(CONFIG, runs[0], record(metrics), checkpoint_from=[copy / "ckpt_saved", copy / "ckpt_1"],
+                runtime=EVERY_EPOCH)  # fmt: skip
+    return metrics
+
+
+def test_a_state_saved_inside_an_epoch_resumes_it_exactly(runs, saved_inside, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        metrics = resumed_inside(runs, saved_inside, tmp_path)
+    same_epochs(metrics, runs[1][1:])
+    assert not caplog.records
+
+
+POSITIONS = {
+    "loss_sum NaN": lambda p: p["loss_sum"].fill_(math.nan),
+    "loss_sum negative": lambda p: p["loss_sum"].fill_(-1e6),
+    "correct above the images seen": lambda p: p["correct"].fill_(10**6),
+    "train_s inf": lambda p: p.update(train_s=math.inf),
+    "a position in another epoch": lambda p: p.update(epoch=1),
+}
+
+
+@pytest.mark.parametrize("case", POSITIONS)
+def test_a_refused_position_falls_back_to_a_whole_older_state(runs, saved_inside, tmp_path, caplog, case):
+    """Never the saved weights trained from the epoch's start: the older state's weights and optimizer too."""
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        metrics = resumed_inside(runs, saved_inside, tmp_path, POSITIONS[case])
+    same_epochs(metrics, runs[1][1:])  # from epoch 1's state: epoch 2 trained whole, the same numbers
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "does not fit this trial" in lines[0] and "ckpt_saved" in lines[0], lines
 
 
 # --- end to end: a sweep stopped, its resume state made a captured-step one, resumed on the CPU -------------

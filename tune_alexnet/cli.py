@@ -166,6 +166,25 @@ def _place(text: str) -> str:
     return text
 
 
+def _tracking_uri(text: str) -> str:
+    """A tracking URI that parses (a host, a port that is a number), named redacted where it does not: an
+    unclosed `[::1` would otherwise be a traceback from deep inside the preflight."""
+    from urllib.parse import urlparse
+
+    from .settings import redacted
+
+    text = _place(text)
+    if "://" in text:
+        try:
+            urlparse(text).port  # noqa: B018 - parsing it is the check
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"invalid value '{redacted(text)}' ({exc}); allowed: a tracking URI such as http://host:5000, "
+                "file:///folder or sqlite:///file.db"
+            ) from None
+    return text
+
+
 # --- the parser: one small builder a subcommand, the shared groups written once ---------------------------
 
 
@@ -301,7 +320,7 @@ def _placement_flags(r) -> None:
 
 
 def _tracker_flags(k) -> None:
-    k.add_argument("--mlflow", type=_place, metavar="TRACKING_URI", help="log every trial as an MLflow run, in an "
+    k.add_argument("--mlflow", type=_tracking_uri, metavar="TRACKING_URI", help="log every trial as an MLflow run, in an "
                    "experiment named after the sweep (pip install 'tune-alexnet[mlflow]')")  # fmt: skip
     k.add_argument("--wandb", metavar="PROJECT",
                    help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')")  # fmt: skip

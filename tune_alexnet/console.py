@@ -21,6 +21,7 @@ from ray import tune
 
 from . import stopping
 from .grid import full_config, run_number
+from .settings import redacted
 from .storage import DRIVER_LOG
 
 STATUS = {"RUNNING": "running", "PENDING": "pending", "TERMINATED": "done", "ERROR": "errored", "PAUSED": "paused"}
@@ -263,7 +264,7 @@ class RayLines(logging.Filter):
         name = data.get("actor_name") or data.get("task_name") or ""
         where = f", ip={data.get('ip')}" if data.get("ip") != data.get("localhost") else ""
         prefix = f"({name + ' ' if name else ''}pid={data.get('pid')}{where})"
-        lines = [ANSI.sub("", line) for line in data.get("lines", [])]
+        lines = [redacted(ANSI.sub("", line)) for line in data.get("lines", [])]
         if data.get("pid") == "autoscaler":  # as Ray shows it: its events, not its status tables
             from ray._private.worker import filter_autoscaler_events
 
@@ -279,7 +280,10 @@ class RayLines(logging.Filter):
                       file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)  # fmt: skip
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = ANSI.sub("", record.getMessage())
+        plain = ANSI.sub("", record.getMessage())
+        message = redacted(plain)
+        if message != plain:  # a tracker's URI with its secret (MLflow names it): never shown, never kept
+            record.msg, record.args = message, ()
         self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}")
         if STOP_NOTICE in message:
             if not self.quiet and not stopping.announced():  # a stop that saved the trials first has said so

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,7 +27,18 @@ import pandas as pd
 
 from .data import check_record
 from .grid import full_config, optimizer_order, run_number
-from .settings import BOUNDS, DIMENSIONS, EPOCHS, PRECISIONS, SETTINGS_FILE, Bound, Grid, from_record, read_settings
+from .settings import (
+    BOUNDS,
+    DIMENSIONS,
+    EPOCHS,
+    PRECISIONS,
+    SETTINGS_FILE,
+    Bound,
+    Grid,
+    from_record,
+    read_settings,
+    redacted,
+)
 from .storage import (
     ERROR_LIMIT,
     JSON_LIMIT,
@@ -639,7 +651,7 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
     """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written whole or not at all."""
     meta = {**provenance(exp), "generation": exp.generation}
     originals = original_tables(exp.table)
-    with output_dir(out_dir) as out:
+    with output_dir(out_dir, exp) as out:
         if out.newer_than(exp):
             exp.notes.append(
                 f"the tables in {out.uri} were written from a newer read of {exp.path}; they are left as they are"
@@ -706,6 +718,30 @@ class Output:
             return False
         return isinstance(written, int) and written > exp.generation
 
+    def tables_of(self) -> str | None:
+        """The experiment whose tables this folder holds, as their Parquet metadata names it; None where it holds
+        none of ours (none yet, unreadable, or of a version that did not name it)."""
+        try:
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(self.local / f"{TABLE_NAME}.parquet").metadata or {}
+            found = json.loads(meta.get(b"tune_alexnet", b"{}")).get("experiment")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return found if isinstance(found, str) else None
+
+    def check_holds_no_other(self, exp: Experiment) -> None:
+        """ExportError naming both experiments where this (local) folder holds another experiment's tables."""
+        if is_remote(self.uri) or os.path.realpath(self.uri) == os.path.realpath(exp.path):
+            return
+        other = self.tables_of()
+        if other is not None and other != exp.path:
+            raise ExportError(
+                f"{self.uri} holds the tables of experiment {redacted(other)}, not of {redacted(exp.path)}; allowed: "
+                "an --out folder that is empty or holds this experiment's tables (pick another folder, or remove "
+                "the other experiment's tables first)"
+            )
+
     def put(self, name: str, write) -> None:
         try:
             atomic_write(self.local / name, write)
@@ -734,16 +770,53 @@ def _size_elsewhere(write) -> int | None:
 
 
 WRITE_LOCK_WAIT_S = 30.0  # the longest an export, a report or the study page waits for another writer
+# In a local --out folder: the file whose flock makes one writer of the folder at a time. This user's own, mode
+# 0600: a lock on the folder itself, or on a file anyone may make, could be taken by any user who can open it.
+WRITE_LOCK_NAME = ".tune-alexnet-write.lock"
+
+
+def _open_write_lock(out: str) -> int:
+    """The folder's lock file, made private (0600) by this user or refused with one line: a link, something
+    other than a regular file, a file of several names or one owned by someone else is no lock of ours."""
+    path = os.path.join(out, WRITE_LOCK_NAME)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        kind = (
+            "a symbolic link" if os.path.islink(path)
+            else "not a regular file" if os.path.lexists(path) and not os.path.isfile(path)
+            else None
+        )  # fmt: skip
+        if kind is None:
+            raise ExportError(f"cannot open the lock file {path} ({exc.strerror}); allowed: a folder you can write "
+                              "(--out DIR)") from None  # fmt: skip
+    else:
+        st = os.fstat(fd)
+        kind = (
+            "not a regular file" if not stat.S_ISREG(st.st_mode)
+            else f"owned by user id {st.st_uid}, not by you" if st.st_uid != os.getuid()
+            else f"a file with {st.st_nlink} names" if st.st_nlink != 1
+            else None
+        )  # fmt: skip
+        if kind is None:
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)  # ours, made open to others by hand: private again
+            return fd
+        os.close(fd)
+    raise ExportError(
+        f"the lock file {path} is {kind}, which tune-alexnet never makes; remove it, or pick another folder (--out DIR)"
+    )
 
 
 def _lock_within(fd: int, out: str, wait_s: float) -> None:
-    """The folder's write lock, waited for at most `wait_s`: another process (any user who can open the folder)
-    holding it longer is named in one line, never a hang."""
+    """The folder's write lock, waited for at most `wait_s`: another process holding it longer is named in one
+    line, never a hang. A lock file replaced while we waited is no lock: refused, not trusted."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            break
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 raise ExportError(
@@ -751,6 +824,13 @@ def _lock_within(fd: int, out: str, wait_s: float) -> None:
                     "other process is writing (--out DIR)"
                 ) from None
             time.sleep(0.1)
+    path = os.path.join(out, WRITE_LOCK_NAME)
+    try:
+        same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        same = False
+    if not same:
+        raise ExportError(f"the lock file {path} was removed or replaced while this process waited for it; run again")
 
 
 def check_room(out: str | os.PathLike, sizes: dict[str, int], what: str) -> None:
@@ -779,8 +859,12 @@ def _mb(size: int) -> str:
 
 
 @contextmanager
-def output_dir(out: str | os.PathLike):
-    """Where a command's files go; a local folder it had to make is removed again if nothing was written in it."""
+def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
+    """A folder to write `exp`'s tables, report or page into, held for this writer alone. A local folder it had to
+    make is removed again if nothing was written in it. A local folder that holds the tables of another experiment
+    is refused (ExportError naming both): its files and ours would be read as one experiment's, and the other's are
+    nobody's to replace unasked. The experiment's own folder is always its own, whatever path its tables were
+    written from."""
     out = storage_uri(os.fspath(out))
     if not is_remote(out):
         made = missing_folders(out)
@@ -793,15 +877,23 @@ def output_dir(out: str | os.PathLike):
             raise ExportError(
                 f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
             ) from None
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = None
         try:
+            fd = _open_write_lock(out)
             _lock_within(fd, out, WRITE_LOCK_WAIT_S)  # one writer of this folder's tables at a time
-            yield Output(out, Path(out), [])
+            output = Output(out, Path(out), [])
+            if exp is not None:
+                output.check_holds_no_other(exp)
+            yield output
         except BaseException:
+            if made:  # a folder this call made holds nothing of anyone's but our lock file
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out, WRITE_LOCK_NAME))
             remove_empty(made)
             raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         return
     import pyarrow.fs
 

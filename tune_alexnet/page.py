@@ -312,7 +312,7 @@ def write_page(exp: Experiment, out_dir: str | os.PathLike | None = None, live: 
     polls never sees data older than its own."""
     data = page_data(exp, live, poll_s)
     html = render(data)
-    with output_dir(out_dir or exp.path) as out:
+    with output_dir(out_dir or exp.path, exp) as out:
         out.put(DATA_NAME, lambda tmp: Path(tmp).write_text(sidecar(data), encoding="utf-8"))
         out.put(PAGE_NAME, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
     return next(p for p in out.written if p.split("?")[0].endswith(PAGE_NAME)) if out.written else ""

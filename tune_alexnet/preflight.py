@@ -32,12 +32,20 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 from . import cluster, settings
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
-from .settings import DEFAULT_GPU_SHARE, SETTINGS_FILE, TRIAL_DEFAULTS, SweepSettings, read_settings
+from .settings import (
+    DEFAULT_GPU_SHARE,
+    REDACTED,
+    SETTINGS_FILE,
+    TRIAL_DEFAULTS,
+    SweepSettings,
+    read_settings,
+    redacted,
+)
 from .storage import (
     DRIVER_LOG,
     REACH_TIMEOUT_S,
@@ -343,7 +351,8 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
     except ValueError as exc:
         raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
     check_unchanged(s.asked, saved)
-    keep = {
+    keep = {"mlflow": _resumed_mlflow(s.mlflow, saved.mlflow)} if s.mlflow or saved.mlflow else {}
+    keep |= {
         "address": s.address,
         "shared_storage": s.shared_storage,
         "allow_data_change": s.allow_data_change,
@@ -359,6 +368,23 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
     if s.subset is not None:  # a deliberate change of data: check_resume_data refuses it without the flag
         keep["subset"] = s.subset
     return dataclasses.replace(saved, **keep)
+
+
+def _resumed_mlflow(given: str | None, recorded: str | None) -> str | None:
+    """The tracking URI a resumed sweep logs to: the one given again (--mlflow), else the recorded one. A URI
+    with a secret is recorded redacted (settings.write_settings): it must then be given again, or be in
+    MLFLOW_TRACKING_URI, whole."""
+    if given is not None:
+        return given
+    if REDACTED not in (recorded or ""):
+        return recorded
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and redacted(env) == recorded:
+        return env
+    raise PreflightError(
+        f"--resume: the experiment logs to MLflow at {recorded}, whose secret is not stored with it; pass "
+        f"--mlflow with the whole URI again, or set MLFLOW_TRACKING_URI to it"
+    )
 
 
 class NothingToResume(PreflightError):
@@ -516,19 +542,6 @@ def _need(package: str, flag: str) -> None:
         raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
 
 
-def redacted(uri: str) -> str:
-    """`uri` with the password of its user part (http://user:password@host) shown as ***, for refusal lines."""
-    try:
-        parts = urlparse(uri)
-        secret = parts.password
-    except ValueError:
-        return uri
-    if secret is None:
-        return uri
-    user, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
-
-
 def _check_mlflow_uri(uri: str) -> None:
     """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder."""
     scheme = urlparse(uri).scheme.lower()
@@ -545,8 +558,13 @@ def _check_mlflow_uri(uri: str) -> None:
 
 
 def _probe(uri: str) -> None:
-    """Any HTTP answer below 500 proves a server is there (auth and paths are MLflow's to judge)."""
-    url = uri.rstrip("/") + "/health"
+    """Any HTTP answer below 500 proves a server is there (auth and paths are MLflow's to judge), so the probe
+    goes without the URI's user part and query: urllib would take a user part for a port, and a secret in
+    either would travel, and could be echoed, for nothing."""
+    parts = urlparse(uri)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    url = urlunparse((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "", ""))
     try:
         with urllib.request.urlopen(url, timeout=TRACKER_TIMEOUT_S):
             return
@@ -554,10 +572,10 @@ def _probe(uri: str) -> None:
         if exc.code < 500:
             return
         reason = f"it answered HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = str(getattr(exc, "reason", exc))
     raise PreflightError(
-        f"--mlflow {redacted(uri)}: the MLflow tracking server cannot be reached ({reason.replace(uri, redacted(uri))}); "
+        f"--mlflow {redacted(uri)}: the MLflow tracking server cannot be reached ({redacted(reason)}); "
         f"start it (mlflow server --host 127.0.0.1 --port 5000) or pass a reachable URI"
     )
 

@@ -2,8 +2,10 @@
 it would resume before anything of it is used, and its optimizer is put in this run's step mode.
 
 A state that does not fit (other optimizer settings than the trial's config, counters outside the run, a part
-missing, weights of another network) is treated like a torn file: train.py tries an older state, or starts the
-trial afresh, with one line in the trial's log.
+missing, weights of another network, an optimizer state of other shapes or of non-finite numbers, a step count
+that is not the steps the counters took, a position inside an epoch that does not fit it) is treated like a torn
+file: train.py tries an older state, or starts the trial afresh, with one line in the trial's log. The state is
+used whole or not at all: never its weights with another state's position.
 """
 
 from __future__ import annotations
@@ -20,20 +22,32 @@ PARTS = ("model", "optimizer", "generator", "torch_rng", "counters")
 HOW_IT_RUNS = ("params", "capturable", "foreach", "fused", "differentiable")
 
 
-def state_problem(trainer, best, cfg: dict, model_state: dict) -> str | None:
-    """Why `trainer` (and the best weights beside it) cannot resume the trial of `cfg`, whose fresh network's
-    state_dict is `model_state`; None where it fits."""
+def state_problem(trainer, best, cfg: dict, model: torch.nn.Module, train_images: int) -> str | None:
+    """Why `trainer` (and the best weights beside it) cannot resume the trial of `cfg` on `train_images` training
+    images, whose fresh network is `model`; None where it fits."""
     if not isinstance(trainer, dict):
         return f"it holds a {type(trainer).__name__}; allowed: a mapping of {', '.join(PARTS)}"
     missing = [p for p in PARTS if p not in trainer]
     if missing:
         return f"{missing[0]!r} is missing"
     for what, weights in (("its weights", trainer["model"]), ("the best weights", best)):
-        if problem := _weights_problem(weights, model_state):
+        if problem := _weights_problem(weights, model.state_dict()):
             return f"{what}: {problem}"
     if not all(isinstance(trainer[k], torch.Tensor) for k in ("generator", "torch_rng")):
         return "a random generator's state is not a tensor"
-    return _counters_problem(trainer["counters"], cfg) or _optimizer_problem(trainer["optimizer"], cfg)
+    if problem := _counters_problem(trainer["counters"], cfg) or _optimizer_problem(trainer["optimizer"], cfg):
+        return problem
+    position = trainer.get("position")
+    if position is not None:
+        if not isinstance(position, dict):
+            return "its position inside an epoch is not a mapping"
+        if (problem := position_problem(position, train_images, cfg["batch_size"])) is not None:
+            return f"its position inside an epoch: {problem}"
+        if position.get("epoch") != (after := trainer["counters"]["epoch"] + 1):
+            return f"its position is in epoch {position.get('epoch')!r}; allowed: the one after its counters, {after}"
+    steps = trainer["counters"]["epoch"] * len(epoch_batches(train_images, cfg["batch_size"], 0))
+    steps += position["steps"] if position is not None else 0
+    return _optimizer_state_problem(trainer["optimizer"], cfg, [p.shape for p in model.parameters()], steps)
 
 
 def _weights_problem(weights, model_state: dict) -> str | None:
@@ -95,6 +109,101 @@ def _optimizer_problem(state, cfg: dict) -> str | None:
         if key not in group:
             return f"optimizer setting {key!r} is missing"
     return None
+
+
+# Per-parameter optimizer state that is a sum of squares: never negative.
+SQUARES = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")
+
+
+def _optimizer_state_problem(state: dict, cfg: dict, shapes: list, steps: int) -> str | None:
+    """Each parameter's optimizer state as this trial's optimizer makes it after `steps` steps: the parameters
+    numbered 0..n-1 in one group; no state before the first step, and after it, for every parameter, the keys
+    torch's optimizer keeps (a step count equal to `steps`, float tensors of the parameter's shape, finite, sums of
+    squares not negative). Anything else would raise inside torch or train on from numbers no run produced."""
+    if state["param_groups"][0].get("params") != list(range(len(shapes))):
+        return f"its param group does not number this network's {len(shapes)} parameters 0..{len(shapes) - 1}"
+    per_param = state.get("state")
+    if not isinstance(per_param, dict):
+        return "its per-parameter state is not a mapping"
+    keys = _state_keys(cfg) if steps else set()
+    if steps and set(per_param) != set(range(len(shapes))) or not steps and per_param:
+        return f"per-parameter state for {len(per_param)} parameters; allowed: {len(shapes) if steps else 0}"
+    for index, entry in per_param.items():
+        shape = tuple(shapes[index])
+        if not isinstance(entry, dict) or set(entry) != keys:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            return f"parameter {index}'s optimizer state holds {found}; allowed: {sorted(keys)}"
+        for key, value in entry.items():
+            if key == "step":
+                step = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if not (_number(step) and step == steps):
+                    return f"parameter {index}'s step {step!r}; the counters give {steps}"
+            elif not (isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                return f"parameter {index}'s {key} is {got}; allowed: float numbers of shape {shape}"
+            elif not torch.isfinite(value).all():
+                return f"parameter {index}'s {key} holds a number that is not finite"
+            elif key in SQUARES and (value < 0).any():
+                return f"parameter {index}'s {key} holds a negative number; allowed: >= 0 (a sum of squares)"
+    return None
+
+
+def _state_keys(cfg: dict) -> set:
+    """The keys of a parameter's state in the trial's optimizer after a step, as this torch makes them."""
+    from .train import make_optimizer
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = make_optimizer(cfg["optimizer"], [param], cfg["lr"])
+    param.grad = torch.ones(1)
+    optimizer.step()
+    return set(optimizer.state[param])
+
+
+def position_problem(p: dict, n: int, batch_size: int) -> str | None:
+    """Why a position saved inside an epoch cannot continue a pass over `n` images (None if it can): its order
+    must be a permutation of this data, its counters must fall on a step of it, and its running sums must be ones
+    those steps could make: a loss sum finite and not negative (zero before the first step; a cross-entropy has no
+    tighter bound than its logits' range), a correct count a whole number up to the images seen."""
+    try:
+        order, chunk, first, start, seen, steps = (p[k] for k in ("order", "chunk", "first", "start", "seen", "steps"))
+        if not (isinstance(order, torch.Tensor) and order.dtype == torch.int64 and order.shape == (n,)):
+            return f"its order is not one of {n} images"
+        if not torch.equal(order.sort().values, torch.arange(n)):
+            return "its order is not a permutation of the data"
+        if not all(_whole(v) for v in (chunk, first, start, seen, steps)):
+            return "its counters are not integers"
+        if chunk < batch_size or chunk % batch_size or first % chunk or not 0 <= first < n:
+            return f"chunk {chunk} and first image {first} do not fit batches of {batch_size}"
+        if start % batch_size or not 0 <= start < chunk or seen != first + start or steps * batch_size != seen:
+            return f"step {steps} at image {seen} does not fall on a step of this epoch"
+        loss_sum, correct = p["loss_sum"], p["correct"]
+        if not (isinstance(loss_sum, torch.Tensor) and loss_sum.numel() == 1 and loss_sum.is_floating_point()):
+            return "loss_sum is not one float number"
+        if not (torch.isfinite(loss_sum).all() and loss_sum.item() >= 0 and (seen or loss_sum.item() == 0)):
+            return f"loss_sum {loss_sum.item()!r}; allowed: finite, >= 0, 0 before the first step"
+        if not (isinstance(correct, torch.Tensor) and correct.numel() == 1 and correct.dtype == torch.int64):
+            return "correct is not one whole number"
+        if not 0 <= correct.item() <= seen:
+            return f"correct {correct.item()}; allowed: 0..{seen} (the images seen)"
+        if not (_number(p["train_s"]) and p["train_s"] >= 0):
+            return f"train_s {p['train_s']!r}; allowed: finite, >= 0"
+        if not (isinstance(p["chunk_gen"], torch.Tensor) and p["chunk_gen"].dtype == torch.uint8):
+            return "its generator state is not one"
+    except (KeyError, TypeError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
+
+
+def epoch_batches(images: int, batch_size: int, seen: int) -> list[int]:
+    """The batches of a chunk of `images`, `seen` images into the epoch: a last batch of one is left out (it
+    breaks BatchNorm; the study's loader never made one) unless it is the epoch's only image."""
+    sizes = []
+    for start in range(0, images, batch_size):
+        size = min(batch_size, images - start)
+        if size < 2 and seen + start:
+            break
+        sizes.append(size)
+    return sizes
 
 
 def expected_group(cfg: dict) -> dict:

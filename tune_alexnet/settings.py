@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -264,6 +265,28 @@ def from_record(record) -> SweepSettings:
 
 
 SETTINGS_FILE = "tune_alexnet_sweep.json"  # in the experiment folder: what --resume and the tables need
+# Query parameters of a URI whose values are secrets (a name holding any of these, in any case).
+SECRET_PARAMS = ("token", "password", "passwd", "secret", "key", "auth", "signature", "sig", "credential")
+REDACTED = "***"
+
+
+def redacted(uri: str) -> str:
+    """`uri` as it may be shown, logged or stored: the password of its user part (user:***@), a user part
+    that is a bare token (***@) and the values of query parameters that carry secrets (?token=***) hidden.
+    By pattern, not by a URI parser: text that does not parse as a URI is shown too (in the line refusing it),
+    and so are URIs inside a longer text (a log line)."""
+    text = re.sub(
+        r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@",
+        lambda m: f"{m[1]}{m[2].split(':', 1)[0] + ':' if ':' in m[2] else ''}{REDACTED}@",
+        uri,
+    )
+    names = "|".join(SECRET_PARAMS)
+    return re.sub(rf"([?&;][^=&;#\s]*(?:{names})[^=&;#\s]*=)[^&;#\s]*", rf"\g<1>{REDACTED}", text, flags=re.I)
+
+
+def has_secret(uri: str | None) -> bool:
+    """Whether `uri` holds something redacted() hides (then it is stored redacted, never in clear)."""
+    return uri is not None and redacted(uri) != uri
 
 
 def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) -> None:
@@ -271,6 +294,8 @@ def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) ->
     record = {**asdict(s), **(extra or {})}
     record.pop("resume")
     record.pop("asked")
+    if record["mlflow"] is not None:  # its secrets never in clear: --resume asks for the URI again (resume_settings)
+        record["mlflow"] = redacted(record["mlflow"])
     _write_record(exp_uri, record)
 
 

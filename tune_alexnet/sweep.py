@@ -218,6 +218,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
                 callback.exp_uri = plan.exp_uri
             elif isinstance(callback, DiskGuard) and guard:
                 callback.__dict__.update(guard[0].__dict__)
+            elif hasattr(callback, "tracking_uri") and s.mlflow is not None:  # pickled redacted: the URI in full
+                callback.tracking_uri = s.mlflow
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(

@@ -12,7 +12,7 @@ import functools
 import os
 
 from .grid import full_config, run_number
-from .settings import SweepSettings
+from .settings import SweepSettings, redacted
 from .storage import is_remote
 
 # What a tracker receives of each result: the study's metrics, and nothing else. A result carries more (how the
@@ -77,7 +77,14 @@ def _mlflow_callback_class():
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class StudyMLflowCallback(MLflowLoggerCallback):
-        """Ray's MLflow callback, plus the study's run number and the trial's final status as tags."""
+        """Ray's MLflow callback, plus the study's run number and the trial's final status as tags. Pickled with
+        the experiment (Tune keeps its callbacks), it keeps its tracking URI redacted: --resume sets it again."""
+
+        def __getstate__(self) -> dict:
+            state = dict(self.__dict__)
+            if isinstance(state.get("tracking_uri"), str):
+                state["tracking_uri"] = redacted(state["tracking_uri"])
+            return state
 
         def log_trial_start(self, trial) -> None:
             super().log_trial_start(trial)

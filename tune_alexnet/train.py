@@ -248,7 +248,7 @@ def train_cifar(
 def _train(cfg: dict, data: Cifar, report: Report, checkpoint_from, run: dict, granted, node, watch) -> None:
     rt = resolve_runtime(cfg, run, granted)
     _set_backends(rt, run)
-    trial = _restore(cfg, rt, checkpoint_from)
+    trial = _restore(cfg, rt, checkpoint_from, len(data.train_x))
     if trial is None:
         return  # it had finished; the driver died before recording that
     trial.watch = watch
@@ -300,7 +300,7 @@ def _new_trial(cfg: dict, rt: Runtime) -> Trial:
     return Trial(model, optimizer, step, gen, model_args)
 
 
-def _restore(cfg: dict, rt: Runtime, checkpoint_from) -> Trial | None:
+def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Trial | None:
     """A new trial with the newest resume state that fits it loaded; None if the run had already finished.
 
     A state that does not fit this trial (resume.state_problem: tampered, or from another trial) is passed over
@@ -310,7 +310,7 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from) -> Trial | None:
         if resumed == "finished":
             return None
         where, trainer, best = resumed
-        problem = resume.state_problem(trainer, best, cfg, trial.model.state_dict())
+        problem = resume.state_problem(trainer, best, cfg, trial.model, train_images)
         if problem is None:
             try:
                 _load_state(trial, trainer, best, rt)
@@ -337,10 +337,7 @@ def _load_state(trial: Trial, trainer: dict, best: dict, rt: Runtime) -> None:
     trial.state = {k: trainer["counters"][k] for k in NEW_COUNTERS}
     # before the first epoch's end (a state saved inside epoch 1) there are no best weights yet
     trial.best_weights = {k: v.to(rt.device) for k, v in best.items()} if trial.state["best_epoch"] else None
-    position = trainer.get("position")  # a state saved inside an epoch: where it stood, in the next epoch
-    trial.position = (
-        position if isinstance(position, dict) and position.get("epoch") == trial.state["epoch"] + 1 else None
-    )
+    trial.position = trainer.get("position")  # a state saved inside an epoch: where it stood, in the next epoch
 
 
 def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runtime, tensors) -> dict:
@@ -620,16 +617,16 @@ def train_epoch(
     Before each step, `save_now()` naming a reason raises SaveNow with where the pass stands: its order, the
     generator's state at the current chunk's start (the chunk's draws are made again from it), the step and the
     running sums. `resume_at` (such a position) continues the pass from there, as if it had never stopped; one
-    that does not fit this pass (other data, a tampered file) is set aside for a fresh pass."""
+    that does not fit this pass (other data, a tampered file) is refused with ValueError."""
     model.train()
     step = step or TrainStep(model, optimizer, rt, batch_size)
     step.begin_epoch()
     n = len(x_u8)
     chunk = max(1, rt.augment_chunk // batch_size) * batch_size
     seen = steps = begin = skip = 0
-    if resume_at is not None and (problem := _position_problem(resume_at, n, batch_size)):
-        log.warning("the state saved inside this epoch does not fit it (%s); the epoch starts afresh", problem)
-        resume_at = None
+    if resume_at is not None and (problem := resume.position_problem(resume_at, n, batch_size)):
+        # _restore passes such a state over whole; its weights must not train on from another position
+        raise ValueError(f"the state saved inside this epoch does not fit it ({problem})")
     if resume_at is None:
         order = torch.randperm(n, device=x_u8.device, generator=gen)
     else:
@@ -642,7 +639,7 @@ def train_epoch(
     for first in range(begin, n, chunk):
         chunk_gen = gen.get_state() if save_now is not None else None
         skipped = skip if first == begin else 0  # images of this chunk trained before a saved state
-        sizes = _batch_sizes(min(chunk, n - first), batch_size, seen - skipped)
+        sizes = resume.epoch_batches(min(chunk, n - first), batch_size, seen - skipped)
         if not sizes:
             break
         idx = order[first : first + sum(sizes)]
@@ -668,43 +665,6 @@ def train_epoch(
             if steps % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(step.loss_sum).item():
                 return math.nan, 100.0 * step.correct.item() / seen
     return step.loss_sum.item() / seen, 100.0 * step.correct.item() / seen
-
-
-def _position_problem(p: dict, n: int, batch_size: int) -> str | None:
-    """Why a position saved inside an epoch cannot continue this pass (None if it can): a resume state is data,
-    so its order must be a permutation of this data and its counters must fall on a step of it."""
-    try:
-        order, chunk, first, start, seen, steps = (p[k] for k in ("order", "chunk", "first", "start", "seen", "steps"))
-        if not (isinstance(order, torch.Tensor) and order.dtype == torch.int64 and order.shape == (n,)):
-            return f"its order is not one of {n} images"
-        if not torch.equal(order.sort().values, torch.arange(n)):
-            return "its order is not a permutation of the data"
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (chunk, first, start, seen, steps)):
-            return "its counters are not integers"
-        if chunk < batch_size or chunk % batch_size or first % chunk or not 0 <= first < n:
-            return f"chunk {chunk} and first image {first} do not fit batches of {batch_size}"
-        if start % batch_size or not 0 <= start < chunk or seen != first + start or steps * batch_size != seen:
-            return f"step {steps} at image {seen} does not fall on a step of this epoch"
-        for key in ("loss_sum", "correct"):
-            if not (isinstance(p[key], torch.Tensor) and p[key].numel() == 1 and torch.isfinite(p[key]).all()):
-                return f"{key} is not one finite number"
-        if not (isinstance(p["chunk_gen"], torch.Tensor) and p["chunk_gen"].dtype == torch.uint8):
-            return "its generator state is not one"
-    except (KeyError, TypeError, RuntimeError) as exc:
-        return f"{type(exc).__name__}: {exc}"[:200]
-    return None
-
-
-def _batch_sizes(images: int, batch_size: int, seen: int) -> list[int]:
-    """The batches of a chunk of `images`, `seen` images into the epoch: a last batch of one is left out (it
-    breaks BatchNorm; the study's loader never made one) unless it is the epoch's only image."""
-    sizes = []
-    for start in range(0, images, batch_size):
-        size = min(batch_size, images - start)
-        if size < 2 and seen + start:
-            break
-        sizes.append(size)
-    return sizes
 
 
 @torch.inference_mode()
