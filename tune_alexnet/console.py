@@ -57,7 +57,7 @@ def trial_row(config: dict, result: dict, status: str) -> str:
 def has_accuracy(result: dict) -> bool:
     """Whether a trial's last result holds a best accuracy: a finished epoch that did not diverge. A state saved
     inside the first epoch, or a run that diverged at once, reports best_val_acc 0 with best_epoch 0."""
-    return bool(result.get("best_epoch")) and result.get("best_val_acc") is not None
+    return bool(result.get("best_epoch", 1)) and result.get("best_val_acc") is not None
 
 
 def _epochs_done(result: dict) -> int:
