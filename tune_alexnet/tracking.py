@@ -108,10 +108,24 @@ def _mlflow_callback_class():
 
 @functools.cache
 def _wandb_callback_class():
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class StudyWandbActor(_WandbLoggingActor):
+        """Ray's W&B logging actor, which W&B's core then writes the run's file for to the end. Ray kills the actor
+        as soon as `run` returns after `wandb.finish()`: W&B's own teardown, an exit hook, never runs, and its core,
+        left without its parent, dropped the records it still buffered (an offline run holding only its header,
+        most often when two runs ended at once). The teardown waits for the core to write them."""
+
+        def run(self):
+            try:
+                super().run()
+            finally:
+                self._wandb.teardown()
 
     class StudyWandbCallback(WandbLoggerCallback):
         """Ray's W&B callback, plus the study's run number in each run's config and tags."""
+
+        _logger_actor_cls = StudyWandbActor
 
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs) -> None:
             if not self._remote_logger_class:
