@@ -111,10 +111,9 @@ def _wandb_callback_class():
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
     class StudyWandbActor(_WandbLoggingActor):
-        """Ray's W&B logging actor, which W&B's core then writes the run's file for to the end. Ray kills the actor
-        as soon as `run` returns after `wandb.finish()`: W&B's own teardown, an exit hook, never runs, and its core,
-        left without its parent, dropped the records it still buffered (an offline run holding only its header,
-        most often when two runs ended at once). The teardown waits for the core to write them."""
+        """Ray's W&B logging actor, ending with W&B's teardown: Ray kills the actor (SIGKILL) as soon as `run`
+        returns after `wandb.finish()`, so W&B's own teardown, an exit hook, never runs, and W&B asks for an explicit
+        call where its hook cannot run. The teardown waits for W&B's core to close the run's files."""
 
         def run(self):
             try:
