@@ -1,6 +1,11 @@
 """The package from Python: the command line's settings and checks, and what a user needs next."""
 
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
+from conftest import make_image_folder
 
 from tune_alexnet import api
 
@@ -17,16 +22,65 @@ def test_flags_from_python_pass_the_command_lines_checks():
     assert api.settings(tf32=True).runtime["tf32"] is True and "tf32" not in api.settings().runtime
 
 
+RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def api_example() -> str:
+    """The docs' Python API example (docs/results.md), as written there."""
+    return next(b for b in re.findall(r"```python\n(.*?)```", RESULTS_MD.read_text(), re.DOTALL) if "api.sweep(" in b)
+
+
 @pytest.mark.slow
-def test_a_sweep_from_python_returns_the_result_grid_and_the_table(ray_local, synthetic_dir, tmp_path):
-    results, table = api.sweep(runs=[6, 4], epochs=1, width=0.125, data_dir=str(synthetic_dir),
-                               storage=str(tmp_path), name="api")  # fmt: skip
+def test_the_docs_api_example_runs_and_speaks_as_the_command_does(ray_local, mini_dir, tmp_path, monkeypatch, capfd):
+    """The example exactly as the docs give it (its data folder resolved), in a fresh working folder."""
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(api_example().replace("../shared/data/cifar10-mini", str(mini_dir)), scope)
+    table = scope["table"]
+    out = capfd.readouterr().out
+    exp = Path(table["best_checkpoint"].dropna().iloc[0]).parents[1]
+    assert exp.parent == tmp_path / "ray_results"
+    # the command's voice: the page's path first, progress lines, the summary naming the best run
+    assert f"tune-alexnet: study page: {exp / 'report.html'}" in out.splitlines()[:3]
+    assert "2/2 done, 0 running, 0 pending; best " in out
+    best = api.best_run(table)
+    assert f"  best:   {best['final_accuracy']:.2f}% (run {best['run']}:" in out and f"  page:   {exp}" in out
     assert list(table["run"]) == [4, 6] and set(table["status"]) == {"terminated"}
-    assert (tmp_path / "api" / "results.parquet").exists() and (tmp_path / "api" / "report.md").exists()
-    best = results.get_best_result()  # the study's metric and mode are set
-    assert round(best.metrics["best_val_acc"], 2) == api.best_run(table)["final_accuracy"]
-    model = api.load_model(api.best_run(table)["best_checkpoint"])
-    assert api.predict_proba(model, __import__("numpy").zeros((2, 32, 32, 3), "uint8")).shape == (2, 10)
-    out = tmp_path / "elsewhere"
-    assert [p.rsplit("/", 1)[-1] for p in api.report(tmp_path / "api", out)] == ["report.md", "report.html"]
-    assert (out / "report.md").is_file() and (out / "report.html").stat().st_size > 1e6
+    assert (exp / "results.parquet").exists() and (exp / "report.md").exists()
+    assert scope["best"].metrics["trial_id"] == best["trial_id"]
+    assert api.predict_proba(scope["model"], np.zeros((2, 32, 32, 3), "uint8")).shape == (2, 10)
+    report = tmp_path / "elsewhere"
+    assert [p.rsplit("/", 1)[-1] for p in api.report(exp, report)] == ["report.md", "report.html"]
+    assert (report / "report.md").is_file() and (report / "report.html").stat().st_size > 1e6
+
+
+@pytest.mark.slow
+def test_ray_names_the_tables_best_run_on_an_exact_tie_also_after_a_restore(ray_local, tmp_path, capfd):
+    """20 train images: batch 32 and batch 64 train on one identical batch, so runs 1 and 5 tie exactly. Ray keeps
+    the first of equals in its own order of trials, which is the order their states were first saved in (a set's
+    order, so either); every order Ray may list them in must name run 1."""
+    from ray import tune
+
+    from tune_alexnet.settings import METRIC, MODE
+    from tune_alexnet.train import train_cifar
+
+    data = make_image_folder(tmp_path / "tiny", train_per_class=2, test_per_class=1)
+    results, table = api.sweep(optimizer="sgd", lr=0.01, batch_size=[32, 64], dropout=True, batchnorm=False,
+                               epochs=1, width=0.125, data_dir=str(data), storage=str(tmp_path), name="tie",
+                               quiet=True)  # fmt: skip
+    out = capfd.readouterr().out
+    assert "done, 0 running" not in out and "study page:" not in out  # quiet: no progress, only the summary
+    assert "tune-alexnet: experiment " in out and "  best:   " in out  # the summary, as --quiet keeps it
+    by_run = table.set_index("run")
+    assert by_run.loc[1, "final_accuracy"] == by_run.loc[5, "final_accuracy"]  # the tie
+    best = api.best_run(table)
+    assert best["run"] == 1
+    assert results.get_best_result().metrics["trial_id"] == best["trial_id"]
+    restored = tune.Tuner.restore(str(tmp_path / "tie"), trainable=train_cifar).get_results()
+    assert restored.get_best_result().metrics["trial_id"] == best["trial_id"]
+    trials = tune.ExperimentAnalysis(str(tmp_path / "tie")).trials
+    grids = [tune.ResultGrid(tune.ExperimentAnalysis(str(tmp_path / "tie"), trials=order, default_metric=METRIC,
+                                                     default_mode=MODE)) for order in (trials, trials[::-1])]  # fmt: skip
+    # Ray's own ranking, over either order of the tied trials; then the docs' way for a grid without a metric
+    assert {grid.get_best_result().metrics["trial_id"] for grid in grids} == {best["trial_id"]}
+    assert {grid.get_best_result("score", "max").metrics["trial_id"] for grid in grids} == {best["trial_id"]}

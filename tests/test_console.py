@@ -106,3 +106,61 @@ def test_chosen_runs_are_created_in_run_order():
     from tune_alexnet.sweep import trial_space
 
     assert trial_space(SweepSettings(runs=(16, 12, 38)))["run"] == {"grid_search": [12, 16, 38]}
+
+
+def trial(status, result, run=4):
+    from types import SimpleNamespace
+
+    from tune_alexnet.grid import study_config
+
+    return SimpleNamespace(status=status, config={**study_config(run), "epochs": 3}, last_result=result)
+
+
+# What train.py reports: a state saved inside the first epoch (a stop), and an epoch that diverged at once.
+SAVED_IN_FIRST_EPOCH = {"saved_for": "stop", "saved_in_epoch": 1, "saved_at_step": 3, "best_val_acc": 0.0,
+                        "best_epoch": 0, "epochs_since_best": 0, "checkpoint_kind": "resume"}  # fmt: skip
+DIVERGED_AT_ONCE = {"epoch": 1, "val_acc": 10.0, "best_val_acc": 0.0, "best_epoch": 0, "diverged": True}
+
+
+def test_no_accuracy_is_shown_for_a_trial_without_a_finished_epoch(capsys):
+    from tune_alexnet.console import Console
+
+    console = Console(every_s=0)
+    console.on_step_end(1, [trial("RUNNING", SAVED_IN_FIRST_EPOCH), trial("PENDING", {}, run=6)])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("   4 "))
+    assert row.split()[-2:] == ["-", "-"] and "0.00" not in out and "best: none yet" in out
+    console = Console(every_s=0)  # a sweep whose every run diverged at once
+    console.on_step_end(1, [trial("TERMINATED", DIVERGED_AT_ONCE), trial("TERMINATED", DIVERGED_AT_ONCE, 6)])
+    out = capsys.readouterr().out
+    assert "2/2 done" in out and "%" not in out and "best: none (no run has an accuracy)" in out
+
+
+def test_no_progress_line_follows_the_stops_line(capsys, monkeypatch):
+    """Tune's stop notice, said in our words, or our own stop (stopping.py): the progress lines end there."""
+    import logging
+    from types import SimpleNamespace
+
+    from tune_alexnet import stopping
+    from tune_alexnet.console import Console, RayLines
+
+    running = [trial("RUNNING", {"epoch": 1, "val_acc": 20.0, "best_val_acc": 20.0, "best_epoch": 1})]
+    with RayLines(quiet=False):
+        console = Console(every_s=0)
+        console.on_step_end(1, running)
+        assert "0/1 done, 1 running" in capsys.readouterr().out
+        logging.getLogger("ray.tune.tune").warning(
+            "Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run."
+        )
+        console.on_step_end(2, running)
+        console.on_experiment_end(running)
+        out, err = capsys.readouterr()
+        assert "tune-alexnet: stopping:" in err and out == ""
+    with RayLines(quiet=False):  # a new sweep of this process speaks again, until its own stop
+        console = Console(every_s=0)
+        console.on_step_end(1, running)
+        assert "0/1 done" in capsys.readouterr().out
+        monkeypatch.setattr(stopping, "_active", SimpleNamespace(requested_at=1.0))  # stopping.SaveFirst said it
+        console.on_step_end(2, running)
+        console.on_experiment_end(running)
+        assert capsys.readouterr().out == ""

@@ -328,6 +328,8 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     text = log.read_text()
     assert f"saves its state at its next training step (waiting at most {STOP_WAIT_S:g} s)" in text, text[-3000:]
     assert "2 of 2 running trial(s) saved their state" in text and "Traceback" not in text
+    after_stop = text.split("saves its state at its next training step", 1)[1]  # the stop's line, then the summary
+    assert not re.search(r"^\[\d+[mh]\d\d[sm]\] \d+/\d+ done", after_stop, re.M), after_stop[-3000:]
     before = reported_epochs(exp_dir)
     for rows in before.values():  # the last report: a state saved inside an epoch, not an epoch's
         assert rows[-1]["saved_for"] == "stop" and "epoch" not in rows[-1]

@@ -208,3 +208,27 @@ def test_the_readmes_python_runs_on_a_real_experiment(cli_run):
     images = np.zeros((3, 32, 32, 3), np.uint8)
     model = scope["model"]
     assert predict_proba(model, images).shape == (3, 10) and predict(model, images).shape == (3,)
+
+
+def test_the_docs_python_runs_on_a_real_experiment(cli_run, tmp_path, monkeypatch):
+    """docs/results.md's snippets (but the API's, which test_api runs), in order, on a real experiment: its tables
+    copied as two experiments named as the snippet names them, its folder in place of the placeholders."""
+    import re
+
+    import numpy as np
+
+    out, exp, _ = cli_run
+    assert out.returncode == 0
+    for name in ("study", "study-seed2"):
+        (tmp_path / "ray_results" / name).mkdir(parents=True)
+        shutil.copy(exp / "results.parquet", tmp_path / "ray_results" / name)
+    monkeypatch.chdir(tmp_path)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if "api.sweep(" not in b]
+    assert len(blocks) == 3
+    scope = {"images": np.zeros((3, 32, 32, 3), np.uint8)}  # the snippet's images: a batch of 32x32 RGB
+    for block in blocks:
+        exec(block.replace("/abs/path/ray_results/<name>", str(exp)).replace("<name>", "study"), scope)
+    assert len(scope["every"]) == 2 * len(scope["df"]) == 4
+    assert scope["results"].get_best_result().metrics["trial_id"] == scope["best_run"](scope["df"])["trial_id"]
+    assert scope["probabilities"].shape == (3, 10) and len(scope["labels"]) == 3

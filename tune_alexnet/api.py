@@ -52,16 +52,20 @@ def settings(**flags):
         raise ValueError(f"tune-alexnet sweep: error: {exc}") from None
 
 
-def sweep(**flags) -> tuple:
-    """Run (or, with resume=True, continue) a sweep as `tune-alexnet sweep` does, quietly, and return what comes
-    next: (the ResultGrid, the results table). Its tables and report are in the experiment folder, as after the
-    command. Refusals raise ValueError (bad flags) or preflight.PreflightError, each with the command's line."""
+def sweep(quiet: bool = False, **flags) -> tuple:
+    """Run (or, with resume=True, continue) a sweep as `tune-alexnet sweep` does, and return what comes next:
+    (the ResultGrid, the results table). It speaks as the command does (the study page's path, the progress
+    lines, the summary); `quiet=True` leaves only the summary and errors, as --quiet does. Its tables and report are in the experiment
+    folder, as after the command. Refusals raise ValueError (bad flags) or preflight.PreflightError, each with the
+    command's line. `get_best_result()` on the ResultGrid names the tables' best run (the study's tie-break)."""
     from ray import tune
 
-    from .cli import run_study
+    from .cli import run_study, tell_the_end
     from .settings import METRIC, MODE
 
-    exp_uri, exp, _ = run_study(settings(**flags), quiet=flags.get("quiet", True))
+    s = settings(**flags, quiet=quiet)
+    exp_uri, exp, written = run_study(s, quiet=quiet)
+    tell_the_end(s, exp_uri, exp, written)
     analysis = tune.ExperimentAnalysis(exp_uri, default_metric=METRIC, default_mode=MODE)
     return tune.ResultGrid(analysis), exp.table
 

@@ -539,9 +539,14 @@ def _stop_signals_as_ctrl_c():
 
 
 def _sweep_command(settings, quiet: bool) -> int:
+    exp_uri, exp, written = run_study(settings, quiet=quiet)
+    return tell_the_end(settings, exp_uri, exp, written)
+
+
+def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
+    """The sweep's closing lines (the summary, where W&B's offline runs are, how to go on); its exit code."""
     from .console import summary
 
-    exp_uri, exp, written = run_study(settings, quiet=quiet)
     print(summary(exp.table, exp_uri, written))
     if settings.wandb and os.environ.get("WANDB_MODE") == "offline" and not os.environ.get("WANDB_DIR"):
         runs = os.path.join(exp_uri, "*", "wandb", "offline-run-*")  # in the experiment: the copy that lasts

@@ -47,12 +47,18 @@ def trial_row(config: dict, result: dict, status: str) -> str:
     c, r = full_config(config), result
     run = run_number(c)
     acc = f"{r['val_acc']:6.2f}" if "val_acc" in r else "     -"
-    best = f"{r['best_val_acc']:6.2f}" if "best_val_acc" in r else "     -"
+    best = f"{r['best_val_acc']:6.2f}" if has_accuracy(r) else "     -"  # none before its first whole epoch
     return (
         f"{run if run else '-':>4} {c['optimizer']:<8} {c['lr']:<7g} {c['batch_size']:>5} "
         f"{str(c['dropout']).lower():<5} {str(c['batchnorm']).lower():<5} {STATUS.get(status, status):<8} "
         f"{_epochs_done(r):>3}/{c.get('epochs', '?'):<3} {acc} {best}"
     )
+
+
+def has_accuracy(result: dict) -> bool:
+    """Whether a trial's last result holds a best accuracy: a finished epoch that did not diverge. A state saved
+    inside the first epoch, or a run that diverged at once, reports best_val_acc 0 with best_epoch 0."""
+    return bool(result.get("best_epoch", 1)) and result.get("best_val_acc") is not None
 
 
 def _epochs_done(result: dict) -> int:
@@ -61,6 +67,14 @@ def _epochs_done(result: dict) -> int:
 
 
 HEADER = f"{'run':>4} {'optim':<8} {'lr':<7} {'batch':>5} {'drop':<5} {'bn':<5} {'status':<8} {'epoch':>7} {'acc %':>6} {'best %':>6}"
+
+
+_stop_said = False  # whether RayLines said, in our words, that Tune is stopping (stopping.py says its own)
+
+
+def stop_announced() -> bool:
+    """Whether this driver has told the user the sweep is stopping: its progress lines then end."""
+    return _stop_said or stopping.announced()
 
 
 class Console(tune.Callback):
@@ -85,6 +99,8 @@ class Console(tune.Callback):
         self.pace = Pace()
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if stop_announced():  # from the stop's line on, only the stop's own lines and the summary
+            return
         if self.started is None:
             self.started = time.monotonic()
         self.snapshot = [(t.status, t.config, dict(t.last_result or {})) for t in trials]
@@ -93,6 +109,8 @@ class Console(tune.Callback):
             self.show()
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        if stop_announced():
+            return
         if not self.snapshot:
             self.snapshot = [(t.status, t.config, dict(t.last_result or {})) for t in trials]
         self.show()
@@ -114,11 +132,11 @@ class Console(tune.Callback):
         running, pending = statuses.count("RUNNING"), statuses.count("PENDING")
         from .export import best_key
 
-        # a trial with no best epoch (diverged at once) has no accuracy to show, not 0%
-        scored = [(r["best_val_acc"], c, r.get("trial_id")) for _, c, r in self.snapshot
-                  if r.get("best_epoch", 1) and r.get("best_val_acc") is not None]  # fmt: skip
+        # a trial with no best epoch (diverged at once, stopped inside its first epoch) has no accuracy, not 0%
+        scored = [(r["best_val_acc"], c, r.get("trial_id")) for _, c, r in self.snapshot if has_accuracy(r)]
         best = min(scored, key=lambda x: best_key(x[0], run_number(full_config(x[1])), x[2]), default=None)
-        best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else "best: none yet"
+        none = "best: none yet" if running + pending else "best: none (no run has an accuracy)"
+        best_text = f"best {best[0]:.2f}% ({describe_trial(best[1])})" if best else none
         elapsed = time.monotonic() - (self.started or time.monotonic())
         left = self.pace.left(self.snapshot)
         left_text = f", ~{duration(left)} left" if left is not None and running + pending else ""
@@ -228,6 +246,9 @@ class RayLines(logging.Filter):
     def __enter__(self) -> RayLines:
         import ray  # noqa: F401  (importing Ray sets up its logger and handler)
 
+        global _stop_said
+        _stop_said = False  # a new sweep of this process (the Python API runs several)
+
         self.gather()
         return self
 
@@ -286,7 +307,8 @@ class RayLines(logging.Filter):
             record.msg, record.args = message, ()
         self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}")
         if STOP_NOTICE in message:
-            if not self.quiet and not stopping.announced():  # a stop that saved the trials first has said so
+            global _stop_said
+            if not self.quiet and not stop_announced():  # a stop that saved the trials first has said so
                 with contextlib.suppress(OSError):  # a closed terminal or pipe
                     print(
                         "tune-alexnet: stopping: running trials keep their last checkpoints, and the tables of what "
@@ -294,6 +316,7 @@ class RayLines(logging.Filter):
                         file=sys.stderr,
                         flush=True,
                     )
+            _stop_said = True
             return False
         if any(hidden in message for hidden in HIDDEN) or _lost_storage_line(message):
             return False

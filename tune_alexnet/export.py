@@ -164,7 +164,24 @@ def best_key(accuracy: float, run, trial_id) -> tuple:
     """The order of the one best-run rule, smallest first: the highest best accuracy (as the tables show it, to
     0.01 points), then the lowest study run number (a run off the study's grid after every run on it), then the
     earliest trial (the lowest trial id: Tune numbers trials as it creates them)."""
-    return (-round(float(accuracy), 2), math.inf if run is None or pd.isna(run) else int(run), str(trial_id or ""))
+    return (-score(accuracy, run, trial_id), str(trial_id or ""))
+
+
+STUDY_RUNS = len(Grid())
+SCORE_STEP_RUN, SCORE_STEP_TRIAL = 1e-5, 1e-10  # (STUDY_RUNS + 1) runs and 99,999 trials stay below 0.01 point
+
+
+def score(accuracy, run, trial_id) -> float:
+    """The one best-run rule as one number, highest best: the accuracy as the tables show it, less a tie-breaker
+    below 0.01 point (the run number, then the trial's index within its experiment). Trials report it as
+    `score`, the metric Tune ranks by, so that Ray's own `get_best_result`, which keeps the first of equal
+    values in its own order, names the same run as the tables. NaN for a trial with no accuracy."""
+    if accuracy is None or pd.isna(accuracy):
+        return math.nan
+    rank = STUDY_RUNS + 1 if run is None or pd.isna(run) else int(run)
+    index = str(trial_id or "").rsplit("_", 1)[-1]
+    index = min(int(index), 99_999) if index.isdigit() else 0
+    return round(float(accuracy), 2) - rank * SCORE_STEP_RUN - index * SCORE_STEP_TRIAL
 
 
 def best_run(table: pd.DataFrame) -> pd.Series | None:

@@ -31,6 +31,12 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def trial_id() -> str | None:
+    """This trial's Tune id (the experiment's prefix and its index in creation order); the score's last
+    tie-break."""
+    return tune.get_context().get_trial_id()
+
+
 def trial_watch(stop_key: str | None):
     """What tells this trial to save: the sweep's stop flag in Ray's key-value store, and this node's spot
     interruption notice where the node has a metadata service to ask (stopping.TrialWatch)."""

@@ -72,7 +72,7 @@ AUGMENT_BYTES_PER_IMAGE = 128 * 1024  # peak float temporaries of augmenting one
 AUGMENT_MEMORY_SHARE = 0.25  # of a trial's GPU memory, at most, for its augmentation chunk
 DEFAULT_CPUS_PER_TRIAL = 1.0
 DEFAULT_MAX_FAILURES = 3  # restarts of a trial whose process died, from its last resume state
-METRIC, MODE = "best_val_acc", "max"  # what Tune ranks trials by: the study's result
+METRIC, MODE = "score", "max"  # what Tune ranks trials by: the best accuracy with the one tie-break (export.score)
 
 
 @dataclass(frozen=True)

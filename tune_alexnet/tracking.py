@@ -115,10 +115,23 @@ def _mlflow_callback_class():
 
 @functools.cache
 def _wandb_callback_class():
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class StudyWandbActor(_WandbLoggingActor):
+        """Ray's W&B logging actor, ending with W&B's teardown: Ray kills the actor (SIGKILL) as soon as `run`
+        returns after `wandb.finish()`, so W&B's own teardown, an exit hook, never runs, and W&B asks for an explicit
+        call where its hook cannot run. The teardown waits for W&B's core to close the run's files."""
+
+        def run(self):
+            try:
+                super().run()
+            finally:
+                self._wandb.teardown()
 
     class StudyWandbCallback(WandbLoggerCallback):
         """Ray's W&B callback, plus the study's run number in each run's config and tags."""
+
+        _logger_actor_cls = StudyWandbActor
 
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs) -> None:
             if not self._remote_logger_class:

@@ -29,12 +29,14 @@ from torch.nn import functional as F
 
 from . import augment, checkpoint, resume
 from .data import Cifar
-from .grid import full_config
+from .export import score
+from .grid import full_config, run_number
 from .model import AlexNet
 from .settings import (
     AUGMENT_BYTES_PER_IMAGE,
     AUGMENT_MEMORY_SHARE,
     GPU_MEMORY_CAP,
+    METRIC,
     OPTIMIZERS,
     RUNTIME_DEFAULTS,
     STEP_MODES,
@@ -200,6 +202,7 @@ class Trial:
     unwritten_best: bool = False  # a new best since the last checkpoint
     position: dict | None = None  # inside an epoch: where a saved state stopped it (SaveNow.position)
     watch: Watch | None = None
+    rank: tuple = (None, None)  # (study run number, Tune trial id): what breaks a tie of accuracies (export.score)
 
 
 NEW_COUNTERS = {
@@ -229,29 +232,30 @@ def train_cifar(
     notice (stopping.py); outside Tune, `watch` does that."""
     cfg = {**TRIAL_DEFAULTS, **full_config(config)}
     run = {**RUNTIME_DEFAULTS, **(runtime or {})}
-    granted, node = None, None
+    granted, node, trial_id = None, None, None
     if report is None:
         from . import ray_hooks
 
         ray_hooks.quiet_exit_on_sigterm()
         report = functools.partial(ray_hooks.report, keep_free=keep_free)
         checkpoint_from = ray_hooks.resume_candidates()
-        granted, node = ray_hooks.granted_resources(), ray_hooks.node_id()
+        granted, node, trial_id = ray_hooks.granted_resources(), ray_hooks.node_id(), ray_hooks.trial_id()
         watch = ray_hooks.trial_watch(stop_key)
     try:
-        _train(cfg, data, report, checkpoint_from, run, granted, node, watch)
+        _train(cfg, data, report, checkpoint_from, run, granted, node, watch, trial_id)
     finally:
         if hasattr(watch, "close"):
             watch.close()
 
 
-def _train(cfg: dict, data: Cifar, report: Report, checkpoint_from, run: dict, granted, node, watch) -> None:
+def _train(cfg: dict, data: Cifar, report: Report, checkpoint_from, run: dict, granted, node, watch,
+           trial_id: str | None = None) -> None:  # fmt: skip
     rt = resolve_runtime(cfg, run, granted)
     _set_backends(rt, run)
     trial = _restore(cfg, rt, checkpoint_from, len(data.train_x))
     if trial is None:
         return  # it had finished; the driver died before recording that
-    trial.watch = watch
+    trial.watch, trial.rank = watch, (run_number(cfg), trial_id)
     train_x, train_y = to_device_nchw(data.train_x, rt.device), torch.tensor(data.train_y, device=rt.device)
     test_x, test_y = to_device_nchw(data.test_x, rt.device), torch.tensor(data.test_y, device=rt.device)
     clock = {"resume": time.monotonic(), "best": -math.inf, "report_s": 0.0}
@@ -424,6 +428,7 @@ def _report(trial: Trial, metrics: dict, kind: str | None, rt: Runtime, classes,
             best = {k: v.to("cpu") for k, v in best.items()}
             checkpoint.write(d, best, trial.model_args, {**trial.state, "kind": kind}, trainer, classes)
         metrics["checkpoint_s"] = time.perf_counter() - written
+        metrics[METRIC] = score(metrics["best_val_acc"] if metrics.get("best_epoch") else None, *trial.rank)
         reported = time.perf_counter()
         report(metrics, d if kind is not None else None)
         clock["report_s"] = time.perf_counter() - reported
