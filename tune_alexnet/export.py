@@ -154,7 +154,7 @@ _PERCENT = Bound(0, 100)
 _AMOUNT = Bound(0, math.inf)
 _ACCURACIES = ("train_acc", "val_acc", "best_val_acc")
 _LOSSES = ("train_loss", "val_loss")
-_RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c not in _PROVENANCE and c != "trial_id"]
+RESULT_COLUMNS = [c for c in EPOCH_SCHEMA if c not in _GRID_TYPES and c not in _PROVENANCE and c != "trial_id"]
 # What the table holds of a trial's results: unknown (null) for a lost or damaged trial.
 _RESULT_FIELDS = ("final_accuracy", "epochs_run", "best_epoch", "stopped_early", "train_time_s", "eval_time_s",
                   "node_id", "best_checkpoint")  # fmt: skip
@@ -271,13 +271,13 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
             f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
         ) from None
     rows, epoch_frames = [], []
-    origin = _origin(path, settings)
+    origin = origin_columns(path, settings)
     for trial in trials:
         row, records = _read_trial(fs, base, trial, path)
         row.update(origin)
         rows.append(row)
         if records:
-            epoch_frames.append(_epoch_frame(records, row))
+            epoch_frames.append(epoch_frame(records, row))
     if ended if ended is not None else not sweep_holds(path):
         for row in rows:
             if row["status"] in ("running", "paused"):
@@ -324,7 +324,7 @@ class _Trial:
     problem: str | None = None  # why it is damaged before anything of it is read
 
 
-def _origin(path: str, settings: dict) -> dict:
+def origin_columns(path: str, settings: dict) -> dict:
     """The provenance columns an experiment shares by all its rows (the width is each trial's own)."""
     data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
     return {
@@ -436,7 +436,7 @@ def _trials_on_disk(fs, base: str, entries: list[tuple[str, bool]]) -> list[_Tri
 def _read_trial(fs, base: str, trial: _Trial, exp_path: str) -> tuple[dict, list[dict]]:
     """A trial's row and its epochs. A trial whose config, folder or results cannot be trusted is damaged, one whose
     result.json is gone is lost; either keeps its checked config and nothing of what it reported."""
-    config, problem = _checked_config(trial.config)
+    config, problem = checked_config(trial.config)
     problem = trial.problem or (problem and f"{trial.source}: {problem}")
     records, lost = [], None
     if problem is None and trial.folder is None:
@@ -458,7 +458,7 @@ def _read_trial(fs, base: str, trial: _Trial, exp_path: str) -> tuple[dict, list
     return row, records
 
 
-def _checked_config(config) -> tuple[dict, str | None]:
+def checked_config(config) -> tuple[dict, str | None]:
     """The config fields the table uses, each checked against its type and settings.BOUNDS; a bad one is left out
     (None) and the first is named. A --runs trial's config names its study run, which fills in the grid's."""
     if not isinstance(config, dict):
@@ -526,7 +526,7 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
         # superseded, even where the replay has not reached yet (records stay in increasing epoch order).
         while records and records[-1]["epoch"] >= record["epoch"]:
             records.pop()
-        records.append({c: record.get(c) for c in _RESULT_COLUMNS})
+        records.append({c: record.get(c) for c in RESULT_COLUMNS})
     return records
 
 
@@ -549,7 +549,7 @@ def _column_check(col: str):
     return (lambda v: isinstance(v, str) and len(v) <= TEXT_LIMIT), f"a string of at most {TEXT_LIMIT} characters"
 
 
-_RESULT_CHECKS = {col: _column_check(col) for col in _RESULT_COLUMNS}
+_RESULT_CHECKS = {col: _column_check(col) for col in RESULT_COLUMNS}
 
 
 def _line_problem(record) -> str | None:
@@ -636,8 +636,8 @@ def _error_line(fs, base: str, folder: str) -> str:
     return lines[-1][:ERROR_LINE] if lines else "error"
 
 
-def _epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:
-    epochs = pd.DataFrame(records, columns=_RESULT_COLUMNS)
+def epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:
+    epochs = pd.DataFrame(records, columns=RESULT_COLUMNS)
     epochs.insert(0, "trial_id", row["trial_id"])
     for col in ("run", *DIMENSIONS, "seed", *_PROVENANCE):
         epochs[col] = row[col]

@@ -17,15 +17,15 @@ from ray import tune
 
 from .console import Pace
 from .export import (
-    _RESULT_COLUMNS,
     EPOCH_SCHEMA,
+    RESULT_COLUMNS,
     STATUS,
     TABLE_SCHEMA,
     Experiment,
-    _checked_config,
-    _epoch_frame,
-    _origin,
+    checked_config,
+    epoch_frame,
     load_experiment,
+    origin_columns,
     row_of,
     typed,
 )
@@ -64,7 +64,7 @@ class LivePage(tune.Callback):
         records = self.records.setdefault(trial.trial_id, [])
         while records and records[-1]["epoch"] >= result["epoch"]:  # a restarted trial replays its epochs
             records.pop()
-        records.append({c: result.get(c) for c in _RESULT_COLUMNS})
+        records.append({c: result.get(c) for c in RESULT_COLUMNS})
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if self.started is None:
@@ -98,10 +98,10 @@ class LivePage(tune.Callback):
             live = self.records.get(t.trial_id, [])
             if live:
                 records = [r for r in records if r["epoch"] < live[0]["epoch"]] + live
-            row = {**_row(t, records, row), **_origin(self.exp_uri, self.settings)}
+            row = {**_row(t, records, row), **origin_columns(self.exp_uri, self.settings)}
             rows.append(row)
             if records:
-                frames.append(_epoch_frame(records, row))
+                frames.append(epoch_frame(records, row))
         table = typed(pd.DataFrame(rows, columns=list(TABLE_SCHEMA)), TABLE_SCHEMA)
         table = table.sort_values(["run", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
         epochs = typed(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), EPOCH_SCHEMA)
@@ -113,7 +113,7 @@ class LivePage(tune.Callback):
         for t in trials:
             if t.status != "RUNNING":
                 continue
-            config, _ = _checked_config(t.config)
+            config, _ = checked_config(t.config)
             r = t.last_result or {}
             running.append(
                 {
@@ -147,14 +147,14 @@ def _from_folder(exp_uri: str) -> dict[str, tuple[dict, list[dict]]]:
     out = {}
     for row in exp.table.to_dict("records"):
         part = exp.epochs[exp.epochs["trial_id"] == row["trial_id"]]
-        records = part[_RESULT_COLUMNS].astype(object).where(part[_RESULT_COLUMNS].notna(), None).to_dict("records")
+        records = part[RESULT_COLUMNS].astype(object).where(part[RESULT_COLUMNS].notna(), None).to_dict("records")
         out[row["trial_id"]] = (row, records)
     return out
 
 
 def _row(trial, records: list[dict], earlier: dict | None) -> dict:
     """A trial's row of the table (export.TABLE_SCHEMA) from its status and epochs."""
-    config, _ = _checked_config(trial.config)
+    config, _ = checked_config(trial.config)
     last = records[-1] if records else {}
     diverged = bool(last.get("diverged"))
     status = "diverged" if diverged and trial.status == "TERMINATED" else STATUS.get(trial.status, "unknown")
