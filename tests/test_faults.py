@@ -208,8 +208,9 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
     table = pd.read_parquet(exp_dir / "results.parquet")  # the table of what there is, written on the way out
     assert len(table) == 3 and (table["status"] != "terminated").any()
     console_tells_what_the_table_tells(text, table)
-    if signals == [signal.SIGTERM]:  # Tune's own stop ran to its end: the console's last word is about it
-        assert re.search(r"\] \d+/3 done, \d+ running, \d+ pending", text.split("tune-alexnet: stopping:")[1])
+    # From the stop's line on, no progress line: the stop's own lines and the summary tell what there is.
+    assert not re.search(r"\] \d+/3 done, \d+ running, \d+ pending", text.split("tune-alexnet: stopping:")[1])
+    if signals == [signal.SIGTERM]:
         for rows in reported_epochs(exp_dir).values():  # what `ray job stop` sends: each running trial saved first
             assert rows[-1].get("saved_for") == "stop" or rows[-1].get("epoch") == epochs, rows[-1]
     # One voice: Ray's own resume hint, its stop notice and its noise about trials that never started stay in
@@ -222,13 +223,8 @@ def test_a_stop_signal_stops_cleanly_exports_what_is_there_and_says_how_to_resum
 
 
 def console_tells_what_the_table_tells(text: str, table: pd.DataFrame) -> None:
-    """A progress line after the stop (none when a second signal stops at once) counts what the summary and the
-    table count."""
-    after_stop = text.split("tune-alexnet: stopping:", 1)[1]
+    """The summary counts what the table counts."""
     counts = table["status"].value_counts()
-    done = sum(counts.get(s, 0) for s in ("terminated", "diverged", "errored"))
-    for progress in re.findall(r"\] (\d+)/(\d+) done, (\d+) running, (\d+) pending", after_stop)[-1:]:
-        assert tuple(map(int, progress)) == (done, len(table), counts.get("interrupted", 0), counts.get("pending", 0))
     assert "running" not in counts  # the sweep stopped: what ran is interrupted
     summary = next(line for line in text.splitlines() if line.startswith("tune-alexnet: experiment "))
     assert f"{len(table)} trials (" in summary and all(f"{n} {s}" in summary for s, n in counts.items()), summary
@@ -316,8 +312,11 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     storage, epochs = tmp_path / "results", 100  # 0.2 s an epoch: still training when the stop comes
     exp_dir = storage / "saved"
     log = tmp_path / "sweep.log"
+    # A resume state at every epoch's end (Tune records each) and the stop's, inside the next one, which Tune
+    # (already stopping) does not record: the resume must take the stop's, the newest.
     args = sweep_args(synthetic_dir, storage, "saved", epochs, ["--dropout", "true", "--batch-size", "16,32",
-                                                                "--patience", "100", "--cpus-per-trial", "1"])  # fmt: skip
+                                                                "--patience", "100", "--cpus-per-trial", "1",
+                                                                "--resume-every", "0"])  # fmt: skip
     proc = start_sweep(args, log)
     wait_for(lambda: len(reported_epochs(exp_dir)) == 2 and all(len(epochs_of(r)) >= 2 for r in reported_epochs(exp_dir).values()),
              proc, "both trials to train")  # fmt: skip
@@ -341,6 +340,10 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
                           tmp_path / "resume.log")  # fmt: skip
     assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     every = list(range(1, epochs + 1))
+    for folder, rows in before.items():  # each continued from the stop's own state, not an older one Tune named
+        step, epoch = rows[-1]["saved_at_step"], rows[-1]["saved_in_epoch"]
+        trial_log = "".join(p.read_text(errors="replace") for p in (exp_dir / folder).glob("std*"))
+        assert f"inside epoch {epoch} at step {step}" in trial_log, trial_log[-3000:]
     for folder, rows in reported_epochs(exp_dir).items():
         assert epochs_of(rows) == every, folder  # result.json: each epoch once, the saved one continued
         assert rows[len(before[folder])]["epoch"] == before[folder][-1]["saved_in_epoch"]
@@ -384,3 +387,33 @@ def test_sigterm_to_the_whole_process_group_saves_writes_the_tables_and_resumes(
     assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     (rows,) = reported_epochs(exp_dir).values()
     assert epochs_of(rows) == list(range(1, epochs + 1))  # continued from the saved state: no epoch twice
+
+
+def test_a_stopped_sweep_with_wandb_closes_its_runs_and_resumes_past_wbs_links(synthetic_dir, tmp_path):
+    """Ctrl-C with an offline W&B tracker: the running trials' W&B runs are closed (Ray's callback waited for
+    their ends, which a stop never gives, for its 30-minute upload timeout), and a link W&B left in a run (as a
+    second Ctrl-C leaves it) does not keep --resume from going on."""
+    storage, epochs = tmp_path / "results", 100  # 0.2 s an epoch: still training when the stop comes
+    exp_dir = storage / "tracked"
+    args = sweep_args(synthetic_dir, storage, "tracked", epochs, ["--dropout", "true", "--batch-size", "32",
+                                                                  "--patience", "100", "--wandb", "try"])  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "RAY_ADDRESS"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))
+    log = tmp_path / "first.log"
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(exp_dir).values()), proc, "a trial to train")
+    os.kill(proc.pid, signal.SIGINT)
+    stopped = time.monotonic()
+    assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
+    assert time.monotonic() - stopped < 120, "the stop waited on W&B"
+    (run,) = exp_dir.glob("train_cifar_*/wandb/offline-run-*")
+    assert any(run.glob("*.wandb")), sorted(run.rglob("*"))
+    (run / "logs").mkdir(exist_ok=True)
+    (run / "logs" / "debug-core.log").symlink_to(tmp_path / "wandb-core.log")  # what W&B links there
+    resumed = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args), "--resume"],
+                             capture_output=True, text=True, env=env, timeout=TIMEOUT)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    table = pd.read_parquet(exp_dir / "results.parquet")
+    assert list(table["status"]) == ["terminated"] and list(table["epochs_run"]) == [epochs]
+    assert not [p for p in exp_dir.rglob("*") if p.is_symlink()]

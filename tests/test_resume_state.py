@@ -11,6 +11,7 @@ import torch
 
 from tune_alexnet.checkpoint import TRAINER_FILE
 from tune_alexnet.data import load_cifar10, take_subset
+from tune_alexnet.resume import STATE_COPIES, keep_whole_state, put_back_whole_state
 from tune_alexnet.train import train_cifar
 
 CONFIG = {"optimizer": "adam", "lr": 0.001, "batch_size": 32, "dropout": True, "batchnorm": True, "width": 0.125,
@@ -100,6 +101,9 @@ TAMPERED = {
     "step 10**9": lambda s: s["optimizer"]["state"][0]["step"].fill_(10**9),
     "a parameter the network lacks": lambda s: s["optimizer"]["state"].update({999: s["optimizer"]["state"][0]}),
     "a parameter's state dropped": lambda s: s["optimizer"]["state"].pop(2),
+    "NaN weights": lambda s: next(iter(s["model"].values())).view(-1)[0].fill_(math.nan),
+    "an invalid generator state": lambda s: s["generator"].fill_(255),
+    "a generator state of another size": lambda s: s.update(torch_rng=torch.zeros(10, dtype=torch.uint8)),
 }
 
 
@@ -177,6 +181,10 @@ POSITIONS = {
     "correct above the images seen": lambda p: p["correct"].fill_(10**6),
     "train_s inf": lambda p: p.update(train_s=math.inf),
     "a position in another epoch": lambda p: p.update(epoch=1),
+    "a chunk generator state of another size": lambda p: p.update(chunk_gen=torch.zeros(10, dtype=torch.uint8)),
+    "an invalid chunk generator state": lambda p: p["chunk_gen"].fill_(255),
+    "loss_sum of shape (1,)": lambda p: p.update(loss_sum=p["loss_sum"].reshape(1)),
+    "correct of shape (1, 1)": lambda p: p.update(correct=p["correct"].reshape(1, 1)),
 }
 
 
@@ -219,11 +227,16 @@ def test_a_sweep_resumes_a_captured_step_state_on_the_cpu_and_keeps_the_flags_gi
                    "--dropout", "true", "--batchnorm", "true", "--width", "0.125", "--epochs", str(epochs),
                    "--patience", "100", "--resume-every", "0"], tmp_path / "first.log")  # fmt: skip
     deadline = time.monotonic() + 240
-    while not any(int(p.parent.name.split("_")[1]) >= 1 for p in states()):  # the state after epoch 2
+    copies = exp_dir / STATE_COPIES
+    # the state after epoch 2, and a whole copy of Tune's experiment state
+    while not (any(int(p.parent.name.split("_")[1]) >= 1 for p in states()) and any(copies.glob("*.json"))):
         assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    # A kill while Tune rewrote its experiment state leaves it empty (Tune truncates, then writes): as here.
+    (cut,) = exp_dir.glob("experiment_state-*.json")
+    cut.write_bytes(b"")
     for path in states():  # as a --step graph trial on a GPU writes it
         state = torch.load(path, weights_only=True)
         captured_step(state)
@@ -231,6 +244,7 @@ def test_a_sweep_resumes_a_captured_step_state_on_the_cpu_and_keeps_the_flags_gi
 
     resumed = sweep(["--resume", "--augment-chunk", "64", "--no-tf32"], tmp_path / "resume.log")
     assert resumed.wait(240) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    assert f"the experiment state {cut.name} was cut short" in (tmp_path / "resume.log").read_text()
     table = pd.read_parquet(exp_dir / "results.parquet")
     assert list(table["status"]) == ["terminated"] and list(table["epochs_run"]) == [epochs]
     seen = pd.read_parquet(exp_dir / "epochs.parquet")
@@ -280,3 +294,23 @@ def test_rmsprop_resumed_from_a_captured_state_matches_step_by_step_on_the_cpu()
     model.load_state_dict(weights)
     opt.load_state_dict(resume.in_step_mode(state["optimizer"], capturable=False))
     assert half + steps(step, 10, 20) == pytest.approx(straight, rel=1e-6)
+
+
+def test_a_cut_experiment_state_is_put_back_from_its_staged_copy_and_a_whole_one_is_left_alone(tmp_path):
+    staging, exp = tmp_path / "staging", tmp_path / "exp"
+    staging.mkdir(), exp.mkdir()
+    keep_whole_state(str(staging), str(exp))
+    assert not (exp / STATE_COPIES).exists() and put_back_whole_state(str(exp)) is None  # none yet
+    name = "experiment_state-2026-12-05_01-00-00.json"
+    (staging / name).write_text('{"trial_data": [["{}", "{}"]]}')
+    keep_whole_state(str(staging), str(exp))
+    (exp / name).write_text('{"trial_data": [["{}", "{}"]]}')  # Tune's copy into the experiment
+    assert (exp / STATE_COPIES / name).read_text() == (staging / name).read_text()
+    assert put_back_whole_state(str(exp)) is None  # whole: nothing to mend
+    newer = "experiment_state-2026-12-05_02-00-00.json"  # a resumed session stages its own
+    (staging / newer).write_text('{"trial_data": []}')
+    keep_whole_state(str(staging), str(exp))
+    assert [p.name for p in (exp / STATE_COPIES).iterdir()] == [newer]  # one copy: of what Tune reads
+    (exp / newer).write_bytes(b"")  # killed while Tune copied it: truncated, nothing written yet
+    assert "was cut short" in put_back_whole_state(str(exp))
+    assert (exp / newer).read_text() == '{"trial_data": []}'

@@ -166,6 +166,12 @@ def _place(text: str) -> str:
     return text
 
 
+class _OneVoice(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        name = "tune-alexnet" if record.name.split(".")[0] == "tune_alexnet" else record.name
+        return f"{name}: {record.getMessage()}"
+
+
 def _tracking_uri(text: str) -> str:
     """A tracking URI that parses (a host, a port that is a number), named redacted where it does not: an
     unclosed `[::1` would otherwise be a traceback from deep inside the preflight."""
@@ -413,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(EXIT_USAGE, f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n")
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # ours speak as the command does; a library names itself
+        handler.setFormatter(_OneVoice())
     logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache, built once, is not ours either
     from .data import DataError
     from .export import ExportError
     from .preflight import NothingToResume, PreflightError

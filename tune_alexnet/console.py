@@ -197,7 +197,7 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
     lines.append(f"  report: {next(p for p in written if 'report.md' in p)}")
     lines.append(f"  page:   {next((p for p in written if 'report.html' in p), page_uri(exp_uri))}")
     copy = "  (from a local copy of the folder)" if is_remote(exp_uri) else ""
-    lines.append(f"  curves: tensorboard --logdir {exp_uri}{copy}")
+    lines.append(f"  curves: {tensorboard_command()} --logdir {exp_uri}{copy}")
     return "\n".join(lines)
 
 
@@ -216,7 +216,8 @@ LOGGERS = ("ray", "mlflow", "alembic")
 # restored trial (the progress line says what runs).
 WORKER_HANDLER = "ray_print_logs"  # the name Ray's own forwarding is registered under
 HIDDEN_WORKERS = ("Wandb", "Mlflow", "_QueueActor")
-HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on", "RAW: Lock blocking")  # the last: abseil's mutex note
+# (abseil's mutex note; Tune's note of a restored trial and ours, which the trial's own log keeps)
+HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on", "resumed at epoch", "RAW: Lock blocking")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: never into a file
 
 
@@ -372,3 +373,14 @@ class RayLines(logging.Filter):
             except Exception:  # the log is a convenience; the tables are what must arrive
                 pass
             os.unlink(self.local_copy)
+
+
+def tensorboard_command() -> str:
+    """`tensorboard` where it is on PATH; else the one beside this Python (a virtual environment not activated),
+    so that the line runs as printed."""
+    import shutil
+
+    if shutil.which("tensorboard"):
+        return "tensorboard"
+    beside = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    return beside if os.access(beside, os.X_OK) else "tensorboard"

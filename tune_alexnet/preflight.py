@@ -37,6 +37,7 @@ from urllib.parse import urlparse, urlunparse
 from . import cluster, settings
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
+from .resume import put_back_whole_state
 from .settings import (
     DEFAULT_GPU_SHARE,
     REDACTED,
@@ -445,12 +446,20 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: no experiment named {name!r} in {root}; start it without --resume, or pass the --name of one "
             f"that exists"
         )
+    if not is_remote(exp_uri):  # what a W&B run left when a second Ctrl-C cut the sweep's end short
+        from .export import TRIAL_PREFIX
+        from .tracking import remove_wandb_links
+
+        remove_wandb_links(str(p) for p in Path(exp_uri).glob(f"{TRIAL_PREFIX}*") if p.is_dir() and not p.is_symlink())
     odd = None if is_remote(exp_uri) else _not_a_sweeps_file(exp_uri)
     if odd:  # Tune would follow it, or block on it for ever (a FIFO)
         raise PreflightError(
             f"--resume: {odd}, which a sweep never makes; what finished is in 'tune-alexnet export {exp_uri}'; "
             f"{_what_is_left(exp_uri, name)}"
         )
+    if not is_remote(exp_uri) and (mended := put_back_whole_state(exp_uri)):
+        with contextlib.suppress(OSError):  # a closed terminal or pipe
+            print(f"tune-alexnet: {mended}", file=sys.stderr, flush=True)
     try:
         tune.ExperimentAnalysis(exp_uri)
     except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
@@ -490,11 +499,13 @@ def _what_is_left(exp_uri: str, name: str) -> str:
         return "nothing is left to run"
     runs = unfinished["run"].dropna().astype(int).tolist()
     off_grid = len(unfinished) - len(runs)
+    if not runs:
+        return f"to finish the {len(unfinished)} trial(s) that did not, start a new sweep with the same flags and --name {name}-rest"
     return (
-        f"to finish the {len(unfinished)} trial(s) that did not, start a new sweep with the same flags and "
-        + (f"--runs {','.join(map(str, runs))} " if runs else "")
-        + f"--name {name}-rest"
-        + (f" ({off_grid} of them are off the study's grid: give their values instead)" if off_grid else "")
+        f"to finish the {len(unfinished)} trial(s) that did not, start a new sweep with --runs "
+        f"{','.join(map(str, runs))} --name {name}-rest and the same flags but --optimizer, --lr, --batch-size, "
+        "--dropout and --batchnorm (--runs names them)"
+        + (f"; {off_grid} of them are off the study's grid: give their values instead" if off_grid else "")
     )
 
 

@@ -119,9 +119,11 @@ def _wait_to_be_stopped(short: int) -> None:
     raise OSError(f"the storage lacked {short / 1e6:.0f} MB for a checkpoint and the sweep did not stop")
 
 
-def resume_candidates() -> list[tune.Checkpoint]:
-    """The trial's checkpoints in storage, newest first: Tune's latest, then the other ones it kept
-    (the latest may hold only best weights while the resume state sits in an older one)."""
+def resume_candidates() -> list:
+    """The trial's checkpoints in storage, newest first: those newer than Tune's latest (as (checkpoint,
+    STOP_ONLY): a stop's or a spot notice's last report saves a state that Tune, stopping, may never record),
+    then Tune's latest, then the older ones it kept (the latest may hold only best weights while the resume state
+    sits in an older one). train._restore takes the first that fits."""
     latest = tune.get_checkpoint()
     if latest is None:
         return []
@@ -132,14 +134,18 @@ def resume_candidates() -> list[tune.Checkpoint]:
         infos = latest.filesystem.get_file_info(FileSelector(str(parent)))
     except OSError:
         return [latest]
-    others = sorted(
-        (
-            i.path
-            for i in infos
-            if i.type == FileType.Directory
-            and i.base_name.startswith("checkpoint_")
-            and i.path.rstrip("/") != latest.path.rstrip("/")
-        ),
+    mark = latest.path.rstrip("/")
+    paths = sorted(
+        {i.path.rstrip("/") for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")}
+        - {mark},
         reverse=True,
     )
-    return [latest] + [tune.Checkpoint(path, filesystem=latest.filesystem) for path in others]
+    newer = [(tune.Checkpoint(p, filesystem=latest.filesystem), STOP_ONLY) for p in paths if p > mark]
+    older = [tune.Checkpoint(p, filesystem=latest.filesystem) for p in paths if p < mark]
+    return [*newer, latest, *older]
+
+
+# A checkpoint Tune did not record: used only for a state saved inside an epoch (a stop's, a spot notice's), which
+# the driver asked for while it was alive and recording. An epoch's state there may be one whose epoch result never
+# reached the records (the driver was killed first): training that epoch again keeps every record whole.
+STOP_ONLY = "stop-only"

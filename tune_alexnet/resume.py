@@ -10,7 +10,11 @@ used whole or not at all: never its weights with another state's position.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
+import time
 
 import torch
 
@@ -35,6 +39,11 @@ def state_problem(trainer, best, cfg: dict, model: torch.nn.Module, train_images
             return f"{what}: {problem}"
     if not all(isinstance(trainer[k], torch.Tensor) for k in ("generator", "torch_rng")):
         return "a random generator's state is not a tensor"
+    try:
+        for k in ("generator", "torch_rng"):
+            torch.Generator().set_state(trainer[k])  # one this torch takes: its size, a valid mt19937 state
+    except (RuntimeError, TypeError) as exc:
+        return f"a random generator's state: {exc}"[:200]
     if problem := _counters_problem(trainer["counters"], cfg) or _optimizer_problem(trainer["optimizer"], cfg):
         return problem
     position = trainer.get("position")
@@ -57,6 +66,10 @@ def _weights_problem(weights, model_state: dict) -> str | None:
         if not isinstance(weights[name], torch.Tensor) or weights[name].shape != tensor.shape:
             shape = tuple(weights[name].shape) if isinstance(weights[name], torch.Tensor) else weights[name]
             return f"{name} has shape {shape}; allowed: {tuple(tensor.shape)}"
+        if weights[name].dtype != tensor.dtype:
+            return f"{name} is {weights[name].dtype}; allowed: {tensor.dtype}"
+        if weights[name].is_floating_point() and not torch.isfinite(weights[name]).all():
+            return f"{name} holds a number that is not finite"  # it would train on as a 'diverged' run
     return None
 
 
@@ -177,11 +190,11 @@ def position_problem(p: dict, n: int, batch_size: int) -> str | None:
         if start % batch_size or not 0 <= start < chunk or seen != first + start or steps * batch_size != seen:
             return f"step {steps} at image {seen} does not fall on a step of this epoch"
         loss_sum, correct = p["loss_sum"], p["correct"]
-        if not (isinstance(loss_sum, torch.Tensor) and loss_sum.numel() == 1 and loss_sum.is_floating_point()):
+        if not (isinstance(loss_sum, torch.Tensor) and loss_sum.shape == () and loss_sum.is_floating_point()):
             return "loss_sum is not one float number"
         if not (torch.isfinite(loss_sum).all() and loss_sum.item() >= 0 and (seen or loss_sum.item() == 0)):
             return f"loss_sum {loss_sum.item()!r}; allowed: finite, >= 0, 0 before the first step"
-        if not (isinstance(correct, torch.Tensor) and correct.numel() == 1 and correct.dtype == torch.int64):
+        if not (isinstance(correct, torch.Tensor) and correct.shape == () and correct.dtype == torch.int64):
             return "correct is not one whole number"
         if not 0 <= correct.item() <= seen:
             return f"correct {correct.item()}; allowed: 0..{seen} (the images seen)"
@@ -189,6 +202,7 @@ def position_problem(p: dict, n: int, batch_size: int) -> str | None:
             return f"train_s {p['train_s']!r}; allowed: finite, >= 0"
         if not (isinstance(p["chunk_gen"], torch.Tensor) and p["chunk_gen"].dtype == torch.uint8):
             return "its generator state is not one"
+        torch.Generator().set_state(p["chunk_gen"])  # one this torch takes (size, and a valid mt19937 state)
     except (KeyError, TypeError, RuntimeError) as exc:
         return f"{type(exc).__name__}: {exc}"[:200]
     return None
@@ -231,3 +245,77 @@ def in_step_mode(state: dict, capturable: bool) -> dict:
     reads them without a device sync."""
     groups = [{**g, "capturable": capturable} if "capturable" in g else g for g in state["param_groups"]]
     return {**state, "param_groups": groups}
+
+
+# --- the experiment state ------------------------------------------------------------------------------------
+# Tune writes its experiment state (experiment_state-<time>.json: which trials exist, with their configs and
+# checkpoints) whole into a staging folder, then copies it into a local experiment folder by truncating the file
+# there and writing it again. A kill in that moment (SIGKILL, the OOM killer, a power cut) leaves it empty, and the
+# sweep cannot be resumed. So each state Tune stages is also copied, atomically, beside it; a resume puts that copy
+# back in place of a cut state. (Tune deletes the checkpoints an older state names: only the state being written
+# will do, which is why the copy is taken from the staging folder, as Tune saves, not from the experiment folder.)
+STATE_COPIES = ".tune-alexnet-state"  # in a local experiment folder
+
+
+def _newest_state(folder: str) -> str | None:
+    names = sorted(n for n in os.listdir(folder) if n.startswith("experiment_state-") and n.endswith(".json"))
+    return os.path.join(folder, names[-1]) if names else None  # Tune reads the newest, by the time in its name
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
+
+
+def keep_whole_state(staging_dir: str, exp_dir: str) -> None:
+    """Copy the newest experiment state Tune staged in `staging_dir` into `exp_dir`/STATE_COPIES, atomically,
+    as the only copy there. Called as Tune saves (sweep.KeepWholeState), when the staged file is whole."""
+    try:
+        path = _newest_state(staging_dir)
+        if path is None:
+            return
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not _parses(raw):
+            return
+        copies = os.path.join(exp_dir, STATE_COPIES)
+        os.makedirs(copies, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=copies, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, os.path.join(copies, os.path.basename(path)))
+        for name in os.listdir(copies):  # one copy: of the state Tune would read
+            if name != os.path.basename(path) and not name.startswith(".tmp-"):
+                os.unlink(os.path.join(copies, name))
+    except OSError:  # a full or vanishing folder: the sweep's own checks say so; the copy waits for the next save
+        return
+
+
+def put_back_whole_state(exp_dir: str) -> str | None:
+    """Where the newest experiment state is cut (not whole) and a whole copy of it was kept: put the copy in its
+    place (atomically) and say so in one line; None where there was nothing to mend."""
+    path = _newest_state(exp_dir)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        if _parses(f.read()):
+            return None
+    copy = os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))
+    try:
+        with open(copy, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if not _parses(raw):
+        return None
+    fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, path)
+    when = time.strftime("%H:%M:%S", time.localtime(os.stat(copy).st_mtime))
+    return (
+        f"the experiment state {os.path.basename(path)} was cut short (the sweep was killed while Tune wrote it); "
+        f"its last whole copy, from {when}, is put back: trials go on from their newest checkpoints"
+    )

@@ -26,6 +26,7 @@ from .data import describe
 from .live_page import LivePage
 from .plan import Plan
 from .ray_hooks import STORAGE_FULL
+from .resume import keep_whole_state
 from .settings import (
     EPOCHS,
     METRIC,
@@ -162,6 +163,30 @@ class DiskGuard(tune.Callback):
         os.kill(os.getpid(), signal.SIGUSR1)
 
 
+class KeepWholeState(tune.Callback):
+    """As Tune saves its experiment state, a copy of it beside the experiment that a kill cannot cut
+    (resume.keep_whole_state; --resume puts it back in place of a cut state). Tune saves the callbacks' states
+    right after it has staged its own, so get_state is where that staged state is whole and newest."""
+
+    def __init__(self, exp_dir: str):
+        self.exp_dir, self.staging = exp_dir, None
+
+    def __getstate__(self) -> dict:  # saved with the experiment: this run's staging folder is not kept
+        return {**self.__dict__, "staging": None}
+
+    def on_trial_add(self, iteration: int, trials: list, trial, **info) -> None:
+        self.staging = getattr(getattr(trial, "storage", None), "experiment_driver_staging_path", self.staging)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.staging is None and trials:  # trials restored by a resume are not added again
+            self.on_trial_add(iteration, trials, trials[0])
+
+    def get_state(self) -> None:
+        if self.staging is not None and os.path.isdir(self.staging):
+            keep_whole_state(self.staging, self.exp_dir)
+        return None  # nothing of its own to save
+
+
 def _identity(folder: str | None) -> tuple[int, int] | None:
     try:
         st = os.stat(folder) if folder else None
@@ -216,6 +241,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
         for callback in callbacks:
             if isinstance(callback, LivePage):
                 callback.exp_uri = plan.exp_uri
+            elif isinstance(callback, KeepWholeState):
+                callback.exp_dir = plan.exp_uri
             elif isinstance(callback, DiskGuard) and guard:
                 callback.__dict__.update(guard[0].__dict__)
             elif hasattr(callback, "tracking_uri") and s.mlflow is not None:  # pickled redacted: the URI in full
@@ -263,6 +290,7 @@ def _run_config(
             *tracking.callbacks(s),
             *(guards or []),
             *([LivePage(exp_uri)] if exp_uri else []),
+            *([KeepWholeState(exp_uri)] if exp_uri and not is_remote(exp_uri) else []),
             stopping.StopAfterSaving(),
             *([] if quiet else [Console()]),
         ],

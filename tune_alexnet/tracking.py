@@ -21,6 +21,9 @@ from .storage import is_remote
 TRACKED_METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch",
                    "epochs_since_best", "train_time_s", "eval_time_s", "images_per_s")  # fmt: skip
 STEP = "training_iteration"  # Tune's step counter: the x axis each tracker plots against, not a metric of ours
+# The longest the end of a sweep waits for W&B to close its runs (Ray's default is its sync timeout, 30 min: a
+# stopped sweep would sit that long before writing its tables). Scalars only: a run closes in seconds.
+WANDB_CLOSE_S = 60
 
 
 def study_metrics(result: dict) -> dict:
@@ -35,7 +38,9 @@ def callbacks(s: SweepSettings) -> list:
     if s.mlflow is not None:
         found.append(_mlflow_callback_class()(s.mlflow, experiment_name=s.name))
     if s.wandb is not None:
-        found.append(_wandb_callback_class()(project=s.wandb, group=s.name, **_wandb_env()))
+        found.append(
+            _wandb_callback_class()(project=s.wandb, group=s.name, upload_timeout=WANDB_CLOSE_S, **_wandb_env())
+        )
     return found
 
 
@@ -113,6 +118,20 @@ def _mlflow_callback_class():
     return StudyMLflowCallback
 
 
+def remove_wandb_links(trial_paths) -> None:
+    """W&B links its core's log into each run (wandb/*/logs/debug-core.log); an experiment folder holds no links
+    (a resume refuses one), so they go when the sweep ends, and before a resume where a second Ctrl-C cut that
+    short. Only links inside the trials' wandb folders, and only the links: what they point to stays."""
+    for path in trial_paths:
+        folder = os.path.join(path, "wandb")
+        if is_remote(path) or not os.path.isdir(folder) or os.path.islink(folder):
+            continue
+        for where, dirs, files in os.walk(folder):
+            for name in dirs + files:
+                if os.path.islink(os.path.join(where, name)):
+                    os.unlink(os.path.join(where, name))
+
+
 @functools.cache
 def _wandb_callback_class():
     from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
@@ -173,15 +192,14 @@ def _wandb_callback_class():
                 super().log_trial_end(trial, failed)
 
         def on_experiment_end(self, trials: list, **info) -> None:
-            super().on_experiment_end(trials, **info)  # waits for the logging actors to finish their runs
-            for trial in trials:  # W&B links its core's log into each run; an experiment folder holds no links
-                folder = os.path.join(trial.path, "wandb")
-                if is_remote(trial.path) or not os.path.isdir(folder):
-                    continue
-                for where, dirs, files in os.walk(folder):
-                    for name in dirs + files:
-                        if os.path.islink(os.path.join(where, name)):
-                            os.unlink(os.path.join(where, name))
+            # A stopped sweep's running trials never end in Tune's eyes, and Ray's callback waits for their
+            # logging actors, which wait for an end that never comes: each is told to close its run here.
+            for trial in list(self._trial_queues):
+                if trial not in self.ended:
+                    self.ended.add(trial)
+                    self._signal_logging_actor_stop(trial)
+            super().on_experiment_end(trials, **info)  # waits (WANDB_CLOSE_S at most) for the runs to close
+            remove_wandb_links(trial.path for trial in trials)
 
         @property
         def ended(self) -> set:

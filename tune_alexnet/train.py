@@ -322,8 +322,11 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Tria
                 problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if problem is None:
             s = trial.state
-            log.info("resumed at epoch %d (best %.2f%%, %d epochs without improvement)",
-                     s["epoch"], s["best_val_acc"], s["epochs_since_best"])  # fmt: skip
+            inside = f", inside epoch {s['epoch'] + 1} at step {trial.position['steps']}" if trial.position else ""
+            # for the trial's own log (where Python's last-resort handler puts warnings; console.py keeps it off
+            # the console, as Tune's 'Restored on')
+            log.warning("resumed at epoch %d%s (best %.2f%%, %d epochs without improvement) from %s",
+                     s["epoch"], inside, s["best_val_acc"], s["epochs_since_best"], where)  # fmt: skip
             return trial
         log.warning("resume state %s does not fit this trial (%s); trying an older checkpoint", where, problem)
         trial = _new_trial(cfg, rt)  # nothing of the refused state may stay
@@ -457,17 +460,29 @@ def _resume_candidates(candidates):
     starts afresh (an exact replay: every draw is seeded)."""
     if candidates is None:
         return
-    if not isinstance(candidates, (list, tuple)):
+    if not isinstance(candidates, list):
         candidates = [candidates]
-    for i, candidate in enumerate(candidates):
+    recorded = 0
+    for candidate in candidates:
+        stop_only = isinstance(candidate, tuple)  # newer than Tune's record (ray_hooks.STOP_ONLY)
+        candidate = candidate[0] if stop_only else candidate
+        recorded += not stop_only
         with checkpoint.local_copy(candidate) as d:
             progress = checkpoint.read_progress(d)
-            if i == 0 and progress is not None and progress.get("kind") == checkpoint.KIND_FINAL:
+            if (
+                recorded == 1
+                and not stop_only
+                and progress is not None
+                and progress.get("kind") == checkpoint.KIND_FINAL
+            ):
                 yield "finished"
                 return
             if not (d / checkpoint.TRAINER_FILE).exists():
                 continue
             resumed = checkpoint.read_resume(d)
+            inside_epoch = resumed is not None and isinstance(resumed[0], dict) and resumed[0].get("position")
+            if stop_only and not isinstance(inside_epoch, dict):
+                continue  # an epoch's state Tune never recorded: its epoch may be missing from the records
             if resumed is not None:
                 yield (d / checkpoint.TRAINER_FILE, *resumed)
                 continue
