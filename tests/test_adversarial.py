@@ -680,6 +680,18 @@ def test_a_tracker_uri_that_does_not_parse_is_one_line_and_nothing_written(uri, 
     assert "s3cret-pw" not in err and not storage.exists()
 
 
+@pytest.mark.parametrize(
+    "uri", ["databricks://profile:s3cret-pw@x", ":::", "https://u:s3cret-pw@exa mple.com/", "/tmp/mlruns", "ftp://h/x"]
+)
+def test_a_tracker_uri_of_a_kind_the_sweep_cannot_use_is_refused_before_ray_starts(uri, tmp_path, capsys):
+    """MLflow would take these only once Ray had started: a traceback (with the secret, for databricks://) and a
+    half-made experiment folder."""
+    storage = tmp_path / "results"
+    err = one_line_exit_2(["sweep", "--mlflow", uri, "--storage", str(storage), *TINY], capsys)
+    assert "not a tracking URI this sweep can use; allowed: http(s)://HOST:PORT" in err, err
+    assert "s3cret-pw" not in err and not storage.exists()
+
+
 def test_a_tracker_password_is_stored_redacted_and_resume_asks_for_it(tmp_path, monkeypatch):
     from ray import cloudpickle
 

@@ -20,6 +20,12 @@ def test_flags_from_python_pass_the_command_lines_checks():
         api.settings(runs=[2], optimizer="sgd")
     assert api.settings(tf32=False).runtime["tf32"] is False  # a switch turned off: its --no- twin
     assert api.settings(tf32=True).runtime["tf32"] is True and "tf32" not in api.settings().runtime
+    # A switch takes True or False, not a word that reads as either; a value cannot go in unnamed.
+    for loose in ({"resume": "no"}, {"no_tf32": "false"}, {"help": True}):
+        with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: \w+=.*; allowed: "):
+            api.settings(**loose)
+    with pytest.raises(TypeError):
+        api.sweep("sgd")  # would have started the whole 108-run study
 
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"

@@ -31,6 +31,9 @@ def settings(**flags):
     argv = ["sweep"]
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
+        if key == "help" or flag in switches and not isinstance(value, bool) and value is not None:
+            allowed = "not a setting" if key == "help" else "True or False"
+            raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: {allowed}")
         if flag in switches and value is False:  # a switch turned off: its --no- twin where it has one (tf32)
             flag = flag.replace("--", "--no-", 1) if flag.replace("--", "--no-", 1) in switches else None
             value = True
@@ -52,7 +55,7 @@ def settings(**flags):
         raise ValueError(f"tune-alexnet sweep: error: {exc}") from None
 
 
-def sweep(quiet: bool = False, **flags) -> tuple:
+def sweep(*, quiet: bool = False, **flags) -> tuple:
     """Run (or, with resume=True, continue) a sweep as `tune-alexnet sweep` does, and return what comes next:
     (the ResultGrid, the results table). It speaks as the command does (the study page's path, the progress
     lines, the summary); `quiet=True` leaves only the summary and errors, as --quiet does. Its tables and report are in the experiment

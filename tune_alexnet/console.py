@@ -216,8 +216,7 @@ LOGGERS = ("ray", "mlflow", "alembic")
 # restored trial (the progress line says what runs).
 WORKER_HANDLER = "ray_print_logs"  # the name Ray's own forwarding is registered under
 HIDDEN_WORKERS = ("Wandb", "Mlflow", "_QueueActor")
-# (abseil's mutex note; Tune's note of a restored trial and ours, which the trial's own log keeps)
-HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on", "resumed at epoch", "RAW: Lock blocking")
+HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on", "RAW: Lock blocking")  # the last: abseil's mutex note
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: never into a file
 
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import http.client
 import importlib.util
 import io
 import itertools
@@ -553,9 +554,19 @@ def _need(package: str, flag: str) -> None:
         raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
 
 
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql")  # a database may name its driver
+
+
 def _check_mlflow_uri(uri: str) -> None:
-    """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder."""
+    """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder. Any
+    other kind of URI (a bare path, which MLflow reads as its retired file store; databricks://, which needs its
+    own login) would fail only once Ray had started, in a traceback that may show its secret."""
     scheme = urlparse(uri).scheme.lower()
+    if scheme.split("+")[0] not in MLFLOW_SCHEMES or any(c.isspace() for c in uri):
+        raise PreflightError(
+            f"--mlflow {redacted(uri)}: not a tracking URI this sweep can use; allowed: http(s)://HOST:PORT, "
+            "sqlite:///FILE.db, file:///FOLDER, or a database URI (postgresql://, mysql://, mssql://)"
+        )
     if scheme in ("http", "https"):
         _probe(uri)
     elif scheme == "sqlite":
@@ -583,7 +594,7 @@ def _probe(uri: str) -> None:
         if exc.code < 500:
             return
         reason = f"it answered HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = str(getattr(exc, "reason", exc))
     raise PreflightError(
         f"--mlflow {redacted(uri)}: the MLflow tracking server cannot be reached ({redacted(reason)}); "

@@ -323,9 +323,7 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Tria
         if problem is None:
             s = trial.state
             inside = f", inside epoch {s['epoch'] + 1} at step {trial.position['steps']}" if trial.position else ""
-            # for the trial's own log (where Python's last-resort handler puts warnings; console.py keeps it off
-            # the console, as Tune's 'Restored on')
-            log.warning("resumed at epoch %d%s (best %.2f%%, %d epochs without improvement) from %s",
+            log.info("resumed at epoch %d%s (best %.2f%%, %d epochs without improvement) from %s",
                      s["epoch"], inside, s["best_val_acc"], s["epochs_since_best"], where)  # fmt: skip
             return trial
         log.warning("resume state %s does not fit this trial (%s); trying an older checkpoint", where, problem)
@@ -352,6 +350,7 @@ def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runt
     train_x, train_y, test_x, test_y = tensors
     start = time.perf_counter()
     before = trial.position["train_s"] if trial.position else 0.0  # the part trained before a saved state
+    resumed_at = trial.position["steps"] if trial.position else None  # the step a saved state continued from
     try:
         train_loss, train_acc = train_epoch(trial.model, trial.optimizer, train_x, train_y, cfg["batch_size"],
                                             trial.gen, rt, augment_images=cfg["augment"], step=trial.step,
@@ -386,6 +385,7 @@ def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runt
         "precision": "bf16" if rt.amp_dtype else "fp32", "channels_last": rt.channels_last,
         "step_mode": trial.step.mode, "tf32": rt.tf32, "augment_chunk": rt.augment_chunk,
         "ends_trial": diverged or should_stop(epoch, s["epochs_since_best"], cfg["patience"], cfg["epochs"]),
+        **({"resumed_at_step": resumed_at} if resumed_at is not None else {}),
     }  # fmt: skip
 
 
