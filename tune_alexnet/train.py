@@ -385,7 +385,7 @@ def _train_and_evaluate(trial: Trial, epoch: int, cfg: dict, run: dict, rt: Runt
         "precision": "bf16" if rt.amp_dtype else "fp32", "channels_last": rt.channels_last,
         "step_mode": trial.step.mode, "tf32": rt.tf32, "augment_chunk": rt.augment_chunk,
         "ends_trial": diverged or should_stop(epoch, s["epochs_since_best"], cfg["patience"], cfg["epochs"]),
-        **({"resumed_at_step": resumed_at} if resumed_at is not None else {}),
+        "resumed_at_step": resumed_at,  # in every epoch's result: Tune's progress.csv keeps its first columns
     }  # fmt: skip
 
 
