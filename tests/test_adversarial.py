@@ -664,6 +664,8 @@ def test_a_tracker_uri_with_a_user_part_is_probed_without_it(health_server, secr
         ("http://127.0.0.1:1/?a=1&access_token=s3cret-pw", "http://127.0.0.1:1/?a=1&access_token=***"),
         ("http://127.0.0.1:1/?password=s3cret-pw", "http://127.0.0.1:1/?password=***"),
         ("http://127.0.0.1:1/?key=s3cret-pw", "http://127.0.0.1:1/?key=***"),
+        ("http://127.0.0.1:1/#s3cret-pw", "http://127.0.0.1:1/#***"),
+        ("http://127.0.0.1:1/?tok%65n=s3cret-pw", "http://127.0.0.1:1/?tok%65n=***"),
     ],
 )
 def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, tmp_path, capsys):
@@ -729,3 +731,13 @@ def test_a_log_line_naming_a_tracker_uri_is_shown_and_kept_redacted():
     assert len(lines.kept) == 1 and "s3cret-pw" not in lines.kept[0]  # for driver.log
     lines.worker_lines({"lines": [f"run at {uri}"], "pid": 1})
     assert "s3cret-pw" not in lines.kept[1]
+
+
+def test_an_empty_or_dangling_out_is_one_line_and_nothing_is_made(tmp_path, capsys):
+    target = tmp_path / "nowhere"
+    dangling = tmp_path / "dang"
+    dangling.symlink_to(target)
+    err = one_line_exit_2(["export", str(tmp_path), "--out", str(dangling)], capsys)
+    assert "(a link to nothing)" in err and not target.exists()
+    err = one_line_exit_2(["report", str(tmp_path), "--out", ""], capsys)
+    assert "an empty path; allowed: a folder or URI" in err

@@ -156,7 +156,11 @@ def _place(text: str) -> str:
     """A folder or URI as typed; one whose name is not UTF-8 (the bytes of another encoding) cannot be passed on
     to Ray, pyarrow or the tables, so it is refused here rather than halfway. A relative path counts as the full
     path it becomes: the working folder or home may not be UTF-8 either."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; allowed: a folder or URI")
     full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+    if os.path.islink(full) and not os.path.exists(full):  # a folder made there would be made where it points
+        raise argparse.ArgumentTypeError(f"invalid value '{text}' (a link to nothing); allowed: a folder or URI")
     for value in (text, full):
         try:
             value.encode("utf-8")

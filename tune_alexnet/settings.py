@@ -280,8 +280,14 @@ def redacted(uri: str) -> str:
         lambda m: f"{m[1]}{m[2].split(':', 1)[0] + ':' if ':' in m[2] else ''}{REDACTED}@",
         uri,
     )
-    names = "|".join(SECRET_PARAMS)
-    return re.sub(rf"([?&;][^=&;#\s]*(?:{names})[^=&;#\s]*=)[^&;#\s]*", rf"\g<1>{REDACTED}", text, flags=re.I)
+    from urllib.parse import unquote
+
+    def value(m: re.Match) -> str:  # a parameter's name as it reads once decoded (tok%65n is token)
+        name = unquote(m[1]).lower()
+        return m[0] if not any(secret in name for secret in SECRET_PARAMS) else f"{m[1]}={REDACTED}"
+
+    text = re.sub(r"(?<=[?&;])([^=&;#\s]+)=([^&;#\s]*)", value, text)
+    return re.sub(r"(://[^#\s]*)#[^\s]+", rf"\g<1>#{REDACTED}", text)  # a fragment: nothing a server reads
 
 
 def has_secret(uri: str | None) -> bool:
