@@ -149,6 +149,15 @@ def test_axes_read_whole_epochs_and_distinct_losses_and_the_table_fits_a_laptop_
         values = [float(t) for t in losses]
         lo, hi = exp.epochs["train_loss"].min(), exp.epochs["train_loss"].max()
         assert len(set(losses)) == len(losses) >= 2 and all(lo <= v <= hi for v in values), (losses, lo, hi)
+        # One optimizer here: the curves are coloured by the first setting that varies, and the importance view
+        # says which settings did not vary instead of drawing them a 0 % bar.
+        assert browser.execute_script("return document.getElementById('colour-by').value") == "lr"
+        browser.execute_script("document.getElementById('importance').scrollIntoView()")
+        deadline = time.time() + 10
+        while not browser.execute_script(ticks % ("importance", "ytick")):
+            assert time.time() < deadline, "the importance view was not drawn"
+            time.sleep(0.1)
+        assert "optimizer (not varied)" in browser.execute_script(ticks % ("importance", "ytick"))
         assert_clean(browser)
     finally:
         browser.set_window_size(1400, 1000)

@@ -135,7 +135,11 @@
       out.push({ key: k, pos: (r) => (r[k] === null ? null : r[k] ? 1 : 0), tickvals: [0, 1],
                  ticktext: ["off", "on"], range: [-0.2, 1.2] });
     }
-    if (data.repeats > 1) out.push({ key: "seed", pos: (r) => r.seed });
+    if (data.repeats > 1) {  // seeds are names, not amounts: one tick each, evenly spaced
+      const seeds = levels("seed");
+      out.push({ key: "seed", pos: (r) => (r.seed === null ? null : seeds.indexOf(r.seed)),
+                 tickvals: seeds.map((_, i) => i), ticktext: seeds.map(String) });
+    }
     out.push({ key: "acc", pos: (r) => r.acc });
     for (const a of out) {
       if (a.tickvals && !a.range) {
@@ -395,7 +399,8 @@
   function importance() {
     const I = data.importance, dims = DIMS.filter((d) => d in I.ours || d in I.orig);
     const rest = (s) => Math.max(0, 1 - dims.reduce((a, d) => a + (s[d] || 0), 0));
-    const ys = [...dims.map((d) => NAMES[d]), "interactions and noise"];
+    const varied = (d) => new Set(data.runs.filter((r) => r.acc !== null && r.acc !== undefined).map((r) => r[d])).size > 1;
+    const ys = [...dims.map((d) => NAMES[d] + (varied(d) ? "" : " (not varied)")), "interactions and noise"];
     const bar = (s, name, color) => ({ type: "bar", orientation: "h", name: name, y: ys,
       x: [...dims.map((d) => 100 * (s[d] || 0)), 100 * rest(s)], marker: { color: color },
       hovertemplate: "%{y}: %{x:.1f}%<extra>" + esc(name) + "</extra>" });
@@ -439,6 +444,8 @@
       o.value = k;
       select.append(o);
     }
+    // colour by the first setting that varies here (one optimizer only: its curves would all be one colour)
+    state.colourBy = DIMS.find((k) => new Set(data.runs.map((r) => r[k])).size > 1) || state.colourBy;
     select.value = state.colourBy;
     select.addEventListener("change", () => { state.colourBy = select.value; curves(axes()); });
     $("clear").addEventListener("click", () => {
