@@ -219,3 +219,6 @@ def test_resume_takes_trial_flags_equal_to_the_experiments_and_names_a_change():
                             ({"runs": (4,)}, "--runs 4 differs from the experiment's own (all runs of its grid)")):  # fmt: skip
         with pytest.raises(PreflightError, match=re.escape(needle)):
             check_unchanged({**asked, **changed}, saved)
+    with pytest.raises(PreflightError) as refused:  # several changes: every one named at once
+        check_unchanged({**asked, "epochs": 3, "width": 1.0}, saved)
+    assert "--epochs 3 differs" in str(refused.value) and "--width 1 differs" in str(refused.value)

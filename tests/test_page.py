@@ -86,6 +86,14 @@ def test_json_in_the_page_cannot_close_its_script_and_variance_shares_are_exact(
     exp.table.loc[3, "run"] = 2
     exp.table.loc[3, "trial_id"] = "a1b2c_00000"
     assert best_run(exp.table)["trial_id"] == "a1b2c_00000"
+    # Each optimizer's original numbers are over the runs this experiment made, not the whole grid.
+    part = bench_page.synthetic_experiment("/x", runs=24, epochs=3)  # sgd's runs 1..24 of its 36
+    (sgd,) = page_data(part)["optimizers"]
+    ref = reference_table()
+    made = part.table.loc[part.table["final_accuracy"].notna(), "run"]  # run 9 diverged, run 10 errored
+    same = ref[ref["run"].isin(made)]
+    assert int(sgd["orig_best_run"]) in set(made)
+    assert sgd["orig_mean"] == pytest.approx(same["final_accuracy"].mean(), abs=0.01)
 
 
 def test_the_embedded_plotly_is_the_pinned_build_and_every_page_asset_ships_in_the_package():

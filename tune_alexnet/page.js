@@ -75,6 +75,7 @@
       bestP.append(el("b", best.acc.toFixed(2) + "%"), document.createTextNode(" " + label(best) +
         (best.orig !== null ? " (original: " + best.orig.toFixed(2) + "%)" : "")));
     } else bestP.textContent = "No run has an accuracy yet.";
+    // the original's columns are over the same runs as this experiment's (page.py _optimizers)
     table($("optimizers"), ["optimizer", "runs", "best %", "its run", "mean %", "original best %", "its run",
       "original mean %"], data.optimizers.map((o) => [
       [o.optimizer], [o.runs, "num"], [fmt.acc(o.best), "num"], [fmt.plain(o.best_run), "num"],
@@ -378,7 +379,7 @@
   function effects() {
     seen.add("effects");
     const E = data.effects, n = E.length, traces = [], layout = { height: 330, barmode: "group",
-      margin: { l: 55, r: 10, t: 40, b: 45 }, legend: { orientation: "h", y: 1.14, x: 0 }, annotations: [] };
+      margin: { l: 55, r: 10, t: 40, b: 70 }, legend: { orientation: "h", y: -0.2, x: 0 }, annotations: [] };
     E.forEach((e, i) => {
       const k = i ? String(i + 1) : "", xs = e.levels.map((l) => esc(l.level));
       traces.push({ type: "bar", name: "this experiment", x: xs, y: e.levels.map((l) => l.mean),

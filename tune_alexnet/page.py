@@ -143,14 +143,15 @@ def _level(dim: str, v) -> str:
 
 
 def _optimizers(table: pd.DataFrame) -> list[dict]:
-    """Each optimizer's best and mean here, next to the original study's over all its runs."""
+    """Each optimizer's best and mean here, next to the original study's over the same runs (a sweep of part of
+    the grid is compared with that part, not with runs it did not make)."""
     ref = reference_table()
     part = scored(table)
     out = []
     for opt in optimizer_order(part["optimizer"].dropna()):
         ours = part[part["optimizer"] == opt]
         top = best_run(ours)
-        theirs = ref[ref["optimizer"] == opt]
+        theirs = ref[(ref["optimizer"] == opt) & ref["run"].isin(ours["run"].dropna())]
         orig = theirs.loc[theirs["final_accuracy"].idxmax()] if len(theirs) else None
         out.append(
             {

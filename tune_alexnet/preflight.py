@@ -409,7 +409,9 @@ def check_unfinished(exp_uri: str) -> None:
 
 def check_unchanged(asked: dict, saved: SweepSettings) -> None:
     """Flags that define a trial may be given again with --resume (the same command, --resume added), but only
-    with the experiment's own values: a resume cannot change what its trials are."""
+    with the experiment's own values: a resume cannot change what its trials are. Every changed flag is named at
+    once, so that one retry is enough."""
+    changed = []
     for flag, new in asked.items():
         if flag in settings.DIMENSIONS:
             old, same = getattr(saved.grid, flag), set(new) == set(getattr(saved.grid, flag)) and not saved.runs
@@ -423,11 +425,14 @@ def check_unchanged(asked: dict, saved: SweepSettings) -> None:
             same = new == old
         if not same:
             shown_new, shown_old = (",".join(map(_plain, v)) if isinstance(v, tuple) else _plain(v) for v in (new, old))
-            raise PreflightError(
-                f"--resume: --{flag.replace('_', '-')} {shown_new} differs from the experiment's own "
-                f"{shown_old or '(all runs of its grid)'}; a resume continues its trials as they started: drop the "
-                "flag or give the same value, or start a new experiment with another --name"
-            )
+            changed.append(f"--{flag.replace('_', '-')} {shown_new} differs from the experiment's own "
+                           f"{shown_old or '(all runs of its grid)'}")  # fmt: skip
+    if changed:
+        raise PreflightError(
+            f"--resume: {'; '.join(changed)}; a resume continues its trials as they started: drop "
+            f"{'the flag' if len(changed) == 1 else 'those flags'} or give the same values, or start a new experiment "
+            "with another --name"
+        )
 
 
 def _plain(value) -> str:
