@@ -683,7 +683,15 @@ def test_a_tracker_uri_that_does_not_parse_is_one_line_and_nothing_written(uri, 
 
 
 @pytest.mark.parametrize(
-    "uri", ["databricks://profile:s3cret-pw@x", ":::", "https://u:s3cret-pw@exa mple.com/", "/tmp/mlruns", "ftp://h/x"]
+    "uri",
+    [
+        "databricks://profile:s3cret-pw@x",
+        ":::",
+        "https://u:s3cret-pw@exa mple.com/",
+        "/tmp/mlruns",
+        "ftp://h/x",
+        "file:///tmp/mlruns",
+    ],  # fmt: skip
 )
 def test_a_tracker_uri_of_a_kind_the_sweep_cannot_use_is_refused_before_ray_starts(uri, tmp_path, capsys):
     """MLflow would take these only once Ray had started: a traceback (with the secret, for databricks://) and a

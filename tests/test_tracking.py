@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tune_alexnet.cli import main, run_study
@@ -333,3 +334,25 @@ def test_the_same_command_with_resume_added_says_the_finished_experiment_is_done
     assert out.returncode == 0, out.stderr
     assert f"experiment {root / 'results' / 'r'} has finished: 2/2 trials done, nothing to resume" in out.stdout
     assert "dashboard" not in out.stdout + out.stderr  # Ray was not started
+
+
+def test_progress_csv_keeps_its_columns_when_a_resumed_sweeps_first_result_has_other_fields(ray_local, tmp_path):
+    """Tune's own CSV logger takes a resumed file's columns from the first result after the restore, without a
+    header: an epoch that saved no checkpoint (no `should_checkpoint`) shifted every later value one column left."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from tune_alexnet.tracking import _csv_callback_class
+
+    trial = Trial("__fake", config={}, stub=True, trial_id="abc",
+                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp"))  # fmt: skip
+    first = _csv_callback_class()()
+    first.log_trial_result(
+        1, trial, {"epoch": 1, "should_checkpoint": True, "trial_id": "abc", "training_iteration": 1}
+    )
+    first.log_trial_end(trial)
+    resumed = _csv_callback_class()()  # a resumed sweep's
+    resumed.log_trial_result(2, trial, {"epoch": 2, "trial_id": "abc", "training_iteration": 2, "new": 1})
+    resumed.log_trial_end(trial)
+    rows = pd.read_csv(Path(trial.local_path) / "progress.csv").to_dict("records")
+    assert [(r["epoch"], r["trial_id"], r["training_iteration"]) for r in rows] == [(1, "abc", 1), (2, "abc", 2)]

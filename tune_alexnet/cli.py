@@ -190,7 +190,7 @@ def _tracking_uri(text: str) -> str:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(
                 f"invalid value '{redacted(text)}' ({exc}); allowed: a tracking URI such as http://host:5000, "
-                "file:///folder or sqlite:///file.db"
+                "or sqlite:///file.db"
             ) from None
     return text
 

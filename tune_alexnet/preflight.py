@@ -559,18 +559,19 @@ def _need(package: str, flag: str) -> None:
         raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
 
 
-MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql")  # a database may name its driver
+# file: is not among them: MLflow keeps its file store in maintenance mode and refuses it (inside Ray, in a traceback)
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql")  # a database may name its driver
 
 
 def _check_mlflow_uri(uri: str) -> None:
-    """An http(s) tracking server must answer now; a local store (file, sqlite) needs an existing folder. Any
+    """An http(s) tracking server must answer now; a local store (sqlite) needs an existing folder. Any
     other kind of URI (a bare path, which MLflow reads as its retired file store; databricks://, which needs its
     own login) would fail only once Ray had started, in a traceback that may show its secret."""
     scheme = urlparse(uri).scheme.lower()
     if scheme.split("+")[0] not in MLFLOW_SCHEMES or any(c.isspace() for c in uri):
         raise PreflightError(
             f"--mlflow {redacted(uri)}: not a tracking URI this sweep can use; allowed: http(s)://HOST:PORT, "
-            "sqlite:///FILE.db, file:///FOLDER, or a database URI (postgresql://, mysql://, mssql://)"
+            "sqlite:///FILE.db (in place of a folder store), or a database URI (postgresql://, mysql://, mssql://)"
         )
     if scheme in ("http", "https"):
         _probe(uri)

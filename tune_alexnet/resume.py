@@ -313,6 +313,7 @@ def put_back_whole_state(exp_dir: str) -> str | None:
     fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
+    os.chmod(tmp, os.stat(path).st_mode & 0o777)  # as the file it replaces (Tune's own: 0644)
     os.replace(tmp, path)
     when = time.strftime("%H:%M:%S", time.localtime(os.stat(copy).st_mtime))
     return (

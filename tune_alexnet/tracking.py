@@ -34,7 +34,8 @@ def study_metrics(result: dict) -> dict:
 def callbacks(s: SweepSettings) -> list:
     """Tune callbacks for the trackers the settings ask for, each run grouped under the sweep's name, and
     TensorBoard's (Tune's own, which it would add anyway) fed the same study metrics."""
-    found = [_tbx_callback_class()()] if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0") != "1" else []
+    auto = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0") != "1"
+    found = [_tbx_callback_class()(), _csv_callback_class()()] if auto else []
     if s.mlflow is not None:
         found.append(_mlflow_callback_class()(s.mlflow, experiment_name=s.name))
     if s.wandb is not None:
@@ -208,6 +209,30 @@ def _wandb_callback_class():
             return self._ended
 
     return StudyWandbCallback
+
+
+@functools.cache
+def _csv_callback_class():
+    import csv
+
+    from ray.tune.logger import CSVLoggerCallback
+
+    class StudyCSVCallback(CSVLoggerCallback):
+        """Tune's progress.csv, whose columns stay those of its header after a resume. Tune takes them from the
+        first result after a restore, without writing a header: a first result with other fields (an epoch that
+        saved no checkpoint, a saved state's row) put every later row's values under the wrong names."""
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            if trial not in self._trial_files:
+                self._setup_trial(trial)
+            if self._trial_csv.get(trial) is None and self._trial_continue.get(trial):
+                with open(self._trial_files[trial].name, newline="") as f:
+                    header = next(csv.reader(f), None)
+                if header:
+                    self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], header)
+            super().log_trial_result(iteration, trial, result)
+
+    return StudyCSVCallback
 
 
 @functools.cache
