@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from tune_alexnet.cli import main
+from tune_alexnet.resume import STATE_COPIES
 
 
 def free_port() -> int:
@@ -190,6 +191,9 @@ def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, 
     rows = table.set_index("trial_id").loc[finished["trial_id"]]
     assert (rows["final_accuracy"].fillna(-1) == finished.set_index("trial_id")["final_accuracy"].fillna(-1)).all()
     states = sorted(p.name for p in copy.glob("experiment_state-*.json"))
+    # Without the whole copy a sweep keeps beside it (one from before it kept one, or lost with it), a resume is
+    # refused with the way on; with it, the copy is put back (the captured-step resume test).
+    shutil.rmtree(copy / STATE_COPIES)
     err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
     assert "the experiment state of 'mixed' is damaged" in err and "tune-alexnet export" in err
     assert sorted(p.name for p in copy.glob("experiment_state-*.json")) == states  # nothing newer hides it
