@@ -306,16 +306,21 @@ def sidecar(data: dict) -> str:
     return f"{UPDATE_FUNCTION}({to_json(data)});\n"
 
 
+def page_files(exp: Experiment, live: dict | None = None, poll_s: float = POLL_S) -> dict[str, str]:
+    """The page's two files by name, the sidecar first: what write_page writes (and a caller may size first)."""
+    data = page_data(exp, live, poll_s)
+    return {DATA_NAME: sidecar(data), PAGE_NAME: render(data)}
+
+
 def write_page(exp: Experiment, out_dir: str | os.PathLike | None = None, live: dict | None = None,
-               poll_s: float = POLL_S) -> str:  # fmt: skip
+               poll_s: float = POLL_S, files: dict[str, str] | None = None) -> str:  # fmt: skip
     """report.html and report-data.js in `out_dir` (default: the experiment folder, local or in a bucket), each
     written whole or not at all; returns report.html's path or URI. The sidecar goes first, so a page that
-    polls never sees data older than its own."""
-    data = page_data(exp, live, poll_s)
-    html = render(data)
+    polls never sees data older than its own. `files`: page_files(exp), when already made."""
+    files = page_files(exp, live, poll_s) if files is None else files
     with output_dir(out_dir or exp.path, exp) as out:
-        out.put(DATA_NAME, lambda tmp: Path(tmp).write_text(sidecar(data), encoding="utf-8"))
-        out.put(PAGE_NAME, lambda tmp: Path(tmp).write_text(html, encoding="utf-8"))
+        for name, text in files.items():
+            out.put(name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     return next(p for p in out.written if p.split("?")[0].endswith(PAGE_NAME)) if out.written else ""
 
 

@@ -270,15 +270,14 @@ def write_report_and_page(source, out_dir: str | os.PathLike | None = None) -> l
     """What `tune-alexnet report` writes: report.md, its figures and the study page (report.html and its data),
     made in memory first, so that a folder without room for all of them is refused before any is written or a
     folder made. Their paths or URIs."""
-    from .page import DATA_NAME, PAGE_NAME, page_data, render, sidecar, write_page
+    from .page import page_files, write_page
 
     exp = source if isinstance(source, Experiment) else load_experiment(source)
-    files = report_files(exp)
-    data = page_data(exp)
-    page = {PAGE_NAME: len(render(data).encode()), DATA_NAME: len(sidecar(data).encode())}
-    sizes = {name: len(content) for name, content in files.items()} | page
+    files, page = report_files(exp), page_files(exp)
+    sizes = {name: len(content) for name, content in files.items()}
+    sizes |= {name: len(text.encode()) for name, text in page.items()}
     check_room(out_dir or exp.path, sizes, f"{REPORT_NAME}, {len(files) - 1} figures and the study page")
-    return [write_report(exp, out_dir, files), write_page(exp, out_dir)]
+    return [write_report(exp, out_dir, files), write_page(exp, out_dir, files=page)]
 
 
 def what_ran(exp: Experiment) -> tuple[str, str]:
