@@ -730,6 +730,31 @@ def test_a_tracker_password_is_stored_redacted_and_resume_asks_for_it(tmp_path, 
     assert _resumed_mlflow(None, "http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # no secret: as recorded
 
 
+def test_a_bucket_secret_in_the_storage_uri_is_never_stored_or_written_with_the_tables(mixed_experiment, tmp_path):
+    """pyarrow takes credentials in a bucket URI's query; the settings record and the tables' metadata go to
+    whoever gets the tables, so the secret stays out of both."""
+    import dataclasses
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tune_alexnet.export import load_experiment, write_tables
+    from tune_alexnet.settings import SweepSettings, read_settings, write_settings
+
+    bucket = "s3://bucket/results?endpoint_override=127.0.0.1:9000&secret_key=s3cret-key"
+    write_settings(str(tmp_path), SweepSettings(storage=bucket, name="x"))
+    assert (
+        read_settings(str(tmp_path))["storage"] == "s3://bucket/results?endpoint_override=127.0.0.1:9000&secret_key=***"
+    )
+    exp = load_experiment(mixed_experiment[0])
+    exp = dataclasses.replace(
+        exp, path="s3://bucket/results/x?secret_key=s3cret-key", settings={**exp.settings, "storage": bucket}
+    )
+    write_tables(exp, tmp_path / "tables")
+    meta = pq.read_schema(tmp_path / "tables" / "results.parquet").metadata[b"tune_alexnet"].decode()
+    assert "s3cret-key" not in meta and json.loads(meta)["experiment"] == "s3://bucket/results/x?secret_key=***"
+
+
 def test_a_log_line_naming_a_tracker_uri_is_shown_and_kept_redacted():
     import logging
 
@@ -750,6 +775,8 @@ def test_an_empty_or_dangling_out_is_one_line_and_nothing_is_made(tmp_path, caps
     dangling = tmp_path / "dang"
     dangling.symlink_to(target)
     err = one_line_exit_2(["export", str(tmp_path), "--out", str(dangling)], capsys)
-    assert "(a link to nothing)" in err and not target.exists()
+    assert f"({dangling} is a link to nothing)" in err and not target.exists()
+    err = one_line_exit_2(["export", str(tmp_path), "--out", str(dangling / "sub" / "deeper")], capsys)
+    assert f"({dangling} is a link to nothing)" in err and not target.exists()  # not made as mkdir -p would
     err = one_line_exit_2(["report", str(tmp_path), "--out", ""], capsys)
     assert "an empty path; allowed: a folder or URI" in err

@@ -159,8 +159,11 @@ def _place(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; allowed: a folder or URI")
     full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
-    if os.path.islink(full) and not os.path.exists(full):  # a folder made there would be made where it points
-        raise argparse.ArgumentTypeError(f"invalid value '{text}' (a link to nothing); allowed: a folder or URI")
+    for step in [full, *Path(full).parents] if "://" not in text else []:
+        if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
+            raise argparse.ArgumentTypeError(
+                f"invalid value '{text}' ({step} is a link to nothing); allowed: a folder or URI"
+            )
     for value in (text, full):
         try:
             value.encode("utf-8")

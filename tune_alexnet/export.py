@@ -698,8 +698,10 @@ def provenance(exp: Experiment) -> dict:
         "tune_alexnet": __version__,
         "ray": ray.__version__,
         "torch": torch.__version__,
-        "experiment": exp.path,
-        "settings": exp.settings,
+        "experiment": redacted(exp.path),  # a bucket URI's ?secret_key= never goes with the tables
+        "settings": {
+            k: redacted(v) if k in ("storage", "mlflow") and isinstance(v, str) else v for k, v in exp.settings.items()
+        },  # also a record written before these were stored redacted
     }
 
 
@@ -752,7 +754,7 @@ class Output:
         if is_remote(self.uri) or os.path.realpath(self.uri) == os.path.realpath(exp.path):
             return
         other = self.tables_of()
-        if other is not None and other != exp.path:
+        if other is not None and other != redacted(exp.path):
             raise ExportError(
                 f"{self.uri} holds the tables of experiment {redacted(other)}, not of {redacted(exp.path)}; allowed: "
                 "an --out folder that is empty or holds this experiment's tables (pick another folder, or remove "

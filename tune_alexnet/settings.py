@@ -302,6 +302,7 @@ def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) ->
     record.pop("asked")
     if record["mlflow"] is not None:  # its secrets never in clear: --resume asks for the URI again (resume_settings)
         record["mlflow"] = redacted(record["mlflow"])
+    record["storage"] = redacted(record["storage"])  # a bucket's ?secret_key=: --resume takes --storage as given
     _write_record(exp_uri, record)
 
 
