@@ -755,6 +755,18 @@ def test_a_bucket_secret_in_the_storage_uri_is_never_stored_or_written_with_the_
     assert "s3cret-key" not in meta and json.loads(meta)["experiment"] == "s3://bucket/results/x?secret_key=***"
 
 
+def test_a_resume_refuses_a_tracker_its_experiment_did_not_start_with(mixed_experiment, synthetic_dir, capsys):
+    """Tune restores the experiment's own callbacks: a tracker added on --resume was silently never used."""
+    path = Path(mixed_experiment[0])
+    resume = ["sweep", "--resume", "--name", path.name, "--storage", str(path.parent), "--data-dir", str(synthetic_dir)]
+    err = one_line_exit_2([*resume, "--mlflow", "http://bob:s3cret-pw@127.0.0.1:1"], capsys)
+    assert "--mlflow http://bob:***@127.0.0.1:1 (the experiment was started without it)" in err, err
+    assert "s3cret-pw" not in err
+    err = one_line_exit_2([*resume, "--wandb", "proj", "--mlflow", "http://127.0.0.1:1"], capsys)
+    assert "--mlflow http://127.0.0.1:1 (the experiment was started without it); --wandb proj (the experiment " in err
+    assert "drop those flags, or start a new experiment with another --name" in err
+
+
 def test_a_log_line_naming_a_tracker_uri_is_shown_and_kept_redacted():
     import logging
 

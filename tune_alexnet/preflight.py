@@ -353,6 +353,7 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
     except ValueError as exc:
         raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
     check_unchanged(s.asked, saved)
+    check_resumed_trackers(s, saved)
     keep = {"mlflow": _resumed_mlflow(s.mlflow, saved.mlflow)} if s.mlflow or saved.mlflow else {}
     keep |= {
         "address": s.address,
@@ -432,6 +433,23 @@ def check_unchanged(asked: dict, saved: SweepSettings) -> None:
             f"--resume: {'; '.join(changed)}; a resume continues its trials as they started: drop "
             f"{'the flag' if len(changed) == 1 else 'those flags'} or give the same values, or start a new experiment "
             "with another --name"
+        )
+
+
+def check_resumed_trackers(given: SweepSettings, saved: SweepSettings) -> None:
+    """A resume keeps the trackers its experiment started with: one added now would hold only the epochs after it,
+    and Tune restores the experiment's own callbacks, so a tracker given now would be silently left out. The
+    MLflow URI may be given again (it must be, where its secret was not stored), pointing where the server is now."""
+    added = [
+        f"--{flag} {redacted(new) if flag == 'mlflow' else new} (the experiment "
+        f"{'logs to W&B project ' + old if old else 'was started without it'})"
+        for flag, new, old in (("mlflow", given.mlflow, saved.mlflow), ("wandb", given.wandb, saved.wandb))
+        if new is not None and (not old if flag == "mlflow" else new != old)
+    ]
+    if added:
+        raise PreflightError(
+            f"--resume: {'; '.join(added)}; a resume logs to the trackers its experiment started with: drop "
+            f"{'the flag' if len(added) == 1 else 'those flags'}, or start a new experiment with another --name"
         )
 
 
