@@ -48,6 +48,16 @@ from tune_alexnet.cli import _settings, build_parser, main
         (["sweep", "--epochs", "2", "--epochs", "3"], "--epochs is given 2 times; allowed: once (see tune-alexnet"),
         (["sweep", "--batchnorm", "true", "--batchnorm=false"], "list, e.g. --batchnorm true,false)"),
         (["train"], "invalid choice: 'train'"),
+        (
+            ["sweep", "--lr", "0,01"],
+            "--lr: invalid value '0' ('0,01' is read as a list; write 0.01); allowed: a number",
+        ),
+        (
+            ["sweep", "--runs", "2,2"],
+            "--runs: invalid value '2,2' (2 given twice); allowed: run numbers 1..108 of the study, "
+            "each once (--repeats N trains each N times)",
+        ),  # fmt: skip
+        (["sweep", "--lr", "0.01,0.010"], "invalid value '0.01,0.010' (0.010 given twice)"),
         (["sweep", "--storage", "r\udcff"], "--storage: invalid value 'r\\xff'; allowed: a path or URI in UTF-8"),
         (["export", "x", "--out", "o\udcff"], "--out: invalid value 'o\\xff'; allowed: a path or URI in UTF-8"),
         (["sweep", "--mlflow", "file:///m\udcff"], "--mlflow: invalid value 'file:///m\\xff'; allowed: a path or URI"),

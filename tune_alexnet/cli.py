@@ -98,7 +98,7 @@ def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None, exampl
     """A comma-separated list of values; a flag given pins its grid dimension to them."""
 
     def parse(text: str):
-        values = []
+        values, typed = [], []
         for part in text.split(","):
             part = part.strip().lower()
             if choices is not None and part == "all":
@@ -107,9 +107,15 @@ def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None, exampl
             try:
                 value = kind(part)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"invalid value {part!r}; allowed: {allowed_text}") from None
-            if (choices is not None and value not in choices) or not check(value):
-                raise argparse.ArgumentTypeError(f"invalid value {part!r}; allowed: {allowed_text}")
+                value = None
+            if value is None or (choices is not None and value not in choices) or not check(value):
+                comma = kind is float and re.fullmatch(r"\d+,\d+", text.strip())  # 0,01: a decimal comma
+                hint = f" ('{text.strip()}' is read as a list; write {text.strip().replace(',', '.')})" if comma else ""
+                raise argparse.ArgumentTypeError(f"invalid value {part!r}{hint}; allowed: {allowed_text}")
+            if value in typed:  # a repeat is a typo, or meant as --repeats: never silently one
+                raise argparse.ArgumentTypeError(f"invalid value {text!r} ({part} given twice); allowed: {allowed_text}, "
+                                                 "each once (--repeats N trains each N times)")  # fmt: skip
+            typed.append(value)
             values.append(value)
         return tuple(dict.fromkeys(values))
 
