@@ -89,7 +89,9 @@ def test_help_says_bf16_autocasts_on_the_cpu_too(capsys):
 
 @pytest.mark.timeout(60, func_only=True)  # it hung for more than 300 s
 def test_load_model_from_a_bucket_without_credentials_fails_within_the_export_limit(monkeypatch):
+    from tune_alexnet import storage
     from tune_alexnet.checkpoint import CheckpointError, load_model
+    from tune_alexnet.settings import read_settings
     from tune_alexnet.storage import REACH_TIMEOUT_S
 
     for key in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
@@ -99,6 +101,11 @@ def test_load_model_from_a_bucket_without_credentials_fails_within_the_export_li
         load_model("gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001")
     assert time.monotonic() - start < REACH_TIMEOUT_S + 10
     assert "gs://tune-alexnet-test-bucket/exp/trial/checkpoint_000001 cannot be reached" in str(refused.value)
+    monkeypatch.setattr(storage, "REACH_TIMEOUT_S", 2.0)  # the same bound on the settings record --resume reads
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        read_settings("gs://tune-alexnet-test-bucket/exp", strict=True)
+    assert time.monotonic() - start < 2.0 + 3
 
 
 @pytest.fixture
@@ -167,7 +174,7 @@ def crawling_bucket(tmp_path):
 @pytest.mark.slow
 def test_load_model_bounds_every_read_of_a_bucket_not_only_the_first(crawling_bucket, monkeypatch):
     from tune_alexnet import storage
-    from tune_alexnet.checkpoint import CheckpointError, load_model
+    from tune_alexnet.checkpoint import CheckpointError, load_model, local_copy
 
     uri, slow = crawling_bucket
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -182,6 +189,14 @@ def test_load_model_bounds_every_read_of_a_bucket_not_only_the_first(crawling_bu
             load_model(uri)
         assert time.monotonic() - start < 2 * 2.0 + 3, name  # the first look, then the read that crawls
         assert f"ckpts/trial/ckpt/{name} cannot be reached (no answer within 2 s)" in str(refused.value), name
+    slow["name"] = None
+    with local_copy(uri) as copy:  # a resume's copy of a bucket checkpoint: the files, each read bounded too
+        assert sorted(p.name for p in copy.iterdir()) == ["model.json", "model.pt"]
+    slow["name"] = "model.pt"
+    start = time.monotonic()
+    with pytest.raises(TimeoutError), local_copy(uri):
+        pass
+    assert time.monotonic() - start < 2 * 2.0 + 3
 
 
 # --- the local Ray: token authentication on, its token and its folder this user's alone ----------------------

@@ -31,12 +31,13 @@ from .augment import normalize, prepare_eval
 from .data import IMAGE_SIZE
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES
-from .storage import JSON_LIMIT, RefusedFile, open_file, reach, read_json, shown
+from .storage import JSON_LIMIT, RefusedFile, list_folder, open_file, reach, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
 MODEL_ARGS_FILE = "model.json"  # AlexNet's arguments, so the folder alone rebuilds the network
 PROGRESS_FILE = "progress.json"  # epoch, best accuracy and its epoch, patience counter
 TRAINER_FILE = "trainer.pt"  # resume checkpoints only: current weights, optimizer, generators, counters
+CHECKPOINT_FILES = (MODEL_FILE, MODEL_ARGS_FILE, PROGRESS_FILE, TRAINER_FILE)
 KIND_BEST, KIND_RESUME, KIND_FINAL = "best", "resume", "final"
 # What model.json may hold besides `classes`: AlexNet's arguments, each (test, what is allowed). The width bound
 # is the sweep's own, so a tampered 40 is refused before it allocates gigabytes.
@@ -76,12 +77,13 @@ def local_copy(checkpoint):
     if "://" not in checkpoint:
         yield Path(checkpoint).expanduser()
         return
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+    fs, path = reach(checkpoint)
     tmp = tempfile.mkdtemp(prefix="tune-alexnet-ckpt-")
-    try:
-        pyarrow.fs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    try:  # file by file, every call on the bucket bounded (storage.within): a stalled bucket is an OSError, not a hang
+        for name, is_folder in list_folder(fs, path):
+            if not is_folder and name in CHECKPOINT_FILES:
+                with open_file(fs, path, name, None) as (f, _), open(os.path.join(tmp, name), "wb") as copy:
+                    shutil.copyfileobj(f, copy)
         yield Path(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -343,12 +343,10 @@ def read_settings(exp_uri: str, strict: bool = False) -> dict | None:
     link followed, at most JSON_LIMIT bytes): an untrusted folder can neither block nor feed this a huge file.
     None where there is none, and where it is unreadable or not a JSON object, unless `strict`: then that
     raises OSError or ValueError saying why. Its fields are checked by `from_record`."""
-    import pyarrow.fs
-
-    from .storage import JSON_LIMIT, read_json, shown
+    from .storage import JSON_LIMIT, reach, read_json, shown
 
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
+        fs, path = reach(exp_uri)  # a bucket that does not answer is a TimeoutError (an OSError), not a hang
         record = read_json(fs, path, SETTINGS_FILE, JSON_LIMIT)
         if not isinstance(record, dict):
             raise ValueError(f"{SETTINGS_FILE} holds {shown(record)}; allowed: a JSON object of the sweep's settings")

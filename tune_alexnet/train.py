@@ -11,6 +11,7 @@ as checkpoint.py describes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -467,7 +468,16 @@ def _resume_candidates(candidates):
         stop_only = isinstance(candidate, tuple)  # newer than Tune's record (ray_hooks.STOP_ONLY)
         candidate = candidate[0] if stop_only else candidate
         recorded += not stop_only
-        with checkpoint.local_copy(candidate) as d:
+        with contextlib.ExitStack() as stack:
+            try:
+                d = stack.enter_context(checkpoint.local_copy(candidate))
+            except OSError as exc:  # a bucket that does not answer (storage.within) or a folder gone
+                log.warning(
+                    "checkpoint %s cannot be copied (%s); trying an older one",
+                    getattr(candidate, "path", candidate),
+                    exc,
+                )
+                continue
             progress = checkpoint.read_progress(d)
             if (
                 recorded == 1
