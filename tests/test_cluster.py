@@ -407,6 +407,18 @@ def test_a_sweep_on_s3_storage_is_whole_and_resumes_from_the_bucket(cluster, s3,
     assert prefix + "report.html" in bucket_keys(client, prefix)  # the study page, beside the report
     assert not Path("s3:").exists()
 
+    # A bucket folder holding another experiment's tables is refused, as a local one is, and left as it was.
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "tables" / "results.parquet")
+    meta = {**table.schema.metadata, b"tune_alexnet": json.dumps({"experiment": "/elsewhere/other"}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "other.parquet")
+    client.upload_file(str(tmp_path / "other.parquet"), "sweeps", "tune-alexnet/other/results.parquet")
+    other = root.replace("tune-alexnet?", "tune-alexnet/other?")
+    out = cluster.run([sys.executable, "-m", "tune_alexnet", "export", uri, "--out", other])
+    assert out.returncode == 2 and "holds the tables of experiment /elsewhere/other" in out.stderr, out.stderr[-3000:]
+    assert bucket_keys(client, "tune-alexnet/other/") == ["tune-alexnet/other/results.parquet"]
+
 
 def torch_zeros():
     import torch

@@ -52,6 +52,7 @@ from .storage import (
     is_remote,
     list_folder,
     missing_folders,
+    open_file,
     parse_json,
     plain_name,
     reach,
@@ -738,20 +739,26 @@ class Output:
         return isinstance(written, int) and written > exp.generation
 
     def tables_of(self) -> str | None:
-        """The experiment whose tables this folder holds, as their Parquet metadata names it; None where it holds
-        none of ours (none yet, unreadable, or of a version that did not name it)."""
-        try:
-            import pyarrow.parquet as pq
+        """The experiment whose tables this folder (local, or in a bucket: read as every bucket read is, bounded)
+        holds, as their Parquet metadata names it; None where it holds none of ours (none yet, unreadable, or of a
+        version that did not name it)."""
+        import pyarrow.parquet as pq
 
-            meta = pq.read_schema(self.local / f"{TABLE_NAME}.parquet").metadata or {}
+        try:
+            fs, base = reach(self.uri) if is_remote(self.uri) else (None, str(self.local))
+            if fs is None:
+                meta = pq.read_schema(self.local / f"{TABLE_NAME}.parquet").metadata or {}
+            else:
+                with open_file(fs, base, f"{TABLE_NAME}.parquet", None) as (f, _):
+                    meta = pq.read_schema(f).metadata or {}
             found = json.loads(meta.get(b"tune_alexnet", b"{}")).get("experiment")
         except (OSError, ValueError, AttributeError):
             return None
         return found if isinstance(found, str) else None
 
     def check_holds_no_other(self, exp: Experiment) -> None:
-        """ExportError naming both experiments where this (local) folder holds another experiment's tables."""
-        if is_remote(self.uri) or os.path.realpath(self.uri) == os.path.realpath(exp.path):
+        """ExportError naming both experiments where this folder holds another experiment's tables."""
+        if (self.uri == exp.path) if is_remote(self.uri) else os.path.realpath(self.uri) == os.path.realpath(exp.path):
             return
         other = self.tables_of()
         if other is not None and other != redacted(exp.path):
@@ -921,6 +928,8 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     tmp = Path(tempfile.mkdtemp(prefix="tune-alexnet-out-"))
     try:
         output = Output(out, tmp, [])
+        if exp is not None:
+            output.check_holds_no_other(exp)
         yield output
         try:
             fs, base = reach(out)
