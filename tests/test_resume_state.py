@@ -2,6 +2,7 @@
 is used, or the trial starts afresh, with one line in its log), and a state written in another step mode resumes
 in this run's mode. Plain train_cifar with a report callback of its own; no Ray."""
 
+import json
 import logging
 import math
 import shutil
@@ -9,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tune_alexnet.checkpoint import TRAINER_FILE
+from tune_alexnet.checkpoint import PROGRESS_FILE, TRAINER_FILE
 from tune_alexnet.data import load_cifar10, take_subset
 from tune_alexnet.resume import STATE_COPIES, keep_whole_state, put_back_whole_state
 from tune_alexnet.train import train_cifar
@@ -121,6 +122,37 @@ def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplo
         metrics = resumed_from(runs, tmp_path, TAMPERED["lr 1e30"], older_too=True)
     same_epochs(metrics, runs[1])
     assert len(caplog.records) == 2
+
+
+@pytest.mark.parametrize(
+    "edit, ends",
+    [
+        ({"kind": "final"}, False),  # epoch 2 of 4, patience 100: no rule ends the run there
+        ({"kind": "final", "epochs_since_best": 100}, False),  # more epochs without improvement than were run
+        ({"kind": "final", "epoch": 4}, True),  # the last epoch
+        ({"kind": "final", "diverged": True}, True),
+    ],
+)
+def test_a_final_checkpoint_ends_the_trial_only_where_its_counters_say_the_run_ended(
+    runs, tmp_path, caplog, edit, ends
+):
+    """A final checkpoint ends the trial on resume: one whose counters no stopping rule could give (an edited
+    progress.json) is passed over with one line, and the trial goes on from its resume state."""
+    data, straight, folder = runs
+    copy = shutil.copytree(folder, tmp_path / "ckpts")
+    progress = json.loads((copy / "ckpt_2" / PROGRESS_FILE).read_text())
+    (copy / "ckpt_2" / PROGRESS_FILE).write_text(json.dumps({**progress, **edit}))
+    metrics: list = []
+    with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
+        train_cifar(
+            CONFIG, data, record(metrics), checkpoint_from=[copy / "ckpt_2", copy / "ckpt_1"], runtime=EVERY_EPOCH
+        )
+    lines = [r.getMessage() for r in caplog.records]
+    if ends:
+        assert metrics == [] and lines == []
+    else:
+        same_epochs(metrics, straight[2:])
+        assert len(lines) == 1 and "does not end this trial (epoch" in lines[0] and "patience 100" in lines[0], lines
 
 
 # --- a state saved inside an epoch (a stop, a spot notice) --------------------------------------------------

@@ -44,6 +44,7 @@ from .settings import (
     TRIAL_DEFAULTS,
 )
 from .stopper import plateau_update, should_stop
+from .storage import shown
 
 log = logging.getLogger("tune_alexnet.train")
 
@@ -311,7 +312,7 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Tria
     A state that does not fit this trial (resume.state_problem: tampered, or from another trial) is passed over
     like a torn one, with one line in the trial's log: an older state is tried, else the trial starts afresh."""
     trial = _new_trial(cfg, rt)
-    for resumed in _resume_candidates(checkpoint_from):
+    for resumed in _resume_candidates(checkpoint_from, cfg):
         if resumed == "finished":
             return None
         where, trainer, best = resumed
@@ -430,7 +431,8 @@ def _report(trial: Trial, metrics: dict, kind: str | None, rt: Runtime, classes,
             # files the same whatever the device; before the first epoch's end, the weights as they stand
             best = trial.best_weights if trial.best_weights is not None else trial.model.state_dict()
             best = {k: v.to("cpu") for k, v in best.items()}
-            checkpoint.write(d, best, trial.model_args, {**trial.state, "kind": kind}, trainer, classes)
+            progress = {**trial.state, "kind": kind, **({"diverged": True} if metrics.get("diverged") else {})}
+            checkpoint.write(d, best, trial.model_args, progress, trainer, classes)
         metrics["checkpoint_s"] = time.perf_counter() - written
         metrics[METRIC] = score(metrics["best_val_acc"] if metrics.get("best_epoch") else None, *trial.rank)
         reported = time.perf_counter()
@@ -455,7 +457,17 @@ def _trainer_state(trial: Trial, rt: Runtime) -> dict:
     }
 
 
-def _resume_candidates(candidates):
+def _ended(progress: dict, cfg: dict) -> bool:
+    """Whether a final checkpoint's counters say what ends a run: a divergence, or the stopping rule on this
+    trial's own patience and epochs. Anything else (an edited progress.json) is passed over, not taken on trust."""
+    epoch, since = progress.get("epoch"), progress.get("epochs_since_best")
+    if progress.get("diverged") is True:
+        return True
+    counters = all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= cfg["epochs"] for v in (epoch, since))
+    return counters and since <= epoch and should_stop(epoch, since, cfg["patience"], cfg["epochs"])
+
+
+def _resume_candidates(candidates, cfg: dict):
     """The readable resume states among the trial's checkpoints (newest first), as (where, trainer state, best
     weights), loaded on the CPU; first "finished" instead if the newest says the run ended. None left: the trial
     starts afresh (an exact replay: every draw is seeded)."""
@@ -485,14 +497,20 @@ def _resume_candidates(candidates):
                 and progress is not None
                 and progress.get("kind") == checkpoint.KIND_FINAL
             ):
-                yield "finished"
-                return
+                if _ended(progress, cfg):
+                    yield "finished"
+                    return
+                log.warning("final checkpoint %s does not end this trial (epoch %s of %d, %s epochs without "
+                            "improvement, patience %d); trying an older checkpoint", d, shown(progress.get("epoch")),
+                            cfg["epochs"], shown(progress.get("epochs_since_best")), cfg["patience"])  # fmt: skip
             if not (d / checkpoint.TRAINER_FILE).exists():
                 continue
             resumed = checkpoint.read_resume(d)
             inside_epoch = resumed is not None and isinstance(resumed[0], dict) and resumed[0].get("position")
-            if stop_only and not isinstance(inside_epoch, dict):
-                continue  # an epoch's state Tune never recorded: its epoch may be missing from the records
+            if stop_only and not isinstance(inside_epoch, dict):  # its epoch may be missing from the records
+                log.info("resume state %s holds no place inside an epoch and Tune never recorded it; trying the "
+                         "one it recorded", d / checkpoint.TRAINER_FILE)  # fmt: skip
+                continue
             if resumed is not None:
                 yield (d / checkpoint.TRAINER_FILE, *resumed)
                 continue
