@@ -164,3 +164,18 @@ def test_no_progress_line_follows_the_stops_line(capsys, monkeypatch):
         console.on_step_end(2, running)
         console.on_experiment_end(running)
         assert capsys.readouterr().out == ""
+
+
+def test_tunes_traceback_for_a_state_it_could_not_save_to_a_full_disk_is_left_to_the_guards_line(tmp_path):
+    import logging
+
+    from tune_alexnet.console import RayLines
+
+    def shown(error: str) -> bool:
+        message = f"Saving experiment state to storage at '{tmp_path}' failed with exception: \nTraceback ...\n{error}"
+        return RayLines(quiet=False).filter(
+            logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, message, (), None)
+        )
+
+    assert not shown("OSError: [Errno 28] No space left on device")
+    assert shown("RuntimeError: something else")  # a writable folder with room: Tune's own words are shown

@@ -418,6 +418,25 @@ def test_a_storage_that_turns_read_only_mid_sweep_stops_it_cleanly_and_resumably
 
 
 @pytest.mark.slow
+def test_a_storage_that_fills_mid_sweep_stops_it_with_a_way_forward_not_a_bad_input_error(tmpfs, synthetic_dir):
+    """The guard stops the sweep and the reserve holds the tables; a study page that no longer fits is a warning
+    (report writes it later), not the bad-input exit with a message about report.html."""
+    disk = tmpfs(60)
+
+    def fill() -> None:
+        with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 2**16)
+
+    code, err = _sweep_then(disk, synthetic_dir, fill)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and "Traceback" not in err, err[-5000:]
+    assert "nearly full" in err and "error:" not in err, err[-3000:]
+    assert lines[-1].startswith("tune-alexnet sweep: ") and "--resume --name net" in lines[-1], lines[-3:]
+    assert (disk / "net" / "results.parquet").exists()
+
+
+@pytest.mark.slow
 def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
     disk = tmpfs(400)
     code, err = _sweep_then(disk, synthetic_dir, lambda: shutil.rmtree(disk / "net"))

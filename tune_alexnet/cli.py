@@ -520,8 +520,11 @@ def run_study(settings, data=None, quiet: bool = True):
                     if interrupted:  # stopped before Tune wrote its first state: nothing ran
                         raise KeyboardInterrupt from None
                     raise
-                written.append(write_report(exp))
-                written.append(write_page(exp))
+                for write in (write_report, write_page):  # the tables hold the results: these are views of them
+                    try:
+                        written.append(write(exp))
+                    except export.ExportError as exc:
+                        _warn([f"{exc}; 'tune-alexnet report {plan.exp_uri}' writes it when there is room"])
             if failure is not None:
                 raise failure
     return plan.exp_uri, exp, written
@@ -561,7 +564,13 @@ def _stop_signals_as_ctrl_c():
 
 
 def _sweep_command(settings, quiet: bool) -> int:
-    exp_uri, exp, written = run_study(settings, quiet=quiet)
+    from .export import ExportError
+
+    try:
+        exp_uri, exp, written = run_study(settings, quiet=quiet)
+    except ExportError as exc:  # the sweep's own tables not written (a storage that filled): not bad input
+        _say(f"tune-alexnet sweep: error: {exc}")
+        return EXIT_FAILED
     return tell_the_end(settings, exp_uri, exp, written)
 
 

@@ -221,12 +221,13 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: nev
 
 
 def _lost_storage_line(message: str) -> bool:
-    """Tune's own traceback for an experiment state it could not save to a local folder that was deleted or
-    turned read-only: the disk guard's line names the storage and the way on (sweep.DiskGuard)."""
+    """Tune's own traceback for an experiment state it could not save to a local folder that was deleted, turned
+    read-only or filled up: the disk guard's line names the storage and the way on (sweep.DiskGuard)."""
     if not message.startswith("Saving experiment state to storage at '"):
         return False
     path = message.split("'")[1]
-    return path.startswith("/") and not (os.path.isdir(path) and os.access(path, os.W_OK))
+    full = "No space left on device" in message or "[Errno 28]" in message
+    return path.startswith("/") and (full or not (os.path.isdir(path) and os.access(path, os.W_OK)))
 
 
 class RayLines(logging.Filter):
