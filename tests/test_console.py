@@ -171,11 +171,10 @@ def test_tunes_traceback_for_a_state_it_could_not_save_to_a_full_disk_is_left_to
 
     from tune_alexnet.console import RayLines
 
-    def shown(error: str) -> bool:
-        message = f"Saving experiment state to storage at '{tmp_path}' failed with exception: \nTraceback ...\n{error}"
-        return RayLines(quiet=False).filter(
-            logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, message, (), None)
-        )
+    def shown(error: Exception) -> bool:
+        message = f"Saving experiment state to storage at '{tmp_path}' failed with exception: "
+        record = logging.LogRecord("ray.tune", logging.ERROR, __file__, 1, message, (), (type(error), error, None))
+        return RayLines(quiet=False).filter(record)  # Tune logs it with logger.exception: the error in exc_info
 
-    assert not shown("OSError: [Errno 28] No space left on device")
-    assert shown("RuntimeError: something else")  # a writable folder with room: Tune's own words are shown
+    assert not shown(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"))
+    assert shown(RuntimeError("something else"))  # a writable folder with room: Tune's own words are shown

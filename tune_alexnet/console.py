@@ -220,13 +220,13 @@ HIDDEN_WORKER_LINES = ("core_worker.cc", "Restored on", "RAW: Lock blocking")  #
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves: never into a file
 
 
-def _lost_storage_line(message: str) -> bool:
+def _lost_storage_line(message: str, error: BaseException | None = None) -> bool:
     """Tune's own traceback for an experiment state it could not save to a local folder that was deleted, turned
     read-only or filled up: the disk guard's line names the storage and the way on (sweep.DiskGuard)."""
     if not message.startswith("Saving experiment state to storage at '"):
         return False
     path = message.split("'")[1]
-    full = "No space left on device" in message or "[Errno 28]" in message
+    full = any("No space left on device" in text or "[Errno 28]" in text for text in (message, str(error or "")))
     return path.startswith("/") and (full or not (os.path.isdir(path) and os.access(path, os.W_OK)))
 
 
@@ -319,7 +319,9 @@ class RayLines(logging.Filter):
                     )
             _stop_said = True
             return False
-        if any(hidden in message for hidden in HIDDEN) or _lost_storage_line(message):
+        if any(hidden in message for hidden in HIDDEN) or _lost_storage_line(
+            message, record.exc_info and record.exc_info[1]
+        ):
             return False
         return record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
 

@@ -76,7 +76,8 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
             raise
         # The local storage turned read-only or was deleted: the sweep's disk guard sees that within seconds and
         # stops the sweep cleanly, naming it; failing here would only add a traceback per trial to its line.
-        log.warning("the checkpoint could not be written (%s); waiting for the sweep to stop", str(exc)[:200])
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")[:200]  # Ray's repr follows
+        log.warning("the checkpoint could not be written (%s); waiting for the sweep to stop", first)
         time.sleep(STOP_WAIT_S)
         raise
 

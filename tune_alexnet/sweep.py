@@ -133,7 +133,9 @@ class DiskGuard(tune.Callback):
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
-        os.kill(os.getpid(), signal.SIGINT)  # Tune's own clean stop: trials keep their last checkpoints
+        # Tune's own clean stop at once, as for a full disk (trip): a stop signal would first ask every trial to
+        # save its state, into a storage that can take none, and wait for them in vain.
+        os.kill(os.getpid(), signal.SIGUSR1)
         return True
 
     def _needed(self) -> int:
