@@ -232,3 +232,19 @@ def test_resume_takes_trial_flags_equal_to_the_experiments_and_names_a_change():
     with pytest.raises(PreflightError) as refused:  # several changes: every one named at once
         check_unchanged({**asked, "epochs": 3, "width": 1.0}, saved)
     assert "--epochs 3 differs" in str(refused.value) and "--width 1 differs" in str(refused.value)
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """The first seconds of a command load torch and pandas: a Ctrl-C then is an interruption like any other."""
+    import sys
+
+    class CtrlC:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tune_alexnet.data":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "tune_alexnet.data", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    assert main(["sweep", "--storage", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err == "tune-alexnet sweep: interrupted before the sweep started; nothing was run\n"
+    assert not (tmp_path / "r").exists()

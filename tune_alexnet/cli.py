@@ -436,11 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(_OneVoice())
     logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache, built once, is not ours either
-    from .data import DataError
-    from .export import ExportError
-    from .preflight import NothingToResume, PreflightError
-    from .storage import StorageLost
-
+    try:  # torch and pandas load here, for seconds: a Ctrl-C meanwhile is an interruption like any other
+        from .data import DataError
+        from .export import ExportError
+        from .preflight import NothingToResume, PreflightError
+        from .storage import StorageLost
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
     try:
         if args.command == "sweep":
             return _sweep_command(settings, quiet)
@@ -467,13 +469,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before the sweep started (loading data, starting Ray): nothing to keep
-        done = " before the sweep started; nothing was run" if args.command == "sweep" else "; no file is half-written"
-        _say(f"tune-alexnet {args.command}: interrupted{done}")
-        return EXIT_FAILED
+        return _interrupted(args.command)
     except BrokenPipeError:  # `| head` or a pager closed early: what was written stays, and no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     return 0
+
+
+def _interrupted(command: str) -> int:
+    done = " before the sweep started; nothing was run" if command == "sweep" else "; no file is half-written"
+    _say(f"tune-alexnet {command}: interrupted{done}")
+    return EXIT_FAILED
 
 
 def run_study(settings, data=None, quiet: bool = True):
