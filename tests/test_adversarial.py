@@ -765,6 +765,11 @@ def test_a_resume_refuses_a_tracker_its_experiment_did_not_start_with(mixed_expe
     err = one_line_exit_2([*resume, "--wandb", "proj", "--mlflow", "http://127.0.0.1:1"], capsys)
     assert "--mlflow http://127.0.0.1:1 (the experiment was started without it); --wandb proj (the experiment " in err
     assert "drop those flags, or start a new experiment with another --name" in err
+    err = one_line_exit_2([*resume, "--epochs", "9", "--subset", "5"], capsys)  # every change named at once
+    assert (
+        "--epochs 9 differs from the experiment's own 3; --subset 5 differs from the experiment's own all images "
+        in err
+    )
 
 
 def test_a_log_line_naming_a_tracker_uri_is_shown_and_kept_redacted():

@@ -352,7 +352,8 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
             check_record(record["data"])
     except ValueError as exc:
         raise PreflightError(f"--resume: {exp_uri}/{SETTINGS_FILE} is damaged: {exc}") from None
-    check_unchanged(s.asked, saved)
+    data_flags = {"subset": s.subset} if s.subset is not None and not s.allow_data_change else {}
+    check_unchanged({**s.asked, **data_flags}, saved)
     check_resumed_trackers(s, saved)
     keep = {"mlflow": _resumed_mlflow(s.mlflow, saved.mlflow)} if s.mlflow or saved.mlflow else {}
     keep |= {
@@ -424,6 +425,8 @@ def check_unchanged(asked: dict, saved: SweepSettings) -> None:
         else:
             old = getattr(saved, flag)
             same = new == old
+        if flag == "subset" and not same:  # a change of data: allowed on purpose only
+            old = f"{'all images' if old is None else old} (--allow-data-change resumes on other data)"
         if not same:
             shown_new, shown_old = (",".join(map(_plain, v)) if isinstance(v, tuple) else _plain(v) for v in (new, old))
             changed.append(f"--{flag.replace('_', '-')} {shown_new} differs from the experiment's own "
