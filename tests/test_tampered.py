@@ -476,6 +476,17 @@ def _swap(name: str, with_what):
     return tamper
 
 
+def _edit_weights(edit):
+    """model.pt with its first tensor replaced by `edit(tensor)`: the right shape, but not weights a sweep saves."""
+
+    def tamper(d: Path) -> None:
+        state = torch.load(d / "model.pt", weights_only=True)
+        state["features.0.weight"] = edit(state["features.0.weight"])
+        torch.save(state, d / "model.pt")
+
+    return tamper
+
+
 def _other_weights(d: Path) -> None:
     torch.save(AlexNet(**{**MODEL_ARGS, "batchnorm": False}).state_dict(), d / "model.pt")
 
@@ -519,6 +530,22 @@ LOAD_CASES = {
         "model.pt does not hold the weights of the network model.json describes: tensor 'features.0.weight' has "
         "shape (8, 3, 5, 5), the network needs (256, 3, 5, 5)",
     ),
+    "model.pt with a meta tensor (no data)": (
+        _edit_weights(lambda t: torch.empty(t.shape, device="meta")),
+        "tensor 'features.0.weight' is meta (no data), the network needs strided torch.float32",
+    ),
+    "model.pt with a sparse tensor": (
+        _edit_weights(lambda t: t.to_sparse()),
+        "tensor 'features.0.weight' is sparse_coo torch.float32, the network needs strided torch.float32",
+    ),
+    "model.pt with int8 weights": (
+        _edit_weights(lambda t: t.to(torch.int8)),
+        "tensor 'features.0.weight' is strided torch.int8, the network needs strided torch.float32",
+    ),
+    "model.pt with NaN weights": (
+        _edit_weights(lambda t: torch.full_like(t, float("nan"))),
+        "tensor 'features.0.weight' holds values that are not finite",
+    ),
     "model.pt a pickle that runs code": (
         lambda d: torch.save({"features.0.weight": Path("/")}, d / "model.pt"),
         "model.pt was refused: it holds Python objects besides tensors, and loading them would run code",
@@ -538,6 +565,13 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     message = str(refused.value)
     assert type(refused.value).__name__ == "CheckpointError" and "\n" not in message, message
     assert str(ckpt) in message and needle in message, message
+
+
+def test_load_model_names_a_device_this_machine_lacks_not_the_checkpoint(ckpt):
+    with pytest.raises(ValueError) as refused:
+        checkpoint.load_model(ckpt, device="cuda:7")
+    assert type(refused.value) is ValueError and "device 'cuda:7': torch sees" in str(refused.value)
+    assert "model.pt" not in str(refused.value)
 
 
 def test_load_model_takes_a_checkpoint_folder_through_a_link_of_the_users_own(ckpt, tmp_path):

@@ -100,7 +100,8 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
     Nothing in the folder is trusted: model.json and model.pt must be regular files in it (no link is followed),
     model.json must hold AlexNet's arguments within the bounds a sweep allows (checked before any memory is
     allocated), and model.pt must be no larger than that network's weights and hold them. Anything else, a
-    missing file included, raises CheckpointError naming the file."""
+    missing file included, raises CheckpointError naming the file. A device this machine lacks raises ValueError."""
+    device = _usable(device)
     fs, base, label = _location(checkpoint)
     args, classes = _model_args(fs, base, label)
     with torch.device("meta"):  # the shapes model.json declares, without allocating a byte of them
@@ -110,6 +111,21 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
     model.load_state_dict(state)
     model.classes = classes or tuple(str(i) for i in range(NUM_CLASSES))  # none recorded: each output's index
     return model.to(device).eval()
+
+
+def _usable(device) -> torch.device:
+    """`device` as torch names it, if this machine has it: else the checkpoint's file would be blamed for it."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device {device!r}: {_first_line(exc)}; allowed: 'cpu', or 'cuda' on a machine with a GPU"
+        ) from None
+    count = torch.cuda.device_count() if d.type == "cuda" and torch.cuda.is_available() else 0
+    if d.type == "cuda" and (d.index or 0) >= count:
+        raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s) here; allowed: 'cpu'"
+                         f"{', cuda:0..cuda:' + str(count - 1) if count else ''}")  # fmt: skip
+    return d
 
 
 def _location(checkpoint) -> tuple:
@@ -220,8 +236,14 @@ def _shape_problem(state, expected: dict) -> str | None:
     for name, want in expected.items():
         if name not in state:
             return f"tensor {name!r} is missing"
-        if tuple(state[name].shape) != tuple(want.shape):
-            return f"tensor {name!r} has shape {tuple(state[name].shape)}, the network needs {tuple(want.shape)}"
+        got = state[name]
+        if tuple(got.shape) != tuple(want.shape):
+            return f"tensor {name!r} has shape {tuple(got.shape)}, the network needs {tuple(want.shape)}"
+        if got.layout != torch.strided or got.is_meta or got.dtype != want.dtype:  # no data, or not what a sweep saves
+            kind = "meta (no data)" if got.is_meta else f"{str(got.layout).split('.')[-1]} {got.dtype}"
+            return f"tensor {name!r} is {kind}, the network needs strided {want.dtype}"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"tensor {name!r} holds values that are not finite (NaN or infinity)"
     extra = sorted(set(state) - set(expected))
     return f"tensor {extra[0]!r} is not one of the network's" if extra else None
 
