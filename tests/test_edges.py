@@ -352,6 +352,20 @@ def test_report_on_a_full_disk_says_how_much_room_it_needs_and_leaves_nothing(
     assert written <= need <= written * 1.1 + 0.05, (written, need)  # what it would write, in whole blocks
 
 
+def test_export_on_a_full_disk_says_how_much_room_it_needs_and_writes_no_table(
+    mixed_experiment, tmpfs, tmp_path, capsys
+):
+    """It wrote results.parquet and results.csv, then failed on epochs.parquet, saying 0.0 MB of 0.0 MB."""
+    path, _ = mixed_experiment
+    assert main(["export", path, "--out", str(tmp_path / "roomy")]) == 0
+    written = sum(f.stat().st_size for f in (tmp_path / "roomy").iterdir() if f.suffix in (".csv", ".parquet"))
+    disk = tmpfs(written / 2 / 1e6)
+    err = one_line(["export", path, "--out", str(disk / "tables")], capsys)
+    need = float(err.split("the tables need about ")[1].split(" MB")[0])
+    assert f"{disk}/tables has " in err and written / 1e6 <= need <= written / 1e6 * 1.3 + 0.05, (err, written)
+    assert list(disk.iterdir()) == []  # no folder made, no table begun
+
+
 # --- a reader that races the sweep ---------------------------------------------------------------------------
 
 

@@ -176,7 +176,10 @@ def test_resume_on_other_data_is_refused_unless_deliberate(cli_run, mini_dir, ca
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "pass --allow-data-change to resume on purpose" in err[-1], err
+    assert code == 2 and "--subset 2 differs from the experiment's own all images (--allow-data-change" in err[-1], err
+    resume = ["sweep", "--resume", "--name", "typed", "--storage", str(exp.parent), "--data-dir", str(mini_dir)]
+    assert main(resume) == 2  # other images, no flag that says so: their fingerprint tells
+    assert "pass --allow-data-change to resume on purpose" in capsys.readouterr().err.strip().splitlines()[-1]
     assert sorted(p.name for p in exp.iterdir()) == before  # nothing written
 
 

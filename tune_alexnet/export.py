@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -669,23 +670,32 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
     """results.parquet/.csv, epochs.parquet and results_<optimizer>.csv, each written whole or not at all."""
     meta = {**provenance(exp), "generation": exp.generation}
     originals = original_tables(exp.table)
+    # The original merged its per-optimizer CSVs into this one.
+    merged = pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
+    writers = {
+        f"{TABLE_NAME}.parquet": lambda f: write_parquet(exp.table, f, meta),
+        f"{TABLE_NAME}.csv": lambda f: exp.table.to_csv(f, index=False),
+        f"{EPOCHS_NAME}.parquet": lambda f: write_parquet(exp.epochs, f, meta),
+        **{f"results_{opt}.csv": lambda f, df=df: df.to_csv(f, index=False) for opt, df in originals.items()},
+        "merged_results.csv": lambda f: merged.to_csv(f, index=False),
+    }
+    files = {name: _rendered(write) for name, write in writers.items()}  # sized before anything is written
+    check_room(out_dir, {name: len(data) for name, data in files.items()}, "the tables")
     with output_dir(out_dir, exp) as out:
         if out.newer_than(exp):
             exp.notes.append(
                 f"the tables in {out.uri} were written from a newer read of {exp.path}; they are left as they are"
             )
             return []
-        out.put(f"{TABLE_NAME}.parquet", lambda p: write_parquet(exp.table, p, meta))
-        out.put(f"{TABLE_NAME}.csv", lambda p: exp.table.to_csv(p, index=False))
-        out.put(f"{EPOCHS_NAME}.parquet", lambda p: write_parquet(exp.epochs, p, meta))
-        for opt, df in originals.items():
-            out.put(f"results_{opt}.csv", lambda p, df=df: df.to_csv(p, index=False))
-        # The original merged its per-optimizer CSVs into this one.
-        merged = (
-            pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
-        )
-        out.put("merged_results.csv", lambda p: merged.to_csv(p, index=False))
+        for name, data in files.items():
+            out.put(name, lambda p, data=data: Path(p).write_bytes(data))
     return out.written
+
+
+def _rendered(write) -> bytes:
+    buffer = io.BytesIO()
+    write(buffer)
+    return buffer.getvalue()
 
 
 def provenance(exp: Experiment) -> dict:
@@ -774,9 +784,9 @@ class Output:
         except OSError as exc:
             free = shutil.disk_usage(self.local).free if self.local.exists() else 0
             need = _size_elsewhere(write) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
-            needs = f", and it needs {need / 1e6:,.1f} MB" if need else ""
+            needs = f", and it needs {_mb(need)}" if need else ""
             raise ExportError(
-                f"cannot write {self.local / name} ({exc.strerror}; {free / 1e6:,.1f} MB free there{needs}); "
+                f"cannot write {self.local / name} ({exc.strerror}; {_mb(free)} free there{needs}); "
                 f"allowed: a folder you can write with room for the tables and the report"
             ) from None
         if not is_remote(self.uri):
