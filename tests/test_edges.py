@@ -372,6 +372,25 @@ def test_a_token_readable_by_others_is_made_private_before_ray_starts(open_dir, 
     assert not [r for r in caplog.records if r.name == "tune_alexnet.cluster"]
 
 
+def test_a_new_token_is_made_private_from_the_start(open_dir, monkeypatch, caplog):
+    """Ray writes a new token readable by all and only then is it made private: made 0600 before Ray starts."""
+    import tempfile
+
+    from tune_alexnet import cluster
+
+    token = open_dir / "home" / ".ray" / "auth_token"
+    monkeypatch.setenv("HOME", str(open_dir / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(open_dir))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster.token_problem() is None
+    cluster.local_ray_options()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    assert len(bytes.fromhex(token.read_text())) == 32  # as Ray makes one: 256 random bits
+    assert cluster.token_problem() is None
+    assert not [r for r in caplog.records if r.name == "tune_alexnet.cluster"]
+
+
 @pytest.mark.parametrize(
     "address, needle",
     [

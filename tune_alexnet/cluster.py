@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import stat
 import tempfile
 from pathlib import Path
@@ -46,6 +47,7 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     logs (which hold the environment Tune forwards to trials, cloud secrets included) lie in a folder only this
     user can enter. (Ray's servers listen on every interface whatever it is told, its token guarding them; and
     it makes its own temp folder world-writable, hence the private folder above it.)"""
+    _new_private_token()
     if keep_token_private():  # before Ray starts, not only after: its servers take whoever holds the token
         log.warning(
             "Ray's token %s was readable by other users; it is now yours alone (mode 0600). If someone may have "
@@ -289,6 +291,24 @@ def keep_token_private() -> bool:
     except OSError:
         pass
     return False
+
+
+def _new_private_token() -> None:
+    """Where Ray would make a new token, make it first, mode 0600: Ray writes it readable by all, for the seconds
+    until ray.init returns. Made as Ray makes one: 256 random bits in hex."""
+    if os.environ.get(TOKEN) is not None or os.environ.get(TOKEN_PATH):
+        return  # Ray makes a token only in its default place
+    path = token_path()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return  # there already, or it cannot be made here: token_problem has had its say, and Ray has the last
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except OSError:
+        path.unlink(missing_ok=True)  # an empty token would be refused on the next run
 
 
 ADDRESS_ALLOWED = "allowed: the address of a running Ray head (host:port), auto, or none for a local Ray"
