@@ -245,6 +245,12 @@ def _token(kind: str):
             token.mkdir()
         elif kind == "empty":
             token.write_text("")
+        elif kind == "blank":
+            token.write_text(" \n\t")
+        elif kind == "open to all":  # another user could have written it, or could swap it before Ray reads it
+            token.parent.chmod(0o777)
+            token.write_text("a token someone else may know")
+            token.chmod(0o666)
         elif kind == "read-only home":
             token.parent.rmdir()
             subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d / "home")], check=True)
@@ -265,6 +271,12 @@ LOCAL_RAY_CASES = {
     "a token linked to another's file": (_token("link to another's"), {}, "/.ray/auth_token is a symbolic link"),
     "a token that is a folder": (_token("folder"), {}, "/.ray/auth_token is a folder"),
     "a read-only home": (_token("read-only home"), {}, "is on a read-only file system, so Ray cannot save one"),
+    "a blank RAY_AUTH_TOKEN over a dangling token link": (_token("dangling link"), {"RAY_AUTH_TOKEN": " "},
+                                                          "RAY_AUTH_TOKEN is set but blank"),
+    "a named token of blank space": (_token("blank"), {"RAY_AUTH_TOKEN_PATH": "{d}/home/.ray/auth_token"},
+                                     "/.ray/auth_token holds only blank space"),
+    "a token others can write, in a folder others can write": (_token("open to all"), {},
+                                                                "can be written by other users (mode 0666)"),
 }  # fmt: skip
 
 
@@ -272,6 +284,7 @@ LOCAL_RAY_CASES = {
 @pytest.mark.parametrize("case", list(LOCAL_RAY_CASES), ids=list(LOCAL_RAY_CASES))
 def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthetic_dir):
     plant, env, needle = LOCAL_RAY_CASES[case]
+    env = {k: v.format(d=open_dir) for k, v in env.items()}
     tmpdir, victim, home = open_dir / "t", open_dir / "victim", open_dir / "home"
     for d in (tmpdir, victim):
         d.mkdir()
@@ -307,6 +320,100 @@ def test_a_token_that_cannot_be_read_is_one_line(open_dir, mini_dir):
     )
     assert code == 2 and len(lines) == 1, lines[-20:]
     assert f"Ray's token {home}/.ray/auth_token cannot be read (Permission denied)" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "mode, folder_mode, group, needle",
+    [
+        (0o600, 0o777, 0, "lies in {folder}, which other users can write to (mode 0777, no sticky bit)"),
+        (0o660, 0o700, 65534, "can be written by other users (mode 0660)"),  # a group others share
+        (0o600, 0o1777, 0, None),  # the sticky bit: only the token's owner can remove or rename it
+        (0o660, 0o770, 0, None),  # a group of this user alone (root's here), as a umask of 002 leaves it
+    ],
+    ids=["open folder", "shared group", "sticky folder", "private group"],
+)
+def test_a_token_others_could_write_or_replace_is_refused(mode, folder_mode, group, needle, open_dir, monkeypatch):
+    from tune_alexnet import cluster
+
+    folder = open_dir / "home" / ".ray"
+    folder.mkdir(parents=True)
+    (folder / "auth_token").write_text("x" * 32)
+    os.chown(folder / "auth_token", -1, group)
+    (folder / "auth_token").chmod(mode)
+    folder.chmod(folder_mode)
+    monkeypatch.setenv("HOME", str(open_dir / "home"))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    problem = cluster.token_problem()
+    assert (problem is None) if needle is None else needle.format(folder=folder) in problem, problem
+
+
+def test_a_token_readable_by_others_is_made_private_before_ray_starts(open_dir, monkeypatch, caplog):
+    """Ray's own default (0644, as an earlier `ray start` leaves it): made 0600 in the options ray.init is given,
+    with one line that says so."""
+    import tempfile
+
+    from tune_alexnet import cluster
+
+    token = open_dir / "home" / ".ray" / "auth_token"
+    token.parent.mkdir(parents=True)
+    token.write_text("x" * 32)
+    token.chmod(0o644)
+    monkeypatch.setenv("HOME", str(open_dir / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(open_dir))  # the private folder goes there, not in /tmp
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert cluster.token_problem() is None  # readable by others is no refusal
+    cluster.local_ray_options()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    said = [r.getMessage() for r in caplog.records if r.name == "tune_alexnet.cluster"]
+    assert len(said) == 1 and f"{token} was readable by other users" in said[0], said
+    caplog.clear()
+    cluster.local_ray_options()  # private now: nothing more to say
+    assert not [r for r in caplog.records if r.name == "tune_alexnet.cluster"]
+
+
+def test_a_new_token_is_made_private_from_the_start(open_dir, monkeypatch, caplog):
+    """Ray writes a new token readable by all and only then is it made private: made 0600 before Ray starts."""
+    import tempfile
+
+    from tune_alexnet import cluster
+
+    token = open_dir / "home" / ".ray" / "auth_token"
+    monkeypatch.setenv("HOME", str(open_dir / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(open_dir))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster.token_problem() is None
+    cluster.local_ray_options()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    assert len(bytes.fromhex(token.read_text())) == 32  # as Ray makes one: 256 random bits
+    assert cluster.token_problem() is None
+    assert not [r for r in caplog.records if r.name == "tune_alexnet.cluster"]
+
+
+@pytest.mark.parametrize(
+    "address, needle",
+    [
+        ("", "invalid value '': an empty address"),
+        ("  ", "invalid value '  ': an empty address"),
+        ("ray://127.0.0.1:1", "invalid value 'ray://127.0.0.1:1': Ray Client (ray://) addresses are not supported"),
+        ("auto", None),
+        ("10.0.0.5:6379", None),
+    ],
+)
+def test_an_address_that_names_no_cluster_to_join_is_one_line(address, needle):
+    """An empty --address would quietly start a local Ray; a Ray Client one timed out after three lines of Ray's."""
+    import argparse
+
+    from tune_alexnet import cluster
+
+    if needle is None:
+        assert cluster.checked_address(address) == address
+        return
+    with pytest.raises(argparse.ArgumentTypeError) as refused:
+        cluster.checked_address(address)
+    line = str(refused.value)
+    assert needle in line and "\n" not in line and "allowed: the address of a running Ray head" in line, line
 
 
 # --- storage at its edges ------------------------------------------------------------------------------------

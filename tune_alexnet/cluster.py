@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import stat
 import tempfile
 from pathlib import Path
@@ -46,6 +47,13 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     logs (which hold the environment Tune forwards to trials, cloud secrets included) lie in a folder only this
     user can enter. (Ray's servers listen on every interface whatever it is told, its token guarding them; and
     it makes its own temp folder world-writable, hence the private folder above it.)"""
+    _new_private_token()
+    if keep_token_private():  # before Ray starts, not only after: its servers take whoever holds the token
+        log.warning(
+            "Ray's token %s was readable by other users; it is now yours alone (mode 0600). If someone may have "
+            "read it, delete it and Ray makes a new one",
+            token_path(),
+        )
     return {"_temp_dir": os.path.join(private_temp_dir(), "ray"), "log_to_driver": log_to_driver}
 
 
@@ -145,11 +153,22 @@ def token_path() -> Path:
     return Path(os.environ.get(TOKEN_PATH) or Path.home() / ".ray" / "auth_token")
 
 
+TOKEN = "RAY_AUTH_TOKEN"  # the token itself, instead of a file
+BLANK = b" \t\n\r\x0b\x0c"  # what Ray trims from a token: a token of these alone is none to it
+
+
 def token_problem() -> str | None:
-    """Why Ray's token file cannot serve the local Ray: a link (Ray would write the token through it, or use one
-    that someone else knows), a folder, a file of another user's or that cannot be read, or, where there is none
-    yet, a folder where Ray cannot save a new one (a read-only HOME)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):  # the token itself, given in the environment: no file is used
+    """Why Ray's token cannot serve the local Ray: a blank one (Ray reads it as none, then reads or makes the
+    file); a link (Ray would write the token through it, or use one that someone else knows), a folder, a file of
+    another user's, one that others could have written or could replace, or that cannot be read; or, where there
+    is none yet, a folder where Ray cannot save a new one (a read-only HOME) or others could replace it."""
+    given = os.environ.get(TOKEN)
+    if given is not None:  # the token itself, given in the environment: no file is used, unless it is blank
+        if not given.encode(errors="replace").strip(BLANK):
+            return (
+                f"{TOKEN} is set but blank, which Ray reads as no token at all (it would then use or make "
+                f"{token_path()}); allowed: the token itself, or {TOKEN} unset"
+            )
         return None
     path = token_path()
     allowed = f"allowed: a file of your own, or none (Ray then makes one); or point {TOKEN_PATH} at one"
@@ -169,12 +188,27 @@ def token_problem() -> str | None:
         return f"Ray's token {path} is not a regular file; {allowed}"
     if st.st_uid != os.getuid():
         return f"Ray's token {path} belongs to another user (uid {st.st_uid}), who knows it; {allowed}"
+    if _others_can_write(st):
+        return (
+            f"Ray's token {path} can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}), who may have "
+            f"put a token of theirs in it; allowed: a token file only you can write (mode 0600), or none (Ray then "
+            f"makes one)"
+        )
+    folder = _folder_problem(path.parent, path)
+    if folder:
+        return f"{folder}; {allowed}"
     if st.st_size == 0:
         return f"Ray's token {path} is empty; {allowed}"
     try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            head = os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
     except OSError as exc:
         return f"Ray's token {path} cannot be read ({exc.strerror}); {allowed}"
+    if not head.strip(BLANK) and len(head) == st.st_size:
+        return f"Ray's token {path} holds only blank space, which Ray reads as no token; {allowed}"
     return None
 
 
@@ -185,6 +219,9 @@ def _token_folder_problem(path: Path) -> str | None:
         existing = existing.parent
     if os.path.islink(folder):
         return f"Ray's token folder {folder} is a symbolic link, through which Ray would write its token"
+    unsafe = _folder_problem(existing, path)
+    if unsafe:
+        return f"{unsafe}; allowed: a token folder only you can write to, or point {TOKEN_PATH} at a token file in one"
     if not os.access(existing, os.W_OK):
         why = "is on a read-only file system" if _read_only(existing) else "cannot be written"
         return (
@@ -194,6 +231,47 @@ def _token_folder_problem(path: Path) -> str | None:
     return None
 
 
+def _folder_problem(folder: Path, token: Path) -> str | None:
+    """Why another user could put a token of theirs in place of the one at `token` before Ray reads it: its folder
+    is theirs, or it or a folder above it is writable by them without the sticky bit (which lets only an entry's
+    owner remove or rename it)."""
+    for step in (folder, *folder.parents):
+        try:
+            st = os.stat(step)
+        except OSError:
+            continue  # a folder above that cannot be looked at: Ray would fail on it, not be fooled
+        if step == folder and st.st_uid not in (os.getuid(), 0):
+            return f"Ray's token {token} lies in {step}, which belongs to another user (uid {st.st_uid})"
+        if _others_can_write(st) and not st.st_mode & stat.S_ISVTX:
+            return (
+                f"Ray's token {token} lies in {step}, which other users can write to (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}, no sticky bit), so they could replace it"
+            )
+    return None
+
+
+def _others_can_write(st: os.stat_result) -> bool:
+    """Writable by any other user: by all, or by a group that is not this user's own private one."""
+    if st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and not _private_group(st.st_gid)
+
+
+def _private_group(gid: int) -> bool:
+    """A group of this user alone: Debian, Ubuntu and Fedora give each user one of its own name, with a umask of
+    002, so their files are group-writable yet no one else's to write."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+        others = [p.pw_name for p in pwd.getpwall() if p.pw_gid == gid and p.pw_uid != os.getuid()]
+    except (KeyError, OSError):
+        return False
+    return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user} and not others
+
+
 def _read_only(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -201,16 +279,63 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def keep_token_private() -> None:
+def keep_token_private() -> bool:
     """Ray's token (its servers refuse any client without it) is written readable by all; only this user may
-    read it."""
+    read it. Whether it had been readable by others."""
     path = token_path()
     try:
         st = os.lstat(path)
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
             os.chmod(path, 0o600)
+            return bool(st.st_mode & stat.S_IROTH or st.st_mode & stat.S_IRGRP and not _private_group(st.st_gid))
     except OSError:
         pass
+    return False
+
+
+def _new_private_token() -> None:
+    """Where Ray would make a new token, make it first, mode 0600: Ray writes it readable by all, for the seconds
+    until ray.init returns. Made as Ray makes one: 256 random bits in hex."""
+    if os.environ.get(TOKEN) is not None or os.environ.get(TOKEN_PATH):
+        return  # Ray makes a token only in its default place
+    path = token_path()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return  # there already, or it cannot be made here: token_problem has had its say, and Ray has the last
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except OSError:
+        path.unlink(missing_ok=True)  # an empty token would be refused on the next run
+
+
+ADDRESS_ALLOWED = "allowed: the address of a running Ray head (host:port), auto, or none for a local Ray"
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` names no Ray cluster a sweep can join: blank (which would quietly start a local Ray), or a
+    Ray Client address. A sweep's driver runs on a node of the cluster: it reads and writes its experiment folder,
+    and its stop signals reach its trials, neither of which a Ray Client driver (whose Tune runs on the head) does."""
+    if not address.strip():
+        return f"invalid value {address!r}: an empty address; {ADDRESS_ALLOWED}"
+    if address.strip().lower().startswith("ray://"):
+        return (
+            f"invalid value {address!r}: Ray Client (ray://) addresses are not supported, as the sweep must run on a "
+            f"node of the cluster (or be submitted as a Ray job); {ADDRESS_ALLOWED}"
+        )
+    return None
+
+
+def checked_address(text: str) -> str:
+    """--address as typed, or one line on why it cannot be joined."""
+    import argparse
+
+    problem = address_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def startable_node_types() -> list[dict]:
