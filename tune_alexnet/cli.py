@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cluster
 from .grid import make_grid
 from .settings import (
     BATCH_SIZES,
@@ -324,7 +324,9 @@ def _placement_flags(r) -> None:
                    help="continue the experiment --name (default: the newest in --storage) with its own settings")  # fmt: skip
     r.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: go on although the data differs from the experiment's (refused otherwise)")  # fmt: skip
-    r.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
+    r.add_argument(
+        "--address", type=cluster.checked_address, help="Ray cluster to join, e.g. auto (default: start a local Ray)"
+    )
     r.add_argument("--cpus-per-trial", type=_bounded("cpus_per_trial"), default=DEFAULT_CPUS_PER_TRIAL,
                    help=f"CPUs per trial (default: {DEFAULT_CPUS_PER_TRIAL:g})")  # fmt: skip
     r.add_argument("--gpus-per-trial", type=_bounded("gpus_per_trial"),

@@ -103,7 +103,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         check_resume_data(s, exp_uri, data)
         if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
             check_unfinished(exp_uri)
-        started, dashboard = connect(s.address or os.environ.get("RAY_ADDRESS") or "local", quiet)
+        address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
+        started, dashboard = connect(address, quiet)
         per_trial, keep_free = check_resources(s, root)
         return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
     except BaseException:
@@ -659,14 +660,15 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
 
     if ray.is_initialized():
         return False, None
+    if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
+        raise PreflightError(f"--address {problem}")
     host, _, port = address.rpartition(":")
     if address not in ("local", "auto") and "://" not in address and port.isdigit():
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as exc:
             raise PreflightError(
-                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); allowed: the address of "
-                f"a running Ray head (host:port), auto, or none for a local Ray"
+                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
             ) from None
     if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
         problem = cluster.auth_mode_problem() or cluster.token_problem()
@@ -687,14 +689,13 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
             raise KeyboardInterrupt
     except cluster.UnsafeTempDir as exc:
         raise PreflightError(f"Ray's session folder {exc}") from None
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # before OSError: a ConnectionError is one
+        raise PreflightError(
+            f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); {cluster.ADDRESS_ALLOWED}"
+        ) from None
     except OSError as exc:  # the token, made or read inside ray.init (a race with the checks above)
         where = f" {exc.filename}" if exc.filename else ""
         raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise PreflightError(
-            f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); allowed: the address "
-            f"of a running Ray head (host:port), auto, or none for a local Ray"
-        ) from None
     if address == "local":
         cluster.keep_token_private()
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
