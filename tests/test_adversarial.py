@@ -783,13 +783,18 @@ def test_a_database_tracker_without_its_driver_is_refused_before_ray_starts(uri,
 def test_a_bucket_secret_is_never_in_an_error_line(tmp_path, capsys):
     """pyarrow takes credentials in a bucket URI's user part or query; its errors name the URI, and so do ours."""
     from tune_alexnet.checkpoint import CheckpointError, load_model
+    from tune_alexnet.export import ExportError, load_experiment
 
-    err = one_line_exit_2(["export", "s3://b/x?endpoint_override=127.0.0.1:1&secret_key=S3CRETQ&access_key=AK"], capsys)
+    bucket = "s3://b/x?endpoint_override=127.0.0.1:1&secret_key=S3CRETQ&access_key=AK"
+    err = one_line_exit_2(["export", bucket], capsys)
     assert "S3CRETQ" not in err and "secret_key=***" in err
+    with pytest.raises(ExportError) as refused:  # the Python API too
+        load_experiment(bucket)
+    assert "S3CRETQ" not in str(refused.value) and "secret_key=***" in str(refused.value)
     storage = "s3://AKIAX:S3CRETKEY@b/x?bogus=1"
     err = one_line_exit_2(["sweep", "--storage", storage, *TINY], capsys)
     assert "S3CRETKEY" not in err and "s3://AKIAX:***@b/x" in err
-    with pytest.raises(CheckpointError) as refused:  # the Python API too
+    with pytest.raises(CheckpointError) as refused:
         load_model(storage)
     assert "S3CRETKEY" not in str(refused.value) and "S3CRETKEY" not in repr(refused.value.args)
 
