@@ -654,28 +654,149 @@ def test_a_tracker_uri_with_a_user_part_is_probed_without_it(health_server, secr
     from tune_alexnet.preflight import _check_mlflow_uri
 
     port, seen = health_server
-    _check_mlflow_uri(f"http://{secret}127.0.0.1:{port}/mlflow/?token=s3cret-pw")
+    _check_mlflow_uri(f"http://{secret}127.0.0.1:{port}/mlflow/")
     assert [path for path, _ in seen] == ["/mlflow/health"]
     assert "s3cret-pw" not in repr(seen)
 
 
+def test_a_tracker_uri_with_a_query_is_refused_before_any_request(health_server):
+    """MLflow glues a query into its REST paths: a real server then answers what MLflow cannot read, a traceback
+    from inside Ray. Credentials have their own places."""
+    from tune_alexnet.preflight import PreflightError, _check_mlflow_uri
+
+    port, seen = health_server
+    for uri in (f"http://127.0.0.1:{port}/?token=s3cret-pw", f"https://127.0.0.1:{port}/mlflow#s3cret-pw"):
+        with pytest.raises(PreflightError) as refused:
+            _check_mlflow_uri(uri)
+        assert "cannot hold a query or fragment" in str(refused.value) and "s3cret-pw" not in str(refused.value)
+        assert "MLFLOW_TRACKING_TOKEN" in str(refused.value) and "MLFLOW_TRACKING_PASSWORD" in str(refused.value)
+    assert seen == []
+
+
+UNREACHABLE = "the MLflow tracking server cannot be reached"
+WITH_A_QUERY = "a tracking server's URI cannot hold a query or fragment"
+
+
 @pytest.mark.parametrize(
-    "uri,shown",
+    "uri,shown,why",
     [
-        ("http://alice:s3cret-pw@127.0.0.1:1", "http://alice:***@127.0.0.1:1"),
-        ("http://s3cret-pw@127.0.0.1:1", "http://***@127.0.0.1:1"),
-        ("http://127.0.0.1:1/?token=s3cret-pw", "http://127.0.0.1:1/?token=***"),
-        ("http://127.0.0.1:1/?a=1&access_token=s3cret-pw", "http://127.0.0.1:1/?a=1&access_token=***"),
-        ("http://127.0.0.1:1/?password=s3cret-pw", "http://127.0.0.1:1/?password=***"),
-        ("http://127.0.0.1:1/?key=s3cret-pw", "http://127.0.0.1:1/?key=***"),
-        ("http://127.0.0.1:1/#s3cret-pw", "http://127.0.0.1:1/#***"),
-        ("http://127.0.0.1:1/?tok%65n=s3cret-pw", "http://127.0.0.1:1/?tok%65n=***"),
+        ("http://alice:s3cret-pw@127.0.0.1:1", "http://alice:***@127.0.0.1:1", UNREACHABLE),
+        ("http://s3cret-pw@127.0.0.1:1", "http://***@127.0.0.1:1", UNREACHABLE),
+        ("http://127.0.0.1:1/?token=s3cret-pw", "http://127.0.0.1:1/?token=***", WITH_A_QUERY),
+        ("http://127.0.0.1:1/?a=1&access_token=s3cret-pw", "http://127.0.0.1:1/?a=1&access_token=***", WITH_A_QUERY),
+        ("http://127.0.0.1:1/?password=s3cret-pw", "http://127.0.0.1:1/?password=***", WITH_A_QUERY),
+        ("http://127.0.0.1:1/?key=s3cret-pw", "http://127.0.0.1:1/?key=***", WITH_A_QUERY),
+        ("http://127.0.0.1:1/#s3cret-pw", "http://127.0.0.1:1/#***", WITH_A_QUERY),
+        ("http://127.0.0.1:1/?tok%65n=s3cret-pw", "http://127.0.0.1:1/?tok%65n=***", WITH_A_QUERY),
+        ("http://127.0.0.1:1/?pwd=s3cret-pw&x=1", "http://127.0.0.1:1/?pwd=***&x=1", WITH_A_QUERY),
+        ("http://127.0.0.1:1/?jwt=s3cret-pw", "http://127.0.0.1:1/?jwt=***", WITH_A_QUERY),
     ],
 )
-def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, tmp_path, capsys):
+def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, why, tmp_path, capsys):
     storage = tmp_path / "results"
     err = one_line_exit_2(["sweep", "--mlflow", uri, "--storage", str(storage), *TINY], capsys)
-    assert "s3cret-pw" not in err and f"--mlflow {shown}: the MLflow tracking server cannot be reached" in err
+    assert "s3cret-pw" not in err and f"--mlflow {shown}: {why}" in err
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("http://h/?pass=S3CRET&x=1", "http://h/?pass=***&x=1"),
+        ("http://h/?pw=S3CRET", "http://h/?pw=***"),
+        ("http://h/?pwd=S3CRET", "http://h/?pwd=***"),
+        ("http://h/?session=S3CRET", "http://h/?session=***"),
+        ("http://h/?x=1;jwt=S3CRET", "http://h/?x=1;jwt=***"),
+        ("http://h/?bearer=S3CRET", "http://h/?bearer=***"),
+        ("http://h/?apikey=S3CRET", "http://h/?apikey=***"),
+        ("http://user:s3c/r3t@h:1", "http://user:***@h:1"),
+        ("http://user:s3c?r3t#x@h:1", "http://user:***@h:1"),
+        ("http://user:S3CRET@h@h:1/", "http://user:***@h:1/"),
+        ("user:S3CRET@h:5000", "user:***@h:5000"),
+        ("http:/user:S3CRET@h", "http:/user:***@h"),
+        ("http:\\\\user:S3CRET@h", "http:\\\\user:***@h"),
+        ("http://us er:S3CRET@h", "http://us er:***@h"),
+        ("http://user:S3C RET@h:1/x", "http://user:***@h:1/x"),
+        ("invalid value 'http://h:1/\\ntoken=S3CRET' (x)", "invalid value 'http://h:1/\\ntoken=***' (x)"),
+        ("s3://AKIAX:S3CRET@b/x?endpoint_override=h:1&secret_key=S3CRET", "s3://AKIAX:***@b/x?endpoint_override=h:1&secret_key=***"),
+        # what hides nothing stays as it was
+        ("http://[::1]:5000/x?a=1", "http://[::1]:5000/x?a=1"),
+        ("http://127.0.0.1:port", "http://127.0.0.1:port"),
+        ("RAY_AUTH_MODE=disabled would start", "RAY_AUTH_MODE=disabled would start"),
+    ],
+)  # fmt: skip
+def test_a_secret_in_any_spelling_is_hidden(text, shown):
+    from tune_alexnet.settings import redacted
+
+    assert redacted(text) == shown and redacted(shown) == shown
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://user:s3cret/pw@127.0.0.1:1",
+        "user:s3cret-pw@127.0.0.1:5000",
+        "http:/user:s3cret-pw@127.0.0.1",
+        "http:\\\\user:s3cret-pw@127.0.0.1",
+        "http://us er:s3cret-pw@127.0.0.1",
+        "http://127.0.0.1:1/\x1b[2Jtoken=s3cret-pw",
+    ],
+)
+def test_a_tracker_password_in_any_spelling_is_never_echoed(uri, tmp_path, capsys):
+    storage = tmp_path / "results"
+    err = one_line_exit_2(["sweep", "--mlflow", uri, "--storage", str(storage), *TINY], capsys)
+    assert "s3cret" not in err and not storage.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sweep", "--mlflow", "http://127.0.0.1:1/\ntoken=s3cret-pw", *TINY],
+        ["sweep", "--storage", "results\tsub", *TINY],
+        ["export", "ray_results/x\ny?token=s3cret-pw"],
+        ["report", "ray_results/x", "--out", "page\rs"],
+    ],
+)
+def test_a_value_with_a_control_character_is_one_line_shown_escaped(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = one_line_exit_2(argv, capsys)
+    assert "(it holds a control character)" in err and "s3cret-pw" not in err, err
+    assert any(escape in err for escape in ("\\n", "\\t", "\\r")) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("uri", ["postgresql://u:s3cret-pw@127.0.0.1:1/db", "mysql://u:s3cret-pw@127.0.0.1:1/db",
+                                 "mssql://u:s3cret-pw@127.0.0.1:1/db", "postgresql+pg8000://u:s3cret-pw@127.0.0.1:1/db"])  # fmt: skip
+def test_a_database_tracker_without_its_driver_is_refused_before_ray_starts(uri, tmp_path, capsys):
+    """MLflow opens the store only inside the sweep: a 40-line traceback once Ray has started, and an experiment
+    folder left behind."""
+    import importlib.util
+    import re
+
+    storage = tmp_path / "results"
+    err = one_line_exit_2(["sweep", "--mlflow", uri, "--storage", str(storage), *TINY], capsys)
+    driver = re.search(r"needs the database driver (\w+), which cannot be imported", err)
+    assert driver and importlib.util.find_spec(driver[1]) is None, err
+    assert "pg8000" not in uri or driver[1] == "pg8000"
+    assert "s3cret-pw" not in err and "pip install" in err and not storage.exists()
+
+
+def test_a_bucket_secret_is_never_in_an_error_line(tmp_path, capsys):
+    """pyarrow takes credentials in a bucket URI's user part or query; its errors name the URI, and so do ours."""
+    from tune_alexnet.checkpoint import CheckpointError, load_model
+    from tune_alexnet.export import ExportError, load_experiment
+
+    bucket = "s3://b/x?endpoint_override=127.0.0.1:1&secret_key=S3CRETQ&access_key=AK"
+    err = one_line_exit_2(["export", bucket], capsys)
+    assert "S3CRETQ" not in err and "secret_key=***" in err
+    with pytest.raises(ExportError) as refused:  # the Python API too
+        load_experiment(bucket)
+    assert "S3CRETQ" not in str(refused.value) and "secret_key=***" in str(refused.value)
+    storage = "s3://AKIAX:S3CRETKEY@b/x?bogus=1"
+    err = one_line_exit_2(["sweep", "--storage", storage, *TINY], capsys)
+    assert "S3CRETKEY" not in err and "s3://AKIAX:***@b/x" in err
+    with pytest.raises(CheckpointError) as refused:
+        load_model(storage)
+    assert "S3CRETKEY" not in str(refused.value) and "S3CRETKEY" not in repr(refused.value.args)
 
 
 @pytest.mark.parametrize("uri", ["http://[::1", "http://alice:s3cret-pw@[::1", "http://127.0.0.1:port"])

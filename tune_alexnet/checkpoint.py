@@ -30,7 +30,7 @@ import torch
 from .augment import normalize, prepare_eval
 from .data import IMAGE_SIZE
 from .model import AlexNet
-from .settings import BOUNDS, NUM_CLASSES
+from .settings import BOUNDS, NUM_CLASSES, RedactedError
 from .storage import JSON_LIMIT, RefusedFile, list_folder, open_file, reach, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
@@ -89,7 +89,7 @@ def local_copy(checkpoint):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RedactedError, ValueError):
     """A checkpoint folder that cannot be loaded: one line naming the file and what is allowed."""
 
 

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import unicodedata
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .settings import (
     STEP_MODES,
     TRIAL_DEFAULTS,
     Grid,
+    redacted,
 )
 from .storage import SCHEMES
 
@@ -60,8 +62,8 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
-    def error(self, message: str):  # argparse prints usage + message; we want one line
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message: str):  # argparse prints usage + message; we want one line, with no secret in it
+        self.exit(EXIT_USAGE, redacted(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
 
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
@@ -164,6 +166,11 @@ def _place(text: str) -> str:
     path it becomes: the working folder or home may not be UTF-8 either."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; allowed: a folder or URI")
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):  # a newline would split the refusal too
+        raise argparse.ArgumentTypeError(
+            f"invalid value '{_escaped(text)}' (it holds a control character); allowed: a folder or URI without "
+            "control characters such as a newline or tab"
+        )
     full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
     for step in [full, *Path(full).parents] if "://" not in text else []:
         if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
@@ -179,6 +186,12 @@ def _place(text: str) -> str:
     return text
 
 
+def _escaped(text: str) -> str:
+    """`text` on one line: each character that does not print spelled as Python does (\\n, \\t, \\x1b), its
+    secrets hidden (redacted after the escaping, so a secret glued on by a control character is hidden too)."""
+    return redacted("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text))
+
+
 class _OneVoice(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         name = "tune-alexnet" if record.name.split(".")[0] == "tune_alexnet" else record.name
@@ -190,15 +203,14 @@ def _tracking_uri(text: str) -> str:
     unclosed `[::1` would otherwise be a traceback from deep inside the preflight."""
     from urllib.parse import urlparse
 
-    from .settings import redacted
-
     text = _place(text)
     if "://" in text:
         try:
             urlparse(text).port  # noqa: B018 - parsing it is the check
         except ValueError as exc:
+            why = str(exc).split(" as ")[0]  # not what it read as the port: that may be a password holding a '/'
             raise argparse.ArgumentTypeError(
-                f"invalid value '{redacted(text)}' ({exc}); allowed: a tracking URI such as http://host:5000, "
+                f"invalid value '{redacted(text)}' ({why}); allowed: a tracking URI such as http://host:5000, "
                 "or sqlite:///file.db"
             ) from None
     return text
@@ -431,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             settings = _settings(args)
         except CliError as exc:
-            parser.exit(EXIT_USAGE, f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n")
+            parser.exit(EXIT_USAGE, redacted(f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n"))
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # ours speak as the command does; a library names itself
@@ -462,13 +474,13 @@ def main(argv: list[str] | None = None) -> int:
             _warn(exp.notes)
             print("\n".join(write_report_and_page(exp, args.out)))
     except NothingToResume as exc:
-        print(f"tune-alexnet {args.command}: {exc}")
+        print(redacted(f"tune-alexnet {args.command}: {exc}"))
         return 0
     except StorageLost as exc:  # not bad input: the storage went away under a running sweep
         _say(f"tune-alexnet {args.command}: error: {exc}")
         return EXIT_FAILED
     except (DataError, PreflightError, ExportError) as exc:
-        print(f"tune-alexnet {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"tune-alexnet {args.command}: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:  # before the sweep started (loading data, starting Ray): nothing to keep
         return _interrupted(args.command)
@@ -595,10 +607,9 @@ def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
         parts = [f"{failed} trial(s) errored or lost (see the table's error column)"] if failed else []
         parts += [f"{unfinished} did not finish"] if unfinished else []
-        print(
+        _say(
             f"tune-alexnet sweep: {', '.join(parts)}; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
-            "continues them",
-            file=sys.stderr,
+            "continues them"
         )
         return EXIT_FAILED
     return 0
@@ -619,13 +630,14 @@ def _name_of(exp_uri: str) -> str:
 
 def _warn(notes: list[str]) -> None:
     for note in notes:
-        print(f"tune-alexnet: warning: {note}", file=sys.stderr)
+        _say(f"tune-alexnet: warning: {note}")
 
 
 def _say(line: str) -> None:
-    """A line on stderr that a closed terminal or pipe cannot turn into an error."""
+    """A line on stderr that a closed terminal or pipe cannot turn into an error, and that shows no secret: every
+    error the command prints comes through here."""
     with suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
+        print(redacted(line), file=sys.stderr, flush=True)
 
 
 def _leave_job_working_dir() -> None:

@@ -36,6 +36,7 @@ from .settings import (
     SETTINGS_FILE,
     Bound,
     Grid,
+    RedactedError,
     from_record,
     read_settings,
     redacted,
@@ -196,7 +197,7 @@ def best_run(table: pd.DataFrame) -> pd.Series | None:
     return scored.loc[min(rows, key=lambda r: best_key(r.final_accuracy, r.run, r.trial_id)).Index]
 
 
-class ExportError(Exception):
+class ExportError(RedactedError):
     """The folder is not something we can read as an experiment; one line for the command line."""
 
 

@@ -44,6 +44,7 @@ from .settings import (
     REDACTED,
     SETTINGS_FILE,
     TRIAL_DEFAULTS,
+    RedactedError,
     SweepSettings,
     read_settings,
     redacted,
@@ -72,7 +73,7 @@ TRIAL_PATH_ROOM = 400  # characters a trial adds below the experiment folder (it
 STORAGE_ALLOWED = f"a local folder you can write, or a {' or '.join(s + '://BUCKET/PATH' for s in SCHEMES)} URI"
 
 
-class PreflightError(Exception):
+class PreflightError(RedactedError):
     """A reason not to start (or resume) a sweep, as one line for the command line."""
 
 
@@ -589,15 +590,25 @@ def _check_mlflow_uri(uri: str) -> None:
     """An http(s) tracking server must answer now; a local store (sqlite) needs an existing folder. Any
     other kind of URI (a bare path, which MLflow reads as its retired file store; databricks://, which needs its
     own login) would fail only once Ray had started, in a traceback that may show its secret."""
-    scheme = urlparse(uri).scheme.lower()
-    if scheme.split("+")[0] not in MLFLOW_SCHEMES or any(c.isspace() for c in uri):
+    parts = urlparse(uri)
+    scheme = parts.scheme.lower()
+    web = scheme in ("http", "https")
+    if scheme.split("+")[0] not in MLFLOW_SCHEMES or any(c.isspace() for c in uri) or (web and not parts.hostname):
         raise PreflightError(
             f"--mlflow {redacted(uri)}: not a tracking URI this sweep can use; allowed: http(s)://HOST:PORT, "
             "sqlite:///FILE.db (in place of a folder store), or a database URI (postgresql://, mysql://, mssql://)"
         )
-    if scheme in ("http", "https"):
+    if web and ("?" in uri or "#" in uri):  # MLflow appends its REST paths to the URI, query and all
+        raise PreflightError(
+            f"--mlflow {redacted(uri)}: a tracking server's URI cannot hold a query or fragment (MLflow would "
+            "send its requests to the wrong place); allowed: http(s)://HOST:PORT[/PATH], with credentials in "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in MLFLOW_TRACKING_TOKEN, or in the URI's user part"
+        )
+    if web:
         _probe(uri)
-    elif scheme == "sqlite":
+        return
+    _check_driver(uri)
+    if scheme == "sqlite":
         path = uri.split("://", 1)[1].lstrip("/") if "://" in uri else ""
         # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
         folder = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser().parent
@@ -605,6 +616,37 @@ def _check_mlflow_uri(uri: str) -> None:
             raise PreflightError(
                 f"--mlflow {redacted(uri)}: the folder {folder} does not exist; create it or pick another path"
             )
+
+
+# pip's name for a database driver, where it is not the module's
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}
+
+
+def _check_driver(uri: str) -> None:
+    """MLflow opens a database store through SQLAlchemy's dialect for the URI's scheme (or the driver its +DRIVER
+    names); a driver that is not installed would show only once Ray had started, in a traceback."""
+    try:
+        from sqlalchemy.engine.url import make_url
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:
+        raise PreflightError(f"--mlflow {redacted(uri)} needs the sqlalchemy package: pip install sqlalchemy") from None
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (SQLAlchemyError, ValueError) as exc:
+        why = str(exc).partition("\n")[0]
+        raise PreflightError(
+            f"--mlflow {redacted(uri)}: SQLAlchemy cannot open it ({why}); allowed: a database "
+            "URI such as postgresql://HOST:PORT/DB, or SCHEME+DRIVER:// naming an installed driver"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module, why = exc.name or dialect.driver, str(exc).partition("\n")[0]
+        raise PreflightError(
+            f"--mlflow {redacted(uri)} needs the database driver {module}, which cannot be imported "
+            f"({why}); pip install {DRIVER_PACKAGES.get(module, module)}, or name an installed "
+            f"driver as {dialect.name}+DRIVER://"
+        ) from None
 
 
 def _probe(uri: str) -> None:

@@ -265,29 +265,51 @@ def from_record(record) -> SweepSettings:
 
 
 SETTINGS_FILE = "tune_alexnet_sweep.json"  # in the experiment folder: what --resume and the tables need
-# Query parameters of a URI whose values are secrets (a name holding any of these, in any case).
-SECRET_PARAMS = ("token", "password", "passwd", "secret", "key", "auth", "signature", "sig", "credential")
+# Query parameters of a URI whose values are secrets: a name holding any of these, in any case (so "pass" covers
+# password and passwd, "cred" credential, "sig" signature, "key" api_key and secret_key).
+SECRET_PARAMS = ("token", "pass", "pw", "secret", "key", "auth", "sig", "cred", "session", "jwt", "bearer", "cookie",
+                 "private")  # fmt: skip
 REDACTED = "***"
+_SCHEME = r"\b[A-Za-z][A-Za-z0-9+.-]*:[/\\]+"  # http://, and the mistyped http:/ and http:\\ alike
+# A user part runs to the word's last @: a password typed in clear may hold / ? # : and @ itself.
+_USER_PART = re.compile(rf"({_SCHEME})(\S*)@")
+# USER:PASSWORD@ where the password holds a space: from a colon that is not a port's, to the line's last @.
+_SPACED_PASSWORD = re.compile(rf"({_SCHEME}[^\s/\\:@\[\]]+:)(?!\d+(?![^/?#\s'\"]))[^@\n]*@")
+# USER:PASSWORD@ with no scheme before it (user:pw@host, a user part cut by a space, or what follows http:/).
+_BARE_PASSWORD = re.compile(r"(?:^|(?<=[\s'\"(=,<\[/\\]))([^\s:@/\\'\"]+):(?![/\\])\S*@")
+# name=value after ? & ; (a query), / or \ (a query glued on, or shown escaped after a control character); the
+# value ends before the punctuation of the sentence around it (the colon of "--mlflow URI: ...", a closing quote).
+_PARAM = re.compile(r"(?<=[?&;/\\])([^=&;#?/\\\s'\"]+)=([^&;#\s]*?)(?=[:,.;'\")]*(?:[&;#\s]|$))")
+_FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#\S+?(?=[:,.;'\")]*(?:\s|$))")  # a fragment: nothing a server reads
 
 
 def redacted(uri: str) -> str:
     """`uri` as it may be shown, logged or stored: the password of its user part (user:***@), a user part
     that is a bare token (***@) and the values of query parameters that carry secrets (?token=***) hidden.
-    By pattern, not by a URI parser: text that does not parse as a URI is shown too (in the line refusing it),
-    and so are URIs inside a longer text (a log line)."""
-    text = re.sub(
-        r"\b([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@",
-        lambda m: f"{m[1]}{m[2].split(':', 1)[0] + ':' if ':' in m[2] else ''}{REDACTED}@",
-        uri,
-    )
+    By pattern, not by a URI parser, and erring on the side of hiding: text that does not parse as a URI is
+    shown too (in the line refusing it), and so are URIs inside a longer text (a log line, an error)."""
     from urllib.parse import unquote
 
+    def user_part(m: re.Match) -> str:
+        return f"{m[1]}{m[2].split(':', 1)[0] + ':' if ':' in m[2] else ''}{REDACTED}@"
+
     def value(m: re.Match) -> str:  # a parameter's name as it reads once decoded (tok%65n is token)
-        name = unquote(m[1]).lower()
+        name = re.sub(r"[\x00-\x1f\x7f]", "", unquote(m[1])).lower()
         return m[0] if not any(secret in name for secret in SECRET_PARAMS) else f"{m[1]}={REDACTED}"
 
-    text = re.sub(r"(?<=[?&;])([^=&;#\s]+)=([^&;#\s]*)", value, text)
-    return re.sub(r"(://[^#\s]*)#[^\s]+", rf"\g<1>#{REDACTED}", text)  # a fragment: nothing a server reads
+    text = _USER_PART.sub(user_part, uri)
+    text = _SPACED_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
+    text = _BARE_PASSWORD.sub(rf"\g<1>:{REDACTED}@", text)
+    text = _PARAM.sub(value, text)
+    return _FRAGMENT.sub(rf"\g<1>#{REDACTED}", text)
+
+
+class RedactedError(Exception):
+    """An error whose message may name a URI: its secrets are hidden from the start, so that the command line,
+    a caller of the Python API and a log alike never see them."""
+
+    def __init__(self, *args):
+        super().__init__(*(redacted(a) if isinstance(a, str) else a for a in args))
 
 
 def has_secret(uri: str | None) -> bool:
