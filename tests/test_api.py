@@ -26,6 +26,15 @@ def test_flags_from_python_pass_the_command_lines_checks():
             api.settings(**loose)
     with pytest.raises(TypeError):
         api.sweep("sgd")  # would have started the whole 108-run study
+    # A value of another type is not spelled into a flag: data_dir=123 was the folder '123', None read 'None'.
+    for wrong in ({"data_dir": 123}, {"data_dir": b"/tmp"}, {"storage": object()}, {"epochs": object()}):
+        with pytest.raises(ValueError, match=rf"^tune-alexnet sweep: error: {next(iter(wrong))}=.*; allowed: a "):
+            api.settings(**wrong)
+    assert api.settings(data_dir=Path("/tmp")).data_dir == "/tmp"  # a path is a path
+    from tune_alexnet.export import ExportError
+
+    with pytest.raises(ExportError, match=r"experiment None; allowed: a folder path, URI or tune.ResultGrid"):
+        api.table(None)
 
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"

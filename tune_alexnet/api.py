@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 
 import pandas as pd
 
@@ -28,12 +29,21 @@ def settings(**flags):
     parser = build_parser()
     sweep_parser = parser._subparsers._group_actions[0].choices["sweep"]
     switches = {o for a in sweep_parser._actions if a.nargs == 0 for o in a.option_strings}
+    texts = {o for a in sweep_parser._actions if a.nargs is None and not getattr(a.type, "takes_list", False)
+             and getattr(a.type, "__name__", "") in ("NoneType", "_place", "_tracking_uri", "checked_address", "str")
+             for o in a.option_strings}  # fmt: skip
     argv = ["sweep"]
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         if key == "help" or flag in switches and not isinstance(value, bool) and value is not None:
             allowed = "not a setting" if key == "help" else "True or False"
             raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: {allowed}")
+        if flag in texts and value is not None and not isinstance(value, str | os.PathLike):
+            raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a str (or a path)")
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str | int | float | list | tuple) and value is not None:
+            raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a number, a str or a list")
         if flag in switches and value is False:  # a switch turned off: its --no- twin where it has one (tf32)
             flag = flag.replace("--", "--no-", 1) if flag.replace("--", "--no-", 1) in switches else None
             value = True

@@ -246,7 +246,10 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     `ended`: the sweep is over (None: over unless a sweep holds the folder now); then a trial that Tune's state
     leaves running or paused says `interrupted`."""
 
-    path = storage_uri(str(getattr(source, "experiment_path", source)))
+    source = getattr(source, "experiment_path", source)
+    if not isinstance(source, str | os.PathLike) or isinstance(source, bytes):  # str(None) would be a folder name
+        raise ExportError(f"experiment {repr(source)[:60]}; allowed: a folder path, URI or tune.ResultGrid")
+    path = storage_uri(os.fspath(source))
     if not is_remote(path) and not Path(path).is_dir():
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
     if scheme_problem(path):
