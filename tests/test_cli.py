@@ -49,6 +49,10 @@ from tune_alexnet.cli import _settings, build_parser, main
         (["sweep", "--batchnorm", "true", "--batchnorm=false"], "list, e.g. --batchnorm true,false)"),
         (["train"], "invalid choice: 'train'"),
         (
+            ["sweep", "--address", ""],
+            "--address: invalid value '': an empty address; allowed: the address of a running",
+        ),
+        (
             ["sweep", "--lr", "0,01"],
             "--lr: invalid value '0' ('0,01' is read as a list; write 0.01); allowed: a number",
         ),
