@@ -151,6 +151,12 @@ def test_an_out_folder_holding_another_experiments_tables_is_refused_naming_both
 
     meta = json.loads(pq.read_schema(Path(other) / "results.parquet").metadata[b"tune_alexnet"])
     assert meta["experiment"] == other
+    reports = tmp_path / "reports"  # a report alone names its experiment too: another's is not written over it
+    assert main(["report", path, "--out", str(reports)]) == 0
+    before = {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()}
+    err = one_line_exit_2(["report", other, "--out", str(reports)], capsys)
+    assert f"{reports} holds the tables of experiment {path}, not of {other}" in err
+    assert {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()} == before
 
 
 @pytest.mark.slow

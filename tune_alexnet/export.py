@@ -67,6 +67,7 @@ from .storage import (
 )
 
 TABLE_NAME = "results"  # results.parquet and results.csv
+REPORT_NAME, REPORT_HEAD = "report.md", 4096  # the report, and the bytes of its start that name its experiment
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
 _GRID_TYPES = {
     "run": "Int64",
@@ -753,21 +754,30 @@ class Output:
         return isinstance(written, int) and written > exp.generation
 
     def tables_of(self) -> str | None:
-        """The experiment whose tables this folder (local, or in a bucket: read as every bucket read is, bounded)
-        holds, as their Parquet metadata names it; None where it holds none of ours (none yet, unreadable, or of a
-        version that did not name it)."""
+        """The experiment whose tables or report this folder (local, or in a bucket: read as every bucket read is,
+        bounded) holds, as their Parquet metadata or report.md's first lines name it; None where it holds none of
+        ours (none yet, unreadable, or of a version that did not name it)."""
+        import pyarrow.fs
         import pyarrow.parquet as pq
 
         try:
-            fs, base = reach(self.uri) if is_remote(self.uri) else (None, str(self.local))
-            if fs is None:
-                meta = pq.read_schema(self.local / f"{TABLE_NAME}.parquet").metadata or {}
-            else:
-                with open_file(fs, base, f"{TABLE_NAME}.parquet", None) as (f, _):
-                    meta = pq.read_schema(f).metadata or {}
+            fs, base = reach(self.uri) if is_remote(self.uri) else (pyarrow.fs.LocalFileSystem(), str(self.local))
+        except (OSError, ValueError):
+            return None
+        try:
+            with open_file(fs, base, f"{TABLE_NAME}.parquet", None) as (f, _):
+                meta = pq.read_schema(f).metadata or {}
             found = json.loads(meta.get(b"tune_alexnet", b"{}")).get("experiment")
         except (OSError, ValueError, AttributeError):
-            return None
+            found = None
+        if found is None:  # a report alone (report --out): its opening lines name the experiment
+            try:
+                with open_file(fs, base, REPORT_NAME, None) as (f, _):
+                    head = f.read(REPORT_HEAD)
+            except (OSError, ValueError):
+                head = b""
+            named = re.search(rb"^Experiment `([^`\n]+)`", head, re.MULTILINE)
+            found = named and named[1].decode("utf-8", "replace")
         return found if isinstance(found, str) else None
 
     def check_holds_no_other(self, exp: Experiment) -> None:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import DAMAGED, LOST, Experiment, best_run, check_room, load_experiment, output_dir
+from .export import DAMAGED, LOST, REPORT_NAME, Experiment, best_run, check_room, load_experiment, output_dir
 from .grid import optimizer_order
 from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS, redacted
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
 NOISE_SIGMAS = 2.0  # an original-vs-ours difference within this many seeds' std is noise
-REPORT_NAME = "report.md"
 HEATMAP_ROWS = 12  # optimizers drawn in the heatmaps at most (a row each): the figure stays a readable size
 
 
