@@ -465,14 +465,14 @@ def main(argv: list[str] | None = None) -> int:
 
             exp, written = export(args.experiment, args.out)
             _warn(exp.notes)
-            print("\n".join(written))
+            print(redacted("\n".join(written)))
         else:
             from .export import load_experiment
             from .report import write_report_and_page
 
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
-            print("\n".join(write_report_and_page(exp, args.out)))
+            print(redacted("\n".join(write_report_and_page(exp, args.out))))
     except NothingToResume as exc:
         print(redacted(f"tune-alexnet {args.command}: {exc}"))
         return 0
@@ -516,7 +516,9 @@ def run_study(settings, data=None, quiet: bool = True):
                 with suppress(OSError):  # a reader gone already (`| true`): the sweep runs all the same
                     if plan.dashboard_url:
                         print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
-                    print(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}", flush=True)  # live while it runs
+                    print(
+                        redacted(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}"), flush=True
+                    )  # live while it runs
             interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():
@@ -598,7 +600,7 @@ def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
     """The sweep's closing lines (the summary, where W&B's offline runs are, how to go on); its exit code."""
     from .console import summary
 
-    print(summary(exp.table, exp_uri, written))
+    print(redacted(summary(exp.table, exp_uri, written)))
     if settings.wandb and os.environ.get("WANDB_MODE") == "offline" and not os.environ.get("WANDB_DIR"):
         runs = os.path.join(exp_uri, "*", "wandb", "offline-run-*")  # in the experiment: the copy that lasts
         print(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})")
