@@ -159,6 +159,18 @@ def test_an_out_folder_holding_another_experiments_tables_is_refused_naming_both
     assert {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()} == before
 
 
+def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):
+    """Local paths are never redacted: /a/monkey=1 and /a/monkey=2 both read monkey=*** once, and the second
+    experiment's tables then replaced the first's in a shared --out."""
+    first, second = tmp_path / "monkey=1" / "x", tmp_path / "monkey=2" / "x"
+    for copy in (first, second):
+        shutil.copytree(mixed_experiment[0], copy)
+    out = tmp_path / "tables"
+    assert main(["export", str(first), "--out", str(out)]) == 0
+    err = one_line_exit_2(["export", str(second), "--out", str(out)], capsys)
+    assert f"{out} holds the tables of experiment {first}, not of {second}" in err, err
+
+
 @pytest.mark.slow
 def test_a_table_knows_what_it_is_missing(damaged, capsys):
     copy, before = damaged
@@ -729,6 +741,10 @@ def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, why, tmp_path, caps
         ("http://[::1]:5000/x?a=1", "http://[::1]:5000/x?a=1"),
         ("http://127.0.0.1:port", "http://127.0.0.1:port"),
         ("RAY_AUTH_MODE=disabled would start", "RAY_AUTH_MODE=disabled would start"),
+        # local paths are identities (which experiment's tables a folder holds): their folders' names stay whole
+        ("/tmp/monkey=1/token-a", "/tmp/monkey=1/token-a"),
+        ("cannot write /data/author=me/design=2/x", "cannot write /data/author=me/design=2/x"),
+        ("/home/u/exp:v2@old/ckpt is missing", "/home/u/exp:v2@old/ckpt is missing"),
     ],
 )  # fmt: skip
 def test_a_secret_in_any_spelling_is_hidden(text, shown):

@@ -125,34 +125,39 @@ def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplo
 
 
 @pytest.mark.parametrize(
-    "edit, ends",
+    "edit, trainer, resumes_from",
     [
-        ({"kind": "final"}, False),  # epoch 2 of 4, patience 100: no rule ends the run there
-        ({"kind": "final", "epochs_since_best": 100}, False),  # more epochs without improvement than were run
-        ({"kind": "final", "epoch": 4}, True),  # the last epoch
-        ({"kind": "final", "diverged": True}, True),
+        ({}, False, 1),  # epoch 2 of 4, patience 100: no rule ends the run there
+        ({"epochs_since_best": 100}, False, 1),  # more epochs without improvement than were run
+        ({"epoch": 4}, False, None),  # the last epoch: the run ended
+        ({"diverged": True}, False, None),
+        ({"epoch": 4}, True, 2),  # a resume state beside it: a final checkpoint never has one
+        ({"diverged": True}, True, 2),
     ],
 )
-def test_a_final_checkpoint_ends_the_trial_only_where_its_counters_say_the_run_ended(
-    runs, tmp_path, caplog, edit, ends
+def test_a_final_checkpoint_ends_the_trial_only_where_it_reads_as_a_run_that_ended(
+    runs, tmp_path, caplog, edit, trainer, resumes_from
 ):
-    """A final checkpoint ends the trial on resume: one whose counters no stopping rule could give (an edited
-    progress.json) is passed over with one line, and the trial goes on from its resume state."""
+    """A final checkpoint ends the trial on resume: one no stopping rule could give, or with a resume state beside
+    it (an edited progress.json) is passed over with one line, and the trial goes on from a resume state."""
     data, straight, folder = runs
     copy = shutil.copytree(folder, tmp_path / "ckpts")
+    if not trainer:
+        (copy / "ckpt_2" / TRAINER_FILE).unlink()  # as a sweep writes a final checkpoint
     progress = json.loads((copy / "ckpt_2" / PROGRESS_FILE).read_text())
-    (copy / "ckpt_2" / PROGRESS_FILE).write_text(json.dumps({**progress, **edit}))
+    (copy / "ckpt_2" / PROGRESS_FILE).write_text(json.dumps({**progress, "kind": "final", **edit}))
     metrics: list = []
     with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
         train_cifar(
             CONFIG, data, record(metrics), checkpoint_from=[copy / "ckpt_2", copy / "ckpt_1"], runtime=EVERY_EPOCH
         )
     lines = [r.getMessage() for r in caplog.records]
-    if ends:
+    if resumes_from is None:
         assert metrics == [] and lines == []
     else:
-        same_epochs(metrics, straight[2:])
-        assert len(lines) == 1 and "does not end this trial (epoch" in lines[0] and "patience 100" in lines[0], lines
+        same_epochs(metrics, straight[resumes_from:])
+        why = "it holds a resume state" if trainer else "patience 100"
+        assert len(lines) == 1 and "does not end this trial (" in lines[0] and why in lines[0], lines
 
 
 # --- a state saved inside an epoch (a stop, a spot notice) --------------------------------------------------

@@ -567,11 +567,12 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     assert str(ckpt) in message and needle in message, message
 
 
-def test_load_model_names_a_device_this_machine_lacks_not_the_checkpoint(ckpt):
+@pytest.mark.parametrize("device", ["cuda:7", "meta", "mps", "cpu:5", "bogus"])
+def test_load_model_names_a_device_this_machine_lacks_not_the_checkpoint(ckpt, device):
     with pytest.raises(ValueError) as refused:
-        checkpoint.load_model(ckpt, device="cuda:7")
-    assert type(refused.value) is ValueError and "device 'cuda:7': torch sees" in str(refused.value)
-    assert "model.pt" not in str(refused.value)
+        checkpoint.load_model(ckpt, device=device)
+    assert type(refused.value) is ValueError and f"device '{device}'" in str(refused.value)
+    assert "model.pt" not in str(refused.value) and "allowed: 'cpu'" in str(refused.value)
 
 
 def test_load_model_takes_a_checkpoint_folder_through_a_link_of_the_users_own(ckpt, tmp_path):

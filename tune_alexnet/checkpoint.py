@@ -121,10 +121,12 @@ def _usable(device) -> torch.device:
         raise ValueError(
             f"device {device!r}: {_first_line(exc)}; allowed: 'cpu', or 'cuda' on a machine with a GPU"
         ) from None
-    count = torch.cuda.device_count() if d.type == "cuda" and torch.cuda.is_available() else 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    allowed = f"allowed: 'cpu'{', cuda:0..cuda:' + str(count - 1) if count else ''}"
     if d.type == "cuda" and (d.index or 0) >= count:
-        raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s) here; allowed: 'cpu'"
-                         f"{', cuda:0..cuda:' + str(count - 1) if count else ''}")  # fmt: skip
+        raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s) here; {allowed}")
+    if d.type not in ("cpu", "cuda") or d.type == "cpu" and d.index not in (None, 0):
+        raise ValueError(f"device {device!r} is not one a network is loaded onto here; {allowed}")
     return d
 
 

@@ -38,6 +38,7 @@ from .settings import (
     Grid,
     RedactedError,
     from_record,
+    is_uri,
     read_settings,
     redacted,
 )
@@ -714,11 +715,18 @@ def provenance(exp: Experiment) -> dict:
         "tune_alexnet": __version__,
         "ray": ray.__version__,
         "torch": torch.__version__,
-        "experiment": redacted(exp.path),  # a bucket URI's ?secret_key= never goes with the tables
+        "experiment": shown_path(exp.path),  # a bucket URI's ?secret_key= never goes with the tables
         "settings": {
-            k: redacted(v) if k in ("storage", "mlflow") and isinstance(v, str) else v for k, v in exp.settings.items()
+            k: shown_path(v) if k in ("storage", "mlflow") and isinstance(v, str) else v
+            for k, v in exp.settings.items()
         },  # also a record written before these were stored redacted
     }
+
+
+def shown_path(path: str) -> str:
+    """An experiment's path as the tables and the report name it: a URI with its secrets hidden, a local path whole
+    (it is what tells one experiment's files from another's)."""
+    return redacted(path) if is_uri(path) else path
 
 
 def write_parquet(df: pd.DataFrame, path, meta: dict) -> None:
@@ -785,7 +793,7 @@ class Output:
         if (self.uri == exp.path) if is_remote(self.uri) else os.path.realpath(self.uri) == os.path.realpath(exp.path):
             return
         other = self.tables_of()
-        if other is not None and other != redacted(exp.path):
+        if other is not None and other != shown_path(exp.path):
             raise ExportError(
                 f"{self.uri} holds the tables of experiment {redacted(other)}, not of {redacted(exp.path)}; allowed: "
                 "an --out folder that is empty or holds this experiment's tables (pick another folder, or remove "

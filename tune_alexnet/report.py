@@ -14,9 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import DAMAGED, LOST, REPORT_NAME, Experiment, best_run, check_room, load_experiment, output_dir
+from .export import (
+    DAMAGED,
+    LOST,
+    REPORT_NAME,
+    Experiment,
+    best_run,
+    check_room,
+    load_experiment,
+    output_dir,
+    shown_path,
+)
 from .grid import optimizer_order
-from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS, redacted
+from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
@@ -353,7 +363,7 @@ def report_files(exp: Experiment) -> dict[str, bytes]:
     parts = [
         f"# Report: {Path(exp.path.split('?')[0]).name}",
         ran,
-        f"Experiment `{redacted(exp.path)}`: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
+        f"Experiment `{shown_path(exp.path)}`: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
         f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
         f"({len(scored(table))}); errored trials and trials that diverged before their first good epoch have none.",
         "## Per optimizer",

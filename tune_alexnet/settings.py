@@ -276,10 +276,11 @@ _USER_PART = re.compile(rf"({_SCHEME})(\S*)@")
 # USER:PASSWORD@ where the password holds a space: from a colon that is not a port's, to the line's last @.
 _SPACED_PASSWORD = re.compile(rf"({_SCHEME}[^\s/\\:@\[\]]+:)(?!\d+(?![^/?#\s'\"]))[^@\n]*@")
 # USER:PASSWORD@ with no scheme before it (user:pw@host, a user part cut by a space, or what follows http:/).
-_BARE_PASSWORD = re.compile(r"(?:^|(?<=[\s'\"(=,<\[/\\]))([^\s:@/\\'\"]+):(?![/\\])\S*@")
-# name=value after ? & ; (a query), / or \ (a query glued on, or shown escaped after a control character); the
-# value ends before the punctuation of the sentence around it (the colon of "--mlflow URI: ...", a closing quote).
-_PARAM = re.compile(r"(?<=[?&;/\\])([^=&;#?/\\\s'\"]+)=([^&;#\s]*?)(?=[:,.;'\")]*(?:[&;#\s]|$))")
+_BARE_PASSWORD = re.compile(r"(?:^|(?<=[\s'\"(=,<\[]))([^\s:@/\\'\"]+):(?![/\\])\S*@")
+# name=value after ? & ; (a query) or \ (shown escaped after a control character), not after / (a folder of a
+# local path may be named monkey=1); the value ends before the punctuation of the sentence around it (the colon of
+# "--mlflow URI: ...", a closing quote).
+_PARAM = re.compile(r"(?<=[?&;\\])([^=&;#?/\\\s'\"]+)=([^&;#\s]*?)(?=[:,.;'\")]*(?:[&;#\s]|$))")
 _FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#\S+?(?=[:,.;'\")]*(?:\s|$))")  # a fragment: nothing a server reads
 
 
@@ -312,6 +313,12 @@ class RedactedError(Exception):
         super().__init__(*(redacted(a) if isinstance(a, str) else a for a in args))
 
 
+def is_uri(text: str) -> bool:
+    """A URI (scheme://...), whose secrets are hidden when stored; a local path is kept as it is, whatever its
+    folders are named (a path is an identity: two hidden alike would read as one)."""
+    return "://" in text
+
+
 def has_secret(uri: str | None) -> bool:
     """Whether `uri` holds something redacted() hides (then it is stored redacted, never in clear)."""
     return uri is not None and redacted(uri) != uri
@@ -324,7 +331,8 @@ def write_settings(exp_uri: str, s: SweepSettings, extra: dict | None = None) ->
     record.pop("asked")
     if record["mlflow"] is not None:  # its secrets never in clear: --resume asks for the URI again (resume_settings)
         record["mlflow"] = redacted(record["mlflow"])
-    record["storage"] = redacted(record["storage"])  # a bucket's ?secret_key=: --resume takes --storage as given
+    if is_uri(record["storage"]):  # a bucket's ?secret_key=: --resume takes --storage as given
+        record["storage"] = redacted(record["storage"])
     _write_record(exp_uri, record)
 
 

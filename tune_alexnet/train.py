@@ -497,12 +497,17 @@ def _resume_candidates(candidates, cfg: dict):
                 and progress is not None
                 and progress.get("kind") == checkpoint.KIND_FINAL
             ):
-                if _ended(progress, cfg):
+                if (d / checkpoint.TRAINER_FILE).exists():
+                    why = "it holds a resume state, which a final checkpoint never does"
+                elif not _ended(progress, cfg):
+                    why = (f"epoch {shown(progress.get('epoch'))} of {cfg['epochs']}, "
+                           f"{shown(progress.get('epochs_since_best'))} epochs without improvement, "
+                           f"patience {cfg['patience']}")  # fmt: skip
+                else:
                     yield "finished"
                     return
-                log.warning("final checkpoint %s does not end this trial (epoch %s of %d, %s epochs without "
-                            "improvement, patience %d); trying an older checkpoint", d, shown(progress.get("epoch")),
-                            cfg["epochs"], shown(progress.get("epochs_since_best")), cfg["patience"])  # fmt: skip
+                log.warning("final checkpoint %s does not end this trial (%s); trying its resume state or an older "
+                            "checkpoint", d, why)  # fmt: skip
             if not (d / checkpoint.TRAINER_FILE).exists():
                 continue
             resumed = checkpoint.read_resume(d)
