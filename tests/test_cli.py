@@ -238,6 +238,22 @@ def test_resume_takes_trial_flags_equal_to_the_experiments_and_names_a_change():
     assert "--epochs 3 differs" in str(refused.value) and "--width 1 differs" in str(refused.value)
 
 
+def test_ctrl_c_while_python_loads_the_command_line_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import sys
+
+    import tune_alexnet
+
+    class CtrlC:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tune_alexnet.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "tune_alexnet.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    assert tune_alexnet.main() == 1
+    assert capsys.readouterr().err == "tune-alexnet: interrupted while starting; nothing was run\n"
+
+
 def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
     """The first seconds of a command load torch and pandas: a Ctrl-C then is an interruption like any other."""
     import sys

@@ -502,11 +502,12 @@ def test_an_export_of_an_older_read_never_replaces_newer_tables(mixed_experiment
     assert "were written from a newer read" in older.notes[-1]
 
 
-def _sweep_then(storage: Path, synthetic_dir: Path, act) -> tuple[int, str]:
+def _sweep_then(storage: Path, synthetic_dir: Path, act, quiet: bool = True) -> tuple[int, str]:
     """A sweep of two trials that runs a while; `act()` once a trial has reported. (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:2], "--lr",
-            "0.01,0.001", *TINY[4:-1], "60", "--patience", "100", "--resume-every", "0", "--quiet"]  # fmt: skip
+            "0.01,0.001", *TINY[4:-1], "60", "--patience", "100", "--resume-every", "0"]  # fmt: skip
+    args += ["--quiet"] if quiet else []
     proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")  # fmt: skip
     deadline = time.monotonic() + 180
@@ -560,12 +561,16 @@ def test_a_storage_that_fills_mid_sweep_stops_it_with_a_way_forward_not_a_bad_in
 @pytest.mark.slow
 def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
     disk = tmpfs(400)
-    code, err = _sweep_then(disk, synthetic_dir, lambda: shutil.rmtree(disk / "net"))
+    code, err = _sweep_then(disk, synthetic_dir, lambda: shutil.rmtree(disk / "net"), quiet=False)
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "keep their last checkpoints" not in err  # they went with the folder
     # at most the trials that failed before the guard noticed (Tune prints each trial's error; there were 35)
     assert code == 1 and "Traceback" not in err, err[-5000:]
     assert lines[-1].startswith(f"tune-alexnet sweep: error: the experiment folder {disk}/net was deleted while")
     assert "start afresh with the same command and another --name" in lines[-1]
+    # Tune's driver writes back what it held (its state, the trials' results): the tables of those are there
+    assert lines[-1].endswith(f"; the results the sweep still held are in {disk}/net/results.parquet")
+    assert len(pd.read_parquet(disk / "net" / "results.parquet")) == 2
 
 
 def test_a_folder_another_process_holds_for_writing_is_one_line_not_a_hang(tmp_path, monkeypatch):

@@ -29,9 +29,8 @@ def settings(**flags):
     parser = build_parser()
     sweep_parser = parser._subparsers._group_actions[0].choices["sweep"]
     switches = {o for a in sweep_parser._actions if a.nargs == 0 for o in a.option_strings}
-    texts = {o for a in sweep_parser._actions if a.nargs is None and not getattr(a.type, "takes_list", False)
-             and getattr(a.type, "__name__", "") in ("NoneType", "_place", "_tracking_uri", "checked_address", "str")
-             for o in a.option_strings}  # fmt: skip
+    texts = {o for a in sweep_parser._actions if a.nargs is None and (a.type is str or
+             getattr(a.type, "takes_text", False)) for o in a.option_strings}  # fmt: skip
     argv = ["sweep"]
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")

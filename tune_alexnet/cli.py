@@ -160,6 +160,13 @@ def _name(text: str) -> str:
     return text
 
 
+def _takes_text(parse):
+    """Marks a flag's parser as one that takes text: the Python API refuses other types for it (api.settings)."""
+    parse.takes_text = True
+    return parse
+
+
+@_takes_text
 def _place(text: str) -> str:
     """A folder or URI as typed; one whose name is not UTF-8 (the bytes of another encoding) cannot be passed on
     to Ray, pyarrow or the tables, so it is refused here rather than halfway. A relative path counts as the full
@@ -198,6 +205,7 @@ class _OneVoice(logging.Formatter):
         return f"{name}: {record.getMessage()}"
 
 
+@_takes_text
 def _tracking_uri(text: str) -> str:
     """A tracking URI that parses (a host, a port that is a number), named redacted where it does not: an
     unclosed `[::1` would otherwise be a traceback from deep inside the preflight."""
@@ -337,7 +345,9 @@ def _placement_flags(r) -> None:
     r.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: go on although the data differs from the experiment's (refused otherwise)")  # fmt: skip
     r.add_argument(
-        "--address", type=cluster.checked_address, help="Ray cluster to join, e.g. auto (default: start a local Ray)"
+        "--address",
+        type=_takes_text(cluster.checked_address),
+        help="Ray cluster to join, e.g. auto (default: start a local Ray)",
     )
     r.add_argument("--cpus-per-trial", type=_bounded("cpus_per_trial"), default=DEFAULT_CPUS_PER_TRIAL,
                    help=f"CPUs per trial (default: {DEFAULT_CPUS_PER_TRIAL:g})")  # fmt: skip
@@ -503,7 +513,7 @@ def run_study(settings, data=None, quiet: bool = True):
     from .console import RayLines
     from .page import page_uri, write_page
     from .report import write_report
-    from .storage import RESERVE_NAME, is_remote, release_reserve
+    from .storage import RESERVE_NAME, StorageLost, is_remote, release_reserve
 
     _leave_job_working_dir()
     with RayLines(quiet) as lines:
@@ -547,6 +557,8 @@ def run_study(settings, data=None, quiet: bool = True):
                         written.append(write(exp))
                     except export.ExportError as exc:
                         _warn([f"{exc}; 'tune-alexnet report {plan.exp_uri}' writes it when there is room"])
+                if isinstance(failure, StorageLost):  # a deleted folder: Tune's driver put back what it held
+                    failure = StorageLost(f"{failure}; the results the sweep still held are in {written[0]}")
             if failure is not None:
                 raise failure
     return plan.exp_uri, exp, written

@@ -38,7 +38,7 @@ from urllib.parse import urlparse, urlunparse
 from . import cluster, settings
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
-from .resume import put_back_whole_state
+from .resume import point_at_kept_checkpoints, put_back_whole_state
 from .settings import (
     DEFAULT_GPU_SHARE,
     REDACTED,
@@ -487,8 +487,13 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"{_what_is_left(exp_uri, name)}"
         )
     if not is_remote(exp_uri) and (mended := put_back_whole_state(exp_uri)):
-        with contextlib.suppress(OSError):  # a closed terminal or pipe
-            print(f"tune-alexnet: {mended}", file=sys.stderr, flush=True)
+        _say(mended)
+    try:
+        repointed = None if is_remote(exp_uri) else point_at_kept_checkpoints(exp_uri)
+    except Exception:  # a damaged state: said just below
+        repointed = None
+    if repointed:
+        _say(repointed)
     try:
         tune.ExperimentAnalysis(exp_uri)
     except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
@@ -496,6 +501,11 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
             f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
+
+
+def _say(line: str) -> None:
+    with contextlib.suppress(OSError):  # a closed terminal or pipe
+        print(f"tune-alexnet: {line}", file=sys.stderr, flush=True)
 
 
 def _not_a_sweeps_file(exp_path: str) -> str | None:

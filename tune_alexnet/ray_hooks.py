@@ -92,8 +92,11 @@ def _storage_gone() -> bool:
         return False
     if not isinstance(storage.storage_filesystem, LocalFileSystem):
         return False
+    from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME
+
     folder = Path(storage.experiment_fs_path)
-    return not folder.is_dir() or not os.access(folder, os.W_OK)
+    # Tune's driver recreates a deleted experiment folder as it saves, without the marker file it made at the start
+    return not (folder / _VALIDATE_STORAGE_MARKER_FILENAME).is_file() or not os.access(folder, os.W_OK)
 
 
 def room_short(checkpoint_dir: str, keep_free: int) -> int:

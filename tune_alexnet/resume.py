@@ -10,9 +10,11 @@ used whole or not at all: never its weights with another state's position.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -291,6 +293,102 @@ def keep_whole_state(staging_dir: str, exp_dir: str) -> None:
                 os.unlink(os.path.join(copies, name))
     except OSError:  # a full or vanishing folder: the sweep's own checks say so; the copy waits for the next save
         return
+
+
+def point_at_kept_checkpoints(exp_dir: str) -> str | None:
+    """Tune saves its experiment state every few seconds but deletes a replaced checkpoint at once: a kill between
+    the two leaves a state naming a checkpoint that is gone, and Tune's restore of that trial fails at every
+    --resume. Point each such trial at its newest checkpoint still in its folder (none: it starts afresh), in the
+    state Tune will read, atomically; one line saying so, None where every named checkpoint is there."""
+    from ray.train._internal.checkpoint_manager import _insert_into_sorted_list
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    path = _newest_state(exp_dir)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        state = json.loads(f.read())
+    mended = []
+    for pair in state.get("trial_data", []):
+        trial, meta = json.loads(pair[0]), json.loads(pair[1])
+        storage, manager = _unpickled(trial["storage"]), _unpickled(meta["checkpoint_manager"])
+        latest = manager and manager.latest_checkpoint_result
+        was, here = storage.trial_fs_path, os.path.join(exp_dir, storage.trial_dir_name)
+
+        def kept(result, was=was, here=here) -> bool:  # where the trial folder is now (Tune re-roots it too)
+            return os.path.isdir(os.path.join(here, os.path.relpath(result.checkpoint.path, was)))
+
+        if latest is None or kept(latest):
+            continue
+        manager._checkpoint_results = [r for r in manager._checkpoint_results if kept(r)]
+        manager._latest_checkpoint_result = None
+        newest, metrics, rows_lost = _newest_checkpoint(here)
+        if newest is not None:
+            if score := manager.checkpoint_config.checkpoint_score_attribute:
+                metrics.setdefault(score, float("-inf"))  # below any reported one: replaced by the next as usual
+            result = _TrainingResult(
+                checkpoint=Checkpoint(path=os.path.join(was, newest), filesystem=storage.storage_filesystem),
+                metrics=metrics,
+            )
+            manager._latest_checkpoint_result = result
+            if not any(os.path.basename(r.checkpoint.path) == newest for r in manager._checkpoint_results):
+                _insert_into_sorted_list(manager._checkpoint_results, result, key=manager._get_checkpoint_score)
+        # Tune numbers the next checkpoint after this one: never over a kept one.
+        storage.current_checkpoint_index = int(newest.split("_")[1]) if newest else -1
+        trial["storage"], meta["checkpoint_manager"] = _pickled(storage), _pickled(manager)
+        pair[0], pair[1] = json.dumps(trial), json.dumps(meta)
+        mended.append(
+            f"{trial['trial_id']} from {newest}"
+            + (" (the results of its last epochs before it were not saved)" if rows_lost else "")
+            if newest
+            else f"{trial['trial_id']} afresh, none is left"
+        )
+    if not mended:
+        return None
+    fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f)
+    os.chmod(tmp, os.stat(path).st_mode & 0o777)
+    os.replace(tmp, path)
+    return (
+        f"the experiment state {os.path.basename(path)} names checkpoints Tune had already replaced (the sweep was "
+        f"killed between the two); those trials go on from their newest kept checkpoint: {'; '.join(mended)}"
+    )
+
+
+def _unpickled(blob: dict):
+    """An object Tune stored in its state JSON as a hex cloudpickle, as Tune's own restore reads it."""
+    from ray import cloudpickle
+    from ray._common.utils import hex_to_binary
+
+    return cloudpickle.loads(hex_to_binary(blob["value"]))
+
+
+def _pickled(obj) -> dict:
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    return TuneFunctionEncoder()._to_cloudpickle(obj)
+
+
+def _newest_checkpoint(trial_dir: str) -> tuple[str | None, dict, bool]:
+    """The trial's newest checkpoint folder, the result Tune recorded for it, and whether that result (with those
+    of the epochs before it) never reached the trial's result.json: Tune writes those at its state saves."""
+    names = sorted(n for n in os.listdir(trial_dir) if re.fullmatch(r"checkpoint_\d+", n))
+    rows = []
+    with contextlib.suppress(OSError), open(os.path.join(trial_dir, "result.json"), encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if isinstance(row := json.loads(line), dict):
+                    rows.append(row)
+    if not names:
+        return None, {}, False
+    for row in reversed(rows):
+        if row.get("checkpoint_dir_name") == names[-1]:
+            return names[-1], row, False
+    last = rows[-1] if rows else {}
+    # The next results number on from the last one recorded; the checkpoint ranks as a resume state of its own.
+    return names[-1], {k: last[k] for k in ("training_iteration", "time_total_s") if k in last}, True
 
 
 def put_back_whole_state(exp_dir: str) -> str | None:

@@ -49,6 +49,16 @@ def announced() -> bool:
     return _active is not None and _active.requested_at is not None
 
 
+def stop_at_once(said: bool = False) -> None:
+    """Tune's own stop at once (SIGUSR1), not the stop signals': those first ask every trial to save, into a storage
+    that can take none, and wait for them in vain. `said`: the caller tells the user why, so no stop line follows
+    (the usual one promises checkpoints a lost storage no longer holds)."""
+    if said and _active is not None:
+        _active.requested_at = _active.requested_at or time.monotonic()
+        _active.sent = True
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
 class SaveFirst:
     """Around Tuner.fit(): the first stop signal asks every trial to save, and stops Tune when they have."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -133,9 +132,7 @@ class DiskGuard(tune.Callback):
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
-        # Tune's own clean stop at once, as for a full disk (trip): a stop signal would first ask every trial to
-        # save its state, into a storage that can take none, and wait for them in vain.
-        os.kill(os.getpid(), signal.SIGUSR1)
+        stopping.stop_at_once(said=True)  # the sweep's last line says why
         return True
 
     def _needed(self) -> int:
@@ -160,9 +157,7 @@ class DiskGuard(tune.Callback):
             file=sys.stderr,
             flush=True,
         )
-        # Tune's own clean stop at once (SIGUSR1, not the stop signals: those first ask every trial to save, and
-        # there is no room for that): trials keep their last checkpoints.
-        os.kill(os.getpid(), signal.SIGUSR1)
+        stopping.stop_at_once()  # trials keep their last checkpoints, as the stop line says
 
 
 class KeepWholeState(tune.Callback):
