@@ -386,3 +386,40 @@ def test_a_cut_experiment_state_is_put_back_from_its_staged_copy_and_a_whole_one
     (exp / newer).write_bytes(b"")  # killed while Tune copied it: truncated, nothing written yet
     assert "was cut short" in put_back_whole_state(str(exp))
     assert (exp / newer).read_text() == '{"trial_data": []}'
+
+
+@pytest.mark.parametrize("left", ["a newer one", "none"])
+def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kept_one(mixed_experiment, tmp_path,
+                                                                                      left):  # fmt: skip
+    """Tune's state lags its checkpoint deletions by seconds: a kill between leaves it naming a checkpoint that is
+    gone, which Tune cannot restore. Here on a copy of a finished experiment (moved: Tune re-roots its paths)."""
+    from tune_alexnet.resume import _unpickled, point_at_kept_checkpoints  # _unpickled: read as Tune reads it
+
+    exp = tmp_path / "moved"
+    shutil.copytree(mixed_experiment[0], exp)
+    (state_file,) = exp.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    pair = next(p for p in state["trial_data"] if json.loads(p[1])["last_result"].get("checkpoint_dir_name"))
+    trial = json.loads(pair[0])
+    pair[0] = json.dumps({**trial, "status": "RUNNING"})  # as a kill leaves a trial that was training
+    state_file.write_text(json.dumps(state))
+    (folder,) = exp.glob(f"train_cifar_{trial['trial_id']}_*")
+    named = json.loads(pair[1])["last_result"]["checkpoint_dir_name"]
+    if left == "a newer one":  # Tune replaced it with checkpoint_000007 after its last save
+        (folder / named).rename(folder / "checkpoint_000007")
+    else:
+        shutil.rmtree(folder / named)
+    said = point_at_kept_checkpoints(str(exp))
+    assert said.startswith(f"the experiment state {state_file.name} names checkpoints Tune had already replaced")
+    mended = json.loads(state_file.read_text())["trial_data"][state["trial_data"].index(pair)]
+    storage = _unpickled(json.loads(mended[0])["storage"])
+    latest = _unpickled(json.loads(mended[1])["checkpoint_manager"]).latest_checkpoint_result
+    if left == "a newer one":
+        assert said.endswith(
+            f"{trial['trial_id']} from checkpoint_000007 (the results of its last epochs before it were not saved)"
+        )
+        assert latest.checkpoint.path.endswith("/checkpoint_000007") and storage.current_checkpoint_index == 7
+    else:
+        assert said.endswith(f"{trial['trial_id']} afresh, none is left")
+        assert latest is None and storage.current_checkpoint_index == -1
+    assert point_at_kept_checkpoints(str(exp)) is None  # every named checkpoint is there now

@@ -300,50 +300,12 @@ def point_at_kept_checkpoints(exp_dir: str) -> str | None:
     the two leaves a state naming a checkpoint that is gone, and Tune's restore of that trial fails at every
     --resume. Point each such trial at its newest checkpoint still in its folder (none: it starts afresh), in the
     state Tune will read, atomically; one line saying so, None where every named checkpoint is there."""
-    from ray.train._internal.checkpoint_manager import _insert_into_sorted_list
-    from ray.train._internal.session import _TrainingResult
-    from ray.tune import Checkpoint
-
     path = _newest_state(exp_dir)
     if path is None:
         return None
     with open(path, "rb") as f:
         state = json.loads(f.read())
-    mended = []
-    for pair in state.get("trial_data", []):
-        trial, meta = json.loads(pair[0]), json.loads(pair[1])
-        storage, manager = _unpickled(trial["storage"]), _unpickled(meta["checkpoint_manager"])
-        latest = manager and manager.latest_checkpoint_result
-        was, here = storage.trial_fs_path, os.path.join(exp_dir, storage.trial_dir_name)
-
-        def kept(result, was=was, here=here) -> bool:  # where the trial folder is now (Tune re-roots it too)
-            return os.path.isdir(os.path.join(here, os.path.relpath(result.checkpoint.path, was)))
-
-        if latest is None or kept(latest):
-            continue
-        manager._checkpoint_results = [r for r in manager._checkpoint_results if kept(r)]
-        manager._latest_checkpoint_result = None
-        newest, metrics, rows_lost = _newest_checkpoint(here)
-        if newest is not None:
-            if score := manager.checkpoint_config.checkpoint_score_attribute:
-                metrics.setdefault(score, float("-inf"))  # below any reported one: replaced by the next as usual
-            result = _TrainingResult(
-                checkpoint=Checkpoint(path=os.path.join(was, newest), filesystem=storage.storage_filesystem),
-                metrics=metrics,
-            )
-            manager._latest_checkpoint_result = result
-            if not any(os.path.basename(r.checkpoint.path) == newest for r in manager._checkpoint_results):
-                _insert_into_sorted_list(manager._checkpoint_results, result, key=manager._get_checkpoint_score)
-        # Tune numbers the next checkpoint after this one: never over a kept one.
-        storage.current_checkpoint_index = int(newest.split("_")[1]) if newest else -1
-        trial["storage"], meta["checkpoint_manager"] = _pickled(storage), _pickled(manager)
-        pair[0], pair[1] = json.dumps(trial), json.dumps(meta)
-        mended.append(
-            f"{trial['trial_id']} from {newest}"
-            + (" (the results of its last epochs before it were not saved)" if rows_lost else "")
-            if newest
-            else f"{trial['trial_id']} afresh, none is left"
-        )
+    mended = [m for pair in state.get("trial_data", []) if (m := _repoint(pair, exp_dir))]
     if not mended:
         return None
     fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
@@ -355,6 +317,52 @@ def point_at_kept_checkpoints(exp_dir: str) -> str | None:
         f"the experiment state {os.path.basename(path)} names checkpoints Tune had already replaced (the sweep was "
         f"killed between the two); those trials go on from their newest kept checkpoint: {'; '.join(mended)}"
     )
+
+
+def _repoint(pair: list, exp_dir: str) -> str | None:
+    """One trial's [trial, run metadata] JSON pair mended in place; what was done, None where nothing was (or the
+    pair is not what Tune writes: Tune's own restore then says what is wrong with it)."""
+    from ray.train._internal.checkpoint_manager import _insert_into_sorted_list
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint
+
+    try:
+        trial, meta = json.loads(pair[0]), json.loads(pair[1])
+        if trial.get("status") == "TERMINATED":  # never restored: its tables say what it left
+            return None
+        storage, manager = _unpickled(trial["storage"]), _unpickled(meta["checkpoint_manager"])
+        was, here = storage.trial_fs_path, os.path.join(exp_dir, storage.trial_dir_name)
+
+        def kept(result) -> bool:  # where the trial folder is now (Tune re-roots its checkpoints the same way)
+            return os.path.isdir(os.path.join(here, os.path.relpath(result.checkpoint.path, was)))
+
+        latest, results = manager.latest_checkpoint_result, manager._checkpoint_results
+        if (latest is None or kept(latest)) and all(kept(r) for r in results):
+            return None
+        manager._checkpoint_results = [r for r in results if kept(r)]  # Tune would fail deleting one that is gone
+        if latest is not None and not kept(latest):
+            manager._latest_checkpoint_result = None
+            newest, metrics, rows_lost = _newest_checkpoint(here)
+            if newest is not None:
+                if score := manager.checkpoint_config.checkpoint_score_attribute:
+                    metrics.setdefault(score, float("-inf"))  # below any reported one: replaced by the next
+                at = Checkpoint(path=os.path.join(was, newest), filesystem=storage.storage_filesystem)
+                manager._latest_checkpoint_result = _TrainingResult(checkpoint=at, metrics=metrics)
+                if not any(os.path.basename(r.checkpoint.path) == newest for r in manager._checkpoint_results):
+                    _insert_into_sorted_list(
+                        manager._checkpoint_results, manager.latest_checkpoint_result, manager._get_checkpoint_score
+                    )
+            # Tune numbers the next checkpoint after this one: never over a kept one.
+            storage.current_checkpoint_index = int(newest.split("_")[1]) if newest else -1
+            said = f"{trial['trial_id']} from {newest}" if newest else f"{trial['trial_id']} afresh, none is left"
+            said += " (the results of its last epochs before it were not saved)" if rows_lost else ""
+        else:
+            said = f"{trial['trial_id']} from {os.path.basename(latest.checkpoint.path)}"
+        trial["storage"], meta["checkpoint_manager"] = _pickled(storage), _pickled(manager)
+        pair[0], pair[1] = json.dumps(trial), json.dumps(meta)
+        return said
+    except Exception:
+        return None
 
 
 def _unpickled(blob: dict):
@@ -374,19 +382,21 @@ def _pickled(obj) -> dict:
 def _newest_checkpoint(trial_dir: str) -> tuple[str | None, dict, bool]:
     """The trial's newest checkpoint folder, the result Tune recorded for it, and whether that result (with those
     of the epochs before it) never reached the trial's result.json: Tune writes those at its state saves."""
-    names = sorted(n for n in os.listdir(trial_dir) if re.fullmatch(r"checkpoint_\d+", n))
-    rows = []
-    with contextlib.suppress(OSError), open(os.path.join(trial_dir, "result.json"), encoding="utf-8") as f:
+    names = sorted(
+        n for n in (os.listdir(trial_dir) if os.path.isdir(trial_dir) else ())
+        if re.fullmatch(r"checkpoint_\d+", n) and os.path.isdir(os.path.join(trial_dir, n))
+    )  # fmt: skip
+    if not names:
+        return None, {}, False
+    last, match = {}, None
+    with contextlib.suppress(OSError), open(os.path.join(trial_dir, "result.json"), errors="replace") as f:
         for line in f:
             with contextlib.suppress(ValueError):
                 if isinstance(row := json.loads(line), dict):
-                    rows.append(row)
-    if not names:
-        return None, {}, False
-    for row in reversed(rows):
-        if row.get("checkpoint_dir_name") == names[-1]:
-            return names[-1], row, False
-    last = rows[-1] if rows else {}
+                    last = row
+                    match = row if row.get("checkpoint_dir_name") == names[-1] else match
+    if match is not None:
+        return names[-1], match, False
     # The next results number on from the last one recorded; the checkpoint ranks as a resume state of its own.
     return names[-1], {k: last[k] for k in ("training_iteration", "time_total_s") if k in last}, True
 
