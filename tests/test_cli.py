@@ -238,33 +238,24 @@ def test_resume_takes_trial_flags_equal_to_the_experiments_and_names_a_change():
     assert "--epochs 3 differs" in str(refused.value) and "--width 1 differs" in str(refused.value)
 
 
-def test_ctrl_c_while_python_loads_the_command_line_is_one_line_not_a_traceback(monkeypatch, capsys):
+@pytest.mark.parametrize("loading", ["tune_alexnet.cli", "tune_alexnet.data"])
+def test_ctrl_c_while_python_loads_is_one_line_not_a_traceback(loading, monkeypatch, capsys, tmp_path):
+    """A command's first tenth of a second loads the command line, its next seconds torch and pandas: a Ctrl-C
+    then is an interruption like any other."""
     import sys
 
     import tune_alexnet
 
     class CtrlC:
         def find_spec(self, name, path=None, target=None):
-            if name == "tune_alexnet.cli":
+            if name == loading:
                 raise KeyboardInterrupt
 
-    monkeypatch.delitem(sys.modules, "tune_alexnet.cli", raising=False)
+    monkeypatch.delitem(sys.modules, loading, raising=False)
     monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
-    assert tune_alexnet.main() == 1
-    assert capsys.readouterr().err == "tune-alexnet: interrupted while starting; nothing was run\n"
-
-
-def test_ctrl_c_while_torch_loads_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
-    """The first seconds of a command load torch and pandas: a Ctrl-C then is an interruption like any other."""
-    import sys
-
-    class CtrlC:
-        def find_spec(self, name, path=None, target=None):
-            if name == "tune_alexnet.data":
-                raise KeyboardInterrupt
-
-    monkeypatch.delitem(sys.modules, "tune_alexnet.data", raising=False)
-    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
-    assert main(["sweep", "--storage", str(tmp_path / "r")]) == 1
-    assert capsys.readouterr().err == "tune-alexnet sweep: interrupted before the sweep started; nothing was run\n"
+    monkeypatch.setattr(sys, "argv", ["tune-alexnet", "sweep", "--storage", str(tmp_path / "r")])
+    assert tune_alexnet.main() == 1  # the console script's
+    said = {"tune_alexnet.cli": "tune-alexnet: interrupted while starting",
+            "tune_alexnet.data": "tune-alexnet sweep: interrupted before the sweep started"}[loading]  # fmt: skip
+    assert capsys.readouterr().err == f"{said}; nothing was run\n"
     assert not (tmp_path / "r").exists()
