@@ -540,6 +540,38 @@ def test_a_storage_that_turns_read_only_mid_sweep_stops_it_cleanly_and_resumably
 
 
 @pytest.mark.slow
+def test_one_trial_folder_turning_read_only_mid_sweep_stops_it_in_one_line_and_resume_says_which(tmpfs,
+                                                                                                 synthetic_dir):  # fmt: skip
+    """Not the experiment folder: one trial's own (another user's chmod, chattr +i). Tune failed that trial at
+    every try, a traceback each, and again at every --resume."""
+    disk = tmpfs(400)
+    shut = []
+
+    def read_only() -> None:  # a read-only view of the trial's folder in its place
+        (folder,) = {p.parents[1] for p in (disk / "net").glob("train_cifar_*/checkpoint_*/trainer.pt")}
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        shut.append(folder)
+
+    try:
+        code, err = _sweep_then(disk, synthetic_dir, read_only)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 1 and "Traceback" not in err, err[-5000:]
+        assert lines[-1].startswith(f"tune-alexnet sweep: error: --storage {disk} can no longer be written "
+                                    f"(Read-only file system: {shut[0]})"), lines[-1]  # fmt: skip
+        assert lines[-1].endswith(f"--name net --storage {disk}' continues it"), lines[-1]
+        resume = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--storage", str(disk),
+                                 "--name", "net", "--quiet"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert resume.returncode == 2 and resume.stderr.strip() == (
+            f"tune-alexnet sweep: error: --resume: {shut[0]} cannot be written (read-only or immutable); once it "
+            "can, the same command continues experiment 'net'"
+        ), resume.stderr[-3000:]
+    finally:
+        for folder in shut:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
 def test_a_storage_that_fills_mid_sweep_stops_it_with_a_way_forward_not_a_bad_input_error(tmpfs, synthetic_dir):
     """The guard stops the sweep and the reserve holds the tables; a study page that no longer fits is a warning
     (report writes it later), not the bad-input exit with a message about report.html."""

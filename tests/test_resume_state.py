@@ -388,7 +388,15 @@ def test_a_cut_experiment_state_is_put_back_from_its_staged_copy_and_a_whole_one
     assert (exp / newer).read_text() == '{"trial_data": []}'
 
 
-@pytest.mark.parametrize("left", ["a newer one", "none"])
+LEFT = {  # what the trial's folder holds once Tune's state names a checkpoint that is gone
+    "a newer one": "checkpoint_000007 (the results of its last epochs before it were not saved)",
+    "a newer one, its result row edited": "checkpoint_000007",  # strings for numbers, a line not UTF-8
+    "none": None,
+    "only a newer one that is empty, and a file": None,
+}
+
+
+@pytest.mark.parametrize("left", LEFT)
 def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kept_one(mixed_experiment, tmp_path,
                                                                                       left):  # fmt: skip
     """Tune's state lags its checkpoint deletions by seconds: a kill between leaves it naming a checkpoint that is
@@ -402,24 +410,31 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
     pair = next(p for p in state["trial_data"] if json.loads(p[1])["last_result"].get("checkpoint_dir_name"))
     trial = json.loads(pair[0])
     pair[0] = json.dumps({**trial, "status": "RUNNING"})  # as a kill leaves a trial that was training
+    state["trial_data"].insert(0, ["{}", "[]"])  # a pair that is not Tune's: the others are mended all the same
     state_file.write_text(json.dumps(state))
     (folder,) = exp.glob(f"train_cifar_{trial['trial_id']}_*")
     named = json.loads(pair[1])["last_result"]["checkpoint_dir_name"]
-    if left == "a newer one":  # Tune replaced it with checkpoint_000007 after its last save
+    if left.startswith("a newer one"):  # Tune replaced it with checkpoint_000007 after its last save
         (folder / named).rename(folder / "checkpoint_000007")
     else:
         shutil.rmtree(folder / named)
+    if left == "a newer one, its result row edited":
+        row = {"checkpoint_dir_name": "checkpoint_000007", "training_iteration": "x", "checkpoint_rank": "abc"}
+        with (folder / "result.json").open("ab") as f:
+            f.write(json.dumps(row).encode() + b"\n\xff\xfe\n")
+    if left.startswith("only"):
+        (folder / "checkpoint_000007").mkdir()
+        (folder / "checkpoint_000008").write_text("")
     said = point_at_kept_checkpoints(str(exp))
     assert said.startswith(f"the experiment state {state_file.name} names checkpoints Tune had already replaced")
     mended = json.loads(state_file.read_text())["trial_data"][state["trial_data"].index(pair)]
     storage = _unpickled(json.loads(mended[0])["storage"])
     latest = _unpickled(json.loads(mended[1])["checkpoint_manager"]).latest_checkpoint_result
-    if left == "a newer one":
-        assert said.endswith(
-            f"{trial['trial_id']} from checkpoint_000007 (the results of its last epochs before it were not saved)"
-        )
+    if LEFT[left]:
+        assert said.endswith(f"{trial['trial_id']} from {LEFT[left]}")
         assert latest.checkpoint.path.endswith("/checkpoint_000007") and storage.current_checkpoint_index == 7
+        assert all(isinstance(v, int | float) for v in latest.metrics.values()), latest.metrics
     else:
         assert said.endswith(f"{trial['trial_id']} afresh, none is left")
-        assert latest is None and storage.current_checkpoint_index == -1
+        assert latest is None and storage.current_checkpoint_index == (8 if left.startswith("only") else -1)
     assert point_at_kept_checkpoints(str(exp)) is None  # every named checkpoint is there now

@@ -557,7 +557,7 @@ def run_study(settings, data=None, quiet: bool = True):
                         written.append(write(exp))
                     except export.ExportError as exc:
                         _warn([f"{exc}; 'tune-alexnet report {plan.exp_uri}' writes it when there is room"])
-                if isinstance(failure, StorageLost):  # a deleted folder: Tune's driver put back what it held
+                if isinstance(failure, StorageLost) and failure.deleted:  # Tune's driver put back what it held
                     failure = StorageLost(f"{failure}; the results the sweep still held are in {written[0]}")
             if failure is not None:
                 raise failure

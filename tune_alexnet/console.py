@@ -225,9 +225,18 @@ def _lost_storage_line(message: str, error: BaseException | None = None) -> bool
     read-only or filled up: the disk guard's line names the storage and the way on (sweep.DiskGuard)."""
     if not message.startswith("Saving experiment state to storage at '"):
         return False
-    path = message.split("'")[1]
-    full = any("No space left on device" in text or "[Errno 28]" in text for text in (message, str(error or "")))
-    return path.startswith("/") and (full or not (os.path.isdir(path) and os.access(path, os.W_OK)))
+    text = f"{message} {error or ''}"
+    full = "No space left on device" in text or "[Errno 28]" in text
+    folder = message.split("'")[1]
+    shut = not (os.path.isdir(folder) and os.access(folder, os.W_OK))
+    # or a file below it that cannot be written (a trial's own folder turned read-only)
+    below = [p for p in re.findall(r"'(/[^']+)'", text) if p.startswith(f"{folder}/")]
+    return folder.startswith("/") and (full or shut or not all(map(_writable, below)))
+
+
+def _writable(path: str) -> bool:
+    folder = os.path.dirname(path)
+    return os.access(folder, os.W_OK) and (not os.path.lexists(path) or os.access(path, os.W_OK))
 
 
 class RayLines(logging.Filter):

@@ -486,6 +486,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {odd}, which a sweep never makes; what finished is in 'tune-alexnet export {exp_uri}'; "
             f"{_what_is_left(exp_uri, name)}"
         )
+    shut = None if is_remote(exp_uri) else _unwritable(exp_uri)
+    if shut:  # Tune would fail each trial in it at every try, with a traceback each
+        raise PreflightError(
+            f"--resume: {shut} cannot be written (read-only or immutable); once it can, the same command continues "
+            f"experiment {name!r}"
+        )
     if not is_remote(exp_uri) and (mended := put_back_whole_state(exp_uri)):
         _say(mended)
     try:
@@ -501,6 +507,19 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
             f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
+
+
+def _unwritable(exp_path: str) -> str | None:
+    """The first of the experiment folder, its trial folders and what they hold that Tune writes on a resume, which
+    this user cannot write; None where all can be."""
+    from .export import TRIAL_PREFIX
+
+    folders = [e.path for e in os.scandir(exp_path) if e.name.startswith(TRIAL_PREFIX) and e.is_dir()]
+    entries = (e.path for f in sorted(folders) for e in os.scandir(f))
+    for path in itertools.chain([exp_path], sorted(folders), itertools.islice(entries, 100_000)):
+        if not os.access(path, os.W_OK):
+            return path
+    return None
 
 
 def _say(line: str) -> None:

@@ -83,7 +83,8 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
 
 
 def _storage_gone() -> bool:
-    """Whether this trial's local storage can no longer be written: its experiment folder deleted or read-only."""
+    """Whether this trial's local storage can no longer be written: its experiment folder deleted, or it or the
+    trial's own folder read-only."""
     from pyarrow.fs import LocalFileSystem
 
     try:
@@ -94,9 +95,10 @@ def _storage_gone() -> bool:
         return False
     from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME
 
-    folder = Path(storage.experiment_fs_path)
+    folder, own = Path(storage.experiment_fs_path), Path(storage.trial_fs_path)
     # Tune's driver recreates a deleted experiment folder as it saves, without the marker file it made at the start
-    return not (folder / _VALIDATE_STORAGE_MARKER_FILENAME).is_file() or not os.access(folder, os.W_OK)
+    gone = not (folder / _VALIDATE_STORAGE_MARKER_FILENAME).is_file()
+    return gone or not os.access(folder, os.W_OK) or (own.is_dir() and not os.access(own, os.W_OK))
 
 
 def room_short(checkpoint_dir: str, keep_free: int) -> int:

@@ -257,6 +257,7 @@ def in_step_mode(state: dict, capturable: bool) -> dict:
 # back in place of a cut state. (Tune deletes the checkpoints an older state names: only the state being written
 # will do, which is why the copy is taken from the staging folder, as Tune saves, not from the experiment folder.)
 STATE_COPIES = ".tune-alexnet-state"  # in a local experiment folder
+RESULT_ROW_BYTES = 1 << 20  # the longest line of a trial's result.json a mend reads as one
 
 
 def _newest_state(folder: str) -> str | None:
@@ -342,9 +343,10 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
         manager._checkpoint_results = [r for r in results if kept(r)]  # Tune would fail deleting one that is gone
         if latest is not None and not kept(latest):
             manager._latest_checkpoint_result = None
-            newest, metrics, rows_lost = _newest_checkpoint(here)
+            score = manager.checkpoint_config.checkpoint_score_attribute
+            newest, metrics, rows_lost = _newest_checkpoint(here, score)
             if newest is not None:
-                if score := manager.checkpoint_config.checkpoint_score_attribute:
+                if score:
                     metrics.setdefault(score, float("-inf"))  # below any reported one: replaced by the next
                 at = Checkpoint(path=os.path.join(was, newest), filesystem=storage.storage_filesystem)
                 manager._latest_checkpoint_result = _TrainingResult(checkpoint=at, metrics=metrics)
@@ -352,8 +354,8 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
                     _insert_into_sorted_list(
                         manager._checkpoint_results, manager.latest_checkpoint_result, manager._get_checkpoint_score
                     )
-            # Tune numbers the next checkpoint after this one: never over a kept one.
-            storage.current_checkpoint_index = int(newest.split("_")[1]) if newest else -1
+            # Tune numbers its next checkpoint on from this index: never over anything of that name.
+            storage.current_checkpoint_index = max(_checkpoint_numbers(here), default=-1)
             said = f"{trial['trial_id']} from {newest}" if newest else f"{trial['trial_id']} afresh, none is left"
             said += " (the results of its last epochs before it were not saved)" if rows_lost else ""
         else:
@@ -379,26 +381,37 @@ def _pickled(obj) -> dict:
     return TuneFunctionEncoder()._to_cloudpickle(obj)
 
 
-def _newest_checkpoint(trial_dir: str) -> tuple[str | None, dict, bool]:
-    """The trial's newest checkpoint folder, the result Tune recorded for it, and whether that result (with those
-    of the epochs before it) never reached the trial's result.json: Tune writes those at its state saves."""
-    names = sorted(
-        n for n in (os.listdir(trial_dir) if os.path.isdir(trial_dir) else ())
-        if re.fullmatch(r"checkpoint_\d+", n) and os.path.isdir(os.path.join(trial_dir, n))
-    )  # fmt: skip
+def _checkpoint_numbers(trial_dir: str) -> list[int]:
+    names = os.listdir(trial_dir) if os.path.isdir(trial_dir) else ()
+    return [int(n[11:]) for n in names if re.fullmatch(r"checkpoint_\d{6,9}", n)]
+
+
+def _newest_checkpoint(trial_dir: str, score: str | None) -> tuple[str | None, dict, bool]:
+    """The trial's newest checkpoint folder that holds one of ours, the numbers Tune recorded with it (its
+    iteration, time and `score`), and whether its result (with those of the epochs before it) never reached the
+    trial's result.json: Tune writes those at its state saves."""
+    from .checkpoint import PROGRESS_FILE
+
+    names = [f"checkpoint_{i:06d}" for i in sorted(_checkpoint_numbers(trial_dir))]
+    names = [n for n in names if os.path.isfile(os.path.join(trial_dir, n, PROGRESS_FILE))]
     if not names:
         return None, {}, False
     last, match = {}, None
-    with contextlib.suppress(OSError), open(os.path.join(trial_dir, "result.json"), errors="replace") as f:
-        for line in f:
+    with contextlib.suppress(OSError), open(os.path.join(trial_dir, "result.json"), "rb") as f:
+        for line in iter(lambda: f.readline(RESULT_ROW_BYTES), b""):  # a longer line: pieces that do not parse
             with contextlib.suppress(ValueError):
                 if isinstance(row := json.loads(line), dict):
                     last = row
                     match = row if row.get("checkpoint_dir_name") == names[-1] else match
+
+    def pick(row: dict) -> dict:  # result.json is data anyone may have written: only numbers of Tune's kinds
+        kinds = {"training_iteration": (int,), "time_total_s": (int, float), score: (int, float)}
+        return {k: row[k] for k, allowed in kinds.items() if type(row.get(k)) in allowed}
+
     if match is not None:
-        return names[-1], match, False
-    # The next results number on from the last one recorded; the checkpoint ranks as a resume state of its own.
-    return names[-1], {k: last[k] for k in ("training_iteration", "time_total_s") if k in last}, True
+        return names[-1], pick(match), False
+    # The next results number on from the last one recorded; the checkpoint ranks below any reported one.
+    return names[-1], {k: v for k, v in pick(last).items() if k != score}, True
 
 
 def put_back_whole_state(exp_dir: str) -> str | None:

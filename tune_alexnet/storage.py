@@ -143,6 +143,10 @@ def room_needed(trials_left: int, running: int, weights: int) -> int:
 class StorageLost(Exception):
     """The experiment folder was deleted, or turned unwritable, while the sweep ran: one line, exit 1."""
 
+    def __init__(self, message: str, deleted: bool = False):
+        super().__init__(message)
+        self.deleted = deleted  # Tune's driver then makes the folder again, with what it held
+
 
 def make_reserve(exp_dir: str, size: int) -> str | None:
     """Hold `size` bytes of the experiment's disk in a file of our own, released when the disk fills or the sweep

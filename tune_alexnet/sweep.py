@@ -9,6 +9,7 @@ what defines its result; how it runs travels beside it through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -90,7 +91,7 @@ class DiskGuard(tune.Callback):
         if self.tripped or time.monotonic() - self.last_check < self.every_s:
             return
         self.last_check = time.monotonic()
-        if self._check_writable():
+        if self._check_writable(trials):
             return
         free = self._free()
         if free is not None and free < self._needed():
@@ -102,19 +103,26 @@ class DiskGuard(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         if not self.tripped:  # a trial that failed to write: the storage may have gone from under the sweep
-            self._check_writable()
+            self._check_writable([*trials, trial])
 
-    def _check_writable(self) -> bool:
-        """Whether the experiment folder was found deleted or unwritable (read-only, immutable); if so, the sweep
-        is stopped as Ctrl-C stops it, and sweep.run raises StorageLost."""
+    def _check_writable(self, trials: list) -> bool:
+        """Whether the experiment folder was found deleted, or it or a running trial's folder unwritable (read-only,
+        immutable); if so, the sweep is stopped as Ctrl-C stops it, and sweep.run raises StorageLost."""
         exp_dir = getattr(self, "exp_dir", None)
         if exp_dir is None:
             return False
         try:
             if _identity(exp_dir) != getattr(self, "identity", None):
                 raise FileNotFoundError(exp_dir)
-            with tempfile.NamedTemporaryFile(dir=exp_dir, prefix=".tune-alexnet-write-test-"):
+            folder = exp_dir
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".tune-alexnet-write-test-"):
                 pass
+            for folder in _trial_folders(exp_dir, trials):  # a trial's own folder may be shut alone
+                with (
+                    contextlib.suppress(FileNotFoundError),
+                    tempfile.NamedTemporaryFile(dir=folder, prefix=".tune-alexnet-write-test-"),
+                ):
+                    pass
             return False
         except FileNotFoundError:
             self.lost = (
@@ -123,12 +131,14 @@ class DiskGuard(tune.Callback):
                 "with this one)"
             )
         except OSError as exc:
+            where = "" if folder == exp_dir else f": {folder}"
             self.lost = (
-                f"--storage {self.root} can no longer be written ({exc.strerror}); the sweep stopped; once it can "
+                f"--storage {self.root} can no longer be written ({exc.strerror}{where}); the sweep stopped; once it can "
                 f"be written again, 'tune-alexnet sweep --resume --name {os.path.basename(exp_dir)} --storage "
                 f"{self.root}' continues it"
             )
-        _lost.append(self.lost)  # on --resume this guard is Tune's restored copy: sweep.run reads it here
+        # on --resume this guard is Tune's restored copy: sweep.run reads it here
+        _lost.append(StorageLost(self.lost, deleted=self.lost.startswith("the experiment folder")))
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
@@ -184,6 +194,12 @@ class KeepWholeState(tune.Callback):
         return None  # nothing of its own to save
 
 
+def _trial_folders(exp_dir: str, trials: list) -> list[str]:
+    """The folders of the running trials that exist (Tune makes a deleted one again as it saves)."""
+    names = {t.storage.trial_dir_name for t in trials if t.status == "RUNNING" and getattr(t, "storage", None)}
+    return [p for n in sorted(names) if os.path.isdir(p := os.path.join(exp_dir, n))]
+
+
 def _identity(folder: str | None) -> tuple[int, int] | None:
     try:
         st = os.stat(folder) if folder else None
@@ -192,7 +208,7 @@ def _identity(folder: str | None) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if st else None
 
 
-_lost: list[str] = []  # what a disk guard found, in this (the driver's) process
+_lost: list[StorageLost] = []  # what a disk guard found, in this (the driver's) process
 
 
 def trial_space(s: SweepSettings) -> dict:
@@ -256,7 +272,7 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     with stopping.SaveFirst(stop_key, quiet=quiet):
         results = tuner.fit()
     if _lost:
-        raise StorageLost(_lost[0])
+        raise _lost[0]
     return results
 
 
