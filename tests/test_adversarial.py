@@ -737,6 +737,9 @@ def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, why, tmp_path, caps
         ("http://user:S3C RET@h:1/x", "http://user:***@h:1/x"),
         ("invalid value 'http://h:1/\\ntoken=S3CRET' (x)", "invalid value 'http://h:1/\\ntoken=***' (x)"),
         ("s3://AKIAX:S3CRET@b/x?endpoint_override=h:1&secret_key=S3CRET", "s3://AKIAX:***@b/x?endpoint_override=h:1&secret_key=***"),
+        # a secret named again elsewhere in the text: after a space in a fragment, or in the message around it
+        ("http://user:S3CRET@h/#frag S3CRET", "http://user:***@h/#*** ***"),
+        ("'http://h/?token=S3CRET' (S3CRET is not a host)", "'http://h/?token=***' (*** is not a host)"),
         # what hides nothing stays as it was
         ("http://[::1]:5000/x?a=1", "http://[::1]:5000/x?a=1"),
         ("http://127.0.0.1:port", "http://127.0.0.1:port"),

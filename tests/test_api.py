@@ -31,6 +31,11 @@ def test_flags_from_python_pass_the_command_lines_checks():
         with pytest.raises(ValueError, match=rf"^tune-alexnet sweep: error: {next(iter(wrong))}=.*; allowed: a "):
             api.settings(**wrong)
     assert api.settings(data_dir=Path("/tmp")).data_dir == "/tmp"  # a path is a path
+    # numpy's numbers are numbers, as they print; a folder may begin with -; an int Python will not write out
+    s = api.settings(epochs=np.int64(3), lr=[np.float32(0.01)], storage="-dir")
+    assert (s.epochs, s.grid.lr, s.storage) == (3, (0.01,), "-dir")
+    with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: epochs: a number too long to write out; "):
+        api.settings(epochs=10**5000)
     from tune_alexnet.export import ExportError
 
     with pytest.raises(ExportError, match=r"experiment None; allowed: a folder path, URI or tune.ResultGrid"):

@@ -238,24 +238,47 @@ def test_resume_takes_trial_flags_equal_to_the_experiments_and_names_a_change():
     assert "--epochs 3 differs" in str(refused.value) and "--width 1 differs" in str(refused.value)
 
 
-@pytest.mark.parametrize("loading", ["tune_alexnet.cli", "tune_alexnet.data"])
+CTRL_C_WHILE = {  # what is loading, and the one line a Ctrl-C then gives
+    "the console script's module": "tune-alexnet: interrupted while starting",
+    "the parser": "tune-alexnet: interrupted while starting",
+    "torch and pandas": "tune-alexnet sweep: interrupted before the sweep started",
+    "a C extension, which turns it into an ImportError": "tune-alexnet sweep: interrupted before the sweep started",
+}
+
+
+@pytest.mark.parametrize("loading", CTRL_C_WHILE)
 def test_ctrl_c_while_python_loads_is_one_line_not_a_traceback(loading, monkeypatch, capsys, tmp_path):
     """A command's first tenth of a second loads the command line, its next seconds torch and pandas: a Ctrl-C
     then is an interruption like any other."""
+    import os
+    import signal
     import sys
+    import time
 
     import tune_alexnet
+    from tune_alexnet import cli
+
+    module = "tune_alexnet.cli" if loading.startswith("the console") else "tune_alexnet.data"
 
     class CtrlC:
         def find_spec(self, name, path=None, target=None):
-            if name == loading:
+            if name == module and not loading.startswith("a C extension"):
                 raise KeyboardInterrupt
+            if name == module:  # as numpy's C import does: the signal's KeyboardInterrupt becomes an ImportError
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                except KeyboardInterrupt:
+                    raise ImportError('PyCapsule_Import could not import module "datetime"') from None
 
-    monkeypatch.delitem(sys.modules, loading, raising=False)
+    def parser():
+        raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, module, raising=False)
     monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
     monkeypatch.setattr(sys, "argv", ["tune-alexnet", "sweep", "--storage", str(tmp_path / "r")])
+    if loading == "the parser":
+        monkeypatch.setattr(cli, "build_parser", parser)
     assert tune_alexnet.main() == 1  # the console script's
-    said = {"tune_alexnet.cli": "tune-alexnet: interrupted while starting",
-            "tune_alexnet.data": "tune-alexnet sweep: interrupted before the sweep started"}[loading]  # fmt: skip
-    assert capsys.readouterr().err == f"{said}; nothing was run\n"
+    assert capsys.readouterr().err == f"{CTRL_C_WHILE[loading]}; nothing was run\n"
     assert not (tmp_path / "r").exists()

@@ -348,6 +348,26 @@ def test_a_token_others_could_write_or_replace_is_refused(mode, folder_mode, gro
     assert (problem is None) if needle is None else needle.format(folder=folder) in problem, problem
 
 
+def test_a_token_folder_linked_into_a_folder_others_can_write_is_refused(open_dir, monkeypatch):
+    """~/.ray a link to a folder of this user's inside one that anyone may write: another user renames it away
+    and puts a folder and token of theirs in its place. The folders the link leads through count too."""
+    from tune_alexnet import cluster
+
+    shared, home = open_dir / "shared", open_dir / "home"
+    (shared / "mine").mkdir(parents=True)
+    shared.chmod(0o777)
+    (shared / "mine").chmod(0o700)
+    (shared / "mine" / "auth_token").write_text("x" * 32)
+    (shared / "mine" / "auth_token").chmod(0o600)
+    home.mkdir()
+    (home / ".ray").symlink_to(shared / "mine")
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    problem = cluster.token_problem()
+    assert f"lies in {shared}, which other users can write to (mode 0777, no sticky bit)" in problem, problem
+
+
 def test_a_token_readable_by_others_is_made_private_before_ray_starts(open_dir, monkeypatch, caplog):
     """Ray's own default (0644, as an earlier `ray start` leaves it): made 0600 in the options ray.init is given,
     with one line that says so."""
@@ -527,9 +547,10 @@ def test_a_storage_that_turns_read_only_mid_sweep_stops_it_cleanly_and_resumably
         subprocess.run(["mount", "--bind", str(disk), str(disk)], check=True)
         subprocess.run(["mount", "-o", "remount,bind,ro", str(disk)], check=True)
 
-    code, err = _sweep_then(disk, synthetic_dir, read_only)
+    code, err = _sweep_then(disk, synthetic_dir, read_only, quiet=False)
     subprocess.run(["umount", str(disk)], check=True)  # the read-only view: the disk is writable again
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "study page was not written" not in err and "keep their last checkpoints" not in err, err[-3000:]
     # at most the trials that failed before the guard noticed (Tune prints each trial's error; there were 35)
     assert code == 1 and "Traceback" not in err, err[-5000:]
     assert lines[-1].startswith(f"tune-alexnet sweep: error: --storage {disk} can no longer be written (Read-only")
@@ -548,7 +569,7 @@ def test_one_trial_folder_turning_read_only_mid_sweep_stops_it_in_one_line_and_r
     shut = []
 
     def read_only() -> None:  # a read-only view of the trial's folder in its place
-        (folder,) = {p.parents[1] for p in (disk / "net").glob("train_cifar_*/checkpoint_*/trainer.pt")}
+        folder = sorted(p.parents[1] for p in (disk / "net").glob("train_cifar_*/checkpoint_*/trainer.pt"))[0]
         subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
         subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
         shut.append(folder)

@@ -11,6 +11,6 @@ def main() -> int:
     try:
         from .cli import main as command_line
     except KeyboardInterrupt:
-        print("tune-alexnet: interrupted while starting; nothing was run", file=sys.stderr)
+        print("tune-alexnet: interrupted while starting; nothing was run", file=sys.stderr)  # as cli._interrupted
         return 1
     return command_line()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 import os
 
 import pandas as pd
@@ -41,6 +42,7 @@ def settings(**flags):
             raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a str (or a path)")
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
+        value = _plain(value)
         if not isinstance(value, str | int | float | list | tuple) and value is not None:
             raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a number, a str or a list")
         if flag in switches and value is False:  # a switch turned off: its --no- twin where it has one (tf32)
@@ -48,12 +50,18 @@ def settings(**flags):
             value = True
         if value is None or flag is None:
             continue
-        if flag in switches:
-            argv.append(flag)
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, ",".join(str(v).lower() if isinstance(v, bool) else str(v) for v in value)]
-        else:
-            argv += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+        try:
+            if flag in switches:
+                argv.append(flag)
+            elif isinstance(value, (list, tuple)):  # flag=value: a value may begin with - (a folder named -x)
+                argv.append(f"{flag}={','.join(_text(_plain(v)) for v in value)}")
+            else:
+                argv.append(f"{flag}={_text(value)}")
+        except ValueError:  # an int past Python's 4300 digits, which it will not write out
+            raise ValueError(
+                f"tune-alexnet sweep: error: {key}: a number too long to write out; allowed: the values of "
+                f"--{flag.removeprefix('--')} in tune-alexnet sweep --help"
+            ) from None
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -62,6 +70,22 @@ def settings(**flags):
         raise ValueError(err.getvalue().strip().removesuffix(" (see tune-alexnet sweep --help)")) from None
     except CliError as exc:
         raise ValueError(f"tune-alexnet sweep: error: {exc}") from None
+
+
+def _plain(value):
+    """A number of another library's (numpy's int64, float32) as the Python number it stands for."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, int | float):
+        try:  # as it prints (float32's 0.01), not its binary value (0.009999999776...)
+            return float(str(value))
+        except ValueError:
+            return float(value)
+    return value
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def sweep(*, quiet: bool = False, **flags) -> tuple:

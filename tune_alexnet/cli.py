@@ -447,26 +447,30 @@ def _first(pins: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "sweep":
-        try:
-            settings = _settings(args)
-        except CliError as exc:
-            parser.exit(EXIT_USAGE, redacted(f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n"))
-    quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # ours speak as the command does; a library names itself
-        handler.setFormatter(_OneVoice())
-    logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache, built once, is not ours either
-    try:  # torch and pandas load here, for seconds: a Ctrl-C meanwhile is an interruption like any other
-        from .data import DataError
-        from .export import ExportError
-        from .preflight import NothingToResume, PreflightError
-        from .storage import StorageLost
-    except KeyboardInterrupt:
-        return _interrupted(args.command)
+    command = None
+    with _ctrl_c_noted() as pressed:
+        try:  # the command line, then torch and pandas (for seconds): a Ctrl-C meanwhile is one line like any other
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            command = args.command
+            if args.command == "sweep":
+                try:
+                    settings = _settings(args)
+                except CliError as exc:
+                    message = f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n"
+                    parser.exit(EXIT_USAGE, redacted(message))
+            quiet = getattr(args, "quiet", False)
+            _set_up_logging(quiet)
+            from .data import DataError
+            from .export import ExportError
+            from .preflight import NothingToResume, PreflightError
+            from .storage import StorageLost
+        except KeyboardInterrupt:
+            return _interrupted(command)
+        except ImportError:  # a Ctrl-C inside a C extension's import surfaces as its ImportError
+            if pressed:
+                return _interrupted(command)
+            raise
     try:
         if args.command == "sweep":
             return _sweep_command(settings, quiet)
@@ -500,10 +504,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted(command: str) -> int:
+def _interrupted(command: str | None) -> int:
+    if command is None:
+        _say("tune-alexnet: interrupted while starting; nothing was run")
+        return EXIT_FAILED
     done = " before the sweep started; nothing was run" if command == "sweep" else "; no file is half-written"
     _say(f"tune-alexnet {command}: interrupted{done}")
     return EXIT_FAILED
+
+
+@contextmanager
+def _ctrl_c_noted():
+    """Ctrl-C raises KeyboardInterrupt as always, and is noted (a list that is no longer empty): where it lands
+    inside a C extension's import, Python reports an ImportError instead."""
+    pressed: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+
+    def note(sig, frame):
+        pressed.append(sig)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _set_up_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # ours speak as the command does; a library names itself
+        handler.setFormatter(_OneVoice())
+    logging.getLogger("torch").setLevel(logging.WARNING)  # its caches' statistics at exit are not ours to show
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache, built once, is not ours either
 
 
 def run_study(settings, data=None, quiet: bool = True):

@@ -235,12 +235,13 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
     """Why another user could put a token of theirs in place of the one at `token` before Ray reads it: its folder
     is theirs, or it or a folder above it is writable by them without the sticky bit (which lets only an entry's
     owner remove or rename it)."""
-    for step in (folder, *folder.parents):
+    real = Path(os.path.realpath(folder))  # a linked folder: those it leads through count too
+    for step in dict.fromkeys((folder, *folder.parents, real, *real.parents)):
         try:
             st = os.stat(step)
         except OSError:
             continue  # a folder above that cannot be looked at: Ray would fail on it, not be fooled
-        if step == folder and st.st_uid not in (os.getuid(), 0):
+        if step in (folder, real) and st.st_uid not in (os.getuid(), 0):
             return f"Ray's token {token} lies in {step}, which belongs to another user (uid {st.st_uid})"
         if _others_can_write(st) and not st.st_mode & stat.S_ISVTX:
             return (

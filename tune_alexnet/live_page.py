@@ -10,6 +10,7 @@ the experiment's driver.log and the sweep goes on.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pandas as pd
@@ -32,6 +33,7 @@ from .export import (
 from .grid import run_number
 from .page import write_page
 from .settings import DIMENSIONS, EPOCHS, read_settings
+from .storage import is_remote
 
 EVERY_S = 30.0  # as often as the console's progress line
 # A child of Ray's logger: console.RayLines keeps every line of it in the experiment's driver.log.
@@ -83,7 +85,9 @@ class LivePage(tune.Callback):
             write_page(exp, self.exp_uri, live=self.live_state(trials) if live else None)
         except Exception as exc:  # never stop a sweep for its page
             self.failures += 1
-            level = logging.WARNING if self.failures == 1 else logging.INFO
+            # a storage gone read-only or deleted: the disk guard's line says so, with the way on
+            shut = not is_remote(self.exp_uri) and not os.access(self.exp_uri, os.W_OK)
+            level = logging.WARNING if self.failures == 1 and not shut else logging.INFO
             log.log(level, "the study page was not written: %s: %s", type(exc).__name__, str(exc)[:300])
 
     def experiment(self, trials: list) -> Experiment:

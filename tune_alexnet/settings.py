@@ -291,18 +291,26 @@ def redacted(uri: str) -> str:
     shown too (in the line refusing it), and so are URIs inside a longer text (a log line, an error)."""
     from urllib.parse import unquote
 
+    hidden: list[str] = []  # each secret found, hidden too where the text names it again
+
     def user_part(m: re.Match) -> str:
+        hidden.append(m[2].split(":", 1)[-1])
         return f"{m[1]}{m[2].split(':', 1)[0] + ':' if ':' in m[2] else ''}{REDACTED}@"
 
     def value(m: re.Match) -> str:  # a parameter's name as it reads once decoded (tok%65n is token)
         name = re.sub(r"[\x00-\x1f\x7f]", "", unquote(m[1])).lower()
-        return m[0] if not any(secret in name for secret in SECRET_PARAMS) else f"{m[1]}={REDACTED}"
+        if not any(secret in name for secret in SECRET_PARAMS):
+            return m[0]
+        hidden.append(m[2])
+        return f"{m[1]}={REDACTED}"
 
     text = _USER_PART.sub(user_part, uri)
     text = _SPACED_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
     text = _BARE_PASSWORD.sub(rf"\g<1>:{REDACTED}@", text)
-    text = _PARAM.sub(value, text)
-    return _FRAGMENT.sub(rf"\g<1>#{REDACTED}", text)
+    text = _FRAGMENT.sub(rf"\g<1>#{REDACTED}", _PARAM.sub(value, text))
+    for secret in sorted({h for h in hidden if len(h) >= 4}, key=len, reverse=True):  # shorter: words, not secrets
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 class RedactedError(Exception):
