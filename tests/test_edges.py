@@ -624,6 +624,13 @@ def test_a_storage_deleted_mid_sweep_has_a_way_forward(tmpfs, synthetic_dir):
     # Tune's driver writes back what it held (its state, the trials' results): the tables of those are there
     assert lines[-1].endswith(f"; the results the sweep still held are in {disk}/net/results.parquet")
     assert len(pd.read_parquet(disk / "net" / "results.parquet")) == 2
+    resume = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--storage", str(disk),
+                             "--name", "net", "--quiet"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resume.returncode == 2 and resume.stderr.strip() == (
+        f"tune-alexnet sweep: error: --resume: experiment 'net' in {disk} cannot be continued: Tune's own record of "
+        "it is gone (the folder deleted while it ran, or never a sweep's); the tables of what it held are in "
+        f"{disk}/net/results.parquet; start it afresh with the same command and another --name"
+    ), resume.stderr[-3000:]
 
 
 def test_a_folder_another_process_holds_for_writing_is_one_line_not_a_hang(tmp_path, monkeypatch):

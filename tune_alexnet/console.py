@@ -328,10 +328,11 @@ class RayLines(logging.Filter):
                     )
             _stop_said = True
             return False
-        if any(hidden in message for hidden in HIDDEN) or _lost_storage_line(
-            message, record.exc_info and record.exc_info[1]
-        ):
+        error = record.exc_info and record.exc_info[1]
+        if any(hidden in message for hidden in HIDDEN) or _lost_storage_line(message, error):
             return False
+        if "Error handling checkpoint" in message and isinstance(error, FileNotFoundError):
+            return False  # one Tune meant to delete, gone already (its trial's folder deleted): nothing is lost
         return record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
 
     def keep_in(self, exp_uri: str) -> None:

@@ -85,8 +85,8 @@ class LivePage(tune.Callback):
             write_page(exp, self.exp_uri, live=self.live_state(trials) if live else None)
         except Exception as exc:  # never stop a sweep for its page
             self.failures += 1
-            # a storage gone read-only or deleted: the disk guard's line says so, with the way on
-            shut = not is_remote(self.exp_uri) and not os.access(self.exp_uri, os.W_OK)
+            # a storage gone read-only: the disk guard's line says so, with the way on
+            shut = not is_remote(self.exp_uri) and os.path.isdir(self.exp_uri) and not os.access(self.exp_uri, os.W_OK)
             level = logging.WARNING if self.failures == 1 and not shut else logging.INFO
             log.log(level, "the study page was not written: %s: %s", type(exc).__name__, str(exc)[:300])
 

@@ -325,8 +325,10 @@ def latest_experiment(root: str) -> str:
 def _finished(exp_dir: Path) -> bool:
     import pandas as pd
 
+    from .export import TABLE_NAME
+
     try:
-        status = pd.read_parquet(exp_dir / "results.parquet", columns=["status"])["status"]
+        status = pd.read_parquet(exp_dir / f"{TABLE_NAME}.parquet", columns=["status"])["status"]
     except Exception:  # no table yet, or a damaged one: treat it as unfinished
         return False
     return bool(status.isin(["terminated", "diverged"]).all())
@@ -469,6 +471,16 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
         raise PreflightError(
             f"--resume: experiment {name!r} in {root} stopped before its first trial reported, so there is nothing "
             f"to resume; run the same command without --resume to start it afresh under this name"
+        )
+    if not tune.Tuner.can_restore(exp_uri) and not is_remote(exp_uri) and os.path.isdir(exp_uri):
+        from .export import TABLE_NAME
+
+        tables = os.path.join(exp_uri, f"{TABLE_NAME}.parquet")
+        held = f"; the tables of what it held are in {tables}" if os.path.isfile(tables) else ""
+        raise PreflightError(
+            f"--resume: experiment {name!r} in {root} cannot be continued: Tune's own record of it is gone (the "
+            f"folder deleted while it ran, or never a sweep's){held}; start it afresh with the same command and "
+            "another --name"
         )
     if not tune.Tuner.can_restore(exp_uri):
         raise PreflightError(
