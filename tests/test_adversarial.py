@@ -227,6 +227,23 @@ def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged
     assert f"--resume: {state} is a FIFO, which a sweep never makes; what finished is in 'tune-alexnet export" in err
 
 
+@pytest.mark.parametrize("odd", ["a file named as a checkpoint folder", "a result.json past the limit"])
+def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, capsys, odd):
+    """Tune would fail the trial at every try making that folder, or read the whole file into memory (20 GB)."""
+    from tune_alexnet.storage import RESULT_LIMIT
+
+    copy, _ = damaged
+    trial = sorted(copy.glob("train_cifar_*"))[0]
+    if odd.startswith("a file"):
+        (trial / "checkpoint_000099").write_text("x")
+        said = f"{trial}/checkpoint_000099 is a file named as a checkpoint folder"
+    else:
+        os.truncate(trial / "result.json", RESULT_LIMIT + 1)  # sparse: no room taken
+        said = f"{trial}/result.json holds 64.0 MiB, more than 64 MiB (Tune would read it whole)"
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"--resume: {said}, which a sweep never makes; what finished is in 'tune-alexnet export" in err
+
+
 @pytest.mark.slow
 def test_one_sweep_per_experiment_folder(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -740,6 +757,9 @@ def test_a_tracker_uris_secrets_are_never_echoed(uri, shown, why, tmp_path, caps
         # a secret named again elsewhere in the text: after a space in a fragment, or in the message around it
         ("http://user:S3CRET@h/#frag S3CRET", "http://user:***@h/#*** ***"),
         ("'http://h/?token=S3CRET' (S3CRET is not a host)", "'http://h/?token=***' (*** is not a host)"),
+        ("http://h/#token=S3CRET then S3CRET, a token", "http://h/#*** then ***, a token"),
+        ("http://h/?x=1#tok%65n=S3CRET S3CRET", "http://h/?x=1#*** ***"),
+        ("http://u:S3%40CRET@h/ S3@CRET", "http://u:***@h/ ***"),  # as it reads decoded, too
         # what hides nothing stays as it was
         ("http://[::1]:5000/x?a=1", "http://[::1]:5000/x?a=1"),
         ("http://127.0.0.1:port", "http://127.0.0.1:port"),

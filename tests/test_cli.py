@@ -279,6 +279,26 @@ def test_ctrl_c_while_python_loads_is_one_line_not_a_traceback(loading, monkeypa
     monkeypatch.setattr(sys, "argv", ["tune-alexnet", "sweep", "--storage", str(tmp_path / "r")])
     if loading == "the parser":
         monkeypatch.setattr(cli, "build_parser", parser)
-    assert tune_alexnet.main() == 1  # the console script's
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert tune_alexnet.main() == 1  # the console script's
+    finally:
+        for sig, handler in handlers.items():  # it leaves its own for the shutdown: not this test process's
+            signal.signal(sig, handler)
     assert capsys.readouterr().err == f"{CTRL_C_WHILE[loading]}; nothing was run\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_a_ctrl_c_during_the_shutdown_after_the_last_line_ends_it_quietly():
+    """After the command's last line, Python's and Ray's atexit shutdown runs: a Ctrl-C then (a second one, a
+    moment after the first) cut it short with a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, os, signal, time, tune_alexnet; "
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5))); "
+        "tune_alexnet._quit_at_once_on(3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (3, "")

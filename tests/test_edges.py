@@ -348,7 +348,8 @@ def test_a_token_others_could_write_or_replace_is_refused(mode, folder_mode, gro
     assert (problem is None) if needle is None else needle.format(folder=folder) in problem, problem
 
 
-def test_a_token_folder_linked_into_a_folder_others_can_write_is_refused(open_dir, monkeypatch):
+@pytest.mark.parametrize("hop", [False, True], ids=["linked into it", "linked through a link in it"])
+def test_a_token_folder_linked_into_a_folder_others_can_write_is_refused(open_dir, monkeypatch, hop):
     """~/.ray a link to a folder of this user's inside one that anyone may write: another user renames it away
     and puts a folder and token of theirs in its place. The folders the link leads through count too."""
     from tune_alexnet import cluster
@@ -360,6 +361,10 @@ def test_a_token_folder_linked_into_a_folder_others_can_write_is_refused(open_di
     (shared / "mine" / "auth_token").write_text("x" * 32)
     (shared / "mine" / "auth_token").chmod(0o600)
     home.mkdir()
+    if hop:  # a link in the open folder to a folder of this user's elsewhere: the link itself can be swapped
+        (open_dir / "private").mkdir(mode=0o700)
+        (shared / "mine").rename(open_dir / "private" / "mine")
+        (shared / "mine").symlink_to(open_dir / "private" / "mine")
     (home / ".ray").symlink_to(shared / "mine")
     monkeypatch.setenv("HOME", str(home))
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -579,7 +584,7 @@ def test_one_trial_folder_turning_read_only_mid_sweep_stops_it_in_one_line_and_r
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 1 and "Traceback" not in err, err[-5000:]
         assert lines[-1].startswith(f"tune-alexnet sweep: error: --storage {disk} can no longer be written "
-                                    f"(Read-only file system: {shut[0]})"), lines[-1]  # fmt: skip
+                                    f"(read-only or immutable: {shut[0]})"), lines[-1]  # fmt: skip
         assert lines[-1].endswith(f"--name net --storage {disk}' continues it"), lines[-1]
         resume = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--storage", str(disk),
                                  "--name", "net", "--quiet"], capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -590,6 +595,34 @@ def test_one_trial_folder_turning_read_only_mid_sweep_stops_it_in_one_line_and_r
     finally:
         for folder in shut:
             subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("shut", ["result.json", "checkpoint_000001", "checkpoint_000001/model.pt"])
+def test_the_disk_guard_names_a_file_or_checkpoint_of_a_running_trial_that_turned_read_only(tmp_path, monkeypatch,
+                                                                                            shut):  # fmt: skip
+    """Tune appends to a trial's files and deletes its replaced checkpoints: one of them shut alone lost the
+    trial's results silently (result.json) or gave a traceback (a checkpoint)."""
+    from types import SimpleNamespace
+
+    from tune_alexnet import stopping, sweep
+
+    exp, stops = tmp_path / "exp", []
+    trial = exp / "train_cifar_x"
+    (trial / "checkpoint_000001").mkdir(parents=True)
+    (trial / "result.json").write_text("{}\n")
+    (trial / "checkpoint_000001" / "model.pt").write_bytes(b"x")
+    monkeypatch.setattr(stopping, "stop_at_once", lambda said=False: stops.append(said))  # not this process
+    guard = sweep.DiskGuard(str(tmp_path), per_trial=0, exp_dir=str(exp))
+    running = [SimpleNamespace(status="RUNNING", storage=SimpleNamespace(trial_dir_name=trial.name))]
+    assert guard._check_writable(running) is False
+    subprocess.run(["mount", "--bind", str(trial / shut), str(trial / shut)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(trial / shut)], check=True)
+        assert guard._check_writable(running) is True and stops == [True]
+        assert f"can no longer be written (read-only or immutable: {trial / shut})" in guard.lost
+    finally:
+        subprocess.run(["umount", str(trial / shut)], check=True)
+        sweep._lost.clear()
 
 
 @pytest.mark.slow

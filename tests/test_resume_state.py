@@ -419,7 +419,8 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
     else:
         shutil.rmtree(folder / named)
     if left == "a newer one, its result row edited":
-        row = {"checkpoint_dir_name": "checkpoint_000007", "training_iteration": "x", "checkpoint_rank": "abc"}
+        row = {"checkpoint_dir_name": "checkpoint_000007", "training_iteration": 10**30, "time_total_s": "x",
+               "checkpoint_rank": math.nan}  # fmt: skip
         with (folder / "result.json").open("ab") as f:
             f.write(json.dumps(row).encode() + b"\n\xff\xfe\n")
     if left.startswith("only"):
@@ -433,7 +434,9 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
     if LEFT[left]:
         assert said.endswith(f"{trial['trial_id']} from {LEFT[left]}")
         assert latest.checkpoint.path.endswith("/checkpoint_000007") and storage.current_checkpoint_index == 7
-        assert all(isinstance(v, int | float) for v in latest.metrics.values()), latest.metrics
+        assert all(isinstance(v, int | float) and -math.inf <= v < 1e12 for v in latest.metrics.values()), (
+            latest.metrics
+        )
     else:
         assert said.endswith(f"{trial['trial_id']} afresh, none is left")
         assert latest is None and storage.current_checkpoint_index == (8 if left.startswith("only") else -1)

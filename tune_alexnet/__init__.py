@@ -13,4 +13,22 @@ def main() -> int:
     except KeyboardInterrupt:
         print("tune-alexnet: interrupted while starting; nothing was run", file=sys.stderr)  # as cli._interrupted
         return 1
-    return command_line()
+    code = command_line()
+    _quit_at_once_on(code)
+    return code
+
+
+def _quit_at_once_on(code: int) -> None:
+    """The command has said its last line: what follows is Python's and Ray's own shutdown (atexit), which a
+    Ctrl-C (or a stop signal) would cut short with a traceback. One now ends the process at once, quietly."""
+    import os
+    import signal
+    import sys
+
+    def now(sig, frame) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, now)

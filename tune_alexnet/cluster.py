@@ -235,8 +235,8 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
     """Why another user could put a token of theirs in place of the one at `token` before Ray reads it: its folder
     is theirs, or it or a folder above it is writable by them without the sticky bit (which lets only an entry's
     owner remove or rename it)."""
-    real = Path(os.path.realpath(folder))  # a linked folder: those it leads through count too
-    for step in dict.fromkeys((folder, *folder.parents, real, *real.parents)):
+    real = Path(os.path.realpath(folder))
+    for step in dict.fromkeys(_folders_on_the_way(folder)):
         try:
             st = os.stat(step)
         except OSError:
@@ -249,6 +249,22 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
                 f"{stat.S_IMODE(st.st_mode):04o}, no sticky bit), so they could replace it"
             )
     return None
+
+
+def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
+    """Every folder a name is looked up in to reach `path`, each link followed as the kernel follows it (through
+    the folders its target names): whoever can write one of them could swap what comes after it."""
+    folders, here = [], Path("/")
+    for part in Path(os.path.abspath(path)).parts[1:]:
+        folders.append(here)
+        step = here / part
+        if step.is_symlink() and hops < 40:  # the kernel's own limit on links in one lookup
+            target = Path(os.readlink(step))
+            folders += _folders_on_the_way(target if target.is_absolute() else here / target, hops + 1)
+            here = Path(os.path.realpath(step))
+        else:
+            here = step
+    return [*folders, here]
 
 
 def _others_can_write(st: os.stat_result) -> bool:

@@ -333,6 +333,8 @@ class RayLines(logging.Filter):
             return False
         if "Error handling checkpoint" in message and isinstance(error, FileNotFoundError):
             return False  # one Tune meant to delete, gone already (its trial's folder deleted): nothing is lost
+        if message.startswith("Caught exception when deleting path") and isinstance(error, OSError):
+            return False  # a checkpoint that cannot be deleted (made immutable): the disk guard's line names it
         return record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
 
     def keep_in(self, exp_uri: str) -> None:

@@ -21,6 +21,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +55,7 @@ from .storage import (
     REACH_TIMEOUT_S,
     RESERVE_BYTES,
     RESERVE_NAME,
+    RESULT_LIMIT,
     SCHEMES,
     checkpoint_room,
     existing_parent,
@@ -64,6 +66,7 @@ from .storage import (
     room_needed,
     scheme_problem,
     storage_uri,
+    unwritable_in,
     within,
 )
 
@@ -522,16 +525,14 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
 
 
 def _unwritable(exp_path: str) -> str | None:
-    """The first of the experiment folder, its trial folders and what they hold that Tune writes on a resume, which
-    this user cannot write; None where all can be."""
+    """The first of the experiment folder, its trial folders and what they hold (Tune writes to each on a resume)
+    that this user cannot write; None where all can be."""
     from .export import TRIAL_PREFIX
 
-    folders = [e.path for e in os.scandir(exp_path) if e.name.startswith(TRIAL_PREFIX) and e.is_dir()]
-    entries = (e.path for f in sorted(folders) for e in os.scandir(f))
-    for path in itertools.chain([exp_path], sorted(folders), itertools.islice(entries, 100_000)):
-        if not os.access(path, os.W_OK):
-            return path
-    return None
+    if not os.access(exp_path, os.W_OK):
+        return exp_path
+    folders = sorted(e.path for e in os.scandir(exp_path) if e.name.startswith(TRIAL_PREFIX) and e.is_dir())
+    return next(filter(None, map(unwritable_in, folders)), None)
 
 
 def _say(line: str) -> None:
@@ -551,6 +552,13 @@ def _not_a_sweeps_file(exp_path: str) -> str | None:
             continue
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             return f"{os.path.join(top, name)} is a file with {st.st_nlink} names (a hard link)"
+        if stat.S_ISREG(st.st_mode) and re.fullmatch(r"checkpoint_\d+", name):  # Tune would make that folder
+            return f"{os.path.join(top, name)} is a file named as a checkpoint folder"
+        if stat.S_ISREG(st.st_mode) and name in ("result.json", "progress.csv") and st.st_size > RESULT_LIMIT:
+            return (
+                f"{os.path.join(top, name)} holds {st.st_size / 2**20:,.1f} MiB, more than "
+                f"{RESULT_LIMIT / 2**20:.0f} MiB (Tune would read it whole)"
+            )
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
             return f"{os.path.join(top, name)} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else kind}"

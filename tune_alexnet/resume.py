@@ -258,6 +258,7 @@ def in_step_mode(state: dict, capturable: bool) -> dict:
 # will do, which is why the copy is taken from the staging folder, as Tune saves, not from the experiment folder.)
 STATE_COPIES = ".tune-alexnet-state"  # in a local experiment folder
 RESULT_ROW_BYTES = 1 << 20  # the longest line of a trial's result.json a mend reads as one
+RESULT_NUMBER_LIMIT = 1e12  # above any iteration count, time in seconds or rank a sweep reports
 
 
 def _newest_state(folder: str) -> str | None:
@@ -404,9 +405,13 @@ def _newest_checkpoint(trial_dir: str, score: str | None) -> tuple[str | None, d
                     last = row
                     match = row if row.get("checkpoint_dir_name") == names[-1] else match
 
-    def pick(row: dict) -> dict:  # result.json is data anyone may have written: only numbers of Tune's kinds
+    def pick(row: dict) -> dict:  # result.json is data anyone may have written: only numbers Tune could have put
         kinds = {"training_iteration": (int,), "time_total_s": (int, float), score: (int, float)}
-        return {k: row[k] for k, allowed in kinds.items() if type(row.get(k)) in allowed}
+        return {
+            k: row[k]
+            for k, allowed in kinds.items()
+            if type(row.get(k)) in allowed and math.isfinite(row[k]) and 0 <= row[k] <= RESULT_NUMBER_LIMIT
+        }
 
     if match is not None:
         return names[-1], pick(match), False

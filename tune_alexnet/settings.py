@@ -281,7 +281,7 @@ _BARE_PASSWORD = re.compile(r"(?:^|(?<=[\s'\"(=,<\[]))([^\s:@/\\'\"]+):(?![/\\])
 # local path may be named monkey=1); the value ends before the punctuation of the sentence around it (the colon of
 # "--mlflow URI: ...", a closing quote).
 _PARAM = re.compile(r"(?<=[?&;\\])([^=&;#?/\\\s'\"]+)=([^&;#\s]*?)(?=[:,.;'\")]*(?:[&;#\s]|$))")
-_FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#\S+?(?=[:,.;'\")]*(?:\s|$))")  # a fragment: nothing a server reads
+_FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#(\S+?)(?=[:,.;'\")]*(?:\s|$))")  # a fragment: nothing a server reads
 
 
 def redacted(uri: str) -> str:
@@ -307,8 +307,14 @@ def redacted(uri: str) -> str:
     text = _USER_PART.sub(user_part, uri)
     text = _SPACED_PASSWORD.sub(rf"\g<1>{REDACTED}@", text)
     text = _BARE_PASSWORD.sub(rf"\g<1>:{REDACTED}@", text)
-    text = _FRAGMENT.sub(rf"\g<1>#{REDACTED}", _PARAM.sub(value, text))
-    for secret in sorted({h for h in hidden if len(h) >= 4}, key=len, reverse=True):  # shorter: words, not secrets
+
+    def fragment(m: re.Match) -> str:
+        hidden.extend(p.split("=", 1)[-1] for p in re.split(r"[&;]", m[2]))  # name=value pairs, as a query has
+        return f"{m[1]}#{REDACTED}"
+
+    text = _FRAGMENT.sub(fragment, _PARAM.sub(value, text))
+    secrets = {s for h in hidden for s in (h, unquote(h)) if len(s) >= 4}  # shorter: words, not secrets
+    for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return text
 

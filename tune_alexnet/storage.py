@@ -16,7 +16,7 @@ import json
 import os
 import stat
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 SCHEMES = ("s3", "gs")  # bucket URIs a sweep, export and report accept (through pyarrow's filesystems)
@@ -102,6 +102,27 @@ def missing_folders(path: str) -> list[str]:
         missing.append(path)
         path = os.path.dirname(path)
     return missing
+
+
+def unwritable_in(folder: str, depth: int = 2) -> str | None:
+    """The first of `folder` and what lies up to `depth` levels below it that this user cannot write (read-only,
+    immutable): in a trial's folder, Tune appends to its files and deletes its checkpoints. None where all can be."""
+    level, seen = [folder], 0
+    for below in range(depth + 1):
+        for path in level:
+            if not os.access(path, os.W_OK, follow_symlinks=False):
+                return path
+        if below == depth:
+            break
+        nested = []
+        for path in level:
+            with suppress(OSError), os.scandir(path) as entries:  # a file, or gone meanwhile
+                nested += [e.path for e in entries if not e.is_symlink()]
+        seen += len(nested)
+        if seen > 100_000:  # more than a sweep makes: the rest is not looked at
+            break
+        level = sorted(nested)
+    return None
 
 
 def remove_empty(folders: list[str]) -> None:

@@ -9,7 +9,6 @@ what defines its result; how it runs travels beside it through
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ from .settings import (
     write_settings,
 )
 from .stopper import result_says_stop
-from .storage import RESERVE_BYTES, StorageLost, is_remote, make_reserve, release_reserve
+from .storage import RESERVE_BYTES, StorageLost, is_remote, make_reserve, release_reserve, unwritable_in
 from .train import train_cifar
 
 log = logging.getLogger("tune_alexnet.sweep")
@@ -111,19 +110,17 @@ class DiskGuard(tune.Callback):
         exp_dir = getattr(self, "exp_dir", None)
         if exp_dir is None:
             return False
+        why = None
         try:
             if _identity(exp_dir) != getattr(self, "identity", None):
                 raise FileNotFoundError(exp_dir)
-            folder = exp_dir
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".tune-alexnet-write-test-"):
+            with tempfile.NamedTemporaryFile(dir=exp_dir, prefix=".tune-alexnet-write-test-"):
                 pass
-            for folder in _trial_folders(exp_dir, trials):  # a trial's own folder may be shut alone
-                with (
-                    contextlib.suppress(FileNotFoundError),
-                    tempfile.NamedTemporaryFile(dir=folder, prefix=".tune-alexnet-write-test-"),
-                ):
-                    pass
-            return False
+            # a trial's own folder, or a file or checkpoint in it, shut alone
+            shut = next(filter(None, (unwritable_in(f) for f in _trial_folders(exp_dir, trials))), None)
+            if shut is None:
+                return False
+            why = f"read-only or immutable: {shut}"
         except FileNotFoundError:
             self.lost = (
                 f"the experiment folder {exp_dir} was deleted while the sweep ran, and what its trials had done "
@@ -131,11 +128,12 @@ class DiskGuard(tune.Callback):
                 "with this one)"
             )
         except OSError as exc:
-            where = "" if folder == exp_dir else f": {folder}"
+            why = exc.strerror
+        if why is not None:
             self.lost = (
-                f"--storage {self.root} can no longer be written ({exc.strerror}{where}); the sweep stopped; once it can "
-                f"be written again, 'tune-alexnet sweep --resume --name {os.path.basename(exp_dir)} --storage "
-                f"{self.root}' continues it"
+                f"--storage {self.root} can no longer be written ({why}); the sweep stopped; once it can be written "
+                f"again, 'tune-alexnet sweep --resume --name {os.path.basename(exp_dir)} --storage {self.root}' "
+                "continues it"
             )
         # on --resume this guard is Tune's restored copy: sweep.run reads it here
         _lost.append(StorageLost(self.lost, deleted=self.lost.startswith("the experiment folder")))
