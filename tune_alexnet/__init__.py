@@ -31,4 +31,5 @@ def _quit_at_once_on(code: int) -> None:
         os._exit(code)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, now)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # one the caller ignores (nohup) stays ignored
+            signal.signal(sig, now)

@@ -518,7 +518,8 @@ def _ctrl_c_noted():
     """Ctrl-C raises KeyboardInterrupt as always, and is noted (a list that is no longer empty): where it lands
     inside a C extension's import, Python reports an ImportError instead."""
     pressed: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # e.g. ignored (nohup, &)
         yield pressed
         return
 
