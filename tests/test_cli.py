@@ -302,3 +302,28 @@ def test_a_ctrl_c_during_the_shutdown_after_the_last_line_ends_it_quietly():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (3, "")
+
+
+@pytest.mark.parametrize("ignored", ["SIGHUP", "SIGINT"], ids=["nohup", "a background job"])
+def test_a_stop_signal_the_caller_ignores_stays_ignored_through_the_sweep(ignored):
+    """`nohup tune-alexnet sweep ... &`, then logging out, stopped the sweep: every stage that takes the stop
+    signals over (start-up, Ray's start, the sweep itself, the shutdown) leaves an ignored one ignored."""
+    import signal
+
+    import tune_alexnet
+    from tune_alexnet import cli, preflight, stopping
+
+    sig = getattr(signal, ignored)
+    before = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
+    signal.signal(sig, signal.SIG_IGN)
+    try:
+        with cli._ctrl_c_noted(), cli._stop_signals_as_ctrl_c(), preflight._stop_signals_deferred():
+            assert signal.getsignal(sig) is signal.SIG_IGN
+        with stopping.SaveFirst("key"):
+            assert signal.getsignal(sig) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, before[signal.SIGTERM])  # heeded
+        tune_alexnet._quit_at_once_on(0)
+        assert signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

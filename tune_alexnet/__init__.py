@@ -30,6 +30,6 @@ def _quit_at_once_on(code: int) -> None:
         sys.stderr.flush()
         os._exit(code)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # stopping.STOP_SIGNALS, without loading Ray
         if signal.getsignal(sig) is not signal.SIG_IGN:  # one the caller ignores (nohup) stays ignored
             signal.signal(sig, now)

@@ -623,7 +623,9 @@ def _stop_signals_as_ctrl_c():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    from .stopping import heeded
+
+    previous = {sig: signal.getsignal(sig) for sig in heeded((signal.SIGTERM, signal.SIGHUP))}
     for sig in previous:
         signal.signal(sig, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:

@@ -801,7 +801,9 @@ def _stop_signals_deferred():
         yield []
         return
     received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    from .stopping import heeded
+
+    signals = heeded((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def defer(sig, _frame):

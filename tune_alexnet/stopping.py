@@ -39,6 +39,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _active: SaveFirst | None = None  # the driver's stop in progress, if any (one sweep a process)
 
 
+def heeded(signals) -> tuple:
+    """Of `signals`, those this process was not started ignoring: under nohup (SIGHUP) or as a background job of
+    a shell (SIGINT) the caller said so, and that stands for the whole sweep."""
+    return tuple(sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN)
+
+
 def new_key() -> str:
     """The stop flag's key for one run of the driver: a later run (--resume) never sees an old flag."""
     return f"stop-{uuid.uuid4().hex}"
@@ -79,7 +85,7 @@ class SaveFirst:
             return self  # no signal handlers off the main thread: Tune's own stop applies
         self.previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGUSR1)}
         signal.signal(signal.SIGUSR1, self._before_tune)  # until Tune puts its handler there
-        for sig in STOP_SIGNALS:
+        for sig in heeded(STOP_SIGNALS):
             signal.signal(sig, self._on_signal)
         self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune then leaves Ctrl-C to us and stops on SIGUSR1
