@@ -30,6 +30,22 @@ def _isolated_cache(tmp_path_factory):
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_signals_as_from_a_terminal():
+    """Tests stop sweeps with Ctrl-C, SIGTERM and SIGHUP, and a sweep leaves a signal it was started ignoring
+    ignored (nohup): so the tests, and the sweeps they start, heed them as from a terminal, whatever ran the test
+    run (a background job ignores SIGINT)."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig, handler in before.items():
+        if handler is signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 def make_image_folder(root: Path, train_per_class: int = 20, test_per_class: int = 4, seed: int = 0) -> Path:
     """Generated CIFAR-like PNGs: each class a colour with noise, so a network can learn it."""
     from PIL import Image
