@@ -45,6 +45,7 @@ from .settings import (
 from .storage import (
     ERROR_LIMIT,
     JSON_LIMIT,
+    RESULT_FILE,
     RESULT_LIMIT,
     STATE_LIMIT,
     TEXT_LIMIT,
@@ -314,7 +315,7 @@ def _generation(path: str) -> int | None:
                     newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
                 elif name.startswith(TRIAL_PREFIX) and entry.is_dir(follow_symlinks=False):
                     with contextlib.suppress(OSError):
-                        newest = max(newest, os.lstat(os.path.join(entry.path, "result.json")).st_mtime_ns)
+                        newest = max(newest, os.lstat(os.path.join(entry.path, RESULT_FILE)).st_mtime_ns)
     except OSError:
         return None
     return newest

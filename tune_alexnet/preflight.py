@@ -21,7 +21,6 @@ import io
 import itertools
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -39,7 +38,7 @@ from urllib.parse import urlparse, urlunparse
 from . import cluster, settings
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
-from .resume import point_at_kept_checkpoints, put_back_whole_state
+from .resume import CHECKPOINT_FOLDER, point_at_kept_checkpoints, put_back_whole_state
 from .settings import (
     DEFAULT_GPU_SHARE,
     REDACTED,
@@ -55,6 +54,7 @@ from .storage import (
     REACH_TIMEOUT_S,
     RESERVE_BYTES,
     RESERVE_NAME,
+    RESULT_FILE,
     RESULT_LIMIT,
     SCHEMES,
     checkpoint_room,
@@ -475,7 +475,8 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: experiment {name!r} in {root} stopped before its first trial reported, so there is nothing "
             f"to resume; run the same command without --resume to start it afresh under this name"
         )
-    if not tune.Tuner.can_restore(exp_uri) and not is_remote(exp_uri) and os.path.isdir(exp_uri):
+    restorable = tune.Tuner.can_restore(exp_uri)
+    if not restorable and not is_remote(exp_uri) and os.path.isdir(exp_uri):
         from .export import TABLE_NAME
 
         tables = os.path.join(exp_uri, f"{TABLE_NAME}.parquet")
@@ -485,7 +486,7 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"folder deleted while it ran, or never a sweep's){held}; start it afresh with the same command and "
             "another --name"
         )
-    if not tune.Tuner.can_restore(exp_uri):
+    if not restorable:
         raise PreflightError(
             f"--resume: no experiment named {name!r} in {root}; start it without --resume, or pass the --name of one "
             f"that exists"
@@ -552,9 +553,9 @@ def _not_a_sweeps_file(exp_path: str) -> str | None:
             continue
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             return f"{os.path.join(top, name)} is a file with {st.st_nlink} names (a hard link)"
-        if stat.S_ISREG(st.st_mode) and re.fullmatch(r"checkpoint_\d+", name):  # Tune would make that folder
+        if stat.S_ISREG(st.st_mode) and CHECKPOINT_FOLDER.fullmatch(name):  # Tune would make that folder
             return f"{os.path.join(top, name)} is a file named as a checkpoint folder"
-        if stat.S_ISREG(st.st_mode) and name in ("result.json", "progress.csv") and st.st_size > RESULT_LIMIT:
+        if stat.S_ISREG(st.st_mode) and name in (RESULT_FILE, "progress.csv") and st.st_size > RESULT_LIMIT:
             return (
                 f"{os.path.join(top, name)} holds {st.st_size / 2**20:,.1f} MiB, more than "
                 f"{RESULT_LIMIT / 2**20:.0f} MiB (Tune would read it whole)"
@@ -801,9 +802,9 @@ def _stop_signals_deferred():
         yield []
         return
     received: list[int] = []
-    from .stopping import heeded
+    from .stopping import STOP_SIGNALS, heeded
 
-    signals = heeded((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    signals = heeded(STOP_SIGNALS)
     previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def defer(sig, _frame):

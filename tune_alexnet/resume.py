@@ -257,6 +257,7 @@ def in_step_mode(state: dict, capturable: bool) -> dict:
 # back in place of a cut state. (Tune deletes the checkpoints an older state names: only the state being written
 # will do, which is why the copy is taken from the staging folder, as Tune saves, not from the experiment folder.)
 STATE_COPIES = ".tune-alexnet-state"  # in a local experiment folder
+CHECKPOINT_FOLDER = re.compile(r"checkpoint_(\d+)")  # Tune's name for a trial's checkpoints, numbered
 RESULT_ROW_BYTES = 1 << 20  # the longest line of a trial's result.json a mend reads as one
 RESULT_NUMBER_LIMIT = 1e12  # above any iteration count, time in seconds or rank a sweep reports
 
@@ -384,7 +385,7 @@ def _pickled(obj) -> dict:
 
 def _checkpoint_numbers(trial_dir: str) -> list[int]:
     names = os.listdir(trial_dir) if os.path.isdir(trial_dir) else ()
-    return [int(n[11:]) for n in names if re.fullmatch(r"checkpoint_\d{6,9}", n)]
+    return [int(m[1]) for n in names if (m := CHECKPOINT_FOLDER.fullmatch(n))]
 
 
 def _newest_checkpoint(trial_dir: str, score: str | None) -> tuple[str | None, dict, bool]:
@@ -392,13 +393,14 @@ def _newest_checkpoint(trial_dir: str, score: str | None) -> tuple[str | None, d
     iteration, time and `score`), and whether its result (with those of the epochs before it) never reached the
     trial's result.json: Tune writes those at its state saves."""
     from .checkpoint import PROGRESS_FILE
+    from .storage import RESULT_FILE
 
     names = [f"checkpoint_{i:06d}" for i in sorted(_checkpoint_numbers(trial_dir))]
     names = [n for n in names if os.path.isfile(os.path.join(trial_dir, n, PROGRESS_FILE))]
     if not names:
         return None, {}, False
     last, match = {}, None
-    with contextlib.suppress(OSError), open(os.path.join(trial_dir, "result.json"), "rb") as f:
+    with contextlib.suppress(OSError), open(os.path.join(trial_dir, RESULT_FILE), "rb") as f:
         for line in iter(lambda: f.readline(RESULT_ROW_BYTES), b""):  # a longer line: pieces that do not parse
             with contextlib.suppress(ValueError):
                 if isinstance(row := json.loads(line), dict):

@@ -110,7 +110,7 @@ class DiskGuard(tune.Callback):
         exp_dir = getattr(self, "exp_dir", None)
         if exp_dir is None:
             return False
-        why = None
+        why, deleted = None, False
         try:
             if _identity(exp_dir) != getattr(self, "identity", None):
                 raise FileNotFoundError(exp_dir)
@@ -122,6 +122,7 @@ class DiskGuard(tune.Callback):
                 return False
             why = f"read-only or immutable: {shut}"
         except FileNotFoundError:
+            deleted = True
             self.lost = (
                 f"the experiment folder {exp_dir} was deleted while the sweep ran, and what its trials had done "
                 f"with it; start afresh with the same command and another --name (or once {exp_dir} is removed, "
@@ -136,7 +137,7 @@ class DiskGuard(tune.Callback):
                 "continues it"
             )
         # on --resume this guard is Tune's restored copy: sweep.run reads it here
-        _lost.append(StorageLost(self.lost, deleted=self.lost.startswith("the experiment folder")))
+        _lost.append(StorageLost(self.lost, deleted=deleted))
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
