@@ -39,24 +39,36 @@ class LocalCluster:
         self.env.update(RAY_JOB_STOP_WAIT_TIME_S="120")
         # Credentials for the S3 emulator on loopback (the nodes' trials write checkpoints there).
         self.env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-        port, dash = free_port(), free_port()
-        self.gcs = f"127.0.0.1:{port}"
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        self.procs = [
-            self._start(
-                [
-                    "--head",
-                    f"--port={port}",
-                    *head,
-                    "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}",
-                    f"--ray-client-server-port={free_port()}",
-                ],
-                tmp / "head.log",
-            )
-        ]
-        self.wait_nodes(1)
+        self.procs = []
+        # A head that does not come up (a chosen port taken between its pick and Ray's bind) is started once more
+        # on fresh ports; a second failure shows both logs.
+        for attempt in (1, 2):
+            port, dash = free_port(), free_port()
+            self.gcs = f"127.0.0.1:{port}"
+            self.dashboard = f"http://127.0.0.1:{dash}"
+            log = tmp / ("head.log" if attempt == 1 else "head-again.log")
+            self.procs = [
+                self._start(
+                    [
+                        "--head",
+                        f"--port={port}",
+                        *head,
+                        "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dash}",
+                        f"--ray-client-server-port={free_port()}",
+                    ],
+                    log,
+                )
+            ]
+            try:
+                self.wait_nodes(1)
+                break
+            except RuntimeError as e:
+                self.stop()
+                if attempt == 2:
+                    raise
+                print(f"the head did not come up; starting it once more: {e}", file=sys.stderr)
         for i, args in enumerate(workers):
             self.add_worker(args, tmp / f"worker{i or ''}.log", nodes=2 + i)
 
@@ -81,13 +93,15 @@ class LocalCluster:
                 "object-manager-port",
             )
         ]
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", *args, *ports],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             env={**self.env, **(env or {})},
             start_new_session=True,
         )
+        proc.log = log
+        return proc
 
     def wait_nodes(self, n: int):
         deadline = time.monotonic() + 120
@@ -98,8 +112,13 @@ class LocalCluster:
             active = out.split("Active:", 1)[-1].split("Pending:", 1)[0]
             if len(re.findall(r"\bnode_[0-9a-f]+", active)) >= n:
                 return
+            if any(p.poll() is not None for p in self.procs):
+                break
             time.sleep(1)
-        raise RuntimeError(f"ray cluster did not reach {n} nodes")
+        logs = "\n".join(
+            f"--- {p.log.name} (exit code {p.poll()}) ---\n{p.log.read_text()[-3000:]}" for p in self.procs
+        )
+        raise RuntimeError(f"ray cluster did not reach {n} nodes; `ray status` said:\n{out}\n{logs}")
 
     def run(self, args, timeout=TIMEOUT, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
