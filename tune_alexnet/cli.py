@@ -38,6 +38,7 @@ from .settings import (
     TRIAL_DEFAULTS,
     Grid,
     redacted,
+    say,
 )
 from .storage import SCHEMES
 
@@ -491,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         print(redacted(f"tune-alexnet {args.command}: {exc}"))
         return 0
     except StorageLost as exc:  # not bad input: the storage went away under a running sweep
-        _say(f"tune-alexnet {args.command}: error: {exc}")
+        say(f"tune-alexnet {args.command}: error: {exc}")
         return EXIT_FAILED
     except (DataError, PreflightError, ExportError) as exc:
-        _say(f"tune-alexnet {args.command}: error: {exc}")
+        say(f"tune-alexnet {args.command}: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:  # before the sweep started (loading data, starting Ray): nothing to keep
         return _interrupted(args.command)
@@ -506,10 +507,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted(command: str | None) -> int:
     if command is None:
-        _say("tune-alexnet: interrupted while starting; nothing was run")
+        say("tune-alexnet: interrupted while starting; nothing was run")
         return EXIT_FAILED
     done = " before the sweep started; nothing was run" if command == "sweep" else "; no file is half-written"
-    _say(f"tune-alexnet {command}: interrupted{done}")
+    say(f"tune-alexnet {command}: interrupted{done}")
     return EXIT_FAILED
 
 
@@ -571,7 +572,7 @@ def run_study(settings, data=None, quiet: bool = True):
                     sweep.run(plan, quiet)
             except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while Tune was stopping: stop now, cleanly
                 interrupted = True
-                _say("tune-alexnet: stopping at once; writing the tables of what is there")
+                say("tune-alexnet: stopping at once; writing the tables of what is there")
             except Exception as exc:  # whatever broke the sweep, what finished still gets its tables
                 failure = exc
             finally:
@@ -641,7 +642,7 @@ def _sweep_command(settings, quiet: bool) -> int:
     try:
         exp_uri, exp, written = run_study(settings, quiet=quiet)
     except ExportError as exc:  # the sweep's own tables not written (a storage that filled): not bad input
-        _say(f"tune-alexnet sweep: error: {exc}")
+        say(f"tune-alexnet sweep: error: {exc}")
         return EXIT_FAILED
     return tell_the_end(settings, exp_uri, exp, written)
 
@@ -659,7 +660,7 @@ def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"
         parts = [f"{failed} trial(s) errored or lost (see the table's error column)"] if failed else []
         parts += [f"{unfinished} did not finish"] if unfinished else []
-        _say(
+        say(
             f"tune-alexnet sweep: {', '.join(parts)}; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
             "continues them"
         )
@@ -682,14 +683,7 @@ def _name_of(exp_uri: str) -> str:
 
 def _warn(notes: list[str]) -> None:
     for note in notes:
-        _say(f"tune-alexnet: warning: {note}")
-
-
-def _say(line: str) -> None:
-    """A line on stderr that a closed terminal or pipe cannot turn into an error, and that shows no secret: every
-    error the command prints comes through here."""
-    with suppress(OSError):
-        print(redacted(line), file=sys.stderr, flush=True)
+        say(f"tune-alexnet: warning: {note}")
 
 
 def _leave_job_working_dir() -> None:

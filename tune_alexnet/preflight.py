@@ -509,13 +509,13 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"experiment {name!r}"
         )
     if not is_remote(exp_uri) and (mended := put_back_whole_state(exp_uri)):
-        _say(mended)
+        settings.say(f"tune-alexnet: {mended}")
     try:
         repointed = None if is_remote(exp_uri) else point_at_kept_checkpoints(exp_uri)
     except Exception:  # a damaged state: said just below
         repointed = None
     if repointed:
-        _say(repointed)
+        settings.say(f"tune-alexnet: {repointed}")
     try:
         tune.ExperimentAnalysis(exp_uri)
     except Exception as exc:  # Tune's restore would start trials with empty configs and write a newer state
@@ -534,11 +534,6 @@ def _unwritable(exp_path: str) -> str | None:
         return exp_path
     folders = sorted(e.path for e in os.scandir(exp_path) if e.name.startswith(TRIAL_PREFIX) and e.is_dir())
     return next(filter(None, map(unwritable_in, folders)), None)
-
-
-def _say(line: str) -> None:
-    with contextlib.suppress(OSError):  # a closed terminal or pipe
-        print(f"tune-alexnet: {line}", file=sys.stderr, flush=True)
 
 
 def _not_a_sweeps_file(exp_path: str) -> str | None:

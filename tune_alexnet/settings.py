@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -282,6 +283,13 @@ _BARE_PASSWORD = re.compile(r"(?:^|(?<=[\s'\"(=,<\[]))([^\s:@/\\'\"]+):(?![/\\])
 # "--mlflow URI: ...", a closing quote).
 _PARAM = re.compile(r"(?<=[?&;\\])([^=&;#?/\\\s'\"]+)=([^&;#\s]*?)(?=[:,.;'\")]*(?:[&;#\s]|$))")
 _FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#(\S+?)(?=[:,.;'\")]*(?:\s|$))")  # a fragment: nothing a server reads
+
+
+def say(line: str) -> None:
+    """A line on stderr that a closed terminal or pipe cannot turn into an error, and that shows no secret: every
+    line the command prints of its own comes through here."""
+    with contextlib.suppress(OSError):
+        print(redacted(line), file=sys.stderr, flush=True)
 
 
 def redacted(uri: str) -> str:
