@@ -217,6 +217,16 @@ def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, 
     assert sorted(p.name for p in copy.glob("experiment_state-*.json")) == states  # nothing newer hides it
 
 
+@pytest.mark.parametrize("size", [0, 10], ids=["empty", "cut short"])
+def test_resume_of_an_experiment_whose_tuner_record_is_torn_is_one_line(damaged, capsys, size):
+    """Tune unpickles tuner.pkl after Ray has started, and a torn one was a traceback."""
+    copy, _ = damaged
+    pickled = copy / "tuner.pkl"
+    pickled.write_bytes(pickled.read_bytes()[:size])
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"{pickled}, Tune's record of the sweep's settings, is damaged (" in err and "tune-alexnet export" in err
+
+
 @pytest.mark.timeout(60, func_only=True)  # Tune's own reader would block on the FIFO for ever
 def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged, capsys):
     copy, _ = damaged

@@ -55,6 +55,20 @@ def test_cache_goes_to_the_user_cache_when_the_data_folder_is_read_only(tmp_path
         os.chmod(root, 0o755)
 
 
+@pytest.mark.parametrize("planted", ["a link", "another user's folder"])
+def test_a_cache_folder_planted_beside_the_data_is_neither_written_nor_read(tmp_path, planted):
+    root, victim = make_image_folder(tmp_path / "d", 2, 1), tmp_path / "victim"
+    victim.mkdir()
+    if planted == "a link":
+        (root / ".tune-alexnet-cache").symlink_to(victim)
+    else:
+        (root / ".tune-alexnet-cache").mkdir()
+        os.chown(root / ".tune-alexnet-cache", 65534, 65534)
+    load_cifar10(root, progress=False)
+    assert list(victim.iterdir()) == [] and list((root / ".tune-alexnet-cache").iterdir()) == []
+    assert cache_dir_for(root) == Path(os.environ["TUNE_ALEXNET_CACHE"]) / "arrays"
+
+
 def test_subset_takes_n_per_class_and_cuts_test_in_proportion(synthetic_dir):
     data = take_subset(load_cifar10(synthetic_dir, progress=False), 10)
     assert np.bincount(data.train_y).tolist() == [10] * 10

@@ -247,6 +247,12 @@ def _token(kind: str):
             token.write_text("")
         elif kind == "blank":
             token.write_text(" \n\t")
+        elif kind == "odd bytes":  # Ray aborted the whole process on it (a gRPC header cannot carry it)
+            token.write_bytes(b"abc\x00def")
+            token.chmod(0o600)
+        elif kind == "huge":
+            token.write_bytes(b"x" * 50_000_000)
+            token.chmod(0o600)
         elif kind == "open to all":  # another user could have written it, or could swap it before Ray reads it
             token.parent.chmod(0o777)
             token.write_text("a token someone else may know")
@@ -277,6 +283,11 @@ LOCAL_RAY_CASES = {
                                      "/.ray/auth_token holds only blank space"),
     "a token others can write, in a folder others can write": (_token("open to all"), {},
                                                                 "can be written by other users (mode 0666)"),
+    "a token holding a NUL byte": (_token("odd bytes"), {}, "/.ray/auth_token holds byte 0x00 at 3; allowed: "
+                                   "printable ASCII"),
+    "a token of 50 MB": (_token("huge"), {}, "/.ray/auth_token is 50000000 bytes long; allowed: at most 4096"),
+    "a token given that is not ASCII": (None, {"RAY_AUTH_TOKEN": "t\u00f6ken"}, "RAY_AUTH_TOKEN, Ray's token, holds "
+                                        "byte 0xc3 at 1"),
 }  # fmt: skip
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
+from conftest import make_image_folder
 
 from tune_alexnet.export import load_experiment
 
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.slow
 TIMEOUT = 240
 
 
-def start_sweep(args, log_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def start_sweep(args, log_path: Path, **env) -> subprocess.Popen:
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
     return subprocess.Popen(
         [sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)],
         stdout=log_path.open("w"),
@@ -279,7 +281,9 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
         log = tmp_path / "sweep.log"
         args = sweep_args(synthetic_dir, disk, "filling", 12, ["--dropout", "true", "--batch-size", "32,64",
                                                                "--patience", "100", "--resume-every", "0"])  # fmt: skip
-        proc = start_sweep(args, log)
+        scratch = tmp_path / "scratch"  # the trials' temporary folder: what a stop leaves there
+        scratch.mkdir()
+        proc = start_sweep(args, log, TMPDIR=str(scratch))
         wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(disk / "filling").values()), proc, "epochs")
         filler = disk / "someone-else.bin"
         # 5 MB left: less than one running trial needs (two need twice that: one trial may finish first)
@@ -290,6 +294,8 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
         assert f"'tune-alexnet sweep --resume --name filling --storage {disk}' continues them" in text
         table = pd.read_parquet(disk / "filling" / "results.parquet")  # what there is, exportable
         assert len(table) == 2 and (table["status"] != "terminated").any()
+        # a trial waiting for the stop with a checkpoint it could not write had kept it in the temporary folder
+        assert not [p for p in scratch.rglob("*") if p.is_file() and "tune-alexnet-ckpt-" in str(p)]
         filler.unlink()
         resumed = start_sweep(["--resume", "--name", "filling", "--storage", disk], tmp_path / "resume.log")
         assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
@@ -356,6 +362,33 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     assert table.groupby("trial_id")["epoch"].apply(list).map(lambda e: e == every).all()
     results = pd.read_parquet(exp_dir / "results.parquet")
     assert set(results["status"]) == {"terminated"} and results["best_checkpoint"].notna().all()
+
+
+def test_a_stop_in_a_trials_first_epoch_is_where_resume_goes_on(tmp_path):
+    """Tune, stopping, records no checkpoint of a stop's report: in the first epoch it has recorded none at all,
+    and the stop's state was passed over (epoch 1 trained again), then mixed with the next checkpoint Tune wrote
+    under the same name."""
+    storage, epochs = tmp_path / "results", 2
+    exp_dir = storage / "first"
+    data = make_image_folder(tmp_path / "data", train_per_class=150, test_per_class=2)
+    args = sweep_args(data, storage, "first", epochs, ["--dropout", "true", "--batch-size", "16"])
+    args[args.index("--width") + 1] = "0.5"  # an epoch of seconds: the stop comes inside the first
+    log = tmp_path / "sweep.log"
+    proc = start_sweep(args, log)
+    wait_for(lambda: list(exp_dir.glob("train_cifar_*/params.json")), proc, "the trial to start")
+    os.killpg(proc.pid, signal.SIGINT)  # it saves at its next training step: its first, or one inside epoch 1
+    assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
+    assert "1 of 1 running trial(s) saved their state" in log.read_text(), log.read_text()[-3000:]
+    ((folder, before),) = reported_epochs(exp_dir).items()
+    assert not epochs_of(before) and before[-1]["saved_for"] == "stop" and before[-1]["saved_in_epoch"] == 1
+    resumed = start_sweep(["--resume", "--name", "first", "--storage", storage], tmp_path / "resume.log")
+    assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    rows = reported_epochs(exp_dir)[folder]  # Tune starts the files of a trial it holds no checkpoint of afresh
+    assert epochs_of(rows) == list(range(1, epochs + 1))
+    (first,) = [r for r in rows if r.get("epoch") == 1]
+    assert first.get("resumed_at_step") == before[-1]["saved_at_step"], first
+    for trainer in exp_dir.glob("train_cifar_*/checkpoint_*/trainer.pt"):  # no stop's state left among new files
+        assert "position" not in torch.load(trainer, weights_only=True), trainer
 
 
 def test_sigterm_to_the_whole_process_group_saves_writes_the_tables_and_resumes(synthetic_dir, tmp_path):

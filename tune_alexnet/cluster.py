@@ -155,6 +155,18 @@ def token_path() -> Path:
 
 TOKEN = "RAY_AUTH_TOKEN"  # the token itself, instead of a file
 BLANK = b" \t\n\r\x0b\x0c"  # what Ray trims from a token: a token of these alone is none to it
+TOKEN_BYTES = 4096  # Ray sends the token in a gRPC header, whose metadata is capped at 8 KiB in all
+
+
+def _token_text_problem(raw: bytes, where: str) -> str | None:
+    """Why a token Ray would read cannot go in the gRPC header Ray sends it in (Ray aborts the whole process on
+    one, mid-start): too long, or a byte other than printable ASCII once Ray trims blank space."""
+    if len(raw) > TOKEN_BYTES:
+        return f"{where} is {len(raw)} bytes long; allowed: at most {TOKEN_BYTES} bytes"
+    bad = next((i for i, b in enumerate(raw.strip(BLANK)) if not 0x20 <= b <= 0x7E), None)
+    if bad is not None:
+        return f"{where} holds byte 0x{raw.strip(BLANK)[bad]:02x} at {bad}; allowed: printable ASCII characters"
+    return None
 
 
 def token_problem() -> str | None:
@@ -169,7 +181,7 @@ def token_problem() -> str | None:
                 f"{TOKEN} is set but blank, which Ray reads as no token at all (it would then use or make "
                 f"{token_path()}); allowed: the token itself, or {TOKEN} unset"
             )
-        return None
+        return _token_text_problem(given.encode("utf-8", "surrogateescape"), f"{TOKEN}, Ray's token,")
     path = token_path()
     allowed = f"allowed: a file of your own, or none (Ray then makes one); or point {TOKEN_PATH} at one"
     try:
@@ -199,6 +211,8 @@ def token_problem() -> str | None:
         return f"{folder}; {allowed}"
     if st.st_size == 0:
         return f"Ray's token {path} is empty; {allowed}"
+    if st.st_size > TOKEN_BYTES:
+        return f"Ray's token {path} is {st.st_size} bytes long; allowed: at most {TOKEN_BYTES} bytes"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
@@ -209,7 +223,7 @@ def token_problem() -> str | None:
         return f"Ray's token {path} cannot be read ({exc.strerror}); {allowed}"
     if not head.strip(BLANK) and len(head) == st.st_size:
         return f"Ray's token {path} holds only blank space, which Ray reads as no token; {allowed}"
-    return None
+    return _token_text_problem(head, f"Ray's token {path}")
 
 
 def _token_folder_problem(path: Path) -> str | None:

@@ -413,10 +413,20 @@ def cache_dir_for(root: Path) -> Path:
     """Next to the data when the user may write there, else the user cache folder.
 
     Mode bits are checked as well as access(): root may write anywhere, yet a
-    read-only data folder (a shared mount, a CI copy) should stay untouched.
+    read-only data folder (a shared mount, a CI copy) should stay untouched. A
+    cache folder there that is a link, or not this user's own folder, is passed
+    over: the arrays would be written through it, or read from someone else's.
     """
+    beside = root / ".tune-alexnet-cache"
     if os.access(root, os.W_OK) and root.stat().st_mode & 0o200:
-        return root / ".tune-alexnet-cache"
+        try:
+            st = os.lstat(beside)
+        except FileNotFoundError:
+            return beside
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return beside
     return user_cache_dir() / "arrays"
 
 

@@ -21,6 +21,7 @@ import io
 import itertools
 import logging
 import os
+import pickletools
 import shutil
 import signal
 import socket
@@ -469,6 +470,7 @@ def _plain(value) -> str:
 
 def _check_restorable(exp_uri: str, root: str, name: str) -> None:
     from ray import tune
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
 
     if never_started(exp_uri):
         raise PreflightError(
@@ -523,6 +525,28 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
             f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
+    torn = None if is_remote(exp_uri) else _torn_pickle(os.path.join(exp_uri, _TUNER_PKL))
+    if torn:  # Tune's restore unpickles it after Ray has started, with a traceback
+        raise PreflightError(
+            f"--resume: {os.path.join(exp_uri, _TUNER_PKL)}, Tune's record of the sweep's settings, is damaged "
+            f"({torn}); what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
+        )
+
+
+def _torn_pickle(path: str) -> str | None:
+    """Why the pickle at `path` is cut or garbled, read op by op without running any of it; None where it is
+    whole (or absent: Tune says so itself)."""
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    except Exception as exc:  # pickletools' ValueError for a cut stream, others for garbage
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def _unwritable(exp_path: str) -> str | None:

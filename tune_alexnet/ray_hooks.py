@@ -5,6 +5,7 @@ train.py stays plain PyTorch and imports this module only when Tune runs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -68,8 +69,11 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
         short = room_short(checkpoint_dir, keep_free)
         if short:
             tune.report({**metrics, STORAGE_FULL: short})
+            _empty(checkpoint_dir)
             _wait_to_be_stopped(short)
     try:
+        if checkpoint_dir is not None:
+            _clear_the_next_checkpoint_name()
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
     except Exception as exc:
         if checkpoint_dir is None or not _storage_gone():
@@ -78,8 +82,35 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
         # stops the sweep cleanly, naming it; failing here would only add a traceback per trial to its line.
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")[:200]  # Ray's repr follows
         log.warning("the checkpoint could not be written (%s); waiting for the sweep to stop", first)
+        _empty(checkpoint_dir)
         time.sleep(STOP_WAIT_S)
         raise
+
+
+def _clear_the_next_checkpoint_name() -> None:
+    """Tune names a trial's next checkpoint on from the last one it recorded, and copies it in among whatever a
+    folder of that name holds: a state it never recorded (a stop's, which this trial went on from). Its stale
+    resume state would sit beside the new best weights, and a later resume would take it."""
+    from pyarrow.fs import FileType
+    from ray.train._internal.storage import StorageContext
+
+    try:
+        storage = tune.get_context().get_storage()
+        name = StorageContext._make_checkpoint_dir_name(storage.current_checkpoint_index + 1)
+    except Exception:  # no Tune session (a test) or an API that moved
+        return
+    fs, path = storage.storage_filesystem, f"{storage.trial_fs_path}/{name}"
+    if fs.get_file_info(path).type == FileType.Directory:
+        log.info("checkpoint %s holds a state Tune never recorded, which this one replaces", name)
+        fs.delete_dir(path)
+
+
+def _empty(checkpoint_dir: str) -> None:
+    """The files of a checkpoint that will not be written, removed before the trial waits: the stop kills the
+    trial in its wait, and they would stay in the temporary folder (a full-size trial's are half a gigabyte)."""
+    for f in Path(checkpoint_dir).iterdir():
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 def _storage_gone() -> bool:
@@ -126,29 +157,33 @@ def _wait_to_be_stopped(short: int) -> None:
 
 
 def resume_candidates() -> list:
-    """The trial's checkpoints in storage, newest first: those newer than Tune's latest (as (checkpoint,
-    STOP_ONLY): a stop's or a spot notice's last report saves a state that Tune, stopping, may never record),
-    then Tune's latest, then the older ones it kept (the latest may hold only best weights while the resume state
-    sits in an older one). train._restore takes the first that fits."""
-    latest = tune.get_checkpoint()
-    if latest is None:
-        return []
+    """The trial's checkpoints in storage, newest first: those newer than Tune's latest, or all where Tune has
+    recorded none (as (checkpoint, STOP_ONLY): a stop's or a spot notice's last report saves a state that Tune,
+    stopping, may never record, in the first epoch too), then Tune's latest, then the older ones it kept (the
+    latest may hold only best weights while the resume state sits in an older one). train._restore takes the
+    first that fits."""
     from pyarrow.fs import FileSelector, FileType
 
-    parent = PurePosixPath(latest.path).parent
+    latest = tune.get_checkpoint()
     try:
-        infos = latest.filesystem.get_file_info(FileSelector(str(parent)))
+        storage = tune.get_context().get_storage()
+        fs, folder = storage.storage_filesystem, storage.trial_fs_path
+    except Exception:  # no Tune session (a test) or an API that moved: Tune's latest alone says where
+        if latest is None:
+            return []
+        fs, folder = latest.filesystem, str(PurePosixPath(latest.path).parent)
+    try:
+        infos = fs.get_file_info(FileSelector(folder))
     except OSError:
-        return [latest]
-    mark = latest.path.rstrip("/")
-    paths = sorted(
-        {i.path.rstrip("/") for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")}
-        - {mark},
+        return [latest] if latest else []
+    mark = PurePosixPath(latest.path.rstrip("/")).name if latest else ""
+    names = sorted(
+        (i.base_name for i in infos if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")),
         reverse=True,
     )
-    newer = [(tune.Checkpoint(p, filesystem=latest.filesystem), STOP_ONLY) for p in paths if p > mark]
-    older = [tune.Checkpoint(p, filesystem=latest.filesystem) for p in paths if p < mark]
-    return [*newer, latest, *older]
+    newer = [(tune.Checkpoint(f"{folder}/{n}", filesystem=fs), STOP_ONLY) for n in names if n > mark]
+    older = [tune.Checkpoint(f"{folder}/{n}", filesystem=fs) for n in names if mark and n < mark]
+    return [*newer, *([latest] if latest else []), *older]
 
 
 # A checkpoint Tune did not record: used only for a state saved inside an epoch (a stop's, a spot notice's), which
