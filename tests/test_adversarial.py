@@ -931,6 +931,41 @@ def test_a_bucket_secret_in_the_storage_uri_is_never_stored_or_written_with_the_
     assert "s3cret-key" not in meta and json.loads(meta)["experiment"] == "s3://bucket/results/x?secret_key=***"
 
 
+def test_a_bucket_secret_in_the_experiments_uri_stays_out_of_the_tables_and_the_page(mixed_experiment, tmp_path):
+    """An experiment read from a bucket named with its credentials (user:secret@): the tables' checkpoint column
+    and the page go to whoever gets them."""
+    import boto3
+    import pyarrow.fs
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="AKID", aws_secret_access_key="SeCrEt42")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                s3.create_bucket(Bucket="bkt")
+                break
+            except Exception:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+        uri = f"s3://AKID:SeCrEt42@bkt/p/mixed?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        bucket, path = pyarrow.fs.FileSystem.from_uri(uri)
+        pyarrow.fs.copy_files(str(mixed_experiment[0]), path, destination_filesystem=bucket)
+        out = tmp_path / "out"
+        assert main(["export", uri, "--out", str(out)]) == 0
+        assert main(["report", uri, "--out", str(out)]) == 0
+    finally:
+        server.kill()
+    table = pd.read_parquet(out / "results.parquet")
+    assert table["best_checkpoint"].dropna().str.startswith("s3://AKID:***@bkt/p/mixed/").any()
+    written = {f.name for f in out.iterdir()}
+    assert {"results.csv", "results.parquet", "report.html", "report.md"} <= written
+    assert not [f.name for f in out.rglob("*") if f.is_file() and b"SeCrEt42" in f.read_bytes()]
+
+
 def test_a_resume_refuses_a_tracker_its_experiment_did_not_start_with(mixed_experiment, synthetic_dir, capsys):
     """Tune restores the experiment's own callbacks: a tracker added on --resume was silently never used."""
     path = Path(mixed_experiment[0])

@@ -630,7 +630,7 @@ def _best_checkpoint(fs, base: str, folder: str, records: list[dict], exp_path: 
         return None, f"best checkpoint {where} is missing"
     except OSError as exc:
         return None, f"best checkpoint {where} is not used: {_first_line(exc)}"
-    return experiment_uri(exp_path, where), None
+    return shown_path(experiment_uri(exp_path, where)), None  # a bucket's credentials stay out of the tables
 
 
 def _error_line(fs, base: str, folder: str) -> str:

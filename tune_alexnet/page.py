@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .export import Experiment, best_run, output_dir
+from .export import Experiment, best_run, output_dir, shown_path
 from .grid import optimizer_order
 from .report import reference_table, scored, what_ran
 from .settings import DIMENSIONS
@@ -81,7 +81,7 @@ def page_data(exp: Experiment, live: dict | None = None, poll_s: float = POLL_S)
     sentence, reduced = what_ran(exp) if len(exp.epochs) or exp.settings else ("", "")
     return {
         "title": _name(exp.path),
-        "path": exp.path.split("?")[0],  # a bucket URI's query (endpoint, scheme) stays out of the page
+        "path": shown_path(exp.path).split("?")[0],  # a bucket URI's credentials and query stay out of the page
         "ran": sentence,
         "reduced": reduced,
         "headline": _headline(exp, repeats),
