@@ -296,9 +296,9 @@ LOCAL_RAY_CASES = {
 def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthetic_dir):
     plant, env, needle = LOCAL_RAY_CASES[case]
     env = {k: v.format(d=open_dir) for k, v in env.items()}
-    tmpdir, victim, home = open_dir / "t", open_dir / "victim", open_dir / "home"
-    for d in (tmpdir, victim):
-        d.mkdir()
+    # TMPDIR: a folder short enough for Ray's socket paths below it (a longer one is passed over for /tmp)
+    tmpdir, victim, home = open_dir, open_dir / "victim", open_dir / "home"
+    victim.mkdir()
     victim.chmod(0o777)
     os.chown(victim, 65534, 65534)  # another user's folder
     if plant:
@@ -310,6 +310,58 @@ def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthet
     assert code == 2 and len(lines) == 1 and needle in lines[0], lines[-20:]
     assert list(victim.iterdir()) == [] or case == "a token linked to another's file"  # nothing written through
     assert not storage.exists()  # a refused sweep leaves no folder behind
+
+
+def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_refused(open_dir, monkeypatch):
+    """It was made private (0700) before the check, so the same command went on the second time with what had
+    been planted in it; and a TMPDIR others can write to without the sticky bit lets them swap the folder."""
+    import tempfile
+
+    from tune_alexnet import cluster
+
+    monkeypatch.setattr(tempfile, "tempdir", str(open_dir))
+    private = open_dir / f"tune-alexnet-{os.getuid()}"
+    private.mkdir()
+    private.chmod(0o777)
+    (private / "ray").mkdir()
+    os.chown(private / "ray", 65534, 65534)
+    for _ in range(2):
+        with pytest.raises(cluster.UnsafeTempDir, match="was writable by other users and holds 'ray'"):
+            cluster.private_temp_dir()
+    shutil.rmtree(private)
+    assert cluster.private_temp_dir() == str(private) and stat.S_IMODE(private.stat().st_mode) == 0o700
+    shutil.rmtree(private)
+    open_dir.chmod(0o777)
+    with pytest.raises(cluster.UnsafeTempDir, match=f"lies in {open_dir}, which other users can write to .mode 0777"):
+        cluster.private_temp_dir()
+    open_dir.chmod(0o1777)  # the sticky bit: only the folder's owner may rename it
+    assert cluster.private_temp_dir() == str(private)
+
+
+@pytest.mark.slow
+def test_a_tmpdir_as_long_as_ray_allows_runs_a_sweep_and_a_longer_one_is_passed_over(tmp_path, synthetic_dir):
+    """Ray's socket paths below TMPDIR must fit in 107 bytes; one too long cost a traceback and a minute's stall."""
+    from tune_alexnet import cluster
+
+    own = f"tune-alexnet-{os.getuid()}"
+    longest = cluster.SOCKET_PATH_MAX - 1 - len(own) - cluster.RAY_SOCKET_TAIL - cluster._pid_digits()
+    base = Path("/tmp") / ("t" * (longest - len("/tmp/")))
+    base.mkdir(mode=0o700)
+    try:
+        code, lines = sweep_process(["--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), *TINY],
+                                    {"TMPDIR": str(base)})  # fmt: skip
+        assert code == 0 and not [ln for ln in lines if "Traceback" in ln or "Failed to start" in ln], lines
+        assert (base / own / "ray").is_dir()  # the folder it was given, not /tmp's
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    longer = Path("/tmp") / ("t" * (longest + 1 - len("/tmp/")))
+    longer.mkdir(mode=0o700)
+    try:
+        got = subprocess.run([sys.executable, "-c", "from tune_alexnet import cluster; print(cluster.private_temp_dir())"],
+                             env={**os.environ, "TMPDIR": str(longer)}, capture_output=True, text=True)  # fmt: skip
+    finally:
+        longer.rmdir()
+    assert got.stdout.strip() == f"/tmp/{own}", got.stderr
 
 
 @pytest.mark.slow

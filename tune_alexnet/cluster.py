@@ -16,7 +16,10 @@ from pathlib import Path
 
 log = logging.getLogger("tune_alexnet.cluster")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
-MAX_TEMP_DIR = 48  # Ray's Unix sockets live below its temp folder; their paths must stay under 108 bytes
+# Ray's Unix sockets live below its temp folder, and a socket's path must fit in 107 bytes: at the longest, a
+# session folder (its start to the microsecond, then a pid), its sockets and the dashboard's longest-named one.
+RAY_SOCKET_TAIL = len("/ray/session_2026-12-05_11-22-56_123456_/sockets/dash_TaskEventsHead")
+SOCKET_PATH_MAX = 107
 
 NETWORK_FILESYSTEMS = (
     "nfs",
@@ -86,10 +89,17 @@ def own_session():
 def private_temp_dir() -> str:
     """/tmp/tune-alexnet-UID, mode 0700, owned by this user; refused (UnsafeTempDir) if another user or a link
     holds that name."""
-    base = tempfile.gettempdir()
-    if len(base) > MAX_TEMP_DIR - 20:
+    base, own = tempfile.gettempdir(), f"tune-alexnet-{os.getuid()}"
+    if len(os.fsencode(base)) + 1 + len(own) + RAY_SOCKET_TAIL + _pid_digits() > SOCKET_PATH_MAX:
         base = "/tmp"
-    path = os.path.join(base, f"tune-alexnet-{os.getuid()}")
+    path = os.path.join(base, own)
+    unstuck = _open_without_sticky(Path(base))
+    if unstuck:
+        step, mode = unstuck
+        raise UnsafeTempDir(
+            f"{path} lies in {step}, which other users can write to (mode {mode:04o}, no sticky bit), so they could "
+            f"rename it and put a folder of theirs in its place; set TMPDIR to a folder only you can write to"
+        )
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -97,10 +107,19 @@ def private_temp_dir() -> str:
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise UnsafeTempDir(f"{path} is not a folder of this user's; remove it, or set TMPDIR to another folder")
+    # Checked before it is made private: a folder found open stays refused until its planted entries are gone.
+    _check_private_entries(path, was_open=bool(st.st_mode & 0o022))
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
-    _check_private_entries(path, was_open=bool(st.st_mode & 0o022))
     return path
+
+
+def _pid_digits() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return len(str(int(f.read()) - 1))
+    except (OSError, ValueError):
+        return 7  # Linux's largest pid_max, 2**22
 
 
 def _check_private_entries(path: str, was_open: bool) -> None:
@@ -250,18 +269,29 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
     is theirs, or it or a folder above it is writable by them without the sticky bit (which lets only an entry's
     owner remove or rename it)."""
     real = Path(os.path.realpath(folder))
+    for step in (folder, real):
+        with contextlib.suppress(OSError):  # one that cannot be looked at: Ray would fail on it, not be fooled
+            if (uid := os.stat(step).st_uid) not in (os.getuid(), 0):
+                return f"Ray's token {token} lies in {step}, which belongs to another user (uid {uid})"
+    unstuck = _open_without_sticky(folder)
+    if unstuck:
+        return (
+            f"Ray's token {token} lies in {unstuck[0]}, which other users can write to (mode {unstuck[1]:04o}, no "
+            f"sticky bit), so they could replace it"
+        )
+    return None
+
+
+def _open_without_sticky(folder: Path) -> tuple[Path, int] | None:
+    """The first folder on the way to `folder` (itself included) that other users can write to without the sticky
+    bit (which lets only an entry's owner remove or rename it), with its mode; None where there is none."""
     for step in dict.fromkeys(_folders_on_the_way(folder)):
         try:
             st = os.stat(step)
         except OSError:
             continue  # a folder above that cannot be looked at: Ray would fail on it, not be fooled
-        if step in (folder, real) and st.st_uid not in (os.getuid(), 0):
-            return f"Ray's token {token} lies in {step}, which belongs to another user (uid {st.st_uid})"
         if _others_can_write(st) and not st.st_mode & stat.S_ISVTX:
-            return (
-                f"Ray's token {token} lies in {step}, which other users can write to (mode "
-                f"{stat.S_IMODE(st.st_mode):04o}, no sticky bit), so they could replace it"
-            )
+            return step, stat.S_IMODE(st.st_mode)
     return None
 
 
