@@ -312,6 +312,22 @@ def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthet
     assert not storage.exists()  # a refused sweep leaves no folder behind
 
 
+@pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
+def test_an_empty_home_is_the_users_own_as_ray_finds_it_not_the_root_folder(monkeypatch, given):
+    """Ray's token loader takes the password database's home for an empty HOME; Python takes /: the token the
+    checks looked at was not the one Ray used, and the image cache went to /.cache."""
+    import pwd
+
+    from tune_alexnet import cluster, data
+
+    own = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    monkeypatch.setenv("HOME", given)
+    for name in ("RAY_AUTH_TOKEN_PATH", "TUNE_ALEXNET_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    assert cluster.token_path() == own / ".ray" / "auth_token"
+    assert data.user_cache_dir() == own / ".cache" / "tune-alexnet"
+
+
 def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_refused(open_dir, monkeypatch):
     """It was made private (0700) before the check, so the same command went on the second time with what had
     been planted in it; and a TMPDIR others can write to without the sticky bit lets them swap the folder."""

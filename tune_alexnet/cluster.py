@@ -14,6 +14,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from .settings import home
+
 log = logging.getLogger("tune_alexnet.cluster")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
 # Ray's Unix sockets live below its temp folder, and a socket's path must fit in 107 bytes: at the longest, a
@@ -169,7 +171,7 @@ def auth_mode_problem() -> str | None:
 
 
 def token_path() -> Path:
-    return Path(os.environ.get(TOKEN_PATH) or Path.home() / ".ray" / "auth_token")
+    return Path(os.environ.get(TOKEN_PATH) or home() / ".ray" / "auth_token")
 
 
 TOKEN = "RAY_AUTH_TOKEN"  # the token itself, instead of a file

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .settings import NUM_CLASSES
+from .settings import NUM_CLASSES, home
 from .storage import shown
 
 IMAGE_SIZE = 32
@@ -65,7 +65,7 @@ def user_cache_dir() -> Path:
     base = os.environ.get("TUNE_ALEXNET_CACHE")
     if base:
         return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tune-alexnet"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home() / ".cache") / "tune-alexnet"
 
 
 def load_cifar10(

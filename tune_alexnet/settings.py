@@ -17,6 +17,7 @@ import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 # --- the study ---------------------------------------------------------------------------
 NUM_CLASSES = 10  # CIFAR-10's classes: the network's outputs
@@ -283,6 +284,17 @@ _BARE_PASSWORD = re.compile(r"(?:^|(?<=[\s'\"(=,<\[]))([^\s:@/\\'\"]+):(?![/\\])
 # "--mlflow URI: ...", a closing quote).
 _PARAM = re.compile(r"(?<=[?&;\\])([^=&;#?/\\\s'\"]+)=([^&;#\s]*?)(?=[:,.;'\")]*(?:[&;#\s]|$))")
 _FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#(\S+?)(?=[:,.;'\")]*(?:\s|$))")  # a fragment: nothing a server reads
+
+
+def home() -> Path:
+    """The home folder as Ray's own token loader finds it: HOME where it is set and not blank, else this user's
+    entry in the password database (Python alone would take an empty HOME for /)."""
+    given = os.environ.get("HOME", "")
+    if given.strip():
+        return Path(given)
+    import pwd
+
+    return Path(pwd.getpwuid(os.getuid()).pw_dir)
 
 
 def say(line: str) -> None:
