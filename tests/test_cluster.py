@@ -177,6 +177,9 @@ def test_sweep_spreads_over_two_nodes_with_shared_storage(cluster, synthetic_dir
         )
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    port = cluster.gcs.rsplit(":", 1)[1]  # the head's own address for it may be another interface's
+    assert re.search(rf"^tune-alexnet: joined the Ray cluster at \S+:{port} \(--address {cluster.gcs}\)$", out.stderr,
+                     re.M), out.stderr[-3000:]  # fmt: skip
     table = pd.read_parquet(storage / "two" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"terminated"}
     assert table["node_id"].nunique() == 2  # 2 CPUs a node, 1 a trial: four at once need both nodes

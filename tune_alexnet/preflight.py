@@ -809,6 +809,9 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
         raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
     if address == "local":
         cluster.keep_token_private()
+    else:  # 'auto' takes whichever Ray it finds on this machine: say which one
+        gcs = context.address_info.get("gcs_address") or address
+        settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} (--address {address})")
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
