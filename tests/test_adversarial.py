@@ -112,6 +112,27 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_address_from_ray_address_is_named_as_such_when_refused(synthetic_dir, tmp_path):
+    port = free_port()  # nothing listens there
+    cases = [("  ", "RAY_ADDRESS invalid value '  ': an empty address"),
+             ("ray://head:10001", "RAY_ADDRESS invalid value 'ray://head:10001': Ray Client (ray://) addresses"),
+             (f"127.0.0.1:{port}", f"RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there")]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", "--data-dir", str(synthetic_dir),
+                               "--storage", str(tmp_path / str(i)), *TINY], env={**os.environ, "RAY_ADDRESS": address},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, (address, _) in enumerate(cases)]  # fmt: skip
+    for proc, (address, needle) in zip(procs, cases):
+        _, err = proc.communicate(timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip() and "decoding " not in ln]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (address, err[-2000:])
+
+
+def test_an_address_with_a_control_character_is_refused_in_one_line(capsys):
+    err = one_line_exit_2(["sweep", "--address", "127.0.0.1:1\nX"], capsys)
+    assert "--address: invalid value '127.0.0.1:1\\nX': a control character in it" in err, err
+
+
+@pytest.mark.slow
 def test_export_and_report_into_a_place_that_cannot_be_written(mixed_experiment, tmp_path, capsys):
     path, _ = mixed_experiment
     blocker = tmp_path / "file"

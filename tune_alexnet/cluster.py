@@ -383,6 +383,8 @@ def address_problem(address: str) -> str | None:
     and its stop signals reach its trials, neither of which a Ray Client driver (whose Tune runs on the head) does."""
     if not address.strip():
         return f"invalid value {address!r}: an empty address; {ADDRESS_ALLOWED}"
+    if not address.isprintable():
+        return f"invalid value {address!r}: a control character in it; {ADDRESS_ALLOWED}"
     if address.strip().lower().startswith("ray://"):
         return (
             f"invalid value {address!r}: Ray Client (ray://) addresses are not supported, as the sweep must run on a "

@@ -109,7 +109,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
             check_unfinished(exp_uri)
         address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
-        started, dashboard = connect(address, quiet)
+        given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
+        started, dashboard = connect(address, quiet, given_as)
         per_trial, keep_free = check_resources(s, root)
         return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
     except BaseException:
@@ -763,7 +764,7 @@ def _check_wandb_key() -> None:
 # --- Ray, the cluster and the resources ---------------------------------------------------------------------
 
 
-def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
+def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tuple[bool, str | None]:
     """ray.init for a sweep unless this process is connected already: (whether it started Ray, the dashboard's
     URL). Fails within seconds, in one line, where no cluster answers at `address`. A local Ray listens on
     loopback only and keeps its logs in a folder of this user's alone."""
@@ -772,14 +773,14 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
     if ray.is_initialized():
         return False, None
     if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
-        raise PreflightError(f"--address {problem}")
+        raise PreflightError(f"{given_as} {problem}")
     host, _, port = address.rpartition(":")
     if address not in ("local", "auto") and "://" not in address and port.isdigit():
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as exc:
             raise PreflightError(
-                f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
+                f"{given_as} {address}: no Ray cluster answers there ({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
             ) from None
     if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
         problem = cluster.auth_mode_problem() or cluster.token_problem()
@@ -802,7 +803,7 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
         raise PreflightError(f"Ray's session folder {exc}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:  # before OSError: a ConnectionError is one
         raise PreflightError(
-            f"--address {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); {cluster.ADDRESS_ALLOWED}"
+            f"{given_as} {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); {cluster.ADDRESS_ALLOWED}"
         ) from None
     except OSError as exc:  # the token, made or read inside ray.init (a race with the checks above)
         where = f" {exc.filename}" if exc.filename else ""
@@ -811,7 +812,7 @@ def connect(address: str, quiet: bool = True) -> tuple[bool, str | None]:
         cluster.keep_token_private()
     else:  # 'auto' takes whichever Ray it finds on this machine: say which one
         gcs = context.address_info.get("gcs_address") or address
-        settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} (--address {address})")
+        settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} ({given_as} {address})")
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
