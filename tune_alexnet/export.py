@@ -41,6 +41,7 @@ from .settings import (
     is_uri,
     read_settings,
     redacted,
+    without_credentials,
 )
 from .storage import (
     ERROR_LIMIT,
@@ -630,7 +631,8 @@ def _best_checkpoint(fs, base: str, folder: str, records: list[dict], exp_path: 
         return None, f"best checkpoint {where} is missing"
     except OSError as exc:
         return None, f"best checkpoint {where} is not used: {_first_line(exc)}"
-    return shown_path(experiment_uri(exp_path, where)), None  # a bucket's credentials stay out of the tables
+    where = experiment_uri(exp_path, where)
+    return (without_credentials(where) if is_uri(where) else where), None  # the tables travel; credentials do not
 
 
 def _error_line(fs, base: str, folder: str) -> str:

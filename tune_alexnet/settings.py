@@ -339,6 +339,19 @@ def redacted(uri: str) -> str:
     return text
 
 
+def without_credentials(uri: str) -> str:
+    """A URI to store where others read it and yet use: its user part, secret query parameters and fragment
+    left out rather than hidden, so that it loads with credentials from the environment (a redacted `***` would be
+    sent as the secret)."""
+    from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if not any(secret in unquote(k).lower() for secret in SECRET_PARAMS)]  # fmt: skip
+    netloc = parts.netloc.rpartition("@")[2]
+    return redacted(urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe=":/"), "")))
+
+
 class RedactedError(Exception):
     """An error whose message may name a URI: its secrets are hidden from the start, so that the command line,
     a caller of the Python API and a log alike never see them."""
