@@ -14,7 +14,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .settings import home
+from .settings import home, say
 
 log = logging.getLogger("tune_alexnet.cluster")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
@@ -96,11 +96,12 @@ def private_temp_dir() -> str:
         base = "/tmp"
     path = os.path.join(base, own)
     unstuck = _open_without_sticky(Path(base))
-    if unstuck:
+    if unstuck:  # a warning, not a refusal: a container's /tmp (Kubernetes' emptyDir) is often so, for one user
         step, mode = unstuck
-        raise UnsafeTempDir(
-            f"{path} lies in {step}, which other users can write to (mode {mode:04o}, no sticky bit), so they could "
-            f"rename it and put a folder of theirs in its place; set TMPDIR to a folder only you can write to"
+        say(
+            f"tune-alexnet: warning: the local Ray's folder {path} lies in {step}, which other users can write to "
+            f"(mode {mode:04o}, no sticky bit), so they could put a folder of theirs in its place; set TMPDIR to a "
+            f"folder only you can write to where other users share this machine"
         )
     try:
         os.mkdir(path, 0o700)
