@@ -366,6 +366,30 @@ def test_a_state_saved_inside_an_epoch_continues_it_exactly(small, tmp_path):
     same_epochs(resumed.metrics, straight.metrics[1:])  # epoch 2 from its second step on, then epoch 3
 
 
+def test_a_stop_state_past_epochs_tune_never_recorded_is_passed_over(small, tmp_path):
+    """Tune starts the records of a trial it holds no checkpoint of afresh: a stop's state inside epoch 2 would
+    leave epoch 1 out of them, so the trial starts afresh; inside epoch 1 it goes on from the state."""
+    from tune_alexnet.ray_hooks import STOP_ONLY
+
+    config, runtime = {**CONFIG, "epochs": 2}, {"augment_chunk": 64, "resume_every_s": 1e9}
+    kept = []
+
+    def report(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            kept.append(shutil.copytree(checkpoint_dir, tmp_path / f"ckpt_{len(list(tmp_path.glob('ckpt_*')))}"))
+
+    straight = Recorder(tmp_path / "straight")
+    train_cifar(config, small, straight, runtime=runtime)
+    for step, epochs in ((6, straight.metrics), (2, straight.metrics)):  # inside epoch 2, then inside epoch 1
+        kept.clear()
+        with pytest.raises(Killed):
+            train_cifar(config, small, report, runtime=runtime, watch=SaveAt(step, killed=True))
+        resumed = Recorder(tmp_path / f"resumed{step}")
+        train_cifar(config, small, resumed, checkpoint_from=[(kept[-1], STOP_ONLY)], runtime=runtime)
+        same_epochs(resumed.metrics, epochs)
+        assert (resumed.metrics[0].get("resumed_at_step") is None) == (step == 6), resumed.metrics[0]
+
+
 def test_packed_trials_leave_room_for_their_contexts_and_the_chunk_fits_the_share():
     from tune_alexnet.train import fitting_chunk, memory_cap
 

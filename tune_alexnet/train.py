@@ -476,6 +476,7 @@ def _resume_candidates(candidates, cfg: dict):
     if not isinstance(candidates, list):
         candidates = [candidates]
     recorded = 0
+    nothing_recorded = all(isinstance(c, tuple) for c in candidates)
     for candidate in candidates:
         stop_only = isinstance(candidate, tuple)  # newer than Tune's record (ray_hooks.STOP_ONLY)
         candidate = candidate[0] if stop_only else candidate
@@ -515,6 +516,11 @@ def _resume_candidates(candidates, cfg: dict):
             if stop_only and not isinstance(inside_epoch, dict):  # its epoch may be missing from the records
                 log.info("resume state %s holds no place inside an epoch and Tune never recorded it; trying the "
                          "one it recorded", d / checkpoint.TRAINER_FILE)  # fmt: skip
+                continue
+            done = (resumed[0].get("counters") or {}).get("epoch") if stop_only else None
+            if stop_only and nothing_recorded and done != 0:  # the records Tune starts afresh would lack them
+                log.info("resume state %s follows %s epochs that Tune never recorded; the trial starts afresh",
+                         d / checkpoint.TRAINER_FILE, shown(done))  # fmt: skip
                 continue
             if resumed is not None:
                 yield (d / checkpoint.TRAINER_FILE, *resumed)
