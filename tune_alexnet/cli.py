@@ -37,6 +37,7 @@ from .settings import (
     STEP_MODES,
     TRIAL_DEFAULTS,
     Grid,
+    home,
     redacted,
     say,
 )
@@ -694,7 +695,7 @@ def _leave_job_working_dir() -> None:
     except FileNotFoundError:
         cwd = ""
     if not cwd or "/runtime_resources/working_dir_files/" in cwd:
-        os.chdir(Path.home())
+        os.chdir(home())
 
 
 if __name__ == "__main__":

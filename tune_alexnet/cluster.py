@@ -183,11 +183,12 @@ TOKEN_BYTES = 4096  # Ray sends the token in a gRPC header, whose metadata is ca
 def _token_text_problem(raw: bytes, where: str) -> str | None:
     """Why a token Ray would read cannot go in the gRPC header Ray sends it in (Ray aborts the whole process on
     one, mid-start): too long, or a byte other than printable ASCII once Ray trims blank space."""
-    if len(raw) > TOKEN_BYTES:
-        return f"{where} is {len(raw)} bytes long; allowed: at most {TOKEN_BYTES} bytes"
-    bad = next((i for i, b in enumerate(raw.strip(BLANK)) if not 0x20 <= b <= 0x7E), None)
+    token = raw.strip(BLANK)
+    if len(token) > TOKEN_BYTES:
+        return f"{where} is {len(token)} bytes long; allowed: at most {TOKEN_BYTES} bytes"
+    bad = next((i for i, b in enumerate(token) if not 0x20 <= b <= 0x7E), None)
     if bad is not None:
-        return f"{where} holds byte 0x{raw.strip(BLANK)[bad]:02x} at {bad}; allowed: printable ASCII characters"
+        return f"{where} holds byte 0x{token[bad]:02x} at {bad}; allowed: printable ASCII characters"
     return None
 
 
@@ -233,7 +234,7 @@ def token_problem() -> str | None:
         return f"{folder}; {allowed}"
     if st.st_size == 0:
         return f"Ray's token {path} is empty; {allowed}"
-    if st.st_size > TOKEN_BYTES:
+    if st.st_size > 16 * TOKEN_BYTES:  # not read: more than any trimming could bring within the limit
         return f"Ray's token {path} is {st.st_size} bytes long; allowed: at most {TOKEN_BYTES} bytes"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

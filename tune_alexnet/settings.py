@@ -294,7 +294,10 @@ def home() -> Path:
         return Path(given)
     import pwd
 
-    return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    try:
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a uid with no entry (a container run as an arbitrary user): as Python takes it
+        return Path.home()
 
 
 def say(line: str) -> None:

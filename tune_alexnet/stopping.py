@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ import uuid
 from ray import tune
 
 from . import spot
+from .settings import say
 
 STOP_WAIT_S = 60.0  # the longest a stop waits for the running trials' saved states
 POLL_S = 0.5  # how often a trial looks at the stop flag
@@ -119,7 +119,7 @@ class SaveFirst:
             raise KeyboardInterrupt  # a second signal, or one before any trial of this run started: stop at once
         self.requested_at = time.monotonic()
         if not self.quiet:
-            _say(
+            say(
                 f"tune-alexnet: stopping: each running trial saves its state at its next training step (waiting at "
                 f"most {self.wait_s:g} s), then the tables of what is there follow; press Ctrl-C again to stop at "
                 "once"
@@ -132,7 +132,7 @@ class SaveFirst:
 
             internal_kv._internal_kv_put(self.key, STOP, overwrite=True, namespace=KV_NAMESPACE)
         except Exception as exc:  # the trials cannot be told: stop as Tune would
-            _say(f"tune-alexnet: the trials could not be asked to save ({str(exc)[:200]}); stopping now")
+            say(f"tune-alexnet: the trials could not be asked to save ({str(exc)[:200]}); stopping now")
             self.stop_tune()
             return
         self.wake.wait(self.wait_s)
@@ -162,7 +162,7 @@ class SaveFirst:
                     if saved == running
                     else f" within {self.wait_s:g} s; the others continue from their last checkpoint"
                 )
-                _say(f"tune-alexnet: {saved} of {running} running trial(s) saved their state{late}")
+                say(f"tune-alexnet: {saved} of {running} running trial(s) saved their state{late}")
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
@@ -178,7 +178,7 @@ class StopAfterSaving(tune.Callback):
         if _active is not None:
             _active.on_result(trial.trial_id, result)
         if result.get(SAVED_FOR) == SPOT and not (_active is not None and _active.quiet):
-            _say(
+            say(
                 f"tune-alexnet: trial {trial.trial_id} saved its state: its node got a spot interruption notice; "
                 "it continues from there on another node"
             )
@@ -231,8 +231,3 @@ def _flag(key: str) -> bool:
         return internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE) is not None
     except Exception:  # the GCS briefly out of reach: no flag seen this time
         return False
-
-
-def _say(line: str) -> None:
-    with contextlib.suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
