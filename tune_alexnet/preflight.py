@@ -511,6 +511,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {shut} cannot be written (read-only or immutable); once it can, the same command continues "
             f"experiment {name!r}"
         )
+    torn = None if is_remote(exp_uri) else _torn_pickle(os.path.join(exp_uri, _TUNER_PKL))
+    if torn:  # Tune's restore unpickles it after Ray has started, with a traceback; before any mending
+        raise PreflightError(
+            f"--resume: {os.path.join(exp_uri, _TUNER_PKL)}, Tune's record of the sweep's settings, is damaged "
+            f"({torn}); what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
+        )
     if not is_remote(exp_uri) and (mended := put_back_whole_state(exp_uri)):
         settings.say(f"tune-alexnet: {mended}")
     try:
@@ -526,12 +532,6 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
             f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
-    torn = None if is_remote(exp_uri) else _torn_pickle(os.path.join(exp_uri, _TUNER_PKL))
-    if torn:  # Tune's restore unpickles it after Ray has started, with a traceback
-        raise PreflightError(
-            f"--resume: {os.path.join(exp_uri, _TUNER_PKL)}, Tune's record of the sweep's settings, is damaged "
-            f"({torn}); what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
-        )
 
 
 def _torn_pickle(path: str) -> str | None:
