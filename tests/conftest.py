@@ -1,6 +1,11 @@
+import contextlib
 import importlib.util
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,35 @@ def load_bench(script: str):
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def moto_bucket(bucket: str, key_id: str = "testing", secret: str = "testing", log: Path | None = None):
+    """moto's S3 emulator on a free loopback port, with `bucket` made: yields (port, boto3 client); killed after."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log.open("w") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id=key_id, aws_secret_access_key=secret)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        yield port, client
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import moto_bucket
 
 from tune_alexnet.cli import main
 from tune_alexnet.resume import STATE_COPIES
@@ -956,25 +957,11 @@ def test_a_bucket_secret_in_the_experiments_uri_stays_out_of_the_tables_and_the_
                                                                                     monkeypatch):  # fmt: skip
     """An experiment read from a bucket named with its credentials (user:secret@): the tables' checkpoint column
     and the page go to whoever gets them, and the column still loads."""
-    import boto3
     import pyarrow.fs
 
     from tune_alexnet.checkpoint import load_model
 
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="AKID", aws_secret_access_key="SeCrEt42")  # fmt: skip
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                s3.create_bucket(Bucket="bkt")
-                break
-            except Exception:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
+    with moto_bucket("bkt", "AKID", "SeCrEt42") as (port, _):
         uri = f"s3://AKID:SeCrEt42@bkt/p/mixed?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
         bucket, path = pyarrow.fs.FileSystem.from_uri(uri)
         pyarrow.fs.copy_files(str(mixed_experiment[0]), path, destination_filesystem=bucket)
@@ -988,8 +975,6 @@ def test_a_bucket_secret_in_the_experiments_uri_stays_out_of_the_tables_and_the_
             env.setenv("AWS_ACCESS_KEY_ID", "AKID")
             env.setenv("AWS_SECRET_ACCESS_KEY", "SeCrEt42")
             assert load_model(best.iloc[0]).training is False
-    finally:
-        server.kill()
     written = {f.name for f in out.iterdir()}
     assert {"results.csv", "results.parquet", "report.html", "report.md"} <= written
     assert not [f.name for f in out.rglob("*") if f.is_file() and b"SeCrEt42" in f.read_bytes()]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import moto_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -308,35 +309,8 @@ def test_ray_job_stop_has_every_running_trial_save_before_the_job_ends(cluster, 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on a free loopback port, with one bucket; yields (storage URI root, boto3 client)."""
-    import boto3
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    client = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.create_bucket(Bucket="sweeps")
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-    yield f"s3://sweeps/tune-alexnet?endpoint_override=127.0.0.1:{port}&scheme=http", client
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+    with moto_bucket("sweeps", log=tmp_path_factory.mktemp("moto") / "moto.log") as (port, client):
+        yield f"s3://sweeps/tune-alexnet?endpoint_override=127.0.0.1:{port}&scheme=http", client
 
 
 def bucket_keys(client, prefix: str) -> list[str]:

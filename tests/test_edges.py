@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import moto_bucket
 
 from tune_alexnet.cli import main
 
@@ -113,62 +113,44 @@ def crawling_bucket(tmp_path):
     """A checkpoint in moto's S3 on loopback, reached through a proxy that passes each answer on at a byte every
     0.5 s once a request names `slow["name"]`: the bucket answers the first look, then one read crawls (a client's
     own per-read timeout never fires). Yields (the checkpoint's URI, slow)."""
-    import boto3
-
     from tune_alexnet import checkpoint
     from tune_alexnet.model import AlexNet
 
-    listener, probe = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            s3.create_bucket(Bucket="ckpts")
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-    args = {"dropout": True, "batchnorm": True, "width": 0.125}
-    checkpoint.write(tmp_path, AlexNet(**args).state_dict(), args, {"epoch": 1})
-    for name in (checkpoint.MODEL_FILE, checkpoint.MODEL_ARGS_FILE):
-        s3.upload_file(str(tmp_path / name), "ckpts", f"trial/ckpt/{name}")
-    slow = {"name": None}
-    closed = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    with moto_bucket("ckpts") as (port, s3):
+        args = {"dropout": True, "batchnorm": True, "width": 0.125}
+        checkpoint.write(tmp_path, AlexNet(**args).state_dict(), args, {"epoch": 1})
+        for name in (checkpoint.MODEL_FILE, checkpoint.MODEL_ARGS_FILE):
+            s3.upload_file(str(tmp_path / name), "ckpts", f"trial/ckpt/{name}")
+        slow = {"name": None}
+        closed = threading.Event()
 
-    def pipe(src, dst, crawl, request: bool):
-        with contextlib.suppress(OSError):
-            while chunk := src.recv(65536):
-                if request and slow["name"] and slow["name"].encode() in chunk:
-                    crawl.set()
-                if request or not crawl.is_set():
-                    dst.sendall(chunk)
-                    continue
-                for byte in chunk:
-                    if closed.wait(0.5):
-                        return
-                    dst.sendall(bytes([byte]))
+        def pipe(src, dst, crawl, request: bool):
+            with contextlib.suppress(OSError):
+                while chunk := src.recv(65536):
+                    if request and slow["name"] and slow["name"].encode() in chunk:
+                        crawl.set()
+                    if request or not crawl.is_set():
+                        dst.sendall(chunk)
+                        continue
+                    for byte in chunk:
+                        if closed.wait(0.5):
+                            return
+                        dst.sendall(bytes([byte]))
 
-    def proxy():
-        with contextlib.suppress(OSError):
-            while True:
-                client = listener.accept()[0]
-                upstream, crawl = socket.create_connection(("127.0.0.1", port)), threading.Event()
-                for src, dst, request in ((client, upstream, True), (upstream, client, False)):
-                    threading.Thread(target=pipe, args=(src, dst, crawl, request), daemon=True).start()
+        def proxy():
+            with contextlib.suppress(OSError):
+                while True:
+                    client = listener.accept()[0]
+                    upstream, crawl = socket.create_connection(("127.0.0.1", port)), threading.Event()
+                    for src, dst, request in ((client, upstream, True), (upstream, client, False)):
+                        threading.Thread(target=pipe, args=(src, dst, crawl, request), daemon=True).start()
 
-    threading.Thread(target=proxy, daemon=True).start()
-    host = f"127.0.0.1:{listener.getsockname()[1]}"
-    yield f"s3://ckpts/trial/ckpt?endpoint_override={host}&scheme=http", slow
-    closed.set()
-    listener.close()
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+        threading.Thread(target=proxy, daemon=True).start()
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        yield f"s3://ckpts/trial/ckpt?endpoint_override={host}&scheme=http", slow
+        closed.set()
+        listener.close()
 
 
 @pytest.mark.slow
