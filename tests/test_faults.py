@@ -367,7 +367,7 @@ def test_a_stop_in_a_trials_first_epoch_is_where_resume_goes_on(tmp_path):
     """Tune, stopping, records no checkpoint of a stop's report: in the first epoch it has recorded none at all,
     and the stop's state was passed over (epoch 1 trained again), then mixed with the next checkpoint Tune wrote
     under the same name."""
-    storage, epochs = tmp_path / "results", 3
+    storage, epochs = tmp_path / "results", 2
     exp_dir = storage / "first"
     data = make_image_folder(tmp_path / "data", train_per_class=150, test_per_class=2)
     args = sweep_args(data, storage, "first", epochs, ["--dropout", "true", "--batch-size", "16"])
