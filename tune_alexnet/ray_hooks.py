@@ -87,6 +87,15 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
         raise
 
 
+def _trial_storage():
+    """Tune's storage context of the trial this process runs; None with no Tune session (a test) or an API that
+    moved."""
+    try:
+        return tune.get_context().get_storage()
+    except Exception:
+        return None
+
+
 def _clear_the_next_checkpoint_name() -> None:
     """Tune names a trial's next checkpoint on from the last one it recorded, and copies it in among whatever a
     folder of that name holds: a state it never recorded (a stop's, which this trial went on from). Its stale
@@ -94,11 +103,10 @@ def _clear_the_next_checkpoint_name() -> None:
     from pyarrow.fs import FileType
     from ray.train._internal.storage import StorageContext
 
-    try:
-        storage = tune.get_context().get_storage()
-        name = StorageContext._make_checkpoint_dir_name(storage.current_checkpoint_index + 1)
-    except Exception:  # no Tune session (a test) or an API that moved
+    storage = _trial_storage()
+    if storage is None:
         return
+    name = StorageContext._make_checkpoint_dir_name(storage.current_checkpoint_index + 1)
     fs, path = storage.storage_filesystem, f"{storage.trial_fs_path}/{name}"
     if fs.get_file_info(path).type == FileType.Directory:
         log.info("checkpoint %s holds a state Tune never recorded, which this one replaces", name)
@@ -118,11 +126,8 @@ def _storage_gone() -> bool:
     trial's own folder read-only."""
     from pyarrow.fs import LocalFileSystem
 
-    try:
-        storage = tune.get_context().get_storage()
-    except Exception:
-        return False
-    if not isinstance(storage.storage_filesystem, LocalFileSystem):
+    storage = _trial_storage()
+    if storage is None or not isinstance(storage.storage_filesystem, LocalFileSystem):
         return False
     from ray.train._internal.storage import _VALIDATE_STORAGE_MARKER_FILENAME
 
@@ -137,11 +142,8 @@ def room_short(checkpoint_dir: str, keep_free: int) -> int:
     storage is not a local folder (a bucket has no such limit to check)."""
     from pyarrow.fs import LocalFileSystem
 
-    try:
-        storage = tune.get_context().get_storage()
-    except Exception:  # no Tune session (a test) or an API that moved: nothing to check against
-        return 0
-    if not isinstance(storage.storage_filesystem, LocalFileSystem):
+    storage = _trial_storage()
+    if storage is None or not isinstance(storage.storage_filesystem, LocalFileSystem):
         return 0
     folder = Path(storage.trial_fs_path)
     while not folder.exists() and folder != folder.parent:
@@ -164,14 +166,13 @@ def resume_candidates() -> list:
     first that fits."""
     from pyarrow.fs import FileSelector, FileType
 
-    latest = tune.get_checkpoint()
-    try:
-        storage = tune.get_context().get_storage()
+    latest, storage = tune.get_checkpoint(), _trial_storage()
+    if storage is not None:
         fs, folder = storage.storage_filesystem, storage.trial_fs_path
-    except Exception:  # no Tune session (a test) or an API that moved: Tune's latest alone says where
-        if latest is None:
-            return []
+    elif latest is not None:  # Tune's latest alone says where
         fs, folder = latest.filesystem, str(PurePosixPath(latest.path).parent)
+    else:
+        return []
     try:
         infos = fs.get_file_info(FileSelector(folder))
     except OSError:
