@@ -5,7 +5,10 @@ in this run's mode. Plain train_cifar with a report callback of its own; no Ray.
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import torch
 from tune_alexnet.checkpoint import PROGRESS_FILE, TRAINER_FILE
 from tune_alexnet.data import load_cifar10, take_subset
 from tune_alexnet.resume import STATE_COPIES, keep_whole_state, put_back_whole_state
+from tune_alexnet.settings import METRIC
 from tune_alexnet.train import train_cifar
 
 CONFIG = {"optimizer": "adam", "lr": 0.001, "batch_size": 32, "dropout": True, "batchnorm": True, "width": 0.125,
@@ -434,10 +438,48 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
     if LEFT[left]:
         assert said.endswith(f"{trial['trial_id']} from {LEFT[left]}")
         assert latest.checkpoint.path.endswith("/checkpoint_000007") and storage.current_checkpoint_index == 7
-        assert all(isinstance(v, int | float) and -math.inf <= v < 1e12 for v in latest.metrics.values()), (
-            latest.metrics
-        )
+        numbers = {k: v for k, v in latest.metrics.items() if k != METRIC}
+        assert all(isinstance(v, int | float) and -math.inf <= v < 1e12 for v in numbers.values()), latest.metrics
+        assert METRIC in latest.metrics  # even unknown (NaN): Tune's check of a result that lacks it stops the sweep
     else:
         assert said.endswith(f"{trial['trial_id']} afresh, none is left")
         assert latest is None and storage.current_checkpoint_index == (8 if left.startswith("only") else -1)
     assert point_at_kept_checkpoints(str(exp)) is None  # every named checkpoint is there now
+
+
+def test_a_trial_whose_final_result_was_not_saved_resumes_to_its_end_and_its_row_is_rebuilt(mixed_experiment,
+                                                                                             synthetic_dir, tmp_path):  # fmt: skip
+    """A kill just after a trial's last epoch can leave Tune's state naming a checkpoint the final one replaced,
+    and result.json without the final epoch's row. The trial has nothing left to train: its resume ends at once,
+    Tune takes its last result from the mended state (a missing metric stopped the whole resumed sweep), and the
+    tables read how it ended from the row rebuilt from its final checkpoint."""
+    from tune_alexnet.export import load_experiment
+
+    exp = tmp_path / "mixed"
+    shutil.copytree(mixed_experiment[0], exp)
+    done = load_experiment(exp).table.set_index("trial_id").loc[lambda t: t["status"] == "terminated"]
+    (state_file,) = exp.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    pair = next(p for p in state["trial_data"] if json.loads(p[1])["last_result"].get("checkpoint_dir_name"))
+    trial = json.loads(pair[0])
+    pair[0] = json.dumps({**trial, "status": "RUNNING"})  # as a kill leaves a trial that was training
+    state_file.write_text(json.dumps(state))
+    (folder,) = exp.glob(f"train_cifar_{trial['trial_id']}_*")
+    rows = (folder / "result.json").read_bytes().splitlines(keepends=True)
+    (folder / "result.json").write_bytes(b"".join(rows[:-1]) + rows[-1][:40])  # its last row cut as a kill cuts it
+    named = json.loads(rows[-1])["checkpoint_dir_name"]
+    (folder / named).rename(folder / "checkpoint_000007")
+
+    resume = [sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--name", "mixed", "--storage", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new driver, as after a kill
+    ran = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=240)
+    assert ran.returncode == 1, ran.stdout[-3000:] + ran.stderr[-3000:]  # 1: the experiment's errored trials
+    assert f"{trial['trial_id']} from checkpoint_000007" in ran.stdout + ran.stderr
+    table = load_experiment(exp).table.set_index("trial_id")
+    mine = table.loc[trial["trial_id"]]
+    assert mine["status"] == "terminated" and mine["epochs_run"] == 3
+    assert mine["final_accuracy"] == done.loc[trial["trial_id"], "final_accuracy"]
+    assert mine["best_checkpoint"].endswith("checkpoint_000007")
+    epochs = [json.loads(r)["epoch"] for r in (folder / "result.json").read_bytes().splitlines() if r.startswith(b"{\"")
+              and r.endswith(b"}") and "epoch" in json.loads(r)]  # fmt: skip
+    assert epochs == [1, 2, 3]  # none trained again; the last one rebuilt

@@ -525,7 +525,7 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
             continue  # half-written: a running trial's last line, or a killed attempt's before its restart's lines
         except (ValueError, RecursionError) as exc:  # an integer beyond 64 bits, nesting beyond Python's stack
             raise ValueError(f"{name} line {number}: {_first_line(exc)}") from None
-        if problem := _line_problem(record):
+        if problem := line_problem(record):
             raise ValueError(f"{name} line {number}: {problem}")
         if record.get("epoch") is None:
             if records and record.get("checkpoint_dir_name"):  # a state saved inside the next epoch (a stop, a
@@ -562,7 +562,7 @@ def _column_check(col: str):
 _RESULT_CHECKS = {col: _column_check(col) for col in RESULT_COLUMNS}
 
 
-def _line_problem(record) -> str | None:
+def line_problem(record) -> str | None:
     if not isinstance(record, dict):
         return f"it holds {shown(record)}; allowed: a JSON object of one epoch's results"
     for col, (test, allowed) in _RESULT_CHECKS.items():

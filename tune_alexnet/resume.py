@@ -17,10 +17,11 @@ import os
 import re
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from .settings import OPTIMIZERS
+from .settings import METRIC, OPTIMIZERS
 
 PARTS = ("model", "optimizer", "generator", "torch_rng", "counters")
 # Settings of a param group that say how the optimizer computes, not what: they may differ between two runs of
@@ -346,10 +347,13 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
         if latest is not None and not kept(latest):
             manager._latest_checkpoint_result = None
             score = manager.checkpoint_config.checkpoint_score_attribute
-            newest, metrics, rows_lost = _newest_checkpoint(here, score)
+            newest, metrics, rows_lost = _newest_checkpoint(here, score, trial)
             if newest is not None:
                 if score:
                     metrics.setdefault(score, float("-inf"))  # below any reported one: replaced by the next
+                # Tune takes a trial's last result from the checkpoint it restores, and a trial that had ended
+                # reports nothing more: without the metric, Tune's check of that result stops the whole sweep.
+                metrics.setdefault(METRIC, math.nan)
                 at = Checkpoint(path=os.path.join(was, newest), filesystem=storage.storage_filesystem)
                 manager._latest_checkpoint_result = _TrainingResult(checkpoint=at, metrics=metrics)
                 if not any(os.path.basename(r.checkpoint.path) == newest for r in manager._checkpoint_results):
@@ -388,10 +392,11 @@ def _checkpoint_numbers(trial_dir: str) -> list[int]:
     return [int(m[1]) for n in names if (m := CHECKPOINT_FOLDER.fullmatch(n))]
 
 
-def _newest_checkpoint(trial_dir: str, score: str | None) -> tuple[str | None, dict, bool]:
+def _newest_checkpoint(trial_dir: str, score: str | None, trial: dict) -> tuple[str | None, dict, bool]:
     """The trial's newest checkpoint folder that holds one of ours, the numbers Tune recorded with it (its
-    iteration, time and `score`), and whether its result (with those of the epochs before it) never reached the
-    trial's result.json: Tune writes those at its state saves."""
+    iteration, time, `score` and the metric), and whether its result (with those of the epochs before it) never
+    reached the trial's result.json: Tune writes those at its state saves. A final checkpoint's missing result is
+    written back (`_final_row`): the trial reports nothing more, and the tables read how it ended from that row."""
     from .checkpoint import PROGRESS_FILE
     from .storage import RESULT_FILE
 
@@ -409,16 +414,59 @@ def _newest_checkpoint(trial_dir: str, score: str | None) -> tuple[str | None, d
 
     def pick(row: dict) -> dict:  # result.json is data anyone may have written: only numbers Tune could have put
         kinds = {"training_iteration": (int,), "time_total_s": (int, float), score: (int, float)}
-        return {
+        picked = {
             k: row[k]
             for k, allowed in kinds.items()
             if type(row.get(k)) in allowed and math.isfinite(row[k]) and 0 <= row[k] <= RESULT_NUMBER_LIMIT
         }
+        if type(row.get(METRIC)) is float and abs(row[METRIC]) <= RESULT_NUMBER_LIMIT:  # an accuracy, tie-broken
+            picked[METRIC] = row[METRIC]
+        return picked
 
     if match is not None:
         return names[-1], pick(match), False
+    final = _final_row(trial_dir, names[-1], last, trial)
+    if final is not None:
+        return names[-1], pick(final), last.get("epoch", 0) < final["epoch"] - 1
     # The next results number on from the last one recorded; the checkpoint ranks below any reported one.
     return names[-1], {k: v for k, v in pick(last).items() if k != score}, True
+
+
+def _final_row(trial_dir: str, name: str, last: dict, trial: dict) -> dict | None:
+    """Where the newest checkpoint is the trial's final one and its epoch has no row in result.json: that row,
+    rebuilt from the checkpoint's counters and appended to result.json; None where there is nothing to rebuild
+    (also where the counters would make a row the tables refuse). How the epoch ran (its losses, the device) is
+    not in a checkpoint: the row leaves those out rather than guess them."""
+    from .checkpoint import KIND_FINAL, read_progress
+    from .export import line_problem, score
+    from .grid import run_number
+    from .storage import RESULT_FILE
+    from .train import NEW_COUNTERS
+
+    progress = read_progress(Path(trial_dir) / name)
+    if not progress or progress.get("kind") != KIND_FINAL:
+        return None
+    row = {k: progress.get(k) for k in NEW_COUNTERS}
+    before, iteration = (v if type(v) is int else 0 for v in (last.get("epoch"), last.get("training_iteration")))
+    if type(row["epoch"]) is not int or row["epoch"] <= before or line_problem(row):
+        return None  # the row is there (or the counters are not a final epoch's): nothing to rebuild
+    try:
+        run = run_number(trial["config"])
+    except (KeyError, TypeError):  # no config in the state, or one off the study's types
+        run = None
+    row |= {
+        "diverged": progress.get("diverged") is True, "checkpoint_kind": KIND_FINAL, "ends_trial": True,
+        METRIC: score(row["best_val_acc"] if row["best_epoch"] else None, run, trial.get("trial_id")),
+        "checkpoint_dir_name": name, "training_iteration": min(max(iteration, 0), 10**9) + 1,
+        "trial_id": trial.get("trial_id"), "rebuilt_from_checkpoint": True,
+    }  # fmt: skip
+    path = os.path.join(trial_dir, RESULT_FILE)
+    with open(path, "a+b") as f:
+        ends_whole = f.tell() == 0 or os.pread(f.fileno(), 1, f.tell() - 1) == b"\n"
+        f.write((b"" if ends_whole else b"\n") + json.dumps(row).encode() + b"\n")  # after a cut line, not in it
+        f.flush()
+        os.fsync(f.fileno())
+    return row
 
 
 def put_back_whole_state(exp_dir: str) -> str | None:
