@@ -4,6 +4,7 @@ The data folder's own table of bad inputs is in test_data.py."""
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -110,6 +111,26 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in err, (argv, err[-2000:])
         assert needle in err.strip().splitlines()[-1], (argv, err[-2000:])
     assert time.monotonic() - start < 60
+
+
+def test_auto_with_the_address_file_of_a_cluster_long_gone_is_refused_within_seconds(synthetic_dir, tmp_path):
+    """`auto` takes the address file of the last `ray start`, which outlives its cluster: Ray tried that address for
+    minutes. (Where exactly one Ray runs on the machine, Ray's `auto` joins it instead: here none is, as this
+    test's own Ray is hidden from the lookup.)"""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+    argv = ["sweep", "--data-dir", str(synthetic_dir), *TINY, "--storage", str(tmp_path / "a"), "--address", "auto"]
+    code = (
+        "import functools, sys; import ray._private.services as s; s.find_gcs_addresses = functools.cache(list); "
+        f"from tune_alexnet.cli import main; sys.exit(main({argv!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ran = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_TMPDIR": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    lines = [ln for ln in ran.stderr.splitlines() if ln.strip() and "decoding " not in ln]
+    assert ran.returncode == 2 and len(lines) == 1, ran.stderr[-2000:]
+    assert "--address auto: no Ray cluster answers at " in lines[0] and "(Connection refused)" in lines[0], lines
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow
@@ -237,6 +258,46 @@ def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, 
     err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
     assert "the experiment state of 'mixed' is damaged" in err and "tune-alexnet export" in err
     assert sorted(p.name for p in copy.glob("experiment_state-*.json")) == states  # nothing newer hides it
+
+
+def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(damaged, capsys, tmp_path):
+    """Tune's restore unpickles the experiment's files: a planted state would run its code as the user. Without
+    --name, such a folder is passed over; named, it is refused before anything of it is read."""
+    copy, _ = damaged
+    ran = tmp_path / "ran"
+    payload = {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(_Touch(str(ran))).hex()}
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state.write_text(json.dumps({**json.loads(state.read_text()), "planted": payload}))
+    own = copy.parent / "own"  # an older experiment of the user's own, unfinished, its tuner.pkl torn: a refusal
+    shutil.copytree(copy, own)  # that names it, before it is resumed
+    (own / "results.parquet").unlink()
+    (own / "tuner.pkl").write_bytes(b"\x80")
+    os.utime(own, (1, 1))
+    resume = ["sweep", "--resume", "--storage", str(copy.parent)]
+    for planted, why in [(copy / "tuner.pkl", "can be written by every user (mode 0666)"),
+                         (copy, "can be written by every user (mode 0777)")]:  # fmt: skip
+        planted.chmod(0o777 if planted.is_dir() else 0o666)
+        err = one_line_exit_2([*resume, "--name", "mixed"], capsys)
+        assert f"--resume: {planted} {why}, and resuming unpickles Tune's files in it" in err, err
+        err = one_line_exit_2(resume, capsys)  # the newest is passed over: the user's own is the one resumed
+        assert f"--resume: {own / 'tuner.pkl'}, Tune's record of the sweep's settings, is damaged" in err, err
+        planted.chmod(0o755 if planted.is_dir() else 0o644)
+    if os.geteuid() == 0:  # another user's own folder (only root can make one here)
+        os.chown(copy, 65534, 65534)
+        err = one_line_exit_2([*resume, "--name", "mixed"], capsys)
+        assert f"--resume: {copy} belongs to another user (uid 65534)" in err, err
+        os.chown(own, 65534, 65534)
+        err = one_line_exit_2(resume, capsys)
+        assert "holds no experiment of yours to resume (passed over, not yours alone: mixed, own)" in err, err
+    assert not ran.exists()
+
+
+class _Touch:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 @pytest.mark.parametrize("size", [0, 10], ids=["empty", "cut short"])
@@ -1022,3 +1083,34 @@ def test_an_empty_or_dangling_out_is_one_line_and_nothing_is_made(tmp_path, caps
     assert f"({dangling} is a link to nothing)" in err and not target.exists()  # not made as mkdir -p would
     err = one_line_exit_2(["report", str(tmp_path), "--out", ""], capsys)
     assert "an empty path; allowed: a folder or URI" in err
+
+
+@pytest.mark.parametrize("command,taken", [("export", "epochs.parquet"), ("report", "report-data.js")])
+def test_an_out_folder_where_a_folder_takes_one_name_of_the_set_gets_none_of_it(mixed_experiment, tmp_path, capsys,
+                                                                                 command, taken):  # fmt: skip
+    out = tmp_path / "out"
+    (out / taken).mkdir(parents=True)
+    err = one_line_exit_2([command, str(mixed_experiment[0]), "--out", str(out)], capsys)
+    assert f"cannot write {out / taken}: a folder has that name; allowed: an --out folder where the names of " in err
+    assert sorted(p.name for p in out.iterdir()) == [taken]  # nothing of the set, not even the lock file
+
+
+def test_a_state_naming_one_folder_for_many_trials_reads_it_once(damaged):
+    """An edited state that names one trial folder N times made every export read it N times (minutes for a big
+    result.json) and repeat its row N times."""
+    from tune_alexnet.export import load_experiment
+
+    copy, before = damaged
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    raw = json.loads(state.read_text())
+    first = json.loads(raw["trial_data"][0][0])
+    for i in range(3):
+        raw["trial_data"].append([json.dumps({**first, "trial_id": f"copy{i}"}), raw["trial_data"][0][1]])
+    state.write_text(json.dumps(raw))
+    table = load_experiment(copy).table.set_index("trial_id")
+    assert len(table) == len(before) + 3
+    copies = table.loc[["copy0", "copy1", "copy2"]]
+    assert (copies["status"] == "damaged").all() and copies["final_accuracy"].isna().all()
+    assert copies["error"].str.contains(f"is trial {first['trial_id']}'s folder; allowed: a folder of its own").all()
+    original = table.loc[first["trial_id"]]
+    assert original["status"] == before.set_index("trial_id").loc[first["trial_id"], "status"]

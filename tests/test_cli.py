@@ -62,6 +62,9 @@ from tune_alexnet.cli import _settings, build_parser, main
             "each once (--repeats N trains each N times)",
         ),  # fmt: skip
         (["sweep", "--lr", "0.01,0.010"], "invalid value '0.01,0.010' (0.010 given twice)"),
+        (["sweep", "--wandb", ""], "--wandb: invalid value ''; allowed: a W&B project name, not blank, at most 128"),
+        (["sweep", "--wandb", "team/proj"], "invalid value 'team/proj'; allowed: a W&B project name"),
+        (["sweep", "--wandb", "a\nb"], "--wandb: invalid value 'a\\nb'; allowed: a W&B project name"),
         (["sweep", "--storage", "r\udcff"], "--storage: invalid value 'r\\xff'; allowed: a path or URI in UTF-8"),
         (["export", "x", "--out", "o\udcff"], "--out: invalid value 'o\\xff'; allowed: a path or URI in UTF-8"),
         (["sweep", "--mlflow", "file:///m\udcff"], "--mlflow: invalid value 'file:///m\\xff'; allowed: a path or URI"),

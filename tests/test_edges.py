@@ -825,3 +825,36 @@ def test_a_write_that_fails_leaves_no_folder_it_made_not_even_its_lock_file(tmp_
     with pytest.raises(RuntimeError), output_dir(kept):
         raise RuntimeError("a write failed")
     assert kept.is_dir() and [p.name for p in kept.iterdir()] == [WRITE_LOCK_NAME]  # not ours to remove
+
+
+def test_text_from_files_anyone_may_write_reaches_the_terminal_and_tables_without_its_escapes(tmp_path, capsys):
+    """A lock file, an error.txt and a result line are written by whoever could write the folder: an escape in
+    them would recolour, retitle or clear the terminal that shows them, or forge a line of the command's own."""
+    import fcntl
+
+    from tune_alexnet.export import TEXT_LIMIT, _error_line, line_problem
+    from tune_alexnet.preflight import PreflightError, lock_experiment
+    from tune_alexnet.settings import say
+
+    lock = tmp_path / ".x.lock"
+    lock.write_text("evil\n\x1b[31mtune-alexnet: all good, exit 0\x1b[0m\n")
+    with lock.open() as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PreflightError) as refused:
+            lock_experiment(str(tmp_path), "x")
+    say(str(refused.value))
+    err = capsys.readouterr().err
+    assert err == f"experiment 'x' in {tmp_path} is in use by evil; wait for it to end, or use another --name\n"
+    say("one\x1b]0;title\x07\r\x9b2J two\nthree")  # a line of its own may still be two lines
+    assert capsys.readouterr().err == "one\\x1b]0;title\\x07\\r\\x9b2J two\nthree\n"
+
+    import pyarrow.fs
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "error.txt").write_text("Traceback\nValueError: bad \x1b[2J\x1b]0;pwned\x07")
+    assert _error_line(pyarrow.fs.LocalFileSystem(), str(tmp_path), "t") == "ValueError: bad \\x1b[2J\\x1b]0;pwned\\x07"
+    assert (
+        line_problem({"epoch": 1, "node_id": "n\x1b[2J"})
+        == "'node_id' is \"n\\u001b[2J\"; allowed: a string of at most "
+        f"{TEXT_LIMIT} printable characters"
+    )

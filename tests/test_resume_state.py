@@ -318,7 +318,7 @@ def test_a_sweep_resumes_a_captured_step_state_on_the_cpu_and_keeps_the_flags_gi
     assert resumed.wait(240) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     said = (tmp_path / "resume.log").read_text()
     assert f"the experiment state {cut.name} was cut short" in said
-    assert f"the experiment state {cut.name} names checkpoints Tune had already replaced" in said
+    assert f"the experiment state {cut.name} is behind some trials' checkpoints" in said
     table = pd.read_parquet(exp_dir / "results.parquet")
     assert list(table["status"]) == ["terminated"] and list(table["epochs_run"]) == [epochs]
     seen = pd.read_parquet(exp_dir / "epochs.parquet")
@@ -393,8 +393,10 @@ def test_a_cut_experiment_state_is_put_back_from_its_staged_copy_and_a_whole_one
 
 
 LEFT = {  # what the trial's folder holds once Tune's state names a checkpoint that is gone
-    "a newer one": "checkpoint_000007 (the results of its last epochs before it were not saved)",
-    "a newer one, its result row edited": "checkpoint_000007",  # strings for numbers, a line not UTF-8
+    "a newer one": "checkpoint_000007, its final one: it had ended (the results of its last epochs before it were "
+    "not saved)",
+    "a newer one, its result row edited": "checkpoint_000007, its final one: it had ended",  # strings for numbers,
+    # a line not UTF-8
     "none": None,
     "only a newer one that is empty, and a file": None,
 }
@@ -431,7 +433,7 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
         (folder / "checkpoint_000007").mkdir()
         (folder / "checkpoint_000008").write_text("")
     said = point_at_kept_checkpoints(str(exp))
-    assert said.startswith(f"the experiment state {state_file.name} names checkpoints Tune had already replaced")
+    assert said.startswith(f"the experiment state {state_file.name} is behind some trials' checkpoints")
     mended = json.loads(state_file.read_text())["trial_data"][state["trial_data"].index(pair)]
     storage = _unpickled(json.loads(mended[0])["storage"])
     latest = _unpickled(json.loads(mended[1])["checkpoint_manager"]).latest_checkpoint_result
@@ -447,12 +449,14 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
     assert point_at_kept_checkpoints(str(exp)) is None  # every named checkpoint is there now
 
 
+@pytest.mark.parametrize("recorded", ["replaced", "kept"])
 def test_a_trial_whose_final_result_was_not_saved_resumes_to_its_end_and_its_row_is_rebuilt(mixed_experiment,
-                                                                                             synthetic_dir, tmp_path):  # fmt: skip
-    """A kill just after a trial's last epoch can leave Tune's state naming a checkpoint the final one replaced,
-    and result.json without the final epoch's row. The trial has nothing left to train: its resume ends at once,
-    Tune takes its last result from the mended state (a missing metric stopped the whole resumed sweep), and the
-    tables read how it ended from the row rebuilt from its final checkpoint."""
+                                                                                             tmp_path, recorded):  # fmt: skip
+    """A kill just after a trial's last epoch can leave Tune's state naming an older checkpoint (replaced by the
+    final one, or not yet), and result.json without the final epoch's row. The trial has nothing left to train:
+    its resume ends at once (it was trained again from the older one), Tune takes its last result from the
+    mended state (a missing metric stopped the whole resumed sweep), and the tables read how it ended from the
+    row rebuilt from its final checkpoint."""
     from tune_alexnet.export import load_experiment
 
     exp = tmp_path / "mixed"
@@ -469,12 +473,16 @@ def test_a_trial_whose_final_result_was_not_saved_resumes_to_its_end_and_its_row
     (folder / "result.json").write_bytes(b"".join(rows[:-1]) + rows[-1][:40])  # its last row cut as a kill cuts it
     named = json.loads(rows[-1])["checkpoint_dir_name"]
     (folder / named).rename(folder / "checkpoint_000007")
+    if recorded == "kept":  # the one Tune's state names, of the epoch before
+        shutil.copytree(folder / "checkpoint_000007", folder / named)
+        progress = json.loads((folder / named / PROGRESS_FILE).read_text())
+        (folder / named / PROGRESS_FILE).write_text(json.dumps({**progress, "kind": "best", "epoch": 2}))
 
     resume = [sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--name", "mixed", "--storage", str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new driver, as after a kill
     ran = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=240)
     assert ran.returncode == 1, ran.stdout[-3000:] + ran.stderr[-3000:]  # 1: the experiment's errored trials
-    assert f"{trial['trial_id']} from checkpoint_000007" in ran.stdout + ran.stderr
+    assert f"{trial['trial_id']} from checkpoint_000007, its final one: it had ended" in ran.stdout + ran.stderr
     table = load_experiment(exp).table.set_index("trial_id")
     mine = table.loc[trial["trial_id"]]
     assert mine["status"] == "terminated" and mine["epochs_run"] == 3
@@ -483,3 +491,24 @@ def test_a_trial_whose_final_result_was_not_saved_resumes_to_its_end_and_its_row
     epochs = [json.loads(r)["epoch"] for r in (folder / "result.json").read_bytes().splitlines() if r.startswith(b"{\"")
               and r.endswith(b"}") and "epoch" in json.loads(r)]  # fmt: skip
     assert epochs == [1, 2, 3]  # none trained again; the last one rebuilt
+
+
+def test_a_result_line_cut_by_a_kill_is_ended_so_the_resumed_results_after_it_are_read(tmp_path):
+    import pyarrow.fs
+
+    from tune_alexnet.export import _read_results
+    from tune_alexnet.resume import end_cut_result_lines
+
+    whole, cut = tmp_path / "train_cifar_aaaaa_00000_0_x", tmp_path / "train_cifar_aaaaa_00001_1_x"
+    for folder in (whole, cut):
+        folder.mkdir()
+        (folder / "result.json").write_text('{"epoch": 1}\n{"epoch": 2, "train_lo')
+    (whole / "result.json").write_text('{"epoch": 1}\n')
+    (tmp_path / "train_cifar_aaaaa_00002_2_x").mkdir()  # no result.json yet
+    said = end_cut_result_lines(str(tmp_path))
+    assert said == "the last result line of trial(s) aaaaa_00001 was cut by the kill; it is passed over"
+    assert end_cut_result_lines(str(tmp_path)) is None and (whole / "result.json").read_text() == '{"epoch": 1}\n'
+    with (cut / "result.json").open("a") as f:  # as Tune appends the resumed trial's results
+        f.write('{"epoch": 2}\n{"epoch": 3}\n')
+    epochs = [r["epoch"] for r in _read_results(pyarrow.fs.LocalFileSystem(), str(tmp_path), cut.name)]
+    assert epochs == [1, 2, 3]

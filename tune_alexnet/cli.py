@@ -38,6 +38,7 @@ from .settings import (
     TRIAL_DEFAULTS,
     Grid,
     home,
+    printable,
     redacted,
     say,
 )
@@ -198,7 +199,7 @@ def _place(text: str) -> str:
 def _escaped(text: str) -> str:
     """`text` on one line: each character that does not print spelled as Python does (\\n, \\t, \\x1b), its
     secrets hidden (redacted after the escaping, so a secret glued on by a control character is hidden too)."""
-    return redacted("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text))
+    return redacted(printable(text).replace("\t", "\\t"))
 
 
 class _OneVoice(logging.Formatter):
@@ -223,6 +224,23 @@ def _tracking_uri(text: str) -> str:
                 f"invalid value '{redacted(text)}' ({why}); allowed: a tracking URI such as http://host:5000, "
                 "or sqlite:///file.db"
             ) from None
+    return text
+
+
+WANDB_PROJECT_MAX, WANDB_PROJECT_BANNED = 128, "/\\#?%:"  # W&B's own rules for a project name
+
+
+@_takes_text
+def _wandb_project(text: str) -> str:
+    """A project name W&B accepts: its refusal comes only once the first trial starts, as a traceback, after the
+    experiment folder is written; a name it mangles loses the tracking without a word."""
+    bad = not text.strip() or len(text) > WANDB_PROJECT_MAX or any(c in WANDB_PROJECT_BANNED for c in text)
+    if bad or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):
+        shown = _escaped(text if len(text) <= 40 else text[:40] + "...")
+        raise argparse.ArgumentTypeError(
+            f"invalid value '{shown}'; allowed: a W&B project name, not blank, at most {WANDB_PROJECT_MAX} "
+            f"characters, without control characters or any of {' '.join(WANDB_PROJECT_BANNED)}"
+        )
     return text
 
 
@@ -367,7 +385,7 @@ def _placement_flags(r) -> None:
 def _tracker_flags(k) -> None:
     k.add_argument("--mlflow", type=_tracking_uri, metavar="TRACKING_URI", help="log every trial as an MLflow run, in an "
                    "experiment named after the sweep (pip install 'tune-alexnet[mlflow]')")  # fmt: skip
-    k.add_argument("--wandb", metavar="PROJECT",
+    k.add_argument("--wandb", type=_wandb_project, metavar="PROJECT",
                    help="log every trial as a Weights & Biases run in PROJECT (pip install 'tune-alexnet[wandb]')")  # fmt: skip
 
 

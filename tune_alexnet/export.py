@@ -9,6 +9,7 @@ crash never leaves a truncated one; in a bucket each file is one upload.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import io
@@ -39,6 +40,7 @@ from .settings import (
     RedactedError,
     from_record,
     is_uri,
+    printable,
     read_settings,
     redacted,
     without_credentials,
@@ -372,10 +374,23 @@ def _trials_from_state(fs, base: str, names: list[str]) -> tuple[list[_Trial] | 
     name = states[-1]
     try:
         entries = read_json(fs, base, name, STATE_LIMIT)["trial_data"]
-        return [_state_trial(name, parse_json(entry[0])) for entry in entries], ""
+        return _one_folder_each([_state_trial(name, parse_json(entry[0])) for entry in entries], name), ""
     except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:
         why = _first_line(exc)
         return None, why if name in why else f"{name}: {type(exc).__name__}: {why}"
+
+
+def _one_folder_each(trials: list[_Trial], state: str) -> list[_Trial]:
+    """Tune gives each trial a folder of its own: a state naming one folder for several (an edited one) makes
+    every trial after the first damaged, so the folder is read once and its row is not repeated."""
+    owner: dict[str, str | None] = {}
+    for i, t in enumerate(trials):
+        if t.folder is not None and t.problem is None and t.folder in owner:
+            why = f"relative_logdir {shown(t.folder)} is trial {owner[t.folder]}'s folder; allowed: a folder of its own"
+            trials[i] = dataclasses.replace(t, folder=None, problem=f"{state}: {why}")
+        elif t.folder is not None:
+            owner[t.folder] = t.trial_id
+    return trials
 
 
 def _state_trial(state: str, t) -> _Trial:
@@ -556,7 +571,10 @@ def _column_check(col: str):
         return (lambda v: isinstance(v, bool)), "true or false"
     if col == "checkpoint_dir_name":
         return plain_name, "a folder name inside the trial's folder"
-    return (lambda v: isinstance(v, str) and len(v) <= TEXT_LIMIT), f"a string of at most {TEXT_LIMIT} characters"
+    return (
+        (lambda v: isinstance(v, str) and len(v) <= TEXT_LIMIT and v.isprintable()),
+        f"a string of at most {TEXT_LIMIT} printable characters",
+    )
 
 
 _RESULT_CHECKS = {col: _column_check(col) for col in RESULT_COLUMNS}
@@ -644,7 +662,7 @@ def _error_line(fs, base: str, folder: str) -> str:
     except OSError as exc:
         return f"error ({_first_line(exc)})"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1][:ERROR_LINE] if lines else "error"
+    return printable(lines[-1])[:ERROR_LINE] if lines else "error"  # a table or a terminal shows it
 
 
 def epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:
@@ -810,9 +828,15 @@ class Output:
             free = shutil.disk_usage(self.local).free if self.local.exists() else 0
             need = _size_elsewhere(write) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
             needs = f", and it needs {_mb(need)}" if need else ""
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise ExportError(
-                f"cannot write {self.local / name} ({exc.strerror}; {_mb(free)} free there{needs}); "
-                f"allowed: a folder you can write with room for the tables and the report"
+                f"cannot write {self.local / name} ({exc.strerror}"
+                + (
+                    f"; {_mb(free)} free there{needs}); allowed: a folder with room for"
+                    if full
+                    else "); allowed: a folder you can write, for"
+                )
+                + " the tables and the report (--out DIR)"
             ) from None
         if not is_remote(self.uri):
             self.written.append(str(self.local / name))
@@ -896,11 +920,19 @@ def _lock_within(fd: int, out: str, wait_s: float) -> None:
 
 def check_room(out: str | os.PathLike, sizes: dict[str, int], what: str) -> None:
     """Refuse, before a folder is made or a file written, a local `out` without room for files of `sizes` (bytes
-    by name), each rounded up to whole blocks as the disk counts them. Written whole or not at all, one at a time
+    by name), each rounded up to whole blocks as the disk counts them, or where a folder has one of their names. Written whole or not at all, one at a time
     (atomic_write), each new file needs its full size beside the one it replaces."""
     out = storage_uri(os.fspath(out))
     if is_remote(out):
         return
+    for name in sizes:  # a folder of that name takes no file: the set would be left half-written
+        path = os.path.join(out, name)
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise ExportError(
+                    f"cannot write {path}: a folder has that name; allowed: an --out folder where the names of "
+                    f"{what} are free or files (remove that folder, or --out DIR)"
+                )
     try:
         disk = os.statvfs(existing_parent(out))
     except OSError:  # output_dir names what is wrong with the folder

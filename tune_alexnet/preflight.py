@@ -39,7 +39,7 @@ from urllib.parse import urlparse, urlunparse
 from . import cluster, settings
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
-from .resume import CHECKPOINT_FOLDER, point_at_kept_checkpoints, put_back_whole_state
+from .resume import CHECKPOINT_FOLDER, end_cut_result_lines, point_at_kept_checkpoints, put_back_whole_state
 from .settings import (
     DEFAULT_GPU_SHARE,
     REDACTED,
@@ -257,7 +257,7 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
         if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
             raise BlockingIOError  # the holder ended and removed this file between our open and our lock
     except BlockingIOError:
-        holder = handle.read(500).strip() or "another sweep"
+        holder = (handle.read(500).strip().splitlines() or ["another sweep"])[0]  # the file is anyone's to write
         handle.close()
         raise PreflightError(
             f"experiment {name!r} in {root} is in use by {holder}; wait for it to end, or use another --name"
@@ -315,8 +315,12 @@ def latest_experiment(root: str) -> str:
             f"--resume without --name needs a local --storage folder that holds experiments; got {root}"
         )
     found = [p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink() and tune.Tuner.can_restore(str(p))]
+    theirs = [p for p in found if _not_yours(str(p))]  # never picked for the user: a resume unpickles its files
+    found = [p for p in found if p not in theirs]
     if not found:
-        raise PreflightError(f"--resume: {root} holds no experiment to resume; start one without --resume")
+        others = f" (passed over, not yours alone: {', '.join(sorted(p.name for p in theirs))})" if theirs else ""
+        raise PreflightError(f"--resume: {root} holds no experiment of yours to resume{others}; start one without "
+                             "--resume")  # fmt: skip
     unfinished = [p for p in found if not _finished(p)]
     if not unfinished:
         names = ", ".join(sorted(p.name for p in found))
@@ -494,6 +498,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: no experiment named {name!r} in {root}; start it without --resume, or pass the --name of one "
             f"that exists"
         )
+    theirs = None if is_remote(exp_uri) else _not_yours(exp_uri)
+    if theirs:  # before anything of it is read: Tune's restore unpickles its files, which can run any code
+        raise PreflightError(
+            f"--resume: {theirs}, and resuming unpickles Tune's files in it, which would run whatever code they "
+            f"hold as you; resume only your own experiments (what finished is in 'tune-alexnet export {exp_uri}')"
+        )
     if not is_remote(exp_uri):  # what a W&B run left when a second Ctrl-C cut the sweep's end short
         from .export import TRIAL_PREFIX
         from .tracking import remove_wandb_links
@@ -517,8 +527,9 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {os.path.join(exp_uri, _TUNER_PKL)}, Tune's record of the sweep's settings, is damaged "
             f"({torn}); what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         )
-    if not is_remote(exp_uri) and (mended := put_back_whole_state(exp_uri)):
-        settings.say(f"tune-alexnet: {mended}")
+    for mend in (put_back_whole_state, end_cut_result_lines):
+        if not is_remote(exp_uri) and (mended := mend(exp_uri)):
+            settings.say(f"tune-alexnet: {mended}")
     try:
         repointed = None if is_remote(exp_uri) else point_at_kept_checkpoints(exp_uri)
     except Exception:  # a damaged state: said just below
@@ -532,6 +543,31 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: the experiment state of {name!r} is damaged ({type(exc).__name__}); what finished is in "
             f"'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         ) from None
+
+
+def _not_yours(exp_path: str) -> str | None:
+    """Why the experiment folder is not this user's alone: it, or a file Tune unpickles on a resume (its pickles
+    and state JSON, and the copies of the state kept beside them), belongs to another user or is writable by
+    every user; None where all are this user's own. (Group-writable is allowed: many systems' umask makes it.)"""
+    from .resume import STATE_COPIES
+
+    uid = os.geteuid()
+    folders = [f for f in (exp_path, os.path.join(exp_path, STATE_COPIES)) if os.path.lexists(f)]
+    paths = list(folders)
+    for folder in folders:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            with contextlib.suppress(OSError):  # unreadable: the checks after this one say so
+                paths += sorted(e.path for e in os.scandir(folder) if e.name.endswith((".pkl", ".json")))
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != uid:
+            return f"{path} belongs to another user (uid {st.st_uid})"
+        if st.st_mode & stat.S_IWOTH and not stat.S_ISLNK(st.st_mode):
+            return f"{path} can be written by every user (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
 
 
 def _torn_pickle(path: str) -> str | None:
@@ -774,13 +810,15 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         return False, None
     if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
         raise PreflightError(f"{given_as} {problem}")
-    host, _, port = address.rpartition(":")
-    if address not in ("local", "auto") and "://" not in address and port.isdigit():
+    found = _auto_address() if address == "auto" else address
+    host, _, port = found.rpartition(":")
+    if found != "local" and "://" not in found and port.isdigit():
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
         except OSError as exc:
             raise PreflightError(
-                f"{given_as} {address}: no Ray cluster answers there ({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
+                f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
+                f"({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
             ) from None
     if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
         problem = cluster.auth_mode_problem() or cluster.token_problem()
@@ -814,6 +852,17 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         gcs = context.address_info.get("gcs_address") or address
         settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} ({given_as} {address})")
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def _auto_address() -> str:
+    """The address `auto` stands for, found as Ray finds it (the address file of the newest `ray start` in Ray's
+    temp folder, else a running GCS): a stale file names a cluster long gone, and Ray then tries it for minutes."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address("auto") or "auto"
+    except Exception:  # none found: ray.init says so in its own words, caught below
+        return "auto"
 
 
 @contextlib.contextmanager

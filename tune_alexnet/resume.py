@@ -318,8 +318,8 @@ def point_at_kept_checkpoints(exp_dir: str) -> str | None:
     os.chmod(tmp, os.stat(path).st_mode & 0o777)
     os.replace(tmp, path)
     return (
-        f"the experiment state {os.path.basename(path)} names checkpoints Tune had already replaced (the sweep was "
-        f"killed between the two); those trials go on from their newest kept checkpoint: {'; '.join(mended)}"
+        f"the experiment state {os.path.basename(path)} is behind some trials' checkpoints (the sweep was killed "
+        f"between the two); those trials go on from their newest kept checkpoint: {'; '.join(mended)}"
     )
 
 
@@ -341,10 +341,11 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
             return os.path.isdir(os.path.join(here, os.path.relpath(result.checkpoint.path, was)))
 
         latest, results = manager.latest_checkpoint_result, manager._checkpoint_results
-        if (latest is None or kept(latest)) and all(kept(r) for r in results):
+        ended = _final_after(here, latest)
+        if (latest is None or kept(latest)) and all(kept(r) for r in results) and not ended:
             return None
         manager._checkpoint_results = [r for r in results if kept(r)]  # Tune would fail deleting one that is gone
-        if latest is not None and not kept(latest):
+        if ended or (latest is not None and not kept(latest)):
             manager._latest_checkpoint_result = None
             score = manager.checkpoint_config.checkpoint_score_attribute
             newest, metrics, rows_lost = _newest_checkpoint(here, score, trial)
@@ -363,6 +364,7 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
             # Tune numbers its next checkpoint on from this index: never over anything of that name.
             storage.current_checkpoint_index = max(_checkpoint_numbers(here), default=-1)
             said = f"{trial['trial_id']} from {newest}" if newest else f"{trial['trial_id']} afresh, none is left"
+            said += ", its final one: it had ended" if ended else ""
             said += " (the results of its last epochs before it were not saved)" if rows_lost else ""
         else:
             said = f"{trial['trial_id']} from {os.path.basename(latest.checkpoint.path)}"
@@ -371,6 +373,23 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
         return said
     except Exception:
         return None
+
+
+def _final_after(trial_dir: str, latest) -> bool:
+    """Whether the trial's newest checkpoint is a final one newer than the `latest` Tune's state records: a kill
+    just after the trial's last report, before Tune saved its state. Left so, the resume would train the trial
+    again from the recorded one (a checkpoint newer than Tune's record is taken only as a stop's state)."""
+    from .checkpoint import KIND_FINAL, read_progress
+
+    numbers = [n for n in _checkpoint_numbers(trial_dir) if read_progress(Path(trial_dir, _folder(n))) is not None]
+    recorded = CHECKPOINT_FOLDER.fullmatch(os.path.basename(latest.checkpoint.path)) if latest is not None else None
+    if not numbers or (recorded and max(numbers) <= int(recorded[1])):
+        return False
+    return read_progress(Path(trial_dir, _folder(max(numbers)))).get("kind") == KIND_FINAL
+
+
+def _folder(number: int) -> str:
+    return f"checkpoint_{number:06d}"  # Tune's name for its checkpoint of that index
 
 
 def _unpickled(blob: dict):
@@ -400,7 +419,7 @@ def _newest_checkpoint(trial_dir: str, score: str | None, trial: dict) -> tuple[
     from .checkpoint import PROGRESS_FILE
     from .storage import RESULT_FILE
 
-    names = [f"checkpoint_{i:06d}" for i in sorted(_checkpoint_numbers(trial_dir))]
+    names = [_folder(i) for i in sorted(_checkpoint_numbers(trial_dir))]
     names = [n for n in names if os.path.isfile(os.path.join(trial_dir, n, PROGRESS_FILE))]
     if not names:
         return None, {}, False
@@ -467,6 +486,32 @@ def _final_row(trial_dir: str, name: str, last: dict, trial: dict) -> dict | Non
         f.flush()
         os.fsync(f.fileno())
     return row
+
+
+def end_cut_result_lines(exp_dir: str) -> str | None:
+    """End each trial's result.json that a kill cut inside a line with a newline: Tune appends a resumed trial's
+    results to it, and the first would be glued onto the cut line, both lost to every reader. One line saying
+    so, None where no file was cut."""
+    from .export import TRIAL_PREFIX
+    from .storage import RESULT_FILE
+
+    cut = []
+    for entry in sorted(os.scandir(exp_dir), key=lambda e: e.name):
+        path = os.path.join(entry.path, RESULT_FILE)
+        if not entry.name.startswith(TRIAL_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    os.write(fd, b"\n")
+                    cut.append("_".join(entry.name.split("_")[2:4]))  # its trial id
+            finally:
+                os.close(fd)
+    if not cut:
+        return None
+    return f"the last result line of trial(s) {', '.join(cut)} was cut by the kill; it is passed over"
 
 
 def put_back_whole_state(exp_dir: str) -> str | None:

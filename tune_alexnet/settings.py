@@ -301,10 +301,17 @@ def home() -> Path:
 
 
 def say(line: str) -> None:
-    """A line on stderr that a closed terminal or pipe cannot turn into an error, and that shows no secret: every
-    line the command prints of its own comes through here."""
+    """A line on stderr that a closed terminal or pipe cannot turn into an error, and that shows no secret and no
+    terminal control (text read from files may hold escapes): every line the command prints of its own comes
+    through here."""
     with contextlib.suppress(OSError):
-        print(redacted(line), file=sys.stderr, flush=True)
+        print(redacted("\n".join(map(printable, line.split("\n")))), file=sys.stderr, flush=True)
+
+
+def printable(text: str) -> str:
+    """`text` with each character that does not print (a newline, an escape that would drive the terminal)
+    spelled as Python does (\\n, \\x1b)."""
+    return "".join(c if c.isprintable() or c == "\t" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def redacted(uri: str) -> str:
