@@ -260,7 +260,8 @@ def test_a_truncated_experiment_state_still_exports_and_refuses_resume(damaged, 
     assert sorted(p.name for p in copy.glob("experiment_state-*.json")) == states  # nothing newer hides it
 
 
-def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(damaged, capsys, tmp_path):
+def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(damaged, capsys, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
     """Tune's restore unpickles the experiment's files: a planted state would run its code as the user. Without
     --name, such a folder is passed over; named, it is refused before anything of it is read."""
     copy, _ = damaged
@@ -274,22 +275,40 @@ def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(
     (own / "tuner.pkl").write_bytes(b"\x80")
     os.utime(own, (1, 1))
     resume = ["sweep", "--resume", "--storage", str(copy.parent)]
-    for planted, why in [(copy / "tuner.pkl", "can be written by every user (mode 0666)"),
-                         (copy, "can be written by every user (mode 0777)")]:  # fmt: skip
-        planted.chmod(0o777 if planted.is_dir() else 0o666)
+    pickled = copy / "tuner.pkl"
+    for planted, why in [(pickled, "can be written by every user (mode 0666; if it is yours: chmod o-w)"),
+                         (copy, "can be written by every user (mode 0777; if it is yours: chmod o-w)"),
+                         (pickled, "is a symbolic link, which a sweep never makes")]:  # fmt: skip
+        if "link" in why:
+            pickled.rename(tmp_path / "elsewhere.pkl")
+            pickled.symlink_to(tmp_path / "elsewhere.pkl")
+        else:
+            planted.chmod(0o777 if planted.is_dir() else 0o666)
         err = one_line_exit_2([*resume, "--name", "mixed"], capsys)
         assert f"--resume: {planted} {why}, and resuming unpickles Tune's files in it" in err, err
-        err = one_line_exit_2(resume, capsys)  # the newest is passed over: the user's own is the one resumed
+        assert "allowed: an experiment only you can write" in err
+        err = passed_over_then_refused(resume, capsys)  # the newest is passed over, saying so: the user's own next
+        assert err.startswith(f"tune-alexnet: --resume passes over experiment 'mixed': {planted} {why}\n"), err
         assert f"--resume: {own / 'tuner.pkl'}, Tune's record of the sweep's settings, is damaged" in err, err
-        planted.chmod(0o755 if planted.is_dir() else 0o644)
-    if os.geteuid() == 0:  # another user's own folder (only root can make one here)
-        os.chown(copy, 65534, 65534)
-        err = one_line_exit_2([*resume, "--name", "mixed"], capsys)
-        assert f"--resume: {copy} belongs to another user (uid 65534)" in err, err
-        os.chown(own, 65534, 65534)
-        err = one_line_exit_2(resume, capsys)
-        assert "holds no experiment of yours to resume (passed over, not yours alone: mixed, own)" in err, err
+        if not planted.is_symlink():
+            planted.chmod(0o755 if planted.is_dir() else 0o644)
+    real = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: real + 1)  # as another user sees them
+    err = one_line_exit_2([*resume, "--name", "own"], capsys)
+    assert f"--resume: {own} belongs to another user (uid {real})" in err, err
+    err = passed_over_then_refused(resume, capsys, lines=3)
+    assert "holds no experiment of yours to resume (passed over, not yours alone: mixed, own)" in err, err
     assert not ran.exists()
+
+
+def passed_over_then_refused(argv, capsys, lines: int = 2) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == lines and "Traceback" not in err, err
+    return err
 
 
 class _Touch:

@@ -845,6 +845,11 @@ def test_text_from_files_anyone_may_write_reaches_the_terminal_and_tables_withou
     say(str(refused.value))
     err = capsys.readouterr().err
     assert err == f"experiment 'x' in {tmp_path} is in use by evil; wait for it to end, or use another --name\n"
+    lock.write_bytes(b"\xff\xfe not UTF-8")
+    with lock.open() as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PreflightError, match="is in use by \ufffd\ufffd not UTF-8"):
+            lock_experiment(str(tmp_path), "x")
     say("one\x1b]0;title\x07\r\x9b2J two\nthree")  # a line of its own may still be two lines
     assert capsys.readouterr().err == "one\\x1b]0;title\\x07\\r\\x9b2J two\nthree\n"
 

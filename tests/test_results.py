@@ -239,3 +239,11 @@ def test_the_docs_python_runs_on_a_real_experiment(cli_run, tmp_path, monkeypatc
     assert len(scope["every"]) == 2 * len(scope["df"]) == 4
     assert scope["results"].get_best_result().metrics["trial_id"] == scope["best_run"](scope["df"])["trial_id"]
     assert scope["probabilities"].shape == (3, 10) and len(scope["labels"]) == 3
+
+
+def test_a_trial_id_with_a_digit_int_cannot_read_is_scored_as_index_0_without_an_error():
+    """An edited state's trial id ('a_²': a digit to str.isdigit, not to int) broke the tables' best-run rule."""
+    from tune_alexnet.export import best_key, score
+
+    assert score(50.0, 1, "a_²") == score(50.0, 1, "a_0")
+    assert best_key(50.0, 1, "a_00001") < best_key(50.0, 1, "a_00002")

@@ -483,6 +483,7 @@ def test_a_trial_whose_final_result_was_not_saved_resumes_to_its_end_and_its_row
     ran = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=240)
     assert ran.returncode == 1, ran.stdout[-3000:] + ran.stderr[-3000:]  # 1: the experiment's errored trials
     assert f"{trial['trial_id']} from checkpoint_000007, its final one: it had ended" in ran.stdout + ran.stderr
+    assert f"the last result line of trial(s) {trial['trial_id']} was cut by the kill" in ran.stderr
     table = load_experiment(exp).table.set_index("trial_id")
     mine = table.loc[trial["trial_id"]]
     assert mine["status"] == "terminated" and mine["epochs_run"] == 3
@@ -512,3 +513,42 @@ def test_a_result_line_cut_by_a_kill_is_ended_so_the_resumed_results_after_it_ar
         f.write('{"epoch": 2}\n{"epoch": 3}\n')
     epochs = [r["epoch"] for r in _read_results(pyarrow.fs.LocalFileSystem(), str(tmp_path), cut.name)]
     assert epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("case", ["whole", "half-copied", "result.json a link"])
+def test_a_final_checkpoint_beyond_the_state_is_the_trials_end_only_where_it_is_whole(tmp_path, case):
+    """What a kill leaves in a trial folder: a final checkpoint newer than Tune's record, results up to a stop's
+    row. Only a whole one ends the trial (with its row rebuilt); the row is never written through a link."""
+    from tune_alexnet.resume import _final_after, _newest_checkpoint
+
+    trial_dir, victim = tmp_path / "train_cifar_aaaaa_00000_0_x", tmp_path / "victim.txt"
+    final = trial_dir / "checkpoint_000003"
+    final.mkdir(parents=True)
+    progress = {"epoch": 3, "best_val_acc": 40.0, "best_epoch": 3, "epochs_since_best": 0, "train_time_s": 1.0,
+                "eval_time_s": 0.5, "kind": "final"}  # fmt: skip
+    (final / PROGRESS_FILE).write_text(json.dumps(progress))
+    (final / "model.json").write_text("{}")
+    if case != "half-copied":
+        (final / "model.pt").write_bytes(b"weights")
+    rows = [{"epoch": 1, "training_iteration": 1}, {"epoch": 2, "training_iteration": 2},
+            {"saved_for": "stop", "training_iteration": 3}]  # fmt: skip
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if case == "result.json a link":
+        victim.write_text(text)
+        (trial_dir / "result.json").symlink_to(victim)
+    else:
+        (trial_dir / "result.json").write_text(text)
+    trial = {"trial_id": "aaaaa_00000", "config": {"epochs": 3, "patience": 5}}
+    ended = _final_after(str(trial_dir), None, trial["config"])
+    name, metrics, lost = _newest_checkpoint(str(trial_dir), "checkpoint_rank", trial)
+    written = (trial_dir / "result.json").read_text().splitlines()[len(rows) :]
+    if case == "whole":
+        assert ended and name == "checkpoint_000003" and not lost  # epoch 2's row is there: none is lost
+        (row,) = map(json.loads, written)
+        assert (row["epoch"], row["checkpoint_kind"], row["training_iteration"]) == (3, "final", 4)
+        assert metrics["score"] == pytest.approx(40.0, abs=0.01)
+    elif case == "half-copied":
+        assert not ended and name is None and not written  # not a checkpoint at all: Tune's record stands
+    else:
+        assert ended and name == "checkpoint_000003" and lost  # not rebuilt: not written through the link
+        assert victim.read_text() == text

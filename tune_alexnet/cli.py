@@ -235,11 +235,11 @@ def _wandb_project(text: str) -> str:
     """A project name W&B accepts: its refusal comes only once the first trial starts, as a traceback, after the
     experiment folder is written; a name it mangles loses the tracking without a word."""
     bad = not text.strip() or len(text) > WANDB_PROJECT_MAX or any(c in WANDB_PROJECT_BANNED for c in text)
-    if bad or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):
+    if bad or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text):  # Cf: a text direction
         shown = _escaped(text if len(text) <= 40 else text[:40] + "...")
         raise argparse.ArgumentTypeError(
             f"invalid value '{shown}'; allowed: a W&B project name, not blank, at most {WANDB_PROJECT_MAX} "
-            f"characters, without control characters or any of {' '.join(WANDB_PROJECT_BANNED)}"
+            f"characters, without control or format characters or any of {' '.join(WANDB_PROJECT_BANNED)}"
         )
     return text
 

@@ -189,7 +189,7 @@ def score(accuracy, run, trial_id) -> float:
         return math.nan
     rank = STUDY_RUNS + 1 if run is None or pd.isna(run) else int(run)
     index = str(trial_id or "").rsplit("_", 1)[-1]
-    index = min(int(index), 99_999) if index.isdigit() else 0
+    index = min(int(index), 99_999) if index.isascii() and index.isdigit() else 0  # not '²', a digit int() refuses
     return round(float(accuracy), 2) - rank * SCORE_STEP_RUN - index * SCORE_STEP_TRIAL
 
 

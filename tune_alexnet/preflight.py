@@ -251,7 +251,7 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
         kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} names"
         raise PreflightError(f"the lock file {path} is {kind}, which tune-alexnet never makes; remove it, or use "
                              "another --name")  # fmt: skip
-    handle = os.fdopen(fd, "r+")
+    handle = os.fdopen(fd, "r+", errors="replace")  # its text is anyone's to write: bytes of any encoding
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if not path.exists() or os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
@@ -315,17 +315,19 @@ def latest_experiment(root: str) -> str:
             f"--resume without --name needs a local --storage folder that holds experiments; got {root}"
         )
     found = [p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink() and tune.Tuner.can_restore(str(p))]
-    theirs = [p for p in found if _not_yours(str(p))]  # never picked for the user: a resume unpickles its files
-    found = [p for p in found if p not in theirs]
+    theirs = {p.name: why for p in found if (why := _not_yours(str(p)))}  # never picked: a resume unpickles it
+    found = [p for p in found if p.name not in theirs]
+    others = f" (passed over, not yours alone: {', '.join(sorted(theirs))})" if theirs else ""
+    for name, why in sorted(theirs.items()):
+        settings.say(f"tune-alexnet: --resume passes over experiment {name!r}: {why}")
     if not found:
-        others = f" (passed over, not yours alone: {', '.join(sorted(p.name for p in theirs))})" if theirs else ""
         raise PreflightError(f"--resume: {root} holds no experiment of yours to resume{others}; start one without "
                              "--resume")  # fmt: skip
     unfinished = [p for p in found if not _finished(p)]
     if not unfinished:
         names = ", ".join(sorted(p.name for p in found))
         raise PreflightError(
-            f"--resume: every experiment in {root} has finished ({names}); pass --name "
+            f"--resume: every experiment in {root} has finished ({names}){others}; pass --name "
             f"to resume one anyway (its errored trials are retried)"
         )
     return max(unfinished, key=lambda p: p.stat().st_mtime).name
@@ -502,7 +504,8 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
     if theirs:  # before anything of it is read: Tune's restore unpickles its files, which can run any code
         raise PreflightError(
             f"--resume: {theirs}, and resuming unpickles Tune's files in it, which would run whatever code they "
-            f"hold as you; resume only your own experiments (what finished is in 'tune-alexnet export {exp_uri}')"
+            f"hold as you; allowed: an experiment only you can write (what finished is in 'tune-alexnet export "
+            f"{exp_uri}')"
         )
     if not is_remote(exp_uri):  # what a W&B run left when a second Ctrl-C cut the sweep's end short
         from .export import TRIAL_PREFIX
@@ -555,18 +558,21 @@ def _not_yours(exp_path: str) -> str | None:
     folders = [f for f in (exp_path, os.path.join(exp_path, STATE_COPIES)) if os.path.lexists(f)]
     paths = list(folders)
     for folder in folders:
-        if os.path.isdir(folder) and not os.path.islink(folder):
-            with contextlib.suppress(OSError):  # unreadable: the checks after this one say so
-                paths += sorted(e.path for e in os.scandir(folder) if e.name.endswith((".pkl", ".json")))
+        with contextlib.suppress(OSError):  # unreadable: the checks after this one say so
+            paths += sorted(e.path for e in os.scandir(folder) if e.name.endswith((".pkl", ".json")))
     for path in paths:
-        try:
-            st = os.lstat(path)
+        try:  # the folder as named (a link to it is the user's own choice); inside it, what Tune would read
+            st = os.stat(path) if path == exp_path else os.lstat(path)
         except OSError:
             continue
+        if stat.S_ISLNK(st.st_mode):
+            return f"{path} is a symbolic link, which a sweep never makes"
         if st.st_uid != uid:
             return f"{path} belongs to another user (uid {st.st_uid})"
-        if st.st_mode & stat.S_IWOTH and not stat.S_ISLNK(st.st_mode):
-            return f"{path} can be written by every user (mode {stat.S_IMODE(st.st_mode):04o})"
+        if st.st_mode & stat.S_IWOTH:
+            return (
+                f"{path} can be written by every user (mode {stat.S_IMODE(st.st_mode):04o}; if it is yours: chmod o-w)"
+            )
     return None
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -330,18 +331,22 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
     from ray.train._internal.session import _TrainingResult
     from ray.tune import Checkpoint
 
+    from .storage import plain_name
+
     try:
         trial, meta = json.loads(pair[0]), json.loads(pair[1])
         if trial.get("status") == "TERMINATED":  # never restored: its tables say what it left
             return None
         storage, manager = _unpickled(trial["storage"]), _unpickled(meta["checkpoint_manager"])
         was, here = storage.trial_fs_path, os.path.join(exp_dir, storage.trial_dir_name)
+        if not plain_name(storage.trial_dir_name) or os.path.islink(here):  # nothing written outside the experiment
+            return None
 
         def kept(result) -> bool:  # where the trial folder is now (Tune re-roots its checkpoints the same way)
             return os.path.isdir(os.path.join(here, os.path.relpath(result.checkpoint.path, was)))
 
         latest, results = manager.latest_checkpoint_result, manager._checkpoint_results
-        ended = _final_after(here, latest)
+        ended = _final_after(here, latest, trial.get("config"))
         if (latest is None or kept(latest)) and all(kept(r) for r in results) and not ended:
             return None
         manager._checkpoint_results = [r for r in results if kept(r)]  # Tune would fail deleting one that is gone
@@ -375,17 +380,15 @@ def _repoint(pair: list, exp_dir: str) -> str | None:
         return None
 
 
-def _final_after(trial_dir: str, latest) -> bool:
+def _final_after(trial_dir: str, latest, config) -> bool:
     """Whether the trial's newest checkpoint is a final one newer than the `latest` Tune's state records: a kill
     just after the trial's last report, before Tune saved its state. Left so, the resume would train the trial
     again from the recorded one (a checkpoint newer than Tune's record is taken only as a stop's state)."""
-    from .checkpoint import KIND_FINAL, read_progress
-
-    numbers = [n for n in _checkpoint_numbers(trial_dir) if read_progress(Path(trial_dir, _folder(n))) is not None]
+    numbers = [n for n in _checkpoint_numbers(trial_dir) if _complete(os.path.join(trial_dir, _folder(n)))]
     recorded = CHECKPOINT_FOLDER.fullmatch(os.path.basename(latest.checkpoint.path)) if latest is not None else None
     if not numbers or (recorded and max(numbers) <= int(recorded[1])):
         return False
-    return read_progress(Path(trial_dir, _folder(max(numbers)))).get("kind") == KIND_FINAL
+    return _whole_final(os.path.join(trial_dir, _folder(max(numbers))), config) is not None
 
 
 def _folder(number: int) -> str:
@@ -416,20 +419,20 @@ def _newest_checkpoint(trial_dir: str, score: str | None, trial: dict) -> tuple[
     iteration, time, `score` and the metric), and whether its result (with those of the epochs before it) never
     reached the trial's result.json: Tune writes those at its state saves. A final checkpoint's missing result is
     written back (`_final_row`): the trial reports nothing more, and the tables read how it ended from that row."""
-    from .checkpoint import PROGRESS_FILE
     from .storage import RESULT_FILE
 
     names = [_folder(i) for i in sorted(_checkpoint_numbers(trial_dir))]
-    names = [n for n in names if os.path.isfile(os.path.join(trial_dir, n, PROGRESS_FILE))]
+    names = [n for n in names if _complete(os.path.join(trial_dir, n))]
     if not names:
         return None, {}, False
-    last, match = {}, None
+    last, match, last_epoch = {}, None, 0  # last_epoch: of the last row that has one (a stop's row has none)
     with contextlib.suppress(OSError), open(os.path.join(trial_dir, RESULT_FILE), "rb") as f:
         for line in iter(lambda: f.readline(RESULT_ROW_BYTES), b""):  # a longer line: pieces that do not parse
             with contextlib.suppress(ValueError):
                 if isinstance(row := json.loads(line), dict):
                     last = row
                     match = row if row.get("checkpoint_dir_name") == names[-1] else match
+                    last_epoch = row["epoch"] if type(row.get("epoch")) is int else last_epoch
 
     def pick(row: dict) -> dict:  # result.json is data anyone may have written: only numbers Tune could have put
         kinds = {"training_iteration": (int,), "time_total_s": (int, float), score: (int, float)}
@@ -444,30 +447,30 @@ def _newest_checkpoint(trial_dir: str, score: str | None, trial: dict) -> tuple[
 
     if match is not None:
         return names[-1], pick(match), False
-    final = _final_row(trial_dir, names[-1], last, trial)
+    final = _final_row(trial_dir, names[-1], last, last_epoch, trial)
     if final is not None:
-        return names[-1], pick(final), last.get("epoch", 0) < final["epoch"] - 1
+        return names[-1], pick(final), last_epoch < final["epoch"] - 1
     # The next results number on from the last one recorded; the checkpoint ranks below any reported one.
     return names[-1], {k: v for k, v in pick(last).items() if k != score}, True
 
 
-def _final_row(trial_dir: str, name: str, last: dict, trial: dict) -> dict | None:
+def _final_row(trial_dir: str, name: str, last: dict, before: int, trial: dict) -> dict | None:
     """Where the newest checkpoint is the trial's final one and its epoch has no row in result.json: that row,
     rebuilt from the checkpoint's counters and appended to result.json; None where there is nothing to rebuild
     (also where the counters would make a row the tables refuse). How the epoch ran (its losses, the device) is
     not in a checkpoint: the row leaves those out rather than guess them."""
-    from .checkpoint import KIND_FINAL, read_progress
+    from .checkpoint import KIND_FINAL
     from .export import line_problem, score
     from .grid import run_number
     from .storage import RESULT_FILE
     from .train import NEW_COUNTERS
 
-    progress = read_progress(Path(trial_dir) / name)
-    if not progress or progress.get("kind") != KIND_FINAL:
+    progress = _whole_final(os.path.join(trial_dir, name), trial.get("config"))
+    if progress is None:
         return None
     row = {k: progress.get(k) for k in NEW_COUNTERS}
-    before, iteration = (v if type(v) is int else 0 for v in (last.get("epoch"), last.get("training_iteration")))
-    if type(row["epoch"]) is not int or row["epoch"] <= before or line_problem(row):
+    iteration = last.get("training_iteration") if type(last.get("training_iteration")) is int else 0
+    if row["epoch"] <= before or line_problem(row):
         return None  # the row is there (or the counters are not a final epoch's): nothing to rebuild
     try:
         run = run_number(trial["config"])
@@ -479,13 +482,50 @@ def _final_row(trial_dir: str, name: str, last: dict, trial: dict) -> dict | Non
         "checkpoint_dir_name": name, "training_iteration": min(max(iteration, 0), 10**9) + 1,
         "trial_id": trial.get("trial_id"), "rebuilt_from_checkpoint": True,
     }  # fmt: skip
-    path = os.path.join(trial_dir, RESULT_FILE)
-    with open(path, "a+b") as f:
-        ends_whole = f.tell() == 0 or os.pread(f.fileno(), 1, f.tell() - 1) == b"\n"
-        f.write((b"" if ends_whole else b"\n") + json.dumps(row).encode() + b"\n")  # after a cut line, not in it
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        fd = os.open(os.path.join(trial_dir, RESULT_FILE), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:  # a link (never followed), or not writable: the row stays lost, and the line says so
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would carry the row to another name
+            return None
+        ends_whole = st.st_size == 0 or os.pread(fd, 1, st.st_size - 1) == b"\n"
+        os.write(fd, (b"" if ends_whole else b"\n") + json.dumps(row).encode() + b"\n")  # after a cut line
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return row
+
+
+def _whole_final(folder: str, config) -> dict | None:
+    """The counters of a final checkpoint that ends the trial of `config` and is whole (its weights and their
+    arguments there, no resume state): one half-copied by a kill, or edited, is not taken as the trial's end, so
+    the trial trains on from the one before. None where it is not such a checkpoint."""
+    from .checkpoint import KIND_FINAL, TRAINER_FILE, read_progress
+    from .train import run_ended
+
+    progress = read_progress(Path(folder)) if _complete(folder) else None
+    if not progress or progress.get("kind") != KIND_FINAL or os.path.lexists(os.path.join(folder, TRAINER_FILE)):
+        return None
+    try:
+        return progress if type(progress.get("epoch")) is int and run_ended(progress, config) else None
+    except (KeyError, TypeError):  # a config without epochs or patience: nothing to check the counters by
+        return None
+
+
+def _complete(folder: str) -> bool:
+    """Whether a checkpoint folder holds what every checkpoint of ours does, each a regular file that is not
+    empty: Tune copies a checkpoint's files in parallel, and a kill in the middle leaves some."""
+    from .checkpoint import MODEL_ARGS_FILE, MODEL_FILE, PROGRESS_FILE
+
+    def regular(name: str) -> bool:
+        with contextlib.suppress(OSError):
+            st = os.lstat(os.path.join(folder, name))
+            return stat.S_ISREG(st.st_mode) and st.st_size > 0
+        return False
+
+    return all(map(regular, (PROGRESS_FILE, MODEL_FILE, MODEL_ARGS_FILE)))
 
 
 def end_cut_result_lines(exp_dir: str) -> str | None:

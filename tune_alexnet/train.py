@@ -457,7 +457,7 @@ def _trainer_state(trial: Trial, rt: Runtime) -> dict:
     }
 
 
-def _ended(progress: dict, cfg: dict) -> bool:
+def run_ended(progress: dict, cfg: dict) -> bool:
     """Whether a final checkpoint's counters say what ends a run: a divergence, or the stopping rule on this
     trial's own patience and epochs. Anything else (an edited progress.json) is passed over, not taken on trust."""
     epoch, since = progress.get("epoch"), progress.get("epochs_since_best")
@@ -500,7 +500,7 @@ def _resume_candidates(candidates, cfg: dict):
             ):
                 if (d / checkpoint.TRAINER_FILE).exists():
                     why = "it holds a resume state, which a final checkpoint never does"
-                elif not _ended(progress, cfg):
+                elif not run_ended(progress, cfg):
                     why = (f"epoch {shown(progress.get('epoch'))} of {cfg['epochs']}, "
                            f"{shown(progress.get('epochs_since_best'))} epochs without improvement, "
                            f"patience {cfg['patience']}")  # fmt: skip
