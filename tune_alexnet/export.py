@@ -919,9 +919,10 @@ def _lock_within(fd: int, out: str, wait_s: float) -> None:
 
 
 def check_room(out: str | os.PathLike, sizes: dict[str, int], what: str) -> None:
-    """Refuse, before a folder is made or a file written, a local `out` without room for files of `sizes` (bytes
-    by name), each rounded up to whole blocks as the disk counts them, or where a folder has one of their names. Written whole or not at all, one at a time
-    (atomic_write), each new file needs its full size beside the one it replaces."""
+    """Refuse, before a folder is made or a file written, a local `out` where a folder has one of the names in
+    `sizes` (bytes by name), or without room for those files, each rounded up to whole blocks as the disk counts
+    them. Written whole or not at all, one at a time (atomic_write), each new file needs its full size beside the
+    one it replaces."""
     out = storage_uri(os.fspath(out))
     if is_remote(out):
         return

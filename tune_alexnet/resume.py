@@ -543,7 +543,8 @@ def end_cut_result_lines(exp_dir: str) -> str | None:
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)  # a hard link would carry the newline to another name
+                size = st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else 0
                 if size and os.pread(fd, 1, size - 1) != b"\n":
                     os.write(fd, b"\n")
                     cut.append("_".join(entry.name.split("_")[2:4]))  # its trial id
