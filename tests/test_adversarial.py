@@ -27,18 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_line_exit_2(argv, capsys) -> str:
+def exit_2_lines(argv, capsys, count: int) -> list[str]:
+    """The `count` lines of a refusal (exit 2, no traceback); the data's progress bar may come first."""
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = [
-        ln for ln in err.splitlines() if ln.strip() and "decoding " not in ln
-    ]  # the data's progress bar may come first
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    lines = [ln for ln in err.splitlines() if ln.strip() and "decoding " not in ln]
+    assert len(lines) == count and "Traceback" not in err, err
+    return lines
+
+
+def one_line_exit_2(argv, capsys) -> str:
+    return exit_2_lines(argv, capsys, 1)[0]
 
 
 @pytest.mark.slow
@@ -287,7 +290,7 @@ def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(
         err = one_line_exit_2([*resume, "--name", "mixed"], capsys)
         assert f"--resume: {planted} {why}, and resuming unpickles Tune's files in it" in err, err
         assert "allowed: an experiment only you can write" in err
-        err = passed_over_then_refused(resume, capsys)  # the newest is passed over, saying so: the user's own next
+        err = "\n".join(exit_2_lines(resume, capsys, 2))  # the newest is passed over, saying so: the user's own next
         assert err.startswith(f"tune-alexnet: --resume passes over experiment 'mixed': {planted} {why}\n"), err
         assert f"--resume: {own / 'tuner.pkl'}, Tune's record of the sweep's settings, is damaged" in err, err
         if not planted.is_symlink():
@@ -296,19 +299,9 @@ def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(
     monkeypatch.setattr(os, "geteuid", lambda: real + 1)  # as another user sees them
     err = one_line_exit_2([*resume, "--name", "own"], capsys)
     assert f"--resume: {own} belongs to another user (uid {real})" in err, err
-    err = passed_over_then_refused(resume, capsys, lines=3)
+    err = "\n".join(exit_2_lines(resume, capsys, 3))
     assert "holds no experiment of yours to resume (passed over, not yours alone: mixed, own)" in err, err
     assert not ran.exists()
-
-
-def passed_over_then_refused(argv, capsys, lines: int = 2) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == lines and "Traceback" not in err, err
-    return err
 
 
 class _Touch:

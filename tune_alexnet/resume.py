@@ -392,7 +392,10 @@ def _final_after(trial_dir: str, latest, config) -> bool:
 
 
 def _folder(number: int) -> str:
-    return f"checkpoint_{number:06d}"  # Tune's name for its checkpoint of that index
+    """Tune's name for its checkpoint of that index, as Tune makes it (ray_hooks names the next one so too)."""
+    from ray.train._internal.storage import StorageContext
+
+    return StorageContext._make_checkpoint_dir_name(number)
 
 
 def _unpickled(blob: dict):
