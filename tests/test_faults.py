@@ -315,7 +315,7 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
 
     from tune_alexnet.stopping import STOP_WAIT_S
 
-    storage, epochs = tmp_path / "results", 100  # 0.2 s an epoch: still training when the stop comes
+    storage, epochs = tmp_path / "results", 40  # 0.2 s an epoch: still training when the stop comes
     exp_dir = storage / "saved"
     log = tmp_path / "sweep.log"
     # A resume state at every epoch's end (Tune records each) and the stop's, inside the next one, which Tune
@@ -395,15 +395,11 @@ def test_a_stop_in_a_trials_first_epoch_is_where_resume_goes_on(tmp_path):
 def test_sigterm_to_the_whole_process_group_saves_writes_the_tables_and_resumes(synthetic_dir, tmp_path):
     """`timeout`, systemd's KillMode=control-group and a shell's `kill -- -PGID` signal every process of the
     driver's group: the local Ray it started is not among them, so the trials still save and the tables follow."""
-    storage, epochs = tmp_path / "results", 100  # 0.1-0.2 s an epoch: still training when the signal comes
+    storage, epochs = tmp_path / "results", 40  # 0.1-0.2 s an epoch: still training when the signal comes
     exp_dir = storage / "grouped"
     log = tmp_path / "sweep.log"
-    proc = start_sweep(
-        sweep_args(
-            synthetic_dir, storage, "grouped", epochs, ["--patience", "100", "--dropout", "true", "--batch-size", "32"]
-        ),
-        log,
-    )
+    extra = ["--patience", "100", "--dropout", "true", "--batch-size", "32", "--best-every", "0"]
+    proc = start_sweep(sweep_args(synthetic_dir, storage, "grouped", epochs, extra), log)  # each gain seen at once
     wait_for(lambda: any(len(epochs_of(r)) >= 2 for r in reported_epochs(exp_dir).values()), proc, "a trial to train")
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
     assert ray_processes and all(os.getpgid(p.pid) != proc.pid for p in ray_processes)
@@ -427,10 +423,11 @@ def test_a_stopped_sweep_with_wandb_closes_its_runs_and_resumes_past_wbs_links(s
     """Ctrl-C with an offline W&B tracker: the running trials' W&B runs are closed (Ray's callback waited for
     their ends, which a stop never gives, for its 30-minute upload timeout), and a link W&B left in a run (as a
     second Ctrl-C leaves it) does not keep --resume from going on."""
-    storage, epochs = tmp_path / "results", 100  # 0.2 s an epoch: still training when the stop comes
+    storage, epochs = tmp_path / "results", 40  # 0.2 s an epoch: still training when the stop comes
     exp_dir = storage / "tracked"
     args = sweep_args(synthetic_dir, storage, "tracked", epochs, ["--dropout", "true", "--batch-size", "32",
-                                                                  "--patience", "100", "--wandb", "try"])  # fmt: skip
+                                                                  "--patience", "100", "--wandb", "try",
+                                                                  "--best-every", "0"])  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "RAY_ADDRESS"}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))
     log = tmp_path / "first.log"
