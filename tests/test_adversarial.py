@@ -304,6 +304,57 @@ def test_a_resume_never_unpickles_an_experiment_another_user_could_have_written(
     assert not ran.exists()
 
 
+@pytest.mark.parametrize("where", ["a trial folder", "a checkpoint folder", "a trial's result.json"])
+def test_a_resume_refuses_an_experiment_with_anything_another_user_could_swap(damaged, capsys, where):
+    """A resume appends to the trials' files: in a folder every user can write, another could swap result.json
+    for a link to a file of theirs between the checks and the appends, and the trial's rows went there."""
+    copy, _ = damaged
+    trial = sorted(copy.glob("train_cifar_*"))[0]
+    opened = {"a trial folder": trial, "a checkpoint folder": next(trial.glob("checkpoint_*")),
+              "a trial's result.json": trial / "result.json"}[where]  # fmt: skip
+    opened.chmod(0o777 if opened.is_dir() else 0o666)
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    mode = "0777" if opened.is_dir() else "0666"
+    assert f"--resume: {opened} can be written by every user (mode {mode}; if it is yours: chmod o-w)" in err, err
+
+
+def test_a_refused_resume_writes_nothing(damaged, capsys):
+    """The mending of a cut result line ran before the check of the flags given, which then refused the resume."""
+    copy, _ = damaged
+    result = sorted(copy.glob("train_cifar_*"))[0] / "result.json"
+    result.write_bytes(result.read_bytes()[:-20])  # cut inside its last line, as a kill leaves it
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent), "--epochs", "41"],
+                          capsys)  # fmt: skip
+    assert "--epochs" in err and {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("shut", ["tuner.pkl", "a trial's result.json", "the kept states"])
+def test_a_resume_of_an_experiment_you_cannot_read_says_so(damaged, shut):
+    """As a user without root's override: an unreadable state or tuner record was a traceback, or 'damaged'
+    with advice to start afresh; an unreadable folder of kept states was passed over without a word."""
+    from tune_alexnet.resume import STATE_COPIES
+
+    copy, _ = damaged
+    closed = {"tuner.pkl": copy / "tuner.pkl", "a trial's result.json": sorted(copy.glob("train_cifar_*"))[0]
+              / "result.json", "the kept states": copy / STATE_COPIES}[shut]  # fmt: skip
+    if shut == "the kept states":
+        closed.mkdir(exist_ok=True)
+    closed.chmod(0)
+    no_override = [
+        "setpriv",
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--inh-caps=-dac_override,-dac_read_search",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([*no_override, sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--name", "mixed",
+                           "--storage", str(copy.parent)], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0] == (f"tune-alexnet sweep: error: --resume: {closed} cannot be read (its mode, or its owner, keeps "
+                        "you out); once it can, the same command continues experiment 'mixed'"), lines  # fmt: skip
+
+
 class _Touch:
     def __init__(self, path: str):
         self.path = path
@@ -332,9 +383,11 @@ def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged
     assert f"--resume: {state} is a FIFO, which a sweep never makes; what finished is in 'tune-alexnet export" in err
 
 
-@pytest.mark.parametrize("odd", ["a file named as a checkpoint folder", "a result.json past the limit"])
+@pytest.mark.parametrize("odd", ["a file named as a checkpoint folder", "a result.json past the limit",
+                                 "a folder named as the newest state", "a folder in place of progress.csv"])  # fmt: skip
 def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, capsys, odd):
-    """Tune would fail the trial at every try making that folder, or read the whole file into memory (20 GB)."""
+    """Tune would fail the trial at every try making that folder, or read the whole file into memory (20 GB); a
+    folder named as a file was a traceback, or a trial failed at every try."""
     from tune_alexnet.storage import RESULT_LIMIT
 
     copy, _ = damaged
@@ -342,6 +395,11 @@ def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, cap
     if odd.startswith("a file"):
         (trial / "checkpoint_000099").write_text("x")
         said = f"{trial}/checkpoint_000099 is a file named as a checkpoint folder"
+    elif odd.startswith("a folder"):
+        folder = copy / "experiment_state-2099-01-01_00-00-00.json" if "state" in odd else trial / "progress.csv"
+        folder.unlink(missing_ok=True)
+        folder.mkdir()
+        said = f"{folder} is a folder named as a file"
     else:
         os.truncate(trial / "result.json", RESULT_LIMIT + 1)  # sparse: no room taken
         said = f"{trial}/result.json holds 64.0 MiB, more than 64 MiB (Tune would read it whole)"
@@ -912,6 +970,21 @@ def test_a_value_with_a_control_character_is_one_line_shown_escaped(argv, tmp_pa
     err = one_line_exit_2(argv, capsys)
     assert "(it holds a control character)" in err and "s3cret-pw" not in err, err
     assert any(escape in err for escape in ("\\n", "\\t", "\\r")) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["e\x1b]0;PWNED\x07\x1b[31mX", "o\u202eq"], ids=["escapes", "text direction"])
+@pytest.mark.parametrize("argv", [["sweep", "--storage", "rr", *TINY], ["sweep", *TINY], ["export", "base"],
+                                  ["report", "base"], ["export", "/x", "--out", "tables"]])  # fmt: skip
+def test_a_relative_path_in_a_folder_named_with_control_characters_is_refused(folder, argv, tmp_path, monkeypatch,
+                                                                              capsys):  # fmt: skip
+    """The check looked at the path as typed, not the full path it becomes, which the console, results.csv and
+    report.md then showed raw: a terminal title set, colours, text reversed."""
+    work = tmp_path / folder
+    work.mkdir()
+    monkeypatch.chdir(work)
+    err = one_line_exit_2(argv, capsys)
+    assert "(it holds a control character, as " in err and "\x1b" not in err and "\u202e" not in err, err
+    assert list(work.iterdir()) == []
 
 
 @pytest.mark.parametrize("uri", ["postgresql://u:s3cret-pw@127.0.0.1:1/db", "mysql://u:s3cret-pw@127.0.0.1:1/db",

@@ -68,6 +68,11 @@ from tune_alexnet.cli import _settings, build_parser, main
         (["sweep", "--storage", "r\udcff"], "--storage: invalid value 'r\\xff'; allowed: a path or URI in UTF-8"),
         (["export", "x", "--out", "o\udcff"], "--out: invalid value 'o\\xff'; allowed: a path or URI in UTF-8"),
         (["sweep", "--mlflow", "file:///m\udcff"], "--mlflow: invalid value 'file:///m\\xff'; allowed: a path or URI"),
+        (["sweep", "--epochs", "\u0661\u0660"], "--epochs: invalid value '\u0661\u0660'; allowed: a whole number"),
+        (["sweep", "--seed", "\uff11"], "--seed: invalid value '\uff11'; allowed: a whole number"),  # full-width 1
+        (["sweep", "--lr", "1_0"], "--lr: invalid value '1_0'; allowed: a number"),
+        (["sweep", "--batch-size", "\uff13\uff12"], "--batch-size: invalid value '\uff13\uff12'; allowed:"),
+        (["sweep", "--optimizer", "all,sgd"], "invalid value 'all,sgd' ('all' stands for every value, so nothing"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):

@@ -213,6 +213,10 @@ def _own_ray_link(d: Path, tmpdir: Path, victim: Path) -> None:
     (private / "ray").symlink_to(victim)
 
 
+def _tmpdir_not_utf8(d: Path, tmpdir: Path, victim: Path) -> None:
+    os.mkdir(os.fsencode(d) + b"/t\xff", 0o700)
+
+
 def _token(kind: str):
     def plant(d: Path, tmpdir: Path, victim: Path) -> None:
         token = d / "home" / ".ray" / "auth_token"
@@ -270,6 +274,10 @@ LOCAL_RAY_CASES = {
     "a token of 50 MB": (_token("huge"), {}, "/.ray/auth_token is 50000000 bytes long; allowed: at most 4096"),
     "a token given that is not ASCII": (None, {"RAY_AUTH_TOKEN": "t\u00f6ken"}, "RAY_AUTH_TOKEN, Ray's token, holds "
                                         "byte 0xc3 at 1"),
+    "Kubernetes' tokens asked for": (None, {"RAY_ENABLE_K8S_TOKEN_AUTH": "1"}, "RAY_ENABLE_K8S_TOKEN_AUTH=1 asks for "
+                                     "Kubernetes token authentication, which only a Ray cluster on Kubernetes"),
+    "a TMPDIR whose name is not UTF-8": (_tmpdir_not_utf8, {"TMPDIR": "{d}/t\udcff"}, "Ray's session folder cannot "
+                                         "lie in "),
 }  # fmt: skip
 
 
@@ -292,6 +300,8 @@ def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthet
     assert code == 2 and len(lines) == 1 and needle in lines[0], lines[-20:]
     assert list(victim.iterdir()) == [] or case == "a token linked to another's file"  # nothing written through
     assert not storage.exists()  # a refused sweep leaves no folder behind
+    if case == "a TMPDIR whose name is not UTF-8":  # refused before Ray began a session there
+        assert "t\\xff, whose name is not UTF-8" in lines[0] and not os.listdir(os.fsencode(open_dir) + b"/t\xff")
 
 
 @pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
@@ -335,6 +345,9 @@ def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_said(op
     assert f"lies in {open_dir}, which other users can write to (mode 0777, no sticky bit)" in capsys.readouterr().err
     open_dir.chmod(0o1777)  # the sticky bit: only the folder's owner may rename it
     assert cluster.private_temp_dir() == str(private) and not capsys.readouterr().err
+    os.chown(open_dir, 65534, 65534)  # ... and that owner is another user, who may rename what it holds
+    assert cluster.private_temp_dir() == str(private)
+    assert f"lies in {open_dir}, which another user owns (uid 65534; the sticky bit" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -491,6 +504,13 @@ def test_a_new_token_is_made_private_from_the_start(open_dir, monkeypatch, caplo
         ("ray://127.0.0.1:1", "invalid value 'ray://127.0.0.1:1': Ray Client (ray://) addresses are not supported"),
         ("auto", None),
         ("10.0.0.5:6379", None),
+        ("[::1]:6379", None),
+        ("127.0.0.1:-1", "invalid value '127.0.0.1:-1': not host:port with a port from 1 to 65535"),  # Ray: minutes
+        ("127.0.0.1:99999999999999999999", "not host:port with a port from 1 to 65535"),  # a traceback
+        ("127.0.0.1:99999", "not host:port with a port from 1 to 65535"),
+        ("127.0.0.1:\u0661\u0660", "not host:port with a port from 1 to 65535"),  # Arabic-Indic digits
+        ("10.0.0.5", "invalid value '10.0.0.5': not host:port"),
+        (":6379", "not host:port"),
     ],
 )
 def test_an_address_that_names_no_cluster_to_join_is_one_line(address, needle):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -390,6 +391,18 @@ def test_a_cut_experiment_state_is_put_back_from_its_staged_copy_and_a_whole_one
     (exp / newer).write_bytes(b"")  # killed while Tune copied it: truncated, nothing written yet
     assert "was cut short" in put_back_whole_state(str(exp))
     assert (exp / newer).read_text() == '{"trial_data": []}'
+    # The search algorithm's state, a pickle Tune names .json, is saved the same way, and a cut one made Tune's
+    # restore start the search afresh: a trial with an empty config, failing at every try.
+    search = "basic-variant-state-2026-12-05_02-00-00.json"
+    (staging / search).write_bytes(pickle.dumps({"finished": True}))
+    keep_whole_state(str(staging), str(exp))
+    assert sorted(p.name for p in (exp / STATE_COPIES).iterdir()) == [search, newer]  # one of each kind
+    for cut in (b"", pickle.dumps({"finished": True})[:-3]):
+        (exp / search).write_bytes(cut)
+        said = put_back_whole_state(str(exp))
+        assert said.startswith(f"the search state {search} was cut short (the sweep was killed while Tune wrote it)")
+        assert pickle.loads((exp / search).read_bytes()) == {"finished": True}
+    assert put_back_whole_state(str(exp)) is None
 
 
 LEFT = {  # what the trial's folder holds once Tune's state names a checkpoint that is gone

@@ -41,12 +41,14 @@ from .settings import (
     printable,
     redacted,
     say,
+    shown,
 )
 from .storage import SCHEMES
 
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+CONTROLS = ("Cc", "Cf", "Zl", "Zp")  # categories of characters refused in paths and names (Cf: a text direction)
 MAX_NAME = 100  # Tune adds trial folder names of ~120 characters below it; paths stay well under PATH_MAX
 GRID_FLAGS = ("optimizer", "lr", "batch_size", "dropout", "batchnorm", "runs")
 # What defines a trial's result: a resume continues the experiment's own, so these cannot change with --resume.
@@ -66,7 +68,7 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):  # argparse prints usage + message; we want one line, with no secret in it
-        self.exit(EXIT_USAGE, redacted(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
+        self.exit(EXIT_USAGE, shown(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
 
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
@@ -107,10 +109,15 @@ def _list_of(kind, allowed_text: str, check=lambda v: True, choices=None, exampl
         for part in text.split(","):
             part = part.strip().lower()
             if choices is not None and part == "all":
+                if len(text.split(",")) > 1:
+                    raise argparse.ArgumentTypeError(
+                        f"invalid value {text!r} ('all' stands for every value, so nothing goes beside it); allowed: "
+                        f"{allowed_text}"
+                    )
                 values.extend(choices)
                 continue
-            try:
-                value = kind(part)
+            try:  # as written in ASCII digits: Python would read '1_0' as 10, and other scripts' digits too
+                value = kind(part) if part.isascii() and "_" not in part else None
             except ValueError:
                 value = None
             if value is None or (choices is not None and value not in choices) or not check(value):
@@ -139,12 +146,12 @@ def _bounded(name: str):
     bound = BOUNDS[name]
 
     def parse(text: str):
-        try:
-            value = float(text)
-            value = int(value) if bound.whole and bound.allows(value) else value
+        try:  # as written in ASCII digits: Python would read '1_0' as 10, and other scripts' digits too
+            value = float(text) if text.isascii() and "_" not in text else None
+            value = int(value) if value is not None and bound.whole and bound.allows(value) else value
         except (ValueError, OverflowError):
             value = None
-        if value is None or not bound.allows(value) or (bound.whole and not re.fullmatch(r"[+]?\d+", text.strip())):
+        if value is None or not bound.allows(value) or (bound.whole and not re.fullmatch(r"[+]?[0-9]+", text.strip())):
             raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {bound.text()}")
         return value
 
@@ -176,12 +183,14 @@ def _place(text: str) -> str:
     path it becomes: the working folder or home may not be UTF-8 either."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; allowed: a folder or URI")
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text):  # a newline would split the refusal too
-        raise argparse.ArgumentTypeError(
-            f"invalid value '{_escaped(text)}' (it holds a control character); allowed: a folder or URI without "
-            "control characters such as a newline or tab"
-        )
     full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+    for value in (text, full):  # the tables, the report and the console name the full path
+        if any(unicodedata.category(c) in CONTROLS for c in value):  # a newline would split the refusal too
+            held = "" if value == text else f", as {_escaped(full)}"
+            raise argparse.ArgumentTypeError(
+                f"invalid value '{_escaped(text)}' (it holds a control character{held}); allowed: a folder or URI "
+                "without control characters such as a newline, a tab or a text-direction mark"
+            )
     for step in [full, *Path(full).parents] if "://" not in text else []:
         if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
             raise argparse.ArgumentTypeError(
@@ -235,10 +244,10 @@ def _wandb_project(text: str) -> str:
     """A project name W&B accepts: its refusal comes only once the first trial starts, as a traceback, after the
     experiment folder is written; a name it mangles loses the tracking without a word."""
     bad = not text.strip() or len(text) > WANDB_PROJECT_MAX or any(c in WANDB_PROJECT_BANNED for c in text)
-    if bad or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text):  # Cf: a text direction
-        shown = _escaped(text if len(text) <= 40 else text[:40] + "...")
+    if bad or any(unicodedata.category(c) in CONTROLS for c in text):
+        named = _escaped(text if len(text) <= 40 else text[:40] + "...")
         raise argparse.ArgumentTypeError(
-            f"invalid value '{shown}'; allowed: a W&B project name, not blank, at most {WANDB_PROJECT_MAX} "
+            f"invalid value '{named}'; allowed: a W&B project name, not blank, at most {WANDB_PROJECT_MAX} "
             f"characters, without control or format characters or any of {' '.join(WANDB_PROJECT_BANNED)}"
         )
     return text
@@ -477,8 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     settings = _settings(args)
                 except CliError as exc:
-                    message = f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)\n"
-                    parser.exit(EXIT_USAGE, redacted(message))
+                    message = f"tune-alexnet sweep: error: {exc} (see tune-alexnet sweep --help)"
+                    parser.exit(EXIT_USAGE, shown(message) + "\n")
             quiet = getattr(args, "quiet", False)
             _set_up_logging(quiet)
             from .data import DataError
@@ -499,16 +508,16 @@ def main(argv: list[str] | None = None) -> int:
 
             exp, written = export(args.experiment, args.out)
             _warn(exp.notes)
-            print(redacted("\n".join(written)))
+            print(shown("\n".join(written)))
         else:
             from .export import load_experiment
             from .report import write_report_and_page
 
             exp = load_experiment(args.experiment)
             _warn(exp.notes)
-            print(redacted("\n".join(write_report_and_page(exp, args.out))))
+            print(shown("\n".join(write_report_and_page(exp, args.out))))
     except NothingToResume as exc:
-        print(redacted(f"tune-alexnet {args.command}: {exc}"))
+        print(shown(f"tune-alexnet {args.command}: {exc}"))
         return 0
     except StorageLost as exc:  # not bad input: the storage went away under a running sweep
         say(f"tune-alexnet {args.command}: error: {exc}")
@@ -581,10 +590,8 @@ def run_study(settings, data=None, quiet: bool = True):
             if not quiet:
                 with suppress(OSError):  # a reader gone already (`| true`): the sweep runs all the same
                     if plan.dashboard_url:
-                        print(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}", flush=True)
-                    print(
-                        redacted(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}"), flush=True
-                    )  # live while it runs
+                        print(shown(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}"), flush=True)
+                    print(shown(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}"), flush=True)  # live as it runs
             interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():
@@ -670,10 +677,10 @@ def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
     """The sweep's closing lines (the summary, where W&B's offline runs are, how to go on); its exit code."""
     from .console import summary
 
-    print(redacted(summary(exp.table, exp_uri, written)))
+    print(shown(summary(exp.table, exp_uri, written)))
     if settings.wandb and os.environ.get("WANDB_MODE") == "offline" and not os.environ.get("WANDB_DIR"):
         runs = os.path.join(exp_uri, "*", "wandb", "offline-run-*")  # in the experiment: the copy that lasts
-        print(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})")
+        print(shown(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})"))
     failed, unfinished = left_over(exp.table)
     if failed or unfinished:  # interrupted (Ctrl-C), failed or lost trials: say how to go on, exit non-zero
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"

@@ -92,16 +92,24 @@ def private_temp_dir() -> str:
     """/tmp/tune-alexnet-UID, mode 0700, owned by this user; refused (UnsafeTempDir) if another user or a link
     holds that name."""
     base, own = tempfile.gettempdir(), f"tune-alexnet-{os.getuid()}"
+    try:
+        base.encode("utf-8")
+    except UnicodeEncodeError:  # Ray names its sessions' files in UTF-8: it fails halfway, its session half-made
+        spelled = str(os.fsencode(base))[2:-1]
+        raise UnsafeTempDir(f"cannot lie in {spelled}, whose name is not UTF-8; set TMPDIR to another folder") from None
     if len(os.fsencode(base)) + 1 + len(own) + RAY_SOCKET_TAIL + _pid_digits() > SOCKET_PATH_MAX:
         base = "/tmp"
     path = os.path.join(base, own)
-    unstuck = _open_without_sticky(Path(base))
-    if unstuck:  # a warning, not a refusal: a container's /tmp (Kubernetes' emptyDir) is often so, for one user
-        step, mode = unstuck
+    why = None  # a warning, not a refusal: a container's /tmp (Kubernetes' emptyDir) is often so, for one user
+    if owner := _owned_by_another(Path(base)):
+        step, why = owner[0], f"which another user owns (uid {owner[1]}; the sticky bit does not bind an owner)"
+    elif unstuck := _open_without_sticky(Path(base)):
+        step, why = unstuck[0], f"which other users can write to (mode {unstuck[1]:04o}, no sticky bit)"
+    if why:
         say(
-            f"tune-alexnet: warning: the local Ray's folder {path} lies in {step}, which other users can write to "
-            f"(mode {mode:04o}, no sticky bit), so they could put a folder of theirs in its place; set TMPDIR to a "
-            f"folder only you can write to where other users share this machine"
+            f"tune-alexnet: warning: the local Ray's folder {path} lies in {step}, {why}, so they could put a folder "
+            f"of theirs in its place; set TMPDIR to a folder only you can write to where other users share this "
+            "machine"
         )
     try:
         os.mkdir(path, 0o700)
@@ -157,18 +165,27 @@ def _check_entry(entry: str, fix: str, links_allowed: bool) -> None:
 
 AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication: token (its default) or disabled
 TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"  # where Ray reads its token from, instead of ~/.ray/auth_token
+K8S_AUTH = "RAY_ENABLE_K8S_TOKEN_AUTH"  # Ray's second switch: Kubernetes service-account tokens
 
 
 def auth_mode_problem() -> str | None:
-    """Why the local Ray this package starts would run without token authentication: then any client that
-    reaches its GCS (which listens on every interface) could run code as this user."""
+    """Why the local Ray this package starts would run without token authentication (then any client that
+    reaches its GCS, which listens on every interface, could run code as this user), or with Kubernetes' tokens,
+    which only a KubeRay cluster has: its GCS then refuses its own raylet, after a stream of Ray's warnings."""
     mode = os.environ.get(AUTH_MODE)
-    if mode is None or mode == "token":  # Ray reads any other spelling (" token", "TOKEN ") as no authentication
-        return None
-    return (
-        f"{AUTH_MODE}={mode} would start the local Ray without token authentication, so anyone who reaches this "
-        f"machine could run code as you through it; unset {AUTH_MODE} (or set it to token)"
-    )
+    if mode is not None and mode != "token":  # Ray reads any other spelling (" token", "TOKEN ") as none
+        return (
+            f"{AUTH_MODE}={mode} would start the local Ray without token authentication, so anyone who reaches this "
+            f"machine could run code as you through it; unset {AUTH_MODE} (or set it to token)"
+        )
+    k8s = os.environ.get(K8S_AUTH, "")
+    if k8s.strip().lower() in ("1", "true"):
+        return (
+            f"{K8S_AUTH}={k8s} asks for Kubernetes token authentication, which only a Ray cluster on Kubernetes "
+            f"(KubeRay) has, not the local Ray this command starts; unset {K8S_AUTH}, or join that cluster with "
+            "--address"
+        )
+    return None
 
 
 def token_path() -> Path:
@@ -299,6 +316,16 @@ def _open_without_sticky(folder: Path) -> tuple[Path, int] | None:
     return None
 
 
+def _owned_by_another(folder: Path) -> tuple[Path, int] | None:
+    """The first folder on the way to `folder` (itself included) that a user other than root and this one owns:
+    they may rename or remove what it holds, sticky bit or not."""
+    for step in dict.fromkeys([*_folders_on_the_way(folder), Path(os.path.abspath(folder))]):
+        with contextlib.suppress(OSError):
+            if (uid := os.stat(step).st_uid) not in (0, os.getuid()):
+                return step, uid
+    return None
+
+
 def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
     """Every folder a name is looked up in to reach `path`, each link followed as the kernel follows it (through
     the folders its target names): whoever can write one of them could swap what comes after it."""
@@ -392,6 +419,12 @@ def address_problem(address: str) -> str | None:
             f"invalid value {address!r}: Ray Client (ray://) addresses are not supported, as the sweep must run on a "
             f"node of the cluster (or be submitted as a Ray job); {ADDRESS_ALLOWED}"
         )
+    if address in ("auto", "local") or "://" in address:
+        return None
+    host, colon, port = address.rpartition(":")
+    if not (colon and host.strip() and port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        # Ray retries an address it cannot parse for minutes; a port past C's long is a traceback
+        return f"invalid value {address!r}: not host:port with a port from 1 to 65535; {ADDRESS_ALLOWED}"
     return None
 
 

@@ -107,6 +107,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
             data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
         check_resume_data(s, exp_uri, data)
         if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
+            mend_for_resume(exp_uri, name)
             check_unfinished(exp_uri)
         address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
         given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
@@ -518,6 +519,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {odd}, which a sweep never makes; what finished is in 'tune-alexnet export {exp_uri}'; "
             f"{_what_is_left(exp_uri, name)}"
         )
+    unreadable = None if is_remote(exp_uri) else _unreadable(exp_uri)
+    if unreadable:  # Tune's restore fails on it with a traceback, or loses what it holds
+        raise PreflightError(
+            f"--resume: {unreadable} cannot be read (its mode, or its owner, keeps you out); once it can, the same "
+            f"command continues experiment {name!r}"
+        )
     shut = None if is_remote(exp_uri) else _unwritable(exp_uri)
     if shut:  # Tune would fail each trial in it at every try, with a traceback each
         raise PreflightError(
@@ -530,8 +537,22 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {os.path.join(exp_uri, _TUNER_PKL)}, Tune's record of the sweep's settings, is damaged "
             f"({torn}); what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         )
+
+
+def mend_for_resume(exp_uri: str, name: str) -> None:
+    """What a kill left half-done, mended, once every check that could refuse the resume has passed (a refused
+    resume writes nothing); then Tune's state checked as Tune reads it."""
+    from ray import tune
+
     for mend in (put_back_whole_state, end_cut_result_lines):
-        if not is_remote(exp_uri) and (mended := mend(exp_uri)):
+        try:
+            mended = None if is_remote(exp_uri) else mend(exp_uri)
+        except OSError as exc:  # changed since the checks (a race): one line, as they would have said
+            raise PreflightError(
+                f"--resume: {exc.filename or exp_uri} cannot be read or written ({exc.strerror or exc}); once it "
+                f"can, the same command continues experiment {name!r}"
+            ) from None
+        if mended:
             settings.say(f"tune-alexnet: {mended}")
     try:
         repointed = None if is_remote(exp_uri) else point_at_kept_checkpoints(exp_uri)
@@ -548,31 +569,49 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
         ) from None
 
 
+def _entries(exp_path: str, limit: int = 100_000):
+    """(path, lstat) of what the experiment folder holds, at any depth, links not followed; at most `limit`."""
+    walked = ((top, name) for top, dirs, files in os.walk(exp_path) for name in (*dirs, *files))
+    for top, name in itertools.islice(walked, limit):
+        path = os.path.join(top, name)
+        try:
+            yield path, os.lstat(path)
+        except OSError:  # gone meanwhile
+            continue
+
+
 def _not_yours(exp_path: str) -> str | None:
-    """Why the experiment folder is not this user's alone: it, or a file Tune unpickles on a resume (its pickles
-    and state JSON, and the copies of the state kept beside them), belongs to another user or is writable by
-    every user; None where all are this user's own. (Group-writable is allowed: many systems' umask makes it.)"""
+    """Why the experiment is not this user's alone: the folder, or anything in it, belongs to another user or is
+    writable by every user; None where all is this user's own. A resume unpickles Tune's files, which can run any
+    code, and appends to the trials' files, which another user could swap for links to files of their choosing.
+    (Group-writable is allowed: many systems' umask makes it.)"""
     from .resume import STATE_COPIES
 
-    uid = os.geteuid()
-    folders = [f for f in (exp_path, os.path.join(exp_path, STATE_COPIES)) if os.path.lexists(f)]
-    paths = list(folders)
-    for folder in folders:
-        with contextlib.suppress(OSError):  # unreadable: the checks after this one say so
-            paths += sorted(e.path for e in os.scandir(folder) if e.name.endswith((".pkl", ".json")))
-    for path in paths:
-        try:  # the folder as named (a link to it is the user's own choice); inside it, what Tune would read
-            st = os.stat(path) if path == exp_path else os.lstat(path)
-        except OSError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
+    uid, unpickled = os.geteuid(), (exp_path, os.path.join(exp_path, STATE_COPIES))  # where Tune's own files lie
+    try:  # the folder as named (a link to it is the user's own choice)
+        top = [(exp_path, os.stat(exp_path))]
+    except OSError:
+        return None  # gone: the checks after this one say so
+    for path, st in itertools.chain(top, _entries(exp_path)):
+        tunes = path == unpickled[1] or (os.path.dirname(path) in unpickled and path.endswith((".pkl", ".json")))
+        if stat.S_ISLNK(st.st_mode) and tunes:
             return f"{path} is a symbolic link, which a sweep never makes"
         if st.st_uid != uid:
             return f"{path} belongs to another user (uid {st.st_uid})"
-        if st.st_mode & stat.S_IWOTH:
+        if st.st_mode & stat.S_IWOTH and not stat.S_ISLNK(st.st_mode):  # a link's own mode means nothing
             return (
                 f"{path} can be written by every user (mode {stat.S_IMODE(st.st_mode):04o}; if it is yours: chmod o-w)"
             )
+    return None
+
+
+def _unreadable(exp_path: str) -> str | None:
+    """The first file or folder of the experiment that this user cannot read (a folder: list and enter); Tune's
+    restore fails on it with a traceback, or passes over it and loses what it holds."""
+    for path, st in itertools.chain([(exp_path, None)], _entries(exp_path)):
+        is_dir = st is None or stat.S_ISDIR(st.st_mode)
+        if (st is None or not stat.S_ISLNK(st.st_mode)) and not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+            return path
     return None
 
 
@@ -603,28 +642,26 @@ def _unwritable(exp_path: str) -> str | None:
     return next(filter(None, map(unwritable_in, folders)), None)
 
 
+FILE_SUFFIXES = (".json", ".pkl", ".csv", ".parquet", ".pt", ".txt")  # what a sweep keeps as files, never folders
+
+
 def _not_a_sweeps_file(exp_path: str) -> str | None:
     """The first thing in the experiment folder that a sweep never makes: a link (symbolic, or a file with another
-    name elsewhere), a FIFO, a device; said in words, None where there is none. Tune and Ray would write through
-    it or block on it."""
-    entries = ((top, name) for top, dirs, files in os.walk(exp_path) for name in (*dirs, *files))
-    for top, name in itertools.islice(entries, 100_000):
-        try:
-            st = os.lstat(os.path.join(top, name))
-        except OSError:  # gone meanwhile
-            continue
+    name elsewhere), a FIFO, a device, a folder named as one of its files; said in words, None where there is none.
+    Tune and Ray would write through it, block on it, or fail on it with a traceback."""
+    for path, st in _entries(exp_path):
+        name = os.path.basename(path)
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            return f"{os.path.join(top, name)} is a file with {st.st_nlink} names (a hard link)"
+            return f"{path} is a file with {st.st_nlink} names (a hard link)"
         if stat.S_ISREG(st.st_mode) and CHECKPOINT_FOLDER.fullmatch(name):  # Tune would make that folder
-            return f"{os.path.join(top, name)} is a file named as a checkpoint folder"
+            return f"{path} is a file named as a checkpoint folder"
+        if stat.S_ISDIR(st.st_mode) and name.endswith(FILE_SUFFIXES):
+            return f"{path} is a folder named as a file"
         if stat.S_ISREG(st.st_mode) and name in (RESULT_FILE, "progress.csv") and st.st_size > RESULT_LIMIT:
-            return (
-                f"{os.path.join(top, name)} holds {st.st_size / 2**20:,.1f} MiB, more than "
-                f"{RESULT_LIMIT / 2**20:.0f} MiB (Tune would read it whole)"
-            )
+            return f"{path} holds {st.st_size / 2**20:,.1f} MiB, more than {RESULT_LIMIT / 2**20:.0f} MiB (Tune would read it whole)"
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
-            return f"{os.path.join(top, name)} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else kind}"
+            return f"{path} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else kind}"
     return None
 
 
@@ -830,6 +867,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         problem = cluster.auth_mode_problem() or cluster.token_problem()
         if problem:
             raise PreflightError(problem)
+    options: dict = {}
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
         own_session = cluster.own_session() if address == "local" else contextlib.nullcontext()
@@ -846,8 +884,12 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     except cluster.UnsafeTempDir as exc:
         raise PreflightError(f"Ray's session folder {exc}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:  # before OSError: a ConnectionError is one
+        why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        if address == "local":  # nothing was joined: the Ray this package starts did not come up
+            logs = f"; its logs are in {options['_temp_dir']}" if options.get("_temp_dir") else ""
+            raise PreflightError(f"the local Ray could not start ({why}){logs}") from None
         raise PreflightError(
-            f"{given_as} {address}: cannot join that Ray cluster ({str(exc).splitlines()[0]}); {cluster.ADDRESS_ALLOWED}"
+            f"{given_as} {address}: cannot join that Ray cluster ({why}); {cluster.ADDRESS_ALLOWED}"
         ) from None
     except OSError as exc:  # the token, made or read inside ray.init (a race with the checks above)
         where = f" {exc.filename}" if exc.filename else ""

@@ -11,9 +11,11 @@ used whole or not at all: never its weights with another state's position.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
+import pickletools
 import re
 import stat
 import tempfile
@@ -264,9 +266,13 @@ RESULT_ROW_BYTES = 1 << 20  # the longest line of a trial's result.json a mend r
 RESULT_NUMBER_LIMIT = 1e12  # above any iteration count, time in seconds or rank a sweep reports
 
 
-def _newest_state(folder: str) -> str | None:
-    names = sorted(n for n in os.listdir(folder) if n.startswith("experiment_state-") and n.endswith(".json"))
+def _newest(folder: str, prefix: str) -> str | None:
+    names = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json"))
     return os.path.join(folder, names[-1]) if names else None  # Tune reads the newest, by the time in its name
+
+
+def _newest_state(folder: str) -> str | None:
+    return _newest(folder, EXPERIMENT_STATE)
 
 
 def _parses(raw: bytes) -> bool:
@@ -276,28 +282,44 @@ def _parses(raw: bytes) -> bool:
         return False
 
 
-def keep_whole_state(staging_dir: str, exp_dir: str) -> None:
-    """Copy the newest experiment state Tune staged in `staging_dir` into `exp_dir`/STATE_COPIES, atomically,
-    as the only copy there. Called as Tune saves (sweep.KeepWholeState), when the staged file is whole."""
+def _whole_pickle(raw: bytes) -> bool:
+    """Read op by op, none of it run: a cut or empty pickle has no STOP."""
     try:
-        path = _newest_state(staging_dir)
-        if path is None:
+        return bool(raw) and list(pickletools.genops(io.BytesIO(raw)))[-1][0].name == "STOP"
+    except Exception:  # pickletools' ValueError for a cut stream, others for garbage
+        return False
+
+
+# What Tune saves as it goes, each written the same way (truncated, then written again), and how a whole one reads:
+# the experiment state (JSON), and its search algorithm's state (a pickle, named .json), which Tune's restore loads
+# first: cut, the restore starts the search afresh, with trials of empty configs.
+EXPERIMENT_STATE, SEARCH_STATE = "experiment_state-", "basic-variant-state-"
+STATE_FILES = {EXPERIMENT_STATE: _parses, SEARCH_STATE: _whole_pickle}
+
+
+def keep_whole_state(staging_dir: str, exp_dir: str) -> None:
+    """Copy the newest of each state Tune staged in `staging_dir` into `exp_dir`/STATE_COPIES, atomically, as the
+    only copy of its kind there. Called as Tune saves (sweep.KeepWholeState), when the staged files are whole."""
+    for prefix, whole in STATE_FILES.items():
+        try:
+            path = _newest(staging_dir, prefix)
+            if path is None:
+                continue
+            with open(path, "rb") as f:
+                raw = f.read()
+            if not whole(raw):
+                continue
+            copies = os.path.join(exp_dir, STATE_COPIES)
+            os.makedirs(copies, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=copies, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, os.path.join(copies, os.path.basename(path)))
+            for name in os.listdir(copies):  # one copy of each kind: of the state Tune would read
+                if name.startswith(prefix) and name != os.path.basename(path):
+                    os.unlink(os.path.join(copies, name))
+        except OSError:  # a full or vanishing folder: the sweep's own checks say so; the copy waits for the next save
             return
-        with open(path, "rb") as f:
-            raw = f.read()
-        if not _parses(raw):
-            return
-        copies = os.path.join(exp_dir, STATE_COPIES)
-        os.makedirs(copies, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=copies, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, os.path.join(copies, os.path.basename(path)))
-        for name in os.listdir(copies):  # one copy: of the state Tune would read
-            if name != os.path.basename(path) and not name.startswith(".tmp-"):
-                os.unlink(os.path.join(copies, name))
-    except OSError:  # a full or vanishing folder: the sweep's own checks say so; the copy waits for the next save
-        return
 
 
 def point_at_kept_checkpoints(exp_dir: str) -> str | None:
@@ -559,29 +581,31 @@ def end_cut_result_lines(exp_dir: str) -> str | None:
 
 
 def put_back_whole_state(exp_dir: str) -> str | None:
-    """Where the newest experiment state is cut (not whole) and a whole copy of it was kept: put the copy in its
-    place (atomically) and say so in one line; None where there was nothing to mend."""
-    path = _newest_state(exp_dir)
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        if _parses(f.read()):
-            return None
-    copy = os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))
-    try:
-        with open(copy, "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    if not _parses(raw):
-        return None
-    fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(raw)
-    os.chmod(tmp, os.stat(path).st_mode & 0o777)  # as the file it replaces (Tune's own: 0644)
-    os.replace(tmp, path)
-    when = time.strftime("%H:%M:%S", time.localtime(os.stat(copy).st_mtime))
-    return (
-        f"the experiment state {os.path.basename(path)} was cut short (the sweep was killed while Tune wrote it); "
-        f"its last whole copy, from {when}, is put back: trials go on from their newest checkpoints"
-    )
+    """Where the newest experiment state, or search state, is cut (not whole) and a whole copy of it was kept: put
+    the copy in its place (atomically) and say so in one line; None where there was nothing to mend."""
+    said = []
+    for prefix, whole in STATE_FILES.items():
+        path = _newest(exp_dir, prefix)
+        if path is None:
+            continue
+        with open(path, "rb") as f:
+            if whole(f.read()):
+                continue
+        copy = os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))
+        try:
+            with open(copy, "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        if not whole(raw):
+            continue
+        fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # as the file it replaces (Tune's own: 0644)
+        os.replace(tmp, path)
+        when = time.strftime("%H:%M:%S", time.localtime(os.stat(copy).st_mtime))
+        kind = "experiment state" if prefix == EXPERIMENT_STATE else "search state"
+        said.append(f"the {kind} {os.path.basename(path)} was cut short (the sweep was killed while Tune wrote it); "
+                    f"its last whole copy, from {when}, is put back")  # fmt: skip
+    return "; ".join(said) + ": trials go on from their newest checkpoints" if said else None

@@ -301,11 +301,16 @@ def home() -> Path:
 
 
 def say(line: str) -> None:
-    """A line on stderr that a closed terminal or pipe cannot turn into an error, and that shows no secret and no
-    terminal control (text read from files may hold escapes): every line the command prints of its own comes
-    through here."""
+    """A line on stderr that a closed terminal or pipe cannot turn into an error: every line the command prints of
+    its own comes through here, or through `shown` on stdout."""
     with contextlib.suppress(OSError):
-        print(redacted("\n".join(map(printable, line.split("\n")))), file=sys.stderr, flush=True)
+        print(shown(line), file=sys.stderr, flush=True)
+
+
+def shown(text: str) -> str:
+    """`text` as the command prints it: no secret and no terminal control (text read from files, and the paths
+    of folders, may hold escapes), each of its lines kept."""
+    return redacted("\n".join(map(printable, text.split("\n"))))
 
 
 def printable(text: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 
@@ -34,6 +33,7 @@ from .settings import (
     TRIAL_DEFAULTS,
     SweepSettings,
     keep_runtime,
+    say,
     write_settings,
 )
 from .stopper import result_says_stop
@@ -159,12 +159,10 @@ class DiskGuard(tune.Callback):
         if self.reserve:
             release_reserve(self.reserve)
         running = getattr(self, "running", 1)
-        print(
+        say(
             f"tune-alexnet sweep: --storage {self.root} is nearly full ({free / 1e6:,.0f} MB free, about "
             f"{self._needed() / 1e6:,.0f} MB needed for the next checkpoints of the {running} running trial(s)); "
-            "stopping; free some room, then --resume continues",
-            file=sys.stderr,
-            flush=True,
+            "stopping; free some room, then --resume continues"
         )
         stopping.stop_at_once()  # trials keep their last checkpoints, as the stop line says
 
@@ -237,6 +235,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     # Tune's newer console output prints a box and a TensorBoard folder that is not the experiment's even when
     # silent; the older one is truly silent at verbose=0, and console.Console shows the progress instead.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if not s.mlflow:  # Tune's usage count imports MLflow wherever it is installed, whose telemetry then writes an
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # id into ~/.config and calls home: not asked for
     stop_key = stopping.new_key()  # the flag that asks every trial to save before a stop (stopping.py)
     trainable = tune.with_resources(
         # a trial checks only that its own checkpoint fits: the guard, which sees every trial, keeps the others' room

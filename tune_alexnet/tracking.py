@@ -226,9 +226,9 @@ def _csv_callback_class():
             if trial not in self._trial_files:
                 self._setup_trial(trial)
             if self._trial_csv.get(trial) is None and self._trial_continue.get(trial):
-                with open(self._trial_files[trial].name, newline="") as f:
+                with open(self._trial_files[trial].name, newline="", errors="replace") as f:
                     header = next(csv.reader(f), None)
-                if header:
+                if header and "training_iteration" in header:  # a damaged first line: Tune's own columns
                     self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], header)
             super().log_trial_result(iteration, trial, result)
 
