@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from conftest import moto_bucket
 
-from tune_alexnet.cli import main
+from tune_alexnet import preflight
+from tune_alexnet.cli import build_parser, main
 from tune_alexnet.resume import STATE_COPIES
 
 
@@ -318,23 +319,65 @@ def test_a_resume_refuses_an_experiment_with_anything_another_user_could_swap(da
     assert f"--resume: {opened} can be written by every user (mode {mode}; if it is yours: chmod o-w)" in err, err
 
 
-def test_a_refused_resume_writes_nothing(damaged, capsys):
-    """The mending of a cut result line ran before the check of the flags given, which then refused the resume."""
+@pytest.mark.parametrize("refused", ["a flag changed", "Ray's settings"])
+def test_a_refused_resume_writes_nothing(damaged, capsys, tmp_path, refused):
+    """The mending of a cut result line, and the removal of W&B's links, ran before the check of the flags given
+    or of Ray's settings, which then refused the resume."""
     copy, _ = damaged
-    result = sorted(copy.glob("train_cifar_*"))[0] / "result.json"
+    trial = sorted(copy.glob("train_cifar_*"))[0]
+    result = trial / "result.json"
     result.write_bytes(result.read_bytes()[:-20])  # cut inside its last line, as a kill leaves it
-    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent), "--epochs", "41"],
-                          capsys)  # fmt: skip
-    assert "--epochs" in err and {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    (tmp_path / "core.log").write_text("w&b")
+    (trial / "wandb" / "offline-run-1" / "logs").mkdir(parents=True)
+    (trial / "wandb" / "offline-run-1" / "logs" / "debug-core.log").symlink_to(tmp_path / "core.log")  # W&B's link
+
+    def everything() -> dict:
+        return {p: os.readlink(p) if p.is_symlink() else p.read_bytes() for p in copy.rglob("*") if not p.is_dir()}
+
+    before = everything()
+    argv = ["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)]
+    if refused == "a flag changed":
+        err = one_line_exit_2([*argv, "--epochs", "41"], capsys)
+        assert "--epochs" in err, err
+    else:  # a process of its own, as a user runs it: this one has joined a Ray already
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+        done = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv], capture_output=True, text=True, env=env,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 2 and "RAY_AUTH_MODE=disabled" in done.stderr, done.stderr[-3000:]
+    assert everything() == before
+
+
+def test_a_teammates_tables_and_wandb_sync_do_not_block_a_resume(damaged, capsys):
+    """A group member's export, report or 'wandb sync' leaves files of theirs in the experiment: the sweep replaces
+    its tables whole and never touches old W&B runs, so only what a resume reads or appends to must be the user's."""
+    copy, _ = damaged
+    trial = sorted(copy.glob("train_cifar_*"))[0]
+    (trial / "wandb" / "offline-run-1").mkdir(parents=True)
+    theirs = [copy / "results.parquet", copy / "report.md", trial / "wandb" / "offline-run-1" / "run-1.wandb.synced"]
+    theirs[-1].write_text("")
+    for path in theirs:
+        os.chown(path, 65534, 65534)
+    assert preflight._not_yours(str(copy)) is None
+    os.chown(result := trial / "result.json", 65534, 65534)  # what a resume appends to: refused
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"--resume: {result} belongs to another user (uid 65534)" in err, err
+
+
+def test_a_cut_search_state_with_no_whole_copy_is_refused(damaged, capsys):
+    """Tune's restore, failing to load it, started the search afresh: trials of empty configs, failing every try."""
+    copy, _ = damaged
+    search = sorted(copy.glob("basic-variant-state-*.json"))[-1]
+    search.write_bytes(search.read_bytes()[:-5])
+    for kept in (copy / STATE_COPIES).glob("basic-variant-state-*.json"):
+        kept.unlink()
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"--resume: {search}, Tune's record of its search, is damaged (cut short, and no whole copy" in err, err
 
 
 @pytest.mark.parametrize("shut", ["tuner.pkl", "a trial's result.json", "the kept states"])
 def test_a_resume_of_an_experiment_you_cannot_read_says_so(damaged, shut):
     """As a user without root's override: an unreadable state or tuner record was a traceback, or 'damaged'
     with advice to start afresh; an unreadable folder of kept states was passed over without a word."""
-    from tune_alexnet.resume import STATE_COPIES
-
     copy, _ = damaged
     closed = {"tuner.pkl": copy / "tuner.pkl", "a trial's result.json": sorted(copy.glob("train_cifar_*"))[0]
               / "result.json", "the kept states": copy / STATE_COPIES}[shut]  # fmt: skip
@@ -970,6 +1013,17 @@ def test_a_value_with_a_control_character_is_one_line_shown_escaped(argv, tmp_pa
     err = one_line_exit_2(argv, capsys)
     assert "(it holds a control character)" in err and "s3cret-pw" not in err, err
     assert any(escape in err for escape in ("\\n", "\\t", "\\r")) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["\u0646\u062a\u0627\u06cc\u062c\u200c\u0647\u0627", "\U0001f468\u200d\U0001f4bb"],
+                         ids=["Persian with a joiner", "an emoji sequence"])  # fmt: skip
+def test_a_folder_named_with_joiners_is_a_folder_like_any_other(folder, tmp_path, monkeypatch):
+    """Format characters that join letters or emoji are common in names; only those that reorder text are refused."""
+    work = tmp_path / folder
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = build_parser().parse_args(["sweep", "--storage", "rr"])
+    assert args.storage == "rr" and build_parser().parse_args(["sweep"]).storage
 
 
 @pytest.mark.parametrize("folder", ["e\x1b]0;PWNED\x07\x1b[31mX", "o\u202eq"], ids=["escapes", "text direction"])

@@ -511,6 +511,7 @@ def test_a_new_token_is_made_private_from_the_start(open_dir, monkeypatch, caplo
         ("127.0.0.1:\u0661\u0660", "not host:port with a port from 1 to 65535"),  # Arabic-Indic digits
         ("10.0.0.5", "invalid value '10.0.0.5': not host:port"),
         (":6379", "not host:port"),
+        ("http://127.0.0.1:8265", "that is a Ray dashboard's address, which 'ray job submit' takes"),
     ],
 )
 def test_an_address_that_names_no_cluster_to_join_is_one_line(address, needle):
@@ -883,3 +884,18 @@ def test_text_from_files_anyone_may_write_reaches_the_terminal_and_tables_withou
         == "'node_id' is \"n\\u001b[2J\"; allowed: a string of at most "
         f"{TEXT_LIMIT} printable characters"
     )
+
+
+def test_a_disk_filled_between_the_room_check_and_the_copy_is_a_full_storage_not_a_failed_trial():
+    """Another process can fill the disk after a trial found room for its checkpoint: Tune's copy then fails, and
+    the trial failed with a traceback instead of saying the storage is full and waiting for the guard's stop."""
+    import errno
+
+    from tune_alexnet.ray_hooks import _no_space
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    wrapped = RuntimeError("Failed to persist the checkpoint")
+    wrapped.__cause__ = full
+    assert _no_space(full) and _no_space(wrapped) and _no_space(OSError("IOError: No space left on device"))
+    assert _no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not _no_space(PermissionError(errno.EACCES, "Permission denied")) and not _no_space(ValueError("x"))

@@ -419,6 +419,11 @@ def address_problem(address: str) -> str | None:
             f"invalid value {address!r}: Ray Client (ray://) addresses are not supported, as the sweep must run on a "
             f"node of the cluster (or be submitted as a Ray job); {ADDRESS_ALLOWED}"
         )
+    if address.strip().lower().startswith(("http://", "https://")):
+        return (
+            f"invalid value {address!r}: that is a Ray dashboard's address, which 'ray job submit' takes; a sweep "
+            f"joins the cluster itself (host:6379 by default); {ADDRESS_ALLOWED}"
+        )
     if address in ("auto", "local") or "://" in address:
         return None
     host, colon, port = address.rpartition(":")

@@ -39,7 +39,16 @@ from urllib.parse import urlparse, urlunparse
 from . import cluster, settings
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
-from .resume import CHECKPOINT_FOLDER, end_cut_result_lines, point_at_kept_checkpoints, put_back_whole_state
+from .resume import (
+    CHECKPOINT_FOLDER,
+    EXPERIMENT_STATE,
+    SEARCH_STATE,
+    STATE_COPIES,
+    cut_search_state,
+    end_cut_result_lines,
+    point_at_kept_checkpoints,
+    put_back_whole_state,
+)
 from .settings import (
     DEFAULT_GPU_SHARE,
     REDACTED,
@@ -106,11 +115,15 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         if data is None:
             data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
         check_resume_data(s, exp_uri, data)
+        address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
+        given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
+        import ray
+
+        if not ray.is_initialized():  # (a Ray this process joined already is the caller's)
+            check_ray_settings(address, given_as)
         if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
             mend_for_resume(exp_uri, name)
             check_unfinished(exp_uri)
-        address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
-        given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
         started, dashboard = connect(address, quiet, given_as)
         per_trial, keep_free = check_resources(s, root)
         return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
@@ -504,15 +517,10 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
     theirs = None if is_remote(exp_uri) else _not_yours(exp_uri)
     if theirs:  # before anything of it is read: Tune's restore unpickles its files, which can run any code
         raise PreflightError(
-            f"--resume: {theirs}, and resuming unpickles Tune's files in it, which would run whatever code they "
-            f"hold as you; allowed: an experiment only you can write (what finished is in 'tune-alexnet export "
-            f"{exp_uri}')"
+            f"--resume: {theirs}, and resuming unpickles Tune's files in it and appends to its trials' files, so "
+            f"whoever else can write them could run code as you or send your writes elsewhere; allowed: an "
+            f"experiment only you can write (what finished is in 'tune-alexnet export {exp_uri}')"
         )
-    if not is_remote(exp_uri):  # what a W&B run left when a second Ctrl-C cut the sweep's end short
-        from .export import TRIAL_PREFIX
-        from .tracking import remove_wandb_links
-
-        remove_wandb_links(str(p) for p in Path(exp_uri).glob(f"{TRIAL_PREFIX}*") if p.is_dir() and not p.is_symlink())
     odd = None if is_remote(exp_uri) else _not_a_sweeps_file(exp_uri)
     if odd:  # Tune would follow it, or block on it for ever (a FIFO)
         raise PreflightError(
@@ -544,6 +552,11 @@ def mend_for_resume(exp_uri: str, name: str) -> None:
     resume writes nothing); then Tune's state checked as Tune reads it."""
     from ray import tune
 
+    if not is_remote(exp_uri):  # what a W&B run left when a second Ctrl-C cut the sweep's end short
+        from .export import TRIAL_PREFIX
+        from .tracking import remove_wandb_links
+
+        remove_wandb_links(str(p) for p in Path(exp_uri).glob(f"{TRIAL_PREFIX}*") if p.is_dir() and not p.is_symlink())
     for mend in (put_back_whole_state, end_cut_result_lines):
         try:
             mended = None if is_remote(exp_uri) else mend(exp_uri)
@@ -554,6 +567,15 @@ def mend_for_resume(exp_uri: str, name: str) -> None:
             ) from None
         if mended:
             settings.say(f"tune-alexnet: {mended}")
+    try:
+        cut = None if is_remote(exp_uri) else cut_search_state(exp_uri)
+    except OSError:  # gone or shut since the checks: Tune's restore says so
+        cut = None
+    if cut:  # Tune's restore would start the search afresh, with trials of empty configs failing at every try
+        raise PreflightError(
+            f"--resume: {cut}, Tune's record of its search, is damaged (cut short, and no whole copy was kept); what "
+            f"finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
+        )
     try:
         repointed = None if is_remote(exp_uri) else point_at_kept_checkpoints(exp_uri)
     except Exception:  # a damaged state: said just below
@@ -585,8 +607,6 @@ def _not_yours(exp_path: str) -> str | None:
     writable by every user; None where all is this user's own. A resume unpickles Tune's files, which can run any
     code, and appends to the trials' files, which another user could swap for links to files of their choosing.
     (Group-writable is allowed: many systems' umask makes it.)"""
-    from .resume import STATE_COPIES
-
     uid, unpickled = os.geteuid(), (exp_path, os.path.join(exp_path, STATE_COPIES))  # where Tune's own files lie
     try:  # the folder as named (a link to it is the user's own choice)
         top = [(exp_path, os.stat(exp_path))]
@@ -596,13 +616,27 @@ def _not_yours(exp_path: str) -> str | None:
         tunes = path == unpickled[1] or (os.path.dirname(path) in unpickled and path.endswith((".pkl", ".json")))
         if stat.S_ISLNK(st.st_mode) and tunes:
             return f"{path} is a symbolic link, which a sweep never makes"
-        if st.st_uid != uid:
+        if st.st_uid != uid and _resume_uses(exp_path, path, st):
             return f"{path} belongs to another user (uid {st.st_uid})"
         if st.st_mode & stat.S_IWOTH and not stat.S_ISLNK(st.st_mode):  # a link's own mode means nothing
             return (
                 f"{path} can be written by every user (mode {stat.S_IMODE(st.st_mode):04o}; if it is yours: chmod o-w)"
             )
     return None
+
+
+def _resume_uses(exp_path: str, path: str, st: os.stat_result) -> bool:
+    """Whether a resume reads or writes `path` in place, so that whose it is matters: every folder but a W&B run's,
+    Tune's files at the top and their kept copies, and a trial's own files and its checkpoints'. Not the tables,
+    report and page, which a teammate's export may have written and a sweep replaces whole, nor W&B's runs."""
+    parts = os.path.relpath(path, exp_path).split(os.sep)
+    if len(parts) >= 3 and parts[1] == "wandb":
+        return False
+    if stat.S_ISDIR(st.st_mode) or parts[0] == STATE_COPIES:
+        return True
+    if len(parts) == 1:
+        return parts[0].endswith(".pkl") or parts[0].startswith(TUNE_STATES)
+    return len(parts) == 2 or (len(parts) == 3 and bool(CHECKPOINT_FOLDER.fullmatch(parts[1])))
 
 
 def _unreadable(exp_path: str) -> str | None:
@@ -642,6 +676,7 @@ def _unwritable(exp_path: str) -> str | None:
     return next(filter(None, map(unwritable_in, folders)), None)
 
 
+TUNE_STATES = (EXPERIMENT_STATE, SEARCH_STATE)  # Tune's own state files at an experiment's top
 FILE_SUFFIXES = (".json", ".pkl", ".csv", ".parquet", ".pt", ".txt")  # what a sweep keeps as files, never folders
 
 
@@ -651,6 +686,8 @@ def _not_a_sweeps_file(exp_path: str) -> str | None:
     Tune and Ray would write through it, block on it, or fail on it with a traceback."""
     for path, st in _entries(exp_path):
         name = os.path.basename(path)
+        if stat.S_ISLNK(st.st_mode) and os.path.relpath(path, exp_path).split(os.sep)[1:2] == ["wandb"]:
+            continue  # W&B's own (its core's log): removed, never followed, once the resume's checks have passed
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             return f"{path} is a file with {st.st_nlink} names (a hard link)"
         if stat.S_ISREG(st.st_mode) and CHECKPOINT_FOLDER.fullmatch(name):  # Tune would make that folder
@@ -851,8 +888,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
 
     if ray.is_initialized():
         return False, None
-    if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
-        raise PreflightError(f"{given_as} {problem}")
+    check_ray_settings(address, given_as)
     found = _auto_address() if address == "auto" else address
     host, _, port = found.rpartition(":")
     if found != "local" and "://" not in found and port.isdigit():
@@ -863,10 +899,6 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
                 f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
                 f"({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
             ) from None
-    if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
-        problem = cluster.auth_mode_problem() or cluster.token_problem()
-        if problem:
-            raise PreflightError(problem)
     options: dict = {}
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
@@ -900,6 +932,17 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         gcs = context.address_info.get("gcs_address") or address
         settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} ({given_as} {address})")
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+def check_ray_settings(address: str, given_as: str) -> None:
+    """The address to join, and for the Ray this package starts its token authentication and token: checked
+    before anything is started or mended."""
+    if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
+        raise PreflightError(f"{given_as} {problem}")
+    if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
+        problem = cluster.auth_mode_problem() or cluster.token_problem()
+        if problem:
+            raise PreflightError(problem)
 
 
 def _auto_address() -> str:

@@ -6,6 +6,7 @@ train.py stays plain PyTorch and imports this module only when Tune runs it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -76,6 +77,11 @@ def report(metrics: dict, checkpoint_dir: str | None, keep_free: int = 0) -> Non
             _clear_the_next_checkpoint_name()
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
     except Exception as exc:
+        if checkpoint_dir is not None and _no_space(exc):  # filled by another between the room check and the copy
+            short = max(1, room_short(checkpoint_dir, keep_free))
+            tune.report({**metrics, STORAGE_FULL: short})
+            _empty(checkpoint_dir)
+            _wait_to_be_stopped(short)
         if checkpoint_dir is None or not _storage_gone():
             raise
         # The local storage turned read-only or was deleted: the sweep's disk guard sees that within seconds and
@@ -119,6 +125,17 @@ def _empty(checkpoint_dir: str) -> None:
     for f in Path(checkpoint_dir).iterdir():
         with contextlib.suppress(OSError):
             f.unlink()
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it, is a full disk or quota (pyarrow's copy may keep only the words)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or os.strerror(errno.ENOSPC) in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _storage_gone() -> bool:

@@ -580,6 +580,16 @@ def end_cut_result_lines(exp_dir: str) -> str | None:
     return f"the last result line of trial(s) {', '.join(cut)} was cut by the kill; it is passed over"
 
 
+def cut_search_state(exp_dir: str) -> str | None:
+    """The newest search state, where it is cut (no whole copy was put back in its place); None where it is whole
+    or absent."""
+    path = _newest(exp_dir, SEARCH_STATE)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return None if _whole_pickle(f.read()) else path
+
+
 def put_back_whole_state(exp_dir: str) -> str | None:
     """Where the newest experiment state, or search state, is cut (not whole) and a whole copy of it was kept: put
     the copy in its place (atomically) and say so in one line; None where there was nothing to mend."""

@@ -228,7 +228,8 @@ def _csv_callback_class():
             if self._trial_csv.get(trial) is None and self._trial_continue.get(trial):
                 with open(self._trial_files[trial].name, newline="", errors="replace") as f:
                     header = next(csv.reader(f), None)
-                if header and "training_iteration" in header:  # a damaged first line: Tune's own columns
+                if header and "training_iteration" in header and not any("\ufffd" in h for h in header):
+                    # (a damaged first line: Tune's own columns instead)
                     self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], header)
             super().log_trial_result(iteration, trial, result)
 
