@@ -603,10 +603,10 @@ def _entries(exp_path: str, limit: int = 100_000):
 
 
 def _not_yours(exp_path: str) -> str | None:
-    """Why the experiment is not this user's alone: the folder, or anything in it, belongs to another user or is
-    writable by every user; None where all is this user's own. A resume unpickles Tune's files, which can run any
-    code, and appends to the trials' files, which another user could swap for links to files of their choosing.
-    (Group-writable is allowed: many systems' umask makes it.)"""
+    """Why the experiment is not this user's alone: anything in it is writable by every user, or what a resume
+    reads or writes in place (`_resume_uses`) belongs to another user; None where neither. A resume unpickles
+    Tune's files, which can run any code, and appends to the trials' files, which another user could swap for
+    links to files of their choosing. (Group-writable is allowed: many systems' umask makes it.)"""
     uid, unpickled = os.geteuid(), (exp_path, os.path.join(exp_path, STATE_COPIES))  # where Tune's own files lie
     try:  # the folder as named (a link to it is the user's own choice)
         top = [(exp_path, os.stat(exp_path))]
