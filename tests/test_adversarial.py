@@ -370,8 +370,12 @@ def test_a_cut_search_state_with_no_whole_copy_is_refused(damaged, capsys):
     search.write_bytes(search.read_bytes()[:-5])
     for kept in (copy / STATE_COPIES).glob("basic-variant-state-*.json"):
         kept.unlink()
+    result = sorted(copy.glob("train_cifar_*"))[0] / "result.json"
+    result.write_bytes(result.read_bytes()[:-20])  # a cut line too: refused before it is mended
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
     assert f"--resume: {search}, Tune's record of its search, is damaged (cut short, and no whole copy" in err, err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("shut", ["tuner.pkl", "a trial's result.json", "the kept states"])
@@ -427,7 +431,8 @@ def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged
 
 
 @pytest.mark.parametrize("odd", ["a file named as a checkpoint folder", "a result.json past the limit",
-                                 "a folder named as the newest state", "a folder in place of progress.csv"])  # fmt: skip
+                                 "a folder named as the newest state", "a folder in place of progress.csv",
+                                 "a trial's wandb folder as a link"])  # fmt: skip
 def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, capsys, odd):
     """Tune would fail the trial at every try making that folder, or read the whole file into memory (20 GB); a
     folder named as a file was a traceback, or a trial failed at every try."""
@@ -438,6 +443,10 @@ def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, cap
     if odd.startswith("a file"):
         (trial / "checkpoint_000099").write_text("x")
         said = f"{trial}/checkpoint_000099 is a file named as a checkpoint folder"
+    elif odd.endswith("as a link"):  # Ray's W&B actor writes the resumed runs through it
+        (copy.parent / "elsewhere").mkdir()
+        (trial / "wandb").symlink_to(copy.parent / "elsewhere")
+        said = f"{trial}/wandb is a symbolic link"
     elif odd.startswith("a folder"):
         folder = copy / "experiment_state-2099-01-01_00-00-00.json" if "state" in odd else trial / "progress.csv"
         folder.unlink(missing_ok=True)

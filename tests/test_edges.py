@@ -899,3 +899,4 @@ def test_a_disk_filled_between_the_room_check_and_the_copy_is_a_full_storage_not
     assert _no_space(full) and _no_space(wrapped) and _no_space(OSError("IOError: No space left on device"))
     assert _no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert not _no_space(PermissionError(errno.EACCES, "Permission denied")) and not _no_space(ValueError("x"))
+    assert _no_space(RuntimeError("IOError: Disk quota exceeded"))

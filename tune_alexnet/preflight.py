@@ -545,6 +545,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {os.path.join(exp_uri, _TUNER_PKL)}, Tune's record of the sweep's settings, is damaged "
             f"({torn}); what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
         )
+    cut = None if is_remote(exp_uri) else cut_search_state(exp_uri)
+    if cut:  # Tune's restore would start the search afresh, with trials of empty configs failing at every try
+        raise PreflightError(
+            f"--resume: {cut}, Tune's record of its search, is damaged (cut short, and no whole copy was kept); what "
+            f"finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
+        )
 
 
 def mend_for_resume(exp_uri: str, name: str) -> None:
@@ -567,15 +573,6 @@ def mend_for_resume(exp_uri: str, name: str) -> None:
             ) from None
         if mended:
             settings.say(f"tune-alexnet: {mended}")
-    try:
-        cut = None if is_remote(exp_uri) else cut_search_state(exp_uri)
-    except OSError:  # gone or shut since the checks: Tune's restore says so
-        cut = None
-    if cut:  # Tune's restore would start the search afresh, with trials of empty configs failing at every try
-        raise PreflightError(
-            f"--resume: {cut}, Tune's record of its search, is damaged (cut short, and no whole copy was kept); what "
-            f"finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
-        )
     try:
         repointed = None if is_remote(exp_uri) else point_at_kept_checkpoints(exp_uri)
     except Exception:  # a damaged state: said just below
@@ -684,10 +681,13 @@ def _not_a_sweeps_file(exp_path: str) -> str | None:
     """The first thing in the experiment folder that a sweep never makes: a link (symbolic, or a file with another
     name elsewhere), a FIFO, a device, a folder named as one of its files; said in words, None where there is none.
     Tune and Ray would write through it, block on it, or fail on it with a traceback."""
+    from .export import TRIAL_PREFIX
+
     for path, st in _entries(exp_path):
         name = os.path.basename(path)
-        if stat.S_ISLNK(st.st_mode) and os.path.relpath(path, exp_path).split(os.sep)[1:2] == ["wandb"]:
-            continue  # W&B's own (its core's log): removed, never followed, once the resume's checks have passed
+        parts = os.path.relpath(path, exp_path).split(os.sep)
+        if stat.S_ISLNK(st.st_mode) and len(parts) >= 3 and parts[1] == "wandb" and parts[0].startswith(TRIAL_PREFIX):
+            continue  # W&B's own, inside a run (its core's log): removed, never followed, once the checks have passed
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             return f"{path} is a file with {st.st_nlink} names (a hard link)"
         if stat.S_ISREG(st.st_mode) and CHECKPOINT_FOLDER.fullmatch(name):  # Tune would make that folder

@@ -132,7 +132,10 @@ def _no_space(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or os.strerror(errno.ENOSPC) in str(exc):
+        words = str(exc)
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+            os.strerror(code) in words for code in (errno.ENOSPC, errno.EDQUOT)
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -581,13 +581,16 @@ def end_cut_result_lines(exp_dir: str) -> str | None:
 
 
 def cut_search_state(exp_dir: str) -> str | None:
-    """The newest search state, where it is cut (no whole copy was put back in its place); None where it is whole
-    or absent."""
+    """The newest search state, where it is cut and no whole copy of it was kept to put back; None where it is
+    whole, absent, or can be mended. Reads only."""
     path = _newest(exp_dir, SEARCH_STATE)
     if path is None:
         return None
-    with open(path, "rb") as f:
-        return None if _whole_pickle(f.read()) else path
+    for candidate in (path, os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))):
+        with contextlib.suppress(OSError), open(candidate, "rb") as f:
+            if _whole_pickle(f.read()):
+                return None
+    return path
 
 
 def put_back_whole_state(exp_dir: str) -> str | None:
