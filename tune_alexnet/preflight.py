@@ -514,20 +514,21 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: no experiment named {name!r} in {root}; start it without --resume, or pass the --name of one "
             f"that exists"
         )
-    theirs = None if is_remote(exp_uri) else _not_yours(exp_uri)
+    entries = [] if is_remote(exp_uri) else list(_entries(exp_uri))  # one walk of the folder for the checks below
+    theirs = None if is_remote(exp_uri) else _not_yours(exp_uri, entries)
     if theirs:  # before anything of it is read: Tune's restore unpickles its files, which can run any code
         raise PreflightError(
             f"--resume: {theirs}, and resuming unpickles Tune's files in it and appends to its trials' files, so "
             f"whoever else can write them could run code as you or send your writes elsewhere; allowed: an "
             f"experiment only you can write (what finished is in 'tune-alexnet export {exp_uri}')"
         )
-    odd = None if is_remote(exp_uri) else _not_a_sweeps_file(exp_uri)
+    odd = None if is_remote(exp_uri) else _not_a_sweeps_file(exp_uri, entries)
     if odd:  # Tune would follow it, or block on it for ever (a FIFO)
         raise PreflightError(
             f"--resume: {odd}, which a sweep never makes; what finished is in 'tune-alexnet export {exp_uri}'; "
             f"{_what_is_left(exp_uri, name)}"
         )
-    unreadable = None if is_remote(exp_uri) else _unreadable(exp_uri)
+    unreadable = None if is_remote(exp_uri) else _unreadable(exp_uri, entries)
     if unreadable:  # Tune's restore fails on it with a traceback, or loses what it holds
         raise PreflightError(
             f"--resume: {unreadable} cannot be read (its mode, or its owner, keeps you out); once it can, the same "
@@ -599,7 +600,7 @@ def _entries(exp_path: str, limit: int = 100_000):
             continue
 
 
-def _not_yours(exp_path: str) -> str | None:
+def _not_yours(exp_path: str, entries: list | None = None) -> str | None:
     """Why the experiment is not this user's alone: anything in it is writable by every user, or what a resume
     reads or writes in place (`_resume_uses`) belongs to another user; None where neither. A resume unpickles
     Tune's files, which can run any code, and appends to the trials' files, which another user could swap for
@@ -609,7 +610,7 @@ def _not_yours(exp_path: str) -> str | None:
         top = [(exp_path, os.stat(exp_path))]
     except OSError:
         return None  # gone: the checks after this one say so
-    for path, st in itertools.chain(top, _entries(exp_path)):
+    for path, st in itertools.chain(top, _entries(exp_path) if entries is None else entries):
         tunes = path == unpickled[1] or (os.path.dirname(path) in unpickled and path.endswith((".pkl", ".json")))
         if stat.S_ISLNK(st.st_mode) and tunes:
             return f"{path} is a symbolic link, which a sweep never makes"
@@ -636,10 +637,10 @@ def _resume_uses(exp_path: str, path: str, st: os.stat_result) -> bool:
     return len(parts) == 2 or (len(parts) == 3 and bool(CHECKPOINT_FOLDER.fullmatch(parts[1])))
 
 
-def _unreadable(exp_path: str) -> str | None:
+def _unreadable(exp_path: str, entries: list) -> str | None:
     """The first file or folder of the experiment that this user cannot read (a folder: list and enter); Tune's
     restore fails on it with a traceback, or passes over it and loses what it holds."""
-    for path, st in itertools.chain([(exp_path, None)], _entries(exp_path)):
+    for path, st in itertools.chain([(exp_path, None)], entries):
         is_dir = st is None or stat.S_ISDIR(st.st_mode)
         if (st is None or not stat.S_ISLNK(st.st_mode)) and not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
             return path
@@ -677,13 +678,13 @@ TUNE_STATES = (EXPERIMENT_STATE, SEARCH_STATE)  # Tune's own state files at an e
 FILE_SUFFIXES = (".json", ".pkl", ".csv", ".parquet", ".pt", ".txt")  # what a sweep keeps as files, never folders
 
 
-def _not_a_sweeps_file(exp_path: str) -> str | None:
+def _not_a_sweeps_file(exp_path: str, entries: list | None = None) -> str | None:
     """The first thing in the experiment folder that a sweep never makes: a link (symbolic, or a file with another
     name elsewhere), a FIFO, a device, a folder named as one of its files; said in words, None where there is none.
     Tune and Ray would write through it, block on it, or fail on it with a traceback."""
     from .export import TRIAL_PREFIX
 
-    for path, st in _entries(exp_path):
+    for path, st in _entries(exp_path) if entries is None else entries:
         name = os.path.basename(path)
         parts = os.path.relpath(path, exp_path).split(os.sep)
         if stat.S_ISLNK(st.st_mode) and len(parts) >= 3 and parts[1] == "wandb" and parts[0].startswith(TRIAL_PREFIX):

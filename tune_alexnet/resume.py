@@ -322,6 +322,15 @@ def keep_whole_state(staging_dir: str, exp_dir: str) -> None:
             return
 
 
+def _replace(path: str, raw: bytes) -> None:
+    """Tune's file at `path` replaced by `raw` atomically, with the mode of the file it replaces (Tune's: 0644)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tune-alexnet-state-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.chmod(tmp, os.stat(path).st_mode & 0o777)
+    os.replace(tmp, path)
+
+
 def point_at_kept_checkpoints(exp_dir: str) -> str | None:
     """Tune saves its experiment state every few seconds but deletes a replaced checkpoint at once: a kill between
     the two leaves a state naming a checkpoint that is gone, and Tune's restore of that trial fails at every
@@ -335,11 +344,7 @@ def point_at_kept_checkpoints(exp_dir: str) -> str | None:
     mended = [m for pair in state.get("trial_data", []) if (m := _repoint(pair, exp_dir))]
     if not mended:
         return None
-    fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f)
-    os.chmod(tmp, os.stat(path).st_mode & 0o777)
-    os.replace(tmp, path)
+    _replace(path, json.dumps(state).encode())
     return (
         f"the experiment state {os.path.basename(path)} is behind some trials' checkpoints (the sweep was killed "
         f"between the two); those trials go on from their newest kept checkpoint: {'; '.join(mended)}"
@@ -612,11 +617,7 @@ def put_back_whole_state(exp_dir: str) -> str | None:
             continue
         if not whole(raw):
             continue
-        fd, tmp = tempfile.mkstemp(dir=exp_dir, prefix=".tune-alexnet-state-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)  # as the file it replaces (Tune's own: 0644)
-        os.replace(tmp, path)
+        _replace(path, raw)
         when = time.strftime("%H:%M:%S", time.localtime(os.stat(copy).st_mtime))
         kind = "experiment state" if prefix == EXPERIMENT_STATE else "search state"
         said.append(f"the {kind} {os.path.basename(path)} was cut short (the sweep was killed while Tune wrote it); "
