@@ -166,6 +166,9 @@ def test_export_and_report_into_a_place_that_cannot_be_written(mixed_experiment,
     for command in ("export", "report"):
         err = one_line_exit_2([command, path, "--out", str(blocker / "sub")], capsys)
         assert f"cannot write into {blocker / 'sub'}" in err
+        # a filesystem that counts no room (proc) is not a full one: its own error, not "0.00 MB free"
+        err = one_line_exit_2([command, path, "--out", "/proc/tune-alexnet-tables"], capsys)
+        assert "cannot write into /proc/tune-alexnet-tables (" in err and "MB" not in err, err
 
 
 @pytest.fixture

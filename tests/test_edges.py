@@ -304,6 +304,14 @@ def test_the_local_ray_never_runs_open_or_through_a_link(case, open_dir, synthet
         assert "t\\xff, whose name is not UTF-8" in lines[0] and not os.listdir(os.fsencode(open_dir) + b"/t\xff")
 
 
+def test_the_local_rays_settings_are_refused_before_the_data_is_looked_for(tmp_path):
+    """A refusal that costs nothing comes before a load that may download 170 MB (or, here, find no data)."""
+    args = ["--data-dir", str(tmp_path / "no-data"), "--storage", str(tmp_path / "r"), *TINY]
+    code, lines = sweep_process(args, {"RAY_AUTH_MODE": "disabled"})
+    assert code == 2 and len(lines) == 1 and "RAY_AUTH_MODE=disabled would start" in lines[0], lines[-20:]
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
 def test_an_empty_home_is_the_users_own_as_ray_finds_it_not_the_root_folder(monkeypatch, given):
     """Ray's token loader takes the password database's home for an empty HOME; Python takes /: the token the

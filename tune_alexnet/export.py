@@ -938,6 +938,8 @@ def check_room(out: str | os.PathLike, sizes: dict[str, int], what: str) -> None
         disk = os.statvfs(existing_parent(out))
     except OSError:  # output_dir names what is wrong with the folder
         return
+    if disk.f_blocks == 0:  # /proc, /sys: a filesystem that counts no room holds no files; output_dir says why
+        return
     block = disk.f_frsize or 4096
     need = sum(-(-size // block) * block for size in sizes.values()) + block * len(missing_folders(out))
     free = disk.f_bavail * disk.f_frsize

@@ -112,15 +112,15 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         check_storage(root, exp_uri, s.resume, name)
         check_trackers(s)
-        if data is None:
-            data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
-        check_resume_data(s, exp_uri, data)
         address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
         given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
         import ray
 
-        if not ray.is_initialized():  # (a Ray this process joined already is the caller's)
+        if not ray.is_initialized():  # (a Ray this process joined already is the caller's); before a download
             check_ray_settings(address, given_as)
+        if data is None:
+            data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
+        check_resume_data(s, exp_uri, data)
         if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
             mend_for_resume(exp_uri, name)
             check_unfinished(exp_uri)
