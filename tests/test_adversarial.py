@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import moto_bucket
+from conftest import NO_OVERRIDE, moto_bucket
 
 from tune_alexnet import preflight
 from tune_alexnet.cli import build_parser, main
@@ -103,6 +103,8 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     cases = [
         ([*sweep, "--storage", str(tmp_path / "r"), "--address", f"127.0.0.1:{port}"],
          f"--address 127.0.0.1:{port}: no Ray cluster answers there"),
+        ([*sweep, "--storage", str(tmp_path / "r6"), "--address", f"[::1]:{port}"],  # IPv6: its brackets are no name
+         f"--address [::1]:{port}: no Ray cluster answers there ("),
         ([*sweep, "--storage", f"s3://bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http"], "cannot be reached"),
         ([*sweep, "--storage", gs], f"--storage {gs} cannot be reached"),  # every scheme --help names
         (["export", gs], f"{gs} holds no readable Tune experiment"),
@@ -113,7 +115,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     for proc, (argv, needle) in zip(procs, cases):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and "Traceback" not in err, (argv, err[-2000:])
-        assert needle in err.strip().splitlines()[-1], (argv, err[-2000:])
+        assert needle in err.strip().splitlines()[-1] and "Name or service not known" not in err, (argv, err[-2000:])
     assert time.monotonic() - start < 60
 
 
@@ -322,10 +324,10 @@ def test_a_resume_refuses_an_experiment_with_anything_another_user_could_swap(da
     assert f"--resume: {opened} can be written by every user (mode {mode}; if it is yours: chmod o-w)" in err, err
 
 
-@pytest.mark.parametrize("refused", ["a flag changed", "Ray's settings"])
+@pytest.mark.parametrize("refused", ["a flag changed", "Ray's settings", "resources Ray lacks"])
 def test_a_refused_resume_writes_nothing(damaged, capsys, tmp_path, refused):
-    """The mending of a cut result line, and the removal of W&B's links, ran before the check of the flags given
-    or of Ray's settings, which then refused the resume."""
+    """The mending of a cut result line, and the removal of W&B's links, ran before the check of the flags given,
+    of Ray's settings or of the resources asked for, which then refused the resume."""
     copy, _ = damaged
     trial = sorted(copy.glob("train_cifar_*"))[0]
     result = trial / "result.json"
@@ -342,12 +344,38 @@ def test_a_refused_resume_writes_nothing(damaged, capsys, tmp_path, refused):
     if refused == "a flag changed":
         err = one_line_exit_2([*argv, "--epochs", "41"], capsys)
         assert "--epochs" in err, err
+    elif refused == "resources Ray lacks":  # this process's Ray has no GPU
+        err = one_line_exit_2([*argv, "--gpus-per-trial", "1"], capsys)
+        assert "GPU" in err, err
     else:  # a process of its own, as a user runs it: this one has joined a Ray already
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
         done = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv], capture_output=True, text=True, env=env,
                               timeout=120)  # fmt: skip
         assert done.returncode == 2 and "RAY_AUTH_MODE=disabled" in done.stderr, done.stderr[-3000:]
     assert everything() == before
+
+
+def test_a_wandb_run_that_cannot_be_written_neither_blocks_a_resume_nor_breaks_its_mending(tmp_path):
+    """A teammate's W&B run (or one made read-only) two levels down was "cannot be written", and a W&B link in a
+    folder that could not be written was a PermissionError from the mending. Old runs are only ever read."""
+    exp = tmp_path / "exp"
+    trial = exp / "train_cifar_1_00000_0"
+    logs = trial / "wandb" / "offline-run-1" / "logs"
+    logs.mkdir(parents=True)
+    (trial / "result.json").write_text("")
+    (logs / "debug-core.log").symlink_to("/dev/null")
+    for folder in (logs, logs.parent):
+        folder.chmod(0o555)
+    code = (
+        "import sys; from tune_alexnet import preflight, tracking; exp, trial = sys.argv[1:]; "
+        "print(preflight._unwritable(exp, list(preflight._entries(exp)))); tracking.remove_wandb_links([trial]); "
+        "(__import__('pathlib').Path(trial) / 'result.json').chmod(0o444); "
+        "print(preflight._unwritable(exp, list(preflight._entries(exp))))"
+    )
+    done = subprocess.run([*NO_OVERRIDE, sys.executable, "-c", code, str(exp), str(trial)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.stdout.split() == ["None", str(trial / "result.json")], done.stdout + done.stderr[-2000:]
+    assert (logs / "debug-core.log").is_symlink()  # left where it could not be removed: nothing follows it
 
 
 def test_a_teammates_tables_and_wandb_sync_do_not_block_a_resume(damaged, capsys):
@@ -391,13 +419,8 @@ def test_a_resume_of_an_experiment_you_cannot_read_says_so(damaged, shut):
     if shut == "the kept states":
         closed.mkdir(exist_ok=True)
     closed.chmod(0)
-    no_override = [
-        "setpriv",
-        "--bounding-set=-dac_override,-dac_read_search",
-        "--inh-caps=-dac_override,-dac_read_search",
-    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([*no_override, sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--name", "mixed",
+    done = subprocess.run([*NO_OVERRIDE, sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--name", "mixed",
                            "--storage", str(copy.parent)], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
@@ -423,6 +446,62 @@ def test_resume_of_an_experiment_whose_tuner_record_is_torn_is_one_line(damaged,
     assert f"{pickled}, Tune's record of the sweep's settings, is damaged (" in err and "tune-alexnet export" in err
 
 
+def _outside(copy: Path) -> str:
+    """A trial of the newest experiment state pointed at a folder outside the experiment (Tune's pickled storage)."""
+    from tune_alexnet.resume import _pickled, _unpickled
+
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    data = json.loads(state.read_text())
+    trial = json.loads(data["trial_data"][0][0])
+    storage = _unpickled(trial["storage"])
+    storage.trial_dir_name = "../../outside"
+    trial["storage"] = _pickled(storage)
+    data["trial_data"][0][0] = json.dumps(trial)
+    state.write_text(json.dumps(data))
+    return f"{state}: trial {trial['trial_id']!r} names the folder '../../outside', outside the experiment"
+
+
+def _no_trials(copy: Path) -> str:
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state.write_text(json.dumps({**json.loads(state.read_text()), "trial_data": []}))
+    reported = [p for p in copy.glob("*/result.json") if p.stat().st_size]
+    assert reported
+    return f"{state} names no trials, yet {len(reported)} trial folder(s) hold results"
+
+
+def _pickled_over(name: str, value, what: str):
+    def tamper(copy: Path) -> str:
+        path = sorted(copy.glob(name))[-1]
+        path.write_bytes(pickle.dumps(value))
+        return f"{path} holds {what}"
+
+    return tamper
+
+
+WRONG_STATES = {
+    "tuner record of another shape": _pickled_over("tuner.pkl", {}, "a dict of 0 item(s), not Tune's record of a sweep"),
+    "tuner record a list": _pickled_over("tuner.pkl", [1, 2], "a list of 2 item(s), not Tune's record of a sweep"),
+    "search state empty": _pickled_over("basic-variant-state-*.json", {}, "a dict of 0 item(s), not Tune's record of "
+                                        "its search"),
+    "no trials": _no_trials,
+    "a trial folder outside": _outside,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(WRONG_STATES), ids=list(WRONG_STATES))
+def test_a_resume_refuses_a_state_that_is_whole_but_not_what_tune_writes(case, damaged, tmp_path, capsys):
+    """Tune's restore failed with a traceback, started a trial of empty config in place of the experiment's (a
+    newer state then lost them for every later resume), or wrote a trial's files outside the experiment."""
+    copy, _ = damaged
+    said = WRONG_STATES[case](copy)
+    shutil.rmtree(copy / STATE_COPIES, ignore_errors=True)  # no whole copy to put back: what is there is read
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"--resume: the experiment's state is damaged: {said}; what finished is in 'tune-alexnet export" in err, err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "outside").exists()
+
+
 @pytest.mark.timeout(60, func_only=True)  # Tune's own reader would block on the FIFO for ever
 def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged, capsys):
     copy, _ = damaged
@@ -435,7 +514,7 @@ def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged
 
 @pytest.mark.parametrize("odd", ["a file named as a checkpoint folder", "a result.json past the limit",
                                  "a folder named as the newest state", "a folder in place of progress.csv",
-                                 "a trial's wandb folder as a link"])  # fmt: skip
+                                 "a trial's wandb folder as a link", "a file as the kept states"])  # fmt: skip
 def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, capsys, odd):
     """Tune would fail the trial at every try making that folder, or read the whole file into memory (20 GB); a
     folder named as a file was a traceback, or a trial failed at every try."""
@@ -443,7 +522,11 @@ def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, cap
 
     copy, _ = damaged
     trial = sorted(copy.glob("train_cifar_*"))[0]
-    if odd.startswith("a file"):
+    if odd == "a file as the kept states":  # the sweep kept no whole copy of Tune's states, silently
+        shutil.rmtree(copy / STATE_COPIES, ignore_errors=True)
+        (copy / STATE_COPIES).write_text("x")
+        said = f"{copy / STATE_COPIES} is a file named as the folder of kept states"
+    elif odd.startswith("a file"):
         (trial / "checkpoint_000099").write_text("x")
         said = f"{trial}/checkpoint_000099 is a file named as a checkpoint folder"
     elif odd.endswith("as a link"):  # Ray's W&B actor writes the resumed runs through it
@@ -605,6 +688,41 @@ def test_an_experiment_name_that_is_a_link_elsewhere_is_refused(synthetic_dir, t
                            *TINY], capsys)  # fmt: skip
     assert f"{storage / 'study'} is a symbolic link; allowed: a --name that is not taken" in err
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode,group", [(0o777, 0), (0o775, 65534)], ids=["open to all", "open to a group"])
+def test_a_storage_where_others_could_swap_the_experiment_is_refused(mode, group, damaged, synthetic_dir, capsys):
+    """Another user renamed the experiment away between the resume's checks and Tune's reads, and put one of
+    theirs in its place: Tune unpickled their tuner.pkl. A fresh sweep wrote through the links they planted."""
+    copy, _ = damaged
+    shared = copy.parent  # the storage of the copied experiment, open to others
+    os.chown(shared, os.getuid(), group)
+    shared.chmod(mode)
+    fresh = ["--data-dir", str(synthetic_dir), *TINY, "--storage", str(shared / "results")]
+    for args, storage in (
+        (fresh, shared / "results"),
+        (["--resume", "--name", "mixed", "--storage", str(shared)], shared),
+    ):
+        err = one_line_exit_2(["sweep", *args], capsys)
+        assert f"--storage {storage}: {shared} can be written by other users and has no sticky bit (mode " in err, err
+        assert f"allowed: a storage on a path only you can write (chmod o-w,g-w {shared}, or chmod +t" in err, err
+    assert not (shared / "results").exists()
+    shared.chmod(0o700)
+
+
+def test_a_new_sweep_takes_no_experiment_folder_another_user_made(synthetic_dir, tmp_path, capsys):
+    """In a shared storage (sticky, as /tmp), another user made the folder the sweep would use, and swapped Tune's
+    experiment state in it for a link to a file of the user's, which the sweep then overwrote."""
+    storage = tmp_path / "shared"
+    storage.mkdir(mode=0o1777)
+    storage.chmod(0o1777)
+    (storage / "study").mkdir()
+    os.chown(storage / "study", 65534, 65534)
+    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "study",
+                           *TINY], capsys)  # fmt: skip
+    assert f"{storage / 'study'} belongs to another user (uid 65534), so whoever else can write it could send" in err
+    assert "allowed: a --name that is not taken in" in err
+    assert [p.name for p in storage.iterdir()] == ["study"]
 
 
 @pytest.mark.parametrize(
@@ -839,6 +957,8 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
         p for p in (*private.rglob("*"), *storage.rglob("*")) if p.is_file() and canary.encode() in p.read_bytes()
     ]
     assert all(private in p.parents for p in holders), holders  # Ray's logs hold it, behind a 0700 folder only
+    # torch's kernel cache, whose compiled code trials run: in the private folder, not one another user can make
+    assert not list(Path(short_tmpdir).glob("torchinductor_*")), os.listdir(short_tmpdir)
 
 
 TOKEN_PROBE = """

@@ -274,6 +274,8 @@ LOCAL_RAY_CASES = {
     "a token of 50 MB": (_token("huge"), {}, "/.ray/auth_token is 50000000 bytes long; allowed: at most 4096"),
     "a token given that is not ASCII": (None, {"RAY_AUTH_TOKEN": "t\u00f6ken"}, "RAY_AUTH_TOKEN, Ray's token, holds "
                                         "byte 0xc3 at 1"),
+    "a relative HOME": (None, {"HOME": "relhome"}, "Ray's token relhome/.ray/auth_token is a relative path (HOME or "
+                        "RAY_AUTH_TOKEN_PATH is); allowed: an absolute path"),
     "Kubernetes' tokens asked for": (None, {"RAY_ENABLE_K8S_TOKEN_AUTH": "1"}, "RAY_ENABLE_K8S_TOKEN_AUTH=1 asks for "
                                      "Kubernetes token authentication, which only a Ray cluster on Kubernetes"),
     "a TMPDIR whose name is not UTF-8": (_tmpdir_not_utf8, {"TMPDIR": "{d}/t\udcff"}, "Ray's session folder cannot "

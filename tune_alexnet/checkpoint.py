@@ -156,6 +156,10 @@ def _unreachable(where: str, exc: BaseException) -> CheckpointError:
     )
 
 
+def _closed(where: str, exc: PermissionError) -> CheckpointError:
+    return CheckpointError(f"{where} cannot be read ({exc.strerror}: its mode, or its owner, keeps you out)")
+
+
 def _model_args(fs, base: str, label: str) -> tuple[dict, tuple[str, ...]]:
     """AlexNet's arguments and the class names, from model.json."""
     where = f"{label}/{MODEL_ARGS_FILE}"
@@ -165,6 +169,8 @@ def _model_args(fs, base: str, label: str) -> tuple[dict, tuple[str, ...]]:
         raise _unreachable(where, exc) from None
     except FileNotFoundError:
         raise CheckpointError(f"{where} is missing; allowed: a checkpoint folder written by a sweep") from None
+    except PermissionError as exc:
+        raise _closed(where, exc) from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     if problem := _model_args_problem(raw):
@@ -215,6 +221,8 @@ def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
         raise CheckpointError(f"{where}: {exc}") from None
     except CheckpointError:
         raise
+    except PermissionError as exc:
+        raise _closed(where, exc) from None
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
             raise CheckpointError(f"{where} is not what torch.save writes ({_first_line(exc)})") from None
@@ -276,9 +284,9 @@ def predict(model: AlexNet, images, batch_size: int = 1000) -> np.ndarray:
     """Class indices for RGB 32x32 images, with the study's test preprocessing; `model.classes[i]` names index i.
 
     `images`: a uint8 array (N, 32, 32, 3) of 0..255 (any integer array within 0..255 too), a float array of the
-    same shape with values in [0, 1] (as `uint8 / 255` gives), or a list of 32x32 PIL images (converted to RGB).
-    Anything else (one image without the batch axis, grayscale, channels first, another size, floats outside
-    [0, 1]) raises ValueError saying what is allowed."""
+    same shape with values in [0, 1] (as `uint8 / 255` gives), or a list of 32x32 PIL images of 8 bits a channel
+    (converted to RGB). Anything else (one image without the batch axis, grayscale, channels first, another size,
+    floats outside [0, 1], 16-bit or float PIL images, a truncated file) raises ValueError saying what is allowed."""
     out = [logits.argmax(1).cpu() for logits in _logits(model, images, batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
@@ -331,10 +339,21 @@ def _from_pil(images) -> np.ndarray:
     items = list(images) if isinstance(images, list | tuple) else None
     if items is None or not all(isinstance(im, Image.Image) for im in items):
         raise ValueError(f"images is a {type(images).__name__}; allowed: a numpy array or a list of PIL images")
+    rgb = []
     for i, im in enumerate(items):
         if im.size != IMAGE_SHAPE[:2]:
             raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]}; allowed: 32x32 (resize it first)")
-    return np.stack([np.asarray(im.convert("RGB")) for im in items]) if items else np.zeros((0, *IMAGE_SHAPE), np.uint8)
+        if im.mode not in PIL_MODES:  # PIL's convert clips 16-bit and float values to 255: a white image, silently
+            raise ValueError(f"image {i} is of mode {im.mode}, more than 8 bits a channel; allowed: {', '.join(PIL_MODES)} "
+                             "(scale it to 0..255 first)")  # fmt: skip
+        try:
+            rgb.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as exc:  # read lazily: a truncated file fails here
+            raise ValueError(f"image {i} cannot be read ({_first_line(exc)}); allowed: a whole image") from None
+    return np.stack(rgb) if rgb else np.zeros((0, *IMAGE_SHAPE), np.uint8)
+
+
+PIL_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV")  # 8 bits a channel
 
 
 def _prepare(x: np.ndarray, device) -> torch.Tensor:

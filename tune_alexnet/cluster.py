@@ -59,7 +59,11 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
             "read it, delete it and Ray makes a new one",
             token_path(),
         )
-    return {"_temp_dir": os.path.join(private_temp_dir(), "ray"), "log_to_driver": log_to_driver}
+    private = private_temp_dir()
+    # torch.compile's kernels, which trials load and run, cached in TMPDIR/torchinductor_USER by default: a folder
+    # another user may have made first, and swap. In the private folder instead (Ray's processes take this env).
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(private, "torchinductor"))
+    return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
 
 
 @contextlib.contextmanager
@@ -101,9 +105,9 @@ def private_temp_dir() -> str:
         base = "/tmp"
     path = os.path.join(base, own)
     why = None  # a warning, not a refusal: a container's /tmp (Kubernetes' emptyDir) is often so, for one user
-    if owner := _owned_by_another(Path(base)):
+    if owner := owned_by_another(Path(base)):
         step, why = owner[0], f"which another user owns (uid {owner[1]}; the sticky bit does not bind an owner)"
-    elif unstuck := _open_without_sticky(Path(base)):
+    elif unstuck := open_without_sticky(Path(base)):
         step, why = unstuck[0], f"which other users can write to (mode {unstuck[1]:04o}, no sticky bit)"
     if why:
         say(
@@ -224,6 +228,8 @@ def token_problem() -> str | None:
         return _token_text_problem(given.encode("utf-8", "surrogateescape"), f"{TOKEN}, Ray's token,")
     path = token_path()
     allowed = f"allowed: a file of your own, or none (Ray then makes one); or point {TOKEN_PATH} at one"
+    if not path.is_absolute():  # a relative HOME: the token would be sought wherever the command is started
+        return f"Ray's token {path} is a relative path (HOME or {TOKEN_PATH} is); allowed: an absolute path"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -294,7 +300,7 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
         with contextlib.suppress(OSError):  # one that cannot be looked at: Ray would fail on it, not be fooled
             if (uid := os.stat(step).st_uid) not in (os.getuid(), 0):
                 return f"Ray's token {token} lies in {step}, which belongs to another user (uid {uid})"
-    unstuck = _open_without_sticky(folder)
+    unstuck = open_without_sticky(folder)
     if unstuck:
         return (
             f"Ray's token {token} lies in {unstuck[0]}, which other users can write to (mode {unstuck[1]:04o}, no "
@@ -303,7 +309,7 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
     return None
 
 
-def _open_without_sticky(folder: Path) -> tuple[Path, int] | None:
+def open_without_sticky(folder: Path) -> tuple[Path, int] | None:
     """The first folder on the way to `folder` (itself included) that other users can write to without the sticky
     bit (which lets only an entry's owner remove or rename it), with its mode; None where there is none."""
     for step in dict.fromkeys(_folders_on_the_way(folder)):
@@ -316,7 +322,7 @@ def _open_without_sticky(folder: Path) -> tuple[Path, int] | None:
     return None
 
 
-def _owned_by_another(folder: Path) -> tuple[Path, int] | None:
+def owned_by_another(folder: Path) -> tuple[Path, int] | None:
     """The first folder on the way to `folder` (itself included) that a user other than root and this one owns:
     they may rename or remove what it holds, sticky bit or not."""
     for step in dict.fromkeys([*_folders_on_the_way(folder), Path(os.path.abspath(folder))]):

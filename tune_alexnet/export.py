@@ -701,10 +701,10 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
     merged = pd.concat(originals.values(), ignore_index=True) if originals else pd.DataFrame(columns=ORIGINAL_COLUMNS)
     writers = {
         f"{TABLE_NAME}.parquet": lambda f: write_parquet(exp.table, f, meta),
-        f"{TABLE_NAME}.csv": lambda f: exp.table.to_csv(f, index=False),
+        f"{TABLE_NAME}.csv": lambda f: write_csv(exp.table, f),
         f"{EPOCHS_NAME}.parquet": lambda f: write_parquet(exp.epochs, f, meta),
-        **{f"results_{opt}.csv": lambda f, df=df: df.to_csv(f, index=False) for opt, df in originals.items()},
-        "merged_results.csv": lambda f: merged.to_csv(f, index=False),
+        **{f"results_{opt}.csv": lambda f, df=df: write_csv(df, f) for opt, df in originals.items()},
+        "merged_results.csv": lambda f: write_csv(merged, f),
     }
     files = {name: _rendered(write) for name, write in writers.items()}  # sized before anything is written
     check_room(out_dir, {name: len(data) for name, data in files.items()}, "the tables")
@@ -717,6 +717,19 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
         for name, data in files.items():
             out.put(name, lambda p, data=data: Path(p).write_bytes(data))
     return out.written
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes a cell for a formula by
+
+
+def write_csv(df: pd.DataFrame, f) -> None:
+    """`df` as CSV, each text cell that a spreadsheet would run as a formula (an error line can hold anything)
+    kept as text by a leading apostrophe, as OWASP advises; numbers and the Parquet tables stay as they are."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            out[col] = out[col].map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_START) else v)
+    out.to_csv(f, index=False)
 
 
 def _rendered(write) -> bytes:

@@ -48,6 +48,7 @@ from .resume import (
     end_cut_result_lines,
     point_at_kept_checkpoints,
     put_back_whole_state,
+    tune_state_problem,
 )
 from .settings import (
     DEFAULT_GPU_SHARE,
@@ -76,7 +77,6 @@ from .storage import (
     room_needed,
     scheme_problem,
     storage_uri,
-    unwritable_in,
     within,
 )
 
@@ -110,7 +110,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     try:
         exp_uri = experiment_uri(root, name)
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
-        check_storage(root, exp_uri, s.resume, name)
+        if check_storage(root, exp_uri, s.resume, name):
+            made.insert(0, exp_uri)  # removed again if the sweep is refused
         check_trackers(s)
         address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
         given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
@@ -121,11 +122,12 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         if data is None:
             data = load_cifar10(s.data_dir, s.subset, s.download_root, progress=not quiet)
         check_resume_data(s, exp_uri, data)
-        if s.resume:  # every check a resume makes has passed: a finished experiment is said to be so, before Ray
-            mend_for_resume(exp_uri, name)
+        if s.resume:  # a finished experiment is said to be so before Ray starts
             check_unfinished(exp_uri)
         started, dashboard = connect(address, quiet, given_as)
         per_trial, keep_free = check_resources(s, root)
+        if s.resume:  # every check that could refuse the resume has passed: a refused one writes nothing
+            mend_for_resume(exp_uri, name)
         return Plan(s, root, exp_uri, data, per_trial, keep_free, lock, started, dashboard)
     except BaseException:
         if started:
@@ -146,8 +148,10 @@ def check_scheme(uri: str, flag: str) -> None:
         raise PreflightError(f"{flag} {uri}: {problem}")
 
 
-def check_storage(root: str, exp_path: str, resume: bool, name: str) -> None:
-    """The storage can be written, local or remote, with room for trial paths; a new experiment's name is free."""
+def check_storage(root: str, exp_path: str, resume: bool, name: str) -> bool:
+    """The storage can be written, local or remote, with room for trial paths, and no other user can put a folder
+    of theirs in the experiment's place; a new experiment's name is free. Whether this call made the (local)
+    experiment folder: made here, at once, no other user can make it first in a shared storage."""
     from ray import tune
 
     if is_remote(root):
@@ -159,13 +163,47 @@ def check_storage(root: str, exp_path: str, resume: bool, name: str) -> None:
             f"an experiment named {name!r} already exists in "
             f"{root}; continue it with --resume, or start a new one with another --name"
         )
-    if is_remote(exp_path) or not os.path.lexists(exp_path):
-        return
+    if is_remote(exp_path):
+        return False
+    made = False
+    if not resume:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(exp_path, 0o755)
+            made = True
+    if not os.path.lexists(exp_path):
+        return made
     if os.path.islink(exp_path) or not Path(exp_path).is_dir():
         kind = "a symbolic link" if os.path.islink(exp_path) else "a file"
         raise PreflightError(f"{exp_path} is {kind}; allowed: a --name that is not taken in {root}")
+    if not resume and (theirs := _not_yours(exp_path)):  # (a resume says so with what it would do)
+        raise PreflightError(f"{theirs}, so whoever else can write it could send the sweep's writes elsewhere; "
+                             f"allowed: a --name that is not taken in {root}")  # fmt: skip
     if not resume and any(Path(exp_path).iterdir()) and not never_started(exp_path):
         raise PreflightError(f"{exp_path} already exists and is not empty; pick another --name")
+    return made
+
+
+def _check_path_to(root: str) -> None:
+    """No other user can rename the experiment away and put a folder of theirs in its place (a resume unpickles
+    Tune's files, which can run any code; a sweep writes through what it finds): every folder on the way to the
+    storage is writable by this user alone, or has the sticky bit, as /tmp has. One that another user owns can
+    still be swapped by them: said, not refused, as for Ray's own folder."""
+    unstuck = cluster.open_without_sticky(Path(root))
+    if unstuck:
+        step, mode = unstuck
+        raise PreflightError(
+            f"--storage {root}: {step} can be written by other users and has no sticky bit (mode {mode:04o}), so "
+            f"they could put a folder of theirs in place of the experiment's, whose files a sweep writes through and "
+            f"a resume runs; allowed: a storage on a path only you can write (chmod o-w,g-w {step}, or chmod +t "
+            f"{step} as /tmp has)"
+        )
+    owner = cluster.owned_by_another(Path(root))
+    if owner:
+        settings.say(
+            f"tune-alexnet: warning: --storage {root} lies in {owner[0]}, which another user owns (uid {owner[1]}), "
+            "so they could put a folder of theirs in place of the experiment's; use a storage on a path only you "
+            "can write where other users share this machine"
+        )
 
 
 def _check_local(root: str, exp_path: str) -> None:
@@ -175,6 +213,7 @@ def _check_local(root: str, exp_path: str) -> None:
             pass
     except OSError as exc:
         raise PreflightError(f"--storage {root} is not writable ({exc.strerror}); allowed: {STORAGE_ALLOWED}") from None
+    _check_path_to(root)
 
 
 def check_path_length(root: str, exp_path: str) -> None:
@@ -534,7 +573,7 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: {unreadable} cannot be read (its mode, or its owner, keeps you out); once it can, the same "
             f"command continues experiment {name!r}"
         )
-    shut = None if is_remote(exp_uri) else _unwritable(exp_uri)
+    shut = None if is_remote(exp_uri) else _unwritable(exp_uri, entries)
     if shut:  # Tune would fail each trial in it at every try, with a traceback each
         raise PreflightError(
             f"--resume: {shut} cannot be written (read-only or immutable); once it can, the same command continues "
@@ -551,6 +590,12 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
         raise PreflightError(
             f"--resume: {cut}, Tune's record of its search, is damaged (cut short, and no whole copy was kept); what "
             f"finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
+        )
+    wrong = None if is_remote(exp_uri) else tune_state_problem(exp_uri)
+    if wrong:  # whole, but not what Tune writes: a traceback, trials of empty configs, or a trial written outside
+        raise PreflightError(
+            f"--resume: the experiment's state is damaged: {wrong}; what finished is in 'tune-alexnet export "
+            f"{exp_uri}'; {_what_is_left(exp_uri, name)}"
         )
 
 
@@ -663,15 +708,20 @@ def _torn_pickle(path: str) -> str | None:
     return None
 
 
-def _unwritable(exp_path: str) -> str | None:
-    """The first of the experiment folder, its trial folders and what they hold (Tune writes to each on a resume)
-    that this user cannot write; None where all can be."""
+def _unwritable(exp_path: str, entries: list) -> str | None:
+    """The first of the experiment folder, its kept states, its trial folders and what they hold two levels down
+    that this user cannot write (a resume appends to a trial's files and deletes its checkpoints); W&B's old runs
+    are only ever read. None where all can be."""
     from .export import TRIAL_PREFIX
 
-    if not os.access(exp_path, os.W_OK):
-        return exp_path
-    folders = sorted(e.path for e in os.scandir(exp_path) if e.name.startswith(TRIAL_PREFIX) and e.is_dir())
-    return next(filter(None, map(unwritable_in, folders)), None)
+    for path, st in itertools.chain([(exp_path, None)], entries):
+        parts = os.path.relpath(path, exp_path).split(os.sep)
+        written = path == exp_path or parts[0] == STATE_COPIES or parts[0].startswith(TRIAL_PREFIX)
+        if not written or len(parts) > 3 or (len(parts) == 3 and parts[1] == "wandb"):
+            continue
+        if (st is None or not stat.S_ISLNK(st.st_mode)) and not os.access(path, os.W_OK, follow_symlinks=False):
+            return path
+    return None
 
 
 TUNE_STATES = (EXPERIMENT_STATE, SEARCH_STATE)  # Tune's own state files at an experiment's top
@@ -693,6 +743,8 @@ def _not_a_sweeps_file(exp_path: str, entries: list | None = None) -> str | None
             return f"{path} is a file with {st.st_nlink} names (a hard link)"
         if stat.S_ISREG(st.st_mode) and CHECKPOINT_FOLDER.fullmatch(name):  # Tune would make that folder
             return f"{path} is a file named as a checkpoint folder"
+        if not stat.S_ISDIR(st.st_mode) and parts == [STATE_COPIES]:  # no whole copy of a state could be kept
+            return f"{path} is a file named as the folder of kept states"
         if stat.S_ISDIR(st.st_mode) and name.endswith(FILE_SUFFIXES):
             return f"{path} is a folder named as a file"
         if stat.S_ISREG(st.st_mode) and name in (RESULT_FILE, "progress.csv") and st.st_size > RESULT_LIMIT:
@@ -894,7 +946,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     host, _, port = found.rpartition(":")
     if found != "local" and "://" not in found and port.isdigit():
         try:
-            socket.create_connection((host, int(port)), timeout=5).close()
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # [::1]: IPv6, bracketed
         except OSError as exc:
             raise PreflightError(
                 f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "

@@ -249,13 +249,19 @@ def _png(fig) -> bytes:
 # --- report.md -----------------------------------------------------------------
 
 
+# Text from the experiment (an error line can hold anything) shown as text: no HTML or link of its own in a
+# Markdown viewer, and kept inside its cell.
+MARKDOWN_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "[": "\\[", "]": "\\]"})
+
+
 def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
-    """Floats to 2 decimals (accuracies in %), learning rates as written (0.001); text kept inside its cell."""
+    """Floats to 2 decimals (accuracies in %), learning rates as written (0.001); text kept inside its cell, as
+    text."""
 
     def fmt(v, col):
         if isinstance(v, float):
             return "" if math.isnan(v) else (f"{v:g}" if col == "lr" else floats.format(v))
-        return "" if v is None or v is pd.NA else " ".join(str(v).split()).replace("|", "\\|")
+        return "" if v is None or v is pd.NA else " ".join(str(v).split()).translate(MARKDOWN_ESCAPES)
 
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
     lines += [

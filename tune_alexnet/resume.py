@@ -598,6 +598,73 @@ def cut_search_state(exp_dir: str) -> str | None:
     return path
 
 
+def _in_use(exp_dir: str, prefix: str) -> tuple[str, bytes] | None:
+    """(path, bytes) of the newest state of that kind as Tune will read it once mended: the file where whole, else
+    its kept whole copy; None where there is none."""
+    path = _newest(exp_dir, prefix)
+    for candidate in (path, os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))) if path else ():
+        with contextlib.suppress(OSError), open(candidate, "rb") as f:
+            if STATE_FILES[prefix](raw := f.read()):
+                return path, raw
+    return None
+
+
+TUNER_KEYS = ("_tuner_kwargs", "_tune_config", "_run_config")  # what Tune's restore takes from tuner.pkl
+SEARCH_KEYS = ("_iterators", "_uuid_prefix", "_total_samples", "_finished")  # and from its search state
+
+
+def tune_state_problem(exp_dir: str) -> str | None:
+    """What in Tune's state, whole yet not what Tune writes, would make its restore fail with a traceback, start
+    trials of empty configs in place of the experiment's, or write a trial outside the experiment; None where
+    nothing. Run on an experiment only this user can write, whose pickles Tune's restore unpickles anyway."""
+    from ray import cloudpickle
+
+    from .storage import plain_name
+
+    tuner = os.path.join(exp_dir, "tuner.pkl")
+    try:
+        with open(tuner, "rb") as f:
+            record = cloudpickle.loads(f.read())
+    except FileNotFoundError:
+        record = {key: {} for key in TUNER_KEYS}  # Tune says so itself
+    except Exception as exc:  # noqa: BLE001 - a whole pickle of what this Ray cannot load
+        return f"{tuner} cannot be loaded ({type(exc).__name__})"
+    if not (
+        isinstance(record, dict) and all(k in record for k in TUNER_KEYS) and isinstance(record[TUNER_KEYS[0]], dict)
+    ):
+        return f"{tuner} holds {_kind(record)}, not Tune's record of a sweep"
+    found = _in_use(exp_dir, SEARCH_STATE)
+    if found:
+        try:
+            search = cloudpickle.loads(found[1])
+        except Exception as exc:  # noqa: BLE001
+            return f"{found[0]} cannot be loaded ({type(exc).__name__})"
+        if not (isinstance(search, dict) and all(k in search for k in SEARCH_KEYS)):
+            return f"{found[0]} holds {_kind(search)}, not Tune's record of its search"
+    found = _in_use(exp_dir, EXPERIMENT_STATE)
+    if not found:
+        return None  # cut with no copy, or none: the checks before this one, or Tune's restore, say so
+    path, entries = found[0], json.loads(found[1]).get("trial_data")
+    if not isinstance(entries, list):
+        return f"{path} holds no list of trials"
+    reported = sum(1 for p in Path(exp_dir).glob("*/result.json") if p.is_file() and p.stat().st_size)
+    if not entries and reported:
+        return f"{path} names no trials, yet {reported} trial folder(s) hold results"
+    for number, pair in enumerate(entries, 1):
+        try:
+            trial = json.loads(pair[0])
+            folder = _unpickled(trial["storage"]).trial_dir_name
+        except Exception as exc:  # noqa: BLE001 - anything but Tune's [trial, metadata] JSON pair
+            return f"{path}: trial {number}'s entry cannot be read ({type(exc).__name__})"
+        if not plain_name(folder):
+            return f"{path}: trial {trial.get('trial_id')!r} names the folder {folder!r}, outside the experiment"
+    return None
+
+
+def _kind(value) -> str:
+    return f"a {type(value).__name__}" + (f" of {len(value)} item(s)" if isinstance(value, (dict, list)) else "")
+
+
 def put_back_whole_state(exp_dir: str) -> str | None:
     """Where the newest experiment state, or search state, is cut (not whole) and a whole copy of it was kept: put
     the copy in its place (atomically) and say so in one line; None where there was nothing to mend."""

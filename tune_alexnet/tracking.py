@@ -8,6 +8,7 @@ any trial starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -122,7 +123,8 @@ def _mlflow_callback_class():
 def remove_wandb_links(trial_paths) -> None:
     """W&B links its core's log into each run (wandb/*/logs/debug-core.log); an experiment folder holds no links
     (a resume refuses one), so they go when the sweep ends, and before a resume where a second Ctrl-C cut that
-    short. Only links inside the trials' wandb folders, and only the links: what they point to stays."""
+    short. Only links inside the trials' wandb folders, and only the links: what they point to stays. One in a
+    folder this user cannot write (a teammate's run) stays too: nothing of the sweep follows it."""
     for path in trial_paths:
         folder = os.path.join(path, "wandb")
         if is_remote(path) or not os.path.isdir(folder) or os.path.islink(folder):
@@ -130,7 +132,8 @@ def remove_wandb_links(trial_paths) -> None:
         for where, dirs, files in os.walk(folder):
             for name in dirs + files:
                 if os.path.islink(os.path.join(where, name)):
-                    os.unlink(os.path.join(where, name))
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(where, name))
 
 
 @functools.cache
