@@ -319,7 +319,7 @@ def test_a_sweep_resumes_a_captured_step_state_on_the_cpu_and_keeps_the_flags_gi
     assert resumed.wait(240) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     said = (tmp_path / "resume.log").read_text()
     assert f"the experiment state {cut.name} was cut short" in said
-    assert f"the experiment state {cut.name} is behind some trials' checkpoints" in said
+    assert f"the experiment state {cut.name} names checkpoints some trials no longer have" in said
     table = pd.read_parquet(exp_dir / "results.parquet")
     assert list(table["status"]) == ["terminated"] and list(table["epochs_run"]) == [epochs]
     seen = pd.read_parquet(exp_dir / "epochs.parquet")
@@ -446,7 +446,7 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
         (folder / "checkpoint_000007").mkdir()
         (folder / "checkpoint_000008").write_text("")
     said = point_at_kept_checkpoints(str(exp))
-    assert said.startswith(f"the experiment state {state_file.name} is behind some trials' checkpoints")
+    assert said.startswith(f"the experiment state {state_file.name} names checkpoints some trials no longer have")
     mended = json.loads(state_file.read_text())["trial_data"][state["trial_data"].index(pair)]
     storage = _unpickled(json.loads(mended[0])["storage"])
     latest = _unpickled(json.loads(mended[1])["checkpoint_manager"]).latest_checkpoint_result

@@ -346,8 +346,9 @@ def point_at_kept_checkpoints(exp_dir: str) -> str | None:
         return None
     _replace(path, json.dumps(state).encode())
     return (
-        f"the experiment state {os.path.basename(path)} is behind some trials' checkpoints (the sweep was killed "
-        f"between the two); those trials go on from their newest kept checkpoint: {'; '.join(mended)}"
+        f"the experiment state {os.path.basename(path)} names checkpoints some trials no longer have (the sweep "
+        f"was killed between saving the two, or they were removed); those trials go on from their newest kept "
+        f"checkpoint: {'; '.join(mended)}"
     )
 
 
