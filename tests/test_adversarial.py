@@ -690,23 +690,30 @@ def test_an_experiment_name_that_is_a_link_elsewhere_is_refused(synthetic_dir, t
     assert list(elsewhere.iterdir()) == []
 
 
-@pytest.mark.parametrize("mode,group", [(0o777, 0), (0o775, 65534)], ids=["open to all", "open to a group"])
-def test_a_storage_where_others_could_swap_the_experiment_is_refused(mode, group, damaged, synthetic_dir, capsys):
+def test_a_storage_where_anyone_could_swap_the_experiment_is_refused(damaged, synthetic_dir, capsys):
     """Another user renamed the experiment away between the resume's checks and Tune's reads, and put one of
     theirs in its place: Tune unpickled their tuner.pkl. A fresh sweep wrote through the links they planted."""
     copy, _ = damaged
-    shared = copy.parent  # the storage of the copied experiment, open to others
-    os.chown(shared, os.getuid(), group)
-    shared.chmod(mode)
+    shared = copy.parent  # the storage of the copied experiment, open to all
+    shared.chmod(0o777)
     fresh = ["--data-dir", str(synthetic_dir), *TINY, "--storage", str(shared / "results")]
     for args, storage in (
         (fresh, shared / "results"),
         (["--resume", "--name", "mixed", "--storage", str(shared)], shared),
     ):
         err = one_line_exit_2(["sweep", *args], capsys)
-        assert f"--storage {storage}: {shared} can be written by other users and has no sticky bit (mode " in err, err
-        assert f"allowed: a storage on a path only you can write (chmod o-w,g-w {shared}, or chmod +t" in err, err
+        assert f"--storage {storage}: {shared} can be written by every user and has no sticky bit (mode 0777)" in err
+        assert f"allowed: a storage on a path not open to all (chmod o-w {shared}, or chmod +t" in err, err
     assert not (shared / "results").exists()
+    shared.chmod(0o1777)  # the sticky bit: only an entry's owner may rename it
+    preflight.check_path_to(str(shared))
+    shared.chmod(0o770)  # a team's folder: said, not refused
+    os.chown(shared, os.getuid(), 65534)
+    preflight.check_path_to(str(shared))
+    assert (
+        f"lies in {shared}, which a group of other users can write (mode 0770, no sticky bit)"
+        in capsys.readouterr().err
+    )
     shared.chmod(0o700)
 
 

@@ -667,8 +667,9 @@ PREDICT_CASES = {
     "one PIL image": (lambda: _pil((32, 32)), "one PIL image"),
     "a PIL image of another size": (lambda: [_pil((64, 48))], "image 0 is 64x48; allowed: 32x32"),
     "a torch tensor": (lambda: torch.zeros(2, 3, 32, 32), "a Tensor"),
-    "a 16-bit PIL image": (lambda: [_pil((32, 32), "I;16")], "image 0 is of mode I;16, more than 8 bits a channel"),
-    "a float PIL image": (lambda: [_pil((32, 32), "F")], "image 0 is of mode F, more than 8 bits"),
+    "a 16-bit PIL image": (lambda: [_pil((32, 32), "I;16")], "image 0 is of mode I;16, which PIL does not turn"),
+    "a float PIL image": (lambda: [_pil((32, 32), "F")], "image 0 is of mode F, which PIL does not turn into RGB"),
+    "a LAB PIL image": (lambda: [_pil((32, 32), "LAB")], "image 0 is of mode LAB, which PIL does not turn into RGB"),
     "a truncated PNG": (lambda: [_truncated_png()], "image 0 cannot be read (image file is truncated"),
 }
 

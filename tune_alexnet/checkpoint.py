@@ -343,9 +343,10 @@ def _from_pil(images) -> np.ndarray:
     for i, im in enumerate(items):
         if im.size != IMAGE_SHAPE[:2]:
             raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]}; allowed: 32x32 (resize it first)")
-        if im.mode not in PIL_MODES:  # PIL's convert clips 16-bit and float values to 255: a white image, silently
-            raise ValueError(f"image {i} is of mode {im.mode}, more than 8 bits a channel; allowed: {', '.join(PIL_MODES)} "
-                             "(scale it to 0..255 first)")  # fmt: skip
+        if im.mode not in PIL_MODES:  # PIL's convert clips 16-bit and float values to 255 (a white image) and
+            # turns LAB into other colours, silently
+            raise ValueError(f"image {i} is of mode {im.mode}, which PIL does not turn into RGB faithfully; allowed: "
+                             f"{', '.join(PIL_MODES)} (convert it to 8-bit RGB first)")  # fmt: skip
         try:
             rgb.append(np.asarray(im.convert("RGB")))
         except (OSError, ValueError) as exc:  # read lazily: a truncated file fails here
@@ -353,7 +354,7 @@ def _from_pil(images) -> np.ndarray:
     return np.stack(rgb) if rgb else np.zeros((0, *IMAGE_SHAPE), np.uint8)
 
 
-PIL_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV")  # 8 bits a channel
+PIL_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "HSV")  # each to RGB as is
 
 
 def _prepare(x: np.ndarray, device) -> torch.Tensor:

@@ -59,11 +59,18 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
             "read it, delete it and Ray makes a new one",
             token_path(),
         )
+    global _kernel_cache
     private = private_temp_dir()
-    # torch.compile's kernels, which trials load and run, cached in TMPDIR/torchinductor_USER by default: a folder
-    # another user may have made first, and swap. In the private folder instead (Ray's processes take this env).
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(private, "torchinductor"))
+    # torch's kernel cache, whose compiled code trials load and run, lies in TMPDIR/torchinductor_USER by default
+    # (made even by eager trials): a folder another user may have made first, and swap. In the private folder
+    # instead, which Ray's processes take from this environment; a cache the user named stays theirs.
+    if os.environ.get(KERNEL_CACHE) in (None, _kernel_cache):
+        _kernel_cache = os.environ[KERNEL_CACHE] = os.path.join(private, "torchinductor")
     return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
+
+
+KERNEL_CACHE = "TORCHINDUCTOR_CACHE_DIR"
+_kernel_cache: str | None = None  # the value this process gave it, replaced with the next private folder
 
 
 @contextlib.contextmanager
@@ -309,15 +316,16 @@ def _folder_problem(folder: Path, token: Path) -> str | None:
     return None
 
 
-def open_without_sticky(folder: Path) -> tuple[Path, int] | None:
-    """The first folder on the way to `folder` (itself included) that other users can write to without the sticky
-    bit (which lets only an entry's owner remove or rename it), with its mode; None where there is none."""
+def open_without_sticky(folder: Path, everyone: bool = False) -> tuple[Path, int] | None:
+    """The first folder on the way to `folder` (itself included) that other users (`everyone`: all users) can write
+    to without the sticky bit (which lets only an entry's owner remove or rename it), with its mode; None where
+    there is none."""
     for step in dict.fromkeys(_folders_on_the_way(folder)):
         try:
             st = os.stat(step)
         except OSError:
             continue  # a folder above that cannot be looked at: Ray would fail on it, not be fooled
-        if _others_can_write(st) and not st.st_mode & stat.S_ISVTX:
+        if (st.st_mode & stat.S_IWOTH if everyone else _others_can_write(st)) and not st.st_mode & stat.S_ISVTX:
             return step, stat.S_IMODE(st.st_mode)
     return None
 

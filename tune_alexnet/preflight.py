@@ -48,6 +48,7 @@ from .resume import (
     end_cut_result_lines,
     point_at_kept_checkpoints,
     put_back_whole_state,
+    state_is_whole,
     tune_state_problem,
 )
 from .settings import (
@@ -109,6 +110,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     started = False
     try:
         exp_uri = experiment_uri(root, name)
+        if not is_remote(root):  # before a resume reads (unpickles) anything of the experiment
+            check_path_to(root)
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         if check_storage(root, exp_uri, s.resume, name):
             made.insert(0, exp_uri)  # removed again if the sweep is refused
@@ -167,15 +170,22 @@ def check_storage(root: str, exp_path: str, resume: bool, name: str) -> bool:
         return False
     made = False
     if not resume:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(exp_path, 0o755)
+        try:
+            os.mkdir(exp_path)
             made = True
+        except FileExistsError:
+            pass
+        except OSError as exc:  # a full disk or quota: room for the lock file's name, not a folder's
+            raise PreflightError(
+                f"--storage {root} cannot hold the experiment's folder ({exc.strerror}); allowed: {STORAGE_ALLOWED}, "
+                "with room for the sweep"
+            ) from None
     if not os.path.lexists(exp_path):
         return made
     if os.path.islink(exp_path) or not Path(exp_path).is_dir():
         kind = "a symbolic link" if os.path.islink(exp_path) else "a file"
         raise PreflightError(f"{exp_path} is {kind}; allowed: a --name that is not taken in {root}")
-    if not resume and (theirs := _not_yours(exp_path)):  # (a resume says so with what it would do)
+    if not resume and not made and (theirs := _not_yours(exp_path)):  # (a resume says so with what it would do)
         raise PreflightError(f"{theirs}, so whoever else can write it could send the sweep's writes elsewhere; "
                              f"allowed: a --name that is not taken in {root}")  # fmt: skip
     if not resume and any(Path(exp_path).iterdir()) and not never_started(exp_path):
@@ -183,26 +193,28 @@ def check_storage(root: str, exp_path: str, resume: bool, name: str) -> bool:
     return made
 
 
-def _check_path_to(root: str) -> None:
-    """No other user can rename the experiment away and put a folder of theirs in its place (a resume unpickles
-    Tune's files, which can run any code; a sweep writes through what it finds): every folder on the way to the
-    storage is writable by this user alone, or has the sticky bit, as /tmp has. One that another user owns can
-    still be swapped by them: said, not refused, as for Ray's own folder."""
-    unstuck = cluster.open_without_sticky(Path(root))
+def check_path_to(root: str) -> None:
+    """No user on the machine can rename the experiment away and put a folder of theirs in its place (a resume
+    unpickles Tune's files, which can run any code; a sweep writes through what it finds): no folder on the way to
+    the storage is writable by all without the sticky bit, as /tmp has. One a group may write (a team's project
+    folder), or another user owns, is said, not refused, as a group may write the experiment itself."""
+    unstuck = cluster.open_without_sticky(Path(root), everyone=True)
     if unstuck:
         step, mode = unstuck
         raise PreflightError(
-            f"--storage {root}: {step} can be written by other users and has no sticky bit (mode {mode:04o}), so "
-            f"they could put a folder of theirs in place of the experiment's, whose files a sweep writes through and "
-            f"a resume runs; allowed: a storage on a path only you can write (chmod o-w,g-w {step}, or chmod +t "
-            f"{step} as /tmp has)"
+            f"--storage {root}: {step} can be written by every user and has no sticky bit (mode {mode:04o}), so "
+            f"anyone could put a folder of theirs in place of the experiment's, whose files a sweep writes through "
+            f"and a resume runs; allowed: a storage on a path not open to all (chmod o-w {step}, or chmod +t {step} "
+            "as /tmp has)"
         )
+    shared = cluster.open_without_sticky(Path(root))
     owner = cluster.owned_by_another(Path(root))
-    if owner:
+    if shared or owner:
+        step, who = (shared[0], f"a group of other users can write (mode {shared[1]:04o}, no sticky bit)") if shared \
+            else (owner[0], f"another user owns (uid {owner[1]})")  # fmt: skip
         settings.say(
-            f"tune-alexnet: warning: --storage {root} lies in {owner[0]}, which another user owns (uid {owner[1]}), "
-            "so they could put a folder of theirs in place of the experiment's; use a storage on a path only you "
-            "can write where other users share this machine"
+            f"tune-alexnet: warning: --storage {root} lies in {step}, which {who}, so they could put a folder of "
+            "theirs in place of the experiment's: resume only where you trust them"
         )
 
 
@@ -213,7 +225,6 @@ def _check_local(root: str, exp_path: str) -> None:
             pass
     except OSError as exc:
         raise PreflightError(f"--storage {root} is not writable ({exc.strerror}); allowed: {STORAGE_ALLOWED}") from None
-    _check_path_to(root)
 
 
 def check_path_length(root: str, exp_path: str) -> None:
@@ -244,7 +255,7 @@ def never_started(exp_path: str) -> bool:
         names = {p.name for p in folder.iterdir()}
     except OSError:
         return False
-    ours = bool(names) and names <= {DRIVER_LOG, RESERVE_NAME}  # killed before Tune's files or the record
+    ours = names <= {DRIVER_LOG, RESERVE_NAME}  # killed before Tune's files or the record (or the data's download)
     if not ((folder / SETTINGS_FILE).is_file() or ours) or any(folder.glob("experiment_state-*.json")):
         return False
     if any(p.is_file() for p in folder.glob("*/result.json")):
@@ -465,6 +476,9 @@ class NothingToResume(PreflightError):
 
 def check_unfinished(exp_uri: str) -> None:
     from .export import ExportError, load_experiment
+
+    if not is_remote(exp_uri) and not state_is_whole(exp_uri):  # read from the trial folders, the trials that never
+        return  # started would be missed: the resume puts the kept state back, and Tune says what is left
 
     try:
         status = load_experiment(exp_uri, ended=True).table["status"]

@@ -249,8 +249,8 @@ def _png(fig) -> bytes:
 # --- report.md -----------------------------------------------------------------
 
 
-# Text from the experiment (an error line can hold anything) shown as text: no HTML or link of its own in a
-# Markdown viewer, and kept inside its cell.
+# Text from the experiment (an error line can hold anything) shown as text in a Markdown viewer: no HTML and no
+# Markdown link of its own, and kept inside its cell.
 MARKDOWN_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "[": "\\[", "]": "\\]"})
 
 

@@ -610,6 +610,16 @@ def _in_use(exp_dir: str, prefix: str) -> tuple[str, bytes] | None:
     return None
 
 
+def state_is_whole(exp_dir: str) -> bool:
+    """Whether the newest experiment state is whole as it lies (none at all counts as whole: nothing to put back)."""
+    path = _newest(exp_dir, EXPERIMENT_STATE)
+    try:
+        with open(path, "rb") as f:
+            return _parses(f.read())
+    except (OSError, TypeError):  # none (TypeError: no path), or unreadable: the resume's checks say so
+        return path is None
+
+
 TUNER_KEYS = ("_tuner_kwargs", "_tune_config", "_run_config")  # what Tune's restore takes from tuner.pkl
 SEARCH_KEYS = ("_iterators", "_uuid_prefix", "_total_samples", "_finished")  # and from its search state
 
