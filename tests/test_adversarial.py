@@ -717,6 +717,14 @@ def test_a_storage_where_anyone_could_swap_the_experiment_is_refused(damaged, sy
     shared.chmod(0o700)
 
 
+def test_an_empty_folder_a_killed_start_left_is_one_that_never_started(tmp_path, capsys):
+    """A sweep makes its folder at once; killed before anything else (the data's download), the folder is empty,
+    and --resume advised another --name, which is not needed."""
+    (tmp_path / "study").mkdir()
+    err = one_line_exit_2(["sweep", "--resume", "--name", "study", "--storage", str(tmp_path)], capsys)
+    assert "stopped before its first trial reported, so there is nothing to resume; run the same command" in err, err
+
+
 def test_a_new_sweep_takes_no_experiment_folder_another_user_made(synthetic_dir, tmp_path, capsys):
     """In a shared storage (sticky, as /tmp), another user made the folder the sweep would use, and swapped Tune's
     experiment state in it for a link to a file of the user's, which the sweep then overwrote."""

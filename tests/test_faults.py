@@ -1,5 +1,6 @@
 """Nothing lost: real processes killed with real signals, divergence, errored trials, half-finished exports."""
 
+import contextlib
 import json
 import os
 import re
@@ -285,8 +286,12 @@ def test_a_storage_filling_up_stops_the_sweep_cleanly_and_resume_finishes_it(syn
         proc = start_sweep(args, log, TMPDIR=str(scratch))
         wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(disk / "filling").values()), proc, "epochs")
         filler = disk / "someone-else.bin"
-        # 5 MB left: less than one running trial needs (two need twice that: one trial may finish first)
-        filler.write_bytes(b"\0" * (shutil.disk_usage(disk).free - 5_000_000))
+        # 5 MB left: less than one running trial needs (two need twice that: one trial may finish first). The sweep
+        # writes meanwhile: a write the full disk cut short is shortened by what is missing of the 5 MB.
+        with open(filler, "wb", buffering=0) as f:
+            with contextlib.suppress(OSError):  # nothing at all could be written
+                f.write(b"\0" * max(0, shutil.disk_usage(disk).free - 5_000_000))
+            f.truncate(max(0, f.tell() - max(0, 5_000_000 - shutil.disk_usage(disk).free)))
         assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
         text = log.read_text()
         assert f"tune-alexnet sweep: --storage {disk} is nearly full (" in text and "Traceback" not in text
