@@ -7,7 +7,7 @@ import pytest
 
 from tune_alexnet.cli import main, run_study
 from tune_alexnet.grid import make_grid
-from tune_alexnet.report import reference_table, write_report
+from tune_alexnet.report import markdown_table, reference_table, write_report
 from tune_alexnet.settings import SweepSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,3 +132,10 @@ def test_the_noise_rule_against_hand_computed_cases():
     assert comp.loc[14, "difference"] == pytest.approx(-5.0707)
     assert comp.loc[14, "within_noise"] == False  # noqa: E712
     assert comp.loc[18, "within_noise"] is None
+
+
+def test_text_from_the_experiment_stays_text_in_report_md():
+    """An error line can hold anything: no HTML, no Markdown link (an escaped backslash cannot undo the escapes)."""
+    error = r"\[go\](javascript:x) <img src=x onerror=y> [a](b) & c|d"
+    table = markdown_table(pd.DataFrame({"error": [error]}))
+    assert table.splitlines()[-1] == (r"| \\\[go\\\](javascript:x) &lt;img src=x onerror=y&gt; \[a\](b) &amp; c\|d |")

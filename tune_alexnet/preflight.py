@@ -171,7 +171,7 @@ def check_storage(root: str, exp_path: str, resume: bool, name: str) -> bool:
     made = False
     if not resume:
         try:
-            os.mkdir(exp_path)
+            os.mkdir(exp_path, 0o775)  # the user's umask applies, but never writable by all
             made = True
         except FileExistsError:
             pass

@@ -251,7 +251,9 @@ def _png(fig) -> bytes:
 
 # Text from the experiment (an error line can hold anything) shown as text in a Markdown viewer: no HTML and no
 # Markdown link of its own, and kept inside its cell.
-MARKDOWN_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "[": "\\[", "]": "\\]"})
+MARKDOWN_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "[": "\\[", "]": "\\]"}
+)
 
 
 def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
