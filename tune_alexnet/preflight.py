@@ -950,12 +950,12 @@ def _check_wandb_key() -> None:
 def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tuple[bool, str | None]:
     """ray.init for a sweep unless this process is connected already: (whether it started Ray, the dashboard's
     URL). Fails within seconds, in one line, where no cluster answers at `address`. A local Ray listens on
-    loopback only and keeps its logs in a folder of this user's alone."""
+    loopback only and keeps its logs in a folder of this user's alone. Ray's settings are checked before, in
+    prepare (check_ray_settings)."""
     import ray
 
     if ray.is_initialized():
         return False, None
-    check_ray_settings(address, given_as)
     found = _auto_address() if address == "auto" else address
     host, _, port = found.rpartition(":")
     if found != "local" and "://" not in found and port.isdigit():

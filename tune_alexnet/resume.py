@@ -590,34 +590,24 @@ def cut_search_state(exp_dir: str) -> str | None:
     """The newest search state, where it is cut and no whole copy of it was kept to put back; None where it is
     whole, absent, or can be mended. Reads only."""
     path = _newest(exp_dir, SEARCH_STATE)
-    if path is None:
-        return None
-    for candidate in (path, os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))):
-        with contextlib.suppress(OSError), open(candidate, "rb") as f:
-            if _whole_pickle(f.read()):
-                return None
-    return path
+    return path if path and _in_use(exp_dir, SEARCH_STATE) is None else None
 
 
-def _in_use(exp_dir: str, prefix: str) -> tuple[str, bytes] | None:
-    """(path, bytes) of the newest state of that kind as Tune will read it once mended: the file where whole, else
-    its kept whole copy; None where there is none."""
+def _in_use(exp_dir: str, prefix: str) -> tuple[str, bytes, str | None] | None:
+    """(path, bytes, the kept copy they come from or None) of the newest state of that kind as Tune will read it
+    once mended: the file where whole, else its kept whole copy; None where there is neither."""
     path = _newest(exp_dir, prefix)
     for candidate in (path, os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))) if path else ():
         with contextlib.suppress(OSError), open(candidate, "rb") as f:
             if STATE_FILES[prefix](raw := f.read()):
-                return path, raw
+                return path, raw, None if candidate == path else candidate
     return None
 
 
 def state_is_whole(exp_dir: str) -> bool:
     """Whether the newest experiment state is whole as it lies (none at all counts as whole: nothing to put back)."""
-    path = _newest(exp_dir, EXPERIMENT_STATE)
-    try:
-        with open(path, "rb") as f:
-            return _parses(f.read())
-    except (OSError, TypeError):  # none (TypeError: no path), or unreadable: the resume's checks say so
-        return path is None
+    found = _in_use(exp_dir, EXPERIMENT_STATE)
+    return (found[2] is None) if found else _newest(exp_dir, EXPERIMENT_STATE) is None
 
 
 TUNER_KEYS = ("_tuner_kwargs", "_tune_config", "_run_config")  # what Tune's restore takes from tuner.pkl
@@ -680,21 +670,11 @@ def put_back_whole_state(exp_dir: str) -> str | None:
     """Where the newest experiment state, or search state, is cut (not whole) and a whole copy of it was kept: put
     the copy in its place (atomically) and say so in one line; None where there was nothing to mend."""
     said = []
-    for prefix, whole in STATE_FILES.items():
-        path = _newest(exp_dir, prefix)
-        if path is None:
+    for prefix in STATE_FILES:
+        found = _in_use(exp_dir, prefix)
+        if found is None or found[2] is None:  # none, whole as it lies, or no whole copy to put back
             continue
-        with open(path, "rb") as f:
-            if whole(f.read()):
-                continue
-        copy = os.path.join(exp_dir, STATE_COPIES, os.path.basename(path))
-        try:
-            with open(copy, "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        if not whole(raw):
-            continue
+        path, raw, copy = found
         _replace(path, raw)
         when = time.strftime("%H:%M:%S", time.localtime(os.stat(copy).st_mtime))
         kind = "experiment state" if prefix == EXPERIMENT_STATE else "search state"
