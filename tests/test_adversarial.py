@@ -698,6 +698,7 @@ def test_a_storage_where_anyone_could_swap_the_experiment_is_refused(damaged, sy
     shared.chmod(0o777)
     ran = shared / "ran"  # a tuner.pkl as another user would plant it: refused before anything is unpickled
     (copy / "tuner.pkl").write_bytes(pickle.dumps(_Touch(str(ran))))
+    (shared / ".mixed.lock").symlink_to(ran)  # the lock file is not even opened on such a path
     fresh = ["--data-dir", str(synthetic_dir), *TINY, "--storage", str(shared / "results")]
     for args, storage in (
         (fresh, shared / "results"),
@@ -707,6 +708,7 @@ def test_a_storage_where_anyone_could_swap_the_experiment_is_refused(damaged, sy
         assert f"--storage {storage}: {shared} can be written by every user and has no sticky bit (mode 0777)" in err
         assert f"allowed: a storage on a path not open to all (chmod o-w {shared}, or chmod +t" in err, err
     assert not (shared / "results").exists() and not ran.exists()
+    (shared / ".mixed.lock").unlink()
     shared.chmod(0o1777)  # the sticky bit: only an entry's owner may rename it
     preflight.check_path_to(str(shared))
     shared.chmod(0o770)  # a team's folder: said, not refused

@@ -101,6 +101,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     check_scheme(root, "--storage")
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
+    if not is_remote(root):  # before the lock file is made through it
+        check_path_to(root, warn=False)
     made = [] if is_remote(root) else missing_folders(root)  # removed again if the sweep is refused
     try:
         lock = lock_experiment(root, name)
@@ -110,7 +112,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     started = False
     try:
         exp_uri = experiment_uri(root, name)
-        if not is_remote(root):  # before a resume reads (unpickles) anything of the experiment
+        if not is_remote(root):  # again, with the folders made meanwhile; before a resume reads anything of it
             check_path_to(root)
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         if check_storage(root, exp_uri, s.resume, name):
@@ -193,11 +195,12 @@ def check_storage(root: str, exp_path: str, resume: bool, name: str) -> bool:
     return made
 
 
-def check_path_to(root: str) -> None:
+def check_path_to(root: str, warn: bool = True) -> None:
     """No user on the machine can rename the experiment away and put a folder of theirs in its place (a resume
     unpickles Tune's files, which can run any code; a sweep writes through what it finds): no folder on the way to
     the storage is writable by all without the sticky bit, as /tmp has. One a group may write (a team's project
-    folder), or another user owns, is said, not refused, as a group may write the experiment itself."""
+    folder), or another user owns, is said (unless not `warn`), not refused, as a group may write the experiment
+    itself."""
     unstuck = cluster.open_without_sticky(Path(root), everyone=True)
     if unstuck:
         step, mode = unstuck
@@ -207,6 +210,8 @@ def check_path_to(root: str) -> None:
             f"and a resume runs; allowed: a storage on a path not open to all (chmod o-w {step}, or chmod +t {step} "
             "as /tmp has)"
         )
+    if not warn:
+        return
     shared = cluster.open_without_sticky(Path(root))
     owner = cluster.owned_by_another(Path(root))
     if shared or owner:
