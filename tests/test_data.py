@@ -69,6 +69,36 @@ def test_a_cache_folder_planted_beside_the_data_is_neither_written_nor_read(tmp_
     assert cache_dir_for(root) == Path(os.environ["TUNE_ALEXNET_CACHE"]) / "arrays"
 
 
+@pytest.mark.parametrize("planted", ["another user's file", "a file all may write", "a link"])
+def test_cached_images_another_user_could_have_written_are_not_trained_on(tmp_path, capfd, monkeypatch, planted):
+    """The user cache may lie in a shared place (TUNE_ALEXNET_CACHE, XDG_CACHE_HOME): arrays planted there under
+    the data's key were trained on as the data."""
+    root = make_image_folder(tmp_path / "ro", 2, 1)
+    monkeypatch.setenv("TUNE_ALEXNET_CACHE", str(tmp_path / "cache"))
+    os.chmod(root, 0o555)  # the cache goes to the user cache
+    try:
+        real = load_cifar10(root, progress=False)
+        (cached,) = cache_dir_for(root).glob("cifar-*.npz")
+        black = {k: np.zeros_like(v) if k.endswith("_x") else v for k, v in np.load(cached).items()}
+        target = tmp_path / "planted.npz" if planted == "a link" else cached
+        np.savez(tmp_path / "black.npz", **black)
+        shutil.move(tmp_path / "black.npz", target)
+        if planted == "a link":
+            cached.unlink()
+            cached.symlink_to(target)
+        elif planted == "another user's file":
+            os.chown(cached, 65534, 65534)
+        else:
+            cached.chmod(0o666)
+        capfd.readouterr()
+        again = load_cifar10(root, progress=False)
+        assert np.array_equal(again.train_x, real.train_x) and again.train_x.max() > 0
+        if planted != "a link":  # a link is never made by the cache: passed over as a damaged file
+            assert "passed over the cached images" in capfd.readouterr().err
+    finally:
+        os.chmod(root, 0o755)
+
+
 def test_subset_takes_n_per_class_and_cuts_test_in_proportion(synthetic_dir):
     data = take_subset(load_cifar10(synthetic_dir, progress=False), 10)
     assert np.bincount(data.train_y).tolist() == [10] * 10
@@ -246,6 +276,11 @@ BAD_FOLDERS = [
         "newline-in-class-folder",
         lambda r: _add_class(r, "two\nlines"),
         ["class folder {root}/train/two\\nlines has a name that is not printable UTF-8"],
+    ),
+    (
+        "long-class-folder",
+        lambda r: _add_class(r, "x" * 65),  # a sweep on it trained, then its record and checkpoints were refused
+        ["class folder {root}/train/" + "x" * 65 + " has a name of 65 characters", "at most 64 characters"],
     ),
     (
         "empty-train",

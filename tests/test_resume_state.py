@@ -110,6 +110,14 @@ TAMPERED = {
     "NaN weights": lambda s: next(iter(s["model"].values())).view(-1)[0].fill_(math.nan),
     "an invalid generator state": lambda s: s["generator"].fill_(255),
     "a generator state of another size": lambda s: s.update(torch_rng=torch.zeros(10, dtype=torch.uint8)),
+    # kinds of tensor torch.load takes, that the checks or the optimizer's first step raised on
+    "a meta exp_avg": lambda s: s["optimizer"]["state"][0].update(
+        exp_avg=s["optimizer"]["state"][0]["exp_avg"].to("meta")
+    ),
+    "sparse weights": lambda s: s["model"].update({k: v.to_sparse() for k, v in s["model"].items() if v.dim() == 2}),
+    "an exp_avg of one shared number": lambda s: s["optimizer"]["state"][0].update(
+        exp_avg=torch.zeros(1).expand(s["optimizer"]["state"][0]["exp_avg"].shape)
+    ),
 }
 
 

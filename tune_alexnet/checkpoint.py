@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .augment import normalize, prepare_eval
-from .data import IMAGE_SIZE
+from .data import CLASS_NAME_LIMIT, IMAGE_SIZE
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES, RedactedError
 from .storage import JSON_LIMIT, RefusedFile, list_folder, open_file, reach, read_json, shown
@@ -46,7 +46,6 @@ MODEL_ARGS = {
     "batchnorm": (lambda v: isinstance(v, bool), "true or false"),
     "width": (lambda v: BOUNDS["width"].allows(v), BOUNDS["width"].text()),
 }
-CLASS_NAME_LIMIT = 64  # characters of one class name in model.json
 WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip and pickle framing
 
 

@@ -41,6 +41,7 @@ SPLITS = ("train", "test")
 LAYOUT = "a folder holding train/<class>/ and test/<class>/ images"
 IMAGES = f"{IMAGE_SIZE}x{IMAGE_SIZE} images ({', '.join(IMG_EXTENSIONS)})"
 ALLOW_CHANGE = "pass --allow-data-change to resume on purpose"
+CLASS_NAME_LIMIT = 64  # characters of one class name: it goes into the tables, reports and model.json
 
 
 class DataError(Exception):
@@ -331,6 +332,11 @@ def _class_folders(root: Path, split: str) -> list[str]:
                     f"class folder {_show(path)} has a name that is not printable UTF-8; allowed: class names in "
                     "UTF-8 without control characters (they go into the experiment's tables)"
                 )
+            if len(name) > CLASS_NAME_LIMIT:  # else refused only when a finished sweep's checkpoint is loaded
+                raise DataError(
+                    f"class folder {_show(path)} has a name of {len(name)} characters; allowed: class names of at "
+                    f"most {CLASS_NAME_LIMIT} characters (they go into the experiment's tables and model.json)"
+                )
             names.append(name)
         elif _is_image_name(name):
             raise DataError(f"image {_show(path)} lies directly in {split}/; allowed: images inside {split}/<class>/")
@@ -482,14 +488,26 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
 
 
 def _read_cache(path: Path, labels: list[np.ndarray]):
-    """The cached arrays, if they are whole and match the scanned labels; a damaged cache is rebuilt, never trusted."""
-    if not path.is_file():
-        return None
+    """The cached arrays, if they are whole and match the scanned labels; a damaged cache is rebuilt, never trusted.
+    So is one another user could have written (a cache folder in a shared place): its arrays would be trained on as
+    the data. The file is checked through the descriptor it is read from, so no swap can slip in between."""
     try:
-        with np.load(path) as z:
-            arrays = z["train_x"], z["train_y"], z["test_x"], z["test_y"]
-    except Exception:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # (a FIFO must not block the open)
+    except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
+            print(f"tune-alexnet: passed over the cached images {_show(path)}: another user could have written "
+                  "them; decoding the images again", file=sys.stderr)  # fmt: skip
+            return None
+        try:
+            with np.load(f) as z:
+                arrays = z["train_x"], z["train_y"], z["test_x"], z["test_y"]
+        except Exception:
+            return None
     for x, y, want in ((arrays[0], arrays[1], labels[0]), (arrays[2], arrays[3], labels[1])):
         if x.dtype != np.uint8 or x.shape != (len(want), IMAGE_SIZE, IMAGE_SIZE, 3) or not np.array_equal(y, want):
             return None

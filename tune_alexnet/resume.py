@@ -40,6 +40,8 @@ def state_problem(trainer, best, cfg: dict, model: torch.nn.Module, train_images
     missing = [p for p in PARTS if p not in trainer]
     if missing:
         return f"{missing[0]!r} is missing"
+    if problem := _odd_tensor({"its": trainer, "the best weights'": best}):
+        return problem
     for what, weights in (("its weights", trainer["model"]), ("the best weights", best)):
         if problem := _weights_problem(weights, model.state_dict()):
             return f"{what}: {problem}"
@@ -63,6 +65,28 @@ def state_problem(trainer, best, cfg: dict, model: torch.nn.Module, train_images
     steps = trainer["counters"]["epoch"] * len(epoch_batches(train_images, cfg["batch_size"], 0))
     steps += position["steps"] if position is not None else 0
     return _optimizer_state_problem(trainer["optimizer"], cfg, [p.shape for p in model.parameters()], steps)
+
+
+def _odd_tensor(value, where: str = "") -> str | None:
+    """The first tensor in `value` (through mappings and lists) that is not plain numbers on the CPU: sparse, meta,
+    nested, quantized, or with elements sharing memory (a stride of 0). torch.load takes each, and the checks below
+    or the optimizer's first step would raise on it."""
+    if isinstance(value, torch.Tensor):
+        plain = value.layout == torch.strided and not (value.is_nested or value.is_meta or value.is_quantized)
+        if plain and value.device.type == "cpu" and _dense(value):
+            return None
+        kind = "meta" if value.is_meta else f"{str(value.layout).split('.')[-1]} on {value.device.type}"
+        return f"{where} is a {kind} tensor with strides {value.stride() if plain else '-'}; allowed: dense numbers"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if problem := _odd_tensor(item, f"{where} {key}".strip()):
+            return problem
+    return None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Each element in memory of its own, as every tensor a trial saves is (its conv weights may be channels-last)."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _weights_problem(weights, model_state: dict) -> str | None:

@@ -316,12 +316,12 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Tria
         if resumed == "finished":
             return None
         where, trainer, best = resumed
-        problem = resume.state_problem(trainer, best, cfg, trial.model, train_images)
-        if problem is None:
-            try:
+        try:
+            problem = resume.state_problem(trainer, best, cfg, trial.model, train_images)
+            if problem is None:
                 _load_state(trial, trainer, best, rt)
-            except Exception as exc:  # a shape or size the checks above did not foresee
-                problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        except Exception as exc:  # a kind of tensor or value the checks did not foresee
+            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if problem is None:
             s = trial.state
             inside = f", inside epoch {s['epoch'] + 1} at step {trial.position['steps']}" if trial.position else ""
