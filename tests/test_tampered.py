@@ -606,6 +606,8 @@ def test_load_model_takes_a_checkpoint_folder_through_a_link_of_the_users_own(ck
     (tmp_path / "link").symlink_to(ckpt)
     model = checkpoint.load_model(tmp_path / "link")
     assert model.classes == CLASSES and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    for path, device in ((os.fsencode(tmp_path / "link"), "cpu:0"), (ckpt, torch.device("cpu", 0))):
+        assert checkpoint.load_model(path, device=device)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("classes", [[], ...], ids=["empty", "absent"])

@@ -126,7 +126,7 @@ def _usable(device) -> torch.device:
         raise ValueError(f"device {device!r}: torch sees {count} CUDA device(s) here; {allowed}")
     if d.type not in ("cpu", "cuda") or d.type == "cpu" and d.index not in (None, 0):
         raise ValueError(f"device {device!r} is not one a network is loaded onto here; {allowed}")
-    return d
+    return torch.device("cpu") if d.type == "cpu" else d  # torch.load knows no 'cpu:0'
 
 
 def _location(checkpoint) -> tuple:
@@ -136,7 +136,7 @@ def _location(checkpoint) -> tuple:
 
     if hasattr(checkpoint, "filesystem") and hasattr(checkpoint, "path"):  # a tune.Checkpoint
         return checkpoint.filesystem, checkpoint.path, checkpoint.path
-    checkpoint = os.fspath(checkpoint)
+    checkpoint = os.fsdecode(checkpoint)  # a bytes path as os.fspath takes it
     if "://" in checkpoint:
         label = checkpoint.split("?")[0]
         try:  # bounded as export's reads are: gs:// without credentials would retry for minutes
