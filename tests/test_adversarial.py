@@ -2,6 +2,7 @@
 
 The data folder's own table of bad inputs is in test_data.py."""
 
+import contextlib
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,23 +121,45 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     assert time.monotonic() - start < 60
 
 
-def test_auto_with_the_address_file_of_a_cluster_long_gone_is_refused_within_seconds(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("there", ["nothing", "a stranger"])
+def test_auto_joins_no_address_that_ray_found_unless_a_ray_node_of_yours_runs_it(synthetic_dir, tmp_path, there):
     """`auto` takes the address file of the last `ray start`, which outlives its cluster: Ray tried that address for
-    minutes. (Where exactly one Ray runs on the machine, Ray's `auto` joins it instead: here none is, as this
-    test's own Ray is hidden from the lookup.)"""
-    (tmp_path / "ray").mkdir()
-    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
-    argv = ["sweep", "--data-dir", str(synthetic_dir), *TINY, "--storage", str(tmp_path / "a"), "--address", "auto"]
-    code = (
-        "import functools, sys; import ray._private.services as s; s.find_gcs_addresses = functools.cache(list); "
-        f"from tune_alexnet.cli import main; sys.exit(main({argv!r}))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    ran = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_TMPDIR": str(tmp_path)}, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    minutes. The file lies in Ray's shared temp folder, which any user may write: another user's listener named
+    there got the user's token. (Where exactly one Ray runs on the machine, Ray's `auto` joins it instead: here
+    none is, as this test's own Ray is hidden from the lookup.)"""
+    heard: list[bytes] = []
+    with socket.create_server(("0.0.0.0", 0)) as stranger:
+        port = stranger.getsockname()[1] if there == "a stranger" else free_port()
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+
+        def listen() -> None:
+            stranger.settimeout(60)
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = stranger.accept()
+                    with conn:
+                        conn.settimeout(5)
+                        heard.append(conn.recv(65536))
+
+        threading.Thread(target=listen, daemon=True).start()
+        argv = ["sweep", "--data-dir", str(synthetic_dir), *TINY, "--storage", str(tmp_path / "a"), "--address",
+                "auto"]  # fmt: skip
+        code = (
+            "import functools, sys; import ray._private.services as s; s.find_gcs_addresses = functools.cache(list); "
+            f"from tune_alexnet.cli import main; sys.exit(main({argv!r}))"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        ran = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_TMPDIR": str(tmp_path)},
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
     lines = [ln for ln in ran.stderr.splitlines() if ln.strip() and "decoding " not in ln]
     assert ran.returncode == 2 and len(lines) == 1, ran.stderr[-2000:]
-    assert "--address auto: no Ray cluster answers at " in lines[0] and "(Connection refused)" in lines[0], lines
+    if there == "nothing":
+        assert "--address auto: no Ray cluster answers at " in lines[0] and "(Connection refused)" in lines[0], lines
+    else:
+        assert "--address auto: no Ray node of yours on this machine runs the cluster at " in lines[0], lines
+        assert f":{port}, which Ray found in its shared temp folder" in lines[0], lines
+        assert heard and not any(heard), heard  # only the reachability probe's connect: not a byte, no token
     assert not (tmp_path / "a").exists()
 
 

@@ -360,6 +360,23 @@ def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_said(op
     assert f"lies in {open_dir}, which another user owns (uid 65534; the sticky bit" in capsys.readouterr().err
 
 
+def test_a_tmpdir_through_another_users_link_is_said_and_rays_folder_lies_where_it_led(open_dir, monkeypatch, capsys):
+    """Another user's link as TMPDIR: they re-pointed it mid-sweep, and Ray's new workers wrote their logs into
+    that user's folder and waited there for sockets that never came."""
+    import tempfile
+
+    from tune_alexnet import cluster
+
+    (open_dir / "m").mkdir(mode=0o700)  # short names: Ray's socket paths below must fit in 107 bytes
+    link = open_dir / "l"
+    link.symlink_to(open_dir / "m")
+    os.lchown(link, 65534, 65534)
+    monkeypatch.setattr(tempfile, "tempdir", str(link))
+    private = open_dir / "m" / f"tune-alexnet-{os.getuid()}"
+    assert cluster.private_temp_dir() == str(private)  # not through the link, which its owner may re-point
+    assert f"lies in {link}, which another user owns (uid 65534; the sticky bit" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_tmpdir_as_long_as_ray_allows_starts_ray_and_a_longer_one_is_passed_over():
     """Ray's socket paths below TMPDIR must fit in 107 bytes; one too long cost a traceback and a minute's stall

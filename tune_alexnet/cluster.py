@@ -102,19 +102,20 @@ def own_session():
 def private_temp_dir() -> str:
     """/tmp/tune-alexnet-UID, mode 0700, owned by this user; refused (UnsafeTempDir) if another user or a link
     holds that name."""
-    base, own = tempfile.gettempdir(), f"tune-alexnet-{os.getuid()}"
+    given, own = tempfile.gettempdir(), f"tune-alexnet-{os.getuid()}"
+    base = os.path.realpath(given)  # where a link on the way leads now: re-pointed mid-sweep, it moves nothing of Ray's
     try:
         base.encode("utf-8")
     except UnicodeEncodeError:  # Ray names its sessions' files in UTF-8: it fails halfway, its session half-made
         spelled = str(os.fsencode(base))[2:-1]
         raise UnsafeTempDir(f"cannot lie in {spelled}, whose name is not UTF-8; set TMPDIR to another folder") from None
     if len(os.fsencode(base)) + 1 + len(own) + RAY_SOCKET_TAIL + _pid_digits() > SOCKET_PATH_MAX:
-        base = "/tmp"
+        given, base = "/tmp", os.path.realpath("/tmp")
     path = os.path.join(base, own)
     why = None  # a warning, not a refusal: a container's /tmp (Kubernetes' emptyDir) is often so, for one user
-    if owner := owned_by_another(Path(base)):
+    if owner := owned_by_another(Path(given)):  # (through the links as given: their owners can re-point them)
         step, why = owner[0], f"which another user owns (uid {owner[1]}; the sticky bit does not bind an owner)"
-    elif unstuck := open_without_sticky(Path(base)):
+    elif unstuck := open_without_sticky(Path(given)):
         step, why = unstuck[0], f"which other users can write to (mode {unstuck[1]:04o}, no sticky bit)"
     if why:
         say(
@@ -335,19 +336,21 @@ def owned_by_another(folder: Path) -> tuple[Path, int] | None:
     they may rename or remove what it holds, sticky bit or not."""
     for step in dict.fromkeys([*_folders_on_the_way(folder), Path(os.path.abspath(folder))]):
         with contextlib.suppress(OSError):
-            if (uid := os.stat(step).st_uid) not in (0, os.getuid()):
+            if (uid := os.lstat(step).st_uid) not in (0, os.getuid()):  # a link's own owner can re-point it
                 return step, uid
     return None
 
 
 def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
     """Every folder a name is looked up in to reach `path`, each link followed as the kernel follows it (through
-    the folders its target names): whoever can write one of them could swap what comes after it."""
+    the folders its target names), and each link itself: whoever can write one of them, or owns the link, could swap
+    what comes after it."""
     folders, here = [], Path("/")
     for part in Path(os.path.abspath(path)).parts[1:]:
         folders.append(here)
         step = here / part
         if step.is_symlink() and hops < 40:  # the kernel's own limit on links in one lookup
+            folders.append(step)
             target = Path(os.readlink(step))
             folders += _folders_on_the_way(target if target.is_absolute() else here / target, hops + 1)
             here = Path(os.path.realpath(step))
@@ -415,6 +418,26 @@ def _new_private_token() -> None:
             f.write(secrets.token_hex(32))
     except OSError:
         path.unlink(missing_ok=True)  # an empty token would be refused on the next run
+
+
+def gcs_of_yours(address: str) -> bool:
+    """Whether a Ray node of this user's (or root's) on this machine names `address` as its GCS, as Ray's own lookup
+    reads raylets' command lines. `auto` takes an address from a file in Ray's shared temp folder, which any user
+    may write, or from any user's Ray: ray.init would send that address this user's token."""
+    import psutil
+    from ray._private.services import _is_raylet_process
+
+    flag = f"--gcs-address={address}"
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        try:
+            cmdline, uids = proc.info["cmdline"], proc.info["uids"]
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if uids is None or {uids.real, uids.effective} - {0, os.getuid()} or not _is_raylet_process(cmdline):
+            continue
+        if any(arg == flag for part in cmdline for arg in part.split(" ")):
+            return True
+    return False
 
 
 ADDRESS_ALLOWED = "allowed: the address of a running Ray head (host:port), auto, or none for a local Ray"

@@ -971,13 +971,21 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
                 f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
                 f"({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
             ) from None
+    looked_up = address == "auto" and found != "auto" and os.environ.get("RAY_ADDRESS", "") in ("", "auto")
+    if looked_up and not cluster.gcs_of_yours(found):  # (an address given, here or in RAY_ADDRESS, is the user's)
+        raise PreflightError(
+            f"{given_as} auto: no Ray node of yours on this machine runs the cluster at {found}, which Ray found in "
+            "its shared temp folder or among other users' processes, and Ray would send it your token; allowed: "
+            "the host:port of the Ray head you mean, in --address or RAY_ADDRESS"
+        )
     options: dict = {}
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
         own_session = cluster.own_session() if address == "local" else contextlib.nullcontext()
         with _stop_signals_deferred() as stopped, own_session:
             try:
-                context = ray.init(address=address, logging_level=logging.WARNING, **options)
+                joined = found if address == "auto" and found != "auto" else address  # as checked: no second lookup
+                context = ray.init(address=joined, logging_level=logging.WARNING, **options)
             except SystemExit as exc:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours
                 if exc.code != signal.SIGTERM:
                     raise
