@@ -195,6 +195,17 @@ def test_export_and_report_into_a_place_that_cannot_be_written(mixed_experiment,
         # a filesystem that counts no room (proc) is not a full one: its own error, not "0.00 MB free"
         err = one_line_exit_2([command, path, "--out", "/proc/tune-alexnet-tables"], capsys)
         assert "cannot write into /proc/tune-alexnet-tables (" in err and "MB" not in err, err
+    # A folder all users can write without the sticky bit: another user swapped the writers' temporary files for
+    # links to the user's own files, which were overwritten with the tables and made readable by all.
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    for command in ("export", "report"):
+        err = one_line_exit_2([command, path, "--out", str(shared / command)], capsys)
+        assert f"cannot write into {shared / command}: {shared} can be written by every user and has no sticky" in err
+    assert list(shared.iterdir()) == []
+    shared.chmod(0o1777)  # as /tmp: only a file's owner may rename it
+    assert main(["export", path, "--out", str(shared / "export")]) == 0
 
 
 @pytest.fixture

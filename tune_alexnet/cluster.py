@@ -331,6 +331,17 @@ def open_without_sticky(folder: Path, everyone: bool = False) -> tuple[Path, int
     return None
 
 
+def others_on_the_way(folder: Path) -> tuple[Path, str] | None:
+    """The first folder on the way to `folder` that a group of other users can write, or another user owns, and
+    which of the two: they could swap what lies below it. Said, not refused, as a team may share a folder (one open
+    to all is refused first, with open_without_sticky(everyone=True))."""
+    if shared := open_without_sticky(folder):
+        return shared[0], f"a group of other users can write (mode {shared[1]:04o}, no sticky bit)"
+    if owner := owned_by_another(folder):
+        return owner[0], f"another user owns (uid {owner[1]})"
+    return None
+
+
 def owned_by_another(folder: Path) -> tuple[Path, int] | None:
     """The first folder on the way to `folder` (itself included) that a user other than root and this one owns:
     they may rename or remove what it holds, sticky bit or not."""

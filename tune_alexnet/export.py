@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .cluster import open_without_sticky, others_on_the_way
 from .data import check_record
 from .grid import full_config, optimizer_order, run_number
 from .settings import (
@@ -43,6 +44,7 @@ from .settings import (
     printable,
     read_settings,
     redacted,
+    say,
     without_credentials,
 )
 from .storage import (
@@ -976,9 +978,11 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     written from."""
     out = storage_uri(os.fspath(out))
     if not is_remote(out):
+        _check_path_to(out)
         made = missing_folders(out)
         try:
             Path(out).mkdir(parents=True, exist_ok=True)
+            _check_path_to(out)  # with the folders made meanwhile
             probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tune-alexnet-write-test-")
             probe.close()
         except OSError as exc:
@@ -986,6 +990,9 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
             raise ExportError(
                 f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
             ) from None
+        except ExportError:
+            remove_empty(made)
+            raise
         fd = None
         try:
             fd = _open_write_lock(out)
@@ -1034,15 +1041,32 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_path_to(out: str) -> None:
+    """The writers below reopen their temporary files by name: in a folder on the way that all users can write
+    without the sticky bit, another user could swap one for a link to a file of yours, which would be overwritten.
+    One a group may write, or another user owns, is said, as for a sweep's storage."""
+    if unstuck := open_without_sticky(Path(out), everyone=True):
+        raise ExportError(
+            f"cannot write into {out}: {unstuck[0]} can be written by every user and has no sticky bit (mode "
+            f"{unstuck[1]:04o}), so anyone could swap the files written there for links to files of yours; allowed: "
+            f"a folder on a path not open to all (chmod o-w {unstuck[0]}, or chmod +t {unstuck[0]} as /tmp has)"
+        )
+    if others := others_on_the_way(Path(out)):
+        say(f"tune-alexnet: warning: {out} lies in {others[0]}, which {others[1]}, so they could swap what is "
+            "written there")  # fmt: skip
+
+
 def atomic_write(path: Path, write) -> Path:
     """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the user's usual mode, on the file made here
+    finally:
+        os.close(fd)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

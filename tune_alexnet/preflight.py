@@ -212,14 +212,10 @@ def check_path_to(root: str, warn: bool = True) -> None:
         )
     if not warn:
         return
-    shared = cluster.open_without_sticky(Path(root))
-    owner = cluster.owned_by_another(Path(root))
-    if shared or owner:
-        step, who = (shared[0], f"a group of other users can write (mode {shared[1]:04o}, no sticky bit)") if shared \
-            else (owner[0], f"another user owns (uid {owner[1]})")  # fmt: skip
+    if others := cluster.others_on_the_way(Path(root)):
         settings.say(
-            f"tune-alexnet: warning: --storage {root} lies in {step}, which {who}, so they could put a folder of "
-            "theirs in place of the experiment's: resume only where you trust them"
+            f"tune-alexnet: warning: --storage {root} lies in {others[0]}, which {others[1]}, so they could put a "
+            "folder of theirs in place of the experiment's: resume only where you trust them"
         )
 
 
