@@ -121,7 +121,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     assert time.monotonic() - start < 60
 
 
-@pytest.mark.parametrize("there", ["nothing", "a stranger"])
+@pytest.mark.parametrize("there", ["nothing", "a stranger", "no address file"])
 def test_auto_joins_no_address_that_ray_found_unless_a_ray_node_of_yours_runs_it(synthetic_dir, tmp_path, there):
     """`auto` takes the address file of the last `ray start`, which outlives its cluster: Ray tried that address for
     minutes. The file lies in Ray's shared temp folder, which any user may write: another user's listener named
@@ -131,7 +131,8 @@ def test_auto_joins_no_address_that_ray_found_unless_a_ray_node_of_yours_runs_it
     with socket.create_server(("0.0.0.0", 0)) as stranger:
         port = stranger.getsockname()[1] if there == "a stranger" else free_port()
         (tmp_path / "ray").mkdir()
-        (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+        if there != "no address file":  # else ray.init looked again, and took what another user put there meanwhile
+            (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
 
         def listen() -> None:
             stranger.settimeout(60)
@@ -156,6 +157,8 @@ def test_auto_joins_no_address_that_ray_found_unless_a_ray_node_of_yours_runs_it
     assert ran.returncode == 2 and len(lines) == 1, ran.stderr[-2000:]
     if there == "nothing":
         assert "--address auto: no Ray cluster answers at " in lines[0] and "(Connection refused)" in lines[0], lines
+    elif there == "no address file":
+        assert "--address auto: no Ray cluster to join was found on this machine (" in lines[0], lines
     else:
         assert "--address auto: no Ray node of yours on this machine runs the cluster at " in lines[0], lines
         assert f":{port}, which Ray found in its shared temp folder" in lines[0], lines
@@ -206,6 +209,11 @@ def test_export_and_report_into_a_place_that_cannot_be_written(mixed_experiment,
     assert list(shared.iterdir()) == []
     shared.chmod(0o1777)  # as /tmp: only a file's owner may rename it
     assert main(["export", path, "--out", str(shared / "export")]) == 0
+    shared.chmod(0o770)  # a team's folder: said once, though the report writes the page too
+    os.chown(shared, os.getuid(), 65534)
+    capsys.readouterr()
+    assert main(["report", path, "--out", str(shared / "report")]) == 0
+    assert capsys.readouterr().err.count("which a group of other users can write (mode 0770") == 1
 
 
 @pytest.fixture

@@ -201,13 +201,14 @@ def test_local_storage_on_a_multi_node_cluster_is_refused_before_any_trial(clust
 
 
 def test_auto_takes_the_gcs_a_ray_node_of_yours_names_and_no_other(cluster):
-    from ray._private.services import find_gcs_addresses
+    from ray._private.services import canonicalize_bootstrap_address
 
     from tune_alexnet import cluster as ray_cluster
 
-    found = find_gcs_addresses()  # as Ray's `auto` finds them: this user's two-node cluster among them
-    assert found and all(ray_cluster.gcs_of_yours(address) for address in found), found
-    assert not ray_cluster.gcs_of_yours(f"{cluster.gcs.rsplit(':', 1)[0]}:1")
+    host, port = cluster.gcs.rsplit(":", 1)
+    for named in (cluster.gcs, f"localhost:{port}", canonicalize_bootstrap_address(cluster.gcs)):  # as `auto` has it
+        assert ray_cluster.gcs_of_yours(named), named
+    assert not ray_cluster.gcs_of_yours(f"{host}:1")
 
 
 def test_fractional_gpus_pack_four_trials_on_one_fake_gpu(cluster, synthetic_dir, tmp_path):

@@ -436,9 +436,15 @@ def gcs_of_yours(address: str) -> bool:
     reads raylets' command lines. `auto` takes an address from a file in Ray's shared temp folder, which any user
     may write, or from any user's Ray: ray.init would send that address this user's token."""
     import psutil
-    from ray._private.services import _is_raylet_process
+    from ray._private.services import _is_raylet_process, canonicalize_bootstrap_address
 
-    flag = f"--gcs-address={address}"
+    def canonical(given: str) -> str | None:  # as `auto` gives it: loopback and localhost as the node's own IP
+        try:
+            return canonicalize_bootstrap_address(given)
+        except Exception:
+            return None
+
+    want = canonical(address) or address
     for proc in psutil.process_iter(["cmdline", "uids"]):
         try:
             cmdline, uids = proc.info["cmdline"], proc.info["uids"]
@@ -446,7 +452,10 @@ def gcs_of_yours(address: str) -> bool:
             continue
         if uids is None or {uids.real, uids.effective} - {0, os.getuid()} or not _is_raylet_process(cmdline):
             continue
-        if any(arg == flag for part in cmdline for arg in part.split(" ")):
+        named = [
+            arg.split("=", 1)[1] for part in cmdline for arg in part.split(" ") if arg.startswith("--gcs-address=")
+        ]
+        if any(gcs in (address, want) or canonical(gcs) == want for gcs in named):
             return True
     return False
 

@@ -978,7 +978,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     written from."""
     out = storage_uri(os.fspath(out))
     if not is_remote(out):
-        _check_path_to(out)
+        _check_path_to(out, warn=False)
         made = missing_folders(out)
         try:
             Path(out).mkdir(parents=True, exist_ok=True)
@@ -1041,7 +1041,10 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_path_to(out: str) -> None:
+_warned: set[str] = set()  # folders said to be shared, once a process: the live page rewrites every 30 s
+
+
+def _check_path_to(out: str, warn: bool = True) -> None:
     """The writers below reopen their temporary files by name: in a folder on the way that all users can write
     without the sticky bit, another user could swap one for a link to a file of yours, which would be overwritten.
     One a group may write, or another user owns, is said, as for a sweep's storage."""
@@ -1051,7 +1054,8 @@ def _check_path_to(out: str) -> None:
             f"{unstuck[1]:04o}), so anyone could swap the files written there for links to files of yours; allowed: "
             f"a folder on a path not open to all (chmod o-w {unstuck[0]}, or chmod +t {unstuck[0]} as /tmp has)"
         )
-    if others := others_on_the_way(Path(out)):
+    if warn and out not in _warned and (others := others_on_the_way(Path(out))):
+        _warned.add(out)
         say(f"tune-alexnet: warning: {out} lies in {others[0]}, which {others[1]}, so they could swap what is "
             "written there")  # fmt: skip
 
@@ -1060,12 +1064,12 @@ def atomic_write(path: Path, write) -> Path:
     """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the user's usual mode, on the file made here
-    finally:
-        os.close(fd)
-    try:
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the user's usual mode, on the file made here
+        finally:
+            os.close(fd)
         write(tmp)
         os.replace(tmp, path)
     finally:

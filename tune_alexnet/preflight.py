@@ -99,10 +99,10 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         raise PreflightError(f"a setting is out of bounds: {exc}") from None
     root = storage_uri(s.storage)
     check_scheme(root, "--storage")
+    if not is_remote(root):  # before the storage is read, or the lock file made through it
+        check_path_to(root, warn=False)
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
-    if not is_remote(root):  # before the lock file is made through it
-        check_path_to(root, warn=False)
     made = [] if is_remote(root) else missing_folders(root)  # removed again if the sweep is refused
     try:
         lock = lock_experiment(root, name)
@@ -957,7 +957,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
 
     if ray.is_initialized():
         return False, None
-    found = _auto_address() if address == "auto" else address
+    found = _auto_address(given_as) if address == "auto" else address
     host, _, port = found.rpartition(":")
     if found != "local" and "://" not in found and port.isdigit():
         try:
@@ -967,7 +967,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
                 f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
                 f"({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
             ) from None
-    looked_up = address == "auto" and found != "auto" and os.environ.get("RAY_ADDRESS", "") in ("", "auto")
+    looked_up = address == "auto" and os.environ.get("RAY_ADDRESS", "") in ("", "auto")
     if looked_up and not cluster.gcs_of_yours(found):  # (an address given, here or in RAY_ADDRESS, is the user's)
         raise PreflightError(
             f"{given_as} auto: no Ray node of yours on this machine runs the cluster at {found}, which Ray found in "
@@ -980,8 +980,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         own_session = cluster.own_session() if address == "local" else contextlib.nullcontext()
         with _stop_signals_deferred() as stopped, own_session:
             try:
-                joined = found if address == "auto" and found != "auto" else address  # as checked: no second lookup
-                context = ray.init(address=joined, logging_level=logging.WARNING, **options)
+                context = ray.init(address=found, logging_level=logging.WARNING, **options)  # as checked: no 2nd lookup
             except SystemExit as exc:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours
                 if exc.code != signal.SIGTERM:
                     raise
@@ -1021,15 +1020,20 @@ def check_ray_settings(address: str, given_as: str) -> None:
             raise PreflightError(problem)
 
 
-def _auto_address() -> str:
+def _auto_address(given_as: str) -> str:
     """The address `auto` stands for, found as Ray finds it (the address file of the newest `ray start` in Ray's
-    temp folder, else a running GCS): a stale file names a cluster long gone, and Ray then tries it for minutes."""
+    temp folder, else a running GCS): a stale file names a cluster long gone, and Ray then tries it for minutes.
+    None found is refused here: ray.init would look again, and find what another user put there meanwhile."""
     from ray._private.services import canonicalize_bootstrap_address
 
     try:
-        return canonicalize_bootstrap_address("auto") or "auto"
-    except Exception:  # none found: ray.init says so in its own words, caught below
-        return "auto"
+        found, why = canonicalize_bootstrap_address("auto"), "none found"
+    except Exception as exc:  # none, several, or an address file that cannot be read
+        found, why = None, (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+    if not found:
+        raise PreflightError(f"{given_as} auto: no Ray cluster to join was found on this machine ({why}); "
+                             f"{cluster.ADDRESS_ALLOWED}")  # fmt: skip
+    return found
 
 
 @contextlib.contextmanager
