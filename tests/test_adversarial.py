@@ -9,6 +9,7 @@ import pickle
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -252,6 +253,42 @@ def test_an_out_folder_holding_another_experiments_tables_is_refused_naming_both
     err = one_line_exit_2(["report", other, "--out", str(reports)], capsys)
     assert f"{reports} holds the tables of experiment {path}, not of {other}" in err
     assert {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()} == before
+
+
+def test_an_export_racing_a_sweep_opens_no_fifo_and_writes_through_no_swapped_link(damaged, tmp_path, monkeypatch):
+    """The check for newer tables opened results.parquet by name: a FIFO there blocked the export for ever. And
+    the writers reopened their temporary files by name: another user who could write the folder swapped one for a
+    link between its making and its writing, and the user's own file was overwritten."""
+    import tempfile
+
+    from tune_alexnet import export
+
+    copy, _ = damaged
+    exp = export.load_experiment(str(copy))
+    (copy / "results.parquet").unlink()
+    os.mkfifo(copy / "results.parquet")
+    newest = max(copy.glob("train_cifar_*/result.json"))
+    os.utime(newest, ns=(time.time_ns(), time.time_ns()))  # the sweep reported since the read
+    answered: list[bool] = []
+    with export.output_dir(copy, exp) as out:
+        reader = threading.Thread(target=lambda: answered.append(out.newer_than(exp)), daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+    assert answered == [False]  # an answer, at once: no table of ours there
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    victim.chmod(0o600)
+    made = tempfile.mkstemp
+
+    def swapped(*args, **kwargs):  # what the other user's inotify loop did, at the worst moment
+        fd, name = made(*args, **kwargs)
+        os.unlink(name)
+        os.symlink(victim, name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", swapped)
+    export.atomic_write(tmp_path / "results.csv", b"the table")
+    assert victim.read_text() == "mine" and stat.S_IMODE(victim.stat().st_mode) == 0o600
 
 
 def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):

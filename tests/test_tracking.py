@@ -247,6 +247,41 @@ def test_unreachable_mlflow_server_is_refused_within_seconds(tmp_path, capsys, s
     assert not (storage / "x").exists()
 
 
+@pytest.mark.parametrize(
+    "store,needle",
+    [
+        ("notes", "is not a SQLite database"),  # failed once Ray had started, in a traceback, leaving the folder
+        ("open to all", "can be written by every user (mode 0666)"),
+        ("a link", "is a symbolic link"),
+        ("a folder open to all", "can be written by every user and has no sticky bit (mode 0777)"),
+        ("a name too long", "does not exist"),
+    ],
+)
+def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp_path, capsys, synthetic_dir,
+                                                                              store, needle):  # fmt: skip
+    """MLflow writes every run into the file: another user's planted store took the runs and their settings."""
+    db = tmp_path / "mlflow.db"
+    if store == "notes":
+        db.write_text("notes")
+    elif store == "open to all":
+        db.write_bytes(b"SQLite format 3\x00" + bytes(100))
+        db.chmod(0o666)
+    elif store == "a link":
+        db.symlink_to(tmp_path / "elsewhere.db")
+    elif store == "a folder open to all":
+        (tmp_path / "open").mkdir(mode=0o777)
+        (tmp_path / "open").chmod(0o777)
+        db = tmp_path / "open" / "mlflow.db"
+    else:
+        db = tmp_path / ("a" * 300) / "mlflow.db"  # a traceback (ENAMETOOLONG) from pathlib
+    storage = tmp_path / "results"
+    code = main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "x", "--mlflow",
+                 f"sqlite:///{db}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err, err
+    assert not (storage / "x").exists() and not (tmp_path / "elsewhere.db").exists()
+
+
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

@@ -360,7 +360,7 @@ def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
     for part in Path(os.path.abspath(path)).parts[1:]:
         folders.append(here)
         step = here / part
-        if step.is_symlink() and hops < 40:  # the kernel's own limit on links in one lookup
+        if os.path.islink(step) and hops < 40:  # the kernel's own limit on links; (a name too long is no link)
             folders.append(step)
             target = Path(os.readlink(step))
             folders += _folders_on_the_way(target if target.is_absolute() else here / target, hops + 1)

@@ -258,7 +258,7 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     if not isinstance(source, str | os.PathLike) or isinstance(source, bytes):  # str(None) would be a folder name
         raise ExportError(f"experiment {repr(source)[:60]}; allowed: a folder path, URI or tune.ResultGrid")
     path = storage_uri(os.fspath(source))
-    if not is_remote(path) and not Path(path).is_dir():
+    if not is_remote(path) and not os.path.isdir(path):  # (os.path: False for a name too long, as for none)
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
     if scheme_problem(path):
         raise ExportError(f"{path}: {scheme_problem(path)}")
@@ -717,7 +717,7 @@ def write_tables(exp: Experiment, out_dir: str | os.PathLike) -> list[str]:
             )
             return []
         for name, data in files.items():
-            out.put(name, lambda p, data=data: Path(p).write_bytes(data))
+            out.put(name, data)
     return out.written
 
 
@@ -788,34 +788,34 @@ class Output:
         step). A read of an experiment that has not changed since is the newest there is, whatever came before."""
         if exp.generation is None or is_remote(self.uri) or _generation(exp.path) == exp.generation:
             return False
-        try:
-            import pyarrow.parquet as pq
-
-            meta = pq.read_schema(self.local / f"{TABLE_NAME}.parquet").metadata or {}
-            written = json.loads(meta.get(b"tune_alexnet", b"{}")).get("generation")
-        except (OSError, ValueError, AttributeError):  # none yet, or not ours: ours replaces it
-            return False
+        written = self.table_metadata().get("generation")  # none yet, or not ours: ours replaces it
         return isinstance(written, int) and written > exp.generation
+
+    def table_metadata(self) -> dict:
+        """What the results.parquet here says of itself ({} where there is none, or it is unreadable or not ours),
+        read as every file of an experiment is: no link followed, no FIFO opened (which would block for ever)."""
+        import pyarrow.fs
+        import pyarrow.parquet as pq
+
+        try:
+            fs, base = reach(self.uri) if is_remote(self.uri) else (pyarrow.fs.LocalFileSystem(), str(self.local))
+            with open_file(fs, base, f"{TABLE_NAME}.parquet", None) as (f, _):
+                meta = pq.read_schema(f).metadata or {}
+            found = json.loads(meta.get(b"tune_alexnet", b"{}"))
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return found if isinstance(found, dict) else {}
 
     def tables_of(self) -> str | None:
         """The experiment whose tables or report this folder (local, or in a bucket: read as every bucket read is,
         bounded) holds, as their Parquet metadata or report.md's first lines name it; None where it holds none of
         ours (none yet, unreadable, or of a version that did not name it)."""
         import pyarrow.fs
-        import pyarrow.parquet as pq
 
-        try:
-            fs, base = reach(self.uri) if is_remote(self.uri) else (pyarrow.fs.LocalFileSystem(), str(self.local))
-        except (OSError, ValueError):
-            return None
-        try:
-            with open_file(fs, base, f"{TABLE_NAME}.parquet", None) as (f, _):
-                meta = pq.read_schema(f).metadata or {}
-            found = json.loads(meta.get(b"tune_alexnet", b"{}")).get("experiment")
-        except (OSError, ValueError, AttributeError):
-            found = None
+        found = self.table_metadata().get("experiment")
         if found is None:  # a report alone (report --out): its opening lines name the experiment
             try:
+                fs, base = reach(self.uri) if is_remote(self.uri) else (pyarrow.fs.LocalFileSystem(), str(self.local))
                 with open_file(fs, base, REPORT_NAME, None) as (f, _):
                     head = f.read(REPORT_HEAD)
             except (OSError, ValueError):
@@ -836,13 +836,12 @@ class Output:
                 "the other experiment's tables first)"
             )
 
-    def put(self, name: str, write) -> None:
+    def put(self, name: str, data: bytes) -> None:
         try:
-            atomic_write(self.local / name, write)
+            atomic_write(self.local / name, data)
         except OSError as exc:
             free = shutil.disk_usage(self.local).free if self.local.exists() else 0
-            need = _size_elsewhere(write) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
-            needs = f", and it needs {_mb(need)}" if need else ""
+            needs = f", and it needs {_mb(len(data))}"
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise ExportError(
                 f"cannot write {self.local / name} ({exc.strerror}"
@@ -855,18 +854,6 @@ class Output:
             ) from None
         if not is_remote(self.uri):
             self.written.append(str(self.local / name))
-
-
-def _size_elsewhere(write) -> int | None:
-    """The size of what `write` writes, written once more in the temp folder to learn it; None if it fails there
-    too (the same full disk)."""
-    try:
-        with tempfile.TemporaryDirectory(prefix="tune-alexnet-size-") as tmp:
-            path = Path(tmp) / "probe"
-            write(path)
-            return path.stat().st_size
-    except Exception:  # the temp folder may be as full, or the writer may not take another path
-        return None
 
 
 WRITE_LOCK_WAIT_S = 30.0  # the longest an export, a report or the study page waits for another writer
@@ -1060,17 +1047,17 @@ def _check_path_to(out: str, warn: bool = True) -> None:
             "written there")  # fmt: skip
 
 
-def atomic_write(path: Path, write) -> Path:
-    """`write(tmp_path)` then rename over `path`: readers see the old file or the whole new one, never half."""
+def atomic_write(path: Path, data: bytes) -> Path:
+    """`data` into a new file, then renamed over `path`: readers see the old file or the whole new one, never half.
+    Written through the descriptor of the file made here, never reopened by its name, which another user who may
+    write the folder could swap for a link to a file of yours meanwhile."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        try:
+        with os.fdopen(fd, "wb") as f:
             umask = os.umask(0)
             os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the user's usual mode, on the file made here
-        finally:
-            os.close(fd)
-        write(tmp)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

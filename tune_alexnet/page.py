@@ -23,7 +23,6 @@ import os
 import time
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
 
 import pandas as pd
 
@@ -320,7 +319,7 @@ def write_page(exp: Experiment, out_dir: str | os.PathLike | None = None, live: 
     files = page_files(exp, live, poll_s) if files is None else files
     with output_dir(out_dir or exp.path, exp) as out:
         for name, text in files.items():
-            out.put(name, lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+            out.put(name, text.encode("utf-8"))
     return next(p for p in out.written if p.split("?")[0].endswith(PAGE_NAME)) if out.written else ""
 
 

@@ -865,11 +865,44 @@ def _check_mlflow_uri(uri: str) -> None:
     if scheme == "sqlite":
         path = uri.split("://", 1)[1].lstrip("/") if "://" in uri else ""
         # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
-        folder = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser().parent
-        if path and not folder.is_dir():
+        file = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser()
+        if path and not os.path.isdir(file.parent):  # (os.path: a name too long is one that does not exist)
             raise PreflightError(
-                f"--mlflow {redacted(uri)}: the folder {folder} does not exist; create it or pick another path"
+                f"--mlflow {redacted(uri)}: the folder {file.parent} does not exist; create it or pick another path"
             )
+        if path:
+            _check_sqlite_store(redacted(uri), file)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+
+
+def _check_sqlite_store(shown_uri: str, file: Path) -> None:
+    """MLflow writes every trial's runs into this file: one that is not a database fails only once Ray has
+    started, in a traceback; one that others may write, or that lies where anyone could swap it, takes the runs
+    (and their settings) to someone else. An existing file of another user's is said, as a team may share one."""
+    allowed = "allowed: a SQLite file of yours, or a new one's name"
+    if unstuck := cluster.open_without_sticky(file.parent, everyone=True):
+        raise PreflightError(f"--mlflow {shown_uri}: {unstuck[0]} can be written by every user and has no sticky bit "
+                             f"(mode {unstuck[1]:04o}), so anyone could swap the store for theirs; {allowed}")  # fmt: skip
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return  # MLflow makes it
+    except OSError as exc:
+        why = "is a symbolic link" if os.path.islink(file) else f"cannot be read ({exc.strerror})"
+        raise PreflightError(f"--mlflow {shown_uri}: {file} {why}; {allowed}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        head = f.read(len(SQLITE_MAGIC)) if stat.S_ISREG(st.st_mode) else b""
+    if not stat.S_ISREG(st.st_mode) or st.st_size and head != SQLITE_MAGIC:
+        raise PreflightError(f"--mlflow {shown_uri}: {file} is not a SQLite database; {allowed}")
+    if st.st_mode & stat.S_IWOTH:
+        raise PreflightError(f"--mlflow {shown_uri}: {file} can be written by every user (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}); {allowed}")  # fmt: skip
+    if st.st_uid not in (0, os.getuid()):
+        settings.say(f"tune-alexnet: warning: --mlflow {shown_uri}: {file} belongs to another user (uid {st.st_uid}), "
+                     "who can read and change every run the sweep logs there")  # fmt: skip
 
 
 # pip's name for a database driver, where it is not the module's

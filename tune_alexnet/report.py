@@ -279,7 +279,7 @@ def write_report(source, out_dir: str | os.PathLike | None = None, files: dict[s
     files = report_files(exp) if files is None else files
     with output_dir(out_dir or exp.path, exp) as out:
         for name, data in files.items():
-            out.put(name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            out.put(name, data)
     return next(p for p in out.written if p.split("?")[0].endswith(REPORT_NAME))
 
 
