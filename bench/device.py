@@ -27,7 +27,7 @@ left when it starts: (a) 0.45 (about 3.3 minutes: 20 rows of about 3.5 s, the co
 
     bash bench/device.sh                        # on the GPU machine; results in $OUT (default ./device-out)
     bash bench/device.sh --parts ab             # the A/B alone
-    python bench/device.py --smoke --data-dir ../shared/data/cifar10-mini --out /tmp/device-smoke   # CPU check
+    python bench/device.py --smoke --data-dir ../shared/data/cifar10-mini --out device-out   # CPU check
 """
 
 from __future__ import annotations
@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     end = (args.started_at or time.time()) + args.budget_s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    st = out.lstat()  # every file here is written by its name: no other user may plant links among them
+    if out.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o002:
+        print(f"device.py: --out {out} is a link, another user's folder, or writable by all; allowed: a folder of "
+              "yours alone", file=sys.stderr)  # fmt: skip
+        return 2
     common.ROWS[:] = [out / common.ROWS_FILE]
     common.ROWS[0].touch()
     signal.signal(signal.SIGTERM, _stop)

@@ -21,6 +21,11 @@ PYTHON=${PYTHON:-python3}
 HARD_STOP_S=${HARD_STOP_S:-540}  # from START; the call's own limit is 600 s
 GPU_TESTS_S=${GPU_TESTS_S:-120}
 mkdir -p "$OUT"
+# Every file below is written by its name: in a folder another user owns or may write, they could plant links there.
+if [ -L "$OUT" ] || [ ! -O "$OUT" ] || [ -n "$(find "$OUT" -maxdepth 0 -perm -002 -print)" ]; then
+    echo "bench/device.sh: OUT=$OUT is a link, another user's folder, or writable by all; allowed: a folder of yours alone" >&2
+    exit 2
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 # MPS, if part (b) starts it, keeps its folders here; whatever ends this call, its daemon is told to quit.
@@ -36,7 +41,7 @@ trap quit_mps EXIT
 
 args=("$@")
 if [[ " $* " != *" --data-dir "* ]]; then
-    DATA=${DATA:-/tmp/cifar10}
+    DATA=${DATA:-device-data/cifar10}  # in the checkout: a shared /tmp could hold another user's images
     if [ ! -d "$DATA/train" ]; then
         mkdir -p "$DATA"
         tar xzf device-data/cifar10-jpeg.tar.gz -C "$DATA"

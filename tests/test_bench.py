@@ -66,6 +66,24 @@ def sections(summary: str) -> dict[str, str]:
     return dict(zip(found[1::2], found[2::2]))
 
 
+@pytest.mark.parametrize("out_is", ["another user's", "writable by all"])
+def test_the_device_call_writes_into_no_folder_another_user_could_plant_links_in(no_ray_env, tmp_path, out_is):
+    """Its files are written by name: a planted link in a shared --out (a /tmp path, as its help once showed)
+    had them overwrite the user's own file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if out_is == "another user's":
+        os.chown(out, 65534, 65534)
+    else:
+        out.chmod(0o777)
+    env = {**no_ray_env, "OUT": str(out)}
+    for command in (["bash", "bench/device.sh"], [sys.executable, "bench/device.py", "--out", str(out)]):
+        done = subprocess.run([*command, "--smoke", "--data-dir", str(tmp_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and "another user's folder, or writable by all" in done.stderr, done.stderr
+        assert list(out.iterdir()) == []
+
+
 def test_device_smoke_runs_every_part_without_ray(no_ray_env, synthetic_dir, tmp_path):
     data = MINI if MINI.is_dir() else synthetic_dir
     out = tmp_path / "out"
