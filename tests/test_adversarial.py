@@ -801,6 +801,44 @@ def test_a_storage_where_anyone_could_swap_the_experiment_is_refused(damaged, sy
     shared.chmod(0o700)
 
 
+def test_another_users_closed_folder_or_lock_in_a_shared_storage_is_one_line(synthetic_dir, tmp_path):
+    """pyarrow raised PermissionError from Tune's can_restore: a folder of another user's, mode 0700, made any
+    sweep or resume of that name (or a resume without --name) a traceback. Their lock file let them lock anew
+    while the user's sweep held it."""
+    shared = tmp_path / "shared"
+    (shared / "theirs").mkdir(parents=True)
+    (shared / "theirs").chmod(0o700)
+    os.chown(shared / "theirs", 65534, 65534)
+    (shared / ".locked.lock").touch(mode=0o666)  # as another user's umask 0 left it: anyone's to open
+    (shared / ".locked.lock").chmod(0o666)
+    os.chown(shared / ".locked.lock", 65534, 65534)
+    cases = [
+        (["--data-dir", str(synthetic_dir), *TINY, "--name", "theirs"], "theirs cannot be looked into (Permission"),
+        (["--resume", "--name", "theirs"], "theirs cannot be looked into (Permission denied); allowed: an experiment"),
+        (["--resume"], "holds no experiment of yours to resume (passed over, not yours alone: theirs)"),
+        (["--data-dir", str(synthetic_dir), *TINY, "--name", "locked"], "lock file " + str(shared / ".locked.lock")),
+    ]
+    for args, needle in cases:
+        done = subprocess.run([*NO_OVERRIDE, sys.executable, "-m", "tune_alexnet", "sweep", "--storage", str(shared),
+                               *args], capture_output=True, text=True, timeout=120)  # fmt: skip
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip() and "passes over" not in ln]
+        assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr[-2000:]
+    assert sorted(p.name for p in shared.iterdir()) == [".locked.lock", "theirs"]
+
+
+def test_a_resume_runs_nothing_a_group_shared_with_others_could_write(damaged, capsys):
+    """Under a umask of 002, with a group other users share, a member rewrote tuner.pkl in place, and the resume
+    ran their code as the user."""
+    copy, _ = damaged
+    ran = copy.parent / "ran"
+    (copy / "tuner.pkl").write_bytes(pickle.dumps(_Touch(str(ran))))
+    os.chown(copy / "tuner.pkl", os.getuid(), 65534)  # nobody's group: not one of the user's alone
+    (copy / "tuner.pkl").chmod(0o664)
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"{copy / 'tuner.pkl'} can be written by group 65534, which other users share (mode 0664" in err, err
+    assert not ran.exists()
+
+
 def test_an_empty_folder_a_killed_start_left_is_one_that_never_started(tmp_path, capsys):
     """A sweep makes its folder at once; killed before anything else (the data's download), the folder is empty,
     and --resume advised another --name, which is not needed."""
@@ -1016,7 +1054,7 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
     # Epochs enough for the sweep (and its Ray) to outlive the port and token checks below.
     args = ["--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "net", *TINY[:-1], "40",
             "--patience", "100"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *args], env=env, umask=0o002,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     printed = ""
     while "Ray dashboard at http://" not in printed:  # the dashboard and the job API, which take no token
@@ -1058,6 +1096,31 @@ def test_a_local_sweep_hides_secrets_from_other_users_and_guards_its_ports(synth
     assert all(private in p.parents for p in holders), holders  # Ray's logs hold it, behind a 0700 folder only
     # torch's kernel cache, whose compiled code trials run: in the private folder, not one another user can make
     assert not list(Path(short_tmpdir).glob("torchinductor_*")), os.listdir(short_tmpdir)
+    # under a umask of 002, with a group others may share: nothing of the experiment is theirs to write
+    shared = [p for p in storage.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o022]
+    assert not shared, shared[:5]
+
+
+def test_rays_lock_files_lie_in_the_private_folder(short_tmpdir, monkeypatch):
+    """Tune takes lock files in RAY_TMPDIR, else TMPDIR or /tmp: another user's folder there failed a resume
+    halfway, and Tune then wrote a state of no trials over the experiment's."""
+    import tempfile
+
+    from ray.air._internal.filelock import TempFileLock
+
+    from tune_alexnet import cluster
+
+    monkeypatch.setattr(tempfile, "tempdir", short_tmpdir)
+    for name in ("RAY_TMPDIR", cluster.KERNEL_CACHE):
+        monkeypatch.setenv(name, "")  # undone after the test, whatever local_ray_options sets
+        monkeypatch.delenv(name)
+    cluster.local_ray_options()
+    private = Path(short_tmpdir) / f"tune-alexnet-{os.getuid()}"
+    assert Path(TempFileLock(str(Path(short_tmpdir) / "exp" / "state.json")).lock_file).parent.parent == private
+    assert not (Path(short_tmpdir) / "_ray_lockfiles").exists()
+    monkeypatch.setenv("RAY_TMPDIR", short_tmpdir)  # the user's own choice stays
+    cluster.local_ray_options()
+    assert os.environ["RAY_TMPDIR"] == short_tmpdir
 
 
 TOKEN_PROBE = """

@@ -574,6 +574,18 @@ def _set_up_logging(quiet: bool) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache, built once, is not ours either
 
 
+@contextmanager
+def _made_yours_alone():
+    """What the sweep makes (Tune's state among it, which a resume unpickles) writable by the user alone, whatever
+    the umask: with 002 and a group shared with others, any of them could have had a resume run their code."""
+    old = os.umask(0o022)
+    os.umask(old | 0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def run_study(settings, data=None, quiet: bool = True):
     """Preflight, the sweep, then its tables and report in the experiment folder (local or in a bucket).
     Returns (experiment URI, export.Experiment, the files written); what tests and benchmarks call."""
@@ -584,7 +596,7 @@ def run_study(settings, data=None, quiet: bool = True):
     from .storage import RESERVE_NAME, StorageLost, is_remote, release_reserve
 
     _leave_job_working_dir()
-    with RayLines(quiet) as lines:
+    with _made_yours_alone(), RayLines(quiet) as lines:
         with _stop_signals_as_ctrl_c():  # Ctrl-C, SIGTERM and SIGHUP stop cleanly from Ray's start on
             plan = preflight.prepare(settings, data, quiet)
         lines.gather()  # Ray is connected and the trackers imported: their lines too, from here on

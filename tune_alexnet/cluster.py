@@ -59,18 +59,24 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
             "read it, delete it and Ray makes a new one",
             token_path(),
         )
-    global _kernel_cache
+    global _kernel_cache, _ray_tmpdir
     private = private_temp_dir()
     # torch's kernel cache, whose compiled code trials load and run, lies in TMPDIR/torchinductor_USER by default
     # (made even by eager trials): a folder another user may have made first, and swap. In the private folder
     # instead, which Ray's processes take from this environment; a cache the user named stays theirs.
     if os.environ.get(KERNEL_CACHE) in (None, _kernel_cache):
         _kernel_cache = os.environ[KERNEL_CACHE] = os.path.join(private, "torchinductor")
+    # Ray's lock files (Tune's, around the experiment's state) lie in RAY_TMPDIR, else TMPDIR or /tmp: a folder of
+    # another user's there failed a resume halfway, and Tune went on with no trials. In the private folder too.
+    if os.environ.get(RAY_TMPDIR) in (None, _ray_tmpdir):
+        _ray_tmpdir = os.environ[RAY_TMPDIR] = private
     return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
 
 
 KERNEL_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 _kernel_cache: str | None = None  # the value this process gave it, replaced with the next private folder
+RAY_TMPDIR = "RAY_TMPDIR"
+_ray_tmpdir: str | None = None  # likewise
 
 
 @contextlib.contextmanager
@@ -254,7 +260,7 @@ def token_problem() -> str | None:
         return f"Ray's token {path} is not a regular file; {allowed}"
     if st.st_uid != os.getuid():
         return f"Ray's token {path} belongs to another user (uid {st.st_uid}), who knows it; {allowed}"
-    if _others_can_write(st):
+    if others_can_write(st):
         return (
             f"Ray's token {path} can be written by other users (mode {stat.S_IMODE(st.st_mode):04o}), who may have "
             f"put a token of theirs in it; allowed: a token file only you can write (mode 0600), or none (Ray then "
@@ -326,7 +332,7 @@ def open_without_sticky(folder: Path, everyone: bool = False) -> tuple[Path, int
             st = os.stat(step)
         except OSError:
             continue  # a folder above that cannot be looked at: Ray would fail on it, not be fooled
-        if (st.st_mode & stat.S_IWOTH if everyone else _others_can_write(st)) and not st.st_mode & stat.S_ISVTX:
+        if (st.st_mode & stat.S_IWOTH if everyone else others_can_write(st)) and not st.st_mode & stat.S_ISVTX:
             return step, stat.S_IMODE(st.st_mode)
     return None
 
@@ -370,7 +376,7 @@ def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
     return [*folders, here]
 
 
-def _others_can_write(st: os.stat_result) -> bool:
+def others_can_write(st: os.stat_result) -> bool:
     """Writable by any other user: by all, or by a group that is not this user's own private one."""
     if st.st_mode & stat.S_IWOTH:
         return True

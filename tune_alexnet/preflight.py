@@ -157,13 +157,13 @@ def check_storage(root: str, exp_path: str, resume: bool, name: str) -> bool:
     """The storage can be written, local or remote, with room for trial paths, and no other user can put a folder
     of theirs in the experiment's place; a new experiment's name is free. Whether this call made the (local)
     experiment folder: made here, at once, no other user can make it first in a shared storage."""
-    from ray import tune
 
     if is_remote(root):
         _check_remote(root)
     else:
         _check_local(root, exp_path)
-    if not resume and tune.Tuner.can_restore(exp_path) and not never_started(exp_path):
+    if not resume and _can_restore(exp_path, f"allowed: a --name that is not taken in {root}") \
+            and not never_started(exp_path):  # fmt: skip
         raise PreflightError(
             f"an experiment named {name!r} already exists in "
             f"{root}; continue it with --resume, or start a new one with another --name"
@@ -302,7 +302,10 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
     where = f"--storage {root}" if not is_remote(root) else f"the lock folder {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644), True
+        except FileExistsError:
+            fd, made = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK), False
     except OSError as exc:
         if os.path.islink(path):
             raise PreflightError(
@@ -311,6 +314,10 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
             ) from None
         raise PreflightError(f"{where} is not writable ({exc.strerror}); allowed: {STORAGE_ALLOWED}") from None
     st = os.fstat(fd)
+    if not made and st.st_uid != os.geteuid():  # another user's: they could remove it while we hold it, and lock anew
+        os.close(fd)
+        raise PreflightError(f"the lock file {path} belongs to another user (uid {st.st_uid}); ask them to remove "
+                             "it, or use another --name")  # fmt: skip
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would carry our write to another name
         os.close(fd)
         kind = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} names"
@@ -379,8 +386,14 @@ def latest_experiment(root: str) -> str:
         raise PreflightError(
             f"--resume without --name needs a local --storage folder that holds experiments; got {root}"
         )
-    found = [p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink() and tune.Tuner.can_restore(str(p))]
-    theirs = {p.name: why for p in found if (why := _not_yours(str(p)))}  # never picked: a resume unpickles it
+    found, theirs = [], {}
+    for p in Path(root).iterdir():
+        try:
+            if p.is_dir() and not p.is_symlink() and tune.Tuner.can_restore(str(p)):
+                found.append(p)
+        except OSError as exc:  # another user's folder, closed to this one
+            theirs[p.name] = f"{p} cannot be looked into ({_reason(exc)})"
+    theirs |= {p.name: why for p in found if (why := _not_yours(str(p)))}  # never picked: a resume unpickles it
     found = [p for p in found if p.name not in theirs]
     others = f" (passed over, not yours alone: {', '.join(sorted(theirs))})" if theirs else ""
     for name, why in sorted(theirs.items()):
@@ -543,8 +556,25 @@ def _plain(value) -> str:
     return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _check_restorable(exp_uri: str, root: str, name: str) -> None:
+def _can_restore(exp_path: str, allowed: str) -> bool:
+    """tune.Tuner.can_restore, in one line where the folder cannot be looked into (another user's, closed to
+    this one: pyarrow raises PermissionError)."""
     from ray import tune
+
+    try:
+        return tune.Tuner.can_restore(exp_path)
+    except OSError as exc:
+        raise PreflightError(f"{exp_path} cannot be looked into ({_reason(exc)}); {allowed}") from None
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's reason in a few words: pyarrow's carry a long text in place of the system's words."""
+    if isinstance(exc, PermissionError):
+        return "Permission denied"
+    return (str(exc.strerror or exc).splitlines() or [""])[0][:200]
+
+
+def _check_restorable(exp_uri: str, root: str, name: str) -> None:
     from ray.tune.impl.tuner_internal import _TUNER_PKL
 
     if never_started(exp_uri):
@@ -552,7 +582,7 @@ def _check_restorable(exp_uri: str, root: str, name: str) -> None:
             f"--resume: experiment {name!r} in {root} stopped before its first trial reported, so there is nothing "
             f"to resume; run the same command without --resume to start it afresh under this name"
         )
-    restorable = tune.Tuner.can_restore(exp_uri)
+    restorable = _can_restore(exp_uri, "allowed: an experiment folder of yours")
     if not restorable and not is_remote(exp_uri) and os.path.isdir(exp_uri):
         from .export import TABLE_NAME
 
@@ -664,7 +694,8 @@ def _not_yours(exp_path: str, entries: list | None = None) -> str | None:
     """Why the experiment is not this user's alone: anything in it is writable by every user, or what a resume
     reads or writes in place (`_resume_uses`) belongs to another user; None where neither. A resume unpickles
     Tune's files, which can run any code, and appends to the trials' files, which another user could swap for
-    links to files of their choosing. (Group-writable is allowed: many systems' umask makes it.)"""
+    links to files of their choosing. (Writable by a group of the user's alone is allowed: many systems' umask
+    makes it; by a group shared with others, it is not: any of them could have the resume run their code.)"""
     uid, unpickled = os.geteuid(), (exp_path, os.path.join(exp_path, STATE_COPIES))  # where Tune's own files lie
     try:  # the folder as named (a link to it is the user's own choice)
         top = [(exp_path, os.stat(exp_path))]
@@ -676,9 +707,16 @@ def _not_yours(exp_path: str, entries: list | None = None) -> str | None:
             return f"{path} is a symbolic link, which a sweep never makes"
         if st.st_uid != uid and _resume_uses(exp_path, path, st):
             return f"{path} belongs to another user (uid {st.st_uid})"
-        if st.st_mode & stat.S_IWOTH and not stat.S_ISLNK(st.st_mode):  # a link's own mode means nothing
+        if stat.S_ISLNK(st.st_mode):  # a link's own mode means nothing
+            continue
+        if st.st_mode & stat.S_IWOTH:
             return (
                 f"{path} can be written by every user (mode {stat.S_IMODE(st.st_mode):04o}; if it is yours: chmod o-w)"
+            )
+        if cluster.others_can_write(st):
+            return (
+                f"{path} can be written by group {st.st_gid}, which other users share (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; if it is yours: chmod -R g-w {exp_path})"
             )
     return None
 
