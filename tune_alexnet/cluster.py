@@ -337,6 +337,16 @@ def open_without_sticky(folder: Path, everyone: bool = False) -> tuple[Path, int
     return None
 
 
+def open_to_all(folder: Path) -> tuple[str, str] | None:
+    """(what is wrong, the fix) where a folder on the way to `folder` can be written by every user without the
+    sticky bit: anyone could swap what lies below it. Refused wherever the package writes or reads its own files."""
+    if unstuck := open_without_sticky(folder, everyone=True):
+        step, mode = unstuck
+        return (f"{step} can be written by every user and has no sticky bit (mode {mode:04o})",
+                f"chmod o-w {step}, or chmod +t {step} as /tmp has")  # fmt: skip
+    return None
+
+
 def others_on_the_way(folder: Path) -> tuple[Path, str] | None:
     """The first folder on the way to `folder` that a group of other users can write, or another user owns, and
     which of the two: they could swap what lies below it. Said, not refused, as a team may share a folder (one open

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cluster import others_can_write
 from .settings import NUM_CLASSES, home
 from .storage import shown
 
@@ -499,7 +500,7 @@ def _read_cache(path: Path, labels: list[np.ndarray]):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        if st.st_uid not in (0, os.getuid()) or st.st_mode & 0o022:
+        if st.st_uid not in (0, os.getuid()) or others_can_write(st):
             print(f"tune-alexnet: passed over the cached images {_show(path)}: another user could have written "
                   "them; decoding the images again", file=sys.stderr)  # fmt: skip
             return None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cluster import open_without_sticky, others_on_the_way
+from .cluster import open_to_all, others_on_the_way
 from .data import check_record
 from .grid import full_config, optimizer_order, run_number
 from .settings import (
@@ -1035,11 +1035,10 @@ def _check_path_to(out: str, warn: bool = True) -> None:
     """The writers below reopen their temporary files by name: in a folder on the way that all users can write
     without the sticky bit, another user could swap one for a link to a file of yours, which would be overwritten.
     One a group may write, or another user owns, is said, as for a sweep's storage."""
-    if unstuck := open_without_sticky(Path(out), everyone=True):
+    if shared := open_to_all(Path(out)):
         raise ExportError(
-            f"cannot write into {out}: {unstuck[0]} can be written by every user and has no sticky bit (mode "
-            f"{unstuck[1]:04o}), so anyone could swap the files written there for links to files of yours; allowed: "
-            f"a folder on a path not open to all (chmod o-w {unstuck[0]}, or chmod +t {unstuck[0]} as /tmp has)"
+            f"cannot write into {out}: {shared[0]}, so anyone could swap the files written there for links to files of "
+            f"yours; allowed: a folder on a path not open to all ({shared[1]})"
         )
     if warn and out not in _warned and (others := others_on_the_way(Path(out))):
         _warned.add(out)

@@ -201,14 +201,11 @@ def check_path_to(root: str, warn: bool = True) -> None:
     the storage is writable by all without the sticky bit, as /tmp has. One a group may write (a team's project
     folder), or another user owns, is said (unless not `warn`), not refused, as a group may write the experiment
     itself."""
-    unstuck = cluster.open_without_sticky(Path(root), everyone=True)
-    if unstuck:
-        step, mode = unstuck
+    if open_to_all := cluster.open_to_all(Path(root)):
         raise PreflightError(
-            f"--storage {root}: {step} can be written by every user and has no sticky bit (mode {mode:04o}), so "
-            f"anyone could put a folder of theirs in place of the experiment's, whose files a sweep writes through "
-            f"and a resume runs; allowed: a storage on a path not open to all (chmod o-w {step}, or chmod +t {step} "
-            "as /tmp has)"
+            f"--storage {root}: {open_to_all[0]}, so anyone could put a folder of theirs in place of the "
+            f"experiment's, whose files a sweep writes through and a resume runs; allowed: a storage on a path not "
+            f"open to all ({open_to_all[1]})"
         )
     if not warn:
         return
@@ -920,9 +917,9 @@ def _check_sqlite_store(shown_uri: str, file: Path) -> None:
     started, in a traceback; one that others may write, or that lies where anyone could swap it, takes the runs
     (and their settings) to someone else. An existing file of another user's is said, as a team may share one."""
     allowed = "allowed: a SQLite file of yours, or a new one's name"
-    if unstuck := cluster.open_without_sticky(file.parent, everyone=True):
-        raise PreflightError(f"--mlflow {shown_uri}: {unstuck[0]} can be written by every user and has no sticky bit "
-                             f"(mode {unstuck[1]:04o}), so anyone could swap the store for theirs; {allowed}")  # fmt: skip
+    if open_to_all := cluster.open_to_all(file.parent):
+        raise PreflightError(f"--mlflow {shown_uri}: {open_to_all[0]}, so anyone could swap the store for theirs; "
+                             f"{allowed}")  # fmt: skip
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
