@@ -435,6 +435,23 @@ def test_a_refused_resume_writes_nothing(damaged, capsys, tmp_path, refused):
     assert everything() == before
 
 
+@pytest.mark.slow
+def test_a_resume_tune_cannot_restore_is_refused_before_it_trains_anything_afresh(damaged, capsys):
+    """Where Tune's restore fails on a state the checks before it pass (here one without its runner data), Tune
+    logs so and starts the experiment afresh: a trial of an empty config failed, the finished trial's row said
+    "unknown", and a newer state of new trials lay over the one it could not read."""
+    copy, _ = damaged
+    (state_file,) = copy.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    del state["runner_data"]
+    state_file.write_text(json.dumps(state))
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "driver.log"}
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert "Tune could not restore experiment 'mixed' from its state (KeyError: 'runner_data')" in err, err
+    assert "its state and tables are left as they were" in err and f"tune-alexnet export {copy}" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "driver.log"} == before
+
+
 def test_a_wandb_run_that_cannot_be_written_neither_blocks_a_resume_nor_breaks_its_mending(tmp_path):
     """A teammate's W&B run (or one made read-only) two levels down was "cannot be written", and a W&B link in a
     folder that could not be written was a PermissionError from the mending. Old runs are only ever read."""

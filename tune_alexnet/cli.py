@@ -622,6 +622,8 @@ def run_study(settings, data=None, quiet: bool = True):
             with _stop_signals_ignored():  # what finished gets its tables, whatever is pressed now
                 if not is_remote(plan.exp_uri):  # the room held back for these last writes
                     release_reserve(os.path.join(plan.exp_uri, RESERVE_NAME))
+                if isinstance(failure, preflight.PreflightError):  # a resume refused before Tune wrote a thing
+                    raise failure  # the tables of before stand
                 try:
                     exp, written = export.export(plan.exp_uri, ended=True)
                 except export.ExportError:

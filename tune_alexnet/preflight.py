@@ -676,6 +676,34 @@ def mend_for_resume(exp_uri: str, name: str) -> None:
         ) from None
 
 
+RESTORE_FAILED = "Failed to restore the run state."  # Tune's line, after which it starts the experiment afresh
+
+
+@contextlib.contextmanager
+def no_fresh_start(exp_uri: str, name: str):
+    """Where Tune's restore fails on what the checks above could not foresee, Tune logs so and starts the
+    experiment afresh: every trial trained again, and a state of new trials written over the one it could not
+    read. Raised from that log line, the restore stops there, before Tune has written anything."""
+
+    def refuse(record: logging.LogRecord) -> bool:
+        if record.getMessage() != RESTORE_FAILED:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        cause = f"{type(exc).__name__}: {exc}"[:200] if exc is not None else "see driver.log"
+        raise PreflightError(
+            f"--resume: Tune could not restore experiment {name!r} from its state ({cause}); its state and "
+            f"tables are left as they were; what finished is in 'tune-alexnet export {exp_uri}'; "
+            f"{_what_is_left(exp_uri, name)}"
+        ) from None
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    logger.addFilter(refuse)
+    try:
+        yield
+    finally:
+        logger.removeFilter(refuse)
+
+
 def _entries(exp_path: str, limit: int = 100_000):
     """(path, lstat) of what the experiment folder holds, at any depth, links not followed; at most `limit`."""
     walked = ((top, name) for top, dirs, files in os.walk(exp_path) for name in (*dirs, *files))

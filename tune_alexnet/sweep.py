@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 
 from ray import tune
 from ray.tune.search import BasicVariantGenerator
@@ -23,6 +24,7 @@ from .console import Console
 from .data import describe
 from .live_page import LivePage
 from .plan import Plan
+from .preflight import no_fresh_start
 from .ray_hooks import STORAGE_FULL
 from .resume import keep_whole_state
 from .settings import (
@@ -268,7 +270,7 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
             run_config=_run_config(s, plan.root, quiet, guard, plan.exp_uri),
         )
     _lost.clear()
-    with stopping.SaveFirst(stop_key, quiet=quiet):
+    with stopping.SaveFirst(stop_key, quiet=quiet), no_fresh_start(plan.exp_uri, s.name) if s.resume else nullcontext():
         results = tuner.fit()
     if _lost:
         raise _lost[0]
