@@ -20,6 +20,9 @@ def test_flags_from_python_pass_the_command_lines_checks():
         api.settings(runs=[2], optimizer="sgd")
     assert api.settings(tf32=False).runtime["tf32"] is False  # a switch turned off: its --no- twin
     assert api.settings(tf32=True).runtime["tf32"] is True and "tf32" not in api.settings().runtime
+    # Keywords have no order a reader sees: two that set one setting are refused, not settled by the last one.
+    with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: tf32=True and no_tf32=True set one setting"):
+        api.settings(tf32=True, no_tf32=True)
     # A switch takes True or False, not a word that reads as either; a value cannot go in unnamed.
     for loose in ({"resume": "no"}, {"no_tf32": "false"}, {"help": True}):
         with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: \w+=.*; allowed: "):

@@ -32,6 +32,15 @@ def settings(**flags):
     switches = {o for a in sweep_parser._actions if a.nargs == 0 for o in a.option_strings}
     texts = {o for a in sweep_parser._actions if a.nargs is None and (a.type is str or
              getattr(a.type, "takes_text", False)) for o in a.option_strings}  # fmt: skip
+    dests = {o: a.dest for a in sweep_parser._actions for o in a.option_strings}
+    given: dict[str, str] = {}  # a setting's dest -> the keyword that set it: tf32 and no_tf32 are one setting
+    for key, value in flags.items():
+        dest = dests.get("--" + key.replace("_", "-"))
+        if value is not None and dest is not None and given.setdefault(dest, key) != key:
+            raise ValueError(
+                f"tune-alexnet sweep: error: {given[dest]}={flags[given[dest]]!r} and {key}={value!r} set one "
+                f"setting; allowed: one of them"
+            )
     argv = ["sweep"]
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
