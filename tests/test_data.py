@@ -160,6 +160,19 @@ def test_wrong_image_size_is_named(tmp_path):
     assert "big.png is 64x48" in _one_line(e)
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_an_image_pil_would_clip_is_refused_not_trained_on_white(tmp_path, mode):
+    """PIL's convert("RGB") clips 16-bit and float pixels to 255: such a PNG or TIFF was trained on as white."""
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "d", 1, 1)
+    Image.new(mode, (32, 32), 1000).save(root / "train" / "dog" / "deep.tiff")
+    with pytest.raises(DataError) as e:
+        load_cifar10(root, progress=False)
+    assert f"deep.tiff is of mode {mode}, which PIL does not turn into RGB faithfully; allowed: RGB, " in _one_line(e)
+    assert not list(cache_dir_for(root).glob("cifar-*.npz"))
+
+
 # --- the adversary's data folders: each refused with one line naming it ----
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .augment import normalize, prepare_eval
-from .data import CLASS_NAME_LIMIT, IMAGE_SIZE
+from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES, RedactedError
 from .storage import JSON_LIMIT, RefusedFile, list_folder, open_file, reach, read_json, shown
@@ -342,8 +342,7 @@ def _from_pil(images) -> np.ndarray:
     for i, im in enumerate(items):
         if im.size != IMAGE_SHAPE[:2]:
             raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]}; allowed: 32x32 (resize it first)")
-        if im.mode not in PIL_MODES:  # PIL's convert clips 16-bit and float values to 255 (a white image) and
-            # turns LAB into other colours, silently
+        if im.mode not in PIL_MODES:
             raise ValueError(f"image {i} is of mode {im.mode}, which PIL does not turn into RGB faithfully; allowed: "
                              f"{', '.join(PIL_MODES)} (convert it to 8-bit RGB first)")  # fmt: skip
         try:
@@ -351,9 +350,6 @@ def _from_pil(images) -> np.ndarray:
         except (OSError, ValueError) as exc:  # read lazily: a truncated file fails here
             raise ValueError(f"image {i} cannot be read ({_first_line(exc)}); allowed: a whole image") from None
     return np.stack(rgb) if rgb else np.zeros((0, *IMAGE_SHAPE), np.uint8)
-
-
-PIL_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "HSV")  # each to RGB as is
 
 
 def _prepare(x: np.ndarray, device) -> torch.Tensor:

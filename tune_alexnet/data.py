@@ -42,6 +42,9 @@ SPLITS = ("train", "test")
 LAYOUT = "a folder holding train/<class>/ and test/<class>/ images"
 IMAGES = f"{IMAGE_SIZE}x{IMAGE_SIZE} images ({', '.join(IMG_EXTENSIONS)})"
 ALLOW_CHANGE = "pass --allow-data-change to resume on purpose"
+# PIL modes that convert("RGB") turns into RGB as they are: it clips 16-bit and float values to 255 (a white
+# image) and turns LAB into other colours, silently
+PIL_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "HSV")
 CLASS_NAME_LIMIT = 64  # characters of one class name: it goes into the tables, reports and model.json
 
 
@@ -471,6 +474,11 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
                         raise DataError(
                             f"image {_show(path)} is {im.size[0]}x{im.size[1]}; "
                             f"allowed: {IMAGE_SIZE}x{IMAGE_SIZE} pixels"
+                        )
+                    if im.mode not in PIL_MODES:
+                        raise DataError(
+                            f"image {_show(path)} is of mode {im.mode}, which PIL does not turn into RGB faithfully; "
+                            f"allowed: {', '.join(PIL_MODES)} (convert it to 8-bit RGB first)"
                         )
                     x[i] = np.asarray(im.convert("RGB"))
             except Exception as exc:
