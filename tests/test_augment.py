@@ -103,6 +103,7 @@ def test_each_image_gets_its_own_random_draw(images):
 
 def test_batch_statistics_match_the_studys_per_image_pipeline(images):
     torch.manual_seed(0)
+    images = images.repeat(-(-2000 // len(images)), 1, 1, 1)  # enough draws for the tolerance below on any slice
     n = len(images)
     ours = torch.cat([A.augment_batch(images[i : i + 250], torch.Generator().manual_seed(i)) for i in range(0, n, 250)])
     pil = A.spec_pil_transform()
