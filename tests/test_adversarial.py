@@ -9,7 +9,6 @@ import pickle
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -101,11 +100,19 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
     port = free_port()  # nothing listens there
+    # Ports that take the connection, then stay silent or close it (another service, a wrong port): Ray retried
+    # them for minutes, with Ctrl-C held back.
+    silent, closing = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: [closing.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()
     sweep = ["sweep", "--data-dir", str(synthetic_dir), *TINY]
     gs = "gs://tune-alexnet-test-bucket/x"
     cases = [
         ([*sweep, "--storage", str(tmp_path / "r"), "--address", f"127.0.0.1:{port}"],
          f"--address 127.0.0.1:{port}: no Ray cluster answers there"),
+        ([*sweep, "--storage", str(tmp_path / "r2"), "--address", f"127.0.0.1:{silent.getsockname()[1]}"],
+         "no Ray cluster answers there (it takes connections but said nothing in 5 s)"),
+        ([*sweep, "--storage", str(tmp_path / "r3"), "--address", f"127.0.0.1:{closing.getsockname()[1]}"],
+         "no Ray cluster answers there (it takes connections but closed this one)"),
         ([*sweep, "--storage", str(tmp_path / "r6"), "--address", f"[::1]:{port}"],  # IPv6: its brackets are no name
          f"--address [::1]:{port}: no Ray cluster answers there ("),
         ([*sweep, "--storage", f"s3://bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http"], "cannot be reached"),
@@ -255,12 +262,10 @@ def test_an_out_folder_holding_another_experiments_tables_is_refused_naming_both
     assert {f.name: f.read_bytes() for f in reports.iterdir() if f.is_file()} == before
 
 
-def test_an_export_racing_a_sweep_opens_no_fifo_and_writes_through_no_swapped_link(damaged, tmp_path, monkeypatch):
+def test_an_export_racing_a_sweep_opens_no_fifo_and_writes_through_no_swapped_link(damaged, tmp_path):
     """The check for newer tables opened results.parquet by name: a FIFO there blocked the export for ever. And
-    the writers reopened their temporary files by name: another user who could write the folder swapped one for a
-    link between its making and its writing, and the user's own file was overwritten."""
-    import tempfile
-
+    the writers wrote by path: another user who could write the folder, or one on the way, swapped it (or a file
+    in it) for a link between two writes, and the user's own file was overwritten."""
     from tune_alexnet import export
 
     copy, _ = damaged
@@ -275,20 +280,63 @@ def test_an_export_racing_a_sweep_opens_no_fifo_and_writes_through_no_swapped_li
         reader.start()
         reader.join(timeout=20)
     assert answered == [False]  # an answer, at once: no table of ours there
-    victim = tmp_path / "victim.txt"
-    victim.write_text("mine")
-    victim.chmod(0o600)
-    made = tempfile.mkstemp
+    # Another user's folder (here: --out), swapped for a link to one of the user's own between two writes, as
+    # their inotify loop did: the writes went by path, and the user's own report.html was overwritten.
+    theirs, mine = tmp_path / "pub" / "theirs", tmp_path / "mine"
+    theirs.mkdir(parents=True)
+    mine.mkdir()
+    (mine / "report.html").write_text("mine")
+    with export.output_dir(theirs) as out:
+        out.put("report.md", b"first")
+        theirs.rename(tmp_path / "pub" / "moved")
+        theirs.symlink_to(mine)
+        out.put("report.html", b"second")
+    assert sorted(p.name for p in mine.iterdir()) == ["report.html"] and (mine / "report.html").read_text() == "mine"
+    moved = tmp_path / "pub" / "moved"
+    assert (moved / "report.html").read_text() == "second" and (moved / "report.md").read_text() == "first"
+    with pytest.raises(export.ExportError, match=rf"^cannot write into {theirs} \(Not a directory\)"):
+        with export.output_dir(theirs):  # the next write (the live page's, 30 s on) follows no link put there
+            pass
+    assert sorted(p.name for p in mine.iterdir()) == ["report.html"]
 
-    def swapped(*args, **kwargs):  # what the other user's inotify loop did, at the worst moment
-        fd, name = made(*args, **kwargs)
-        os.unlink(name)
-        os.symlink(victim, name)
-        return fd, name
 
-    monkeypatch.setattr(tempfile, "mkstemp", swapped)
-    export.atomic_write(tmp_path / "results.csv", b"the table")
-    assert victim.read_text() == "mine" and stat.S_IMODE(victim.stat().st_mode) == 0o600
+def test_files_nested_past_pythons_stack_are_damaged_ones_not_a_traceback(tmp_path):
+    """JSON nested 100,000 deep raises RecursionError, not ValueError: a results.parquet of that metadata in an
+    --out folder was a traceback from export and report, and an experiment state of it one from --resume."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tune_alexnet import export
+    from tune_alexnet.resume import state_is_whole
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"a": [1]}).replace_schema_metadata({b"tune_alexnet": deep}), out / "results.parquet")
+    with export.output_dir(out) as written:
+        assert written.table_metadata() == {} and written.tables_of() is None  # not ours: replaced like any such
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "experiment_state-2026-01-01_00-00-00.json").write_bytes(b'{"trial_data": ' + deep + b"}")
+    assert state_is_whole(str(tmp_path / "exp")) is False  # read as a state cut short: its kept copy is put back
+
+
+def test_report_md_shows_the_experiments_own_words_as_text(damaged, tmp_path):
+    """The title (the folder's name), the data's source and the experiment's path went into report.md as they
+    were: a folder another user named, or a settings record they wrote, put HTML into a Markdown viewer."""
+    copy, _ = damaged
+    planted = "<img src=x onerror=alert(1)>"
+    named = copy.parent / f"e`{planted}"
+    copy.rename(named)
+    record = json.loads((named / "tune_alexnet_sweep.json").read_text())
+    record["data"]["source"] = planted
+    (named / "tune_alexnet_sweep.json").write_text(json.dumps(record))
+    out = tmp_path / "reports"
+    for _ in range(2):  # the second: the folder is known to hold this experiment's report, named in its code span
+        assert main(["report", str(named), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    span = f"Experiment `` {named} ``: "  # a code span shows all inside it as text
+    assert span in text and "<img" not in text.replace(span, ""), text[:2000]
+    assert text.count("&lt;img src=x onerror=alert(1)&gt;") == 2  # the title and the data's source
 
 
 def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):

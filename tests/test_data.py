@@ -69,10 +69,14 @@ def test_a_cache_folder_planted_beside_the_data_is_neither_written_nor_read(tmp_
     assert cache_dir_for(root) == Path(os.environ["TUNE_ALEXNET_CACHE"]) / "arrays"
 
 
-@pytest.mark.parametrize("planted", ["another user's file", "a file all may write", "a link"])
+SHARED_CACHES = ["another user's file", "a file all may write", "a link", "a hard link", "a folder all may write"]
+
+
+@pytest.mark.parametrize("planted", SHARED_CACHES)
 def test_cached_images_another_user_could_have_written_are_not_trained_on(tmp_path, capfd, monkeypatch, planted):
     """The user cache may lie in a shared place (TUNE_ALEXNET_CACHE, XDG_CACHE_HOME): arrays planted there under
-    the data's key were trained on as the data."""
+    the data's key were trained on as the data. In a folder all may write, the user's own arrays of other images
+    could be renamed to this data's key; a hard link another user made counts as their file."""
     root = make_image_folder(tmp_path / "ro", 2, 1)
     monkeypatch.setenv("TUNE_ALEXNET_CACHE", str(tmp_path / "cache"))
     os.chmod(root, 0o555)  # the cache goes to the user cache
@@ -88,13 +92,21 @@ def test_cached_images_another_user_could_have_written_are_not_trained_on(tmp_pa
             cached.symlink_to(target)
         elif planted == "another user's file":
             os.chown(cached, 65534, 65534)
+        elif planted == "a hard link":
+            os.link(cached, tmp_path / "theirs.npz")
+        elif planted == "a folder all may write":
+            cached.parent.chmod(0o777)
         else:
             cached.chmod(0o666)
         capfd.readouterr()
         again = load_cifar10(root, progress=False)
         assert np.array_equal(again.train_x, real.train_x) and again.train_x.max() > 0
-        if planted != "a link":  # a link is never made by the cache: passed over as a damaged file
-            assert "passed over the cached images" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        if planted == "a folder all may write":  # neither read nor written
+            assert f"passed over the image cache in {cached.parent}: {cached.parent} can be written by every " in err
+            assert np.load(cached)["train_x"].max() == 0 and len(list(cached.parent.iterdir())) == 1
+        elif planted != "a link":  # a link is never made by the cache: passed over as a damaged file
+            assert "passed over the cached images" in err
     finally:
         os.chmod(root, 0o755)
 

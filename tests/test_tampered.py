@@ -562,6 +562,12 @@ LOAD_CASES = {
         _edit_weights(lambda t: torch.full_like(t, float("nan"))),
         "tensor 'features.0.weight' holds values that are not finite",
     ),
+    "model.pt with keys of other types beside the network's": (
+        lambda d: torch.save(
+            {**torch.load(d / "model.pt", weights_only=True), 1: torch.zeros(1), "zz": torch.zeros(1)}, d / "model.pt"
+        ),  # fmt: skip
+        "model.pt does not hold the weights of the network model.json describes: tensor 'zz' is not one of",
+    ),
     "model.pt a pickle that runs code": (
         lambda d: torch.save({"features.0.weight": Path("/")}, d / "model.pt"),
         "model.pt was refused: it holds Python objects besides tensors, and loading them would run code",
@@ -673,6 +679,7 @@ PREDICT_CASES = {
     "a float PIL image": (lambda: [_pil((32, 32), "F")], "image 0 is of mode F, which PIL does not turn into RGB"),
     "a LAB PIL image": (lambda: [_pil((32, 32), "LAB")], "image 0 is of mode LAB, which PIL does not turn into RGB"),
     "a truncated PNG": (lambda: [_truncated_png()], "image 0 cannot be read (image file is truncated"),
+    "a PNG with a broken chunk": (lambda: [_broken_png()], "image 0 cannot be read (broken PNG file (chunk"),
 }
 
 
@@ -682,6 +689,22 @@ def _truncated_png():
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
     return Image.open(io.BytesIO(buffer.getvalue()[:-200]))
+
+
+def _broken_png():
+    """Half of the pixel data, then a chunk of no known type: PIL raises SyntaxError."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    raw = buffer.getvalue()
+    at = raw.index(b"IDAT") - 4
+    half = raw[at + 8 : at + 8 + struct.unpack(">I", raw[at : at + 4])[0] // 2]
+    chunk = struct.pack(">I", len(half)) + b"IDAT" + half + struct.pack(">I", zlib.crc32(b"IDAT" + half))
+    return Image.open(io.BytesIO(raw[:at] + chunk + b"\x00\x00\x00\x04\x02\xc4dRxxxx"))
 
 
 @pytest.mark.parametrize("case", list(PREDICT_CASES), ids=list(PREDICT_CASES))

@@ -255,6 +255,7 @@ def test_unreachable_mlflow_server_is_refused_within_seconds(tmp_path, capsys, s
         ("a link", "is a symbolic link"),
         ("a folder open to all", "can be written by every user and has no sticky bit (mode 0777)"),
         ("a name too long", "does not exist"),
+        ("a folder no one can write", "the folder /proc cannot be written"),  # once Ray had started: a traceback
     ],
 )
 def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp_path, capsys, synthetic_dir,
@@ -272,6 +273,8 @@ def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp
         (tmp_path / "open").mkdir(mode=0o777)
         (tmp_path / "open").chmod(0o777)
         db = tmp_path / "open" / "mlflow.db"
+    elif store == "a folder no one can write":
+        db = Path("/proc/mlflow.db")  # (root too: a mode would not stop root)
     else:
         db = tmp_path / ("a" * 300) / "mlflow.db"  # a traceback (ENAMETOOLONG) from pathlib
     storage = tmp_path / "results"
@@ -280,6 +283,18 @@ def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and needle in err, err
     assert not (storage / "x").exists() and not (tmp_path / "elsewhere.db").exists()
+
+
+def test_a_sqlite_store_in_a_folder_another_user_owns_is_said(tmp_path, capsys):
+    """As for --storage: they could swap the store for theirs, and read or change every run."""
+    from tune_alexnet.preflight import _check_mlflow_uri
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    _check_mlflow_uri(f"sqlite:///{theirs}/mlflow.db")
+    err = capsys.readouterr().err
+    assert f"the store lies in {theirs}, which another user owns (uid 65534), so they could swap it" in err, err
 
 
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):

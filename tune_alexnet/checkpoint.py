@@ -253,7 +253,7 @@ def _shape_problem(state, expected: dict) -> str | None:
             return f"tensor {name!r} is {kind}, the network needs strided {want.dtype}"
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             return f"tensor {name!r} holds values that are not finite (NaN or infinity)"
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(set(state) - set(expected), key=repr)  # keys of any type: 1 beside 'x' cannot be ordered
     return f"tensor {extra[0]!r} is not one of the network's" if extra else None
 
 
@@ -347,7 +347,7 @@ def _from_pil(images) -> np.ndarray:
                              f"{', '.join(PIL_MODES)} (convert it to 8-bit RGB first)")  # fmt: skip
         try:
             rgb.append(np.asarray(im.convert("RGB")))
-        except (OSError, ValueError) as exc:  # read lazily: a truncated file fails here
+        except Exception as exc:  # noqa: BLE001 - read lazily: a truncated file, a broken PNG chunk (SyntaxError)
             raise ValueError(f"image {i} cannot be read ({_first_line(exc)}); allowed: a whole image") from None
     return np.stack(rgb) if rgb else np.zeros((0, *IMAGE_SHAPE), np.uint8)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cluster import others_can_write
+from .cluster import open_to_all, others_can_write, others_on_the_way
 from .settings import NUM_CLASSES, home
 from .storage import shown
 
@@ -446,14 +446,35 @@ def _load_image_folder(root: Path, progress: bool) -> Cifar:
     source = f"image folder {_show(root.resolve())}"
     labels = [np.fromiter((label for _, label in files[split]), np.int64, len(files[split])) for split in SPLITS]
     for cache in dict.fromkeys((cache_dir_for(root), user_cache_dir() / "arrays")):
-        cached = _read_cache(cache / f"cifar-{key}.npz", labels)
+        cached = None if _shared_cache(cache) else _read_cache(cache / f"cifar-{key}.npz", labels)
         if cached is not None:
             return Cifar(*cached, classes=names, source=source)
     arrays = []
     for split in SPLITS:
         arrays += list(_decode(files[split], f"decoding {split} images", progress))
-    _write_cache(cache_dir_for(root) / f"cifar-{key}.npz", arrays)
+    if not _shared_cache(cache := cache_dir_for(root)):
+        _write_cache(cache / f"cifar-{key}.npz", arrays)
     return Cifar(*arrays, classes=names, source=source)
+
+
+_said_shared: set[Path] = set()  # cache folders said to be passed over, once a process
+
+
+def _shared_cache(folder: Path) -> bool:
+    """Whether another user could swap the files in the cache `folder` (or a folder on the way to it): rename
+    their arrays, or the user's own of other images, over the name of this data's, which would be trained on.
+    Such a folder is neither read nor written, with one line once."""
+    why = None
+    if shared := open_to_all(folder):
+        why = shared[0]
+    elif others := others_on_the_way(folder):
+        why = f"{_show(others[0])}, on the way, which {others[1]}"
+    if why and folder not in _said_shared:
+        _said_shared.add(folder)
+        print(f"tune-alexnet: passed over the image cache in {_show(folder)}: {why}, so they could swap the cached "
+              "images; decoding the images (set TUNE_ALEXNET_CACHE to a folder of yours to cache them)",
+              file=sys.stderr)  # fmt: skip
+    return why is not None
 
 
 def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -508,7 +529,7 @@ def _read_cache(path: Path, labels: list[np.ndarray]):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        if st.st_uid not in (0, os.getuid()) or others_can_write(st):
+        if st.st_uid not in (0, os.getuid()) or others_can_write(st) or st.st_nlink != 1:  # (or linked by another)
             print(f"tune-alexnet: passed over the cached images {_show(path)}: another user could have written "
                   "them; decoding the images again", file=sys.stderr)  # fmt: skip
             return None

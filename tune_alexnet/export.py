@@ -776,11 +776,13 @@ def write_parquet(df: pd.DataFrame, path, meta: dict) -> None:
 
 @dataclass
 class Output:
-    """Files go into `local` (atomically); for a remote destination they are uploaded on leaving."""
+    """Files go into `local` (atomically), through `folder`, a descriptor of it (open_folder); for a remote
+    destination they are uploaded on leaving."""
 
     uri: str
     local: Path
     written: list[str]
+    folder: int
 
     def newer_than(self, exp: Experiment) -> bool:
         """Whether the experiment changed since `exp` was read and the results.parquet here was written from a
@@ -802,7 +804,7 @@ class Output:
             with open_file(fs, base, f"{TABLE_NAME}.parquet", None) as (f, _):
                 meta = pq.read_schema(f).metadata or {}
             found = json.loads(meta.get(b"tune_alexnet", b"{}"))
-        except (OSError, ValueError, AttributeError):
+        except Exception:  # noqa: BLE001 - not ours: pyarrow's errors of a damaged file, JSON nested past the stack
             return {}
         return found if isinstance(found, dict) else {}
 
@@ -820,8 +822,9 @@ class Output:
                     head = f.read(REPORT_HEAD)
             except (OSError, ValueError):
                 head = b""
-            named = re.search(rb"^Experiment `([^`\n]+)`", head, re.MULTILINE)
-            found = named and named[1].decode("utf-8", "replace")
+            named = re.search(rb"^Experiment (`+)([^\n]+?)\1:", head, re.MULTILINE)  # report.code_span
+            found = named and named[2].decode("utf-8", "replace")
+            found = found[1:-1] if found and len(named[1]) > 1 else found  # a longer fence has a space inside
         return found if isinstance(found, str) else None
 
     def check_holds_no_other(self, exp: Experiment) -> None:
@@ -838,7 +841,7 @@ class Output:
 
     def put(self, name: str, data: bytes) -> None:
         try:
-            atomic_write(self.local / name, data)
+            atomic_write(self.folder, name, data)
         except OSError as exc:
             free = shutil.disk_usage(self.local).free if self.local.exists() else 0
             needs = f", and it needs {_mb(len(data))}"
@@ -862,17 +865,21 @@ WRITE_LOCK_WAIT_S = 30.0  # the longest an export, a report or the study page wa
 WRITE_LOCK_NAME = ".tune-alexnet-write.lock"
 
 
-def _open_write_lock(out: str) -> int:
+def _open_write_lock(folder: int, out: str) -> int:
     """The folder's lock file, made private (0600) by this user or refused with one line: a link, something
     other than a regular file, a file of several names or one owned by someone else is no lock of ours."""
     path = os.path.join(out, WRITE_LOCK_NAME)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(WRITE_LOCK_NAME, flags, 0o600, dir_fd=folder)
     except OSError as exc:
+        try:
+            mode = os.stat(WRITE_LOCK_NAME, dir_fd=folder, follow_symlinks=False).st_mode
+        except OSError:
+            mode = None
         kind = (
-            "a symbolic link" if os.path.islink(path)
-            else "not a regular file" if os.path.lexists(path) and not os.path.isfile(path)
+            "a symbolic link" if mode is not None and stat.S_ISLNK(mode)
+            else "not a regular file" if mode is not None and not stat.S_ISREG(mode)
             else None
         )  # fmt: skip
         if kind is None:
@@ -896,7 +903,7 @@ def _open_write_lock(out: str) -> int:
     )
 
 
-def _lock_within(fd: int, out: str, wait_s: float) -> None:
+def _lock_within(fd: int, folder: int, out: str, wait_s: float) -> None:
     """The folder's write lock, waited for at most `wait_s`: another process holding it longer is named in one
     line, never a hang. A lock file replaced while we waited is no lock: refused, not trusted."""
     deadline = time.monotonic() + wait_s
@@ -913,7 +920,7 @@ def _lock_within(fd: int, out: str, wait_s: float) -> None:
             time.sleep(0.1)
     path = os.path.join(out, WRITE_LOCK_NAME)
     try:
-        same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        same = os.stat(WRITE_LOCK_NAME, dir_fd=folder, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
     except OSError:
         same = False
     if not same:
@@ -963,48 +970,48 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     is refused (ExportError naming both): its files and ours would be read as one experiment's, and the other's are
     nobody's to replace unasked. The experiment's own folder is always its own, whatever path its tables were
     written from."""
-    out = storage_uri(os.fspath(out))
-    if not is_remote(out):
+    given = os.fspath(out)
+    out = storage_uri(given)
+    if not is_remote(out):  # its links resolved once a process: see open_folder
+        out = _real.setdefault(os.path.abspath(os.path.expanduser(given)), out)
         _check_path_to(out, warn=False)
         made = missing_folders(out)
+        folder = fd = None
         try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            _check_path_to(out)  # with the folders made meanwhile
-            probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tune-alexnet-write-test-")
-            probe.close()
-        except OSError as exc:
-            remove_empty(made)
-            raise ExportError(
-                f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
-            ) from None
-        except ExportError:
-            remove_empty(made)
-            raise
-        fd = None
-        try:
-            fd = _open_write_lock(out)
-            _lock_within(fd, out, WRITE_LOCK_WAIT_S)  # one writer of this folder's tables at a time
-            output = Output(out, Path(out), [])
+            try:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                _check_path_to(out)  # with the folders made meanwhile
+                folder = open_folder(out)
+                _probe(folder)
+            except OSError as exc:
+                raise ExportError(
+                    f"cannot write into {out} ({exc.strerror}); allowed: a folder you can write (--out DIR)"
+                ) from None
+            fd = _open_write_lock(folder, out)
+            _lock_within(fd, folder, out, WRITE_LOCK_WAIT_S)  # one writer of this folder's tables at a time
+            output = Output(out, Path(out), [], folder)
             if exp is not None:
                 output.check_holds_no_other(exp)
             yield output
         except BaseException:
-            if made:  # a folder this call made holds nothing of anyone's but our lock file
+            if made and folder is not None:  # a folder this call made holds nothing of anyone's but our lock file
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(out, WRITE_LOCK_NAME))
+                    os.unlink(WRITE_LOCK_NAME, dir_fd=folder)
             remove_empty(made)
             raise
         finally:
-            if fd is not None:
-                os.close(fd)
+            for opened in (fd, folder):
+                if opened is not None:
+                    os.close(opened)
         return
     import pyarrow.fs
 
     if scheme_problem(out):
         raise ExportError(f"--out {out}: {scheme_problem(out)}")
     tmp = Path(tempfile.mkdtemp(prefix="tune-alexnet-out-"))
+    folder = open_folder(os.path.realpath(tmp))
     try:
-        output = Output(out, tmp, [])
+        output = Output(out, tmp, [], folder)
         if exp is not None:
             output.check_holds_no_other(exp)
         yield output
@@ -1025,6 +1032,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
                 f"credentials can write, or a local folder (--out DIR)"
             ) from None
     finally:
+        os.close(folder)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -1046,22 +1054,63 @@ def _check_path_to(out: str, warn: bool = True) -> None:
             "written there")  # fmt: skip
 
 
-def atomic_write(path: Path, data: bytes) -> Path:
-    """`data` into a new file, then renamed over `path`: readers see the old file or the whole new one, never half.
-    Written through the descriptor of the file made here, never reopened by its name, which another user who may
-    write the folder could swap for a link to a file of yours meanwhile."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# Each local --out as given -> its links resolved, the first time in this process. The check of the path names
+# any link of another user's on it then; a link swapped in later (the live page rewrites every 30 s) is refused by
+# open_folder, not followed.
+_real: dict[str, str] = {}
+
+
+def open_folder(real: str) -> int:
+    """A descriptor of the folder at `real` (a path without links), for every write into it: what is written
+    through it lands there, whatever another user renames or swaps on the way meanwhile. The folder is reached one
+    component at a time, following no link."""
+    flags = os.O_RDONLY | getattr(os, "O_PATH", 0) | os.O_DIRECTORY | os.O_CLOEXEC  # O_PATH: search rights do
+    fd = os.open("/", flags)
+    try:
+        for part in Path(real).parts[1:]:
+            fd, parent = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd), fd
+            os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _new_file(folder: int, prefix: str) -> tuple[int, str]:
+    """A new file of this user's alone in `folder` (O_EXCL: never one that was there, nor a link), and its name."""
+    for _ in range(100):
+        name = f"{prefix}{os.urandom(6).hex()}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(name, flags, 0o600, dir_fd=folder), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name")
+
+
+def _probe(folder: int) -> None:
+    """OSError where a file cannot be made in `folder`: said before anything is read or written."""
+    fd, name = _new_file(folder, ".tune-alexnet-write-test-")
+    os.close(fd)
+    os.unlink(name, dir_fd=folder)
+
+
+def atomic_write(folder: int, name: str, data: bytes) -> None:
+    """`data` into a new file, then renamed over `name` in `folder` (a descriptor, open_folder): readers see the
+    old file or the whole new one, never half. Written through the descriptors of the file made and of its folder,
+    never reopened by a path, which another user who may write on the way could swap for a link meanwhile."""
+    fd, tmp = _new_file(folder, f".{name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             umask = os.umask(0)
             os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # made 0600; give the file the user's usual mode
             f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=folder)
+        raise
 
 
 def export(source, out_dir: str | os.PathLike | None = None, ended: bool | None = None) -> tuple[Experiment, list[str]]:

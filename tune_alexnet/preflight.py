@@ -948,6 +948,16 @@ def _check_sqlite_store(shown_uri: str, file: Path) -> None:
     if open_to_all := cluster.open_to_all(file.parent):
         raise PreflightError(f"--mlflow {shown_uri}: {open_to_all[0]}, so anyone could swap the store for theirs; "
                              f"{allowed}")  # fmt: skip
+    try:  # SQLite makes the file, and its journal beside it: a folder it cannot write failed once Ray had started
+        tempfile.NamedTemporaryFile(dir=file.parent, prefix=".tune-alexnet-write-test-").close()
+    except OSError as exc:
+        raise PreflightError(
+            f"--mlflow {shown_uri}: the folder {file.parent} cannot be written ({exc.strerror}), and SQLite makes the "
+            f"store and its journal there; {allowed} in a folder you can write"
+        ) from None
+    if others := cluster.others_on_the_way(file.parent):
+        settings.say(f"tune-alexnet: warning: --mlflow {shown_uri}: the store lies in {others[0]}, which {others[1]}, "
+                     "so they could swap it for theirs, and read or change every run the sweep logs there")  # fmt: skip
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -963,6 +973,8 @@ def _check_sqlite_store(shown_uri: str, file: Path) -> None:
     if st.st_mode & stat.S_IWOTH:
         raise PreflightError(f"--mlflow {shown_uri}: {file} can be written by every user (mode "
                              f"{stat.S_IMODE(st.st_mode):04o}); {allowed}")  # fmt: skip
+    if not os.access(file, os.R_OK | os.W_OK):
+        raise PreflightError(f"--mlflow {shown_uri}: you cannot write {file}; {allowed}")
     if st.st_uid not in (0, os.getuid()):
         settings.say(f"tune-alexnet: warning: --mlflow {shown_uri}: {file} belongs to another user (uid {st.st_uid}), "
                      "who can read and change every run the sweep logs there")  # fmt: skip
@@ -1056,12 +1068,10 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     found = _auto_address(given_as) if address == "auto" else address
     host, _, port = found.rpartition(":")
     if found != "local" and "://" not in found and port.isdigit():
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # [::1]: IPv6, bracketed
-        except OSError as exc:
+        if why := _no_gcs_at(host.strip("[]"), int(port)):  # [::1]: IPv6, bracketed
             raise PreflightError(
                 f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
-                f"({exc.strerror or exc}); {cluster.ADDRESS_ALLOWED}"
+                f"({why}); {cluster.ADDRESS_ALLOWED}"
             ) from None
     looked_up = address == "auto" and os.environ.get("RAY_ADDRESS", "") in ("", "auto")
     if looked_up and not cluster.gcs_of_yours(found):  # (an address given, here or in RAY_ADDRESS, is the user's)
@@ -1103,6 +1113,41 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         gcs = context.address_info.get("gcs_address") or address
         settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} ({given_as} {address})")
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def _no_gcs_at(host: str, port: int, timeout: float = 5.0) -> str | None:
+    """Why nothing at host:port can be a Ray GCS, within `timeout`; None where it may be. A GCS speaks gRPC, so it
+    answers HTTP/2's opening with its SETTINGS frame: a port that takes the connection yet stays silent or closes
+    it (another service, a wrong port) had ray.init retry for minutes, with stop signals held back meanwhile.
+    Where Ray's TLS is on (RAY_USE_TLS), the connection alone is checked."""
+    try:
+        conn = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    head = b""
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return None
+        deadline = time.monotonic() + timeout
+        try:
+            conn.sendall(HTTP2_PREFACE)
+            while len(head) < 9 and (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)
+                if not (chunk := conn.recv(9 - len(head))):
+                    break
+                head += chunk
+        except TimeoutError:
+            return f"it takes connections but said nothing in {timeout:g} s"
+        except OSError:
+            pass  # reset: as closed
+    if len(head) < 9:
+        return "it takes connections but closed this one"
+    if head[3] != 0x04:  # a frame of HTTP/2 opens with its length (3 bytes), then its type: SETTINGS is 4
+        return "it takes connections but does not speak gRPC, as a Ray GCS does"
+    return None
 
 
 def check_ray_settings(address: str, given_as: str) -> None:

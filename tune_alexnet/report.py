@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -256,6 +257,19 @@ MARKDOWN_ESCAPES = str.maketrans(
 )
 
 
+def as_text(value) -> str:
+    """Text from the experiment as text in Markdown, on one line."""
+    return " ".join(str(value).split()).translate(MARKDOWN_ESCAPES)
+
+
+def code_span(text: str) -> str:
+    """`text` as a Markdown code span, which shows all inside it as text: fenced by more backticks than it holds
+    in a row (export.Output.tables_of reads the experiment's path back from one)."""
+    text = text.replace("\n", " ")  # a blank line would end the span and the paragraph
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{fence}{text}{fence}" if len(fence) == 1 else f"{fence} {text} {fence}"
+
+
 def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     """Floats to 2 decimals (accuracies in %), learning rates as written (0.001); text kept inside its cell, as
     text."""
@@ -263,7 +277,7 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     def fmt(v, col):
         if isinstance(v, float):
             return "" if math.isnan(v) else (f"{v:g}" if col == "lr" else floats.format(v))
-        return "" if v is None or v is pd.NA else " ".join(str(v).split()).translate(MARKDOWN_ESCAPES)
+        return "" if v is None or v is pd.NA else as_text(v)
 
     lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
     lines += [
@@ -316,9 +330,10 @@ def what_ran(exp: Experiment) -> tuple[str, str]:
     ]
     sentence = (
         f"What ran: up to {epochs} epochs a run (patience {st.get('patience', PATIENCE)}), "
-        f"{data.get('train_images', '?')} training and {data.get('test_images', '?')} test images from "
-        f"{data.get('source', 'a source not recorded')}, AlexNet width {width:g}, "
-        f"{st.get('repeats', 1)} trial(s) per configuration, precision {precision}, on {devices}."
+        f"{as_text(data.get('train_images', '?'))} training and {as_text(data.get('test_images', '?'))} test images "
+        f"from {as_text(data.get('source', 'a source not recorded'))}, AlexNet width {width:g}, "
+        f"{as_text(st.get('repeats', 1))} trial(s) per configuration, precision {as_text(precision)}, on "
+        f"{as_text(devices)}."
     )
     return sentence, "; ".join(reduced)
 
@@ -369,9 +384,9 @@ def report_files(exp: Experiment) -> dict[str, bytes]:
 
     ran, reduced = what_ran(exp)
     parts = [
-        f"# Report: {Path(exp.path.split('?')[0]).name}",
+        f"# Report: {as_text(Path(exp.path.split('?')[0]).name)}",
         ran,
-        f"Experiment `{shown_path(exp.path)}`: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
+        f"Experiment {code_span(shown_path(exp.path))}: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
         f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
         f"({len(scored(table))}); errored trials and trials that diverged before their first good epoch have none.",
         "## Per optimizer",

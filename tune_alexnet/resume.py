@@ -302,7 +302,7 @@ def _newest_state(folder: str) -> str | None:
 def _parses(raw: bytes) -> bool:
     try:
         return isinstance(json.loads(raw), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested beyond Python's stack
         return False
 
 
@@ -483,7 +483,7 @@ def _newest_checkpoint(trial_dir: str, score: str | None, trial: dict) -> tuple[
     last, match, last_epoch = {}, None, 0  # last_epoch: of the last row that has one (a stop's row has none)
     with contextlib.suppress(OSError), open(os.path.join(trial_dir, RESULT_FILE), "rb") as f:
         for line in iter(lambda: f.readline(RESULT_ROW_BYTES), b""):  # a longer line: pieces that do not parse
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 if isinstance(row := json.loads(line), dict):
                     last = row
                     match = row if row.get("checkpoint_dir_name") == names[-1] else match
