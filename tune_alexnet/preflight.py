@@ -1067,19 +1067,22 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         return False, None
     found = _auto_address(given_as) if address == "auto" else address
     host, _, port = found.rpartition(":")
-    if found != "local" and "://" not in found and port.isdigit():
-        if why := _no_gcs_at(host.strip("[]"), int(port)):  # [::1]: IPv6, bracketed
-            raise PreflightError(
-                f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
-                f"({why}); {cluster.ADDRESS_ALLOWED}"
-            ) from None
     looked_up = address == "auto" and os.environ.get("RAY_ADDRESS", "") in ("", "auto")
-    if looked_up and not cluster.gcs_of_yours(found):  # (an address given, here or in RAY_ADDRESS, is the user's)
-        raise PreflightError(
-            f"{given_as} auto: no Ray node of yours on this machine runs the cluster at {found}, which Ray found in "
-            "its shared temp folder or among other users' processes, and Ray would send it your token; allowed: "
-            "the host:port of the Ray head you mean, in --address or RAY_ADDRESS"
-        )
+    # An address `auto` found may be another user's listener: it gets a connect, not a byte, until a raylet of
+    # this user's names it. (An address given, here or in RAY_ADDRESS, is the user's.)
+    for speak in (False, True) if looked_up else (True,):
+        if found != "local" and "://" not in found and port.isdigit():
+            if why := _no_gcs_at(host.strip("[]"), int(port), speak=speak):  # [::1]: IPv6, bracketed
+                raise PreflightError(
+                    f"{given_as} {address}: no Ray cluster answers {'at ' + found if found != address else 'there'} "
+                    f"({why}); {cluster.ADDRESS_ALLOWED}"
+                ) from None
+        if looked_up and not speak and not cluster.gcs_of_yours(found):
+            raise PreflightError(
+                f"{given_as} auto: no Ray node of yours on this machine runs the cluster at {found}, which Ray found "
+                "in its shared temp folder or among other users' processes, and Ray would send it your token; "
+                "allowed: the host:port of the Ray head you mean, in --address or RAY_ADDRESS"
+            )
     options: dict = {}
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
@@ -1118,18 +1121,18 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
-def _no_gcs_at(host: str, port: int, timeout: float = 5.0) -> str | None:
+def _no_gcs_at(host: str, port: int, timeout: float = 5.0, speak: bool = True) -> str | None:
     """Why nothing at host:port can be a Ray GCS, within `timeout`; None where it may be. A GCS speaks gRPC, so it
     answers HTTP/2's opening with its SETTINGS frame: a port that takes the connection yet stays silent or closes
     it (another service, a wrong port) had ray.init retry for minutes, with stop signals held back meanwhile.
-    Where Ray's TLS is on (RAY_USE_TLS), the connection alone is checked."""
+    Where Ray's TLS is on (RAY_USE_TLS), or not `speak`, the connection alone is checked."""
     try:
         conn = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         return exc.strerror or str(exc)
     head = b""
     with conn:
-        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        if not speak or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return None
         deadline = time.monotonic() + timeout
         try:
