@@ -9,6 +9,7 @@ import pickle
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -337,6 +338,74 @@ def test_report_md_shows_the_experiments_own_words_as_text(damaged, tmp_path):
     span = f"Experiment `` {named} ``: "  # a code span shows all inside it as text
     assert span in text and "<img" not in text.replace(span, ""), text[:2000]
     assert text.count("&lt;img src=x onerror=alert(1)&gt;") == 2  # the title and the data's source
+
+
+def test_two_paths_to_two_folders_are_two_outs_and_files_take_the_users_umask(tmp_path, monkeypatch):
+    """The links of an --out are resolved once a process, by the path as given: `L/../o` (L a link) and `o` were
+    taken for one, and the second's files went into the first's folder. And a file's mode came from setting the
+    umask of the whole process to 0 for a moment: a file another thread made meanwhile was open to all."""
+    from tune_alexnet import export
+
+    (tmp_path / "deep" / "dir").mkdir(parents=True)
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "L").symlink_to("../deep/dir")
+    monkeypatch.chdir(tmp_path / "cwd")
+    for given in ("L/../o", "o"):
+        with export.output_dir(given) as out:
+            out.put("made.txt", given.encode())
+    assert (tmp_path / "deep" / "o" / "made.txt").read_text() == "L/../o"
+    assert (tmp_path / "cwd" / "o" / "made.txt").read_text() == "o"
+    umask = os.umask(0o027)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "umask", lambda *_: pytest.fail("the umask was set: for every thread of the process"))
+            with export.output_dir("o") as out:
+                out.put("mode.txt", b"x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "cwd" / "o" / "mode.txt").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_during_an_export_leaves_no_file_in_the_making(damaged, tmp_path, monkeypatch, capsys, sig):
+    """export and report heeded Ctrl-C alone: a SIGTERM or SIGHUP (a closed terminal) mid-write left the
+    temporary file, the lock file and the folder the command had made."""
+    replace = os.replace
+
+    def signalled(*args, **kwargs):  # the signal lands as a table is put in place
+        os.kill(os.getpid(), sig)
+        return replace(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", signalled)
+    out = tmp_path / "new" / "out"
+    assert main(["export", str(damaged[0]), "--out", str(out)]) == 1
+    assert "tune-alexnet export: interrupted; no file is half-written" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the folders it made, and nothing in them
+
+
+def test_a_relative_path_from_a_working_folder_removed_is_one_line(tmp_path, monkeypatch, capsys):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    for argv in (["export", "rel", "--out", "o"], ["sweep", "--data-dir", "/nonexistent"]):  # --storage's default
+        err = one_line_exit_2(argv, capsys)
+        assert "No such file or directory for the working folder, which a relative path starts from" in err, err
+
+
+@pytest.mark.slow
+def test_a_report_of_a_long_path_names_its_experiment_to_the_next_writer(damaged, mixed_experiment, tmp_path, capsys):
+    """The line naming the experiment was read in the report's first 4096 bytes: past them (a long path), another
+    experiment's report was written over it in a shared --out."""
+    long = tmp_path.joinpath(*["d" * 200] * ((4000 - len(str(tmp_path))) // 201), "exp")
+    long.parent.mkdir(parents=True)
+    damaged[0].rename(long)
+    out = tmp_path / "reports"
+    assert main(["report", str(long), "--out", str(out)]) == 0
+    text = (out / "report.md").read_bytes()
+    assert text.index(str(long).encode()) + len(str(long)) > 4096  # the line ends past the old limit
+    err = one_line_exit_2(["report", str(mixed_experiment[0]), "--out", str(out)], capsys)
+    assert f"holds the tables of experiment {long}, not of " in err, err
 
 
 def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):

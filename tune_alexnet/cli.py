@@ -186,7 +186,13 @@ def _place(text: str) -> str:
     path it becomes: the working folder or home may not be UTF-8 either."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path; allowed: a folder or URI")
-    full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+    try:
+        full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
+    except OSError as exc:  # the working folder removed (abspath asks for it)
+        raise argparse.ArgumentTypeError(
+            f"invalid value '{_escaped(text)}' ({exc.strerror} for the working folder, which a relative path "
+            "starts from); allowed: an absolute path, or cd into a folder that exists"
+        ) from None
     for value in (text, full):  # the tables, the report and the console name the full path
         if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in TEXT_DIRECTION for c in value):  # one line
             held = "" if value == text else f", as {_escaped(full)}"
@@ -506,19 +512,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return _sweep_command(settings, quiet)
-        if args.command == "export":
-            from .export import export
+        with _stop_signals_interrupt():  # SIGTERM and SIGHUP too: each file in the making is removed
+            if args.command == "export":
+                from .export import export
 
-            exp, written = export(args.experiment, args.out)
-            _warn(exp.notes)
-            print(shown("\n".join(written)))
-        else:
-            from .export import load_experiment
-            from .report import write_report_and_page
+                exp, written = export(args.experiment, args.out)
+                _warn(exp.notes)
+                print(shown("\n".join(written)))
+            else:
+                from .export import load_experiment
+                from .report import write_report_and_page
 
-            exp = load_experiment(args.experiment)
-            _warn(exp.notes)
-            print(shown("\n".join(write_report_and_page(exp, args.out))))
+                exp = load_experiment(args.experiment)
+                _warn(exp.notes)
+                print(shown("\n".join(write_report_and_page(exp, args.out))))
     except NothingToResume as exc:
         print(shown(f"tune-alexnet {args.command}: {exc}"))
         return 0
@@ -672,6 +679,26 @@ def _stop_signals_as_ctrl_c():
     previous = {sig: signal.getsignal(sig) for sig in heeded((signal.SIGTERM, signal.SIGHUP))}
     for sig in previous:
         signal.signal(sig, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def _stop_signals_interrupt():
+    """Each stop signal this process heeds, as a KeyboardInterrupt where it lands: export and report then remove
+    the file they were writing, and say so in one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from .stopping import heeded
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in heeded(STOP_SIGNALS)}
     try:
         yield
     finally:

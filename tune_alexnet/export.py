@@ -74,7 +74,9 @@ from .storage import (
 )
 
 TABLE_NAME = "results"  # results.parquet and results.csv
-REPORT_NAME, REPORT_HEAD = "report.md", 4096  # the report, and the bytes of its start that name its experiment
+# The report, and the bytes of its start that hold the line naming its experiment: after its title and the sentence
+# on what ran, each of which may hold a path as long as the system allows, escaped (& as 5 bytes).
+REPORT_NAME, REPORT_HEAD = "report.md", 2**16
 EPOCHS_NAME = "epochs"  # epochs.parquet: every reported epoch of every trial
 _GRID_TYPES = {
     "run": "Int64",
@@ -973,7 +975,8 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     given = os.fspath(out)
     out = storage_uri(given)
     if not is_remote(out):  # its links resolved once a process: see open_folder
-        out = _real.setdefault(os.path.abspath(os.path.expanduser(given)), out)
+        given = os.path.expanduser(given)  # the path as given, not made normal: a/link/.. and a/. are two places
+        out = _real.setdefault(given if os.path.isabs(given) else os.path.join(os.getcwd(), given), out)
         _check_path_to(out, warn=False)
         made = missing_folders(out)
         folder = fd = None
@@ -1077,12 +1080,14 @@ def open_folder(real: str) -> int:
 
 
 def _new_file(folder: int, prefix: str) -> tuple[int, str]:
-    """A new file of this user's alone in `folder` (O_EXCL: never one that was there, nor a link), and its name."""
+    """A new file in `folder` (O_EXCL: never one that was there, nor a link), and its name; of the mode the user's
+    umask gives, as any file they make (the kernel applies it: reading the umask would set it meanwhile, for every
+    thread of the process)."""
     for _ in range(100):
         name = f"{prefix}{os.urandom(6).hex()}.tmp"
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            return os.open(name, flags, 0o600, dir_fd=folder), name
+            return os.open(name, flags, 0o666, dir_fd=folder), name
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temporary name")
@@ -1102,9 +1107,6 @@ def atomic_write(folder: int, name: str, data: bytes) -> None:
     fd, tmp = _new_file(folder, f".{name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # made 0600; give the file the user's usual mode
             f.write(data)
         os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
