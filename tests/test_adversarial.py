@@ -103,7 +103,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     port = free_port()  # nothing listens there
     # Ports that take the connection, then stay silent or close it (another service, a wrong port): Ray retried
     # them for minutes, with Ctrl-C held back.
-    silent, closing = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    silent, closing = socket.create_server(("0.0.0.0", 0)), socket.create_server(("0.0.0.0", 0))  # (see below)
     threading.Thread(target=lambda: [closing.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()
     sweep = ["sweep", "--data-dir", str(synthetic_dir), *TINY]
     gs = "gs://tune-alexnet-test-bucket/x"
@@ -113,7 +113,9 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
         ([*sweep, "--storage", str(tmp_path / "r2"), "--address", f"127.0.0.1:{silent.getsockname()[1]}"],
          "no Ray cluster answers there (it takes connections but said nothing in 5 s)"),
         ([*sweep, "--storage", str(tmp_path / "r3"), "--address", f"127.0.0.1:{closing.getsockname()[1]}"],
-         "no Ray cluster answers there (it takes connections but closed this one)"),
+         "no Ray cluster answers there (it takes connections but closed this one)"),  # as Ray joins it: the node's IP
+        ([*sweep, "--storage", str(tmp_path / "r4"), "--address", "head..lan:6379"],  # a name no DNS takes
+         "--address head..lan:6379: no Ray cluster answers there (encoding with 'idna' codec failed"),
         ([*sweep, "--storage", str(tmp_path / "r6"), "--address", f"[::1]:{port}"],  # IPv6: its brackets are no name
          f"--address [::1]:{port}: no Ray cluster answers there ("),
         ([*sweep, "--storage", f"s3://bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http"], "cannot be reached"),
@@ -1255,6 +1257,9 @@ def test_rays_lock_files_lie_in_the_private_folder(short_tmpdir, monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", short_tmpdir)  # the user's own choice stays
     cluster.local_ray_options()
     assert os.environ["RAY_TMPDIR"] == short_tmpdir
+    monkeypatch.setenv("RAY_TMPDIR", "")  # set but empty: Ray's lock files went into the working folder
+    cluster.local_ray_options()
+    assert os.environ["RAY_TMPDIR"] == str(private)
 
 
 TOKEN_PROBE = """

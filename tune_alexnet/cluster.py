@@ -64,11 +64,11 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     # torch's kernel cache, whose compiled code trials load and run, lies in TMPDIR/torchinductor_USER by default
     # (made even by eager trials): a folder another user may have made first, and swap. In the private folder
     # instead, which Ray's processes take from this environment; a cache the user named stays theirs.
-    if os.environ.get(KERNEL_CACHE) in (None, _kernel_cache):
+    if os.environ.get(KERNEL_CACHE) in (None, "", _kernel_cache):  # (empty: torch's default, as unset)
         _kernel_cache = os.environ[KERNEL_CACHE] = os.path.join(private, "torchinductor")
     # Ray's lock files (Tune's, around the experiment's state) lie in RAY_TMPDIR, else TMPDIR or /tmp: a folder of
     # another user's there failed a resume halfway, and Tune went on with no trials. In the private folder too.
-    if os.environ.get(RAY_TMPDIR) in (None, _ray_tmpdir):
+    if os.environ.get(RAY_TMPDIR) in (None, "", _ray_tmpdir):  # (empty: Ray's lock files in the working folder)
         _ray_tmpdir = os.environ[RAY_TMPDIR] = private
     return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
 

@@ -1066,7 +1066,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     if ray.is_initialized():
         return False, None
     found = _auto_address(given_as) if address == "auto" else address
-    host, _, port = found.rpartition(":")
+    host, _, port = _as_ray_joins(found).rpartition(":")
     looked_up = address == "auto" and os.environ.get("RAY_ADDRESS", "") in ("", "auto")
     # An address `auto` found may be another user's listener: it gets a connect, not a byte, until a raylet of
     # this user's names it. (An address given, here or in RAY_ADDRESS, is the user's.)
@@ -1121,15 +1121,35 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
+def _as_ray_joins(address: str) -> str:
+    """The address as ray.init will join it: loopback and localhost become the node's own IP."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(address) or address
+    except Exception:  # noqa: BLE001 - not an address Ray parses: the probe, or ray.init, says so in one line
+        return address
+
+
 def _no_gcs_at(host: str, port: int, timeout: float = 5.0, speak: bool = True) -> str | None:
-    """Why nothing at host:port can be a Ray GCS, within `timeout`; None where it may be. A GCS speaks gRPC, so it
-    answers HTTP/2's opening with its SETTINGS frame: a port that takes the connection yet stays silent or closes
-    it (another service, a wrong port) had ray.init retry for minutes, with stop signals held back meanwhile.
-    Where Ray's TLS is on (RAY_USE_TLS), or not `speak`, the connection alone is checked."""
+    """Why nothing at host:port can be a Ray GCS, within about twice `timeout` in all (a name of many addresses,
+    each given `timeout`, or a name server that does not answer, took minutes); None where it may be."""
+    answer: list = []
+    probe = threading.Thread(target=lambda: answer.append(_gcs_probe(host, port, timeout, speak)), daemon=True)
+    probe.start()
+    probe.join(2 * timeout + 1)
+    return answer[0] if answer else f"no answer within {2 * timeout + 1:g} s"
+
+
+def _gcs_probe(host: str, port: int, timeout: float, speak: bool) -> str | None:
+    """A GCS speaks gRPC, so it answers HTTP/2's opening with its SETTINGS frame: a port that takes the connection
+    yet stays silent or closes it (another service, a wrong port) had ray.init retry for minutes, with stop
+    signals held back meanwhile. Where Ray's TLS is on (RAY_USE_TLS), or not `speak`, the connection alone is
+    checked."""
     try:
         conn = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        return exc.strerror or str(exc)
+    except (OSError, ValueError) as exc:  # ValueError: a name no DNS takes (an empty label, one over 63 bytes)
+        return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
     head = b""
     with conn:
         if not speak or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
