@@ -555,18 +555,28 @@ def test_a_refused_resume_writes_nothing(damaged, capsys, tmp_path, refused):
 
 
 @pytest.mark.slow
-def test_a_resume_tune_cannot_restore_is_refused_before_it_trains_anything_afresh(damaged, capsys):
+@pytest.mark.parametrize("damage", ["no runner data", "a run config of another type"])
+def test_a_resume_tune_cannot_restore_is_refused_before_it_trains_anything_afresh(damaged, capsys, damage):
     """Where Tune's restore fails on a state the checks before it pass (here one without its runner data), Tune
     logs so and starts the experiment afresh: a trial of an empty config failed, the finished trial's row said
-    "unknown", and a newer state of new trials lay over the one it could not read."""
+    "unknown", and a newer state of new trials lay over the one it could not read. A record of the sweep
+    (tuner.pkl) of Tune's keys but not of what Tune writes failed Tuner.restore itself, in a traceback."""
+    from ray import cloudpickle
+
     copy, _ = damaged
-    (state_file,) = copy.glob("experiment_state-*.json")
-    state = json.loads(state_file.read_text())
-    del state["runner_data"]
-    state_file.write_text(json.dumps(state))
+    if damage == "no runner data":
+        (state_file,) = copy.glob("experiment_state-*.json")
+        state = json.loads(state_file.read_text())
+        del state["runner_data"]
+        state_file.write_text(json.dumps(state))
+        cause = "KeyError: 'runner_data'"
+    else:
+        record = cloudpickle.loads((copy / "tuner.pkl").read_bytes())
+        (copy / "tuner.pkl").write_bytes(cloudpickle.dumps({**record, "_run_config": {"x": 1}}))
+        cause = "AttributeError: "
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "driver.log"}
     err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
-    assert "Tune could not restore experiment 'mixed' from its state (KeyError: 'runner_data')" in err, err
+    assert f"Tune could not restore experiment 'mixed' from its state ({cause}" in err, err
     assert "its state and tables are left as they were" in err and f"tune-alexnet export {copy}" in err
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "driver.log"} == before
 

@@ -256,13 +256,16 @@ def test_unreachable_mlflow_server_is_refused_within_seconds(tmp_path, capsys, s
         ("a folder open to all", "can be written by every user and has no sticky bit (mode 0777)"),
         ("a name too long", "does not exist"),
         ("a folder no one can write", "the folder /proc cannot be written"),  # once Ray had started: a traceback
+        ("notes, with a query", "is not a SQLite database"),  # the checks took notes.db?timeout=5 for the file
+        ("notes, with a driver", "is not a SQLite database"),  # sqlite+pysqlite:// skipped them
+        ("in ~", "SQLite takes ~ as a folder named ~ in the working folder"),  # checked in HOME, made in ./~
     ],
 )
 def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp_path, capsys, synthetic_dir,
                                                                               store, needle):  # fmt: skip
     """MLflow writes every run into the file: another user's planted store took the runs and their settings."""
     db = tmp_path / "mlflow.db"
-    if store == "notes":
+    if store.startswith("notes"):
         db.write_text("notes")
     elif store == "open to all":
         db.write_bytes(b"SQLite format 3\x00" + bytes(100))
@@ -277,9 +280,14 @@ def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp
         db = Path("/proc/mlflow.db")  # (root too: a mode would not stop root)
     else:
         db = tmp_path / ("a" * 300) / "mlflow.db"  # a traceback (ENAMETOOLONG) from pathlib
+    uri = {
+        "notes, with a query": f"sqlite:///{db}?timeout=5",
+        "notes, with a driver": f"sqlite+pysqlite:///{db}",
+        "in ~": "sqlite:///~/mlflow.db",
+    }.get(store, f"sqlite:///{db}")
     storage = tmp_path / "results"
     code = main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--name", "x", "--mlflow",
-                 f"sqlite:///{db}"])  # fmt: skip
+                 uri])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and needle in err, err
     assert not (storage / "x").exists() and not (tmp_path / "elsewhere.db").exists()

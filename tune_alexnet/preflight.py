@@ -688,13 +688,7 @@ def no_fresh_start(exp_uri: str, name: str):
     def refuse(record: logging.LogRecord) -> bool:
         if record.getMessage() != RESTORE_FAILED:
             return True
-        exc = record.exc_info[1] if record.exc_info else None
-        cause = f"{type(exc).__name__}: {exc}"[:200] if exc is not None else "see driver.log"
-        raise PreflightError(
-            f"--resume: Tune could not restore experiment {name!r} from its state ({cause}); its state and "
-            f"tables are left as they were; what finished is in 'tune-alexnet export {exp_uri}'; "
-            f"{_what_is_left(exp_uri, name)}"
-        ) from None
+        raise restore_refused(exp_uri, name, record.exc_info[1] if record.exc_info else None) from None
 
     logger = logging.getLogger("ray.tune.execution.tune_controller")
     logger.addFilter(refuse)
@@ -702,6 +696,15 @@ def no_fresh_start(exp_uri: str, name: str):
         yield
     finally:
         logger.removeFilter(refuse)
+
+
+def restore_refused(exp_uri: str, name: str, exc: BaseException | None) -> PreflightError:
+    """The one line for a resume whose state Tune cannot restore (Tuner.restore, or the run state in fit)."""
+    cause = f"{type(exc).__name__}: {exc}"[:200] if exc is not None else "see driver.log"
+    return PreflightError(
+        f"--resume: Tune could not restore experiment {name!r} from its state ({cause}); its state and tables are "
+        f"left as they were; what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
+    )
 
 
 def _entries(exp_path: str, limit: int = 100_000):
@@ -925,10 +928,16 @@ def _check_mlflow_uri(uri: str) -> None:
         _probe(uri)
         return
     _check_driver(uri)
-    if scheme == "sqlite":
-        path = uri.split("://", 1)[1].lstrip("/") if "://" in uri else ""
+    if scheme.split("+")[0] == "sqlite":  # sqlite+pysqlite:// too, and with a ?query: the same file
+        rest = uri.split("://", 1)[1].split("?", 1)[0] if "://" in uri else ""
+        path = rest.lstrip("/")
+        if path == "~" or path.startswith("~/"):
+            raise PreflightError(
+                f"--mlflow {redacted(uri)}: SQLite takes ~ as a folder named ~ in the working folder, not your home; "
+                "allowed: the full path (sqlite:////home/you/mlflow.db) or one relative to the working folder"
+            )
         # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
-        file = Path(("/" if uri.startswith("sqlite:////") else "") + path).expanduser()
+        file = Path(("/" if rest.startswith("//") else "") + path)
         if path and not os.path.isdir(file.parent):  # (os.path: a name too long is one that does not exist)
             raise PreflightError(
                 f"--mlflow {redacted(uri)}: the folder {file.parent} does not exist; create it or pick another path"

@@ -24,7 +24,7 @@ from .console import Console
 from .data import describe
 from .live_page import LivePage
 from .plan import Plan
-from .preflight import no_fresh_start
+from .preflight import no_fresh_start, restore_refused
 from .ray_hooks import STORAGE_FULL
 from .resume import keep_whole_state
 from .settings import (
@@ -247,7 +247,10 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     )
     if s.resume:
         keep_runtime(plan.exp_uri, s.runtime)
-        tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
+        try:  # its record of the sweep (tuner.pkl), whole and of Tune's keys yet not what Tune wrote: one line
+            tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
+        except Exception as exc:  # noqa: BLE001
+            raise restore_refused(plan.exp_uri, s.name, exc) from None
         # The callbacks come back pickled with the experiment: the page goes, and the guard looks, where the
         # experiment is now (a folder moved or copied back is not one deleted), with this run's reserve.
         local = getattr(tuner, "_local_tuner", None)
