@@ -445,14 +445,16 @@ def _load_image_folder(root: Path, progress: bool) -> Cifar:
     key = _cache_key(root, files)
     source = f"image folder {_show(root.resolve())}"
     labels = [np.fromiter((label for _, label in files[split]), np.int64, len(files[split])) for split in SPLITS]
-    for cache in dict.fromkeys((cache_dir_for(root), user_cache_dir() / "arrays")):
-        cached = None if _shared_cache(cache) else _read_cache(cache / f"cifar-{key}.npz", labels)
+    caches = {cache: _shared_cache(cache) for cache in (cache_dir_for(root), user_cache_dir() / "arrays")}
+    for cache, shared in caches.items():
+        cached = None if shared else _read_cache(cache / f"cifar-{key}.npz", labels)
         if cached is not None:
             return Cifar(*cached, classes=names, source=source)
     arrays = []
     for split in SPLITS:
         arrays += list(_decode(files[split], f"decoding {split} images", progress))
-    if not _shared_cache(cache := cache_dir_for(root)):
+    cache, shared = next(iter(caches.items()))  # where this data's cache goes (cache_dir_for)
+    if not shared:
         _write_cache(cache / f"cifar-{key}.npz", arrays)
     return Cifar(*arrays, classes=names, source=source)
 
