@@ -410,6 +410,19 @@ def test_a_report_of_a_long_path_names_its_experiment_to_the_next_writer(damaged
     assert f"holds the tables of experiment {long}, not of " in err, err
 
 
+def test_a_report_of_a_path_with_a_newline_writes_again_into_its_own_out(damaged, tmp_path):
+    """report.md names the experiment in one line, its newline a space: its next report took its own --out for
+    another experiment's, and refused it. (A path given with a newline is refused; one reached through a link is
+    named resolved.)"""
+    odd = tmp_path / "two\nlines"
+    damaged[0].rename(odd)
+    (tmp_path / "exp").symlink_to(odd)
+    out = tmp_path / "reports"
+    for _ in range(2):
+        assert main(["report", str(tmp_path / "exp"), "--out", str(out)]) == 0
+    assert "two lines" in (out / "report.md").read_text()
+
+
 def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):
     """Local paths are never redacted: /a/monkey=1 and /a/monkey=2 both read monkey=*** once, and the second
     experiment's tables then replaced the first's in a shared --out."""
@@ -581,6 +594,27 @@ def test_a_resume_tune_cannot_restore_is_refused_before_it_trains_anything_afres
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "driver.log"} == before
 
 
+@pytest.mark.slow
+def test_a_state_tune_restores_but_then_fails_on_stops_in_one_line_with_its_traceback_kept(damaged, capsys):
+    """Tune takes its runner data as it lies: an iteration count of another type passed its restore, then broke its
+    first step, in a traceback on the console. Whatever error ends a sweep is one line, with the traceback kept
+    in driver.log and the tables written."""
+    copy, _ = damaged
+    (state_file,) = copy.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    state["runner_data"]["_iteration"] = "x"
+    state_file.write_text(json.dumps(state))
+    assert main(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tune-alexnet sweep: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("tune-alexnet sweep: error: the sweep stopped on an error (TypeError: "), err
+    assert f"its traceback is in {copy}/driver.log" in lines[0] and f"tune-alexnet export {copy}" in lines[0]
+    log = (copy / "driver.log").read_text()
+    assert "ERROR tune_alexnet: Traceback (most recent call last):" in log and "_iteration" in log, log[-3000:]
+    assert (copy / "results.parquet").is_file()
+
+
 def test_a_wandb_run_that_cannot_be_written_neither_blocks_a_resume_nor_breaks_its_mending(tmp_path):
     """A teammate's W&B run (or one made read-only) two levels down was "cannot be written", and a W&B link in a
     folder that could not be written was a PermissionError from the mending. Old runs are only ever read."""
@@ -740,11 +774,13 @@ def test_resume_of_an_experiment_state_that_is_a_fifo_is_refused_at_once(damaged
 
 @pytest.mark.parametrize("odd", ["a file named as a checkpoint folder", "a result.json past the limit",
                                  "a folder named as the newest state", "a folder in place of progress.csv",
-                                 "a trial's wandb folder as a link", "a file as the kept states"])  # fmt: skip
+                                 "a trial's wandb folder as a link", "a file as the kept states",
+                                 "a result.json of many short lines"])  # fmt: skip
 def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, capsys, odd):
     """Tune would fail the trial at every try making that folder, or read the whole file into memory (20 GB); a
     folder named as a file was a traceback, or a trial failed at every try."""
-    from tune_alexnet.storage import RESULT_LIMIT
+    from tune_alexnet.export import load_experiment
+    from tune_alexnet.storage import RESULT_LIMIT, RESULT_LINES
 
     copy, _ = damaged
     trial = sorted(copy.glob("train_cifar_*"))[0]
@@ -764,11 +800,17 @@ def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, cap
         folder.unlink(missing_ok=True)
         folder.mkdir()
         said = f"{folder} is a folder named as a file"
+    elif odd.endswith("many short lines"):  # within the size limit, yet each line a row: GBs on a resume
+        (trial / "result.json").write_text("{}\n" * (RESULT_LINES + 1))
+        said = f"{trial}/result.json holds more than 100,000 lines (Tune would read each into a table, GBs in all)"
     else:
         os.truncate(trial / "result.json", RESULT_LIMIT + 1)  # sparse: no room taken
         said = f"{trial}/result.json holds 64.0 MiB, more than 64 MiB (Tune would read it whole)"
     err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
     assert f"--resume: {said}, which a sweep never makes; what finished is in 'tune-alexnet export" in err
+    if odd.endswith("many short lines"):  # and the tables read none of it, naming why
+        errors = load_experiment(str(copy)).table.set_index("status")["error"]
+        assert errors["damaged"].endswith("/result.json holds more than 100,000 lines; a trial writes one an epoch")
 
 
 @pytest.mark.slow

@@ -207,11 +207,15 @@ def test_a_relative_path_from_a_folder_whose_name_is_not_utf8_is_refused(tmp_pat
     assert os.listdir(odd) == []
 
 
-def test_tf32_undoes_no_tf32_and_neither_flag_leaves_the_experiments_choice():
+def test_tf32_undoes_no_tf32_and_neither_flag_leaves_the_experiments_choice(capsys):
     runtime = lambda *flags: _settings(build_parser().parse_args(["sweep", *flags])).runtime  # noqa: E731
     assert runtime("--no-tf32")["tf32"] is False
-    assert runtime("--no-tf32", "--tf32")["tf32"] is True  # the last one given counts, as on --resume
+    assert runtime("--tf32")["tf32"] is True  # on --resume: undoes the experiment's --no-tf32
     assert "tf32" not in runtime()  # on --resume: the experiment's own choice stays
+    with pytest.raises(SystemExit) as e:  # both: one line, as api.settings refuses both, not the last one silently
+        runtime("--no-tf32", "--tf32")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "argument --tf32: not allowed with argument --no-tf32 (" in err, err
 
 
 def test_help_names_the_bounds_its_errors_name():

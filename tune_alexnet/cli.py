@@ -37,6 +37,7 @@ from .settings import (
     STEP_MODES,
     TRIAL_DEFAULTS,
     Grid,
+    RedactedError,
     home,
     printable,
     redacted,
@@ -62,6 +63,11 @@ URIS = " or ".join(f"{s}://BUCKET/PATH" for s in SCHEMES)
 
 class CliError(Exception):
     """Flags that parse one by one but not together."""
+
+
+class SweepFailed(RedactedError):
+    """The sweep stopped on an error that is neither bad input nor a storage gone: Ray's, a state Tune read, or
+    ours. One line on the console; its traceback in the experiment's driver.log."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -346,10 +352,11 @@ def _runtime_flags(h) -> None:
                    "cpu: train on the CPU even where GPUs are granted (default: auto)")  # fmt: skip
     h.add_argument("--channels-last", choices=("auto", "true", "false"),
                    help="channels-last memory format; auto: with bf16 on CUDA only (default: auto)")  # fmt: skip
-    h.add_argument("--tf32", dest="tf32", action="store_const", const=True,
-                   help="TF32 matmuls and convolutions on CUDA (the default; undoes an experiment's --no-tf32)")  # fmt: skip
-    h.add_argument("--no-tf32", dest="tf32", action="store_const", const=False,
-                   help="no TF32 on CUDA: fp32 matmuls and convolutions in full precision")  # fmt: skip
+    tf32 = h.add_mutually_exclusive_group()  # both given: one line, not the last one silently
+    tf32.add_argument("--tf32", dest="tf32", action="store_const", const=True,
+                      help="TF32 matmuls and convolutions on CUDA (the default; undoes an experiment's --no-tf32)")  # fmt: skip
+    tf32.add_argument("--no-tf32", dest="tf32", action="store_const", const=False,
+                      help="no TF32 on CUDA: fp32 matmuls and convolutions in full precision")  # fmt: skip
     h.add_argument("--step", choices=STEP_MODES,
                    help="eager; graph: each training step replays one captured CUDA graph (CUDA only); compile: "
                    f"torch.compile the model (default: {RUNTIME_DEFAULTS['step']})")  # fmt: skip
@@ -529,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     except NothingToResume as exc:
         print(shown(f"tune-alexnet {args.command}: {exc}"))
         return 0
-    except StorageLost as exc:  # not bad input: the storage went away under a running sweep
+    except (StorageLost, SweepFailed) as exc:  # not bad input: the storage went away, or Ray failed, mid-sweep
         say(f"tune-alexnet {args.command}: error: {exc}")
         return EXIT_FAILED
     except (DataError, PreflightError, ExportError) as exc:
@@ -600,7 +607,7 @@ def run_study(settings, data=None, quiet: bool = True):
     from .console import RayLines
     from .page import page_uri, write_page
     from .report import write_report
-    from .storage import RESERVE_NAME, StorageLost, is_remote, release_reserve
+    from .storage import DRIVER_LOG, RESERVE_NAME, StorageLost, is_remote, release_reserve
 
     _leave_job_working_dir()
     with _made_yours_alone(), RayLines(quiet) as lines:
@@ -621,8 +628,15 @@ def run_study(settings, data=None, quiet: bool = True):
             except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while Tune was stopping: stop now, cleanly
                 interrupted = True
                 say("tune-alexnet: stopping at once; writing the tables of what is there")
-            except Exception as exc:  # whatever broke the sweep, what finished still gets its tables
+            except (StorageLost, preflight.PreflightError) as exc:  # each says which and the way on in one line
                 failure = exc
+            except Exception as exc:  # whatever else broke the sweep, what finished still gets its tables
+                lines.keep_traceback(exc)
+                failure = SweepFailed(
+                    f"the sweep stopped on an error ({type(exc).__name__}: {str(exc)[:200]}); its traceback is in "
+                    f"{plan.exp_uri}/{DRIVER_LOG}; what finished is in its tables ('tune-alexnet export "
+                    f"{plan.exp_uri}')"
+                )
             finally:
                 with _stop_signals_ignored():
                     plan.stop_ray()

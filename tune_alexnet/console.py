@@ -337,6 +337,13 @@ class RayLines(logging.Filter):
             return False  # a checkpoint that cannot be deleted (made immutable): the disk guard's line names it
         return record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
 
+    def keep_traceback(self, exc: BaseException) -> None:
+        """`exc`'s traceback into driver.log alone: the console says it in one line."""
+        import traceback
+
+        for line in "".join(traceback.format_exception(exc)).splitlines():
+            self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR tune_alexnet: {redacted(line)}")
+
     def keep_in(self, exp_uri: str) -> None:
         """From now on, and with every line so far, into the experiment's driver.log (for a bucket: a local file
         uploaded at the end). Ray's informational lines, below the console's level, are kept too."""

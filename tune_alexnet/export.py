@@ -52,6 +52,7 @@ from .storage import (
     JSON_LIMIT,
     RESULT_FILE,
     RESULT_LIMIT,
+    RESULT_LINES,
     STATE_LIMIT,
     TEXT_LIMIT,
     RefusedFile,
@@ -536,6 +537,8 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
     FileNotFoundError: result.json is gone; RefusedFile or ValueError (naming the line and field): untrusted."""
     name = f"{folder}/result.json"
     text = read_bytes(fs, base, name, RESULT_LIMIT).decode("utf-8", "replace")
+    if text.count("\n") > RESULT_LINES:  # each a dict in memory: GBs for a file within RESULT_LIMIT
+        raise ValueError(f"{name} holds more than {RESULT_LINES:,} lines; a trial writes one an epoch")
     records: list[dict] = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
@@ -767,6 +770,11 @@ def shown_path(path: str) -> str:
     return redacted(path) if is_uri(path) else path
 
 
+def one_line(text: str) -> str:
+    """`text` as report.md's experiment line holds it: a newline there would end the line that names it."""
+    return text.replace("\n", " ")
+
+
 def write_parquet(df: pd.DataFrame, path, meta: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -833,8 +841,8 @@ class Output:
         """ExportError naming both experiments where this folder holds another experiment's tables."""
         if (self.uri == exp.path) if is_remote(self.uri) else os.path.realpath(self.uri) == os.path.realpath(exp.path):
             return
-        other = self.tables_of()
-        if other is not None and other != shown_path(exp.path):
+        other, shown = self.tables_of(), shown_path(exp.path)
+        if other is not None and other not in (shown, one_line(shown)):  # a report alone names it in one line
             raise ExportError(
                 f"{self.uri} holds the tables of experiment {redacted(other)}, not of {redacted(exp.path)}; allowed: "
                 "an --out folder that is empty or holds this experiment's tables (pick another folder, or remove "

@@ -68,6 +68,7 @@ from .storage import (
     RESERVE_NAME,
     RESULT_FILE,
     RESULT_LIMIT,
+    RESULT_LINES,
     SCHEMES,
     checkpoint_room,
     existing_parent,
@@ -830,10 +831,25 @@ def _not_a_sweeps_file(exp_path: str, entries: list | None = None) -> str | None
             return f"{path} is a folder named as a file"
         if stat.S_ISREG(st.st_mode) and name in (RESULT_FILE, "progress.csv") and st.st_size > RESULT_LIMIT:
             return f"{path} holds {st.st_size / 2**20:,.1f} MiB, more than {RESULT_LIMIT / 2**20:.0f} MiB (Tune would read it whole)"
+        if stat.S_ISREG(st.st_mode) and name in (RESULT_FILE, "progress.csv") and _lines(path) > RESULT_LINES:
+            return f"{path} holds more than {RESULT_LINES:,} lines (Tune would read each into a table, GBs in all)"
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
             return f"{path} is {'a symbolic link' if stat.S_ISLNK(st.st_mode) else kind}"
     return None
+
+
+def _lines(path: str) -> int:
+    """The lines of a regular file (0 where it cannot be read: the checks after this one say so)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(2**20), b""))
+        except OSError:
+            return 0
 
 
 def _what_is_left(exp_uri: str, name: str) -> str:

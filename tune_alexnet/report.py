@@ -23,6 +23,7 @@ from .export import (
     best_run,
     check_room,
     load_experiment,
+    one_line,
     output_dir,
     shown_path,
 )
@@ -265,7 +266,7 @@ def as_text(value) -> str:
 def code_span(text: str) -> str:
     """`text` as a Markdown code span, which shows all inside it as text: fenced by more backticks than it holds
     in a row (export.Output.tables_of reads the experiment's path back from one)."""
-    text = text.replace("\n", " ")  # a blank line would end the span and the paragraph
+    text = one_line(text)  # a blank line would end the span and the paragraph
     fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
     return f"{fence}{text}{fence}" if len(fence) == 1 else f"{fence} {text} {fence}"
 

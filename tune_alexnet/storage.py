@@ -201,6 +201,7 @@ def release_reserve(path: str | None) -> None:
 # Size bounds: a file over its bound is refused, never read whole. A 100-epoch trial's result.json is ~150 KB.
 RESULT_FILE = "result.json"  # a trial's results as Tune writes them, a JSON line each
 RESULT_LIMIT = 64 * 2**20  # a trial's result.json
+RESULT_LINES = 100_000  # lines of a trial's result.json: one an epoch, and one for each save between two
 ERROR_LIMIT = 2**20  # the tail of a trial's error.txt that is read: its last line is the error
 STATE_LIMIT = 256 * 2**20  # Tune's experiment_state-*.json
 JSON_LIMIT = 2**20  # small JSON side files: the sweep's settings, params.json, model.json, progress.json
