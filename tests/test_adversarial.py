@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pandas as pd
 import pytest
 from conftest import NO_OVERRIDE, moto_bucket
@@ -94,6 +95,25 @@ def test_a_name_taken_by_a_file_is_refused(synthetic_dir, tmp_path, capsys):
     assert f"{tmp_path / 'taken'} is a file" in err
 
 
+def grpc_server_answering(code) -> int:
+    """The port of a gRPC server, alive for the test process, that answers every call with `code`."""
+    from concurrent import futures
+
+    class Abort(grpc.GenericRpcHandler):
+        def service(self, details):
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(code, "no"))
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((Abort(),))
+    port = server.add_insecure_port("0.0.0.0:0")
+    server.start()
+    _servers.append(server)
+    return port
+
+
+_servers: list = []
+
+
 @pytest.mark.slow
 def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     """A cluster and buckets that do not answer, each refused in one line within seconds (all at once: each
@@ -105,6 +125,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     # them for minutes, with Ctrl-C held back.
     silent, closing = socket.create_server(("0.0.0.0", 0)), socket.create_server(("0.0.0.0", 0))  # (see below)
     threading.Thread(target=lambda: [closing.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()
+    unavailable = grpc_server_answering(grpc.StatusCode.UNAVAILABLE)  # gRPC, yet no GCS: Ray retried for minutes
     sweep = ["sweep", "--data-dir", str(synthetic_dir), *TINY]
     gs = "gs://tune-alexnet-test-bucket/x"
     cases = [
@@ -118,6 +139,8 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
          "--address head..lan:6379: no Ray cluster answers there (encoding with 'idna' codec failed"),
         ([*sweep, "--storage", str(tmp_path / "r6"), "--address", f"[::1]:{port}"],  # IPv6: its brackets are no name
          f"--address [::1]:{port}: no Ray cluster answers there ("),
+        ([*sweep, "--storage", str(tmp_path / "r7"), "--address", f"127.0.0.1:{unavailable}"],
+         "no Ray cluster answers there (it speaks gRPC but did not answer as a Ray GCS does (UNAVAILABLE))"),
         ([*sweep, "--storage", f"s3://bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http"], "cannot be reached"),
         ([*sweep, "--storage", gs], f"--storage {gs} cannot be reached"),  # every scheme --help names
         (["export", gs], f"{gs} holds no readable Tune experiment"),
@@ -421,6 +444,23 @@ def test_a_report_of_a_path_with_a_newline_writes_again_into_its_own_out(damaged
     for _ in range(2):
         assert main(["report", str(tmp_path / "exp"), "--out", str(out)]) == 0
     assert "two lines" in (out / "report.md").read_text()
+
+
+def test_an_out_or_storage_1100_folders_deep_is_made_without_running_past_pythons_stack(mixed_experiment, tmp_path,
+                                                                                         capsys):  # fmt: skip
+    """pathlib and os.makedirs recurse once a folder: a path of 1,100 short names (2,200 characters, within
+    PATH_MAX) was a RecursionError of 7,000 lines, for export, report and sweep alike."""
+    from tune_alexnet.preflight import lock_experiment
+
+    deep = tmp_path.joinpath(*["y"] * 1100)
+    assert main(["export", mixed_experiment[0], "--out", str(deep / "tables")]) == 0
+    assert main(["report", mixed_experiment[0], "--out", str(deep / "report")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert (deep / "tables" / "results.parquet").is_file() and (deep / "report" / "report.md").is_file()
+    lock = lock_experiment(str(deep / "storage"), "x")  # where a sweep takes its experiment's lock
+    assert (deep / "storage" / ".x.lock").exists()
+    lock.release()
+    subprocess.run(["rm", "-rf", str(tmp_path / "y")], check=True)  # pytest's own removal recurses once a folder
 
 
 def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):
@@ -811,6 +851,44 @@ def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, cap
     if odd.endswith("many short lines"):  # and the tables read none of it, naming why
         errors = load_experiment(str(copy)).table.set_index("status")["error"]
         assert errors["damaged"].endswith("/result.json holds more than 100,000 lines; a trial writes one an epoch")
+
+
+def test_a_sigterm_while_ray_stops_its_processes_is_still_ignored_as_the_tables_are_written():
+    """Ray's core worker, shut down, puts SIGTERM back to the default: one arriving while Ray then stopped its
+    processes (seconds) killed the driver before the sweep's last tables. Here it arrives at that very moment."""
+    code = """
+import os, signal, time, ray
+from ray._private import node
+from tune_alexnet.plan import Plan
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=40)
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, signal.SIG_IGN)  # as the command line sets them while it stops Ray and writes the tables
+kill = node.Node.kill_all_processes
+def signalled(self, *a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    return kill(self, *a, **k)
+node.Node.kill_all_processes = signalled
+Plan(None, "", "", None, {}, 0, None, started_ray=True).stop_ray()
+print("tables written")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "tables written", (done.returncode, done.stderr[-2000:])
+
+
+def test_resume_refuses_an_experiment_of_more_files_than_its_checks_walk(damaged, capsys):
+    """The checks walked the first 100,000 entries and passed over the rest: a FIFO past them blocked the resume
+    for ever, Ctrl-C and SIGTERM held back; a link past them took its appends into another user's file."""
+    copy, _ = damaged
+    trial = sorted(copy.glob("train_cifar_*"))[0]
+    (trial / "junk").mkdir()
+    for i in range(100_001):
+        os.close(os.open(trial / "junk" / str(i), os.O_CREAT | os.O_WRONLY, 0o644))
+    (trial / "progress.csv").unlink()
+    os.mkfifo(trial / "progress.csv")
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent)], capsys)
+    assert f"{copy} holds more than 100,000 files and folders, which no sweep makes" in err, err
 
 
 @pytest.mark.slow
@@ -1312,6 +1390,28 @@ def test_rays_lock_files_lie_in_the_private_folder(short_tmpdir, monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", "")  # set but empty: Ray's lock files went into the working folder
     cluster.local_ray_options()
     assert os.environ["RAY_TMPDIR"] == str(private)
+
+
+def test_a_trial_keeps_torchs_kernel_cache_in_the_private_folder_on_a_joined_cluster_too(short_tmpdir):
+    """The private cache was set for the local Ray alone: on a cluster joined with --address the trials compiled
+    into, and loaded kernels from, TMPDIR/torchinductor_USER, which another user had made (mode 0777) first."""
+    import getpass
+
+    theirs = Path(short_tmpdir) / f"torchinductor_{getpass.getuser()}"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    code = (
+        "from tune_alexnet.cluster import private_kernel_cache; private_kernel_cache(); "  # as train_cifar does
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir; print(cache_dir())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"TMPDIR": short_tmpdir}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    private = Path(short_tmpdir) / f"tune-alexnet-{os.getuid()}"
+    assert done.stdout.strip() == str(private / "torchinductor"), done.stdout + done.stderr[-2000:]
+    assert private.stat().st_mode & 0o777 == 0o700 and not any(theirs.iterdir())
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(short_tmpdir) / "mine")  # one the user named stays theirs
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == env["TORCHINDUCTOR_CACHE_DIR"], done.stderr[-2000:]
 
 
 TOKEN_PROBE = """

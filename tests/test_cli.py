@@ -339,3 +339,37 @@ def test_a_stop_signal_the_caller_ignores_stays_ignored_through_the_sweep(ignore
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_a_stop_signal_that_lands_inside_a_callback_or_a_c_extension_still_stops_export_and_report(capsys):
+    """Ctrl-C while report drew its figures: landing inside a weakref's callback, Python printed its traceback and
+    the report went on to exit 0; landing inside matplotlib's C code, it came out as a ValueError's traceback."""
+    import signal
+    import weakref
+
+    from tune_alexnet.cli import _stop_signals_interrupt
+
+    class Figure:
+        pass
+
+    def finalizer() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the signal's handler runs here, where Python passes over what it raises
+
+    with pytest.raises(KeyboardInterrupt):
+        with _stop_signals_interrupt():
+            figure = Figure()
+            weakref.finalize(figure, finalizer)
+            del figure
+            sum(range(1000))  # the rest of the command, which ran to its end
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        with _stop_signals_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(1000))
+            except KeyboardInterrupt:
+                raise ValueError("Invalid affine transformation matrix") from None  # as a C extension turns it
+    with pytest.raises(ValueError):  # an error with no signal behind it stays what it is
+        with _stop_signals_interrupt():
+            raise ValueError("x")

@@ -375,6 +375,22 @@ BAD_FOLDERS = [
 ]
 
 
+def test_an_image_holding_postscript_never_reaches_ghostscript(tmp_path, monkeypatch):
+    """PIL picks its decoder by a file's content: a ".png" holding PostScript went to Ghostscript, an interpreter
+    (here a stand-in on PATH that notes its call)."""
+    root = make_image_folder(tmp_path / "d", 1, 1)
+    (root / "train/cat/evil.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n")
+    bin_dir, called = tmp_path / "bin", tmp_path / "gs-called"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f'#!/bin/sh\necho "$@" >> {called}\necho 10.0\n')
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(DataError) as e:
+        load_cifar10(root, progress=False)
+    assert f"cannot read image {root}/train/cat/evil.png: not an image Pillow can read" in _one_line(e)
+    assert not called.exists()
+
+
 @pytest.mark.parametrize("breaks, phrases", [case[1:] for case in BAD_FOLDERS], ids=[c[0] for c in BAD_FOLDERS])
 def test_bad_data_folder_is_refused_with_one_line(tmp_path, breaks, phrases):
     root = make_image_folder(tmp_path / "d", 1, 1)

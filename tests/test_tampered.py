@@ -503,6 +503,23 @@ def _edit_weights(edit):
     return tamper
 
 
+def _pickle(raw: bytes, name: str = "model.pt"):
+    """`name` with its pickle (the archive's data.pkl) replaced by `raw`, written by hand as an attacker would."""
+
+    def tamper(d: Path) -> None:
+        import zipfile
+
+        with zipfile.ZipFile(d / name) as old:
+            members = [
+                (i, b"\x80\x02" + raw if i.filename.endswith("/data.pkl") else old.read(i)) for i in old.infolist()
+            ]
+        with zipfile.ZipFile(d / name, "w") as new:
+            for info, data in members:
+                new.writestr(info, data)
+
+    return tamper
+
+
 def _other_weights(d: Path) -> None:
     torch.save(AlexNet(**{**MODEL_ARGS, "batchnorm": False}).state_dict(), d / "model.pt")
 
@@ -572,6 +589,20 @@ LOAD_CASES = {
         lambda d: torch.save({"features.0.weight": Path("/")}, d / "model.pt"),
         "model.pt was refused: it holds Python objects besides tensors, and loading them would run code",
     ),
+    # what torch's weights-only unpickler takes: a bytearray of 1 GB from a few bytes, and a key nested past the C
+    # stack (300,000 deep: Python crashed, hashing it); each refused before torch reads a byte of it
+    "model.pt calling bytearray(2**30)": (
+        _pickle(b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R."),
+        "model.pt was refused: it holds Python objects besides tensors, and loading them would run code ('builtins'",
+    ),
+    "model.pt nesting a key 300,000 deep": (
+        _pickle(b"}K\x00" + b"\x85" * 300_000 + b"K\x01s."),
+        "model.pt was refused: its pickle holds 300,009 bytes, more than 65,536; allowed: a model.pt as a sweep",
+    ),
+    "model.pt nesting a key 200 deep": (
+        _pickle(b"}K\x00" + b"\x85" * 200 + b"K\x01s."),
+        "model.pt was refused: its pickle nests objects more than 100 deep",
+    ),
 }
 
 
@@ -587,6 +618,18 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     message = str(refused.value)
     assert type(refused.value).__name__ == "CheckpointError" and "\n" not in message, message
     assert str(ckpt) in message and needle in message, message
+
+
+@pytest.mark.parametrize("raw", [b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", b"}K\x00" + b"\x85" * 300_000 + b"K\x01s."],
+                         ids=["bytearray(2**30)", "a key 300,000 deep"])  # fmt: skip
+def test_a_resume_state_whose_pickle_torch_should_not_see_is_passed_over_unread(tmp_path, raw):
+    """A trial read its resume states with torch's weights-only unpickler alone: 1 GB allocated, or a crash of the
+    trial's process that no except caught, at every try."""
+    for name in ("trainer.pt", "model.pt"):
+        torch.save({"a": torch.zeros(1)}, tmp_path / name)
+    assert checkpoint.read_resume(tmp_path) is not None
+    _pickle(raw, "trainer.pt")(tmp_path)
+    assert checkpoint.read_resume(tmp_path) is None  # unreadable: train.py tries the one before, or starts afresh
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.json"])

@@ -47,6 +47,12 @@ MODEL_ARGS = {
     "width": (lambda v: BOUNDS["width"].allows(v), BOUNDS["width"].text()),
 }
 WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip and pickle framing
+# The pickle inside a weights or resume file (its data.pkl) names and shapes each tensor: a few KB. torch's
+# weights-only unpickler takes much that a sweep never writes: objects nested past Python's C stack (a crash that
+# no except catches), and calls of builtins such as bytearray(2**40), gigabytes from a few bytes.
+PICKLE_LIMIT = 2**16  # bytes
+NESTING_LIMIT = 100  # containers inside containers (a resume state's: under 10)
+PICKLE_MODULES = ("torch", "collections")  # whose names a sweep's pickles call: tensors' rebuilders, OrderedDict
 
 
 def write(
@@ -210,7 +216,7 @@ def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
         with open_file(fs, base, MODEL_FILE, limit) as (f, _):
             if not isinstance(fs, pyarrow.fs.LocalFileSystem):  # read here, each piece bounded: torch's reader
                 f = io.BytesIO(f.read(limit + 1))  # turns a timeout inside it into another error
-            _check_unpacked_size(f, limit, where)
+            _check_archive(f, limit, where)
             state = torch.load(f, map_location=device, weights_only=True)
     except TimeoutError as exc:
         raise _unreachable(where, exc) from None
@@ -261,18 +267,83 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _check_unpacked_size(f, limit: int, where: str) -> None:
-    """torch.save writes a zip archive; refuse one whose contents unpack to more than `limit` bytes."""
+def _check_archive(f, limit: int, where: str) -> None:
+    """torch.save writes a zip archive; refuse one whose contents unpack to more than `limit` bytes, or whose
+    pickle torch's unpickler should not see (pickle_problem)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(f) as archive:
             size = sum(i.file_size for i in archive.infolist())
-    except zipfile.BadZipFile:
+            problem = None if size > limit else archive_problem(archive)
+    except (zipfile.BadZipFile, ValueError, EOFError):  # a member that does not unpack (ValueError: not a zip)
         raise CheckpointError(f"{where} is not what torch.save writes (a zip archive)") from None
     if size > limit:
         raise CheckpointError(f"{where} unpacks to {size} bytes; allowed: at most {limit} for this network")
+    if problem:
+        raise CheckpointError(f"{where} was refused: {problem}; allowed: a {Path(where).name} as a sweep writes it")
     f.seek(0)
+
+
+def archive_problem(archive) -> str | None:
+    """What in a torch.save archive's pickle torch's unpickler must not see; None where nothing."""
+    pickles = [i for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        return f"it holds {len(pickles)} pickles; a torch.save archive holds one"
+    if pickles[0].file_size > PICKLE_LIMIT:
+        return f"its pickle holds {pickles[0].file_size:,} bytes, more than {PICKLE_LIMIT:,}"
+    return pickle_problem(archive.read(pickles[0]))
+
+
+def pickle_problem(raw: bytes) -> str | None:
+    """Read op by op, none of it run: a call of a name outside PICKLE_MODULES, or nesting past NESTING_LIMIT; None
+    where neither. (Each item on the pickle's stack is tracked as its depth, and its text where it is one.)"""
+    import pickletools
+
+    mark = object()
+    stack: list = []
+    memo: dict = {}
+    fills = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # change the container below
+    try:
+        for op, arg, _ in pickletools.genops(raw):
+            name = op.name
+            if name in ("GLOBAL", "INST", "STACK_GLOBAL"):
+                module = arg.split(" ")[0] if arg else stack[-2][1]
+                if not isinstance(module, str) or module.split(".")[0] not in PICKLE_MODULES:
+                    return (
+                        f"it holds Python objects besides tensors, and loading them would run code ({module!r} is "
+                        "called)"
+                    )
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "MARK":
+                stack.append(mark)
+            elif name != "STOP":
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    top = len(stack) - 1 - stack[::-1].index(mark)  # the last mark; ValueError where none is
+                    below = top - before.index(pickletools.markobject)
+                    popped, stack = stack[below:top] + stack[top + 1 :], stack[:below]
+                else:
+                    below = len(stack) - len(before)
+                    popped, stack = stack[below:], stack[:below]
+                if below < 0 or mark in popped:
+                    raise IndexError
+                depths = [d for d, _ in popped]
+                if name in fills:
+                    depth = max(depths[0], 1 + max(depths[1:], default=0))
+                else:
+                    depth = 1 + max(depths, default=0)
+                if depth > NESTING_LIMIT:
+                    return f"its pickle nests objects more than {NESTING_LIMIT} deep"
+                stack += [(depth, arg if isinstance(arg, str) else None)] * len(op.stack_after)
+    except (ValueError, IndexError, KeyError):  # pickletools' ValueError for garbage; a stack or memo it lacks
+        return "its pickle is not what torch.save writes"
+    return None
 
 
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)  # one RGB image, height x width x channels
@@ -373,7 +444,13 @@ def read_resume(directory: Path) -> tuple[dict, dict] | None:
     """(trainer state, best weights) of a resume checkpoint folder, on the CPU; None if it holds no readable resume
     state. On the CPU, because the state is checked before use (resume.py) and its optimizer's step counts must
     go where this run's step mode needs them, not where the writing run kept them."""
+    import zipfile
+
     try:
+        for name in (TRAINER_FILE, MODEL_FILE):
+            with zipfile.ZipFile(directory / name) as archive:
+                if archive_problem(archive):
+                    return None
         state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
         best = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     except Exception:  # a torn or corrupt file fails in many ways inside the unpickler

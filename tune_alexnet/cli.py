@@ -709,15 +709,32 @@ def _stop_signals_interrupt():
         return
     from .stopping import heeded
 
-    def interrupt(*_) -> None:
+    pressed: list[int] = []
+
+    def interrupt(sig, _frame) -> None:
+        pressed.append(sig)
         raise KeyboardInterrupt
 
+    def unraisable(event) -> None:  # raised inside a callback (a weakref's): Python printed it and went on
+        if not isinstance(event.exc_value, KeyboardInterrupt):
+            hook(event)
+
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {sig: signal.signal(sig, interrupt) for sig in heeded(STOP_SIGNALS)}
     try:
         yield
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        if pressed:  # raised inside a C extension (matplotlib's), which turned it into an error of its own
+            raise KeyboardInterrupt from None
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = hook
+    if pressed:  # it landed where it was passed over: the command still stops as asked (each file is whole)
+        raise KeyboardInterrupt
 
 
 def _sweep_command(settings, quiet: bool) -> int:

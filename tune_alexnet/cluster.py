@@ -73,6 +73,14 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
 
 
+def private_kernel_cache() -> None:
+    """In a trial's process, torch's kernel cache in this user's private folder unless the user named one: on a
+    cluster joined with --address the driver's environment does not reach the trials, and torch's default
+    (TMPDIR/torchinductor_USER) may be a folder another user made first, whose kernels a compiled step loads."""
+    if not os.environ.get(KERNEL_CACHE):  # (empty: torch's default, as unset)
+        os.environ[KERNEL_CACHE] = os.path.join(private_temp_dir(), "torchinductor")
+
+
 KERNEL_CACHE = "TORCHINDUCTOR_CACHE_DIR"
 _kernel_cache: str | None = None  # the value this process gave it, replaced with the next private folder
 RAY_TMPDIR = "RAY_TMPDIR"

@@ -22,7 +22,7 @@ from ray import tune
 from . import stopping
 from .grid import full_config, run_number
 from .settings import redacted
-from .storage import DRIVER_LOG
+from .storage import DRIVER_LOG, make_folders
 
 STATUS = {"RUNNING": "running", "PENDING": "pending", "TERMINATED": "done", "ERROR": "errored", "PAUSED": "paused"}
 
@@ -355,7 +355,7 @@ class RayLines(logging.Filter):
             self.upload_to = exp_uri
         else:
             try:
-                os.makedirs(exp_uri, exist_ok=True)
+                make_folders(exp_uri)
                 flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                 fd = os.open(os.path.join(exp_uri, DRIVER_LOG), flags, 0o644)
             except OSError:  # a full or read-only folder: the console still works

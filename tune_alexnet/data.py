@@ -32,10 +32,14 @@ import numpy as np
 
 from .cluster import open_to_all, others_can_write, others_on_the_way
 from .settings import NUM_CLASSES, home
-from .storage import shown
+from .storage import make_folders, shown
 
 IMAGE_SIZE = 32
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Each file name ending taken, and the format PIL decodes it as: PIL picks a decoder by what a file holds, and
+# would hand a ".png" holding PostScript to Ghostscript, an interpreter. Only these formats are ever decoded.
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".bmp": "BMP", ".pgm": "PPM",
+                 ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}  # fmt: skip
+IMG_EXTENSIONS = tuple(IMAGE_FORMATS)
 CACHE_VERSION = 1
 FINGERPRINT_VERSION = 1  # change it (and say so in the release notes) whenever `fingerprint` changes
 SPLITS = ("train", "test")
@@ -235,7 +239,7 @@ def _load_torchvision(root: str | os.PathLike | None) -> Cifar:
 
     root = Path(root or user_cache_dir() / "torchvision")
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_folders(root)
         train = CIFAR10(str(root), train=True, download=True)
         test = CIFAR10(str(root), train=False, download=True)
     except Exception as exc:  # network errors come in many types
@@ -492,7 +496,7 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
     try:
         for i, (path, _) in enumerate(items):
             try:
-                with Image.open(path) as im:
+                with Image.open(path, formats=sorted(set(IMAGE_FORMATS.values()))) as im:
                     if im.size != (IMAGE_SIZE, IMAGE_SIZE):  # before decoding: a huge image is refused cheaply
                         raise DataError(
                             f"image {_show(path)} is {im.size[0]}x{im.size[1]}; "
@@ -550,7 +554,7 @@ def _write_cache(path: Path, arrays: list[np.ndarray]) -> None:
     """Whole or not at all: a temporary file renamed into place, removed on any failure (Ctrl-C included)."""
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays, strict=True)))

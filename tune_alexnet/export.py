@@ -61,6 +61,7 @@ from .storage import (
     experiment_uri,
     is_remote,
     list_folder,
+    make_folders,
     missing_folders,
     open_file,
     parse_json,
@@ -990,7 +991,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
         folder = fd = None
         try:
             try:
-                Path(out).mkdir(parents=True, exist_ok=True)
+                make_folders(out)
                 _check_path_to(out)  # with the folders made meanwhile
                 folder = open_folder(out)
                 _probe(folder)

@@ -34,8 +34,35 @@ class Plan:
         self.lock.release()
 
     def stop_ray(self) -> None:
-        if self.started_ray:
-            import ray
+        """Ray's shutdown, with the stop signals left as the caller set them (ignored while the tables are
+        written): its core worker puts SIGTERM back to the default, so that one arriving while it stops its
+        processes (seconds) killed the driver before the tables."""
+        if not self.started_ray:
+            return
+        import signal
+        import threading
 
+        import ray
+        from ray._private import worker
+
+        from .stopping import STOP_SIGNALS
+
+        main = threading.current_thread() is threading.main_thread()  # (only it may set them)
+        kept = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if main else {}
+
+        def put_back() -> None:
+            for sig, handler in kept.items():
+                if handler is not None:  # (None: set outside Python, not ours to set)
+                    signal.signal(sig, handler)
+
+        node = worker._global_node
+        kill = node.kill_all_processes if node is not None else None
+        if kill is not None:  # the core worker is shut down just before: from here on, the caller's again
+            node.kill_all_processes = lambda *a, **k: (put_back(), kill(*a, **k))[1]
+        try:
             ray.shutdown()
-            self.started_ray = False
+        finally:
+            put_back()
+            if kill is not None:
+                del node.kill_all_processes
+        self.started_ray = False

@@ -74,6 +74,7 @@ from .storage import (
     existing_parent,
     experiment_uri,
     is_remote,
+    make_folders,
     missing_folders,
     remove_empty,
     room_needed,
@@ -219,7 +220,7 @@ def check_path_to(root: str, warn: bool = True) -> None:
 
 def _check_local(root: str, exp_path: str) -> None:
     try:
-        Path(root).mkdir(parents=True, exist_ok=True)
+        make_folders(root)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".tune-alexnet-write-test-"):
             pass
     except OSError as exc:
@@ -299,7 +300,7 @@ def lock_experiment(root: str, name: str) -> ExperimentLock:
         path = folder / f".{name}.lock"
     where = f"--storage {root}" if not is_remote(root) else f"the lock folder {folder}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folders(folder)
         try:
             fd, made = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644), True
         except FileExistsError:
@@ -708,15 +709,36 @@ def restore_refused(exp_uri: str, name: str, exc: BaseException | None) -> Prefl
     )
 
 
-def _entries(exp_path: str, limit: int = 100_000):
-    """(path, lstat) of what the experiment folder holds, at any depth, links not followed; at most `limit`."""
-    walked = ((top, name) for top, dirs, files in os.walk(exp_path) for name in (*dirs, *files))
-    for top, name in itertools.islice(walked, limit):
-        path = os.path.join(top, name)
+ENTRIES_LIMIT = 100_000  # files and folders in an experiment folder: a 108-run study's hold a few thousand
+
+
+def _entries(exp_path: str, limit: int = ENTRIES_LIMIT):
+    """(path, lstat) of what the experiment folder holds, at any depth, links not followed. Past `limit`, a
+    refusal: the checks that walk it must see all of it (a FIFO past a silent limit blocked a resume for ever).
+    Folder by folder, not os.walk, which recurses once a level."""
+    folders, seen = [exp_path], 0
+    while folders:
+        top = folders.pop()
         try:
-            yield path, os.lstat(path)
-        except OSError:  # gone meanwhile
+            names = os.listdir(top)
+        except OSError:  # gone meanwhile, or closed: the checks that need it say so
             continue
+        for name in names:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:  # gone meanwhile
+                continue
+            seen += 1
+            if seen > limit:
+                raise PreflightError(
+                    f"{exp_path} holds more than {limit:,} files and folders, which no sweep makes (a 108-run "
+                    f"study's hold a few thousand), and each would be checked; allowed: an experiment folder as a "
+                    f"sweep left it (what finished is in 'tune-alexnet export {exp_path}')"
+                )
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):
+                folders.append(path)
 
 
 def _not_yours(exp_path: str, entries: list | None = None) -> str | None:
@@ -1157,13 +1179,13 @@ def _as_ray_joins(address: str) -> str:
 
 
 def _no_gcs_at(host: str, port: int, timeout: float = 5.0, speak: bool = True) -> str | None:
-    """Why nothing at host:port can be a Ray GCS, within about twice `timeout` in all (a name of many addresses,
+    """Why nothing at host:port can be a Ray GCS, within about 3 times `timeout` in all (a name of many addresses,
     each given `timeout`, or a name server that does not answer, took minutes); None where it may be."""
     answer: list = []
     probe = threading.Thread(target=lambda: answer.append(_gcs_probe(host, port, timeout, speak)), daemon=True)
     probe.start()
-    probe.join(2 * timeout + 1)
-    return answer[0] if answer else f"no answer within {2 * timeout + 1:g} s"
+    probe.join(3 * timeout + 1)
+    return answer[0] if answer else f"no answer within {3 * timeout + 1:g} s"
 
 
 def _gcs_probe(host: str, port: int, timeout: float, speak: bool) -> str | None:
@@ -1195,6 +1217,27 @@ def _gcs_probe(host: str, port: int, timeout: float, speak: bool) -> str | None:
         return "it takes connections but closed this one"
     if head[3] != 0x04:  # a frame of HTTP/2 opens with its length (3 bytes), then its type: SETTINGS is 4
         return "it takes connections but does not speak gRPC, as a Ray GCS does"
+    return _gcs_answer(host, port, max(1.0, deadline - time.monotonic()))
+
+
+def _gcs_answer(host: str, port: int, timeout: float) -> str | None:
+    """A gRPC server is a GCS if it answers the GCS's first question (the cluster's id), or refuses it for want of
+    a token: another one, or one answering UNAVAILABLE, had ray.init retry for minutes. None where it is one."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:  # a GCS that asks for the token
+                return None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return "it speaks gRPC but is no Ray GCS"
+            return f"it speaks gRPC but did not answer as a Ray GCS does ({code.name if code else exc})"
     return None
 
 

@@ -104,6 +104,17 @@ def missing_folders(path: str) -> list[str]:
     return missing
 
 
+def make_folders(path) -> None:
+    """os.makedirs(path, exist_ok=True), folder by folder from the first missing one: os.makedirs and pathlib
+    recurse once a folder, and a path of 1,000 short names (within PATH_MAX) ran past Python's stack."""
+    for folder in reversed(missing_folders(os.path.abspath(path))):
+        try:
+            os.mkdir(folder)
+        except OSError:
+            if not os.path.isdir(folder):
+                raise
+
+
 def unwritable_in(folder: str, depth: int = 2) -> str | None:
     """The first of `folder` and what lies up to `depth` levels below it that this user cannot write (read-only,
     immutable): in a trial's folder, Tune appends to its files and deletes its checkpoints. None where all can be."""
@@ -175,7 +186,7 @@ def make_reserve(exp_dir: str, size: int) -> str | None:
     path = os.path.join(exp_dir, RESERVE_NAME)
     release_reserve(path)
     try:
-        os.makedirs(exp_dir, exist_ok=True)
+        make_folders(exp_dir)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError:
         return None

@@ -237,8 +237,10 @@ def train_cifar(
     granted, node, trial_id = None, None, None
     if report is None:
         from . import ray_hooks
+        from .cluster import private_kernel_cache
 
         ray_hooks.quiet_exit_on_sigterm()
+        private_kernel_cache()  # before anything compiles: a joined cluster's trials have no private cache yet
         report = functools.partial(ray_hooks.report, keep_free=keep_free)
         checkpoint_from = ray_hooks.resume_candidates()
         granted, node, trial_id = ray_hooks.granted_resources(), ray_hooks.node_id(), ray_hooks.trial_id()
