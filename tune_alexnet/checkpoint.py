@@ -31,7 +31,7 @@ from .augment import normalize, prepare_eval
 from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES, RedactedError
-from .storage import JSON_LIMIT, RefusedFile, list_folder, open_file, reach, read_json, shown
+from .storage import JSON_LIMIT, RefusedFile, first_line, list_folder, open_file, reach, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
 MODEL_ARGS_FILE = "model.json"  # AlexNet's arguments, so the folder alone rebuilds the network
@@ -124,7 +124,7 @@ def _usable(device) -> torch.device:
         d = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
-            f"device {device!r}: {_first_line(exc)}; allowed: 'cpu', or 'cuda' on a machine with a GPU"
+            f"device {device!r}: {first_line(exc)}; allowed: 'cpu', or 'cuda' on a machine with a GPU"
         ) from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     allowed = f"allowed: 'cpu'{', cuda:0..cuda:' + str(count - 1) if count else ''}"
@@ -156,7 +156,7 @@ def _location(checkpoint) -> tuple:
 def _unreachable(where: str, exc: BaseException) -> CheckpointError:
     """A bucket that did not answer (each read is bounded by storage.REACH_TIMEOUT_S, as export's are)."""
     return CheckpointError(
-        f"{where} cannot be reached ({_first_line(exc)}); allowed: a checkpoint folder, or a bucket URI your "
+        f"{where} cannot be reached ({first_line(exc)}); allowed: a checkpoint folder, or a bucket URI your "
         "credentials can read"
     )
 
@@ -230,13 +230,13 @@ def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
         raise _closed(where, exc) from None
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-            raise CheckpointError(f"{where} is not what torch.save writes ({_first_line(exc)})") from None
+            raise CheckpointError(f"{where} is not what torch.save writes ({first_line(exc)})") from None
         raise CheckpointError(
             f"{where} was refused: it holds Python objects besides tensors, and loading them would run code; "
             "allowed: a model.pt of tensors only, as a sweep writes it"
         ) from None
     except Exception as exc:  # a torn or foreign file fails in many ways inside the unpickler
-        raise CheckpointError(f"{where} is not what torch.save writes ({_first_line(exc)})") from None
+        raise CheckpointError(f"{where} is not what torch.save writes ({first_line(exc)})") from None
     if problem := _shape_problem(state, expected):
         raise CheckpointError(
             f"{where} does not hold the weights of the network {MODEL_ARGS_FILE} describes: {problem}"
@@ -261,10 +261,6 @@ def _shape_problem(state, expected: dict) -> str | None:
             return f"tensor {name!r} holds values that are not finite (NaN or infinity)"
     extra = sorted(set(state) - set(expected), key=repr)  # keys of any type: 1 beside 'x' cannot be ordered
     return f"tensor {extra[0]!r} is not one of the network's" if extra else None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _check_archive(f, limit: int, where: str) -> None:
@@ -419,7 +415,7 @@ def _from_pil(images) -> np.ndarray:
         try:
             rgb.append(np.asarray(im.convert("RGB")))
         except Exception as exc:  # noqa: BLE001 - read lazily: a truncated file, a broken PNG chunk (SyntaxError)
-            raise ValueError(f"image {i} cannot be read ({_first_line(exc)}); allowed: a whole image") from None
+            raise ValueError(f"image {i} cannot be read ({first_line(exc)}); allowed: a whole image") from None
     return np.stack(rgb) if rgb else np.zeros((0, *IMAGE_SHAPE), np.uint8)
 
 

@@ -607,7 +607,7 @@ def run_study(settings, data=None, quiet: bool = True):
     from .console import RayLines
     from .page import page_uri, write_page
     from .report import write_report
-    from .storage import DRIVER_LOG, RESERVE_NAME, StorageLost, is_remote, release_reserve
+    from .storage import DRIVER_LOG, RESERVE_NAME, StorageLost, first_line, is_remote, release_reserve
 
     _leave_job_working_dir()
     with _made_yours_alone(), RayLines(quiet) as lines:
@@ -633,7 +633,7 @@ def run_study(settings, data=None, quiet: bool = True):
             except Exception as exc:  # whatever else broke the sweep, what finished still gets its tables
                 lines.keep_traceback(exc)
                 failure = SweepFailed(
-                    f"the sweep stopped on an error ({type(exc).__name__}: {str(exc)[:200]}); its traceback is in "
+                    f"the sweep stopped on an error ({type(exc).__name__}: {first_line(exc)}); its traceback is in "
                     f"{plan.exp_uri}/{DRIVER_LOG}; what finished is in its tables ('tune-alexnet export "
                     f"{plan.exp_uri}')"
                 )

@@ -59,6 +59,7 @@ from .storage import (
     check_file,
     existing_parent,
     experiment_uri,
+    first_line,
     is_remote,
     list_folder,
     make_folders,
@@ -285,7 +286,7 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
             trials += _trials_left_out(fs, base, entries, trials, path, notes)
     except (OSError, ValueError, TimeoutError) as exc:  # an absent folder in a bucket, no access, no answer
         raise ExportError(
-            f"{path} holds no readable Tune experiment ({_first_line(exc)}); allowed: an experiment folder such "
+            f"{path} holds no readable Tune experiment ({first_line(exc)}); allowed: an experiment folder such "
             f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
         ) from None
     rows, epoch_frames = [], []
@@ -352,10 +353,6 @@ def origin_columns(path: str, settings: dict) -> dict:
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _settings(path: str) -> dict:
     """The sweep's settings record, checked as --resume checks it; {} for a folder without one (other code)."""
     try:
@@ -366,7 +363,7 @@ def _settings(path: str) -> dict:
                 record["data"] = check_record(record["data"])
     except (OSError, ValueError, TypeError) as exc:
         raise ExportError(
-            f"{path}/{SETTINGS_FILE} is damaged: {_first_line(exc)} (move the file away to read the folder without it)"
+            f"{path}/{SETTINGS_FILE} is damaged: {first_line(exc)} (move the file away to read the folder without it)"
         ) from None
     return record or {}
 
@@ -382,7 +379,7 @@ def _trials_from_state(fs, base: str, names: list[str]) -> tuple[list[_Trial] | 
         entries = read_json(fs, base, name, STATE_LIMIT)["trial_data"]
         return _one_folder_each([_state_trial(name, parse_json(entry[0])) for entry in entries], name), ""
     except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:
-        why = _first_line(exc)
+        why = first_line(exc)
         return None, why if name in why else f"{name}: {type(exc).__name__}: {why}"
 
 
@@ -455,7 +452,7 @@ def _trials_on_disk(fs, base: str, entries: list[tuple[str, bool]]) -> list[_Tri
         except FileNotFoundError:
             continue
         except (OSError, ValueError) as exc:
-            problem = _first_line(exc)
+            problem = first_line(exc)
         match = _TRIAL_FOLDER.fullmatch(name)
         if match is None:
             problem = f"trial folder {name!r} is not named like Tune's ({TRIAL_PREFIX}<id>_<number>_...)"
@@ -476,11 +473,11 @@ def _read_trial(fs, base: str, trial: _Trial, exp_path: str) -> tuple[dict, list
         try:
             records = _read_results(fs, base, trial.folder)
         except RefusedFile as exc:
-            problem = _first_line(exc)
+            problem = first_line(exc)
         except OSError:  # gone, or no access
             lost = f"{trial.folder}/result.json is missing or unreadable: its epochs and accuracy are unknown"
         except ValueError as exc:
-            problem = _first_line(exc)
+            problem = first_line(exc)
     row = _trial_row(fs, base, trial, config, records, exp_path)
     if problem:
         return {**row, **dict.fromkeys(_RESULT_FIELDS), "status": DAMAGED, "error": problem}, []
@@ -547,7 +544,7 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
         except json.JSONDecodeError:
             continue  # half-written: a running trial's last line, or a killed attempt's before its restart's lines
         except (ValueError, RecursionError) as exc:  # an integer beyond 64 bits, nesting beyond Python's stack
-            raise ValueError(f"{name} line {number}: {_first_line(exc)}") from None
+            raise ValueError(f"{name} line {number}: {first_line(exc)}") from None
         if problem := line_problem(record):
             raise ValueError(f"{name} line {number}: {problem}")
         if record.get("epoch") is None:
@@ -656,7 +653,7 @@ def _best_checkpoint(fs, base: str, folder: str, records: list[dict], exp_path: 
     except FileNotFoundError:
         return None, f"best checkpoint {where} is missing"
     except OSError as exc:
-        return None, f"best checkpoint {where} is not used: {_first_line(exc)}"
+        return None, f"best checkpoint {where} is not used: {first_line(exc)}"
     where = experiment_uri(exp_path, where)
     return (without_credentials(where) if is_uri(where) else where), None  # the tables travel; credentials do not
 
@@ -668,7 +665,7 @@ def _error_line(fs, base: str, folder: str) -> str:
     except FileNotFoundError:
         return "error (no error.txt)"
     except OSError as exc:
-        return f"error ({_first_line(exc)})"
+        return f"error ({first_line(exc)})"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return printable(lines[-1])[:ERROR_LINE] if lines else "error"  # a table or a terminal shows it
 
@@ -1040,7 +1037,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
                 output.written.append(experiment_uri(out, f.name))
         except (OSError, ValueError, TimeoutError) as exc:
             raise ExportError(
-                f"cannot write into {out} ({_first_line(exc)}); allowed: a bucket path your "
+                f"cannot write into {out} ({first_line(exc)}); allowed: a bucket path your "
                 f"credentials can write, or a local folder (--out DIR)"
             ) from None
     finally:

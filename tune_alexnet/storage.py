@@ -417,6 +417,11 @@ def _size(n: int) -> str:
     return f"{n // 2**20} MB" if n and n % 2**20 == 0 else f"{n:,} bytes"
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's message, in one line of at most 200 characters (its type where it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def shown(value) -> str:
     """A value read back, as its JSON spelling, short enough for an error line."""
     if isinstance(value, dict | list):
