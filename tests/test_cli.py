@@ -373,3 +373,19 @@ def test_a_stop_signal_that_lands_inside_a_callback_or_a_c_extension_still_stops
     with pytest.raises(ValueError):  # an error with no signal behind it stays what it is
         with _stop_signals_interrupt():
             raise ValueError("x")
+
+
+def test_a_path_of_a_user_that_does_not_exist_is_taken_as_the_shell_leaves_it(tmp_path, monkeypatch, capsys):
+    """pathlib's expanduser raises on ~nosuchuser (a typo of a user's name, which the shell leaves as typed): a
+    traceback of RuntimeError from export, report and sweep alike."""
+    from tune_alexnet import api
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["export", "~nosuchuser9/x"], ["report", "~nosuchuser9/x"],
+                 ["sweep", "--data-dir", "~nosuchuser9/x", "--storage", str(tmp_path / "s")]):  # fmt: skip
+        err = (main(argv), capsys.readouterr().err)
+        assert err[0] == 2 and "~nosuchuser9/x" in err[1] and "Traceback" not in err[1], (argv, err)
+    from tune_alexnet.export import ExportError
+
+    with pytest.raises(ExportError, match="~nosuchuser9/x is not a folder"):  # as for any folder that is none
+        api.table("~nosuchuser9/x")

@@ -391,6 +391,44 @@ def test_an_image_holding_postscript_never_reaches_ghostscript(tmp_path, monkeyp
     assert not called.exists()
 
 
+def _tiled_tiff(tile: int) -> bytes:
+    """A 32x32 RGB TIFF of one deflated tile of `tile` x `tile` black pixels, as an attacker writes it by hand."""
+    import struct
+    import zlib
+
+    raw = zlib.compress(bytes(tile * tile * 3))
+    tags = [(256, 3, 32), (257, 3, 32), (258, 3, 0), (259, 3, 8), (262, 3, 2), (277, 3, 3), (284, 3, 1),
+            (322, 4, tile), (323, 4, tile), (324, 4, 0), (325, 4, len(raw))]  # fmt: skip
+    bits = 8 + 2 + len(tags) * 12 + 4  # where the three bits-per-sample values go, the tile after them
+    out = b"II*\x00" + struct.pack("<IH", 8, len(tags))
+    for tag, kind, value in tags:
+        value = {258: bits, 324: bits + 6}.get(tag, value)
+        count = 3 if tag == 258 else 1
+        out += struct.pack(
+            "<HHII" if kind == 4 or tag == 258 else "<HHIHH",
+            tag,
+            kind,
+            count,
+            value,
+            *([0] * (kind == 3 and tag != 258)),
+        )
+    return out + b"\x00" * 4 + struct.pack("<HHH", 8, 8, 8) + raw
+
+
+def test_a_tiff_declaring_a_huge_tile_is_refused_before_its_decoder_allocates_it(tmp_path):
+    """libtiff allocates the tile a file declares: a 32x32 image of one 16384x16384 tile took 780 MB from 765 KB."""
+    root = make_image_folder(tmp_path / "d", 1, 1)
+    (root / "train/cat/tiled.tif").write_bytes(_tiled_tiff(32))
+    assert len(load_cifar10(root, progress=False).train_x) == 11  # a tile of the image's size: an image like any
+    (root / "train/cat/tiled.tif").write_bytes(_tiled_tiff(8192))
+    with pytest.raises(DataError) as e:
+        load_cifar10(root, progress=False)
+    assert (
+        f"image {root}/train/cat/tiled.tif declares tiles of 8192x8192 pixels; allowed: tiles of at most"
+        in _one_line(e)
+    )
+
+
 @pytest.mark.parametrize("breaks, phrases", [case[1:] for case in BAD_FOLDERS], ids=[c[0] for c in BAD_FOLDERS])
 def test_bad_data_folder_is_refused_with_one_line(tmp_path, breaks, phrases):
     root = make_image_folder(tmp_path / "d", 1, 1)

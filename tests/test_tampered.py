@@ -503,19 +503,23 @@ def _edit_weights(edit):
     return tamper
 
 
-def _pickle(raw: bytes, name: str = "model.pt"):
-    """`name` with its pickle (the archive's data.pkl) replaced by `raw`, written by hand as an attacker would."""
+def _pickle(raw: bytes, name: str = "model.pt", hidden: bool = False):
+    """`name` with its pickle (the archive's data.pkl) replaced by `raw`, written by hand as an attacker would; or,
+    `hidden`, the real one moved to x/data.pkl and `raw` put where torch finds it under another case, Data.pkl."""
 
     def tamper(d: Path) -> None:
         import zipfile
 
         with zipfile.ZipFile(d / name) as old:
-            members = [
-                (i, b"\x80\x02" + raw if i.filename.endswith("/data.pkl") else old.read(i)) for i in old.infolist()
-            ]
+            members = [(i.filename, old.read(i)) for i in old.infolist()]
         with zipfile.ZipFile(d / name, "w") as new:
-            for info, data in members:
-                new.writestr(info, data)
+            for member, data in members:
+                if member.endswith("/data.pkl"):
+                    folder = member[: -len("data.pkl")]
+                    if hidden:
+                        new.writestr(f"{folder}x/data.pkl", data)
+                    member, data = f"{folder}{'Data.pkl' if hidden else 'data.pkl'}", b"\x80\x02" + raw
+                new.writestr(member, data)
 
     return tamper
 
@@ -599,6 +603,10 @@ LOAD_CASES = {
         _pickle(b"}K\x00" + b"\x85" * 300_000 + b"K\x01s."),
         "model.pt was refused: its pickle holds 300,009 bytes, more than 65,536; allowed: a model.pt as a sweep",
     ),
+    "model.pt calling bytearray(2**30) in a pickle named Data.pkl": (
+        _pickle(b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", hidden=True),
+        "model.pt was refused: it holds 2 pickles; a torch.save archive holds one",
+    ),
     "model.pt nesting a key 200 deep": (
         _pickle(b"}K\x00" + b"\x85" * 200 + b"K\x01s."),
         "model.pt was refused: its pickle nests objects more than 100 deep",
@@ -625,11 +633,24 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
 def test_a_resume_state_whose_pickle_torch_should_not_see_is_passed_over_unread(tmp_path, raw):
     """A trial read its resume states with torch's weights-only unpickler alone: 1 GB allocated, or a crash of the
     trial's process that no except caught, at every try."""
-    for name in ("trainer.pt", "model.pt"):
-        torch.save({"a": torch.zeros(1)}, tmp_path / name)
-    assert checkpoint.read_resume(tmp_path) is not None
-    _pickle(raw, "trainer.pt")(tmp_path)
-    assert checkpoint.read_resume(tmp_path) is None  # unreadable: train.py tries the one before, or starts afresh
+    for hidden in (False, True):  # (under another case of its name, torch's reader finds it all the same)
+        for name in ("trainer.pt", "model.pt"):
+            torch.save({"a": torch.zeros(1)}, tmp_path / name)
+        assert checkpoint.read_resume(tmp_path) is not None
+        _pickle(raw, "trainer.pt", hidden)(tmp_path)
+        assert checkpoint.read_resume(tmp_path) is None  # unreadable: train.py tries the one before, or starts afresh
+
+
+def test_an_archive_of_two_members_named_alike_but_for_case_is_refused():
+    """torch finds data.pkl whatever its case: of model/data.pkl and model/DATA.PKL, which one it reads is its own."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("model/data.pkl", b"\x80\x02}.")
+        archive.writestr("model/DATA.PKL", b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.")
+    with zipfile.ZipFile(buf) as archive:
+        assert checkpoint.archive_problem(archive) == "it holds two files of one name but for the case of its letters"
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.json"])

@@ -52,6 +52,7 @@ WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip 
 # no except catches), and calls of builtins such as bytearray(2**40), gigabytes from a few bytes.
 PICKLE_LIMIT = 2**16  # bytes
 NESTING_LIMIT = 100  # containers inside containers (a resume state's: under 10)
+OBJECTS_LIMIT = 20_000  # objects it makes (a sweep's: a few thousand); each level of nesting is one, however made
 PICKLE_MODULES = ("torch", "collections")  # whose names a sweep's pickles call: tensors' rebuilders, OrderedDict
 
 
@@ -80,7 +81,7 @@ def local_copy(checkpoint):
         return
     checkpoint = os.fspath(checkpoint)
     if "://" not in checkpoint:
-        yield Path(checkpoint).expanduser()
+        yield Path(os.path.expanduser(checkpoint))
         return
     fs, path = reach(checkpoint)
     tmp = tempfile.mkdtemp(prefix="tune-alexnet-ckpt-")
@@ -283,7 +284,10 @@ def _check_archive(f, limit: int, where: str) -> None:
 
 def archive_problem(archive) -> str | None:
     """What in a torch.save archive's pickle torch's unpickler must not see; None where nothing."""
-    pickles = [i for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+    names = [i.filename.lower() for i in archive.infolist()]
+    if len(set(names)) != len(names):  # torch finds its members by name whatever the case: which one, it says not
+        return "it holds two files of one name but for the case of its letters"
+    pickles = [i for i in archive.infolist() if i.filename.lower().endswith("data.pkl")]
     if len(pickles) != 1:
         return f"it holds {len(pickles)} pickles; a torch.save archive holds one"
     if pickles[0].file_size > PICKLE_LIMIT:
@@ -292,13 +296,16 @@ def archive_problem(archive) -> str | None:
 
 
 def pickle_problem(raw: bytes) -> str | None:
-    """Read op by op, none of it run: a call of a name outside PICKLE_MODULES, or nesting past NESTING_LIMIT; None
-    where neither. (Each item on the pickle's stack is tracked as its depth, and its text where it is one.)"""
+    """Read op by op, none of it run: a call of a name outside PICKLE_MODULES, more objects than OBJECTS_LIMIT, or
+    nesting past NESTING_LIMIT; None where none. (Each item on the pickle's stack is tracked as its depth, and its
+    text where it is one: a depth is a floor, as a container filled after it is remembered keeps its old one; the
+    count of objects bounds it.)"""
     import pickletools
 
     mark = object()
     stack: list = []
     memo: dict = {}
+    made = 0
     fills = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # change the container below
     try:
         for op, arg, _ in pickletools.genops(raw):
@@ -336,6 +343,9 @@ def pickle_problem(raw: bytes) -> str | None:
                     depth = 1 + max(depths, default=0)
                 if depth > NESTING_LIMIT:
                     return f"its pickle nests objects more than {NESTING_LIMIT} deep"
+                made += name not in fills and len(op.stack_after)
+                if made > OBJECTS_LIMIT:
+                    return f"its pickle makes more than {OBJECTS_LIMIT:,} objects"
                 stack += [(depth, arg if isinstance(arg, str) else None)] * len(op.stack_after)
     except (ValueError, IndexError, KeyError):  # pickletools' ValueError for garbage; a stack or memo it lacks
         return "its pickle is not what torch.save writes"

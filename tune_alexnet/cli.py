@@ -453,7 +453,9 @@ def _settings(args: argparse.Namespace):
     if args.cpus_per_trial == 0 and not args.gpus_per_trial:
         raise CliError("--cpus-per-trial 0 needs --gpus-per-trial above 0; allowed: a trial asks for some CPU or GPU")
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
-    data_dir = None if args.data_dir is None else str(Path(args.data_dir).expanduser().resolve())
+    data_dir = (
+        None if args.data_dir is None else str(Path(os.path.expanduser(args.data_dir)).resolve())
+    )  # ~nobody: as the shell leaves it
     runtime = {"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "step": args.step,
                "augment_chunk": args.augment_chunk, "resume_every_s": args.resume_every,
                "best_every_s": args.best_every}  # fmt: skip

@@ -40,6 +40,8 @@ IMAGE_SIZE = 32
 IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PPM", ".bmp": "BMP", ".pgm": "PPM",
                  ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}  # fmt: skip
 IMG_EXTENSIONS = tuple(IMAGE_FORMATS)
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323  # TIFF's tags: its decoder allocates a whole tile, 32x32 image or not
+TILE_LIMIT = 1024  # pixels a side: writers tile by 256 at most, and a 1024x1024 tile is a few MB
 CACHE_VERSION = 1
 FINGERPRINT_VERSION = 1  # change it (and say so in the release notes) whenever `fingerprint` changes
 SPLITS = ("train", "test")
@@ -501,6 +503,12 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
                         raise DataError(
                             f"image {_show(path)} is {im.size[0]}x{im.size[1]}; "
                             f"allowed: {IMAGE_SIZE}x{IMAGE_SIZE} pixels"
+                        )
+                    tile = [getattr(im, "tag_v2", {}).get(tag) or 0 for tag in (TIFF_TILE_WIDTH, TIFF_TILE_LENGTH)]
+                    if max(tile) > TILE_LIMIT:  # libtiff allocates the tile it declares, whatever the image's size
+                        raise DataError(
+                            f"image {_show(path)} declares tiles of {tile[0]}x{tile[1]} pixels; allowed: tiles of at "
+                            f"most {TILE_LIMIT}x{TILE_LIMIT} (a 32x32 image needs one of 32x32)"
                         )
                     if im.mode not in PIL_MODES:
                         raise DataError(

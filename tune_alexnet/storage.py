@@ -42,6 +42,9 @@ def is_remote(path: str) -> bool:
 REACH_TIMEOUT_S = 15.0  # a bucket that has not answered by then is taken as unreachable
 
 
+stalled: list[str] = []  # calls within() gave up on, still running: the process's exit would wait for them
+
+
 def within(seconds: float, fn):
     """fn() in a daemon thread; TimeoutError if it has not returned by then. A bucket client may retry its
     credential lookup for minutes (gs:// without credentials does), which would otherwise hold the command: every
@@ -58,6 +61,7 @@ def within(seconds: float, fn):
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
+        stalled.append(worker.name)
         raise TimeoutError(f"no answer within {seconds:g} s")
     if "error" in result:
         raise result["error"]
@@ -84,7 +88,7 @@ def reach(uri: str):
 
 def storage_uri(storage: str) -> str:
     """An absolute local path (Ray rejects relative ones) or the URI as given."""
-    return storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
+    return storage if is_remote(storage) else str(Path(os.path.expanduser(storage)).resolve())  # ~nobody: as given
 
 
 def experiment_uri(root: str, name: str) -> str:
