@@ -466,6 +466,19 @@ def test_an_out_or_storage_1100_folders_deep_is_made_without_running_past_python
     subprocess.run(["rm", "-rf", str(tmp_path / "y")], check=True)  # pytest's own removal recurses once a folder
 
 
+def test_a_matplotlibrc_in_the_working_folder_does_not_restyle_the_report(mixed_experiment, tmp_path):
+    """matplotlib reads ./matplotlibrc at its import: another user's working folder turned every figure green."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "matplotlibrc").write_text("savefig.facecolor: 00ff00\nfigure.facecolor: 00ff00\n")
+    done = subprocess.run([sys.executable, "-m", "tune_alexnet", "report", mixed_experiment[0], "--out", "out"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    corner = np.asarray(Image.open(tmp_path / "out" / "heatmaps.png").convert("RGB"))[2, 2]
+    assert tuple(corner) == (255, 255, 255), corner  # matplotlib's own white
+
+
 def test_folders_named_like_secrets_stay_apart(mixed_experiment, tmp_path, capsys):
     """Local paths are never redacted: /a/monkey=1 and /a/monkey=2 both read monkey=*** once, and the second
     experiment's tables then replaced the first's in a shared --out."""
@@ -681,6 +694,21 @@ def test_a_wandb_run_that_cannot_be_written_neither_blocks_a_resume_nor_breaks_i
     assert (logs / "debug-core.log").is_symlink()  # left where it could not be removed: nothing follows it
 
 
+def test_wandb_links_are_removed_from_a_tree_deeper_than_pythons_stack(tmp_path):
+    """os.walk recursed once a level: a trial's wandb folder 1,200 deep was a RecursionError's traceback on
+    --resume, after Ray had started."""
+    from tune_alexnet.storage import make_folders
+    from tune_alexnet.tracking import remove_wandb_links
+
+    trial = tmp_path / "train_cifar_1_00000_0"
+    deep = trial.joinpath("wandb", *["d"] * 1200)
+    make_folders(deep)  # (pathlib's mkdir recurses too)
+    (deep / "debug-core.log").symlink_to("/dev/null")
+    remove_wandb_links([str(trial)])
+    assert not os.path.lexists(deep / "debug-core.log")
+    subprocess.run(["rm", "-rf", str(trial)], check=True)  # pytest's own removal recurses once a folder
+
+
 def test_a_teammates_tables_and_wandb_sync_do_not_block_a_resume(damaged, capsys):
     """A group member's export, report or 'wandb sync' leaves files of theirs in the experiment: the sweep replaces
     its tables whole and never touches old W&B runs, so only what a resume reads or appends to must be the user's."""
@@ -764,6 +792,15 @@ def _outside(copy: Path) -> str:
     return f"{state}: trial {trial['trial_id']!r} names the folder '../../outside', outside the experiment"
 
 
+def _a_trial_twice(copy: Path) -> str:
+    """A trial's entry twice in the newest state: both ran in one folder, and Tune waited on one for ever."""
+    state = sorted(copy.glob("experiment_state-*.json"))[-1]
+    data = json.loads(state.read_text())
+    data["trial_data"].append(data["trial_data"][0])
+    state.write_text(json.dumps(data))
+    return f"{state}: two trials name the trial id {json.loads(data['trial_data'][0][0])['trial_id']!r}"
+
+
 def _no_trials(copy: Path) -> str:
     state = sorted(copy.glob("experiment_state-*.json"))[-1]
     state.write_text(json.dumps({**json.loads(state.read_text()), "trial_data": []}))
@@ -788,6 +825,7 @@ WRONG_STATES = {
                                         "its search"),
     "no trials": _no_trials,
     "a trial folder outside": _outside,
+    "a trial twice": _a_trial_twice,
 }  # fmt: skip
 
 

@@ -183,6 +183,8 @@ def test_gpu_shares_are_asked_for_gpus_the_autoscaler_can_start(autoscaling_clus
     gcs, env = autoscaling_cluster
     out = sweep(gcs, env, synthetic_dir, tmp_path, "cpu-on-purpose", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
+    # started with RAY_AUTH_MODE=disabled: joined with a warning, not silently
+    assert f":{gcs.rsplit(':', 1)[1]} answers without a token: anyone who can reach its port" in out.stderr
     epochs = pd.read_parquet(tmp_path / "cpu-on-purpose" / "epochs.parquet")
     assert set(epochs["gpus_granted"]) == {0.25}  # no --gpus-per-trial, no GPU up at the start: still a share
     assert set(epochs["device"]) == {"cpu"}  # asked for

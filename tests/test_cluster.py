@@ -181,6 +181,7 @@ def test_sweep_spreads_over_two_nodes_with_shared_storage(cluster, synthetic_dir
     port = cluster.gcs.rsplit(":", 1)[1]  # the head's own address for it may be another interface's
     assert re.search(rf"^tune-alexnet: joined the Ray cluster at \S+:{port} \(--address {cluster.gcs}\)$", out.stderr,
                      re.M), out.stderr[-3000:]  # fmt: skip
+    assert "answers without a token" not in out.stderr  # this cluster asks for its token
     table = pd.read_parquet(storage / "two" / "results.parquet")
     assert len(table) == 4 and set(table["status"]) == {"terminated"}
     assert table["node_id"].nunique() == 2  # 2 CPUs a node, 1 a trial: four at once need both nodes

@@ -455,6 +455,25 @@ def test_a_token_others_could_write_or_replace_is_refused(mode, folder_mode, gro
     assert (problem is None) if needle is None else needle.format(folder=folder) in problem, problem
 
 
+def test_a_token_below_a_folder_another_user_owns_is_refused(open_dir, monkeypatch):
+    """HOME inside a sticky folder that another user owns: the sticky bit does not bind that folder's owner, who
+    renamed HOME away between the checks and Ray's start and put one of theirs, with a token they know, there."""
+    from tune_alexnet import cluster
+
+    theirs = open_dir / "theirs"
+    (theirs / "home" / ".ray").mkdir(parents=True)
+    (theirs / "home" / ".ray" / "auth_token").write_text("x" * 32)
+    (theirs / "home" / ".ray" / "auth_token").chmod(0o600)
+    (theirs / "home" / ".ray").chmod(0o700)
+    theirs.chmod(0o1777)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setenv("HOME", str(theirs / "home"))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    problem = cluster.token_problem()
+    assert f"lies in {theirs}, which belongs to another user (uid 65534)" in (problem or ""), problem
+
+
 @pytest.mark.parametrize("hop", [False, True], ids=["linked into it", "linked through a link in it"])
 def test_a_token_folder_linked_into_a_folder_others_can_write_is_refused(open_dir, monkeypatch, hop):
     """~/.ray a link to a folder of this user's inside one that anyone may write: another user renames it away

@@ -130,6 +130,23 @@ def test_a_tampered_state_is_passed_over_for_the_previous_one_with_one_line(runs
     assert len(lines) == 1 and "does not fit this trial" in lines[0] and "ckpt_2" in lines[0], lines
 
 
+@pytest.mark.parametrize("counters", [[1], 5, "x", torch.zeros(3), {"epoch": torch.zeros(3)}],
+                         ids=["a list", "a number", "a string", "a tensor", "a tensor epoch"])  # fmt: skip
+def test_an_odd_stray_stop_state_is_passed_over_for_the_state_tune_recorded(runs, tmp_path, counters):
+    """A stop's state that Tune never recorded is looked at before the full checks: counters of another type
+    failed the trial at every try, with a traceback, and the states before it were never tried."""
+    data, _, folder = runs
+    copy = shutil.copytree(folder, tmp_path / "ckpts")
+    stray = shutil.copytree(copy / "ckpt_2", copy / "ckpt_3")
+    state = torch.load(stray / TRAINER_FILE, weights_only=True)
+    state.update(counters=counters, position={"epoch": 3, "steps": 1})
+    torch.save(state, stray / TRAINER_FILE)
+    metrics: list = []
+    train_cifar(CONFIG, data, record(metrics), checkpoint_from=[(stray,), copy / "ckpt_2", copy / "ckpt_1"],
+                runtime=EVERY_EPOCH)  # fmt: skip
+    same_epochs(metrics, runs[1][2:])  # from epoch 2's state, which Tune recorded
+
+
 def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
         metrics = resumed_from(runs, tmp_path, TAMPERED["lr 1e30"], older_too=True)

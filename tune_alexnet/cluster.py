@@ -315,13 +315,10 @@ def _token_folder_problem(path: Path) -> str | None:
 
 def _folder_problem(folder: Path, token: Path) -> str | None:
     """Why another user could put a token of theirs in place of the one at `token` before Ray reads it: its folder
-    is theirs, or it or a folder above it is writable by them without the sticky bit (which lets only an entry's
+    or one on the way to it is theirs, or it or a folder above it is writable by them without the sticky bit (which lets only an entry's
     owner remove or rename it)."""
-    real = Path(os.path.realpath(folder))
-    for step in (folder, real):
-        with contextlib.suppress(OSError):  # one that cannot be looked at: Ray would fail on it, not be fooled
-            if (uid := os.stat(step).st_uid) not in (os.getuid(), 0):
-                return f"Ray's token {token} lies in {step}, which belongs to another user (uid {uid})"
+    if owner := owned_by_another(folder):  # it, a folder on the way to it, or a link there: they may swap it
+        return f"Ray's token {token} lies in {owner[0]}, which belongs to another user (uid {owner[1]})"
     unstuck = open_without_sticky(folder)
     if unstuck:
         return (

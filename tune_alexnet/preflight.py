@@ -1162,6 +1162,13 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     else:  # 'auto' takes whichever Ray it finds on this machine: say which one
         gcs = context.address_info.get("gcs_address") or address
         settings.say(f"tune-alexnet: joined the Ray cluster at {gcs} ({given_as} {address})")
+        host, _, port = gcs.rpartition(":")
+        tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+        if not tls and port.isdigit() and _cluster_id_asked(host.strip("[]"), int(port), 5.0) is None:
+            settings.say(
+                f"tune-alexnet: warning: the Ray cluster at {gcs} answers without a token: anyone who can reach its "
+                "port can run code as the user who started it; start it with RAY_AUTH_MODE=token (docs/edges.md)"
+            )
     return True, f"http://{context.dashboard_url}" if context.dashboard_url else None
 
 
@@ -1224,6 +1231,18 @@ def _gcs_answer(host: str, port: int, timeout: float) -> str | None:
     """A gRPC server is a GCS if it answers the GCS's first question (the cluster's id), or refuses it for want of
     a token: another one, or one answering UNAVAILABLE, had ray.init retry for minutes. None where it is one."""
     import grpc
+
+    code = _cluster_id_asked(host, port, timeout)
+    if code in (None, grpc.StatusCode.UNAUTHENTICATED):  # answered, or asked for the token: a GCS
+        return None
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return "it speaks gRPC but is no Ray GCS"
+    return f"it speaks gRPC but did not answer as a Ray GCS does ({code.name})"
+
+
+def _cluster_id_asked(host: str, port: int, timeout: float):
+    """The gRPC status of the GCS's first question (the cluster's id) asked without a token; None where answered."""
+    import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -1232,12 +1251,7 @@ def _gcs_answer(host: str, port: int, timeout: float) -> str | None:
             stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAUTHENTICATED:  # a GCS that asks for the token
-                return None
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                return "it speaks gRPC but is no Ray GCS"
-            return f"it speaks gRPC but did not answer as a Ray GCS does ({code.name if code else exc})"
+            return exc.code() or grpc.StatusCode.UNKNOWN
     return None
 
 

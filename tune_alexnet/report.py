@@ -6,6 +6,7 @@ so it reads finished, half-finished and failed experiments alike.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -145,6 +146,19 @@ def _plt():
     return plt
 
 
+def _default_style(draw):
+    """Figures drawn on matplotlib's own defaults, alike wherever they are drawn: at its import matplotlib takes
+    ./matplotlibrc, which whoever owns the working folder may have written (green figures, text of size 1)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with _plt().style.context("default"):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+@_default_style
 def heatmaps(table: pd.DataFrame) -> bytes:
     plt = _plt()
     part = scored(table)
@@ -182,6 +196,7 @@ def heatmaps(table: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+@_default_style
 def effects_figure(eff: pd.DataFrame) -> bytes:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -199,6 +214,7 @@ def effects_figure(eff: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
+@_default_style
 def curves_figure(exp: Experiment) -> bytes:
     plt = _plt()
     table, epochs = exp.table, exp.epochs
@@ -222,6 +238,7 @@ def curves_figure(exp: Experiment) -> bytes:
     return _png(fig)
 
 
+@_default_style
 def comparison_figure(comp: pd.DataFrame) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))

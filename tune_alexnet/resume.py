@@ -675,14 +675,20 @@ def tune_state_problem(exp_dir: str) -> str | None:
     reported = sum(1 for p in Path(exp_dir).glob("*/result.json") if p.is_file() and p.stat().st_size)
     if not entries and reported:
         return f"{path} names no trials, yet {reported} trial folder(s) hold results"
+    seen: set = set()
     for number, pair in enumerate(entries, 1):
         try:
             trial = json.loads(pair[0])
             folder = _unpickled(trial["storage"]).trial_dir_name
+            names = {("id", trial["trial_id"]), ("folder", folder)}
         except Exception as exc:  # noqa: BLE001 - anything but Tune's [trial, metadata] JSON pair
             return f"{path}: trial {number}'s entry cannot be read ({type(exc).__name__})"
         if not plain_name(folder):
             return f"{path}: trial {trial.get('trial_id')!r} names the folder {folder!r}, outside the experiment"
+        if twice := seen & names:  # two trials in one folder, or of one id: Tune waits on one of them for ever
+            kind, name = max(twice)  # its id first: the folder follows from it
+            return f"{path}: two trials name the {'trial id' if kind == 'id' else 'folder'} {name!r}"
+        seen |= names
     return None
 
 

@@ -129,11 +129,18 @@ def remove_wandb_links(trial_paths) -> None:
         folder = os.path.join(path, "wandb")
         if is_remote(path) or not os.path.isdir(folder) or os.path.islink(folder):
             continue
-        for where, dirs, files in os.walk(folder):
-            for name in dirs + files:
-                if os.path.islink(os.path.join(where, name)):
+        folders = [folder]  # folder by folder, not os.walk, which recurses once a level (a tree 1,000 deep)
+        while folders:
+            try:
+                entries = list(os.scandir(folders.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_symlink():
                     with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(where, name))
+                        os.unlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
 
 
 @functools.cache

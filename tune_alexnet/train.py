@@ -519,8 +519,9 @@ def _resume_candidates(candidates, cfg: dict):
                 log.info("resume state %s holds no place inside an epoch and Tune never recorded it; trying the "
                          "one it recorded", d / checkpoint.TRAINER_FILE)  # fmt: skip
                 continue
-            done = (resumed[0].get("counters") or {}).get("epoch") if stop_only else None
-            if stop_only and nothing_recorded and done != 0:  # the records Tune starts afresh would lack them
+            counters = resumed[0].get("counters") if stop_only else None  # (data: checked whole further on)
+            done = counters.get("epoch") if isinstance(counters, dict) else None
+            if stop_only and nothing_recorded and not (type(done) is int and done == 0):  # Tune's new records lack them
                 log.info("resume state %s follows %s epochs that Tune never recorded; the trial starts afresh",
                          d / checkpoint.TRAINER_FILE, shown(done))  # fmt: skip
                 continue
