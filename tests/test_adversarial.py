@@ -158,6 +158,46 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
+def test_a_join_that_a_fake_gcs_holds_ends_in_one_line_on_a_stop_signal(synthetic_dir, tmp_path):
+    """A server that answers the GCS's first question, then holds every other call: ray.init waited inside Ray's
+    C++ code for ever, and Ctrl-C, SIGTERM and SIGINT again were never heard."""
+    from concurrent import futures
+
+    from ray.core.generated import gcs_service_pb2
+
+    class Holding(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method.endswith("/GetClusterId"):
+                reply = gcs_service_pb2.GetClusterIdReply(cluster_id=os.urandom(28)).SerializeToString()
+                return grpc.unary_unary_rpc_method_handler(lambda request, context: reply)
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: time.sleep(600))
+
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers((Holding(),))
+    port = server.add_insecure_port("0.0.0.0:0")  # (a loopback address is joined as the node's own IP)
+    server.start()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = ["sweep", "--data-dir", str(synthetic_dir), *TINY, "--storage", str(tmp_path / "s"), "--address",
+            f"127.0.0.1:{port}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", *argv], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        said = ""
+        while "decoding test images: 100%" not in said:  # then the join
+            line = proc.stderr.readline()
+            assert line, said
+            said += line
+        time.sleep(5)
+        assert proc.poll() is None, said  # held
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        server.stop(0)
+    assert proc.returncode == 1 and "Traceback" not in rest, rest[-3000:]
+    assert f"--address 127.0.0.1:{port}: the cluster there did not let this process join (stopped)" in rest
+
+
 @pytest.mark.parametrize("there", ["nothing", "a stranger", "no address file"])
 def test_auto_joins_no_address_that_ray_found_unless_a_ray_node_of_yours_runs_it(synthetic_dir, tmp_path, there):
     """`auto` takes the address file of the last `ray start`, which outlives its cluster: Ray tried that address for

@@ -335,7 +335,11 @@ class RayLines(logging.Filter):
             return False  # one Tune meant to delete, gone already (its trial's folder deleted): nothing is lost
         if message.startswith("Caught exception when deleting path") and isinstance(error, OSError):
             return False  # a checkpoint that cannot be deleted (made immutable): the disk guard's line names it
-        return record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
+        shown = record.levelno >= (logging.ERROR if self.quiet else logging.WARNING)
+        if shown and record.exc_info and record.exc_info[1] is not None:  # one line here, the traceback in driver.log
+            self.keep_traceback(record.exc_info[1])
+            record.exc_info, record.exc_text = None, None
+        return shown
 
     def keep_traceback(self, exc: BaseException) -> None:
         """`exc`'s traceback into driver.log alone: the console says it in one line."""

@@ -1133,7 +1133,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     options: dict = {}
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
-        own_session = cluster.own_session() if address == "local" else contextlib.nullcontext()
+        own_session = cluster.own_session() if address == "local" else _join_bounded(address, given_as)
         with _stop_signals_deferred() as stopped, own_session:
             try:
                 context = ray.init(address=found, logging_level=logging.WARNING, **options)  # as checked: no 2nd lookup
@@ -1173,6 +1173,50 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
 
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+JOIN_LIMIT_S = 90.0  # a join takes seconds; Ray's own gives up on a GCS gone silent after 60 s
+STOP_GRACE_S = 10.0  # after a stop signal, how long a join may still take to finish (and then stop cleanly)
+
+
+@contextlib.contextmanager
+def _join_bounded(address: str, given_as: str, limit: float = JOIN_LIMIT_S):
+    """ray.init joining a cluster waits inside Ray's C++ code, where no Python signal handler runs: a server that
+    answered as a GCS and then went silent held the command for ever, Ctrl-C and SIGTERM unheard. A watching
+    thread, which learns of signals through the wakeup descriptor, ends the process in one line when a stop
+    signal has not ended the join within STOP_GRACE_S, or when the join takes longer than `limit`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    joined = threading.Event()
+
+    def watch() -> None:
+        end, stop_by = time.monotonic() + limit, None
+        while not joined.wait(0.2):
+            with contextlib.suppress(OSError):
+                os.set_blocking(read, False)
+                if os.read(read, 64) and stop_by is None:
+                    stop_by = time.monotonic() + STOP_GRACE_S
+            now = time.monotonic()
+            if (stop_by is not None and now > stop_by) or now > end:
+                why = "stopped" if stop_by is not None else f"no answer in {limit:g} s"
+                settings.say(f"tune-alexnet: {given_as} {address}: the cluster there did not let this process join "
+                             f"({why}); nothing was run")  # fmt: skip
+                os._exit(1)
+
+    watcher = threading.Thread(target=watch, daemon=True, name="tune-alexnet-join-watch")
+    watcher.start()
+    try:
+        yield
+    finally:
+        joined.set()
+        watcher.join()
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
 
 
 def _as_ray_joins(address: str) -> str:
