@@ -347,7 +347,7 @@ def pickle_problem(raw: bytes) -> str | None:
                 if made > OBJECTS_LIMIT:
                     return f"its pickle makes more than {OBJECTS_LIMIT:,} objects"
                 stack += [(depth, arg if isinstance(arg, str) else None)] * len(op.stack_after)
-    except (ValueError, IndexError, KeyError):  # pickletools' ValueError for garbage; a stack or memo it lacks
+    except (ValueError, IndexError, KeyError, TypeError):  # pickletools' ValueError for garbage; what it lacks
         return "its pickle is not what torch.save writes"
     return None
 
