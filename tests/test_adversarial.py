@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import pandas as pd
 import pytest
 from conftest import NO_OVERRIDE, moto_bucket
@@ -95,27 +94,48 @@ def test_a_name_taken_by_a_file_is_refused(synthetic_dir, tmp_path, capsys):
     assert f"{tmp_path / 'taken'} is a file" in err
 
 
-def grpc_server_answering(code) -> int:
-    """The port of a gRPC server, alive for the test process, that answers every call with `code`."""
-    from concurrent import futures
+FAKE_GCS = """
+import os, sys, time
+from concurrent import futures
+import grpc
+mode = sys.argv[1]
+class Handler(grpc.GenericRpcHandler):
+    def service(self, details):
+        if mode != "hold":  # every call answered with this status
+            return grpc.unary_unary_rpc_method_handler(lambda r, c: c.abort(getattr(grpc.StatusCode, mode), "no"))
+        if details.method.endswith("/GetClusterId"):  # the GCS's first question answered, every other one held
+            from ray.core.generated import gcs_service_pb2
+            reply = gcs_service_pb2.GetClusterIdReply(cluster_id=os.urandom(28)).SerializeToString()
+            return grpc.unary_unary_rpc_method_handler(lambda r, c: reply)
+        print("held", flush=True)
+        return grpc.unary_unary_rpc_method_handler(lambda r, c: time.sleep(600))
+server = grpc.server(futures.ThreadPoolExecutor(8))
+server.add_generic_rpc_handlers((Handler(),))
+print(server.add_insecure_port("0.0.0.0:0"), flush=True)  # (a loopback address is joined as the node's own IP)
+server.start()
+server.wait_for_termination()
+"""
 
-    class Abort(grpc.GenericRpcHandler):
-        def service(self, details):
-            return grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(code, "no"))
 
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    server.add_generic_rpc_handlers((Abort(),))
-    port = server.add_insecure_port("0.0.0.0:0")
-    server.start()
-    _servers.append(server)
-    return port
+@pytest.fixture
+def fake_gcs():
+    """Start a gRPC server in a process of its own (grpc in pytest's process upset later tests' forks): `mode` a
+    status it answers every call with, or "hold". Yields a function of the mode giving (port, its stdout)."""
+    started = []
 
+    def start(mode: str):
+        proc = subprocess.Popen([sys.executable, "-c", FAKE_GCS, mode], stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        return int(proc.stdout.readline()), proc.stdout
 
-_servers: list = []
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.slow
-def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
+def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path, fake_gcs):
     """A cluster and buckets that do not answer, each refused in one line within seconds (all at once: each
     mostly waits)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -125,7 +145,7 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
     # them for minutes, with Ctrl-C held back.
     silent, closing = socket.create_server(("0.0.0.0", 0)), socket.create_server(("0.0.0.0", 0))  # (see below)
     threading.Thread(target=lambda: [closing.accept()[0].close() for _ in iter(int, 1)], daemon=True).start()
-    unavailable = grpc_server_answering(grpc.StatusCode.UNAVAILABLE)  # gRPC, yet no GCS: Ray retried for minutes
+    unavailable = fake_gcs("UNAVAILABLE")[0]  # gRPC, yet no GCS: Ray retried for minutes
     sweep = ["sweep", "--data-dir", str(synthetic_dir), *TINY]
     gs = "gs://tune-alexnet-test-bucket/x"
     cases = [
@@ -159,41 +179,22 @@ def test_unreachable_places_fail_within_seconds(synthetic_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_join_that_a_fake_gcs_holds_ends_in_one_line_on_a_stop_signal(synthetic_dir, tmp_path):
+def test_a_join_that_a_fake_gcs_holds_ends_in_one_line_on_a_stop_signal(synthetic_dir, tmp_path, fake_gcs):
     """A server that answers the GCS's first question, then holds every other call: ray.init waited inside Ray's
     C++ code for ever, and Ctrl-C, SIGTERM and SIGINT again were never heard."""
-    from concurrent import futures
-
-    from ray.core.generated import gcs_service_pb2
-
-    class Holding(grpc.GenericRpcHandler):
-        def service(self, details):
-            if details.method.endswith("/GetClusterId"):
-                reply = gcs_service_pb2.GetClusterIdReply(cluster_id=os.urandom(28)).SerializeToString()
-                return grpc.unary_unary_rpc_method_handler(lambda request, context: reply)
-            return grpc.unary_unary_rpc_method_handler(lambda request, context: time.sleep(600))
-
-    server = grpc.server(futures.ThreadPoolExecutor(8))
-    server.add_generic_rpc_handlers((Holding(),))
-    port = server.add_insecure_port("0.0.0.0:0")  # (a loopback address is joined as the node's own IP)
-    server.start()
+    port, calls = fake_gcs("hold")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     argv = ["sweep", "--data-dir", str(synthetic_dir), *TINY, "--storage", str(tmp_path / "s"), "--address",
             f"127.0.0.1:{port}"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", *argv], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        said = ""
-        while "decoding test images: 100%" not in said:  # then the join
-            line = proc.stderr.readline()
-            assert line, said
-            said += line
-        time.sleep(5)
-        assert proc.poll() is None, said  # held
+        assert calls.readline().strip() == "held"  # Ray's join began, and waits
+        time.sleep(3)
+        assert proc.poll() is None  # held
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
-        server.stop(0)
     assert proc.returncode == 1 and "Traceback" not in rest, rest[-3000:]
     assert f"--address 127.0.0.1:{port}: the cluster there did not let this process join (stopped)" in rest
 
