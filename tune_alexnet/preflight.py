@@ -1189,6 +1189,7 @@ def _join_bounded(address: str, given_as: str, limit: float = JOIN_LIMIT_S):
         yield
         return
     read, write = os.pipe()
+    os.set_blocking(read, False)
     os.set_blocking(write, False)
     previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     joined = threading.Event()
@@ -1196,8 +1197,7 @@ def _join_bounded(address: str, given_as: str, limit: float = JOIN_LIMIT_S):
     def watch() -> None:
         end, stop_by = time.monotonic() + limit, None
         while not joined.wait(0.2):
-            with contextlib.suppress(OSError):
-                os.set_blocking(read, False)
+            with contextlib.suppress(OSError):  # BlockingIOError: no signal since the last look
                 if os.read(read, 64) and stop_by is None:
                     stop_by = time.monotonic() + STOP_GRACE_S
             now = time.monotonic()

@@ -111,7 +111,7 @@ def missing_folders(path: str) -> list[str]:
 def make_folders(path) -> None:
     """os.makedirs(path, exist_ok=True), folder by folder from the first missing one: os.makedirs and pathlib
     recurse once a folder, and a path of 1,000 short names (within PATH_MAX) ran past Python's stack."""
-    path = os.fspath(path)  # as given, not made normal: through a link, a/link/.. is not a
+    path = os.fspath(path)  # as given, not made normal: the kernel takes a/link/.. through the link, not as a
     for folder in reversed(missing_folders(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))):
         try:
             os.mkdir(folder)
