@@ -61,6 +61,15 @@ def reported_epochs(exp_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def worker_titles(proc: subprocess.Popen) -> str:
+    """The titles Ray gives its worker processes under the sweep's driver: what each runs now."""
+    titles = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            titles.append(" ".join(child.cmdline()))
+    return "\n".join(titles)
+
+
 def sweep_args(data_dir, storage, name, epochs, extra=()):
     return [
         "--data-dir",
@@ -379,8 +388,9 @@ def test_a_stop_in_a_trials_first_epoch_is_where_resume_goes_on(tmp_path):
     args[args.index("--width") + 1] = "0.5"  # an epoch of seconds: the stop comes inside the first
     log = tmp_path / "sweep.log"
     proc = start_sweep(args, log)
-    wait_for(lambda: list(exp_dir.glob("train_cifar_*/params.json")), proc, "the trial to start")
-    os.killpg(proc.pid, signal.SIGINT)  # it saves at its next training step: its first, or one inside epoch 1
+    # Tune's files of a trial reach the experiment folder late (at a sync): its worker's title says it trains
+    wait_for(lambda: "ray::ImplicitFunc.train" in worker_titles(proc), proc, "the trial to train")
+    os.killpg(proc.pid, signal.SIGINT)  # it saves at its next training step, one inside epoch 1
     assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
     assert "1 of 1 running trial(s) saved their state" in log.read_text(), log.read_text()[-3000:]
     ((folder, before),) = reported_epochs(exp_dir).items()
