@@ -1847,6 +1847,101 @@ def test_a_bucket_secret_in_the_experiments_uri_stays_out_of_the_tables_and_the_
     assert not [f.name for f in out.rglob("*") if f.is_file() and b"SeCrEt42" in f.read_bytes()]
 
 
+HOLDING_PROXY = r"""
+import http.client, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+upstream, method, suffix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+
+class Proxy(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == method and self.path.split("?")[0].endswith(suffix):
+            print("held", self.path, flush=True)
+            time.sleep(3600)
+        conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)
+        conn.request(self.command, self.path, body, dict(self.headers))
+        answer = conn.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection") and (
+                key.lower() != "content-length" or self.command == "HEAD"
+            ):
+                self.send_header(key, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def holding_proxy(upstream: int, method: str = "", suffix: str = ""):
+    """A loopback proxy to a bucket's server that never answers `method` calls on keys ending in `suffix`, as a
+    stalled bucket does (nothing held where `method` is empty); yields its port."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING_PROXY, str(upstream), method, suffix],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        yield int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_bucket_that_stalls_mid_read_or_mid_write_ends_the_command_in_one_line_keeping_the_tables(
+    mixed_experiment, tmp_path, capsys, monkeypatch
+):
+    """A bucket answering its listing but never a trial's result.json: each call gave up after its limit, was taken
+    as a file gone, and export went on trial after trial (15 s each), then replaced good tables with ones where
+    every trial was lost. Writes into a bucket had no limit at all."""
+    import pyarrow.fs
+
+    from tune_alexnet import export, storage
+
+    monkeypatch.setattr(storage, "REACH_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(export, "REACH_TIMEOUT_S", 2.0)
+    with moto_bucket("bkt") as (port, _):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        place = "bkt/p/{}?endpoint_override=127.0.0.1:{}&scheme=http&region=us-east-1"
+        bucket, path = pyarrow.fs.FileSystem.from_uri(f"s3://{place.format('mixed', port)}")
+        pyarrow.fs.copy_files(str(mixed_experiment[0]), path, destination_filesystem=bucket)
+        out = tmp_path / "out"
+        assert main(["export", f"s3://{place.format('mixed', port)}", "--out", str(out)]) == 0
+        good = (out / "results.parquet").read_bytes()
+        assert "lost" not in set(pd.read_parquet(out / "results.parquet")["status"])
+        capsys.readouterr()
+        with holding_proxy(port, "GET", "/result.json") as held:
+            start = time.monotonic()
+            assert main(["export", f"s3://{place.format('mixed', held)}", "--out", str(out)]) == 2
+            assert time.monotonic() - start < 2 * 2.0 + 10  # the first call given up on ends it
+        err = capsys.readouterr().err.strip()
+        assert "stopped answering while it was read (no answer within 2 s); nothing was written" in err, err
+        assert len(err.splitlines()) == 1 and (out / "results.parquet").read_bytes() == good
+        with holding_proxy(port, "PUT", "/results.parquet") as held:
+            start = time.monotonic()
+            code = main(["export", str(mixed_experiment[0]), "--out", f"s3://{place.format('out', held)}"])
+            assert code == 2 and time.monotonic() - start < 2.0 + 10 + 10
+        err = capsys.readouterr().err.strip()
+        assert "cannot write into s3://bkt/p/out?" in err and "no answer within" in err, err
+        assert len(err.splitlines()) == 1
+
+
 def test_a_resume_refuses_a_tracker_its_experiment_did_not_start_with(mixed_experiment, synthetic_dir, capsys):
     """Tune restores the experiment's own callbacks: a tracker added on --resume was silently never used."""
     path = Path(mixed_experiment[0])

@@ -1,12 +1,13 @@
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CLASSES, make_image_folder
 
-from tune_alexnet.data import Cifar, DataError, cache_dir_for, load_cifar10, take_subset
+from tune_alexnet.data import IMAGES, Cifar, DataError, cache_dir_for, load_cifar10, take_subset
 
 
 def test_image_folder_loads_as_uint8_arrays_in_class_order(synthetic_dir):
@@ -474,6 +475,56 @@ def test_what_a_user_expects_ignored_is_ignored_and_links_are_followed(tmp_path)
     assert len(data.test_y) == 10
     assert any((img == 77).all() for img in data.train_x[data.train_y == 5])
     assert any((img == 200).all() for img in data.train_x[data.train_y == 2])
+
+
+def test_an_image_swapped_for_a_fifo_after_the_scan_is_refused_not_waited_on(tmp_path):
+    """Whoever can write a shared data folder could put a FIFO where a scanned image was: decoding opened it by
+    name and waited for a writer for ever."""
+    from tune_alexnet.data import _decode, scan_image_folder
+
+    root = make_image_folder(tmp_path / "d", 2, 1)
+    _, files = scan_image_folder(root)
+    path = files["test"][-1][0]
+    path.unlink()
+    os.mkfifo(path)
+    done: list = []
+
+    def decode() -> None:
+        with pytest.raises(DataError) as caught:
+            _decode(files["test"], "decoding test images", False)
+        done.append(str(caught.value))
+
+    worker = threading.Thread(target=decode, daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():  # let the waiting open go before failing
+        with open(path, "wb"):
+            pass
+        pytest.fail("decoding waited on a FIFO")
+    assert done == [f"image {path} is a FIFO (named pipe), not a file; allowed: {IMAGES}"]
+
+
+@pytest.mark.parametrize("made_by", ["anyone", "another user"])
+def test_a_download_root_another_user_could_write_is_refused_before_any_pickle_is_loaded(tmp_path, made_by):
+    """torchvision unpickles the batches it finds in --download-root: a file put there runs as code."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if made_by == "anyone":
+        shared.chmod(0o777)
+    else:
+        os.chown(shared, 65534, 65534)
+    (shared / "cifar-10-batches-py").mkdir()
+    (shared / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"cos\nsystem\n(S'touch /tmp/x'\ntR.")
+    with pytest.raises(DataError) as caught:
+        load_cifar10(download_root=shared, progress=False)
+    problem = (
+        f"{shared} can be written by every user and has no sticky bit (mode 0777), so any user could put files "
+        if made_by == "anyone"
+        else f"{shared}, on the way, which another user owns (uid 65534), could put files "
+    )
+    assert str(caught.value).startswith(f"--download-root {shared}: {problem}"), caught.value
+    assert str(caught.value).endswith("; allowed: a folder only you can write")
+    assert sorted(p.name for p in shared.rglob("*")) == ["cifar-10-batches-py", "data_batch_1"]
 
 
 def test_the_data_folder_itself_a_symlink_loop_or_dangling(tmp_path):

@@ -524,6 +524,59 @@ def _pickle(raw: bytes, name: str = "model.pt", hidden: bool = False):
     return tamper
 
 
+def _two_archives(raw: bytes, name: str = "model.pt"):
+    """`name` rewritten as one file holding two directories of the same members: Python's zipfile takes the last
+    (the archive as saved, shifted by the bytes before it), torch's reader the one the end record points at, whose
+    data.pkl is `raw`. Both directories are of one size, so the end record fits either."""
+
+    def tamper(d: Path) -> None:
+        import struct
+        import zipfile
+        import zlib
+
+        def local(member: bytes, data: bytes) -> bytes:
+            head = struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(member), 0)
+            return b"PK\x03\x04" + head + member + data
+
+        def central(member: bytes, data: bytes, at: int) -> bytes:
+            fields = (20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(member), 0, 0, 0, 0, 0, at)
+            return b"PK\x01\x02" + struct.pack("<HHHHHHIIIHHHHHII", *fields) + member
+
+        with zipfile.ZipFile(d / name) as old:
+            members = {i.filename.encode(): old.read(i) for i in old.infolist()}
+        (pkl,) = [m for m in members if m.endswith(b"/data.pkl")]
+        size = sum(46 + len(m) for m in members)  # of one directory
+        evil = b"\x80\x02" + raw
+        evil += b"\0" * max(0, size - 30 - len(pkl) - len(evil) + 8)  # (unpickling stops at its STOP)
+        out, at = bytearray(local(pkl, evil)), {}
+        for member, data in members.items():
+            at[member] = len(out)
+            out += local(member, data)
+        start = len(out)
+        out += b"".join(central(m, evil if m == pkl else data, 0 if m == pkl else at[m]) for m, data in members.items())
+        out += b"".join(central(m, data, at[m] - size) for m, data in members.items())
+        out += b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(members), len(members), size, start, 0)
+        (d / name).write_bytes(bytes(out))
+
+    return tamper
+
+
+def _deflated(name: str = "model.pt"):
+    """`name` with its members deflated, which torch's reader inflates though torch.save never writes it: a few MB
+    may unpack to GBs."""
+
+    def tamper(d: Path) -> None:
+        import zipfile
+
+        with zipfile.ZipFile(d / name) as old:
+            members = [(i.filename, old.read(i)) for i in old.infolist()]
+        with zipfile.ZipFile(d / name, "w", zipfile.ZIP_DEFLATED) as new:
+            for member, data in members:
+                new.writestr(member, data)
+
+    return tamper
+
+
 def _other_weights(d: Path) -> None:
     torch.save(AlexNet(**{**MODEL_ARGS, "batchnorm": False}).state_dict(), d / "model.pt")
 
@@ -611,6 +664,12 @@ LOAD_CASES = {
         _pickle(b"}K\x00" + b"\x85" * 200 + b"K\x01s."),
         "model.pt was refused: its pickle nests objects more than 100 deep",
     ),
+    # Python's zipfile checked the pickle of one archive, torch loaded the other's: 1 GB for a 2 KB file
+    "model.pt of two archives, torch's calling bytearray(2**30)": (
+        _two_archives(b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R."),
+        "model.pt was refused: its directory is not where its end record says (a file of two archives",
+    ),
+    "model.pt deflated": (_deflated(), "model.pt was refused: 'model/data.pkl' is compressed; torch.save stores"),
 }
 
 
@@ -639,6 +698,29 @@ def test_a_resume_state_whose_pickle_torch_should_not_see_is_passed_over_unread(
         assert checkpoint.read_resume(tmp_path) is not None
         _pickle(raw, "trainer.pt", hidden)(tmp_path)
         assert checkpoint.read_resume(tmp_path) is None  # unreadable: train.py tries the one before, or starts afresh
+
+
+def test_the_two_archives_in_one_file_are_read_apart_by_python_and_by_torch(ckpt):
+    """The case above is what it says: what torch loads is not what Python's zipfile reads."""
+    import zipfile
+
+    nested = b"]" * 150 + b"a" * 149 + b"."  # 150 lists deep: torch takes it, the check would not
+    _two_archives(nested)(ckpt)
+    loaded = torch.load(ckpt / "model.pt", weights_only=True)
+    assert isinstance(loaded, list) and isinstance(loaded[0][0][0], list)
+    with zipfile.ZipFile(ckpt / "model.pt") as archive:
+        assert checkpoint.pickle_problem(archive.read("model/data.pkl")) is None  # what the check read was harmless
+        assert checkpoint.archive_problem(archive).startswith("its directory is not where its end record says")
+
+
+@pytest.mark.parametrize("tamper", [_two_archives(b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", "trainer.pt"),
+                                    _deflated("trainer.pt")], ids=["two archives", "deflated"])  # fmt: skip
+def test_a_resume_state_torch_would_read_otherwise_than_the_check_is_passed_over(tmp_path, tamper):
+    for name in ("trainer.pt", "model.pt"):
+        torch.save({"a": torch.zeros(1)}, tmp_path / name)
+    assert checkpoint.read_resume(tmp_path) is not None
+    tamper(tmp_path)
+    assert checkpoint.read_resume(tmp_path) is None
 
 
 def test_an_archive_of_two_members_named_alike_but_for_case_is_refused():

@@ -284,6 +284,8 @@ def _check_archive(f, limit: int, where: str) -> None:
 
 def archive_problem(archive) -> str | None:
     """What in a torch.save archive's pickle torch's unpickler must not see; None where nothing."""
+    if problem := _layout_problem(archive):
+        return problem
     names = [i.filename.lower() for i in archive.infolist()]
     if len(set(names)) != len(names):  # torch finds its members by name whatever the case: which one, it says not
         return "it holds two files of one name but for the case of its letters"
@@ -293,6 +295,32 @@ def archive_problem(archive) -> str | None:
     if pickles[0].file_size > PICKLE_LIMIT:
         return f"its pickle holds {pickles[0].file_size:,} bytes, more than {PICKLE_LIMIT:,}"
     return pickle_problem(archive.read(pickles[0]))
+
+
+def _layout_problem(archive) -> str | None:
+    """Where Python's zipfile (which checks) and torch's reader (miniz, which loads) could read two archives in one
+    file, or unpack more than the file holds; torch.save writes every member stored, one after the other, and its
+    directory where its end record says. (zipfile takes a directory elsewhere as data prepended to the archive and
+    shifts every offset; miniz does not: each saw another pickle. miniz inflates what torch never deflates.)"""
+    import zipfile
+
+    fp = archive.fp
+    end = zipfile._EndRecData(fp)
+    size = fp.seek(0, os.SEEK_END)
+    if end is None or archive.start_dir != end[zipfile._ECD_OFFSET] or end[zipfile._ECD_COMMENT]:
+        return "its directory is not where its end record says (a file of two archives, or data before one)"
+    if end[zipfile._ECD_LOCATION] + zipfile.sizeEndCentDir != size:
+        return "it holds data after its end record"
+    members = archive.infolist()
+    if len(members) != end[zipfile._ECD_ENTRIES_TOTAL]:
+        return f"its directory lists {len(members)} files, its end record {end[zipfile._ECD_ENTRIES_TOTAL]}"
+    if packed := [
+        i.filename for i in members if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size
+    ]:
+        return f"{packed[0]!r} is compressed; torch.save stores every file as it is"
+    if (unpacked := sum(i.file_size for i in members)) > size:
+        return f"its files unpack to {unpacked:,} bytes, more than the {size:,} of the archive (files that overlap)"
+    return None
 
 
 def pickle_problem(raw: bytes) -> str | None:
@@ -452,13 +480,15 @@ def read_resume(directory: Path) -> tuple[dict, dict] | None:
     go where this run's step mode needs them, not where the writing run kept them."""
     import zipfile
 
+    loaded = []
     try:
         for name in (TRAINER_FILE, MODEL_FILE):
-            with zipfile.ZipFile(directory / name) as archive:
-                if archive_problem(archive):
-                    return None
-        state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
-        best = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+            with open(directory / name, "rb") as f:  # checked and loaded through one descriptor: no swap between
+                with zipfile.ZipFile(f) as archive:
+                    if archive_problem(archive):
+                        return None
+                f.seek(0)
+                loaded.append(torch.load(f, map_location="cpu", weights_only=True))
     except Exception:  # a torn or corrupt file fails in many ways inside the unpickler
         return None
-    return state, best
+    return loaded[0], loaded[1]

@@ -240,6 +240,8 @@ def _load_torchvision(root: str | os.PathLike | None) -> Cifar:
     from torchvision.datasets import CIFAR10
 
     root = Path(root or user_cache_dir() / "torchvision")
+    if problem := _unpickled_from(root):
+        raise DataError(f"--download-root {_show(root)}: {problem}; allowed: a folder only you can write")
     try:
         make_folders(root)
         train = CIFAR10(str(root), train=True, download=True)
@@ -257,6 +259,17 @@ def _load_torchvision(root: str | os.PathLike | None) -> Cifar:
         tuple(train.classes),
         f"torchvision CIFAR10 at {_show(root)}",
     )
+
+
+def _unpickled_from(root: Path) -> str | None:
+    """torchvision loads CIFAR-10's batches with pickle, which runs any code a batch file names: whoever could put
+    a file there, or swap one after its checksum was taken, would run code as this user. So none may."""
+    folder = root / "cifar-10-batches-py"
+    if shared := open_to_all(folder):
+        return f"{shared[0]}, so any user could put files there that loading them runs as code"
+    if others := others_on_the_way(folder):
+        return f"{_show(others[0])}, on the way, which {others[1]}, could put files there that loading runs as code"
+    return None
 
 
 # --- ImageFolder -----------------------------------------------------------
@@ -485,6 +498,17 @@ def _shared_cache(folder: Path) -> bool:
     return why is not None
 
 
+def _open_file(path: Path):
+    """An image scanned as a file, opened again to decode it: whoever can write the data folder may have put a FIFO
+    in its place meanwhile, whose open would wait for ever. So the open never waits, and it is checked again."""
+    f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        raise DataError(f"image {_show(path)} is {_kind(st.st_mode)}, not a file; allowed: {IMAGES}")
+    return f
+
+
 def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, UnidentifiedImageError
 
@@ -498,7 +522,7 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
     try:
         for i, (path, _) in enumerate(items):
             try:
-                with Image.open(path, formats=sorted(set(IMAGE_FORMATS.values()))) as im:
+                with _open_file(path) as f, Image.open(f, formats=sorted(set(IMAGE_FORMATS.values()))) as im:
                     if im.size != (IMAGE_SIZE, IMAGE_SIZE):  # before decoding: a huge image is refused cheaply
                         raise DataError(
                             f"image {_show(path)} is {im.size[0]}x{im.size[1]}; "

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import io
 import json
 import math
@@ -50,6 +51,7 @@ from .settings import (
 from .storage import (
     ERROR_LIMIT,
     JSON_LIMIT,
+    REACH_TIMEOUT_S,
     RESULT_FILE,
     RESULT_LIMIT,
     RESULT_LINES,
@@ -73,7 +75,9 @@ from .storage import (
     remove_empty,
     scheme_problem,
     shown,
+    stalled,
     storage_uri,
+    within,
 )
 
 TABLE_NAME = "results"  # results.parquet and results.csv
@@ -162,6 +166,7 @@ DAMAGED = "damaged"  # a trial whose config, folder or results are not what Tune
 TRIAL_PREFIX = "train_cifar_"  # Tune's trial folders: <trainable>_<trial id>_<index>_<its settings>_<date>
 _TRIAL_FOLDER = re.compile(re.escape(TRIAL_PREFIX) + r"([0-9a-f]+_[0-9]+)(_.*)?", re.DOTALL)
 STUDY_RUNS = len(Grid())
+SLOWEST_WRITE = 2**20  # bytes a second: a bucket writing a table slower than this is taken as not answering
 ERROR_LINE = 500  # characters of a trial's error line kept in the table
 # Bounds of what a result line holds (a config's are settings.BOUNDS): epoch counts never above the most epochs a
 # sweep may run, accuracies in percent, times and rates >= 0; a loss may be any size >= 0, or NaN once diverged.
@@ -291,8 +296,17 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
         ) from None
     rows, epoch_frames = [], []
     origin = origin_columns(path, settings)
+    before = len(stalled)
     for trial in trials:
-        row, records = _read_trial(fs, base, trial, path)
+        try:
+            row, records = _read_trial(fs, base, trial, path)
+            if len(stalled) > before:  # a call given up on inside, where a file missing was the answer taken
+                raise TimeoutError(f"a call gave no answer within {REACH_TIMEOUT_S:g} s")
+        except TimeoutError as exc:
+            raise ExportError(
+                f"{path} stopped answering while it was read ({first_line(exc)}); nothing was written, as its "
+                "trials would have looked lost; try again once it answers"
+            ) from None
         row.update(origin)
         rows.append(row)
         if records:
@@ -474,6 +488,8 @@ def _read_trial(fs, base: str, trial: _Trial, exp_path: str) -> tuple[dict, list
             records = _read_results(fs, base, trial.folder)
         except RefusedFile as exc:
             problem = first_line(exc)
+        except TimeoutError:  # no answer from a bucket: not a lost trial (load_experiment gives up)
+            raise
         except OSError:  # gone, or no access
             lost = f"{trial.folder}/result.json is missing or unreadable: its epochs and accuracy are unknown"
         except ValueError as exc:
@@ -1026,14 +1042,11 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
         yield output
         try:
             fs, base = reach(out)
-            fs.create_dir(base, recursive=True)
-            for f in sorted(tmp.iterdir()):
-                pyarrow.fs.copy_files(
-                    str(f),
-                    f"{base}/{f.name}",
-                    source_filesystem=pyarrow.fs.LocalFileSystem(),
-                    destination_filesystem=fs,
-                )
+            within(REACH_TIMEOUT_S, lambda: fs.create_dir(base, recursive=True))
+            for f in sorted(tmp.iterdir()):  # each bounded too, at a pace no bucket that answers falls below
+                copy = functools.partial(pyarrow.fs.copy_files, str(f), f"{base}/{f.name}",
+                                         source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)  # fmt: skip
+                within(REACH_TIMEOUT_S + f.stat().st_size / SLOWEST_WRITE, copy)
                 output.written.append(experiment_uri(out, f.name))
         except (OSError, ValueError, TimeoutError) as exc:
             raise ExportError(
