@@ -540,11 +540,9 @@ def test_the_data_folder_itself_a_symlink_loop_or_dangling(tmp_path):
 
 def test_a_folder_or_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     """Root reads everything whatever its mode, so the refusal the kernel would give a user is made here."""
-    import PIL.Image
-
     root = make_image_folder(tmp_path / "d", 1, 1)
     locked = root / "test" / "frog"
-    real_scandir, real_open = os.scandir, PIL.Image.open
+    real_scandir, real_open = os.scandir, os.open
 
     def scandir(path="."):
         if Path(path) == locked:
@@ -558,11 +556,11 @@ def test_a_folder_or_file_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     def image_open(path, *args, **kwargs):
-        if Path(path).name == "0000.png" and Path(path).parent.name == "horse":
+        if Path(os.fsdecode(path)).name == "0000.png" and Path(os.fsdecode(path)).parent.name == "horse":
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(PIL.Image, "open", image_open)
+    monkeypatch.setattr(os, "open", image_open)
     with pytest.raises(DataError) as e:
         load_cifar10(root, progress=False)
     assert _one_line(e).startswith(f"cannot read image {root}/train/horse/0000.png: Permission denied; allowed: 32x32")
