@@ -504,6 +504,26 @@ def test_an_image_swapped_for_a_fifo_after_the_scan_is_refused_not_waited_on(tmp
     assert done == [f"image {path} is a FIFO (named pipe), not a file; allowed: {IMAGES}"]
 
 
+def test_an_image_gone_or_swapped_for_a_device_link_after_the_scan_is_named_in_one_line(tmp_path):
+    """Between the scan and the cache's key an image renamed away gave a FileNotFoundError's traceback; one swapped
+    for a link to a device was opened (which, for some devices, acts) before it was refused."""
+    from tune_alexnet.data import _cache_key, _decode, scan_image_folder
+
+    root = make_image_folder(tmp_path / "d", 2, 1)
+    _, files = scan_image_folder(root)
+    gone = files["train"][0][0]
+    gone.rename(tmp_path / "away.png")
+    with pytest.raises(DataError) as caught:
+        _cache_key(root, files)
+    assert str(caught.value) == f"image {gone} does not exist; allowed: {IMAGES}"
+    device = files["test"][0][0]
+    device.unlink()
+    device.symlink_to("/dev/null")
+    with pytest.raises(DataError) as caught:
+        _decode(files["test"], "decoding test images", False)
+    assert str(caught.value) == f"image {device} is a device, not a file; allowed: {IMAGES}"
+
+
 @pytest.mark.parametrize("made_by", ["anyone", "another user"])
 def test_a_download_root_another_user_could_write_is_refused_before_any_pickle_is_loaded(tmp_path, made_by):
     """torchvision unpickles the batches it finds in --download-root: a file put there runs as code."""

@@ -524,6 +524,31 @@ def _pickle(raw: bytes, name: str = "model.pt", hidden: bool = False):
     return tamper
 
 
+def _local(member: bytes, data: bytes) -> bytes:
+    """A zip's local header of a stored member, then its data."""
+    import struct
+    import zlib
+
+    head = struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(member), 0)
+    return b"PK\x03\x04" + head + member + data
+
+
+def _central(member: bytes, data: bytes, at: int) -> bytes:
+    """A zip's directory entry of a stored member whose local header lies `at`."""
+    import struct
+    import zlib
+
+    fields = (20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(member), 0, 0, 0, 0, 0, at)
+    return b"PK\x01\x02" + struct.pack("<HHHHHHIIIHHHHHII", *fields) + member
+
+
+def _members(path: Path) -> list[tuple[bytes, bytes]]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return [(i.filename.encode(), archive.read(i)) for i in archive.infolist()]
+
+
 def _two_archives(raw: bytes, name: str = "model.pt"):
     """`name` rewritten as one file holding two directories of the same members: Python's zipfile takes the last
     (the archive as saved, shifted by the bytes before it), torch's reader the one the end record points at, whose
@@ -531,31 +556,81 @@ def _two_archives(raw: bytes, name: str = "model.pt"):
 
     def tamper(d: Path) -> None:
         import struct
-        import zipfile
-        import zlib
 
-        def local(member: bytes, data: bytes) -> bytes:
-            head = struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(member), 0)
-            return b"PK\x03\x04" + head + member + data
-
-        def central(member: bytes, data: bytes, at: int) -> bytes:
-            fields = (20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(member), 0, 0, 0, 0, 0, at)
-            return b"PK\x01\x02" + struct.pack("<HHHHHHIIIHHHHHII", *fields) + member
-
-        with zipfile.ZipFile(d / name) as old:
-            members = {i.filename.encode(): old.read(i) for i in old.infolist()}
+        members = dict(_members(d / name))
         (pkl,) = [m for m in members if m.endswith(b"/data.pkl")]
         size = sum(46 + len(m) for m in members)  # of one directory
         evil = b"\x80\x02" + raw
         evil += b"\0" * max(0, size - 30 - len(pkl) - len(evil) + 8)  # (unpickling stops at its STOP)
-        out, at = bytearray(local(pkl, evil)), {}
+        out, at = bytearray(_local(pkl, evil)), {}
         for member, data in members.items():
             at[member] = len(out)
-            out += local(member, data)
+            out += _local(member, data)
         start = len(out)
-        out += b"".join(central(m, evil if m == pkl else data, 0 if m == pkl else at[m]) for m, data in members.items())
-        out += b"".join(central(m, data, at[m] - size) for m, data in members.items())
+        out += b"".join(
+            _central(m, evil if m == pkl else data, 0 if m == pkl else at[m]) for m, data in members.items()
+        )
+        out += b"".join(_central(m, data, at[m] - size) for m, data in members.items())
         out += b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(members), len(members), size, start, 0)
+        (d / name).write_bytes(bytes(out))
+
+    return tamper
+
+
+def _two_zip64_records(raw: bytes, locator_elsewhere: bool, name: str = "model.pt"):
+    """`name` rewritten with its members twice, the second copy's pickle `raw`, each copy with a directory and a
+    zip64 end record. Python's zipfile takes the record right before the locator (the first copy's) whatever the
+    locator says; torch's reader the one the locator points at (`locator_elsewhere`), or, where it points at none,
+    the directory that the plain end record names."""
+
+    def tamper(d: Path) -> None:
+        import struct
+
+        members = _members(d / name)
+        evil = [(m, b"\x80\x02" + raw if m.endswith(b"/data.pkl") else data) for m, data in members
+                if b"/data/" not in m]  # (no tensors: the file stays within the size model.pt may have)  # fmt: skip
+        out, directories = bytearray(), {}
+        for copy, which in ((members, "first"), (evil, "second")):
+            directory = b""
+            for member, data in copy:
+                directory += _central(member, data, len(out))
+                out += _local(member, data)
+            directories[which] = (directory, len(copy))
+        records = {}
+        for which in ("second", "first"):  # the first copy's record last, right before the locator
+            at = len(out)
+            directory, count = directories[which]
+            out += directory
+            records[which] = len(out)
+            out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(directory), at)
+        directory, count = directories["second"]
+        plain = (0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF) if locator_elsewhere else (count, count, len(directory),
+                 records["second"] - len(directory))  # fmt: skip
+        out += struct.pack("<IIQI", 0x07064B50, 0, records["second"] if locator_elsewhere else 0, 1)
+        out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, *plain, 0)
+        (d / name).write_bytes(bytes(out))
+
+    return tamper
+
+
+def _legacy_before(raw: bytes, name: str = "model.pt"):
+    """`name` rewritten as torch's legacy format (no zip) whose pickle is `raw`, followed by the archive as saved,
+    its offsets counted from the file's start: Python's zipfile finds the archive, torch reads the legacy part."""
+
+    def tamper(d: Path) -> None:
+        import struct
+
+        legacy = io.BytesIO()
+        torch.save({}, legacy, _use_new_zipfile_serialization=False)
+        out = bytearray(legacy.getvalue().replace(b"\x80\x02}q\x00.", b"\x80\x02" + raw))
+        members, directory = _members(d / name), b""
+        for member, data in members:
+            directory += _central(member, data, len(out))
+            out += _local(member, data)
+        at = len(out)
+        out += (
+            directory + b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(members), len(members), len(directory), at, 0)
+        )
         (d / name).write_bytes(bytes(out))
 
     return tamper
@@ -580,6 +655,10 @@ def _deflated(name: str = "model.pt"):
 def _other_weights(d: Path) -> None:
     torch.save(AlexNet(**{**MODEL_ARGS, "batchnorm": False}).state_dict(), d / "model.pt")
 
+
+BYTEARRAY = b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R."  # bytearray(2**30): 1 GB from 30 bytes
+TUPLE_CHAIN = b"})r\0\0\0\0" + b"".join(b"j" + k.to_bytes(4, "little") + b"\x86r" + (k + 1).to_bytes(4, "little")
+                                         for k in range(64)) + b"K\x00s."  # fmt: skip
 
 LOAD_CASES = {
     "width 40 (gigabytes)": (_model_json(width=40), "model.json: 'width' is 40"),
@@ -670,6 +749,23 @@ LOAD_CASES = {
         "model.pt was refused: its directory is not where its end record says (a file of two archives",
     ),
     "model.pt deflated": (_deflated(), "model.pt was refused: 'model/data.pkl' is compressed; torch.save stores"),
+    "model.pt whose zip64 locator points at another copy's record": (
+        _two_zip64_records(BYTEARRAY, locator_elsewhere=True),
+        "model.pt was refused: its zip64 locator does not point at the record before it",
+    ),
+    "model.pt whose zip64 locator points at no record": (
+        _two_zip64_records(BYTEARRAY, locator_elsewhere=False),
+        "model.pt was refused: its zip64 locator does not point at the record before it",
+    ),
+    "model.pt after a legacy torch file": (
+        _legacy_before(BYTEARRAY),
+        "model.pt was refused: it does not start as a zip archive (torch would read it in its legacy format)",
+    ),
+    # 64 objects of about 1 KB, a tuple of two of the one before: hashing the last as a key takes 2**64 steps
+    "model.pt keyed by a tuple of tuples 2**64 wide": (
+        _pickle(TUPLE_CHAIN),
+        "model.pt was refused: its pickle makes, or reaches, more than 20,000 objects",
+    ),
 }
 
 
@@ -713,8 +809,12 @@ def test_the_two_archives_in_one_file_are_read_apart_by_python_and_by_torch(ckpt
         assert checkpoint.archive_problem(archive).startswith("its directory is not where its end record says")
 
 
-@pytest.mark.parametrize("tamper", [_two_archives(b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", "trainer.pt"),
-                                    _deflated("trainer.pt")], ids=["two archives", "deflated"])  # fmt: skip
+@pytest.mark.parametrize("tamper", [_two_archives(BYTEARRAY, "trainer.pt"), _deflated("trainer.pt"),
+                                    _two_zip64_records(BYTEARRAY, True, "trainer.pt"),
+                                    _two_zip64_records(BYTEARRAY, False, "trainer.pt"), _legacy_before(BYTEARRAY, "trainer.pt"),
+                                    _pickle(TUPLE_CHAIN, "trainer.pt")],
+                         ids=["two archives", "deflated", "zip64 locator elsewhere", "zip64 locator at none",
+                              "a legacy file first", "a tuple 2**64 wide"])  # fmt: skip
 def test_a_resume_state_torch_would_read_otherwise_than_the_check_is_passed_over(tmp_path, tamper):
     for name in ("trainer.pt", "model.pt"):
         torch.save({"a": torch.zeros(1)}, tmp_path / name)

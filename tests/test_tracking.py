@@ -1,12 +1,15 @@
 """Trackers for real: a tiny sweep logs to a real MLflow server and to W&B's offline folders, and its
 TensorBoard event files are read back; a tracker that cannot work is refused before anything starts."""
 
+import contextlib
+import http.server
 import json
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -303,6 +306,102 @@ def test_a_sqlite_store_in_a_folder_another_user_owns_is_said(tmp_path, capsys):
     _check_mlflow_uri(f"sqlite:///{theirs}/mlflow.db")
     err = capsys.readouterr().err
     assert f"the store lies in {theirs}, which another user owns (uid 65534), so they could swap it" in err, err
+
+
+@contextlib.contextmanager
+def slow_server(stall_all_but_health: bool):
+    """A loopback server that answers /health, then holds every other request for an hour
+    (`stall_all_but_health`), or that drips its answer's headers a byte a second: yields its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if stall_all_but_health and self.path.endswith("/health"):
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if stall_all_but_health:
+                time.sleep(3600)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-A: ")
+            for _ in range(3600):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(1)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_mlflow_server_dripping_its_answer_is_refused_within_the_probes_limit(tmp_path, capsys, synthetic_dir):
+    """urllib's timeout is each read's: a byte every second held the probe, and the sweep, for ever."""
+    from tune_alexnet.preflight import TRACKER_TIMEOUT_S
+
+    with slow_server(stall_all_but_health=False) as port:
+        start = time.monotonic()
+        argv = [
+            "sweep",
+            "--data-dir",
+            str(synthetic_dir),
+            "--storage",
+            str(tmp_path / "r"),
+            "--mlflow",
+            f"http://127.0.0.1:{port}",
+        ]
+        assert main(argv) == 2
+        assert time.monotonic() - start < TRACKER_TIMEOUT_S + 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot be reached (no answer within {TRACKER_TIMEOUT_S:g} s)" in err, err
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_that_stops_answering_ends_the_sweep_in_one_line_within_a_minute(tmp_path, synthetic_dir):
+    """A server answering its health check, then nothing: MLflow's defaults (120 s a try, 7 retries) held the
+    sweep a quarter of an hour, inside Tune's loop, where a stop could not end it."""
+    with slow_server(stall_all_but_health=True) as port:
+        argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), "--name", "x",
+                "--epochs", "1", "--width", "0.125", "--runs", "1", "--mlflow", f"http://127.0.0.1:{port}"]  # fmt: skip
+        env = {**os.environ, **QUIET}
+        for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "RAY_ADDRESS"):
+            env.pop(name, None)
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    assert done.returncode == 1 and time.monotonic() - start < 120, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "127.0.0.1" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
+
+
+def test_a_wandb_dir_anyone_could_write_is_refused_and_one_others_could_is_said(tmp_path, capsys, synthetic_dir,
+                                                                                monkeypatch):  # fmt: skip
+    """WANDB_DIR takes every W&B run out of the experiment: into a folder another user could swap or read them in,
+    with nothing said."""
+    from tune_alexnet.preflight import _check_wandb_dir
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    shared = tmp_path / "shared"
+    (shared / "wandb").mkdir(parents=True)
+    (shared / "wandb").chmod(0o777)
+    monkeypatch.setenv("WANDB_DIR", str(shared))
+    argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), "--wandb", "p"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"WANDB_DIR={shared}: {shared}/wandb can be written by every user" in err, err
+    assert not (tmp_path / "r").exists()
+    (shared / "wandb").chmod(0o700)
+    os.chown(shared, 65534, 65534)
+    _check_wandb_dir()
+    err = capsys.readouterr().err
+    assert f"warning: WANDB_DIR={shared}: the W&B runs go into {shared}/wandb; {shared} is on the way, which " in err
 
 
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):

@@ -283,7 +283,8 @@ def _check_archive(f, limit: int, where: str) -> None:
 
 
 def archive_problem(archive) -> str | None:
-    """What in a torch.save archive's pickle torch's unpickler must not see; None where nothing."""
+    """What in a torch.save archive's pickle torch's unpickler must not see; None where nothing. `archive`: a
+    zipfile.ZipFile over a seekable file, which torch.load then reads from its start."""
     if problem := _layout_problem(archive):
         return problem
     names = [i.filename.lower() for i in archive.infolist()]
@@ -294,23 +295,46 @@ def archive_problem(archive) -> str | None:
         return f"it holds {len(pickles)} pickles; a torch.save archive holds one"
     if pickles[0].file_size > PICKLE_LIMIT:
         return f"its pickle holds {pickles[0].file_size:,} bytes, more than {PICKLE_LIMIT:,}"
-    return pickle_problem(archive.read(pickles[0]))
+    raw = archive.read(pickles[0])
+    return _torch_sees_otherwise(archive, raw) or pickle_problem(raw)
+
+
+_SATURATED = (0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)  # an end record's counts, size and offset, left to zip64's
 
 
 def _layout_problem(archive) -> str | None:
-    """Where Python's zipfile (which checks) and torch's reader (miniz, which loads) could read two archives in one
-    file, or unpack more than the file holds; torch.save writes every member stored, one after the other, and its
-    directory where its end record says. (zipfile takes a directory elsewhere as data prepended to the archive and
-    shifts every offset; miniz does not: each saw another pickle. miniz inflates what torch never deflates.)"""
+    """Where Python's zipfile (which checks) and torch's loader (miniz, which loads) could read two archives in one
+    file, or unpack more than the file holds. torch.save writes a zip from the file's first byte, every member
+    stored, its directory where its end record says, and a zip64 end record right before its locator, which
+    points at it. (Each of these, broken, had the two read different pickles: a file not starting as a zip is
+    torch's legacy format to torch; zipfile shifts offsets by data it takes as prepended, and reads the zip64
+    record before the locator whatever the locator says; miniz inflates what torch never deflates.)"""
+    import struct
     import zipfile
 
     fp = archive.fp
-    end = zipfile._EndRecData(fp)
     size = fp.seek(0, os.SEEK_END)
+    fp.seek(0)
+    if fp.read(4) != b"PK\x03\x04":
+        return "it does not start as a zip archive (torch would read it in its legacy format)"
+    end = zipfile._EndRecData(fp)
     if end is None or archive.start_dir != end[zipfile._ECD_OFFSET] or end[zipfile._ECD_COMMENT]:
         return "its directory is not where its end record says (a file of two archives, or data before one)"
-    if end[zipfile._ECD_LOCATION] + zipfile.sizeEndCentDir != size:
+    at = end[zipfile._ECD_LOCATION]
+    if at + zipfile.sizeEndCentDir != size:
         return "it holds data after its end record"
+    fp.seek(at)
+    plain = struct.unpack("<4s4H2LH", fp.read(zipfile.sizeEndCentDir))[3:7]
+    locator = at - zipfile.sizeEndCentDir64Locator
+    if locator >= 0 and fp.seek(locator) == locator and fp.read(4) == b"PK\x06\x07":
+        fp.seek(locator)
+        points_at = struct.unpack(zipfile.structEndArchive64Locator, fp.read(zipfile.sizeEndCentDir64Locator))[2]
+        record = locator - zipfile.sizeEndCentDir64
+        fp.seek(max(record, 0))
+        if points_at != record or fp.read(4) != b"PK\x06\x06":
+            return "its zip64 locator does not point at the record before it (a file of two archives)"
+        if any(p not in (s, e) for p, s, e in zip(plain, _SATURATED, end[3:7])):
+            return "its end record and its zip64 record disagree (a file of two archives)"
     members = archive.infolist()
     if len(members) != end[zipfile._ECD_ENTRIES_TOTAL]:
         return f"its directory lists {len(members)} files, its end record {end[zipfile._ECD_ENTRIES_TOTAL]}"
@@ -323,11 +347,28 @@ def _layout_problem(archive) -> str | None:
     return None
 
 
+def _torch_sees_otherwise(archive, raw: bytes) -> str | None:
+    """torch's own reader, asked what it sees: the same files of the same sizes, and the same pickle, or the
+    archive is refused. (After the checks above, whose sizes bound what it reads here.)"""
+    fp = archive.fp
+    fp.seek(0)
+    try:
+        reader = torch._C.PyTorchFileReader(fp)
+        records = {name: reader.get_record_size(name) for name in reader.get_all_records()}
+        ours = {i.filename.partition("/")[2]: i.file_size for i in archive.infolist()}
+        same = records == ours and reader.get_record("data.pkl") == raw
+    except Exception:
+        same = False
+    fp.seek(0)
+    return None if same else "torch's reader sees other files in it than Python's zipfile (a file of two archives)"
+
+
 def pickle_problem(raw: bytes) -> str | None:
-    """Read op by op, none of it run: a call of a name outside PICKLE_MODULES, more objects than OBJECTS_LIMIT, or
-    nesting past NESTING_LIMIT; None where none. (Each item on the pickle's stack is tracked as its depth, and its
-    text where it is one: a depth is a floor, as a container filled after it is remembered keeps its old one; the
-    count of objects bounds it.)"""
+    """Read op by op, none of it run: a call of a name outside PICKLE_MODULES, more objects than OBJECTS_LIMIT
+    (made, or reached: an object referenced twice counts twice, as whatever walks or hashes it goes through it
+    twice), or nesting past NESTING_LIMIT; None where none. (Each item on the pickle's stack is tracked as its
+    depth, its text where it is one, and how many objects it reaches; the memo holds the same items, so a container
+    filled after it was remembered is seen filled wherever it is referenced.)"""
     import pickletools
 
     mark = object()
@@ -364,17 +405,19 @@ def pickle_problem(raw: bytes) -> str | None:
                     popped, stack = stack[below:], stack[:below]
                 if below < 0 or mark in popped:
                     raise IndexError
-                depths = [d for d, _ in popped]
-                if name in fills:
-                    depth = max(depths[0], 1 + max(depths[1:], default=0))
+                if name in fills:  # the container itself, changed: wherever it is referenced
+                    item = popped[0]
+                    item[0] = max(item[0], 1 + max((p[0] for p in popped[1:]), default=0))
+                    item[2] += sum(p[2] for p in popped[1:])
                 else:
-                    depth = 1 + max(depths, default=0)
-                if depth > NESTING_LIMIT:
+                    made += len(op.stack_after)
+                    depth = 1 + max((p[0] for p in popped), default=0)
+                    item = [depth, arg if isinstance(arg, str) else None, 1 + sum(p[2] for p in popped)]
+                if item[0] > NESTING_LIMIT:
                     return f"its pickle nests objects more than {NESTING_LIMIT} deep"
-                made += name not in fills and len(op.stack_after)
-                if made > OBJECTS_LIMIT:
-                    return f"its pickle makes more than {OBJECTS_LIMIT:,} objects"
-                stack += [(depth, arg if isinstance(arg, str) else None)] * len(op.stack_after)
+                if made > OBJECTS_LIMIT or item[2] > OBJECTS_LIMIT:
+                    return f"its pickle makes, or reaches, more than {OBJECTS_LIMIT:,} objects"
+                stack += [item] * len(op.stack_after)
     except (ValueError, IndexError, KeyError, TypeError):  # pickletools' ValueError for garbage; what it lacks
         return "its pickle is not what torch.save writes"
     return None

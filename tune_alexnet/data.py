@@ -430,7 +430,7 @@ def _cache_key(root: Path, files: dict[str, list[tuple[Path, int]]]) -> str:
     h = hashlib.sha256(b"v%d:" % CACHE_VERSION + os.fsencode(root.resolve()))
     for split in SPLITS:
         for path, label in files[split]:
-            st = path.stat()
+            st = _stat(path, f"image {_show(path)}", IMAGES)  # (gone since the scan: named, as there)
             h.update(
                 b"%s/%s:%d:%d:%d\n"
                 % (split.encode(), os.fsencode(path.relative_to(root)), label, st.st_size, st.st_mtime_ns)
@@ -447,7 +447,11 @@ def cache_dir_for(root: Path) -> Path:
     over: the arrays would be written through it, or read from someone else's.
     """
     beside = root / ".tune-alexnet-cache"
-    if os.access(root, os.W_OK) and root.stat().st_mode & 0o200:
+    try:
+        writable = os.access(root, os.W_OK) and bool(root.stat().st_mode & 0o200)
+    except OSError:  # gone since the scan: the user's cache folder, and decoding says why
+        writable = False
+    if writable:
         try:
             st = os.lstat(beside)
         except FileNotFoundError:
@@ -500,13 +504,24 @@ def _shared_cache(folder: Path) -> bool:
 
 def _open_file(path: Path):
     """An image scanned as a file, opened again to decode it: whoever can write the data folder may have put a FIFO
-    in its place meanwhile, whose open would wait for ever. So the open never waits, and it is checked again."""
-    f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    st = os.fstat(f.fileno())
-    if not stat.S_ISREG(st.st_mode):
+    in its place meanwhile, whose open would wait for ever, or a link to a device. So it is checked again, before
+    it is opened where the system allows."""
+    if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):  # found, not opened, checked: opening a device
+        # may act (a watchdog's); then the file found is opened for reading, by its descriptor
+        found = os.open(path, os.O_PATH)
+        try:
+            st = os.fstat(found)
+            if stat.S_ISREG(st.st_mode):
+                return os.fdopen(os.open(f"/proc/self/fd/{found}", os.O_RDONLY), "rb")
+        finally:
+            os.close(found)
+    else:
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode):
+            return f
         f.close()
-        raise DataError(f"image {_show(path)} is {_kind(st.st_mode)}, not a file; allowed: {IMAGES}")
-    return f
+    raise DataError(f"image {_show(path)} is {_kind(st.st_mode)}, not a file; allowed: {IMAGES}")
 
 
 def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:

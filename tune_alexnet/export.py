@@ -274,6 +274,7 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
         raise ExportError(f"{path}: {scheme_problem(path)}")
     notes: list[str] = []
     generation = None if is_remote(path) else _generation(path)
+    before, fs = len(stalled), None  # (_answered_all)
     try:
         fs, base = reach(path)
         settings = _settings(path)
@@ -290,23 +291,21 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
         else:
             trials += _trials_left_out(fs, base, entries, trials, path, notes)
     except (OSError, ValueError, TimeoutError) as exc:  # an absent folder in a bucket, no access, no answer
+        if isinstance(exc, TimeoutError) and fs is not None:  # it answered at first
+            raise _unanswered(path, first_line(exc)) from None
         raise ExportError(
             f"{path} holds no readable Tune experiment ({first_line(exc)}); allowed: an experiment folder such "
             f"as ray_results/<name> or s3://BUCKET/PATH/<name>"
         ) from None
     rows, epoch_frames = [], []
     origin = origin_columns(path, settings)
-    before = len(stalled)
+    _answered_all(path, before)
     for trial in trials:
         try:
             row, records = _read_trial(fs, base, trial, path)
-            if len(stalled) > before:  # a call given up on inside, where a file missing was the answer taken
-                raise TimeoutError(f"a call gave no answer within {REACH_TIMEOUT_S:g} s")
         except TimeoutError as exc:
-            raise ExportError(
-                f"{path} stopped answering while it was read ({first_line(exc)}); nothing was written, as its "
-                "trials would have looked lost; try again once it answers"
-            ) from None
+            raise _unanswered(path, first_line(exc)) from None
+        _answered_all(path, before)
         row.update(origin)
         rows.append(row)
         if records:
@@ -324,6 +323,20 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
     epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
     return Experiment(path, table, epochs, settings, notes, generation)
+
+
+def _answered_all(path: str, before: int) -> None:
+    """Each call on a bucket given up on since `before` was taken where it happened as a file missing: its trials
+    would look lost, and good tables would be replaced by such; the read is refused whole instead."""
+    if len(stalled) > before:
+        raise _unanswered(path, f"a call gave no answer within {REACH_TIMEOUT_S:g} s")
+
+
+def _unanswered(path: str, why: str) -> ExportError:
+    return ExportError(
+        f"{path} stopped answering while it was read ({why}); nothing was written, as its trials would have looked "
+        "lost; try again once it answers"
+    )
 
 
 def _generation(path: str) -> int | None:

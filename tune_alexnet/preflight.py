@@ -924,6 +924,24 @@ def check_trackers(s: SweepSettings) -> None:
     if s.wandb is not None:
         _need("wandb", "--wandb")
         _check_wandb_key()
+        _check_wandb_dir()
+
+
+def _check_wandb_dir() -> None:
+    """WANDB_DIR takes every trial's W&B run out of the experiment, into its wandb/ folder: one that anyone could
+    write is refused, as anyone could swap or read the runs there; one that others could is said."""
+    given = os.environ.get("WANDB_DIR")
+    if not given:
+        return
+    folder = Path(os.path.abspath(os.path.expanduser(given))) / "wandb"
+    if open_to_all := cluster.open_to_all(folder):
+        raise PreflightError(
+            f"WANDB_DIR={given}: {open_to_all[0]}, so anyone could swap or read the W&B runs written there; allowed: "
+            f"a folder not open to all ({open_to_all[1]}), or WANDB_DIR unset (the runs go into the trials' folders)"
+        )
+    if others := cluster.others_on_the_way(folder):
+        settings.say(f"tune-alexnet: warning: WANDB_DIR={given}: the W&B runs go into {folder}; {others[0]} is on "
+                     f"the way, which {others[1]}, so they could swap or read them")  # fmt: skip
 
 
 def _need(package: str, flag: str) -> None:
@@ -1066,9 +1084,14 @@ def _probe(uri: str) -> None:
     host = parts.hostname or ""
     netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
     url = urlunparse((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "", ""))
-    try:
+
+    def ask() -> None:
         with urllib.request.urlopen(url, timeout=TRACKER_TIMEOUT_S):
-            return
+            pass
+
+    try:  # the whole answer within the limit: urllib's timeout is each read's, and a server may drip its headers
+        within(TRACKER_TIMEOUT_S, ask)
+        return
     except urllib.error.HTTPError as exc:
         if exc.code < 500:
             return

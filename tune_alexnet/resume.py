@@ -21,6 +21,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from reprlib import repr as brief  # a state's values in a line: bounded, whatever they hold
 
 import torch
 
@@ -61,26 +62,35 @@ def state_problem(trainer, best, cfg: dict, model: torch.nn.Module, train_images
         if (problem := position_problem(position, train_images, cfg["batch_size"])) is not None:
             return f"its position inside an epoch: {problem}"
         if position.get("epoch") != (after := trainer["counters"]["epoch"] + 1):
-            return f"its position is in epoch {position.get('epoch')!r}; allowed: the one after its counters, {after}"
+            return (
+                f"its position is in epoch {brief(position.get('epoch'))}; allowed: the one after its counters, {after}"
+            )
     steps = trainer["counters"]["epoch"] * len(epoch_batches(train_images, cfg["batch_size"], 0))
     steps += position["steps"] if position is not None else 0
     return _optimizer_state_problem(trainer["optimizer"], cfg, [p.shape for p in model.parameters()], steps)
 
 
-def _odd_tensor(value, where: str = "") -> str | None:
+def _odd_tensor(value) -> str | None:
     """The first tensor in `value` (through mappings and lists) that is not plain numbers on the CPU: sparse, meta,
     nested, quantized, or with elements sharing memory (a stride of 0). torch.load takes each, and the checks below
-    or the optimizer's first step would raise on it."""
-    if isinstance(value, torch.Tensor):
-        plain = value.layout == torch.strided and not (value.is_nested or value.is_meta or value.is_quantized)
-        if plain and value.device.type == "cpu" and _dense(value):
-            return None
-        kind = "meta" if value.is_meta else f"{str(value.layout).split('.')[-1]} on {value.device.type}"
-        return f"{where} is a {kind} tensor with strides {value.stride() if plain else '-'}; allowed: dense numbers"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        if problem := _odd_tensor(item, f"{where} {key}".strip()):
-            return problem
+    or the optimizer's first step would raise on it. Each container is looked into once: a state may reference one
+    from many places, or from inside itself."""
+    todo, seen = [(value, "")], set()
+    while todo:
+        value, where = todo.pop()
+        if isinstance(value, torch.Tensor):
+            plain = value.layout == torch.strided and not (value.is_nested or value.is_meta or value.is_quantized)
+            if plain and value.device.type == "cpu" and _dense(value):
+                continue
+            kind = "meta" if value.is_meta else f"{str(value.layout).split('.')[-1]} on {value.device.type}"
+            return f"{where} is a {kind} tensor with strides {value.stride() if plain else '-'}; allowed: dense numbers"
+        if isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            items = list(value.items() if isinstance(value, dict) else enumerate(value))
+            todo += [
+                (item, f"{where} {key if isinstance(key, str | int) else brief(key)}".strip())
+                for key, item in reversed(items)
+            ]
     return None
 
 
@@ -115,7 +125,7 @@ def _counters_problem(counters, cfg: dict) -> str | None:
     epochs, patience = cfg["epochs"], cfg["patience"]
     epoch = counters.get("epoch")
     if not (_whole(epoch) and 0 <= epoch < epochs):
-        return f"epoch {epoch!r}; allowed: a whole number 0..{epochs - 1}"
+        return f"epoch {brief(epoch)}; allowed: a whole number 0..{epochs - 1}"
     checks = {
         "best_epoch": (lambda v: _whole(v) and 0 <= v <= epoch, f"0..{epoch}"),
         "epochs_since_best": (lambda v: _whole(v) and 0 <= v <= min(epoch, patience - 1), f"0..{patience - 1}"),
@@ -125,7 +135,7 @@ def _counters_problem(counters, cfg: dict) -> str | None:
     }
     for key, (test, allowed) in checks.items():
         if not test(counters.get(key)):
-            return f"{key} {counters.get(key, 'missing')!r}; allowed: {allowed}"
+            return f"{key} {brief(counters.get(key, 'missing'))}; allowed: {allowed}"
     return None
 
 
@@ -147,7 +157,7 @@ def _optimizer_problem(state, cfg: dict) -> str | None:
         if key in HOW_IT_RUNS or key not in expected:
             continue
         if not _same(value, expected[key]):
-            return f"optimizer {key} {value!r}; this trial's config gives {expected[key]!r}"
+            return f"optimizer {key} {brief(value)}; this trial's config gives {expected[key]!r}"
     for key in ("lr", *OPTIMIZERS[cfg["optimizer"]][1]):
         if key not in group:
             return f"optimizer setting {key!r} is missing"
@@ -180,7 +190,7 @@ def _optimizer_state_problem(state: dict, cfg: dict, shapes: list, steps: int) -
             if key == "step":
                 step = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
                 if not (_number(step) and step == steps):
-                    return f"parameter {index}'s step {step!r}; the counters give {steps}"
+                    return f"parameter {index}'s step {brief(step)}; the counters give {steps}"
             elif not (isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == shape):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 return f"parameter {index}'s {key} is {got}; allowed: float numbers of shape {shape}"

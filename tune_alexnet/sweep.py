@@ -239,6 +239,9 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if not s.mlflow:  # Tune's usage count imports MLflow wherever it is installed, whose telemetry then writes an
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # id into ~/.config and calls home: not asked for
+    else:
+        for name, value in tracking.MLFLOW_PATIENCE.items():
+            os.environ.setdefault(name, value)
     stop_key = stopping.new_key()  # the flag that asks every trial to save before a stop (stopping.py)
     trainable = tune.with_resources(
         # a trial checks only that its own checkpoint fits: the guard, which sees every trial, keeps the others' room

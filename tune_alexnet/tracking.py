@@ -22,6 +22,9 @@ from .storage import is_remote
 TRACKED_METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "best_val_acc", "best_epoch",
                    "epochs_since_best", "train_time_s", "eval_time_s", "images_per_s")  # fmt: skip
 STEP = "training_iteration"  # Tune's step counter: the x axis each tracker plots against, not a metric of ours
+# MLflow's own patience with its server, which its defaults (120 s a try, 7 retries) stretch to a quarter of an hour:
+# its calls run in Tune's loop, which a stop waits on. Where the user sets them, theirs stand.
+MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 # The longest the end of a sweep waits for W&B to close its runs (Ray's default is its sync timeout, 30 min: a
 # stopped sweep would sit that long before writing its tables). Scalars only: a run closes in seconds.
 WANDB_CLOSE_S = 60
