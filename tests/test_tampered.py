@@ -703,9 +703,10 @@ LOAD_CASES = {
         _edit_weights(lambda t: torch.empty(t.shape, device="meta")),
         "tensor 'features.0.weight' is meta (no data), the network needs strided torch.float32",
     ),
-    "model.pt with a sparse tensor": (
+    "model.pt with a sparse tensor": (  # (its rebuilders, torch.Size among them, take iterables: a tensor's rows)
         _edit_weights(lambda t: t.to_sparse()),
-        "tensor 'features.0.weight' is sparse_coo torch.float32, the network needs strided torch.float32",
+        "model.pt was refused: it holds Python objects besides tensors, and loading them would run code "
+        "('torch._utils' is called: torch._utils._rebuild_sparse_tensor)",
     ),
     "model.pt with int8 weights": (
         _edit_weights(lambda t: t.to(torch.int8)),
@@ -760,6 +761,30 @@ LOAD_CASES = {
     "model.pt after a legacy torch file": (
         _legacy_before(BYTEARRAY),
         "model.pt was refused: it does not start as a zip archive (torch would read it in its legacy format)",
+    ),
+    # names torch's weights-only unpickler takes that compute from what they are given: Counter iterates a tensor (a
+    # stride-0 view of 2**31 rows from one stored number), a rebuilder copies one to another dtype (gigabytes)
+    "model.pt calling collections.Counter": (
+        _pickle(b"ccollections\nCounter\n)R."),
+        "model.pt was refused: it holds Python objects besides tensors, and loading them would run code "
+        "('collections' is called: collections.Counter)",
+    ),
+    "model.pt calling torch's copy to another dtype": (
+        _pickle(b"ctorch._utils\n_rebuild_device_tensor_from_cpu_tensor\n)R."),
+        "would run code ('torch._utils' is called: torch._utils._rebuild_device_tensor_from_cpu_tensor)",
+    ),
+    "model.pt of a nested tensor": (  # (whose shape raised a RuntimeError in the shape check)
+        _pickle(b"ctorch._utils\n_rebuild_nested_tensor\n)R."),
+        "would run code ('torch._utils' is called: torch._utils._rebuild_nested_tensor)",
+    ),
+    "model.pt of an OrderedDict made from an iterable": (
+        _pickle(b"ccollections\nOrderedDict\n]K\x01K\x02\x86a\x85R."),
+        "model.pt was refused: its pickle is not what torch.save writes",
+    ),
+    # lists filled after they were put into another: each seen 2 deep, 5,000 deep in all
+    "model.pt of lists filled from the outside in": (
+        _pickle(b"]q\x01q\x00" + b"h\x00]q\x00a0" * 5_000 + b"h\x01."),
+        "model.pt was refused: its pickle is not what torch.save writes",
     ),
     # 64 objects of about 1 KB, a tuple of two of the one before: hashing the last as a key takes 2**64 steps
     "model.pt keyed by a tuple of tuples 2**64 wide": (

@@ -53,7 +53,14 @@ WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip 
 PICKLE_LIMIT = 2**16  # bytes
 NESTING_LIMIT = 100  # containers inside containers (a resume state's: under 10)
 OBJECTS_LIMIT = 20_000  # objects it makes (a sweep's: a few thousand); each level of nesting is one, however made
-PICKLE_MODULES = ("torch", "collections")  # whose names a sweep's pickles call: tensors' rebuilders, OrderedDict
+# The names a sweep's pickles call (with torch's storage classes, dtypes and layouts, which they name): others that
+# torch's weights-only unpickler takes compute from what they are given (Counter iterates a tensor, one rebuilder
+# copies it to another dtype), and a 2 KB pickle asked for gigabytes through them.
+PICKLE_CALLS = (
+    "collections OrderedDict",
+    "torch._utils _rebuild_tensor_v2",
+    "torch._utils _rebuild_meta_tensor_no_storage",
+)
 
 
 def write(
@@ -364,11 +371,12 @@ def _torch_sees_otherwise(archive, raw: bytes) -> str | None:
 
 
 def pickle_problem(raw: bytes) -> str | None:
-    """Read op by op, none of it run: a call of a name outside PICKLE_MODULES, more objects than OBJECTS_LIMIT
-    (made, or reached: an object referenced twice counts twice, as whatever walks or hashes it goes through it
-    twice), or nesting past NESTING_LIMIT; None where none. (Each item on the pickle's stack is tracked as its
-    depth, its text where it is one, and how many objects it reaches; the memo holds the same items, so a container
-    filled after it was remembered is seen filled wherever it is referenced.)"""
+    """Read op by op, none of it run: a call of a name outside PICKLE_CALLS, more objects than OBJECTS_LIMIT (made,
+    or reached: an object referenced twice counts twice, as whatever walks or hashes it goes through it twice), or
+    nesting past NESTING_LIMIT; None where none. Each item on the pickle's stack is tracked as its depth, the name
+    it is where it is one, how many objects it reaches, and whether it is inside another yet: the pickler fills a
+    container before it puts it anywhere, so a pickle that fills one afterwards (its depth and count then untrue
+    wherever it was put) is not torch.save's."""
     import pickletools
 
     mark = object()
@@ -376,16 +384,17 @@ def pickle_problem(raw: bytes) -> str | None:
     memo: dict = {}
     made = 0
     fills = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}  # change the container below
+    not_torch = "its pickle is not what torch.save writes"
     try:
         for op, arg, _ in pickletools.genops(raw):
             name = op.name
-            if name in ("GLOBAL", "INST", "STACK_GLOBAL"):
-                module = arg.split(" ")[0] if arg else stack[-2][1]
-                if not isinstance(module, str) or module.split(".")[0] not in PICKLE_MODULES:
-                    return (
-                        f"it holds Python objects besides tensors, and loading them would run code ({module!r} is "
-                        "called)"
-                    )
+            if name in ("INST", "OBJ", "STACK_GLOBAL", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"):
+                return not_torch  # (torch.save's protocol 2 writes none of these; torch's unpickler takes none)
+            if name == "GLOBAL" and not _allowed_call(arg):
+                return (
+                    f"it holds Python objects besides tensors, and loading them would run code ({arg.split(' ')[0]!r} "
+                    f"is called: {arg.replace(' ', '.')})"
+                )
             if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
             elif name in ("GET", "BINGET", "LONG_BINGET"):
@@ -405,22 +414,38 @@ def pickle_problem(raw: bytes) -> str | None:
                     popped, stack = stack[below:], stack[:below]
                 if below < 0 or mark in popped:
                     raise IndexError
-                if name in fills:  # the container itself, changed: wherever it is referenced
-                    item = popped[0]
-                    item[0] = max(item[0], 1 + max((p[0] for p in popped[1:]), default=0))
-                    item[2] += sum(p[2] for p in popped[1:])
+                if name in fills:  # the container itself, changed: before it was put anywhere, or not torch.save's
+                    item, inside = popped[0], popped[1:]
+                    if item[3]:
+                        return not_torch
+                    item[0] = max(item[0], 1 + max((p[0] for p in inside), default=0))
+                    item[2] += sum(p[2] for p in inside)
                 else:
+                    inside = popped
+                    if name == "REDUCE" and popped[0][1] == "collections OrderedDict" and popped[1][2] != 1:
+                        return not_torch  # an OrderedDict made from an iterable (a tensor's rows), not filled
                     made += len(op.stack_after)
                     depth = 1 + max((p[0] for p in popped), default=0)
-                    item = [depth, arg if isinstance(arg, str) else None, 1 + sum(p[2] for p in popped)]
+                    item = [depth, arg if isinstance(arg, str) else None, 1 + sum(p[2] for p in popped), False]
+                for p in inside:
+                    p[3] = True
                 if item[0] > NESTING_LIMIT:
                     return f"its pickle nests objects more than {NESTING_LIMIT} deep"
                 if made > OBJECTS_LIMIT or item[2] > OBJECTS_LIMIT:
                     return f"its pickle makes, or reaches, more than {OBJECTS_LIMIT:,} objects"
                 stack += [item] * len(op.stack_after)
     except (ValueError, IndexError, KeyError, TypeError):  # pickletools' ValueError for garbage; what it lacks
-        return "its pickle is not what torch.save writes"
+        return not_torch
     return None
+
+
+def _allowed_call(name: str) -> bool:
+    """One of PICKLE_CALLS, or a storage class, dtype or layout of torch's (named, not computing anything)."""
+    module, _, attr = name.partition(" ")
+    if name in PICKLE_CALLS:
+        return True
+    value = getattr(torch, attr, None) if module == "torch" and attr.isidentifier() else None
+    return isinstance(value, torch.dtype | torch.layout) or (isinstance(value, type) and attr.endswith("Storage"))
 
 
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)  # one RGB image, height x width x channels
