@@ -402,6 +402,11 @@ def test_a_wandb_dir_anyone_could_write_is_refused_and_one_others_could_is_said(
     _check_wandb_dir()
     err = capsys.readouterr().err
     assert f"warning: WANDB_DIR={shared}: the W&B runs go into {shared}/wandb; {shared} is on the way, which " in err
+    # one not made yet: W&B would make it at its first run, minutes on, and another user could make it first
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    _check_wandb_dir()
+    made = (tmp_path / "mine" / "wandb").stat()
+    assert made.st_uid == os.getuid() and made.st_mode & 0o777 == 0o700 and not capsys.readouterr().err
 
 
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):

@@ -929,12 +929,19 @@ def check_trackers(s: SweepSettings) -> None:
 
 def _check_wandb_dir() -> None:
     """WANDB_DIR takes every trial's W&B run out of the experiment, into its wandb/ folder: one that anyone could
-    write is refused, as anyone could swap or read the runs there; one that others could is said."""
+    write is refused, as anyone could swap or read the runs there; one that others could is said. Where it does not
+    exist yet, it is made now, this user's alone."""
     given = os.environ.get("WANDB_DIR")
     if not given:
         return
     folder = Path(os.path.abspath(os.path.expanduser(given))) / "wandb"
+    made = not os.path.lexists(folder)  # W&B makes it only at its first run, minutes on: another user could, first
+    with contextlib.suppress(OSError):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     if open_to_all := cluster.open_to_all(folder):
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise PreflightError(
             f"WANDB_DIR={given}: {open_to_all[0]}, so anyone could swap or read the W&B runs written there; allowed: "
             f"a folder not open to all ({open_to_all[1]}), or WANDB_DIR unset (the runs go into the trials' folders)"
