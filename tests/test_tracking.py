@@ -407,6 +407,10 @@ def test_a_wandb_dir_anyone_could_write_is_refused_and_one_others_could_is_said(
     _check_wandb_dir()
     made = (tmp_path / "mine" / "wandb").stat()
     assert made.st_uid == os.getuid() and made.st_mode & 0o777 == 0o700 and not capsys.readouterr().err
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "fresh"))  # a sweep refused later leaves none behind
+    argv = ["sweep", "--data-dir", str(tmp_path / "no-data"), "--storage", str(tmp_path / "r"), "--wandb", "p"]
+    assert main(argv) == 2 and "no-data" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / "r").exists()
 
 
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):

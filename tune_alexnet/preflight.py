@@ -119,7 +119,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         if check_storage(root, exp_uri, s.resume, name):
             made.insert(0, exp_uri)  # removed again if the sweep is refused
-        check_trackers(s)
+        made[:0] = check_trackers(s)  # (a folder made for W&B, removed again too)
         address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
         given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
         import ray
@@ -915,33 +915,32 @@ def check_resume_data(s: SweepSettings, exp_uri: str, data: Cifar) -> None:
 # --- trackers ----------------------------------------------------------------------------------------------
 
 
-def check_trackers(s: SweepSettings) -> None:
+def check_trackers(s: SweepSettings) -> list[str]:
     """A requested tracker whose package is missing, whose server cannot be reached or, for W&B, that has no API
-    key: Ray itself would only fail once the sweep had started."""
+    key: Ray itself would only fail once the sweep had started. The folders made for one, deepest first."""
     if s.mlflow is not None:
         _need("mlflow", "--mlflow")
         _check_mlflow_uri(s.mlflow)
     if s.wandb is not None:
         _need("wandb", "--wandb")
         _check_wandb_key()
-        _check_wandb_dir()
+        return _check_wandb_dir()
+    return []
 
 
-def _check_wandb_dir() -> None:
+def _check_wandb_dir() -> list[str]:
     """WANDB_DIR takes every trial's W&B run out of the experiment, into its wandb/ folder: one that anyone could
     write is refused, as anyone could swap or read the runs there; one that others could is said. Where it does not
     exist yet, it is made now, this user's alone."""
     given = os.environ.get("WANDB_DIR")
     if not given:
-        return
+        return []
     folder = Path(os.path.abspath(os.path.expanduser(given))) / "wandb"
-    made = not os.path.lexists(folder)  # W&B makes it only at its first run, minutes on: another user could, first
+    made = missing_folders(str(folder))  # W&B makes it only at its first run, minutes on: another user could, first
     with contextlib.suppress(OSError):
         os.makedirs(folder, mode=0o700, exist_ok=True)
     if open_to_all := cluster.open_to_all(folder):
-        if made:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        remove_empty(made)
         raise PreflightError(
             f"WANDB_DIR={given}: {open_to_all[0]}, so anyone could swap or read the W&B runs written there; allowed: "
             f"a folder not open to all ({open_to_all[1]}), or WANDB_DIR unset (the runs go into the trials' folders)"
@@ -949,6 +948,7 @@ def _check_wandb_dir() -> None:
     if others := cluster.others_on_the_way(folder):
         settings.say(f"tune-alexnet: warning: WANDB_DIR={given}: the W&B runs go into {folder}; {others[0]} is on "
                      f"the way, which {others[1]}, so they could swap or read them")  # fmt: skip
+    return made
 
 
 def _need(package: str, flag: str) -> None:
