@@ -937,8 +937,9 @@ def _check_wandb_dir() -> list[str]:
         return []
     folder = Path(os.path.abspath(os.path.expanduser(given))) / "wandb"
     made = missing_folders(str(folder))  # W&B makes it only at its first run, minutes on: another user could, first
-    with contextlib.suppress(OSError):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+    with contextlib.suppress(OSError):  # (folder by folder, as storage paths are: a deep one ran past the stack)
+        make_folders(folder.parent)
+        os.mkdir(folder, 0o700)
     if open_to_all := cluster.open_to_all(folder):
         remove_empty(made)
         raise PreflightError(
