@@ -1909,6 +1909,7 @@ PATIENT_2_S = (  # the command line with a bucket's time limit of 2 s, not 15
 )
 
 
+@pytest.mark.slow  # waits out the limits
 def test_a_bucket_that_stalls_mid_read_or_mid_write_ends_the_command_in_one_line_keeping_the_tables(
     mixed_experiment, tmp_path, monkeypatch
 ):

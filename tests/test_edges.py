@@ -87,6 +87,7 @@ def test_help_says_bf16_autocasts_on_the_cpu_too(capsys):
     assert "autocast, on CUDA and on the CPU alike" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow  # waits out the limit
 @pytest.mark.timeout(60, func_only=True)  # it hung for more than 300 s
 def test_load_model_from_a_bucket_without_credentials_fails_within_the_export_limit(monkeypatch):
     from tune_alexnet import storage

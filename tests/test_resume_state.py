@@ -488,6 +488,7 @@ def test_a_state_naming_a_replaced_checkpoint_points_the_trial_at_its_newest_kep
     assert point_at_kept_checkpoints(str(exp)) is None  # every named checkpoint is there now
 
 
+@pytest.mark.slow  # a resume in a new driver, which starts its own Ray
 @pytest.mark.parametrize("recorded", ["replaced", "kept"])
 def test_a_trial_whose_final_result_was_not_saved_resumes_to_its_end_and_its_row_is_rebuilt(mixed_experiment,
                                                                                              tmp_path, recorded):  # fmt: skip

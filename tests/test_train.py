@@ -49,7 +49,7 @@ def test_overfits_one_small_batch(small, tmp_path):
         small.train_x[:20], small.train_y[:20], small.train_x[:20], small.train_y[:20], small.classes, "one batch"
     )
     rec = Recorder(tmp_path)
-    train_cifar({**BASE, "batch_size": 20, "augment": False, "epochs": 40, "patience": 100, "lr": 0.02}, one_batch, rec)
+    train_cifar({**BASE, "batch_size": 20, "augment": False, "epochs": 14, "patience": 100, "lr": 0.02}, one_batch, rec)
     losses = [m["train_loss"] for m in rec.metrics]
     assert losses[-1] < 0.25 * losses[0], losses
     assert rec.metrics[-1]["best_val_acc"] >= 90.0
