@@ -294,6 +294,38 @@ def test_export_and_report_into_a_place_that_cannot_be_written(mixed_experiment,
     assert capsys.readouterr().err.count("which a group of other users can write (mode 0770") == 1
 
 
+def test_an_out_or_storage_through_a_link_another_user_owns_is_said(mixed_experiment, synthetic_dir, tmp_path, capsys):
+    """The checks of the way to --out and --storage looked at the path with its links resolved: a link of another
+    user's, which they may point at any folder of the user's, was never named, and the tables went where it led."""
+    path, _ = mixed_experiment
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    link = tmp_path / "theirs"
+    link.symlink_to(mine)
+    os.lchown(link, 65534, 65534)
+    for command in ("export", "report"):
+        assert main([command, path, "--out", str(link / command)]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: {link / command} lies in {link}, which another user owns (uid 65534)" in err, err
+    lines = exit_2_lines(["sweep", "--data-dir", str(synthetic_dir), *TINY, "--storage", str(link / "results"),
+                          "--mlflow", "http://127.0.0.1:1"], capsys, 2)  # fmt: skip
+    assert f"warning: --storage {link / 'results'} lies in {link}, which another user owns (uid 65534)" in lines[0]
+    assert "--mlflow http://127.0.0.1:1" in lines[1], lines
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_a_report_md_of_backticks_in_out_is_read_in_one_pass(mixed_experiment, tmp_path, capsys):
+    """Which experiment a report in --out is of was read with a regular expression that took hours over a line of
+    backticks."""
+    path, _ = mixed_experiment
+    for command in ("export", "report"):
+        out = tmp_path / command
+        out.mkdir()
+        (out / "report.md").write_bytes(b"Experiment " + b"`" * 65_536)
+        assert main([command, path, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert (out / "results.parquet").is_file() if command == "export" else (out / "report.html").is_file()
+
+
 @pytest.fixture
 def damaged(mixed_experiment, tmp_path):
     """A copy of a finished experiment, to break."""

@@ -178,3 +178,22 @@ def test_tunes_traceback_for_a_state_it_could_not_save_to_a_full_disk_is_left_to
 
     assert not shown(OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"))
     assert shown(RuntimeError("something else"))  # a writable folder with room: Tune's own words are shown
+
+
+def test_a_stopped_workers_ignored_exit_stays_off_the_console_and_in_driver_log(capsys):
+    """A worker stopped while it started up (before the trial's own quiet exit was in place) printed Python's
+    'Exception ignored' block for the SystemExit of Ray's SIGTERM handler: a traceback on the console."""
+    from tune_alexnet.console import RayLines
+
+    block = ["Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f>", "Traceback (most recent "
+             "call last):", '  File "weakref.py", line 38, in _remove', "    def _remove(item, selfref=ref(self)):",
+             '  File "worker.py", line 1, in sigterm_handler', "    sys.exit(signal.SIGTERM)", "SystemExit: 15"]  # fmt: skip
+    lines = RayLines(quiet=False)
+    lines.worker_lines({"lines": ["before", *block[:3]], "pid": 7, "task_name": "train_cifar"})
+    lines.worker_lines({"lines": [*block[3:], "after"], "pid": 7, "task_name": "train_cifar"})
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out and "Traceback" not in out and "SystemExit" not in out, out
+    assert sum("SystemExit: 15" in line for line in lines.kept) == 1  # driver.log keeps it
+    other = [*block[:-1], "ValueError: a worker's own error"]
+    lines.worker_lines({"lines": other, "pid": 8, "task_name": "train_cifar"})
+    assert capsys.readouterr().out.count("\n") == len(other)  # another error is shown whole

@@ -277,6 +277,12 @@ LOCAL_RAY_CASES = {
                                         "byte 0xc3 at 1"),
     "a relative HOME": (None, {"HOME": "relhome"}, "Ray's token relhome/.ray/auth_token is a relative path (HOME or "
                         "RAY_AUTH_TOKEN_PATH is); allowed: an absolute path"),
+    # Ray takes blank space for a folder's name, in the working folder: the checks looked at the user's own home
+    "a HOME of blank space": (None, {"HOME": "  "}, "Ray's token   /.ray/auth_token is a relative path (HOME or "),
+    "a RAY_TMPDIR of blank space": (None, {"RAY_TMPDIR": " "}, "RAY_TMPDIR=' ' is a relative path; allowed: an "
+                                    "absolute path, or RAY_TMPDIR unset"),
+    "a relative kernel cache": (None, {"TORCHINDUCTOR_CACHE_DIR": "kc"}, "TORCHINDUCTOR_CACHE_DIR='kc' is a relative "
+                                "path"),
     "Kubernetes' tokens asked for": (None, {"RAY_ENABLE_K8S_TOKEN_AUTH": "1"}, "RAY_ENABLE_K8S_TOKEN_AUTH=1 asks for "
                                      "Kubernetes token authentication, which only a Ray cluster on Kubernetes"),
     "a TMPDIR whose name is not UTF-8": (_tmpdir_not_utf8, {"TMPDIR": "{d}/t\udcff"}, "Ray's session folder cannot "
@@ -315,20 +321,23 @@ def test_the_local_rays_settings_are_refused_before_the_data_is_looked_for(tmp_p
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("given", ["", "  "], ids=["empty", "blank"])
-def test_an_empty_home_is_the_users_own_as_ray_finds_it_not_the_root_folder(monkeypatch, given):
+def test_an_empty_home_is_the_users_own_as_ray_finds_it_not_the_root_folder(monkeypatch):
     """Ray's token loader takes the password database's home for an empty HOME; Python takes /: the token the
-    checks looked at was not the one Ray used, and the image cache went to /.cache."""
+    checks looked at was not the one Ray used, and the image cache went to /.cache. A HOME of blank space Ray
+    takes as given, a folder in the working folder: the checks took the user's own, and passed a token there that
+    another user had planted."""
     import pwd
 
     from tune_alexnet import cluster, data
 
     own = Path(pwd.getpwuid(os.getuid()).pw_dir)
-    monkeypatch.setenv("HOME", given)
-    for name in ("RAY_AUTH_TOKEN_PATH", "TUNE_ALEXNET_CACHE", "XDG_CACHE_HOME"):
+    monkeypatch.setenv("HOME", "")
+    for name in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "TUNE_ALEXNET_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     assert cluster.token_path() == own / ".ray" / "auth_token"
     assert data.user_cache_dir() == own / ".cache" / "tune-alexnet"
+    monkeypatch.setenv("HOME", "  ")
+    assert cluster.token_path() == Path("  /.ray/auth_token") and "is a relative path" in cluster.token_problem()
 
 
 def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_said(open_dir, monkeypatch, capsys):

@@ -118,16 +118,20 @@ TAMPERED = {
     "an exp_avg of one shared number": lambda s: s["optimizer"]["state"][0].update(
         exp_avg=torch.zeros(1).expand(s["optimizer"]["state"][0]["exp_avg"].shape)
     ),
+    # a dictionary keyed by a tensor of 6**10 numbers kept in one: the checks spelled the key whole (minutes, GBs)
+    "a tensor as a key": lambda s: s["counters"].update({torch.zeros(1).expand(*(6,) * 10): 0}),
 }
+UNREAD = ("sparse weights", "a tensor as a key")  # refused as the pickle is read: torch.save never writes them
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", TAMPERED)
 def test_a_tampered_state_is_passed_over_for_the_previous_one_with_one_line(runs, tmp_path, caplog, case):
     with caplog.at_level(logging.WARNING, logger="tune_alexnet.train"):
         metrics = resumed_from(runs, tmp_path, TAMPERED[case])
     same_epochs(metrics, runs[1][1:])  # from epoch 1's state: epoch 2 trained again, the same numbers
     lines = [r.getMessage() for r in caplog.records]
-    why = "is unreadable" if case == "sparse weights" else "does not fit this trial"  # (its rebuilder not let in)
+    why = "is unreadable" if case in UNREAD else "does not fit this trial"
     assert len(lines) == 1 and why in lines[0] and "ckpt_2" in lines[0], lines
 
 
@@ -146,6 +150,20 @@ def test_an_odd_stray_stop_state_is_passed_over_for_the_state_tune_recorded(runs
     train_cifar(CONFIG, data, record(metrics), checkpoint_from=[(stray,), copy / "ckpt_2", copy / "ckpt_1"],
                 runtime=EVERY_EPOCH)  # fmt: skip
     same_epochs(metrics, runs[1][2:])  # from epoch 2's state, which Tune recorded
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_stop_state_whose_epoch_is_6_to_the_10_numbers_in_one_is_passed_over_at_once(runs, tmp_path):
+    """Where Tune recorded nothing, a stop's state is passed over with a line naming its epoch: one that was a
+    tensor of 6**10 numbers (a stride of 0 keeps them in one) was spelled whole, for minutes."""
+    data, straight, folder = runs
+    stray = shutil.copytree(folder / "ckpt_2", tmp_path / "ckpt_3")
+    state = torch.load(stray / TRAINER_FILE, weights_only=True)
+    state.update(counters={"epoch": torch.zeros(1).expand(*(6,) * 10)}, position={"epoch": 3, "steps": 1})
+    torch.save(state, stray / TRAINER_FILE)
+    metrics: list = []
+    train_cifar(CONFIG, data, record(metrics), checkpoint_from=[(stray,)], runtime=EVERY_EPOCH)
+    same_epochs(metrics, straight)  # afresh
 
 
 def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplog):

@@ -52,6 +52,49 @@ def test_only_awss_notice_counts_as_one(imds):
     notice = {"action": "terminate", "time": "2026-12-04T12:00:00Z"}
     answer["notice"] = (200, json.dumps(notice).encode())
     assert reader.notice() == notice
+    answer["notice"] = (200, b"[" * 4000)  # nested past Python's stack: a RecursionError ended the watcher
+    assert reader.notice() is None
+
+
+@pytest.mark.timeout(60)
+def test_the_watcher_outlives_an_odd_answer_and_a_notice_the_node_outlives(imds, monkeypatch):
+    """A notice read that raised ended the watcher's thread, which then missed every later notice; a notice kept
+    up past the node's end (the service's, stale) held the trial, waiting for an end that never came, for ever."""
+    from tune_alexnet import stopping
+
+    url, answer = imds
+    monkeypatch.setattr(stopping, "SPOT_POLL_S", 0.1)
+    monkeypatch.setattr(stopping, "SPOT_HOLD_S", 1.0)
+    raised = []
+
+    def once_odd(self, notice=NoticeReader.notice):
+        if not raised:
+            raised.append(1)
+            raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
+        return notice(self)
+
+    monkeypatch.setattr(NoticeReader, "notice", once_odd)
+    stale = {"action": "stop", "time": "2001-01-01T00:00:00Z"}
+    answer["notice"] = (200, json.dumps(stale).encode())
+    watch = TrialWatch(None, url)
+    try:
+        deadline = time.monotonic() + 10
+        while watch.requested() != stopping.SPOT and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert raised and watch.requested() == stopping.SPOT
+        start = time.monotonic()
+        watch.hold()  # the trial saved its state: it waits for the node to go, as long as that may take
+        assert 1.0 <= time.monotonic() - start < 5 and watch.requested() is None
+        time.sleep(0.5)
+        assert watch.requested() is None  # the same notice: heeded no more
+        fresh = {"action": "terminate", "time": "2026-12-06T12:00:00Z"}
+        answer["notice"] = (200, json.dumps(fresh).encode())
+        deadline = time.monotonic() + 10
+        while watch.requested() != stopping.SPOT and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watch.requested() == stopping.SPOT and watch.notice == fresh  # a new one is
+    finally:
+        watch.close()
 
 
 @pytest.fixture

@@ -722,6 +722,14 @@ LOAD_CASES = {
         ),  # fmt: skip
         "model.pt does not hold the weights of the network model.json describes: tensor 'zz' is not one of",
     ),
+    # a tensor of 6**10 numbers kept in one (a stride of 0) as a key: it was spelled whole (minutes, gigabytes)
+    "model.pt keyed by a tensor": (
+        lambda d: torch.save(
+            {**torch.load(d / "model.pt", weights_only=True), torch.zeros(1).expand(*(6,) * 10): torch.zeros(1)},
+            d / "model.pt",
+        ),
+        "model.pt was refused: its pickle is not what torch.save writes",
+    ),
     "model.pt a pickle that runs code": (
         lambda d: torch.save({"features.0.weight": Path("/")}, d / "model.pt"),
         "model.pt was refused: it holds Python objects besides tensors, and loading them would run code",
@@ -806,6 +814,17 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     message = str(refused.value)
     assert type(refused.value).__name__ == "CheckpointError" and "\n" not in message, message
     assert str(ckpt) in message and needle in message, message
+
+
+@pytest.mark.parametrize("metadata", [5, {"": "x"}])
+def test_a_checkpoint_whose_module_versions_are_odd_loads_its_weights_all_the_same(ckpt, metadata):
+    """torch.save records module versions in the state's _metadata, and torch's loaders used whatever a file put
+    there: a traceback from deep inside them."""
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    state._metadata = metadata
+    torch.save(state, ckpt / "model.pt")
+    model = checkpoint.load_model(ckpt)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("raw", [b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", b"}K\x00" + b"\x85" * 300_000 + b"K\x01s."],

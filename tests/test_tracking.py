@@ -364,6 +364,28 @@ def test_an_mlflow_server_dripping_its_answer_is_refused_within_the_probes_limit
     assert err.count("\n") == 1 and f"cannot be reached (no answer within {TRACKER_TIMEOUT_S:g} s)" in err, err
 
 
+@pytest.mark.timeout(60)
+def test_each_mlflow_call_is_bounded_whole_and_given_up_on_once(monkeypatch):
+    """MLflow's timeout bounds each read: a server dripping its answer held Tune's loop (MLflow's callbacks run in
+    it) for ever, and a stop with it. Given up on, the server is asked nothing more, but a resume asks anew."""
+    from ray import cloudpickle  # as Tune keeps its callbacks with the experiment
+
+    from tune_alexnet import tracking
+
+    monkeypatch.setattr(tracking, "MLFLOW_CALL_S", 2.0)
+    with slow_server(stall_all_but_health=False) as port:
+        callback = tracking._mlflow_callback_class()(f"http://bob:pw@127.0.0.1:{port}", experiment_name="x")
+        start = time.monotonic()
+        with pytest.raises(TimeoutError) as gave_up:
+            callback.setup()  # Ray's: it looks for the experiment, and the answer drips
+        assert time.monotonic() - start < 5
+        assert str(gave_up.value) == f"MLflow at http://bob:***@127.0.0.1:{port} gave no answer within 2 s"
+        start = time.monotonic()
+        callback.log_trial_result(1, "a trial", {"training_iteration": 1})  # asked nothing more
+        assert time.monotonic() - start < 0.5
+        assert not getattr(cloudpickle.loads(cloudpickle.dumps(callback)), "_gave_up", False)
+
+
 @pytest.mark.slow
 def test_an_mlflow_server_that_stops_answering_ends_the_sweep_in_one_line_within_a_minute(tmp_path, synthetic_dir):
     """A server answering its health check, then nothing: MLflow's defaults (120 s a try, 7 retries) held the

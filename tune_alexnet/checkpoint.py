@@ -31,7 +31,7 @@ from .augment import normalize, prepare_eval
 from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES, RedactedError
-from .storage import JSON_LIMIT, RefusedFile, first_line, list_folder, open_file, reach, read_json, shown
+from .storage import JSON_LIMIT, RefusedFile, brief, first_line, list_folder, open_file, reach, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
 MODEL_ARGS_FILE = "model.json"  # AlexNet's arguments, so the folder alone rebuilds the network
@@ -121,7 +121,10 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
         expected = AlexNet(**args).state_dict()
     state = _read_weights(fs, base, label, expected, device)
     model = AlexNet(**args)
-    model.load_state_dict(state)
+    # A plain dict, without the _metadata attribute a file may set to anything (torch's loaders then raised deep
+    # inside): it records module versions, and the current ones' tensors, which every file of a sweep holds, load
+    # the same without it.
+    model.load_state_dict(dict(state))
     model.classes = classes or tuple(str(i) for i in range(NUM_CLASSES))  # none recorded: each output's index
     return model.to(device).eval()
 
@@ -267,8 +270,8 @@ def _shape_problem(state, expected: dict) -> str | None:
             return f"tensor {name!r} is {kind}, the network needs strided {want.dtype}"
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             return f"tensor {name!r} holds values that are not finite (NaN or infinity)"
-    extra = sorted(set(state) - set(expected), key=repr)  # keys of any type: 1 beside 'x' cannot be ordered
-    return f"tensor {extra[0]!r} is not one of the network's" if extra else None
+    extra = sorted(set(state) - set(expected), key=brief)  # keys of any type: 1 beside 'x' cannot be ordered
+    return f"tensor {brief(extra[0])} is not one of the network's" if extra else None
 
 
 def _check_archive(f, limit: int, where: str) -> None:
@@ -374,11 +377,15 @@ def pickle_problem(raw: bytes) -> str | None:
     """Read op by op, none of it run: a call of a name outside PICKLE_CALLS, more objects than OBJECTS_LIMIT (made,
     or reached: an object referenced twice counts twice, as whatever walks or hashes it goes through it twice), or
     nesting past NESTING_LIMIT; None where none. Each item on the pickle's stack is tracked as its depth, the name
-    it is where it is one, how many objects it reaches, and whether it is inside another yet: the pickler fills a
-    container before it puts it anywhere, so a pickle that fills one afterwards (its depth and count then untrue
-    wherever it was put) is not torch.save's."""
+    it is where it is one, how many objects it reaches, whether it is inside another yet (the pickler fills a
+    container before it puts it anywhere, so a pickle that fills one afterwards, its depth and count then untrue
+    wherever it was put, is not torch.save's) and whether it is a plain value: a dictionary's keys are (a tensor
+    as a key had Python format it whole, hours for a large one that a stride of 0 kept small in the file)."""
     import pickletools
 
+    plain = {pickletools.pyint, pickletools.pylong, pickletools.pyinteger_or_bool, pickletools.pybool,
+             pickletools.pyfloat, pickletools.pystring, pickletools.pybytes, pickletools.pybytes_or_str,
+             pickletools.pyunicode, pickletools.pynone}  # fmt: skip
     mark = object()
     stack: list = []
     memo: dict = {}
@@ -416,7 +423,7 @@ def pickle_problem(raw: bytes) -> str | None:
                     raise IndexError
                 if name in fills:  # the container itself, changed: before it was put anywhere, or not torch.save's
                     item, inside = popped[0], popped[1:]
-                    if item[3]:
+                    if item[3] or (name in ("SETITEM", "SETITEMS") and not all(key[4] for key in inside[::2])):
                         return not_torch
                     item[0] = max(item[0], 1 + max((p[0] for p in inside), default=0))
                     item[2] += sum(p[2] for p in inside)
@@ -424,9 +431,12 @@ def pickle_problem(raw: bytes) -> str | None:
                     inside = popped
                     if name == "REDUCE" and popped[0][1] == "collections OrderedDict" and popped[1][2] != 1:
                         return not_torch  # an OrderedDict made from an iterable (a tensor's rows), not filled
+                    if name == "DICT" and not all(key[4] for key in popped[::2]):
+                        return not_torch
                     made += len(op.stack_after)
                     depth = 1 + max((p[0] for p in popped), default=0)
-                    item = [depth, arg if isinstance(arg, str) else None, 1 + sum(p[2] for p in popped), False]
+                    value = not popped and bool(op.stack_after) and op.stack_after[0] in plain
+                    item = [depth, arg if isinstance(arg, str) else None, 1 + sum(p[2] for p in popped), False, value]
                 for p in inside:
                     p[3] = True
                 if item[0] > NESTING_LIMIT:

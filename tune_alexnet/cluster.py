@@ -73,6 +73,16 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
 
 
+def relative_folder_problem() -> str | None:
+    """A folder for the local Ray's processes given as a relative path (blank space is one): each would keep its
+    files below whatever folder it runs in, the working folder of the command among them."""
+    for name, ours in ((RAY_TMPDIR, _ray_tmpdir), (KERNEL_CACHE, _kernel_cache)):
+        value = os.environ.get(name)
+        if value and value != ours and not os.path.isabs(value):
+            return f"{name}={value!r} is a relative path; allowed: an absolute path, or {name} unset"
+    return None
+
+
 def private_kernel_cache() -> None:
     """In a trial's process, torch's kernel cache in this user's private folder unless the user named one: on a
     cluster joined with --address the driver's environment does not reach the trials, and torch's default

@@ -252,6 +252,7 @@ class RayLines(logging.Filter):
         self.upload_to: str | None = None
         self.local_copy: str | None = None
         self.ray_forwarding = None  # Ray's own handler of worker output, put back on exit
+        self.held: dict = {}  # pid -> the lines so far of a worker's "Exception ignored" block
 
     def __enter__(self) -> RayLines:
         import ray  # noqa: F401  (importing Ray sets up its logger and handler)
@@ -304,11 +305,32 @@ class RayLines(logging.Filter):
             self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} WORKER {prefix} {line}")
         if self.quiet or any(hidden in name for hidden in HIDDEN_WORKERS):
             return
+        lines = self._without_ignored_exit(data.get("pid"), lines)
         shown = [line for line in lines if line.strip() and not any(h in line for h in HIDDEN_WORKER_LINES)]
         if shown:
             with contextlib.suppress(OSError):
                 print("\n".join(f"{prefix} {line}" for line in shown),
                       file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)  # fmt: skip
+
+    def _without_ignored_exit(self, pid, lines: list[str]) -> list[str]:
+        """`lines` but a block Python prints when Ray's SIGTERM handler raised SystemExit inside a garbage
+        collector's callback ("Exception ignored in ...", a traceback, "SystemExit: 1"), which a stopped worker
+        still starting up shows before the trial's own quiet exit is in place (ray_hooks.quiet_exit_on_sigterm).
+        A block may come in several batches; one that ends in another exception is shown whole."""
+        held, shown = self.held.pop(pid, []), []
+        for line in lines:
+            if not held and not line.startswith("Exception ignored in"):
+                shown.append(line)
+                continue
+            held.append(line)
+            if line.startswith("SystemExit"):
+                held = []
+            elif not line.startswith(("Exception ignored in", "Traceback (most recent call last)", " ")):
+                shown += held  # the block's last line, another exception's
+                held = []
+        if held:
+            self.held[pid] = held
+        return shown
 
     def filter(self, record: logging.LogRecord) -> bool:
         plain = ANSI.sub("", record.getMessage())

@@ -859,9 +859,7 @@ class Output:
                     head = f.read(REPORT_HEAD)
             except (OSError, ValueError):
                 head = b""
-            named = re.search(rb"^Experiment (`+)([^\n]+?)\1:", head, re.MULTILINE)  # report.code_span
-            found = named and named[2].decode("utf-8", "replace")
-            found = found[1:-1] if found and len(named[1]) > 1 else found  # a longer fence has a space inside
+            found = _named_in_report(head)
         return found if isinstance(found, str) else None
 
     def check_holds_no_other(self, exp: Experiment) -> None:
@@ -1000,6 +998,21 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:,.2f} MB"
 
 
+def _named_in_report(head: bytes) -> str | None:
+    """The experiment a report's opening line names in its code span (report.code_span), read in one pass over each
+    line: a regular expression with a back-reference took hours over a line of 64 KiB of backticks."""
+    for line in head.split(b"\n"):
+        if not line.startswith(b"Experiment `"):
+            continue
+        span = line[len(b"Experiment ") :]
+        width = len(span) - len(span.lstrip(b"`"))
+        end = span.find(b"`" * width + b":", width + 1)
+        if end > width:
+            found = span[width:end].decode("utf-8", "replace")
+            return found[1:-1] if width > 1 else found  # a longer fence has a space inside
+    return None
+
+
 @contextmanager
 def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     """A folder to write `exp`'s tables, report or page into, held for this writer alone. A local folder it had to
@@ -1010,15 +1023,17 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     given = os.fspath(out)
     out = storage_uri(given)
     if not is_remote(out):  # its links resolved once a process: see open_folder
-        given = os.path.expanduser(given)  # the path as given, not made normal: a/link/.. and a/. are two places
-        out = _real.setdefault(given if os.path.isabs(given) else os.path.join(os.getcwd(), given), out)
-        _check_path_to(out, warn=False)
+        # the path as given, not made normal (a/link/.. and a/. are two places), its links kept: whoever owns one of
+        # them chose where the tables go
+        given = os.path.join(os.getcwd(), os.path.expanduser(given))
+        out = _real.setdefault(given, out)
+        _check_path_to(given, warn=False)
         made = missing_folders(out)
         folder = fd = None
         try:
             try:
                 make_folders(out)
-                _check_path_to(out)  # with the folders made meanwhile
+                _check_path_to(given)  # with the folders made meanwhile
                 folder = open_folder(out)
                 _probe(folder)
             except OSError as exc:

@@ -101,8 +101,10 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         raise PreflightError(f"a setting is out of bounds: {exc}") from None
     root = storage_uri(s.storage)
     check_scheme(root, "--storage")
+    # The path as given, its links kept: whoever owns one of them chose where the experiment goes
+    given = os.path.join(os.getcwd(), os.path.expanduser(s.storage))
     if not is_remote(root):  # before the storage is read, or the lock file made through it
-        check_path_to(root, warn=False)
+        check_path_to(given, warn=False)
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
     made = [] if is_remote(root) else missing_folders(root)  # removed again if the sweep is refused
@@ -115,7 +117,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     try:
         exp_uri = experiment_uri(root, name)
         if not is_remote(root):  # again, with the folders made meanwhile; before a resume reads anything of it
-            check_path_to(root)
+            check_path_to(given)
         s = resume_settings(s, root, name) if s.resume else dataclasses.replace(s, name=name)
         if check_storage(root, exp_uri, s.resume, name):
             made.insert(0, exp_uri)  # removed again if the sweep is refused
@@ -1336,7 +1338,7 @@ def check_ray_settings(address: str, given_as: str) -> None:
     if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
         raise PreflightError(f"{given_as} {problem}")
     if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
-        problem = cluster.auth_mode_problem() or cluster.token_problem()
+        problem = cluster.auth_mode_problem() or cluster.token_problem() or cluster.relative_folder_problem()
         if problem:
             raise PreflightError(problem)
 

@@ -21,11 +21,11 @@ import stat
 import tempfile
 import time
 from pathlib import Path
-from reprlib import repr as brief  # a state's values in a line: bounded, whatever they hold
 
 import torch
 
 from .settings import METRIC, OPTIMIZERS
+from .storage import brief  # a state's values in a line: bounded, whatever they hold
 
 PARTS = ("model", "optimizer", "generator", "torch_rng", "counters")
 # Settings of a param group that say how the optimizer computes, not what: they may differ between two runs of
@@ -88,7 +88,7 @@ def _odd_tensor(value) -> str | None:
             seen.add(id(value))
             items = list(value.items() if isinstance(value, dict) else enumerate(value))
             todo += [
-                (item, f"{where} {key if isinstance(key, str | int) else brief(key)}".strip())
+                (item, f"{where} {key if isinstance(key, str) else brief(key)}".strip())
                 for key, item in reversed(items)
             ]
     return None

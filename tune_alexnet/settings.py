@@ -287,10 +287,11 @@ _FRAGMENT = re.compile(r"(:[/\\]+[^#\s]*)#(\S+?)(?=[:,.;'\")]*(?:\s|$))")  # a f
 
 
 def home() -> Path:
-    """The home folder as Ray's own token loader finds it: HOME where it is set and not blank, else this user's
-    entry in the password database (Python alone would take an empty HOME for /)."""
+    """The home folder as Ray's own token loader finds it: HOME where it is set and not empty (blank space too, a
+    relative path the token checks refuse), else this user's entry in the password database (Python alone would
+    take an empty HOME for /)."""
     given = os.environ.get("HOME", "")
-    if given.strip():
+    if given:
         return Path(given)
     import pwd
 

@@ -72,7 +72,7 @@ class NoticeReader:
             return None
         try:
             notice = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
             notice = None
         # AWS's notice names what it will do: a body without one (an empty page, a proxy's HTML) is no notice
         is_notice = isinstance(notice, dict) and notice.get("action") in ("terminate", "stop", "hibernate")

@@ -17,6 +17,7 @@ in the same way, on its own; when the node is gone, Tune restarts it elsewhere f
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -31,12 +32,16 @@ from .settings import say
 STOP_WAIT_S = 60.0  # the longest a stop waits for the running trials' saved states
 POLL_S = 0.5  # how often a trial looks at the stop flag
 SPOT_POLL_S = 5.0  # how often a trial on a node with a metadata service asks for a notice (AWS's advice)
+# The longest a trial waits after a spot notice: AWS takes the node 2 minutes after its notice, so a node that
+# outlives one by this much was given a stale one (a service that keeps a past notice up).
+SPOT_HOLD_S = 300.0
 KV_NAMESPACE = "tune_alexnet"
 SAVED_FOR = "saved_for"  # a result key: why the trial saved its state and waits ("stop" or "spot")
 STOP, SPOT = "stop", "spot"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _active: SaveFirst | None = None  # the driver's stop in progress, if any (one sweep a process)
+log = logging.getLogger(__name__)
 
 
 def heeded(signals) -> tuple:
@@ -193,6 +198,7 @@ class TrialWatch:
         self.reader = spot.NoticeReader(imds) if imds else None
         self.reason: str | None = None
         self.notice: dict | None = None  # the node's spot notice, as last read
+        self.outlived: dict | None = None  # a notice the node outlived by SPOT_HOLD_S: heeded no more
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tune-alexnet-watch", daemon=True)
         if key or self.reader:
@@ -201,12 +207,18 @@ class TrialWatch:
             threading.Thread(target=self._ask_spot, name="tune-alexnet-spot", daemon=True).start()
 
     def requested(self) -> str | None:
-        return self.reason
+        return None if self.reason == SPOT and self.notice == self.outlived else self.reason
 
     def hold(self) -> None:
         """Wait after a saved state while its reason lasts: until the sweep stops this trial or the node goes.
-        Should the reason pass (a notice withdrawn), training goes on from the saved state, in this process."""
-        while self.reason is not None and not self.closed.is_set():
+        Should the reason pass (a notice withdrawn, or one the node outlives by SPOT_HOLD_S), training goes on
+        from the saved state, in this process."""
+        since = time.monotonic()
+        while self.requested() is not None and not self.closed.is_set():
+            if self.reason == SPOT and time.monotonic() - since > SPOT_HOLD_S:
+                self.outlived = self.notice
+                log.warning("the node outlived its spot notice %s by %g s; training goes on", self.notice, SPOT_HOLD_S)
+                return
             time.sleep(POLL_S / 2)
 
     def close(self) -> None:
@@ -220,7 +232,11 @@ class TrialWatch:
 
     def _ask_spot(self) -> None:
         while not self.closed.is_set():
-            self.notice = self.reader.notice()
+            try:
+                self.notice = self.reader.notice()
+            except Exception as exc:  # noqa: BLE001 - whatever the service sent: a watcher that died would miss a real one
+                log.warning("the spot notice could not be read (%s); asking again", type(exc).__name__)
+                self.notice = None
             self.closed.wait(SPOT_POLL_S)
 
 

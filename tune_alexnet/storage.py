@@ -18,6 +18,7 @@ import stat
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from reprlib import Repr
 
 SCHEMES = ("s3", "gs")  # bucket URIs a sweep, export and report accept (through pyarrow's filesystems)
 
@@ -433,3 +434,17 @@ def shown(value) -> str:
         return f"a {'list' if isinstance(value, list) else 'JSON object'} ({len(value)} items)"
     text = json.dumps(value) if isinstance(value, bool | float | str | type(None)) else str(value)
     return text if len(text) <= 40 else text[:40] + "..."
+
+
+class _Brief(Repr):
+    """reprlib's bounded spelling, but for a tensor, which it spelled whole: one of 6**10 numbers, which a stride of
+    0 keeps in a few bytes of a file, took minutes and gigabytes."""
+
+    def repr_Tensor(self, x, level):  # (reprlib's name for the spelling of a type named Tensor)
+        try:
+            return f"tensor{tuple(x.shape)}"
+        except RuntimeError:  # a nested tensor has no one shape
+            return "tensor"
+
+
+brief = _Brief().repr  # a value from a file, in a line: bounded, whatever it holds

@@ -14,7 +14,7 @@ import os
 
 from .grid import full_config, run_number
 from .settings import SweepSettings, redacted
-from .storage import is_remote
+from .storage import is_remote, within
 
 # What a tracker receives of each result: the study's metrics, and nothing else. A result carries more (how the
 # trial ran, Tune's checkpoint bookkeeping, fields added later); those stay in result.json and the tables. How a
@@ -25,6 +25,9 @@ STEP = "training_iteration"  # Tune's step counter: the x axis each tracker plot
 # MLflow's own patience with its server, which its defaults (120 s a try, 7 retries) stretch to a quarter of an hour:
 # its calls run in Tune's loop, which a stop waits on. Where the user sets them, theirs stand.
 MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
+# ...which bounds each read, not each call: a server dripping its answer held Tune's loop for ever. Each call of the
+# callback (a few requests) is bounded whole.
+MLFLOW_CALL_S = 60.0
 # The longest the end of a sweep waits for W&B to close its runs (Ray's default is its sync timeout, 30 min: a
 # stopped sweep would sit that long before writing its tables). Scalars only: a run closes in seconds.
 WANDB_CLOSE_S = 60
@@ -94,9 +97,35 @@ def _mlflow_callback_class():
             state = dict(self.__dict__)
             if isinstance(state.get("tracking_uri"), str):
                 state["tracking_uri"] = redacted(state["tracking_uri"])
+            state.pop("_gave_up", None)  # a resume asks the server anew
             return state
 
+        def _bounded(self, call, *args) -> None:
+            """call(*args) within MLFLOW_CALL_S; past it, a TimeoutError naming the server ends the sweep (resumable)
+            and MLflow is asked nothing more (the call given up on may still be running)."""
+            if getattr(self, "_gave_up", False):
+                return
+            try:
+                within(MLFLOW_CALL_S, lambda: call(*args))
+            except TimeoutError:
+                self._gave_up = True
+                raise TimeoutError(
+                    f"MLflow at {redacted(str(self.tracking_uri))} gave no answer within {MLFLOW_CALL_S:g} s"
+                ) from None
+
+        def setup(self, *args, **kwargs) -> None:
+            self._bounded(lambda: super(StudyMLflowCallback, self).setup(*args, **kwargs))
+
         def log_trial_start(self, trial) -> None:
+            self._bounded(self._log_trial_start, trial)
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            self._bounded(self._log_trial_result, trial, result)
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            self._bounded(self._log_trial_end, trial, failed)
+
+        def _log_trial_start(self, trial) -> None:
             super().log_trial_start(trial)
             run_id = self._trial_runs[trial]
             settings = trial_settings(trial.config)
@@ -110,12 +139,12 @@ def _mlflow_callback_class():
             for key, value in tags.items():
                 client.set_tag(run_id, key, value)
 
-        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        def _log_trial_result(self, trial, result: dict) -> None:
             self.mlflow_util.log_metrics(
                 run_id=self._trial_runs[trial], metrics_to_log=study_metrics(result), step=result[STEP]
             )
 
-        def log_trial_end(self, trial, failed: bool = False) -> None:
+        def _log_trial_end(self, trial, failed: bool) -> None:
             run_id = self._trial_runs[trial]
             self.mlflow_util._get_client().set_tag(run_id, "status", trial_status(failed, trial.last_result))
             super().log_trial_end(trial, failed)

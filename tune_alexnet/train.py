@@ -44,7 +44,7 @@ from .settings import (
     TRIAL_DEFAULTS,
 )
 from .stopper import plateau_update, should_stop
-from .storage import shown
+from .storage import brief, shown
 
 log = logging.getLogger("tune_alexnet.train")
 
@@ -337,7 +337,7 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Tria
 
 def _load_state(trial: Trial, trainer: dict, best: dict, rt: Runtime) -> None:
     """A checked resume state (loaded on the CPU) into the trial, its optimizer in this run's step mode."""
-    trial.model.load_state_dict(trainer["model"])
+    trial.model.load_state_dict(dict(trainer["model"]))  # (without the file's _metadata: checkpoint.load_model)
     trial.optimizer.load_state_dict(resume.in_step_mode(trainer["optimizer"], rt.step == "graph"))
     trial.gen.set_state(trainer["generator"].cpu())
     torch.set_rng_state(trainer["torch_rng"].cpu())
@@ -523,7 +523,7 @@ def _resume_candidates(candidates, cfg: dict):
             done = counters.get("epoch") if isinstance(counters, dict) else None
             if stop_only and nothing_recorded and not (type(done) is int and done == 0):  # Tune's new records lack them
                 log.info("resume state %s follows %s epochs that Tune never recorded; the trial starts afresh",
-                         d / checkpoint.TRAINER_FILE, shown(done))  # fmt: skip
+                         d / checkpoint.TRAINER_FILE, brief(done))  # fmt: skip
                 continue
             if resumed is not None:
                 yield (d / checkpoint.TRAINER_FILE, *resumed)
