@@ -313,6 +313,23 @@ def test_an_out_or_storage_through_a_link_another_user_owns_is_said(mixed_experi
     assert "--mlflow http://127.0.0.1:1" in lines[1], lines
 
 
+def test_a_path_through_a_link_then_up_is_checked_where_the_kernel_takes_it(mixed_experiment, tmp_path, capsys):
+    """a/link/.. is the folder above where the link leads: the checks took it, as text, for a, and let --out and
+    --storage into a folder anyone could write."""
+    path, _ = mixed_experiment
+    open_dir = tmp_path / "open"
+    (open_dir / "sub").mkdir(parents=True)
+    open_dir.chmod(0o777)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "link").symlink_to(open_dir / "sub")
+    through = tmp_path / "mine" / "link" / ".."
+    err = one_line_exit_2(["export", path, "--out", str(through / "tables")], capsys)
+    assert f"{open_dir} can be written by every user and has no sticky bit" in err, err
+    assert not (open_dir / "tables").exists()
+    with pytest.raises(preflight.PreflightError, match="can be written by every user"):
+        preflight.check_path_to(str(through / "results"))
+
+
 @pytest.mark.timeout(60, func_only=True)
 def test_a_report_md_of_backticks_in_out_is_read_in_one_pass(mixed_experiment, tmp_path, capsys):
     """Which experiment a report in --out is of was read with a regular expression that took hours over a line of

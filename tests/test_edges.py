@@ -956,3 +956,70 @@ def test_a_disk_filled_between_the_room_check_and_the_copy_is_a_full_storage_not
     assert _no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert not _no_space(PermissionError(errno.EACCES, "Permission denied")) and not _no_space(ValueError("x"))
     assert _no_space(RuntimeError("IOError: Disk quota exceeded"))
+
+
+def test_a_token_another_user_makes_between_the_check_and_rays_start_is_refused(synthetic_dir, tmp_path, monkeypatch,
+                                                                              capsys):  # fmt: skip
+    """A HOME not made yet in a shared sticky folder: the check found no token and nothing wrong; another user then
+    made ~/.ray and a token of theirs before Ray read it, and the sweep ran with a token they knew."""
+    from tune_alexnet import cluster
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    home = shared / "home"
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    original = cluster.local_ray_options
+
+    def theirs_first(**kwargs):  # the moment between the checks and Ray's start
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text("a-token-they-know-0123456789abcdef")
+        for made in (home, home / ".ray", home / ".ray" / "auth_token"):
+            os.chown(made, 65534, 65534)
+        return original(**kwargs)
+
+    monkeypatch.setattr(cluster, "local_ray_options", theirs_first)
+    code = main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"Ray's token {home}/.ray/auth_token belongs to another user (uid 65534), who knows it" in err, err
+
+
+def test_a_kernel_cache_other_users_could_write_make_or_swap_is_refused(tmp_path, monkeypatch):
+    """torch loads and runs the code compiled into TORCHINDUCTOR_CACHE_DIR: one named by the user was trusted
+    whoever could write it."""
+    from tune_alexnet import cluster
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    cases = {shared: "can be written by other users", shared / "new": f"does not exist, and {shared} can be made in"}
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    cases[theirs / "cache"] = f"{theirs} is on the way, which another user owns (uid 65534)"
+    for folder, needle in cases.items():
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
+        assert needle in (cluster.folder_settings_problem() or ""), folder
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine / "cache"))  # not made yet, where only you can
+    assert cluster.folder_settings_problem() is None
+
+
+def test_sigterm_stops_as_ctrl_c_where_ctrl_c_itself_is_ignored(monkeypatch):
+    """A shell's background job starts with SIGINT ignored: SIGTERM, sent on as a SIGINT, was dropped, and the
+    sweep trained to its end."""
+    import signal
+
+    from tune_alexnet.cli import _stop_signals_as_ctrl_c
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt), _stop_signals_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the signal lands here
+    finally:
+        signal.signal(signal.SIGINT, previous)

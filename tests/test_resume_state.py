@@ -2,6 +2,7 @@
 is used, or the trial starts afresh, with one line in its log), and a state written in another step mode resumes
 in this run's mode. Plain train_cifar with a report callback of its own; no Ray."""
 
+import collections
 import json
 import logging
 import math
@@ -164,6 +165,38 @@ def test_a_lone_stop_state_whose_epoch_is_6_to_the_10_numbers_in_one_is_passed_o
     metrics: list = []
     train_cifar(CONFIG, data, record(metrics), checkpoint_from=[(stray,)], runtime=EVERY_EPOCH)
     same_epochs(metrics, straight)  # afresh
+
+
+def test_a_state_whose_mapping_shadows_its_methods_resumes_as_its_values_say(runs, tmp_path):
+    """A pickle may set attributes on the OrderedDict it builds: `get` set to a number failed the trial at every
+    --resume, outside the checks, and the trial could never go on."""
+    data, _, folder = runs
+    copy = shutil.copytree(folder, tmp_path / "ckpts")
+    state = collections.OrderedDict(torch.load(copy / "ckpt_2" / TRAINER_FILE, weights_only=True))
+    state.get = 5
+    torch.save(state, copy / "ckpt_2" / TRAINER_FILE)
+    metrics: list = []
+    train_cifar(CONFIG, data, record(metrics), checkpoint_from=[copy / "ckpt_2", copy / "ckpt_1"], runtime=EVERY_EPOCH)
+    same_epochs(metrics, runs[1][2:])  # from epoch 2's state, its values as they were
+
+
+def test_a_state_rewritten_after_its_check_is_loaded_as_checked(runs, tmp_path, monkeypatch):
+    """The check and torch.load each read the file anew: whoever could write it in between had torch load a
+    pickle the check never saw."""
+    from tune_alexnet import checkpoint
+
+    _, _, folder = runs
+    copy = shutil.copytree(folder / "ckpt_2", tmp_path / "ckpt_2")
+    check = checkpoint.archive_problem
+
+    def then_rewritten(archive):
+        found = check(archive)
+        (copy / TRAINER_FILE).write_bytes(b"PK\x03\x04 a pickle the check never saw")  # in place: the same file
+        return found
+
+    monkeypatch.setattr(checkpoint, "archive_problem", then_rewritten)
+    trainer, _ = checkpoint.read_resume(copy)
+    assert trainer["counters"]["epoch"] == 2
 
 
 def test_with_every_state_tampered_the_trial_starts_afresh(runs, tmp_path, caplog):

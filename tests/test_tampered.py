@@ -4,6 +4,7 @@ export and report never hang, crash or read or write outside the experiment: one
 marked in the table (its error names the file and field) while the others export intact; a bad folder is one
 line and exit 2. load_model and predict refuse what they must, in one line. Everything here is a real file."""
 
+import collections
 import io
 import json
 import os
@@ -652,6 +653,14 @@ def _deflated(name: str = "model.pt"):
     return tamper
 
 
+def _zip_of_empty_files(path: Path, count: int) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"model/data/{i}", b"")
+
+
 def _other_weights(d: Path) -> None:
     torch.save(AlexNet(**{**MODEL_ARGS, "batchnorm": False}).state_dict(), d / "model.pt")
 
@@ -729,6 +738,11 @@ LOAD_CASES = {
             d / "model.pt",
         ),
         "model.pt was refused: its pickle is not what torch.save writes",
+    ),
+    # zipfile builds a record of every file before any check: millions of empty ones took minutes and gigabytes
+    "model.pt of 10,001 empty files": (
+        lambda d: _zip_of_empty_files(d / "model.pt", 10_001),
+        "model.pt was refused: it holds 10,001 files, more than 10,000",
     ),
     "model.pt a pickle that runs code": (
         lambda d: torch.save({"features.0.weight": Path("/")}, d / "model.pt"),
@@ -816,15 +830,30 @@ def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):
     assert str(ckpt) in message and needle in message, message
 
 
-@pytest.mark.parametrize("metadata", [5, {"": "x"}])
-def test_a_checkpoint_whose_module_versions_are_odd_loads_its_weights_all_the_same(ckpt, metadata):
-    """torch.save records module versions in the state's _metadata, and torch's loaders used whatever a file put
-    there: a traceback from deep inside them."""
+@pytest.mark.parametrize("name,value", [("_metadata", 5), ("_metadata", {"": "x"}), ("values", 5),
+                                        ("keys", collections.OrderedDict), ("get", 5)])  # fmt: skip
+def test_a_checkpoint_whose_state_dict_has_attributes_set_loads_its_weights_all_the_same(ckpt, name, value):
+    """A pickle may set attributes on the OrderedDict it builds: torch.save records module versions in
+    _metadata, which torch's loaders took as they found it, and others shadow the methods the checks call. Each
+    was a traceback from deep inside."""
     state = torch.load(ckpt / "model.pt", weights_only=True)
-    state._metadata = metadata
+    setattr(state, name, value)
     torch.save(state, ckpt / "model.pt")
     model = checkpoint.load_model(ckpt)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, dict.__getitem__(state, k)) for k, v in model.state_dict().items())
+
+
+def test_what_torch_loads_is_what_was_checked_whoever_rewrites_the_file_between(ckpt, monkeypatch):
+    """The check and torch.load each read the file anew: another user who could write it rewrote it in between,
+    and torch loaded a pickle the check never saw (bytearray(2**30) from 30 bytes)."""
+    check = checkpoint._check_archive
+
+    def then_rewritten(*args):
+        check(*args)
+        _pickle(BYTEARRAY)(ckpt)  # in place: the same file, new bytes
+
+    monkeypatch.setattr(checkpoint, "_check_archive", then_rewritten)
+    assert isinstance(checkpoint.load_model(ckpt), AlexNet)
 
 
 @pytest.mark.parametrize("raw", [b"cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R.", b"}K\x00" + b"\x85" * 300_000 + b"K\x01s."],
@@ -970,7 +999,16 @@ PREDICT_CASES = {
     "a LAB PIL image": (lambda: [_pil((32, 32), "LAB")], "image 0 is of mode LAB, which PIL does not turn into RGB"),
     "a truncated PNG": (lambda: [_truncated_png()], "image 0 cannot be read (image file is truncated"),
     "a PNG with a broken chunk": (lambda: [_broken_png()], "image 0 cannot be read (broken PNG file (chunk"),
+    # 783 KB of TIFF declaring one tile of 16384x16384 pixels: libtiff allocated 800 MB for it
+    "a TIFF of 16384-pixel tiles": (lambda: [_tiff_of_tiles(16384)], "image 0 declares tiles of 16384x16384 pixels"),
 }
+
+
+def _tiff_of_tiles(tile: int):
+    from PIL import Image
+    from test_data import _tiled_tiff
+
+    return Image.open(io.BytesIO(_tiled_tiff(tile)))
 
 
 def _truncated_png():
@@ -1033,3 +1071,27 @@ def test_a_bucket_path_is_checked_by_name_and_size_before_reading(tmp_path):
         read_bytes(bucket, "exp", "a.json", 1)
     with pytest.raises(FileNotFoundError):
         read_bytes(bucket, "exp", "b.json", 10)
+
+
+@pytest.mark.timeout(60, func_only=True)
+def test_a_result_json_of_lines_split_by_carriage_returns_is_read_in_one_pass(folder, capsys):
+    """The line limit counted newlines; the lines read were split at carriage returns too (and 7 more): 64 MB of
+    '{}\\r' took minutes and gigabytes."""
+    trial_id, trial = folder.trial("terminated")
+    result = trial / "result.json"
+    result.write_bytes(result.read_bytes() + b"{}\r" * ((64 * 2**20 - result.stat().st_size - 10) // 3))
+    code, err = _run(["export", str(folder.exp)], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    table = pd.read_parquet(folder.exp / "results.parquet").set_index("trial_id")
+    assert table.loc[trial_id, "status"] == "terminated"  # its lines, the whole epochs it wrote, read as before
+
+
+def test_an_experiment_state_of_more_trials_than_a_sweep_makes_is_passed_over(folder, capsys):
+    """Each entry became a row, at ~100 us and a KB apiece: 1.6 million empty ones (13 MB, within the file's
+    bound) took minutes and gigabytes."""
+    data = json.loads(folder.state().read_text())
+    data["trial_data"] += [["{}"]] * 20_001
+    folder.state().write_text(json.dumps(data))
+    code, err = _run(["export", str(folder.exp)], capsys)
+    assert code == 0 and "trials, more than 20,000); the table is rebuilt from the" in err, err
+    assert len(pd.read_parquet(folder.exp / "results.parquet")) == len(folder.before)

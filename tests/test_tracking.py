@@ -308,6 +308,21 @@ def test_a_sqlite_store_in_a_folder_another_user_owns_is_said(tmp_path, capsys):
     assert f"the store lies in {theirs}, which another user owns (uid 65534), so they could swap it" in err, err
 
 
+def test_a_sqlite_store_other_users_could_make_first_is_refused(tmp_path, capsys):
+    """A store not made yet in a shared folder (sticky, as /tmp): MLflow makes it once Ray has started, and another
+    user could make it first, then read every run; one made already there can have its journal planted."""
+    from tune_alexnet.preflight import PreflightError, _check_mlflow_uri
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(PreflightError, match=f"{shared}/new.db does not exist yet, and other users can make files"):
+        _check_mlflow_uri(f"sqlite:///{shared}/new.db")
+    (shared / "mine.db").touch(mode=0o600)
+    _check_mlflow_uri(f"sqlite:///{shared}/mine.db")
+    assert f"other users can make files in {shared}, where SQLite keeps the store's journal" in capsys.readouterr().err
+
+
 @contextlib.contextmanager
 def slow_server(stall_all_but_health: bool):
     """A loopback server that answers /health, then holds every other request for an hour
@@ -365,7 +380,7 @@ def test_an_mlflow_server_dripping_its_answer_is_refused_within_the_probes_limit
 
 
 @pytest.mark.timeout(60)
-def test_each_mlflow_call_is_bounded_whole_and_given_up_on_once(monkeypatch):
+def test_each_mlflow_call_is_bounded_whole_and_given_up_on_once(monkeypatch, capsys):
     """MLflow's timeout bounds each read: a server dripping its answer held Tune's loop (MLflow's callbacks run in
     it) for ever, and a stop with it. Given up on, the server is asked nothing more, but a resume asks anew."""
     from ray import cloudpickle  # as Tune keeps its callbacks with the experiment
@@ -376,10 +391,11 @@ def test_each_mlflow_call_is_bounded_whole_and_given_up_on_once(monkeypatch):
     with slow_server(stall_all_but_health=False) as port:
         callback = tracking._mlflow_callback_class()(f"http://bob:pw@127.0.0.1:{port}", experiment_name="x")
         start = time.monotonic()
-        with pytest.raises(TimeoutError) as gave_up:
-            callback.setup()  # Ray's: it looks for the experiment, and the answer drips
+        callback.setup()  # Ray's: it looks for the experiment, and the answer drips
         assert time.monotonic() - start < 5
-        assert str(gave_up.value) == f"MLflow at http://bob:***@127.0.0.1:{port} gave no answer within 2 s"
+        err = capsys.readouterr().err
+        assert err == (f"tune-alexnet: warning: MLflow at http://bob:***@127.0.0.1:{port} gave no answer within 2 s; "
+                       "the sweep goes on without it, and its runs there end here\n")  # fmt: skip
         start = time.monotonic()
         callback.log_trial_result(1, "a trial", {"training_iteration": 1})  # asked nothing more
         assert time.monotonic() - start < 0.5
@@ -387,9 +403,11 @@ def test_each_mlflow_call_is_bounded_whole_and_given_up_on_once(monkeypatch):
 
 
 @pytest.mark.slow
-def test_an_mlflow_server_that_stops_answering_ends_the_sweep_in_one_line_within_a_minute(tmp_path, synthetic_dir):
+def test_an_mlflow_server_that_stops_answering_is_given_up_on_in_one_line_and_the_sweep_goes_on(tmp_path,
+                                                                                                 synthetic_dir):  # fmt: skip
     """A server answering its health check, then nothing: MLflow's defaults (120 s a try, 7 retries) held the
-    sweep a quarter of an hour, inside Tune's loop, where a stop could not end it."""
+    sweep a quarter of an hour, inside Tune's loop, where a stop could not end it. Its error then ended the sweep
+    (or, at a trial's end, restarted the trial): a tracker's outage now costs no training."""
     with slow_server(stall_all_but_health=True) as port:
         argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), "--name", "x",
                 "--epochs", "1", "--width", "0.125", "--runs", "1", "--mlflow", f"http://127.0.0.1:{port}"]  # fmt: skip
@@ -399,8 +417,11 @@ def test_an_mlflow_server_that_stops_answering_ends_the_sweep_in_one_line_within
         start = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv], env=env, capture_output=True, text=True,
                               timeout=300)  # fmt: skip
-    assert done.returncode == 1 and time.monotonic() - start < 120, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr and "127.0.0.1" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
+    assert done.returncode == 0 and time.monotonic() - start < 120, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "MLflow at http://127.0.0.1" in line]
+    assert len(said) == 1 and "the sweep goes on without it" in said[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert list(pd.read_parquet(tmp_path / "r" / "x" / "results.parquet")["status"]) == ["terminated"]
 
 
 def test_a_wandb_dir_anyone_could_write_is_refused_and_one_others_could_is_said(tmp_path, capsys, synthetic_dir,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .augment import normalize, prepare_eval
-from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES
+from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES, tile_problem
 from .model import AlexNet
 from .settings import BOUNDS, NUM_CLASSES, RedactedError
 from .storage import JSON_LIMIT, RefusedFile, brief, first_line, list_folder, open_file, reach, read_json, shown
@@ -52,6 +52,7 @@ WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip 
 # no except catches), and calls of builtins such as bytearray(2**40), gigabytes from a few bytes.
 PICKLE_LIMIT = 2**16  # bytes
 NESTING_LIMIT = 100  # containers inside containers (a resume state's: under 10)
+MEMBERS_LIMIT = 10_000  # files in a checkpoint's archive (a resume state's: a few hundred)
 OBJECTS_LIMIT = 20_000  # objects it makes (a sweep's: a few thousand); each level of nesting is one, however made
 # The names a sweep's pickles call (with torch's storage classes, dtypes and layouts, which they name): others that
 # torch's weights-only unpickler takes compute from what they are given (Counter iterates a tensor, one rebuilder
@@ -121,10 +122,7 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> AlexNet:
         expected = AlexNet(**args).state_dict()
     state = _read_weights(fs, base, label, expected, device)
     model = AlexNet(**args)
-    # A plain dict, without the _metadata attribute a file may set to anything (torch's loaders then raised deep
-    # inside): it records module versions, and the current ones' tensors, which every file of a sweep holds, load
-    # the same without it.
-    model.load_state_dict(dict(state))
+    model.load_state_dict(state)
     model.classes = classes or tuple(str(i) for i in range(NUM_CLASSES))  # none recorded: each output's index
     return model.to(device).eval()
 
@@ -219,16 +217,16 @@ def _model_args_problem(raw) -> str | None:
 def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
     """model.pt's tensors, read only if the file is no larger than the network model.json describes (plus torch's
     framing), each of the shape that network needs: a mismatch is named before the network is built."""
-    import pyarrow.fs
 
     where = f"{label}/{MODEL_FILE}"
     limit = sum(t.numel() * t.element_size() for t in expected.values()) + WEIGHTS_SLACK
     try:
         with open_file(fs, base, MODEL_FILE, limit) as (f, _):
-            if not isinstance(fs, pyarrow.fs.LocalFileSystem):  # read here, each piece bounded: torch's reader
-                f = io.BytesIO(f.read(limit + 1))  # turns a timeout inside it into another error
-            _check_archive(f, limit, where)
-            state = torch.load(f, map_location=device, weights_only=True)
+            # Read once, here: each piece from a bucket bounded (torch's reader turns a timeout inside it into another
+            # error), and what is checked is what torch loads, whoever may write the file meanwhile.
+            f = io.BytesIO(f.read(limit + 1))
+        _check_archive(f, limit, where)
+        state = plain(torch.load(f, map_location=device, weights_only=True))
     except TimeoutError as exc:
         raise _unreachable(where, exc) from None
     except FileNotFoundError:
@@ -279,6 +277,8 @@ def _check_archive(f, limit: int, where: str) -> None:
     pickle torch's unpickler should not see (pickle_problem)."""
     import zipfile
 
+    if problem := members_problem(f):
+        raise CheckpointError(f"{where} was refused: {problem}; allowed: a {Path(where).name} as a sweep writes it")
     try:
         with zipfile.ZipFile(f) as archive:
             size = sum(i.file_size for i in archive.infolist())
@@ -290,6 +290,18 @@ def _check_archive(f, limit: int, where: str) -> None:
     if problem:
         raise CheckpointError(f"{where} was refused: {problem}; allowed: a {Path(where).name} as a sweep writes it")
     f.seek(0)
+
+
+def members_problem(f) -> str | None:
+    """More files than a torch.save archive holds (one a tensor, and four more), as its end record says, read
+    before zipfile builds a record of every file: millions of empty ones took minutes and gigabytes."""
+    import zipfile
+
+    end = zipfile._EndRecData(f)
+    f.seek(0)
+    if end is not None and end[zipfile._ECD_ENTRIES_TOTAL] > MEMBERS_LIMIT:
+        return f"it holds {end[zipfile._ECD_ENTRIES_TOTAL]:,} files, more than {MEMBERS_LIMIT:,}"
+    return None
 
 
 def archive_problem(archive) -> str | None:
@@ -525,6 +537,8 @@ def _from_pil(images) -> np.ndarray:
     for i, im in enumerate(items):
         if im.size != IMAGE_SHAPE[:2]:
             raise ValueError(f"image {i} is {im.size[0]}x{im.size[1]}; allowed: 32x32 (resize it first)")
+        if problem := tile_problem(im):
+            raise ValueError(f"image {i} {problem}")
         if im.mode not in PIL_MODES:
             raise ValueError(f"image {i} is of mode {im.mode}, which PIL does not turn into RGB faithfully; allowed: "
                              f"{', '.join(PIL_MODES)} (convert it to 8-bit RGB first)")  # fmt: skip
@@ -561,12 +575,27 @@ def read_resume(directory: Path) -> tuple[dict, dict] | None:
     loaded = []
     try:
         for name in (TRAINER_FILE, MODEL_FILE):
-            with open(directory / name, "rb") as f:  # checked and loaded through one descriptor: no swap between
-                with zipfile.ZipFile(f) as archive:
-                    if archive_problem(archive):
-                        return None
-                f.seek(0)
-                loaded.append(torch.load(f, map_location="cpu", weights_only=True))
+            with open(directory / name, "rb") as f:  # read once: what is checked is what torch loads
+                f = io.BytesIO(f.read())
+            if members_problem(f):
+                return None
+            with zipfile.ZipFile(f) as archive:
+                if archive_problem(archive):
+                    return None
+            f.seek(0)
+            loaded.append(plain(torch.load(f, map_location="cpu", weights_only=True)))
     except Exception:  # a torn or corrupt file fails in many ways inside the unpickler
         return None
     return loaded[0], loaded[1]
+
+
+def plain(value):
+    """`value` with each mapping in it a plain dict: a pickle may set attributes on an OrderedDict it builds, which
+    shadow the methods the checks and torch's loaders call (`get`, `values`, `keys`) or give torch's module loaders
+    a `_metadata` of any kind. (Module versions are all `_metadata` records; a sweep's files hold the current
+    modules' tensors, which load the same without them.) Its depth and size are the pickle check's bounds."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in dict.items(value)}
+    if type(value) in (list, tuple):
+        return type(value)(plain(item) for item in value)
+    return value

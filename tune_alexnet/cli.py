@@ -692,9 +692,15 @@ def _stop_signals_as_ctrl_c():
         return
     from .stopping import heeded
 
+    def as_ctrl_c(_sig, frame) -> None:  # Ctrl-C's handler of the moment, called: a SIGINT sent to this process is
+        handler = signal.getsignal(signal.SIGINT)  # lost where it is ignored (a shell's background job)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
     previous = {sig: signal.getsignal(sig) for sig in heeded((signal.SIGTERM, signal.SIGHUP))}
     for sig in previous:
-        signal.signal(sig, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(sig, as_ctrl_c)
     try:
         yield
     finally:

@@ -73,13 +73,31 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
     return {"_temp_dir": os.path.join(private, "ray"), "log_to_driver": log_to_driver}
 
 
-def relative_folder_problem() -> str | None:
+def folder_settings_problem() -> str | None:
     """A folder for the local Ray's processes given as a relative path (blank space is one): each would keep its
-    files below whatever folder it runs in, the working folder of the command among them."""
+    files below whatever folder it runs in, the working folder of the command among them. And a kernel cache
+    named by the user (the trials load and run the code compiled into it) that another user could write into, or
+    make first, or swap (a folder on the way)."""
     for name, ours in ((RAY_TMPDIR, _ray_tmpdir), (KERNEL_CACHE, _kernel_cache)):
         value = os.environ.get(name)
         if value and value != ours and not os.path.isabs(value):
             return f"{name}={value!r} is a relative path; allowed: an absolute path, or {name} unset"
+    value = os.environ.get(KERNEL_CACHE)
+    if not value or value == _kernel_cache:
+        return None
+    allowed = f"allowed: a folder only you can write, or {KERNEL_CACHE} unset (a private one is used)"
+    folder = Path(value)
+    while not os.path.lexists(folder) and folder != folder.parent:  # not made yet: by whoever comes first
+        folder = folder.parent
+    with contextlib.suppress(OSError):
+        if others_can_write(os.stat(folder)):
+            made = "can be written" if folder == Path(value) else f"does not exist, and {folder} can be made in"
+            return f"{KERNEL_CACHE}={value} {made} by other users, whose code the trials would load and run; {allowed}"
+    if shared := open_to_all(Path(value)):
+        return f"{KERNEL_CACHE}={value}: {shared[0]}, so anyone could swap in code the trials would run; {allowed}"
+    if others := others_on_the_way(Path(value)):
+        return (f"{KERNEL_CACHE}={value}: {others[0]} is on the way, which {others[1]}, so they could swap in code "
+                f"the trials would load and run; {allowed}")  # fmt: skip
     return None
 
 
@@ -376,7 +394,7 @@ def others_on_the_way(folder: Path) -> tuple[Path, str] | None:
 def owned_by_another(folder: Path) -> tuple[Path, int] | None:
     """The first folder on the way to `folder` (itself included) that a user other than root and this one owns:
     they may rename or remove what it holds, sticky bit or not."""
-    for step in dict.fromkeys([*_folders_on_the_way(folder), Path(os.path.abspath(folder))]):
+    for step in dict.fromkeys([*_folders_on_the_way(folder), Path(os.getcwd(), folder)]):
         with contextlib.suppress(OSError):
             if (uid := os.lstat(step).st_uid) not in (0, os.getuid()):  # a link's own owner can re-point it
                 return step, uid
@@ -388,7 +406,10 @@ def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
     the folders its target names), and each link itself: whoever can write one of them, or owns the link, could swap
     what comes after it."""
     folders, here = [], Path("/")
-    for part in Path(os.path.abspath(path)).parts[1:]:
+    for part in Path(os.getcwd(), path).parts[1:]:  # not os.path.abspath: it takes a/link/.. for a, as text
+        if part == "..":  # the kernel's: the folder above where the link led
+            here = here.parent
+            continue
         folders.append(here)
         step = here / part
         if os.path.islink(step) and hops < 40:  # the kernel's own limit on links; (a name too long is no link)

@@ -275,6 +275,15 @@ def _unpickled_from(root: Path) -> str | None:
 # --- ImageFolder -----------------------------------------------------------
 
 
+def tile_problem(im) -> str | None:
+    """Tiles larger than TILE_LIMIT that a TIFF declares: libtiff allocates the tile, whatever the image's size."""
+    tile = [getattr(im, "tag_v2", {}).get(tag) or 0 for tag in (TIFF_TILE_WIDTH, TIFF_TILE_LENGTH)]
+    if max(tile) > TILE_LIMIT:
+        return (f"declares tiles of {tile[0]}x{tile[1]} pixels; allowed: tiles of at most {TILE_LIMIT}x{TILE_LIMIT} "
+                "(a 32x32 image needs one of 32x32)")  # fmt: skip
+    return None
+
+
 def scan_image_folder(root: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
     """Check the layout and list (file, label) per split; every problem is a DataError naming it.
 
@@ -543,12 +552,8 @@ def _decode(items: list[tuple[Path, int]], desc: str, progress: bool) -> tuple[n
                             f"image {_show(path)} is {im.size[0]}x{im.size[1]}; "
                             f"allowed: {IMAGE_SIZE}x{IMAGE_SIZE} pixels"
                         )
-                    tile = [getattr(im, "tag_v2", {}).get(tag) or 0 for tag in (TIFF_TILE_WIDTH, TIFF_TILE_LENGTH)]
-                    if max(tile) > TILE_LIMIT:  # libtiff allocates the tile it declares, whatever the image's size
-                        raise DataError(
-                            f"image {_show(path)} declares tiles of {tile[0]}x{tile[1]} pixels; allowed: tiles of at "
-                            f"most {TILE_LIMIT}x{TILE_LIMIT} (a 32x32 image needs one of 32x32)"
-                        )
+                    if problem := tile_problem(im):
+                        raise DataError(f"image {_show(path)} {problem}")
                     if im.mode not in PIL_MODES:
                         raise DataError(
                             f"image {_show(path)} is of mode {im.mode}, which PIL does not turn into RGB faithfully; "

@@ -56,6 +56,7 @@ from .storage import (
     RESULT_LIMIT,
     RESULT_LINES,
     STATE_LIMIT,
+    STATE_TRIALS,
     TEXT_LIMIT,
     RefusedFile,
     check_file,
@@ -404,6 +405,8 @@ def _trials_from_state(fs, base: str, names: list[str]) -> tuple[list[_Trial] | 
     name = states[-1]
     try:
         entries = read_json(fs, base, name, STATE_LIMIT)["trial_data"]
+        if len(entries) > STATE_TRIALS:
+            raise ValueError(f"{name} holds {len(entries):,} trials, more than {STATE_TRIALS:,}")
         return _one_folder_each([_state_trial(name, parse_json(entry[0])) for entry in entries], name), ""
     except (OSError, ValueError, LookupError, TypeError, RecursionError) as exc:
         why = first_line(exc)
@@ -567,7 +570,7 @@ def _read_results(fs, base: str, folder: str) -> list[dict]:
     if text.count("\n") > RESULT_LINES:  # each a dict in memory: GBs for a file within RESULT_LIMIT
         raise ValueError(f"{name} holds more than {RESULT_LINES:,} lines; a trial writes one an epoch")
     records: list[dict] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # JSON Lines: splitlines() splits at \r and 7 more
         try:
             record = parse_json(line)
         except json.JSONDecodeError:

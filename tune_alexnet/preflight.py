@@ -1035,8 +1035,13 @@ def _check_sqlite_store(shown_uri: str, file: Path) -> None:
                      "so they could swap it for theirs, and read or change every run the sweep logs there")  # fmt: skip
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return  # MLflow makes it
+    except FileNotFoundError:  # MLflow makes it, once Ray has started: another user, first, where they may
+        if cluster.others_can_write(os.stat(file.parent)):
+            raise PreflightError(
+                f"--mlflow {shown_uri}: {file} does not exist yet, and other users can make files in {file.parent}, "
+                f"so one could make it first and read or change every run; {allowed} in a folder only you can write"
+            ) from None
+        return
     except OSError as exc:
         why = "is a symbolic link" if os.path.islink(file) else f"cannot be read ({exc.strerror})"
         raise PreflightError(f"--mlflow {shown_uri}: {file} {why}; {allowed}") from None
@@ -1053,6 +1058,9 @@ def _check_sqlite_store(shown_uri: str, file: Path) -> None:
     if st.st_uid not in (0, os.getuid()):
         settings.say(f"tune-alexnet: warning: --mlflow {shown_uri}: {file} belongs to another user (uid {st.st_uid}), "
                      "who can read and change every run the sweep logs there")  # fmt: skip
+    elif cluster.others_can_write(os.stat(file.parent)):
+        settings.say(f"tune-alexnet: warning: --mlflow {shown_uri}: other users can make files in {file.parent}, "
+                     "where SQLite keeps the store's journal beside it, so they could change the runs logged there")  # fmt: skip
 
 
 # pip's name for a database driver, where it is not the module's
@@ -1166,6 +1174,10 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
     options: dict = {}
     try:
         options = cluster.local_ray_options(log_to_driver=not quiet) if address == "local" else {}
+        # again, now that the token is made: its folder, where it did not exist yet, was another user's to make
+        # first (a HOME in a shared, sticky folder), and theirs is a token they know
+        if address == "local" and (problem := cluster.token_problem()):
+            raise PreflightError(problem)
         own_session = cluster.own_session() if address == "local" else _join_bounded(address, given_as)
         with _stop_signals_deferred() as stopped, own_session:
             try:
@@ -1338,7 +1350,7 @@ def check_ray_settings(address: str, given_as: str) -> None:
     if problem := cluster.address_problem(address):  # from the API or RAY_ADDRESS, which the parser never saw
         raise PreflightError(f"{given_as} {problem}")
     if address == "local":  # the Ray this package starts: token authentication on, its token ours alone
-        problem = cluster.auth_mode_problem() or cluster.token_problem() or cluster.relative_folder_problem()
+        problem = cluster.auth_mode_problem() or cluster.token_problem() or cluster.folder_settings_problem()
         if problem:
             raise PreflightError(problem)
 

@@ -221,6 +221,7 @@ RESULT_LIMIT = 64 * 2**20  # a trial's result.json
 RESULT_LINES = 100_000  # lines of a trial's result.json: one an epoch, and one for each save between two
 ERROR_LIMIT = 2**20  # the tail of a trial's error.txt that is read: its last line is the error
 STATE_LIMIT = 256 * 2**20  # Tune's experiment_state-*.json
+STATE_TRIALS = 20_000  # trials in it (each parsed into a row: ~100 us and a KB apiece); a study has 108
 JSON_LIMIT = 2**20  # small JSON side files: the sweep's settings, params.json, model.json, progress.json
 NAME_LIMIT = 255  # bytes of one file or folder name (the common file system limit)
 TEXT_LIMIT = 4096  # characters of any string read back (the longest path Linux accepts)

@@ -13,8 +13,8 @@ import functools
 import os
 
 from .grid import full_config, run_number
-from .settings import SweepSettings, redacted
-from .storage import is_remote, within
+from .settings import SweepSettings, redacted, say
+from .storage import first_line, is_remote, within
 
 # What a tracker receives of each result: the study's metrics, and nothing else. A result carries more (how the
 # trial ran, Tune's checkpoint bookkeeping, fields added later); those stay in result.json and the tables. How a
@@ -101,17 +101,20 @@ def _mlflow_callback_class():
             return state
 
         def _bounded(self, call, *args) -> None:
-            """call(*args) within MLFLOW_CALL_S; past it, a TimeoutError naming the server ends the sweep (resumable)
-            and MLflow is asked nothing more (the call given up on may still be running)."""
+            """call(*args) within MLFLOW_CALL_S. One that fails, or is given up on (it may still be running), is
+            said in one line and MLflow is asked nothing more: the sweep goes on without it (a tracker's outage
+            costs no training; raised in Tune's loop, it ended the sweep, or, at a trial's end, restarted the
+            trial)."""
             if getattr(self, "_gave_up", False):
                 return
             try:
                 within(MLFLOW_CALL_S, lambda: call(*args))
-            except TimeoutError:
+            except Exception as exc:  # noqa: BLE001 - MLflow's, its HTTP client's, its database's
                 self._gave_up = True
-                raise TimeoutError(
-                    f"MLflow at {redacted(str(self.tracking_uri))} gave no answer within {MLFLOW_CALL_S:g} s"
-                ) from None
+                timeout = isinstance(exc, TimeoutError)
+                why = f"gave no answer within {MLFLOW_CALL_S:g} s" if timeout else f"failed ({first_line(exc)})"
+                say(f"tune-alexnet: warning: MLflow at {redacted(str(self.tracking_uri))} {why}; the sweep goes on "
+                    "without it, and its runs there end here")  # fmt: skip
 
         def setup(self, *args, **kwargs) -> None:
             self._bounded(lambda: super(StudyMLflowCallback, self).setup(*args, **kwargs))

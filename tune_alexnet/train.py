@@ -337,7 +337,7 @@ def _restore(cfg: dict, rt: Runtime, checkpoint_from, train_images: int) -> Tria
 
 def _load_state(trial: Trial, trainer: dict, best: dict, rt: Runtime) -> None:
     """A checked resume state (loaded on the CPU) into the trial, its optimizer in this run's step mode."""
-    trial.model.load_state_dict(dict(trainer["model"]))  # (without the file's _metadata: checkpoint.load_model)
+    trial.model.load_state_dict(trainer["model"])
     trial.optimizer.load_state_dict(resume.in_step_mode(trainer["optimizer"], rt.step == "graph"))
     trial.gen.set_state(trainer["generator"].cpu())
     torch.set_rng_state(trainer["torch_rng"].cpu())
