@@ -330,6 +330,27 @@ def test_a_path_through_a_link_then_up_is_checked_where_the_kernel_takes_it(mixe
         preflight.check_path_to(str(through / "results"))
 
 
+@pytest.mark.timeout(60)
+def test_the_way_to_a_path_follows_at_most_the_kernels_40_links_and_needs_no_working_folder(tmp_path, monkeypatch):
+    """Links naming two links each, 30 deep: the walk of the way to l30/../x, counting its links by depth alone,
+    took 2**30 steps. And a working folder since removed made every check of an absolute path raise."""
+    from tune_alexnet import cluster
+
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    (chain / "l0").symlink_to(".")
+    for k in range(1, 31):
+        (chain / f"l{k}").symlink_to(f"l{k - 1}/l{k - 1}")
+    for check in (cluster.open_to_all, cluster.others_on_the_way):
+        assert check(chain / "l30" / ".." / "x") is None
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert cluster.open_to_all(tmp_path / "x") is None and cluster.others_on_the_way(tmp_path / "x") is None
+    preflight.check_path_to(str(tmp_path / "results"))
+
+
 @pytest.mark.timeout(60, func_only=True)
 def test_a_report_md_of_backticks_in_out_is_read_in_one_pass(mixed_experiment, tmp_path, capsys):
     """Which experiment a report in --out is of was read with a regular expression that took hours over a line of

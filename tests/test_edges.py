@@ -338,6 +338,7 @@ def test_an_empty_home_is_the_users_own_as_ray_finds_it_not_the_root_folder(monk
     assert data.user_cache_dir() == own / ".cache" / "tune-alexnet"
     monkeypatch.setenv("HOME", "  ")
     assert cluster.token_path() == Path("  /.ray/auth_token") and "is a relative path" in cluster.token_problem()
+    assert data.user_cache_dir() == own / ".cache" / "tune-alexnet"  # not below the working folder
 
 
 def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_said(open_dir, monkeypatch, capsys):
@@ -958,33 +959,37 @@ def test_a_disk_filled_between_the_room_check_and_the_copy_is_a_full_storage_not
     assert _no_space(RuntimeError("IOError: Disk quota exceeded"))
 
 
-def test_a_token_another_user_makes_between_the_check_and_rays_start_is_refused(synthetic_dir, tmp_path, monkeypatch,
-                                                                              capsys):  # fmt: skip
+THEIRS_FIRST = """
+import os, sys
+from pathlib import Path
+from tune_alexnet import cluster
+home, original = Path(os.environ["HOME"]), cluster.local_ray_options
+def theirs_first(**kwargs):  # the moment between the checks and Ray's start
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a-token-they-know-0123456789abcdef")
+    for made in (home, home / ".ray", home / ".ray" / "auth_token"):
+        os.chown(made, 65534, 65534)
+    return original(**kwargs)
+cluster.local_ray_options = theirs_first
+import tune_alexnet
+sys.exit(tune_alexnet.main())
+"""
+
+
+def test_a_token_another_user_makes_between_the_check_and_rays_start_is_refused(synthetic_dir, tmp_path):
     """A HOME not made yet in a shared sticky folder: the check found no token and nothing wrong; another user then
     made ~/.ray and a token of theirs before Ray read it, and the sweep ran with a token they knew."""
-    from tune_alexnet import cluster
-
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
     home = shared / "home"
-    monkeypatch.setenv("HOME", str(home))
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    original = cluster.local_ray_options
-
-    def theirs_first(**kwargs):  # the moment between the checks and Ray's start
-        (home / ".ray").mkdir(parents=True)
-        (home / ".ray" / "auth_token").write_text("a-token-they-know-0123456789abcdef")
-        for made in (home, home / ".ray", home / ".ray" / "auth_token"):
-            os.chown(made, 65534, 65534)
-        return original(**kwargs)
-
-    monkeypatch.setattr(cluster, "local_ray_options", theirs_first)
-    code = main(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), *TINY])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    assert f"Ray's token {home}/.ray/auth_token belongs to another user (uid 65534), who knows it" in err, err
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    args = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "r"), *TINY]
+    done = subprocess.run([sys.executable, "-c", THEIRS_FIRST, *args], env={**env, "HOME": str(home)}, cwd="/",
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    said = f"Ray's token {home}/.ray/auth_token belongs to another user (uid 65534), who knows it"
+    assert said in done.stderr, done.stderr[-3000:]
 
 
 def test_a_kernel_cache_other_users_could_write_make_or_swap_is_refused(tmp_path, monkeypatch):
@@ -1000,6 +1005,8 @@ def test_a_kernel_cache_other_users_could_write_make_or_swap_is_refused(tmp_path
     theirs.mkdir(mode=0o700)
     os.chown(theirs, 65534, 65534)
     cases[theirs / "cache"] = f"{theirs} is on the way, which another user owns (uid 65534)"
+    (tmp_path / "link").symlink_to(shared / "gone")  # a link of yours that leads nowhere yet: torch makes its target
+    cases[tmp_path / "link"] = f"does not exist, and {shared} can be made in"
     for folder, needle in cases.items():
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
         assert needle in (cluster.folder_settings_problem() or ""), folder

@@ -195,7 +195,8 @@ def test_a_state_rewritten_after_its_check_is_loaded_as_checked(runs, tmp_path, 
         return found
 
     monkeypatch.setattr(checkpoint, "archive_problem", then_rewritten)
-    trainer, _ = checkpoint.read_resume(copy)
+    network = {k: CONFIG[k] for k in ("dropout", "batchnorm", "width")}
+    trainer, _ = checkpoint.read_resume(copy, checkpoint.network_bytes(network))
     assert trainer["counters"]["epoch"] == 2
 
 

@@ -653,12 +653,20 @@ def _deflated(name: str = "model.pt"):
     return tamper
 
 
-def _zip_of_empty_files(path: Path, count: int) -> None:
+def _zip_of_empty_files(path: Path, count: int, say: int | None = None, name_width: int = 0) -> None:
+    """A zip of `count` empty files, their names padded to `name_width` digits; its end record saying `say` files,
+    where given."""
+    import struct
     import zipfile
 
     with zipfile.ZipFile(path, "w") as archive:
         for i in range(count):
-            archive.writestr(f"model/data/{i}", b"")
+            archive.writestr(f"model/data/{i:0{name_width}d}", b"")
+    if say is not None:
+        raw = bytearray(path.read_bytes())
+        end = raw.rindex(b"PK\x05\x06")
+        raw[end + 8 : end + 12] = struct.pack("<HH", say, say)
+        path.write_bytes(bytes(raw))
 
 
 def _other_weights(d: Path) -> None:
@@ -864,9 +872,11 @@ def test_a_resume_state_whose_pickle_torch_should_not_see_is_passed_over_unread(
     for hidden in (False, True):  # (under another case of its name, torch's reader finds it all the same)
         for name in ("trainer.pt", "model.pt"):
             torch.save({"a": torch.zeros(1)}, tmp_path / name)
-        assert checkpoint.read_resume(tmp_path) is not None
+        assert checkpoint.read_resume(tmp_path, checkpoint.network_bytes(MODEL_ARGS)) is not None
         _pickle(raw, "trainer.pt", hidden)(tmp_path)
-        assert checkpoint.read_resume(tmp_path) is None  # unreadable: train.py tries the one before, or starts afresh
+        assert (
+            checkpoint.read_resume(tmp_path, checkpoint.network_bytes(MODEL_ARGS)) is None
+        )  # unreadable: train.py tries the one before, or starts afresh
 
 
 def test_the_two_archives_in_one_file_are_read_apart_by_python_and_by_torch(ckpt):
@@ -891,9 +901,9 @@ def test_the_two_archives_in_one_file_are_read_apart_by_python_and_by_torch(ckpt
 def test_a_resume_state_torch_would_read_otherwise_than_the_check_is_passed_over(tmp_path, tamper):
     for name in ("trainer.pt", "model.pt"):
         torch.save({"a": torch.zeros(1)}, tmp_path / name)
-    assert checkpoint.read_resume(tmp_path) is not None
+    assert checkpoint.read_resume(tmp_path, checkpoint.network_bytes(MODEL_ARGS)) is not None
     tamper(tmp_path)
-    assert checkpoint.read_resume(tmp_path) is None
+    assert checkpoint.read_resume(tmp_path, checkpoint.network_bytes(MODEL_ARGS)) is None
 
 
 def test_an_archive_of_two_members_named_alike_but_for_case_is_refused():
@@ -1095,3 +1105,25 @@ def test_an_experiment_state_of_more_trials_than_a_sweep_makes_is_passed_over(fo
     code, err = _run(["export", str(folder.exp)], capsys)
     assert code == 0 and "trials, more than 20,000); the table is rebuilt from the" in err, err
     assert len(pd.read_parquet(folder.exp / "results.parquet")) == len(folder.before)
+
+
+@pytest.mark.timeout(30)
+def test_a_resume_state_larger_than_its_network_needs_or_not_a_file_is_passed_over_unread(tmp_path):
+    """trainer.pt was read whole, whatever its size, before any check; a FIFO blocked the trial for ever."""
+    torch.save({"a": torch.zeros(5 * 2**20)}, tmp_path / "trainer.pt")  # 20 MB
+    torch.save({"a": torch.zeros(1)}, tmp_path / "model.pt")
+    assert checkpoint.read_resume(tmp_path, 2**22) is not None  # 4 MB of weights: room for their optimizer's
+    assert checkpoint.read_resume(tmp_path, 1000) is None
+    (tmp_path / "trainer.pt").unlink()
+    os.mkfifo(tmp_path / "trainer.pt")
+    assert checkpoint.read_resume(tmp_path, 2**22) is None
+
+
+def test_an_archive_whose_end_record_understates_its_files_is_refused_from_its_directorys_size(tmp_path):
+    """zipfile reads a directory by its size, whatever count the end record gives: one saying 1 file over 13,000
+    (a few million, in a resume state that may be hundreds of MB) was parsed whole before any check."""
+    _zip_of_empty_files(tmp_path / "trainer.pt", 13_000, say=1, name_width=244)
+    with open(tmp_path / "trainer.pt", "rb") as f:
+        assert checkpoint.members_problem(f).startswith("its directory is 3,9")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "model.pt")
+    assert checkpoint.read_resume(tmp_path, 2**22) is None

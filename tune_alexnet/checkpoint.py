@@ -20,6 +20,7 @@ import numbers
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,7 @@ WEIGHTS_SLACK = 2**20  # bytes of model.pt beyond its tensors' own: torch's zip 
 PICKLE_LIMIT = 2**16  # bytes
 NESTING_LIMIT = 100  # containers inside containers (a resume state's: under 10)
 MEMBERS_LIMIT = 10_000  # files in a checkpoint's archive (a resume state's: a few hundred)
+DIRECTORY_ENTRY = 46 + 255 + 64  # bytes of one file's directory entry at most: its record, name, zip64 extras
 OBJECTS_LIMIT = 20_000  # objects it makes (a sweep's: a few thousand); each level of nesting is one, however made
 # The names a sweep's pickles call (with torch's storage classes, dtypes and layouts, which they name): others that
 # torch's weights-only unpickler takes compute from what they are given (Counter iterates a tensor, one rebuilder
@@ -301,6 +303,8 @@ def members_problem(f) -> str | None:
     f.seek(0)
     if end is not None and end[zipfile._ECD_ENTRIES_TOTAL] > MEMBERS_LIMIT:
         return f"it holds {end[zipfile._ECD_ENTRIES_TOTAL]:,} files, more than {MEMBERS_LIMIT:,}"
+    if end is not None and end[zipfile._ECD_SIZE] > MEMBERS_LIMIT * DIRECTORY_ENTRY:  # zipfile reads it by size
+        return f"its directory is {end[zipfile._ECD_SIZE]:,} bytes, more than {MEMBERS_LIMIT:,} files take"
     return None
 
 
@@ -566,17 +570,31 @@ def read_progress(directory: Path) -> dict | None:
     return progress if isinstance(progress, dict) else None
 
 
-def read_resume(directory: Path) -> tuple[dict, dict] | None:
-    """(trainer state, best weights) of a resume checkpoint folder, on the CPU; None if it holds no readable resume
-    state. On the CPU, because the state is checked before use (resume.py) and its optimizer's step counts must
-    go where this run's step mode needs them, not where the writing run kept them."""
+def network_bytes(model_args: dict) -> int:
+    """Bytes of the weights of AlexNet(**model_args), none of them allocated."""
+    with torch.device("meta"):
+        return sum(t.numel() * t.element_size() for t in AlexNet(**model_args).state_dict().values())
+
+
+def read_resume(directory: Path, weights: int) -> tuple[dict, dict] | None:
+    """(trainer state, best weights) of a resume checkpoint folder of a network of `weights` bytes, on the CPU;
+    None if it holds no readable resume state. On the CPU, because the state is checked before use (resume.py)
+    and its optimizer's step counts must go where this run's step mode needs them, not where the writing run kept
+    them. Each file is read once (what is checked is what torch loads), and only a regular file no larger than
+    such a state: the weights (best weights), or them, up to three of the optimizer's tensors a weight and an
+    epoch's place (a resume state)."""
     import zipfile
 
     loaded = []
+    limits = {TRAINER_FILE: 4 * weights + 16 * WEIGHTS_SLACK, MODEL_FILE: weights + WEIGHTS_SLACK}
     try:
         for name in (TRAINER_FILE, MODEL_FILE):
-            with open(directory / name, "rb") as f:  # read once: what is checked is what torch loads
-                f = io.BytesIO(f.read())
+            fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > limits[name]:
+                    return None
+                f = io.BytesIO(f.read(limits[name] + 1))
             if members_problem(f):
                 return None
             with zipfile.ZipFile(f) as archive:

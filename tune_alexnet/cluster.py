@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import home, say
+from .storage import as_given
 
 log = logging.getLogger("tune_alexnet.cluster")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
@@ -86,12 +87,13 @@ def folder_settings_problem() -> str | None:
     if not value or value == _kernel_cache:
         return None
     allowed = f"allowed: a folder only you can write, or {KERNEL_CACHE} unset (a private one is used)"
-    folder = Path(value)
+    real = Path(os.path.realpath(value))  # where torch makes it: through a link too, one that leads nowhere yet
+    folder = real
     while not os.path.lexists(folder) and folder != folder.parent:  # not made yet: by whoever comes first
         folder = folder.parent
     with contextlib.suppress(OSError):
         if others_can_write(os.stat(folder)):
-            made = "can be written" if folder == Path(value) else f"does not exist, and {folder} can be made in"
+            made = "can be written" if folder == real else f"does not exist, and {folder} can be made in"
             return f"{KERNEL_CACHE}={value} {made} by other users, whose code the trials would load and run; {allowed}"
     if shared := open_to_all(Path(value)):
         return f"{KERNEL_CACHE}={value}: {shared[0]}, so anyone could swap in code the trials would run; {allowed}"
@@ -394,28 +396,31 @@ def others_on_the_way(folder: Path) -> tuple[Path, str] | None:
 def owned_by_another(folder: Path) -> tuple[Path, int] | None:
     """The first folder on the way to `folder` (itself included) that a user other than root and this one owns:
     they may rename or remove what it holds, sticky bit or not."""
-    for step in dict.fromkeys([*_folders_on_the_way(folder), Path(os.getcwd(), folder)]):
+    for step in dict.fromkeys([*_folders_on_the_way(folder), Path(as_given(folder))]):
         with contextlib.suppress(OSError):
             if (uid := os.lstat(step).st_uid) not in (0, os.getuid()):  # a link's own owner can re-point it
                 return step, uid
     return None
 
 
-def _folders_on_the_way(path: Path, hops: int = 0) -> list[Path]:
+def _folders_on_the_way(path: Path, links: list | None = None) -> list[Path]:
     """Every folder a name is looked up in to reach `path`, each link followed as the kernel follows it (through
     the folders its target names), and each link itself: whoever can write one of them, or owns the link, could swap
-    what comes after it."""
+    what comes after it. At most 40 links in all, the kernel's own limit (links naming links twice over, counted by
+    depth alone, made 2**depth walks)."""
+    links = [40] if links is None else links
     folders, here = [], Path("/")
-    for part in Path(os.getcwd(), path).parts[1:]:  # not os.path.abspath: it takes a/link/.. for a, as text
+    for part in Path(as_given(path)).parts[1:]:
         if part == "..":  # the kernel's: the folder above where the link led
             here = here.parent
             continue
         folders.append(here)
         step = here / part
-        if os.path.islink(step) and hops < 40:  # the kernel's own limit on links; (a name too long is no link)
+        if os.path.islink(step) and links[0] > 0:  # (a name too long is no link)
+            links[0] -= 1
             folders.append(step)
             target = Path(os.readlink(step))
-            folders += _folders_on_the_way(target if target.is_absolute() else here / target, hops + 1)
+            folders += _folders_on_the_way(target if target.is_absolute() else here / target, links)
             here = Path(os.path.realpath(step))
         else:
             here = step

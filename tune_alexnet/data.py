@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import open_to_all, others_can_write, others_on_the_way
-from .settings import NUM_CLASSES, home
+from .settings import NUM_CLASSES, home, listed_home
 from .storage import make_folders, shown
 
 IMAGE_SIZE = 32
@@ -76,7 +76,9 @@ def user_cache_dir() -> Path:
     base = os.environ.get("TUNE_ALEXNET_CACHE")
     if base:
         return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME") or home() / ".cache") / "tune-alexnet"
+    own = home()  # (a relative one, blank space too, Ray takes for its token, refused there; not for a cache)
+    own = own if own.is_absolute() else listed_home()
+    return Path(os.environ.get("XDG_CACHE_HOME") or own / ".cache") / "tune-alexnet"
 
 
 def load_cifar10(

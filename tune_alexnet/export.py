@@ -59,6 +59,7 @@ from .storage import (
     STATE_TRIALS,
     TEXT_LIMIT,
     RefusedFile,
+    as_given,
     check_file,
     existing_parent,
     experiment_uri,
@@ -1028,7 +1029,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     if not is_remote(out):  # its links resolved once a process: see open_folder
         # the path as given, not made normal (a/link/.. and a/. are two places), its links kept: whoever owns one of
         # them chose where the tables go
-        given = os.path.join(os.getcwd(), os.path.expanduser(given))
+        given = as_given(os.path.expanduser(given))
         out = _real.setdefault(given, out)
         _check_path_to(given, warn=False)
         made = missing_folders(out)

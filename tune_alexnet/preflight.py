@@ -70,6 +70,7 @@ from .storage import (
     RESULT_LIMIT,
     RESULT_LINES,
     SCHEMES,
+    as_given,
     checkpoint_room,
     existing_parent,
     experiment_uri,
@@ -102,7 +103,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     root = storage_uri(s.storage)
     check_scheme(root, "--storage")
     # The path as given, its links kept: whoever owns one of them chose where the experiment goes
-    given = os.path.join(os.getcwd(), os.path.expanduser(s.storage))
+    given = as_given(os.path.expanduser(s.storage)) if not is_remote(root) else root
     if not is_remote(root):  # before the storage is read, or the lock file made through it
         check_path_to(given, warn=False)
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))

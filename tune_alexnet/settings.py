@@ -291,8 +291,11 @@ def home() -> Path:
     relative path the token checks refuse), else this user's entry in the password database (Python alone would
     take an empty HOME for /)."""
     given = os.environ.get("HOME", "")
-    if given:
-        return Path(given)
+    return Path(given) if given else listed_home()
+
+
+def listed_home() -> Path:
+    """This user's home in the password database."""
     import pwd
 
     try:

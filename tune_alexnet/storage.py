@@ -87,6 +87,14 @@ def reach(uri: str):
     return within(REACH_TIMEOUT_S, ask)
 
 
+def as_given(path) -> str:
+    """`path` absolute but not made normal: os.path.abspath takes a/link/.. for a, as text, where the kernel takes
+    the folder above where the link leads. The working folder is asked for only where `path` is relative (it may
+    be gone)."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
 def storage_uri(storage: str) -> str:
     """An absolute local path (Ray rejects relative ones) or the URI as given."""
     return storage if is_remote(storage) else str(Path(os.path.expanduser(storage)).resolve())  # ~nobody: as given

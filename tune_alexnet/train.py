@@ -299,7 +299,7 @@ def set_tf32(on: bool) -> None:
 def _new_trial(cfg: dict, rt: Runtime) -> Trial:
     torch.manual_seed(cfg["seed"])
     gen = torch.Generator(rt.device).manual_seed(cfg["seed"])
-    model_args = {"dropout": cfg["dropout"], "batchnorm": cfg["batchnorm"], "width": cfg["width"]}
+    model_args = _model_args(cfg)
     model = AlexNet(**model_args).to(rt.device, memory_format=rt.memory_format)
     optimizer = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], capturable=rt.step == "graph")
     # Static shapes: the epoch's last, smaller batch runs on the eager model instead of recompiling (TrainStep).
@@ -469,6 +469,10 @@ def run_ended(progress: dict, cfg: dict) -> bool:
     return counters and since <= epoch and should_stop(epoch, since, cfg["patience"], cfg["epochs"])
 
 
+def _model_args(cfg: dict) -> dict:
+    return {"dropout": cfg["dropout"], "batchnorm": cfg["batchnorm"], "width": cfg["width"]}
+
+
 def _resume_candidates(candidates, cfg: dict):
     """The readable resume states among the trial's checkpoints (newest first), as (where, trainer state, best
     weights), loaded on the CPU; first "finished" instead if the newest says the run ended. None left: the trial
@@ -479,6 +483,7 @@ def _resume_candidates(candidates, cfg: dict):
         candidates = [candidates]
     recorded = 0
     nothing_recorded = all(isinstance(c, tuple) for c in candidates)
+    weights = checkpoint.network_bytes(_model_args(cfg))
     for candidate in candidates:
         stop_only = isinstance(candidate, tuple)  # newer than Tune's record (ray_hooks.STOP_ONLY)
         candidate = candidate[0] if stop_only else candidate
@@ -513,7 +518,7 @@ def _resume_candidates(candidates, cfg: dict):
                             "checkpoint", d, why)  # fmt: skip
             if not (d / checkpoint.TRAINER_FILE).exists():
                 continue
-            resumed = checkpoint.read_resume(d)
+            resumed = checkpoint.read_resume(d, weights)
             inside_epoch = resumed is not None and isinstance(resumed[0], dict) and resumed[0].get("position")
             if stop_only and not isinstance(inside_epoch, dict):  # its epoch may be missing from the records
                 log.info("resume state %s holds no place inside an epoch and Tune never recorded it; trying the "
