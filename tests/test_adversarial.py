@@ -1005,6 +1005,7 @@ def test_resume_refuses_files_a_sweep_never_makes_in_a_trial_folder(damaged, cap
         assert errors["damaged"].endswith("/result.json holds more than 100,000 lines; a trial writes one an epoch")
 
 
+@pytest.mark.slow  # a driver of its own, with its own Ray
 def test_a_sigterm_while_ray_stops_its_processes_is_still_ignored_as_the_tables_are_written():
     """Ray's core worker, shut down, puts SIGTERM back to the default: one arriving while Ray then stopped its
     processes (seconds) killed the driver before the sweep's last tables. Here it arrives at that very moment."""
@@ -1219,6 +1220,7 @@ def test_a_storage_where_anyone_could_swap_the_experiment_is_refused(damaged, sy
     shared.chmod(0o700)
 
 
+@pytest.mark.slow  # sweeps and resumes, refused after Ray started
 def test_another_users_closed_folder_or_lock_in_a_shared_storage_is_one_line(synthetic_dir, tmp_path):
     """pyarrow raised PermissionError from Tune's can_restore: a folder of another user's, mode 0700, made any
     sweep or resume of that name (or a resume without --name) a traceback. Their lock file let them lock anew
@@ -1544,6 +1546,7 @@ def test_rays_lock_files_lie_in_the_private_folder(short_tmpdir, monkeypatch):
     assert os.environ["RAY_TMPDIR"] == str(private)
 
 
+@pytest.mark.slow  # a trial on Ray
 def test_a_trial_keeps_torchs_kernel_cache_in_the_private_folder_on_a_joined_cluster_too(short_tmpdir):
     """The private cache was set for the local Ray alone: on a cluster joined with --address the trials compiled
     into, and loaded kernels from, TMPDIR/torchinductor_USER, which another user had made (mode 0777) first."""

@@ -976,6 +976,7 @@ sys.exit(tune_alexnet.main())
 """
 
 
+@pytest.mark.slow  # a sweep in a process of its own
 def test_a_token_another_user_makes_between_the_check_and_rays_start_is_refused(synthetic_dir, tmp_path):
     """A HOME not made yet in a shared sticky folder: the check found no token and nothing wrong; another user then
     made ~/.ray and a token of theirs before Ray read it, and the sweep ran with a token they knew."""

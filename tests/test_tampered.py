@@ -1083,6 +1083,7 @@ def test_a_bucket_path_is_checked_by_name_and_size_before_reading(tmp_path):
         read_bytes(bucket, "exp", "b.json", 10)
 
 
+@pytest.mark.slow  # 64 MB written and read
 @pytest.mark.timeout(60, func_only=True)
 def test_a_result_json_of_lines_split_by_carriage_returns_is_read_in_one_pass(folder, capsys):
     """The line limit counted newlines; the lines read were split at carriage returns too (and 7 more): 64 MB of

@@ -123,6 +123,7 @@ def test_resume_state_older_than_the_newest_checkpoint_replays_the_lost_epochs(s
     same_epochs(resumed.metrics, straight.metrics[2:])  # from epoch 2's state: epochs 3 and 4 trained again
 
 
+@pytest.mark.slow  # eight epochs, two runs
 def test_without_any_resume_state_a_restart_replays_from_the_start(small, straight, tmp_path):
     first = interrupted(tmp_path / "a", CONFIG, kill_after=2, runtime={"resume_every_s": 1e9})
     assert all(not (c / TRAINER_FILE).exists() for c in first.newest_first())  # best weights only
@@ -154,6 +155,7 @@ def test_a_finished_run_keeps_its_best_weights_without_optimizer_state(small, tm
     assert again.metrics == []
 
 
+@pytest.mark.slow  # five epochs, two runs
 def test_patience_counter_survives_a_restart(small, tmp_path):
     # lr 0 never improves after epoch 1, so the counter climbs 0, 1, 2 ... across the restart.
     config = {**BASE, "lr": 0.0, "epochs": 5}
