@@ -219,9 +219,8 @@ def _model_args_problem(raw) -> str | None:
 def _read_weights(fs, base: str, label: str, expected: dict, device) -> dict:
     """model.pt's tensors, read only if the file is no larger than the network model.json describes (plus torch's
     framing), each of the shape that network needs: a mismatch is named before the network is built."""
-
     where = f"{label}/{MODEL_FILE}"
-    limit = sum(t.numel() * t.element_size() for t in expected.values()) + WEIGHTS_SLACK
+    limit = _bytes_of(expected) + WEIGHTS_SLACK
     try:
         with open_file(fs, base, MODEL_FILE, limit) as (f, _):
             # Read once, here: each piece from a bucket bounded (torch's reader turns a timeout inside it into another
@@ -573,7 +572,11 @@ def read_progress(directory: Path) -> dict | None:
 def network_bytes(model_args: dict) -> int:
     """Bytes of the weights of AlexNet(**model_args), none of them allocated."""
     with torch.device("meta"):
-        return sum(t.numel() * t.element_size() for t in AlexNet(**model_args).state_dict().values())
+        return _bytes_of(AlexNet(**model_args).state_dict())
+
+
+def _bytes_of(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def read_resume(directory: Path, weights: int) -> tuple[dict, dict] | None:
