@@ -189,10 +189,14 @@ def test_a_stopped_workers_ignored_exit_stays_off_the_console_and_in_driver_log(
              "call last):", '  File "weakref.py", line 38, in _remove', "    def _remove(item, selfref=ref(self)):",
              '  File "worker.py", line 1, in sigterm_handler', "    sys.exit(signal.SIGTERM)", "SystemExit: 15"]  # fmt: skip
     lines = RayLines(quiet=False)
-    lines.worker_lines({"lines": ["before", *block[:3]], "pid": 7, "task_name": "train_cifar"})
-    lines.worker_lines({"lines": [*block[3:], "after"], "pid": 7, "task_name": "train_cifar"})
-    out = capsys.readouterr().out
-    assert "before" in out and "after" in out and "Traceback" not in out and "SystemExit" not in out, out
+    err = {"pid": 7, "task_name": "train_cifar", "is_err": True}
+    lines.worker_lines({**err, "lines": ["before", *block[:3]]})
+    lines.worker_lines({**err, "is_err": False, "lines": ["", "on stdout meanwhile"]})  # the other stream, between
+    note = "[2026-12-06 14:17:50,001 I 7 7] core_worker.cc:1: Exit signal received"  # Ray's, hidden, meanwhile
+    lines.worker_lines({**err, "lines": [*block[3:5], note, *block[5:], "after"]})
+    out, err_out = capsys.readouterr()
+    assert "meanwhile" in out and "before" in err_out and "after" in err_out, err_out
+    assert "Traceback" not in out + err_out and "SystemExit" not in out + err_out, err_out
     assert sum("SystemExit: 15" in line for line in lines.kept) == 1  # driver.log keeps it
     other = [*block[:-1], "ValueError: a worker's own error"]
     lines.worker_lines({"lines": other, "pid": 8, "task_name": "train_cifar"})

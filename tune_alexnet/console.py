@@ -252,7 +252,7 @@ class RayLines(logging.Filter):
         self.upload_to: str | None = None
         self.local_copy: str | None = None
         self.ray_forwarding = None  # Ray's own handler of worker output, put back on exit
-        self.held: dict = {}  # pid -> the lines so far of a worker's "Exception ignored" block
+        self.held: dict = {}  # (pid, is_err) -> the lines so far of a worker's "Exception ignored" block
 
     def __enter__(self) -> RayLines:
         import ray  # noqa: F401  (importing Ray sets up its logger and handler)
@@ -305,21 +305,23 @@ class RayLines(logging.Filter):
             self._keep(f"{time.strftime('%Y-%m-%d %H:%M:%S')} WORKER {prefix} {line}")
         if self.quiet or any(hidden in name for hidden in HIDDEN_WORKERS):
             return
-        lines = self._without_ignored_exit(data.get("pid"), lines)
+        lines = self._without_ignored_exit((data.get("pid"), bool(data.get("is_err"))), lines)
         shown = [line for line in lines if line.strip() and not any(h in line for h in HIDDEN_WORKER_LINES)]
         if shown:
             with contextlib.suppress(OSError):
                 print("\n".join(f"{prefix} {line}" for line in shown),
                       file=sys.stderr if data.get("is_err") else sys.stdout, flush=True)  # fmt: skip
 
-    def _without_ignored_exit(self, pid, lines: list[str]) -> list[str]:
+    def _without_ignored_exit(self, stream, lines: list[str]) -> list[str]:
         """`lines` but a block Python prints when Ray's SIGTERM handler raised SystemExit inside a garbage
         collector's callback ("Exception ignored in ...", a traceback, "SystemExit: 1"), which a stopped worker
         still starting up shows before the trial's own quiet exit is in place (ray_hooks.quiet_exit_on_sigterm).
-        A block may come in several batches; one that ends in another exception is shown whole."""
-        held, shown = self.held.pop(pid, []), []
+        A block may come in several batches, with the worker's other stream's between them (so `stream` is a
+        pid and which of its two); one that ends in another exception is shown whole."""
+        held, shown = self.held.pop(stream, []), []
         for line in lines:
-            if not held and not line.startswith("Exception ignored in"):
+            aside = not line.strip() or any(h in line for h in HIDDEN_WORKER_LINES)  # Ray's own notes meanwhile
+            if aside or (not held and not line.startswith("Exception ignored in")):
                 shown.append(line)
                 continue
             held.append(line)
@@ -329,7 +331,7 @@ class RayLines(logging.Filter):
                 shown += held  # the block's last line, another exception's
                 held = []
         if held:
-            self.held[pid] = held
+            self.held[stream] = held
         return shown
 
     def filter(self, record: logging.LogRecord) -> bool:
