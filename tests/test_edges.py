@@ -341,6 +341,33 @@ def test_an_empty_home_is_the_users_own_as_ray_finds_it_not_the_root_folder(monk
     assert data.user_cache_dir() == own / ".cache" / "tune-alexnet"  # not below the working folder
 
 
+def test_a_user_with_no_home_anywhere_is_refused_in_one_line_before_ray_is_imported(tmp_path, monkeypatch, capsys):
+    """A container run as an arbitrary uid, with HOME unset: Ray's import raised 'Could not determine home
+    directory' as a traceback from every command."""
+    import pwd
+
+    from tune_alexnet.cli import main
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for home in (None, ""):  # (Python takes an empty HOME for /, Ray for the entry there is not)
+        if home is None:
+            monkeypatch.delenv("HOME")
+        else:
+            monkeypatch.setenv("HOME", home)
+        for argv in (["export", str(tmp_path)], ["sweep", "--storage", str(tmp_path / "r"), *TINY]):
+            with pytest.raises(SystemExit) as exited:
+                main(argv)
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert exited.value.code == 2 and len(lines) == 1, lines
+            assert lines[0] == (f"tune-alexnet {argv[0]}: error: this user (uid {os.getuid()}) has no home folder: "
+                                "HOME is empty or not set and the password database has no entry for the user; "
+                                "allowed: HOME set to a folder of this user's own")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_private_folder_found_open_stays_refused_and_an_open_parent_is_said(open_dir, monkeypatch, capsys):
     """It was made private (0700) before the check, so the same command went on the second time with what had
     been planted in it; and a TMPDIR others can write to without the sticky bit lets them swap the folder."""

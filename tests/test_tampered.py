@@ -1011,14 +1011,24 @@ PREDICT_CASES = {
     "a PNG with a broken chunk": (lambda: [_broken_png()], "image 0 cannot be read (broken PNG file (chunk"),
     # 783 KB of TIFF declaring one tile of 16384x16384 pixels: libtiff allocated 800 MB for it
     "a TIFF of 16384-pixel tiles": (lambda: [_tiff_of_tiles(16384)], "image 0 declares tiles of 16384x16384 pixels"),
-}
+    "a TIFF whose tile width is text": (lambda: [_tiff_of_tiles(32, width=b"abc\0")],
+                                        "image 0 declares tiles of 'abc'x32 pixels, which are no numbers"),
+}  # fmt: skip
 
 
-def _tiff_of_tiles(tile: int):
+def _tiff_of_tiles(tile: int, width: bytes | None = None):
+    """`width`: the TileWidth tag's value as ASCII text, where a number is due (a comparison raised TypeError)."""
+    import struct
+
     from PIL import Image
     from test_data import _tiled_tiff
 
-    return Image.open(io.BytesIO(_tiled_tiff(tile)))
+    raw = _tiled_tiff(tile)
+    if width is not None:
+        number = struct.pack("<HHII", 322, 4, 1, tile)
+        assert raw.count(number) == 1
+        raw = raw.replace(number, struct.pack("<HHI4s", 322, 2, len(width), width))
+    return Image.open(io.BytesIO(raw))
 
 
 def _truncated_png():

@@ -456,6 +456,51 @@ def test_a_wandb_dir_anyone_could_write_is_refused_and_one_others_could_is_said(
     assert not (tmp_path / "fresh").exists() and not (tmp_path / "r").exists()
 
 
+def test_a_wandb_dir_is_checked_where_wandb_writes_its_runs(tmp_path, monkeypatch):
+    """W&B picks its folder at each run's start: WANDB_DIR/.wandb where one exists (another user's, made in a
+    sticky folder open to all, took the runs), the folder the kernel reaches through a/link/.. (one open to all
+    passed as the link's own), and the temporary folder where WANDB_DIR cannot be written (a file named by
+    mistake): each passed with nothing said."""
+    from tune_alexnet import tracking
+    from tune_alexnet.preflight import PreflightError, _check_wandb_dir
+
+    def refused(root) -> str:
+        monkeypatch.setenv("WANDB_DIR", str(root))
+        with pytest.raises(PreflightError) as exc:
+            _check_wandb_dir()
+        return str(exc.value)
+
+    allowed = "; allowed: a folder only you can write, or WANDB_DIR unset (the runs go into the trials' folders)"
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    for planted in (False, True):  # a .wandb of another user's, or none yet (one could be made at any time)
+        if planted:
+            (sticky / ".wandb").mkdir(0o777)
+            os.chown(sticky / ".wandb", 65534, 65534)
+        assert refused(sticky) == (f"WANDB_DIR={sticky}: other users can make files in {sticky}, and W&B writes the "
+                                   f"runs into a .wandb folder there whenever one exists, so one could take them"
+                                   f"{allowed}")  # fmt: skip
+        assert not (sticky / "wandb").exists()
+    open_ = tmp_path / "open"
+    (open_ / "sub").mkdir(parents=True)
+    open_.chmod(0o777)
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "lnk").symlink_to(open_ / "sub")
+    through = f"{tmp_path}/own/lnk/.."  # the kernel's: open, where the link leads, then its parent
+    assert refused(through).startswith(f"WANDB_DIR={through}: {open_} can be written by every user")
+    assert not (open_ / "wandb").exists() and not (tmp_path / "own" / "wandb").exists()
+    (tmp_path / "afile").write_text("")
+    assert refused(tmp_path / "afile" / "runs") == (
+        f"WANDB_DIR={tmp_path}/afile/runs: {tmp_path}/afile/runs/wandb cannot be made or written there (Not a "
+        f"directory), and W&B would write the runs into the temporary folder instead{allowed}"
+    )
+    monkeypatch.chdir(tmp_path)  # the logging actors run elsewhere: they are told the folder the checks took
+    monkeypatch.setenv("WANDB_DIR", "rel")
+    assert _check_wandb_dir() == [f"{tmp_path}/rel/wandb", f"{tmp_path}/rel"]
+    assert tracking._wandb_env()["dir"] == f"{tmp_path}/rel"
+
+
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

@@ -39,6 +39,7 @@ from .settings import (
     Grid,
     RedactedError,
     home,
+    home_problem,
     printable,
     redacted,
     say,
@@ -500,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             parser = build_parser()
             args = parser.parse_args(argv)
             command = args.command
+            if problem := home_problem():  # before Ray is imported: its import needs a home
+                parser.exit(EXIT_USAGE, shown(f"tune-alexnet {command}: error: {problem}") + "\n")
             if args.command == "sweep":
                 try:
                     settings = _settings(args)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .cluster import open_to_all, others_can_write, others_on_the_way
 from .settings import NUM_CLASSES, home, listed_home
-from .storage import make_folders, shown
+from .storage import brief, make_folders, shown
 
 IMAGE_SIZE = 32
 # Each file name ending taken, and the format PIL decodes it as: PIL picks a decoder by what a file holds, and
@@ -280,6 +280,9 @@ def _unpickled_from(root: Path) -> str | None:
 def tile_problem(im) -> str | None:
     """Tiles larger than TILE_LIMIT that a TIFF declares: libtiff allocates the tile, whatever the image's size."""
     tile = [getattr(im, "tag_v2", {}).get(tag) or 0 for tag in (TIFF_TILE_WIDTH, TIFF_TILE_LENGTH)]
+    if not all(isinstance(side, int) for side in tile):  # text or bytes where a number is due: no TIFF
+        return (f"declares tiles of {brief(tile[0])}x{brief(tile[1])} pixels, which are no numbers; allowed: tiles "
+                f"of at most {TILE_LIMIT}x{TILE_LIMIT}")  # fmt: skip
     if max(tile) > TILE_LIMIT:
         return (f"declares tiles of {tile[0]}x{tile[1]} pixels; allowed: tiles of at most {TILE_LIMIT}x{TILE_LIMIT} "
                 "(a 32x32 image needs one of 32x32)")  # fmt: skip

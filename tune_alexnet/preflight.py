@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -36,7 +37,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from . import cluster, settings
+from . import cluster, settings, tracking
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
 from .resume import (
@@ -653,9 +654,10 @@ def mend_for_resume(exp_uri: str, name: str) -> None:
 
     if not is_remote(exp_uri):  # what a W&B run left when a second Ctrl-C cut the sweep's end short
         from .export import TRIAL_PREFIX
-        from .tracking import remove_wandb_links
 
-        remove_wandb_links(str(p) for p in Path(exp_uri).glob(f"{TRIAL_PREFIX}*") if p.is_dir() and not p.is_symlink())
+        tracking.remove_wandb_links(
+            str(p) for p in Path(exp_uri).glob(f"{TRIAL_PREFIX}*") if p.is_dir() and not p.is_symlink()
+        )
     for mend in (put_back_whole_state, end_cut_result_lines):
         try:
             mended = None if is_remote(exp_uri) else mend(exp_uri)
@@ -932,23 +934,41 @@ def check_trackers(s: SweepSettings) -> list[str]:
 
 
 def _check_wandb_dir() -> list[str]:
-    """WANDB_DIR takes every trial's W&B run out of the experiment, into its wandb/ folder: one that anyone could
-    write is refused, as anyone could swap or read the runs there; one that others could is said. Where it does not
-    exist yet, it is made now, this user's alone."""
+    """WANDB_DIR takes every trial's W&B run out of the experiment, into the folder W&B picks there at each run's
+    start: .wandb where one exists, else wandb, and the temporary folder where it cannot write. So one that this
+    user cannot write, or that other users can make files in (a .wandb of theirs, made at any time, would take the
+    runs), is refused, and so is one on a path anyone could write; one on a path others could is said. Where wandb/
+    does not exist yet, it is made now, this user's alone (W&B would make it at its first run, minutes on)."""
     given = os.environ.get("WANDB_DIR")
     if not given:
         return []
-    folder = Path(os.path.abspath(os.path.expanduser(given))) / "wandb"
-    made = missing_folders(str(folder))  # W&B makes it only at its first run, minutes on: another user could, first
-    with contextlib.suppress(OSError):  # (folder by folder, as storage paths are: a deep one ran past the stack)
-        make_folders(folder.parent)
-        os.mkdir(folder, 0o700)
+    root = Path(tracking.wandb_root())
+    folder = root / ".wandb" if os.path.lexists(root / ".wandb") else root / "wandb"
+    allowed = "allowed: a folder only you can write, or WANDB_DIR unset (the runs go into the trials' folders)"
     if open_to_all := cluster.open_to_all(folder):
-        remove_empty(made)
         raise PreflightError(
             f"WANDB_DIR={given}: {open_to_all[0]}, so anyone could swap or read the W&B runs written there; allowed: "
             f"a folder not open to all ({open_to_all[1]}), or WANDB_DIR unset (the runs go into the trials' folders)"
         )
+    made = missing_folders(str(folder))
+    try:  # (folder by folder, as storage paths are: a deep one ran past the stack)
+        make_folders(root)
+        if not os.path.lexists(folder):
+            os.mkdir(folder, 0o700)
+        for place in (root, folder):
+            if not os.access(place, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        if cluster.others_can_write(os.stat(root)):
+            problem = (f"other users can make files in {root}, and W&B writes the runs into a .wandb folder there "
+                       "whenever one exists, so one could take them")  # fmt: skip
+        else:
+            problem = None
+    except OSError as exc:
+        problem = (f"{folder} cannot be made or written there ({exc.strerror or exc}), and W&B would write the runs "
+                   "into the temporary folder instead")  # fmt: skip
+    if problem:
+        remove_empty([f for f in made if os.path.isdir(f)])
+        raise PreflightError(f"WANDB_DIR={given}: {problem}; {allowed}")
     if others := cluster.others_on_the_way(folder):
         settings.say(f"tune-alexnet: warning: WANDB_DIR={given}: the W&B runs go into {folder}; {others[0]} is on "
                      f"the way, which {others[1]}, so they could swap or read them")  # fmt: skip

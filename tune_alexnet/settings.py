@@ -301,7 +301,22 @@ def listed_home() -> Path:
     try:
         return Path(pwd.getpwuid(os.getuid()).pw_dir)
     except KeyError:  # a uid with no entry (a container run as an arbitrary user): as Python takes it
-        return Path.home()
+        return Path(os.path.expanduser("~"))  # (home_problem refuses the command line this case)
+
+
+def home_problem() -> str | None:
+    """Why no home can be found, where neither HOME nor the password database names one (a container run as an
+    arbitrary user): Ray cannot even be imported with HOME unset, and an empty one leaves its token nowhere."""
+    if os.environ.get("HOME"):
+        return None  # (a relative one, blank space too: the token checks refuse it in their words)
+    import pwd
+
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        return (f"this user (uid {os.getuid()}) has no home folder: HOME is empty or not set and the password "
+                "database has no entry for the user; allowed: HOME set to a folder of this user's own")  # fmt: skip
+    return None
 
 
 def say(line: str) -> None:

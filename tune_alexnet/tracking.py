@@ -14,7 +14,7 @@ import os
 
 from .grid import full_config, run_number
 from .settings import SweepSettings, redacted, say
-from .storage import first_line, is_remote, within
+from .storage import as_given, first_line, is_remote, within
 
 # What a tracker receives of each result: the study's metrics, and nothing else. A result carries more (how the
 # trial ran, Tune's checkpoint bookkeeping, fields added later); those stay in result.json and the tables. How a
@@ -80,9 +80,16 @@ def _wandb_env() -> dict:
     kwargs = {}
     if os.environ.get("WANDB_MODE"):
         kwargs["mode"] = os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_DIR"):
-        kwargs["dir"] = os.environ["WANDB_DIR"]
+    if root := wandb_root():
+        kwargs["dir"] = root
     return kwargs
+
+
+def wandb_root() -> str | None:
+    """WANDB_DIR as the driver's checks take it: absolute (each logging actor runs in a folder of its own), `~`
+    expanded, a/link/.. left for the kernel to take through the link, as W&B does."""
+    given = os.environ.get("WANDB_DIR")
+    return as_given(os.path.expanduser(given)) if given else None
 
 
 @functools.cache  # one class, built on first use: importing Ray's integrations imports the tracker too
