@@ -389,3 +389,22 @@ def test_a_path_of_a_user_that_does_not_exist_is_taken_as_the_shell_leaves_it(tm
 
     with pytest.raises(ExportError, match="~nosuchuser9/x is not a folder"):  # as for any folder that is none
         api.table("~nosuchuser9/x")
+
+
+def test_a_path_that_a_latin1_locale_and_ray_would_name_apart_is_refused(tmp_path):
+    """Under a Latin-1 locale the byte 0xe9 is the text 'é', whose UTF-8 is another name: the checks, the lock and
+    the tables were in one folder (Python's os, in the locale's encoding) and Ray's storage in another (pyarrow,
+    in UTF-8), which the checks never saw."""
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(locales / "en_US.ISO-8859-1")], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8", "PYTHONIOENC"))}
+    env.update(LOCPATH=str(locales), LC_ALL="en_US.ISO-8859-1")
+    storage = os.fsencode(tmp_path) + b"/r\xe9"
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--storage", storage, "--data-dir",
+                          str(tmp_path / "no-data")], env=env, capture_output=True, timeout=120)  # fmt: skip
+    err = out.stderr.decode("latin-1").strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1, err
+    assert f"--storage: invalid value '{tmp_path}/r\\xe9'; allowed: a path or URI in UTF-8 (and this locale spells " \
+           "paths in iso8859-1)" in err  # fmt: skip
+    assert not os.path.lexists(storage) and not os.path.lexists(os.fsencode(tmp_path) + "/ré".encode())

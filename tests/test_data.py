@@ -461,7 +461,7 @@ def test_what_a_user_expects_ignored_is_ignored_and_links_are_followed(tmp_path)
     (root / "train/cat/.ipynb_checkpoints").mkdir()  # a hidden folder inside a class folder
     _png(root / "train/cat/.ipynb_checkpoints/0000-checkpoint.png", (64, 64))
     (root / "val/cat").mkdir(parents=True)  # folders beside train/ and test/ are not read
-    os.symlink("/nowhere", root / "train/cat/dangling.txt")  # a broken link that is not named like an image
+    os.symlink(tmp_path / "nowhere", root / "train/cat/dangling.txt")  # a broken link not named like an image
     os.mkfifo(root / "train/cat/pipe")  # a FIFO not named like an image: never opened
     _png(tmp_path / "elsewhere.png", value=77)
     os.symlink(tmp_path / "elsewhere.png", root / "train/dog/linked.png")  # a link to an image is that image

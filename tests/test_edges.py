@@ -281,6 +281,8 @@ LOCAL_RAY_CASES = {
     "a HOME of blank space": (None, {"HOME": "  "}, "Ray's token   /.ray/auth_token is a relative path (HOME or "),
     "a RAY_TMPDIR of blank space": (None, {"RAY_TMPDIR": " "}, "RAY_TMPDIR=' ' is a relative path; allowed: an "
                                     "absolute path, or RAY_TMPDIR unset"),
+    "a RAY_TMPDIR others can write": (None, {"RAY_TMPDIR": "{d}/victim"}, "/victim can be written by other users, "
+                                      "and Tune keeps the experiment's lock files there"),
     "a relative kernel cache": (None, {"TORCHINDUCTOR_CACHE_DIR": "kc"}, "TORCHINDUCTOR_CACHE_DIR='kc' is a relative "
                                 "path"),
     "Kubernetes' tokens asked for": (None, {"RAY_ENABLE_K8S_TOKEN_AUTH": "1"}, "RAY_ENABLE_K8S_TOKEN_AUTH=1 asks for "

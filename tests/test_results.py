@@ -109,6 +109,57 @@ def test_export_and_report_take_relative_home_and_absolute_paths(cli_run, tmp_pa
     assert (exp.parents[1] / "report" / "report.md").is_file()
 
 
+def test_an_answer_stdout_cannot_take_is_said_once_and_the_files_are_whole(cli_run, tmp_path):
+    """Output to a full disk ended export and report in a traceback, and so did a path stdout's encoding could not
+    spell; a sweep whose report.md did not fit lost its summary and the way to resume to a StopIteration."""
+    from tune_alexnet.console import summary
+
+    _, exp, _ = cli_run
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for command in ("export", "report"):
+        with open("/dev/full", "w") as full:
+            out = subprocess.run([sys.executable, "-m", "tune_alexnet", command, str(exp), "--out",
+                                  str(tmp_path / command)], stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                                 timeout=120)  # fmt: skip
+        assert out.returncode == 1 and out.stderr.strip() == (
+            "tune-alexnet: warning: standard output cannot be written (No space left on device); the rest of what "
+            "the command prints there is dropped"
+        ), out.stderr
+    assert len(pd.read_parquet(tmp_path / "export" / "results.parquet")) == 2
+    assert (tmp_path / "report" / "report.md").is_file()
+    out = subprocess.run([sys.executable, "-m", "tune_alexnet", "export", str(exp), "--out", str(tmp_path / "caf\xe9")],
+                         capture_output=True, text=True, env={**env, "PYTHONIOENCODING": "ascii"}, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and f"{tmp_path}/caf\\xe9/results.parquet" in out.stdout, out.stderr
+    table = pd.read_parquet(exp / "results.parquet")
+    told = summary(table, str(exp), [str(exp / "results.parquet")])  # report.md and the page did not fit
+    assert "  report: " not in told and f"  page:   {exp}/report.html" in told
+
+
+def test_report_reads_no_matplotlib_file_another_user_could_plant(cli_run, tmp_path):
+    """matplotlib read ./matplotlibrc at its import (a FIFO there hung the report), and kept its font cache in
+    MPLCONFIGDIR or XDG_CACHE_HOME, which may be shared: it rewrote the cache through another user's link, over a
+    file of this user's."""
+    _, exp, _ = cli_run
+    shared = tmp_path / "shared"  # a folder like /tmp: anyone makes files there
+    shared.mkdir(0o1777)
+    shared.chmod(0o1777)
+    os.mkfifo(shared / "matplotlibrc", 0o666)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my thesis")
+    for cache in (shared / "matplotlib", shared / "config"):
+        cache.mkdir(0o777)
+        cache.chmod(0o777)
+        (cache / "fontlist-v390.json").symlink_to(precious)  # (every version's name: which one is read varies)
+        for version in ("v330", "v3.11.0", "v3.10.0"):
+            (cache / f"fontlist-{version}.json").symlink_to(precious)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(XDG_CACHE_HOME=str(shared), MPLCONFIGDIR=str(shared / "config"))
+    out = subprocess.run([str(Path(sys.executable).parent / "tune-alexnet"), "report", str(exp), "--out",
+                          str(tmp_path / "r")], cwd=shared, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert precious.read_text() == "my thesis" and (tmp_path / "r" / "report.md").is_file()
+
+
 def test_ray_result_api_gives_the_studys_answer_without_arguments(cli_run):
     from ray import tune
 

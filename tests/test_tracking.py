@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -499,6 +500,34 @@ def test_a_wandb_dir_is_checked_where_wandb_writes_its_runs(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_DIR", "rel")
     assert _check_wandb_dir() == [f"{tmp_path}/rel/wandb", f"{tmp_path}/rel"]
     assert tracking._wandb_env()["dir"] == f"{tmp_path}/rel"
+
+
+def test_wandbs_own_folders_stay_out_of_folders_others_can_write(tmp_path, monkeypatch):
+    """W&B writes its debug logs, named by the second, into WANDB_CACHE_DIR or XDG_CACHE_HOME/wandb, through any
+    link there: another user's, planted in a shared XDG_CACHE_HOME, had W&B's logs appended to a file of this
+    user's."""
+    from tune_alexnet import cluster
+    from tune_alexnet.preflight import PreflightError, _keep_wandb_folders_private
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "own-data"))  # this user's: left as it is
+    _keep_wandb_folders_private()
+    assert os.environ["WANDB_CACHE_DIR"] == os.path.join(cluster.private_temp_dir(), "wandb_cache_dir")
+    assert "WANDB_DATA_DIR" not in os.environ
+    monkeypatch.setenv("WANDB_DATA_DIR", str(shared / "data"))  # named: refused, not moved
+    with pytest.raises(PreflightError) as refused:
+        _keep_wandb_folders_private()
+    assert str(refused.value) == (
+        f"WANDB_DATA_DIR={shared}/data: other users can make files in {shared}, so they could read W&B's logs there "
+        "or have it write through a link of theirs; allowed: a folder only you can write, or WANDB_DATA_DIR unset"
+    )
 
 
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import unicodedata
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__, cluster
@@ -44,8 +44,10 @@ from .settings import (
     redacted,
     say,
     shown,
+    stdout_lost,
+    tell,
 )
-from .storage import SCHEMES
+from .storage import SCHEMES, locale_note, not_utf8
 
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
@@ -213,11 +215,10 @@ def _place(text: str) -> str:
                 f"invalid value '{text}' ({step} is a link to nothing); allowed: a folder or URI"
             )
     for value in (text, full):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            spelled = str(os.fsencode(value))[2:-1]
-            raise argparse.ArgumentTypeError(f"invalid value '{spelled}'; allowed: a path or URI in UTF-8") from None
+        if spelled := not_utf8(value):
+            raise argparse.ArgumentTypeError(
+                f"invalid value '{spelled}'; allowed: a path or URI in UTF-8{locale_note()}"
+            )
     return text
 
 
@@ -495,6 +496,11 @@ def _first(pins: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    return EXIT_FAILED if code == 0 and stdout_lost() else code  # its answer, or part of it, was not written
+
+
+def _main(argv: list[str] | None) -> int:
     command = None
     with _ctrl_c_noted() as pressed:
         try:  # the command line, then torch and pandas (for seconds): a Ctrl-C meanwhile is one line like any other
@@ -530,16 +536,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 exp, written = export(args.experiment, args.out)
                 _warn(exp.notes)
-                print(shown("\n".join(written)))
+                tell("\n".join(written))
             else:
                 from .export import load_experiment
                 from .report import write_report_and_page
 
                 exp = load_experiment(args.experiment)
                 _warn(exp.notes)
-                print(shown("\n".join(write_report_and_page(exp, args.out))))
+                tell("\n".join(write_report_and_page(exp, args.out)))
     except NothingToResume as exc:
-        print(shown(f"tune-alexnet {args.command}: {exc}"))
+        tell(f"tune-alexnet {args.command}: {exc}")
         return 0
     except (StorageLost, SweepFailed) as exc:  # not bad input: the storage went away, or Ray failed, mid-sweep
         say(f"tune-alexnet {args.command}: error: {exc}")
@@ -621,11 +627,10 @@ def run_study(settings, data=None, quiet: bool = True):
         lines.gather()  # Ray is connected and the trackers imported: their lines too, from here on
         with plan:
             lines.keep_in(plan.exp_uri)
-            if not quiet:
-                with suppress(OSError):  # a reader gone already (`| true`): the sweep runs all the same
-                    if plan.dashboard_url:
-                        print(shown(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}"), flush=True)
-                    print(shown(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}"), flush=True)  # live as it runs
+            if not quiet:  # (a reader gone already, `| true`: the sweep runs all the same)
+                if plan.dashboard_url:
+                    tell(f"tune-alexnet: Ray dashboard at {plan.dashboard_url}")
+                tell(f"tune-alexnet: study page: {page_uri(plan.exp_uri)}")  # live as it runs
             interrupted, failure = False, None
             try:
                 with _stop_signals_as_ctrl_c():
@@ -763,10 +768,10 @@ def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
     """The sweep's closing lines (the summary, where W&B's offline runs are, how to go on); its exit code."""
     from .console import summary
 
-    print(shown(summary(exp.table, exp_uri, written)))
+    tell(summary(exp.table, exp_uri, written))
     if settings.wandb and os.environ.get("WANDB_MODE") == "offline" and not os.environ.get("WANDB_DIR"):
         runs = os.path.join(exp_uri, "*", "wandb", "offline-run-*")  # in the experiment: the copy that lasts
-        print(shown(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})"))
+        tell(f"  W&B:    offline runs {runs} (upload: wandb sync {runs})")
     failed, unfinished = left_over(exp.table)
     if failed or unfinished:  # interrupted (Ctrl-C), failed or lost trials: say how to go on, exit non-zero
         where = "" if settings.storage == DEFAULT_STORAGE else f" --storage {settings.storage}"

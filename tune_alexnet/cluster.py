@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import home, say
-from .storage import as_given
+from .storage import as_given, locale_note, not_utf8
 
 log = logging.getLogger("tune_alexnet.cluster")
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaling config on the head
@@ -78,11 +78,19 @@ def folder_settings_problem() -> str | None:
     """A folder for the local Ray's processes given as a relative path (blank space is one): each would keep its
     files below whatever folder it runs in, the working folder of the command among them. And a kernel cache
     named by the user (the trials load and run the code compiled into it) that another user could write into, or
-    make first, or swap (a folder on the way)."""
+    make first, or swap (a folder on the way). And a RAY_TMPDIR named by the user that other users can make files
+    in: Tune keeps an experiment's lock files there, and one of theirs would hold a sweep or a resume for ever."""
     for name, ours in ((RAY_TMPDIR, _ray_tmpdir), (KERNEL_CACHE, _kernel_cache)):
         value = os.environ.get(name)
         if value and value != ours and not os.path.isabs(value):
             return f"{name}={value!r} is a relative path; allowed: an absolute path, or {name} unset"
+    value = os.environ.get(RAY_TMPDIR)
+    if value and value != _ray_tmpdir:
+        with contextlib.suppress(OSError):  # (one that cannot be looked at: Ray fails on it in its own line)
+            if others_can_write(os.stat(value)):
+                return (f"{RAY_TMPDIR}={value} can be written by other users, and Tune keeps the experiment's lock "
+                        "files there, where one of theirs would hold the sweep or a resume for ever; allowed: a "
+                        f"folder only you can write, or {RAY_TMPDIR} unset (a private one is used)")  # fmt: skip
     value = os.environ.get(KERNEL_CACHE)
     if not value or value == _kernel_cache:
         return None
@@ -143,16 +151,36 @@ def own_session():
         services.ConsolePopen = started
 
 
+@contextlib.contextmanager
+def from_the_root_folder():
+    """The working folder '/' meanwhile, which only root can write: ray.init puts the working folder first on every
+    worker's import path, and matplotlib reads ./matplotlibrc at its import, so a torch.py (run in every trial) or
+    a FIFO (a hang) that another user left in a shared folder the command runs in took effect. The working folder
+    is back after, held open by descriptor (it may be gone, or have been renamed, meanwhile)."""
+    try:
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY)
+    except OSError:  # a working folder that cannot be held: none to go back to, so stay
+        here = None
+    try:
+        if here is not None:
+            os.chdir("/")
+        yield
+    finally:
+        if here is not None:
+            with contextlib.suppress(OSError):
+                os.fchdir(here)
+            os.close(here)
+
+
 def private_temp_dir() -> str:
     """/tmp/tune-alexnet-UID, mode 0700, owned by this user; refused (UnsafeTempDir) if another user or a link
     holds that name."""
     given, own = tempfile.gettempdir(), f"tune-alexnet-{os.getuid()}"
     base = os.path.realpath(given)  # where a link on the way leads now: re-pointed mid-sweep, it moves nothing of Ray's
-    try:
-        base.encode("utf-8")
-    except UnicodeEncodeError:  # Ray names its sessions' files in UTF-8: it fails halfway, its session half-made
-        spelled = str(os.fsencode(base))[2:-1]
-        raise UnsafeTempDir(f"cannot lie in {spelled}, whose name is not UTF-8; set TMPDIR to another folder") from None
+    if spelled := not_utf8(base):  # Ray names its sessions' files in UTF-8: it fails halfway, its session half-made
+        raise UnsafeTempDir(
+            f"cannot lie in {spelled}, whose name is not UTF-8{locale_note()}; set TMPDIR to another folder"
+        )
     if len(os.fsencode(base)) + 1 + len(own) + RAY_SOCKET_TAIL + _pid_digits() > SOCKET_PATH_MAX:
         given, base = "/tmp", os.path.realpath("/tmp")
     path = os.path.join(base, own)

@@ -194,7 +194,8 @@ def summary(table, exp_uri: str, written: list[str]) -> str:
             )
         lines.append(f"  best checkpoint: {best['best_checkpoint']}")
     lines.append(f"  table:  {next(p for p in written if 'results.parquet' in p)} (and .csv, epochs.parquet)")
-    lines.append(f"  report: {next(p for p in written if 'report.md' in p)}")
+    if report := next((p for p in written if "report.md" in p), None):  # (none where it did not fit: said before)
+        lines.append(f"  report: {report}")
     lines.append(f"  page:   {next((p for p in written if 'report.html' in p), page_uri(exp_uri))}")
     copy = "  (from a local copy of the folder)" if is_remote(exp_uri) else ""
     lines.append(f"  curves: {tensorboard_command()} --logdir {exp_uri}{copy}")

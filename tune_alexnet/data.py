@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import open_to_all, others_can_write, others_on_the_way
-from .settings import NUM_CLASSES, home, listed_home
+from .settings import NUM_CLASSES, home, listed_home, say
 from .storage import brief, make_folders, shown
 
 IMAGE_SIZE = 32
@@ -510,9 +510,10 @@ def _shared_cache(folder: Path) -> bool:
         why = f"{_show(others[0])}, on the way, which {others[1]}"
     if why and folder not in _said_shared:
         _said_shared.add(folder)
-        print(f"tune-alexnet: passed over the image cache in {_show(folder)}: {why}, so they could swap the cached "
-              "images; decoding the images (set TUNE_ALEXNET_CACHE to a folder of yours to cache them)",
-              file=sys.stderr)  # fmt: skip
+        say(
+            f"tune-alexnet: passed over the image cache in {_show(folder)}: {why}, so they could swap the cached "
+            "images; decoding the images (set TUNE_ALEXNET_CACHE to a folder of yours to cache them)"
+        )
     return why is not None
 
 
@@ -593,8 +594,10 @@ def _read_cache(path: Path, labels: list[np.ndarray]):
         if not stat.S_ISREG(st.st_mode):
             return None
         if st.st_uid not in (0, os.getuid()) or others_can_write(st) or st.st_nlink != 1:  # (or linked by another)
-            print(f"tune-alexnet: passed over the cached images {_show(path)}: another user could have written "
-                  "them; decoding the images again", file=sys.stderr)  # fmt: skip
+            say(
+                f"tune-alexnet: passed over the cached images {_show(path)}: another user could have written them; "
+                "decoding the images again"
+            )
             return None
         try:
             with np.load(f) as z:
@@ -618,7 +621,7 @@ def _write_cache(path: Path, arrays: list[np.ndarray]) -> None:
         os.replace(tmp, path)
         tmp = None
     except Exception as exc:  # no cache is slower, not wrong
-        print(f"tune-alexnet: could not cache decoded images at {_show(path)}: {_reason(exc)}", file=sys.stderr)
+        say(f"tune-alexnet: could not cache decoded images at {_show(path)}: {_reason(exc)}")
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

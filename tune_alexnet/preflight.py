@@ -76,8 +76,10 @@ from .storage import (
     existing_parent,
     experiment_uri,
     is_remote,
+    locale_note,
     make_folders,
     missing_folders,
+    not_utf8,
     remove_empty,
     room_needed,
     scheme_problem,
@@ -106,6 +108,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     # The path as given, its links kept: whoever owns one of them chose where the experiment goes
     given = as_given(os.path.expanduser(s.storage)) if not is_remote(root) else root
     if not is_remote(root):  # before the storage is read, or the lock file made through it
+        if spelled := not_utf8(given):  # (the command line refuses it first; the Python API here)
+            raise PreflightError(f"--storage {spelled}: allowed: a path in UTF-8{locale_note()}")
         check_path_to(given, warn=False)
     name = s.name or (latest_experiment(root) if s.resume else time.strftime("alexnet-%Y%m%d-%H%M%S"))
     check_path_length(root, experiment_uri(root, name))
@@ -929,8 +933,48 @@ def check_trackers(s: SweepSettings) -> list[str]:
     if s.wandb is not None:
         _need("wandb", "--wandb")
         _check_wandb_key()
+        _keep_wandb_folders_private()
         return _check_wandb_dir()
     return []
+
+
+WANDB_FOLDERS = {"WANDB_CACHE_DIR": "user_cache_dir", "WANDB_DATA_DIR": "user_data_dir"}  # and platformdirs' default
+
+
+def _keep_wandb_folders_private() -> None:
+    """W&B's own folders beside its runs: its debug logs (named by the second, opened through any link there) and
+    artifacts staged. By default below XDG_CACHE_HOME and XDG_DATA_HOME, which may be shared: then a folder in this
+    user's private temp folder instead, set here for the logging actors to take. One the user named that others
+    could write, make or swap is refused."""
+    import platformdirs
+
+    for name, default in WANDB_FOLDERS.items():
+        given = os.environ.get(name)
+        folder = Path(as_given(os.path.expanduser(given or getattr(platformdirs, default)("wandb"))))
+        problem = _shared(folder)
+        if problem and given:
+            raise PreflightError(f"{name}={given}: {problem}, so they could read W&B's logs there or have it write "
+                                 f"through a link of theirs; allowed: a folder only you can write, or {name} unset")  # fmt: skip
+        if problem:
+            try:
+                os.environ[name] = os.path.join(cluster.private_temp_dir(), name.lower())
+            except cluster.UnsafeTempDir as exc:
+                raise PreflightError(f"Ray's session folder {exc}") from None
+
+
+def _shared(folder: Path) -> str | None:
+    """Why another user could write `folder`, make it first, or swap a folder on the way to it; None if none."""
+    if open_to_all := cluster.open_to_all(folder):
+        return open_to_all[0]
+    if others := cluster.others_on_the_way(folder):
+        return f"{others[0]} is on the way, which {others[1]}"
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    with contextlib.suppress(OSError):
+        if cluster.others_can_write(os.stat(existing)):
+            return f"other users can make files in {existing}"
+    return None
 
 
 def _check_wandb_dir() -> list[str]:
@@ -1200,7 +1244,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
         if address == "local" and (problem := cluster.token_problem()):
             raise PreflightError(problem)
         own_session = cluster.own_session() if address == "local" else _join_bounded(address, given_as)
-        with _stop_signals_deferred() as stopped, own_session:
+        with _stop_signals_deferred() as stopped, own_session, cluster.from_the_root_folder():
             try:
                 context = ray.init(address=found, logging_level=logging.WARNING, **options)  # as checked: no 2nd lookup
             except SystemExit as exc:  # ray.init puts its own SIGTERM handler (sys.exit) in place of ours

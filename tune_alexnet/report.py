@@ -138,6 +138,22 @@ def unreadable_runs(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _plt():
+    """matplotlib, imported with its configuration and font cache in a folder of this user's alone: MPLCONFIGDIR,
+    or XDG_CACHE_HOME's, may be shared, and it rewrites its font cache there through any link (another user's to
+    a file of this user's) and reads one planted there (a traceback or a FIFO's hang)."""
+    import sys
+
+    if "matplotlib" not in sys.modules:
+        from .cluster import UnsafeTempDir, from_the_root_folder, private_temp_dir
+
+        try:
+            os.environ["MPLCONFIGDIR"] = os.path.join(private_temp_dir(), "matplotlib")
+        except UnsafeTempDir:  # a private folder of this process's own: its font cache made anew
+            import tempfile
+
+            os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="tune-alexnet-matplotlib-")
+        with from_the_root_folder():
+            import matplotlib
     import matplotlib
 
     matplotlib.use("Agg")

@@ -301,7 +301,7 @@ def listed_home() -> Path:
     try:
         return Path(pwd.getpwuid(os.getuid()).pw_dir)
     except KeyError:  # a uid with no entry (a container run as an arbitrary user): as Python takes it
-        return Path(os.path.expanduser("~"))  # (home_problem refuses the command line this case)
+        return Path(os.path.expanduser("~"))  # (the command line refuses this case first: home_problem)
 
 
 def home_problem() -> str | None:
@@ -324,6 +324,36 @@ def say(line: str) -> None:
     its own comes through here, or through `shown` on stdout."""
     with contextlib.suppress(OSError):
         print(shown(line), file=sys.stderr, flush=True)
+
+
+_stdout_lost = False  # once stdout could not be written: the command goes on, and ends non-zero
+
+
+def tell(text: str) -> None:
+    """The command's answer on stdout (the files written, the summary), as `say` says a line on stderr: what its
+    encoding cannot spell is escaped, and a stdout that cannot be written (a reader gone, a full disk) is let go,
+    said once on stderr, so the command still ends as it would, its files whole and its other lines said, and
+    exits non-zero (stdout_lost)."""
+    global _stdout_lost
+    if _stdout_lost:
+        return
+    line = shown(text)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    with contextlib.suppress(LookupError):
+        line = line.encode(encoding, "backslashreplace").decode(encoding)
+    try:
+        print(line, flush=True)
+    except (OSError, ValueError) as exc:  # (ValueError: a stdout this process closed)
+        _stdout_lost = True
+        if not isinstance(exc, BrokenPipeError):  # a reader gone (`| head`): the user's own doing, no word
+            say(f"tune-alexnet: warning: standard output cannot be written ({getattr(exc, 'strerror', None) or exc}); "
+                "the rest of what the command prints there is dropped")  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # what is buffered goes nowhere, not into
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # a traceback as Python exits
+
+
+def stdout_lost() -> bool:
+    return _stdout_lost
 
 
 def shown(text: str) -> str:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import stat
+import sys
 import threading
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -93,6 +94,25 @@ def as_given(path) -> str:
     be gone)."""
     path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def not_utf8(path: str) -> str | None:
+    """`path` spelled as bytes, where those are not the UTF-8 of its text: Ray and pyarrow take a path's text as
+    UTF-8, Python's os in the locale's encoding (Latin-1, say), so the two would name different folders."""
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # (text the locale's encoding cannot spell: from the Python API)
+        return ascii(path)[1:-1]
+    with suppress(UnicodeEncodeError):  # (a byte that is no UTF-8, kept as Python does, as a lone surrogate)
+        if raw == path.encode("utf-8"):
+            return None
+    return str(raw)[2:-1]
+
+
+def locale_note() -> str:
+    """What a refusal of not_utf8 adds where the locale's encoding of paths is not UTF-8."""
+    encoding = sys.getfilesystemencoding()
+    return "" if encoding.lower().replace("-", "") == "utf8" else f" (and this locale spells paths in {encoding})"
 
 
 def storage_uri(storage: str) -> str:

@@ -213,8 +213,9 @@ def _wandb_callback_class():
                 from ray.air.integrations.wandb import WANDB_ENV_VAR, _force_on_current_node
 
                 env = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_SYMLINK": "false"}  # no links in folders
-                if WANDB_ENV_VAR in os.environ:
-                    env[WANDB_ENV_VAR] = os.environ[WANDB_ENV_VAR]
+                for name in (WANDB_ENV_VAR, "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # (the last two: preflight's)
+                    if name in os.environ:
+                        env[name] = os.environ[name]
                 self._remote_logger_class = ray.remote(
                     num_cpus=0, **_force_on_current_node(), runtime_env={"env_vars": env}, max_restarts=0
                 )(self._logger_actor_cls)
