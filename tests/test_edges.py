@@ -282,7 +282,7 @@ LOCAL_RAY_CASES = {
     "a RAY_TMPDIR of blank space": (None, {"RAY_TMPDIR": " "}, "RAY_TMPDIR=' ' is a relative path; allowed: an "
                                     "absolute path, or RAY_TMPDIR unset"),
     "a RAY_TMPDIR others can write": (None, {"RAY_TMPDIR": "{d}/victim"}, "/victim can be written by other users, "
-                                      "and Tune keeps the experiment's lock files there"),
+                                      "so they could put in the lock files Tune keeps there"),
     "a relative kernel cache": (None, {"TORCHINDUCTOR_CACHE_DIR": "kc"}, "TORCHINDUCTOR_CACHE_DIR='kc' is a relative "
                                 "path"),
     "Kubernetes' tokens asked for": (None, {"RAY_ENABLE_K8S_TOKEN_AUTH": "1"}, "RAY_ENABLE_K8S_TOKEN_AUTH=1 asks for "
@@ -1037,13 +1037,19 @@ def test_a_kernel_cache_other_users_could_write_make_or_swap_is_refused(tmp_path
     cases[theirs / "cache"] = f"{theirs} is on the way, which another user owns (uid 65534)"
     (tmp_path / "link").symlink_to(shared / "gone")  # a link of yours that leads nowhere yet: torch makes its target
     cases[tmp_path / "link"] = f"does not exist, and {shared} can be made in"
-    for folder, needle in cases.items():
-        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
-        assert needle in (cluster.folder_settings_problem() or ""), folder
+    (shared / "theirs-link").symlink_to(tmp_path / "mine")  # another user's link, which they may re-point
+    os.lchown(shared / "theirs-link", 65534, 65534)
+    cases[shared / "theirs-link"] = f"{shared}/theirs-link is on the way, which another user owns (uid 65534)"
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o700)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mine / "cache"))  # not made yet, where only you can
-    assert cluster.folder_settings_problem() is None
+    # Tune's lock files in RAY_TMPDIR: a lock of theirs there held a resume for ever (only the folder was looked at)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "RAY_TMPDIR"):
+        for folder, needle in cases.items():
+            monkeypatch.setenv(name, str(folder))
+            assert needle in (cluster.folder_settings_problem() or ""), (name, folder)
+        monkeypatch.setenv(name, str(mine / "cache"))  # not made yet, where only you can
+        assert cluster.folder_settings_problem() is None
+        monkeypatch.delenv(name)
 
 
 def test_sigterm_stops_as_ctrl_c_where_ctrl_c_itself_is_ignored(monkeypatch):

@@ -1,5 +1,6 @@
 """Reports from real small experiments: figures, statistics equal to the table's, the original's numbers."""
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -139,3 +140,29 @@ def test_text_from_the_experiment_stays_text_in_report_md():
     error = r"\[go\](javascript:x) <img src=x onerror=y> [a](b) & c|d"
     table = markdown_table(pd.DataFrame({"error": [error]}))
     assert table.splitlines()[-1] == (r"| \\\[go\\\](javascript:x) &lt;img src=x onerror=y&gt; \[a\](b) &amp; c\|d |")
+
+
+def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp_path, monkeypatch):
+    """With /tmp and /var/tmp read-only (a container's), tempfile takes the working folder: the private folder
+    for matplotlib's cache was made there, outside --out, or its error ended the report in a traceback."""
+    import tempfile
+
+    from tune_alexnet import cluster, settings
+    from tune_alexnet.export import ExportError
+    from tune_alexnet.report import _private_matplotlib_folder
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(work))  # what tempfile finds where no temporary folder is writable
+    with pytest.raises(cluster.UnsafeTempDir, match=f"the working folder {work} is no place for it"):
+        cluster.private_temp_dir()
+    monkeypatch.setattr(settings, "listed_home", lambda: tmp_path / "home")  # this user's own home
+    assert _private_matplotlib_folder() == str(tmp_path / "home" / ".cache" / "tune-alexnet" / "matplotlib")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(settings, "listed_home", lambda: tmp_path / "file")  # no folder to be had there either
+    with pytest.raises(ExportError, match="the figures need a folder of matplotlib's own, and neither"):
+        _private_matplotlib_folder()
+    assert os.listdir(work) == []

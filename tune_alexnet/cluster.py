@@ -76,38 +76,40 @@ def local_ray_options(log_to_driver: bool = True) -> dict:
 
 def folder_settings_problem() -> str | None:
     """A folder for the local Ray's processes given as a relative path (blank space is one): each would keep its
-    files below whatever folder it runs in, the working folder of the command among them. And a kernel cache
-    named by the user (the trials load and run the code compiled into it) that another user could write into, or
-    make first, or swap (a folder on the way). And a RAY_TMPDIR named by the user that other users can make files
-    in: Tune keeps an experiment's lock files there, and one of theirs would hold a sweep or a resume for ever."""
+    files below whatever folder it runs in, the working folder of the command among them. And one the user named
+    that another user could write into, or make first, or swap (a folder or link on the way): the trials load and
+    run the code compiled into a kernel cache, and Tune keeps an experiment's lock files in RAY_TMPDIR, where a
+    lock of theirs would hold a sweep or a resume for ever."""
     for name, ours in ((RAY_TMPDIR, _ray_tmpdir), (KERNEL_CACHE, _kernel_cache)):
         value = os.environ.get(name)
         if value and value != ours and not os.path.isabs(value):
             return f"{name}={value!r} is a relative path; allowed: an absolute path, or {name} unset"
-    value = os.environ.get(RAY_TMPDIR)
-    if value and value != _ray_tmpdir:
-        with contextlib.suppress(OSError):  # (one that cannot be looked at: Ray fails on it in its own line)
-            if others_can_write(os.stat(value)):
-                return (f"{RAY_TMPDIR}={value} can be written by other users, and Tune keeps the experiment's lock "
-                        "files there, where one of theirs would hold the sweep or a resume for ever; allowed: a "
-                        f"folder only you can write, or {RAY_TMPDIR} unset (a private one is used)")  # fmt: skip
-    value = os.environ.get(KERNEL_CACHE)
-    if not value or value == _kernel_cache:
-        return None
-    allowed = f"allowed: a folder only you can write, or {KERNEL_CACHE} unset (a private one is used)"
-    real = Path(os.path.realpath(value))  # where torch makes it: through a link too, one that leads nowhere yet
+    for name, ours, what in (
+        (KERNEL_CACHE, _kernel_cache, "code the trials would load and run"),
+        (RAY_TMPDIR, _ray_tmpdir, "the lock files Tune keeps there, holding the sweep or a resume for ever"),
+    ):
+        value = os.environ.get(name)
+        if value and value != ours and (problem := _others_could_steer(value)):
+            allowed = f"allowed: a folder only you can write, or {name} unset (a private one is used)"
+            return f"{name}={value}{problem}, so they could put in {what}; {allowed}"
+    return None
+
+
+def _others_could_steer(value: str) -> str | None:
+    """How another user could write the folder `value` names, make it first, or swap it (a folder or a link on the
+    way), as the end of a sentence after the name; None where none could."""
+    real = Path(os.path.realpath(value))  # where it is made: through a link too, one that leads nowhere yet
     folder = real
     while not os.path.lexists(folder) and folder != folder.parent:  # not made yet: by whoever comes first
         folder = folder.parent
     with contextlib.suppress(OSError):
         if others_can_write(os.stat(folder)):
             made = "can be written" if folder == real else f"does not exist, and {folder} can be made in"
-            return f"{KERNEL_CACHE}={value} {made} by other users, whose code the trials would load and run; {allowed}"
+            return f" {made} by other users"
     if shared := open_to_all(Path(value)):
-        return f"{KERNEL_CACHE}={value}: {shared[0]}, so anyone could swap in code the trials would run; {allowed}"
+        return f": {shared[0]}"
     if others := others_on_the_way(Path(value)):
-        return (f"{KERNEL_CACHE}={value}: {others[0]} is on the way, which {others[1]}, so they could swap in code "
-                f"the trials would load and run; {allowed}")  # fmt: skip
+        return f": {others[0]} is on the way, which {others[1]}"
     return None
 
 
@@ -172,10 +174,24 @@ def from_the_root_folder():
             os.close(here)
 
 
+def _working_folder_as_temp(given: str) -> bool:
+    """Whether tempfile, finding no temporary folder it can write (a read-only /tmp), took the working folder."""
+    named = [os.environ.get(v) for v in ("TMPDIR", "TEMP", "TMP")]
+    try:
+        return given == os.getcwd() and given not in {os.path.abspath(v) for v in named if v}
+    except OSError:  # (no working folder: tempfile did not take it)
+        return False
+
+
 def private_temp_dir() -> str:
     """/tmp/tune-alexnet-UID, mode 0700, owned by this user; refused (UnsafeTempDir) if another user or a link
     holds that name."""
     given, own = tempfile.gettempdir(), f"tune-alexnet-{os.getuid()}"
+    if _working_folder_as_temp(given):
+        raise UnsafeTempDir(
+            f"has no temporary folder to lie in (/tmp and /var/tmp cannot be written, and the working folder {given} "
+            "is no place for it); set TMPDIR to a folder of yours"
+        )
     base = os.path.realpath(given)  # where a link on the way leads now: re-pointed mid-sweep, it moves nothing of Ray's
     if spelled := not_utf8(base):  # Ray names its sessions' files in UTF-8: it fails halfway, its session half-made
         raise UnsafeTempDir(

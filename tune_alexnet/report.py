@@ -21,6 +21,7 @@ from .export import (
     LOST,
     REPORT_NAME,
     Experiment,
+    ExportError,
     best_run,
     check_room,
     load_experiment,
@@ -144,14 +145,9 @@ def _plt():
     import sys
 
     if "matplotlib" not in sys.modules:
-        from .cluster import UnsafeTempDir, from_the_root_folder, private_temp_dir
+        from .cluster import from_the_root_folder
 
-        try:
-            os.environ["MPLCONFIGDIR"] = os.path.join(private_temp_dir(), "matplotlib")
-        except UnsafeTempDir:  # a private folder of this process's own: its font cache made anew
-            import tempfile
-
-            os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="tune-alexnet-matplotlib-")
+        os.environ["MPLCONFIGDIR"] = _private_matplotlib_folder()
         with from_the_root_folder():
             import matplotlib
     import matplotlib
@@ -160,6 +156,30 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _private_matplotlib_folder() -> str:
+    """The private temp folder's (the local Ray's too), else one in this user's listed home (where no temporary
+    folder can be written, a read-only /tmp: tempfile would have taken the working folder)."""
+    from .cluster import UnsafeTempDir, private_temp_dir
+    from .settings import listed_home
+    from .storage import first_line, make_folders
+
+    try:
+        return os.path.join(private_temp_dir(), "matplotlib")
+    except (UnsafeTempDir, OSError) as exc:
+        why = first_line(exc)
+    folder = listed_home() / ".cache" / "tune-alexnet" / "matplotlib"
+    try:
+        make_folders(folder)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ExportError(
+            f"the figures need a folder of matplotlib's own, and neither a temporary one ({why}) nor {folder} "
+            f"({first_line(exc)}) can be had; allowed: TMPDIR set to a folder of yours"
+        ) from None
+    return str(folder)
 
 
 def _default_style(draw):
