@@ -159,6 +159,11 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
     monkeypatch.setattr(tempfile, "tempdir", str(work))  # what tempfile finds where no temporary folder is writable
     with pytest.raises(cluster.UnsafeTempDir, match=f"the working folder {work} is no place for it"):
         cluster.private_temp_dir()
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")  # a command run in /tmp itself: /tmp is tempfile's own choice
+    monkeypatch.chdir("/tmp")
+    assert not cluster._working_folder_as_temp("/tmp")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(work))
     monkeypatch.setattr(settings, "listed_home", lambda: tmp_path / "home")  # this user's own home
     assert _private_matplotlib_folder() == str(tmp_path / "home" / ".cache" / "tune-alexnet" / "matplotlib")
     (tmp_path / "file").write_text("")

@@ -177,8 +177,9 @@ def from_the_root_folder():
 def _working_folder_as_temp(given: str) -> bool:
     """Whether tempfile, finding no temporary folder it can write (a read-only /tmp), took the working folder."""
     named = [os.environ.get(v) for v in ("TMPDIR", "TEMP", "TMP")]
+    candidates = {"/tmp", "/var/tmp", "/usr/tmp", *(os.path.abspath(v) for v in named if v)}  # tempfile's, in turn
     try:
-        return given == os.getcwd() and given not in {os.path.abspath(v) for v in named if v}
+        return given == os.getcwd() and given not in candidates
     except OSError:  # (no working folder: tempfile did not take it)
         return False
 
