@@ -170,4 +170,7 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
     monkeypatch.setattr(settings, "listed_home", lambda: tmp_path / "file")  # no folder to be had there either
     with pytest.raises(ExportError, match="the figures need a folder of matplotlib's own, and neither"):
         _private_matplotlib_folder()
+    monkeypatch.setattr(settings, "listed_home", lambda: Path("rel"))  # no passwd entry: HOME as given, relative
+    with pytest.raises(ExportError, match="no home folder of this user's is known"):
+        _private_matplotlib_folder()
     assert os.listdir(work) == []

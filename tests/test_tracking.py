@@ -530,6 +530,31 @@ def test_wandbs_own_folders_stay_out_of_folders_others_can_write(tmp_path, monke
     )
 
 
+def test_wandb_where_no_temporary_folder_can_be_had_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A read-only /tmp: W&B's import asks tempfile for a folder (FileNotFoundError), and the private folder W&B's
+    logs were to move into could not be made (PermissionError): each a traceback."""
+    from tune_alexnet import cluster
+    from tune_alexnet.preflight import PreflightError, _keep_wandb_folders_private
+
+    gone = tmp_path / "gone"  # what tempfile has where no temporary folder can be written
+    code = (f"import tempfile; tempfile.tempdir = {str(gone)!r}\n"
+            "from tune_alexnet import preflight\npreflight._need('wandb', '--wandb')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "PreflightError: --wandb: the wandb package cannot be imported here ([Errno 2] " in out.stderr, out.stderr
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared))  # so W&B's logs are to move into the private folder
+    monkeypatch.delenv("WANDB_CACHE_DIR", raising=False)
+
+    def read_only_tmp():  # as os.mkdir meets a read-only /tmp
+        raise PermissionError(13, "Permission denied", "/tmp/tune-alexnet-4242")
+
+    monkeypatch.setattr(cluster, "private_temp_dir", read_only_tmp)
+    with pytest.raises(PreflightError, match="^Ray could not start: /tmp/tune-alexnet-4242 Permission denied$"):
+        _keep_wandb_folders_private()
+
+
 def test_online_wandb_without_an_api_key_is_refused(tmp_path, capsys, synthetic_dir, monkeypatch):
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

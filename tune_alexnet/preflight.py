@@ -75,6 +75,7 @@ from .storage import (
     checkpoint_room,
     existing_parent,
     experiment_uri,
+    first_line,
     is_remote,
     locale_note,
     make_folders,
@@ -960,6 +961,9 @@ def _keep_wandb_folders_private() -> None:
                 os.environ[name] = os.path.join(cluster.private_temp_dir(), name.lower())
             except cluster.UnsafeTempDir as exc:
                 raise PreflightError(f"Ray's session folder {exc}") from None
+            except OSError as exc:  # (as ray.init would meet it: a read-only /tmp)
+                where = f" {exc.filename}" if exc.filename else ""
+                raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
 
 
 def _shared(folder: Path) -> str | None:
@@ -1029,6 +1033,8 @@ def _need(package: str, flag: str) -> None:
             __import__(package)
         except ImportError:
             found = False
+        except Exception as exc:  # its import itself failed here (W&B's asks for a temporary folder)
+            raise PreflightError(f"{flag}: the {package} package cannot be imported here ({first_line(exc)})") from None
     if not found:
         raise PreflightError(f"{flag} needs the {package} package: pip install 'tune-alexnet[{package}]'")
 

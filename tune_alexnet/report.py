@@ -171,6 +171,8 @@ def _private_matplotlib_folder() -> str:
         why = first_line(exc)
     folder = listed_home() / ".cache" / "tune-alexnet" / "matplotlib"
     try:
+        if not folder.is_absolute():  # (a uid with no entry in the password database: HOME as given)
+            raise FileNotFoundError(2, "no home folder of this user's is known")
         make_folders(folder)
         if not os.access(folder, os.W_OK):
             raise PermissionError(13, "Permission denied")
