@@ -525,8 +525,9 @@ def test_wandbs_own_folders_stay_out_of_folders_others_can_write(tmp_path, monke
     with pytest.raises(PreflightError) as refused:
         _keep_wandb_folders_private()
     assert str(refused.value) == (
-        f"WANDB_DATA_DIR={shared}/data: other users can make files in {shared}, so they could read W&B's logs there "
-        "or have it write through a link of theirs; allowed: a folder only you can write, or WANDB_DATA_DIR unset"
+        f"WANDB_DATA_DIR={shared}/data does not exist, and {shared} can be made in by other users, so they could read "
+        "W&B's logs there or have it write through a link of theirs; allowed: a folder only you can write, or "
+        "WANDB_DATA_DIR unset"
     )
 
 

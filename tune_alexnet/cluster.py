@@ -89,13 +89,13 @@ def folder_settings_problem() -> str | None:
         (RAY_TMPDIR, _ray_tmpdir, "the lock files Tune keeps there, holding the sweep or a resume for ever"),
     ):
         value = os.environ.get(name)
-        if value and value != ours and (problem := _others_could_steer(value)):
+        if value and value != ours and (problem := others_could_steer(value)):
             allowed = f"allowed: a folder only you can write, or {name} unset (a private one is used)"
             return f"{name}={value}{problem}, so they could put in {what}; {allowed}"
     return None
 
 
-def _others_could_steer(value: str) -> str | None:
+def others_could_steer(value: str) -> str | None:
     """How another user could write the folder `value` names, make it first, or swap it (a folder or a link on the
     way), as the end of a sentence after the name; None where none could."""
     real = Path(os.path.realpath(value))  # where it is made: through a link too, one that leads nowhere yet

@@ -952,9 +952,9 @@ def _keep_wandb_folders_private() -> None:
     for name, default in WANDB_FOLDERS.items():
         given = os.environ.get(name)
         folder = Path(as_given(os.path.expanduser(given or getattr(platformdirs, default)("wandb"))))
-        problem = _shared(folder)
+        problem = cluster.others_could_steer(str(folder))
         if problem and given:
-            raise PreflightError(f"{name}={given}: {problem}, so they could read W&B's logs there or have it write "
+            raise PreflightError(f"{name}={given}{problem}, so they could read W&B's logs there or have it write "
                                  f"through a link of theirs; allowed: a folder only you can write, or {name} unset")  # fmt: skip
         if problem:
             try:
@@ -964,21 +964,6 @@ def _keep_wandb_folders_private() -> None:
             except OSError as exc:  # (as ray.init would meet it: a read-only /tmp)
                 where = f" {exc.filename}" if exc.filename else ""
                 raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
-
-
-def _shared(folder: Path) -> str | None:
-    """Why another user could write `folder`, make it first, or swap a folder on the way to it; None if none."""
-    if open_to_all := cluster.open_to_all(folder):
-        return open_to_all[0]
-    if others := cluster.others_on_the_way(folder):
-        return f"{others[0]} is on the way, which {others[1]}"
-    existing = folder
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    with contextlib.suppress(OSError):
-        if cluster.others_can_write(os.stat(existing)):
-            return f"other users can make files in {existing}"
-    return None
 
 
 def _check_wandb_dir() -> list[str]:
