@@ -140,3 +140,18 @@ def mixed_experiment(ray_local, synthetic_dir, tmp_path_factory):
         trial={"width": 0.125},
     )
     return run_study(s)[:2]
+
+
+@pytest.fixture(autouse=True)
+def _local_ray_folders_stay_with_their_test(monkeypatch):
+    """A sweep run in the test process points RAY_TMPDIR and TORCHINDUCTOR_CACHE_DIR at its private folder, which
+    a test's own temporary folder may hold: the sweeps of later tests, in processes of their own, were given the
+    names of folders gone (and refused them, as folders another user could make first)."""
+    from tune_alexnet import cluster
+
+    for name in (cluster.RAY_TMPDIR, cluster.KERNEL_CACHE):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # each put back as it was, or removed, after the test
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+    for name in ("_ray_tmpdir", "_kernel_cache"):
+        monkeypatch.setattr(cluster, name, getattr(cluster, name))
