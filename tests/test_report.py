@@ -1,6 +1,9 @@
 """Reports from real small experiments: figures, statistics equal to the table's, the original's numbers."""
 
 import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -174,3 +177,47 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
     with pytest.raises(ExportError, match="no home folder of this user's is known"):
         _private_matplotlib_folder()
     assert os.listdir(work) == []
+
+
+@pytest.mark.parametrize("planted", ["nothing", "open cache", "link", "fifo", "another's folder"])
+def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_planted_anything(
+    planted, tmp_path, monkeypatch, capsys, request
+):
+    """Another user can force the fallback by making the private temporary folder's name first: matplotlib then
+    rewrote a file of this user's through a link planted in a shared ~/.cache, or hung on a FIFO there."""
+    from tune_alexnet import settings
+    from tune_alexnet.export import ExportError
+    from tune_alexnet.report import _private_matplotlib_folder
+
+    temp, home = Path(tempfile.mkdtemp(prefix="ta")), tmp_path / "home"  # short: Ray's socket names must fit
+    request.addfinalizer(lambda: shutil.rmtree(temp))
+    (temp / f"tune-alexnet-{os.getuid()}").mkdir()
+    os.chown(temp / f"tune-alexnet-{os.getuid()}", 65534, 65534)  # made first by another user
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(settings, "listed_home", lambda: home)
+    folder = home / ".cache" / "tune-alexnet" / "matplotlib"
+    precious = home / "precious.txt"
+    folder.mkdir(parents=True)
+    precious.write_text("mine")
+    if planted == "open cache":
+        os.chmod(home / ".cache", 0o777)
+    elif planted == "link":
+        (folder / "fontlist-v3.11.0.json").symlink_to(precious)
+    elif planted == "fifo":
+        os.mkfifo(folder / "fontlist-v3.11.0.json")
+    elif planted == "another's folder":
+        os.chown(folder, 65534, 65534)
+    if planted == "nothing":
+        assert _private_matplotlib_folder() == str(folder)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        warning = capsys.readouterr().err
+        assert f"matplotlib's settings are kept in {folder}" in warning and "is not a folder of this user's" in warning
+        return
+    with pytest.raises(ExportError, match="the figures need a folder of matplotlib's own") as refused:
+        _private_matplotlib_folder()
+    assert "\n" not in str(refused.value)
+    why = {"open cache": f"{home / '.cache'} can be written by every user", "link": "holds 'fontlist-v3.11.0.json'",
+           "fifo": "holds 'fontlist-v3.11.0.json'", "another's folder": "another user owns"}[planted]  # fmt: skip
+    assert why in str(refused.value), refused.value
+    assert precious.read_text() == "mine"

@@ -11,6 +11,7 @@ import io
 import math
 import os
 import re
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -160,9 +161,11 @@ def _plt():
 
 def _private_matplotlib_folder() -> str:
     """The private temp folder's (the local Ray's too), else one in this user's listed home (where no temporary
-    folder can be written, a read-only /tmp: tempfile would have taken the working folder)."""
-    from .cluster import UnsafeTempDir, private_temp_dir
-    from .settings import listed_home
+    folder can be written, a read-only /tmp: tempfile would have taken the working folder). Another user can force
+    that second choice (by making the temp folder's name first), so it is said, and taken only where no other user
+    could write, swap or have planted anything in it."""
+    from .cluster import UnsafeTempDir, others_could_steer, private_temp_dir
+    from .settings import listed_home, say
     from .storage import first_line, make_folders
 
     try:
@@ -173,7 +176,16 @@ def _private_matplotlib_folder() -> str:
     try:
         if not folder.is_absolute():  # (a uid with no entry in the password database: HOME as given)
             raise FileNotFoundError(2, "no home folder of this user's is known")
+        if steer := others_could_steer(str(folder)):  # before anything is made there, and again once it is
+            raise OSError(f"it{steer}")
         make_folders(folder)
+        os.chmod(folder, 0o700, follow_symlinks=False)
+        if steer := others_could_steer(str(folder)):
+            raise OSError(f"it{steer}")
+        for entry in os.scandir(folder):  # matplotlib reads and rewrites its files there through links, FIFOs too
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid != os.getuid() or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise OSError(f"it holds {entry.name!r}, which this user did not make")
         if not os.access(folder, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
@@ -181,6 +193,9 @@ def _private_matplotlib_folder() -> str:
             f"the figures need a folder of matplotlib's own, and neither a temporary one ({why}) nor {folder} "
             f"({first_line(exc)}) can be had; allowed: TMPDIR set to a folder of yours"
         ) from None
+    say(
+        f"tune-alexnet: warning: matplotlib's settings are kept in {folder}, as no private temporary folder can be had ({why})"
+    )
     return str(folder)
 
 
