@@ -324,7 +324,11 @@ def epochs_of(rows: list[dict]) -> list[int]:
 
 def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synthetic_dir, tmp_path):
     """Ctrl-C mid-epoch: each running trial saves where it stands and reports it before the sweep ends, within the
-    time the stop message states; --resume continues there, so every record shows each epoch once."""
+    time the stop message states; --resume continues there, so every record shows each epoch once.
+
+    With an offline W&B tracker: the running trials' W&B runs are closed (Ray's callback waited for their ends,
+    which a stop never gives, for its 30-minute upload timeout), and a link W&B left in a run (as a second Ctrl-C
+    leaves it) does not keep --resume from going on."""
     from ray import tune
 
     from tune_alexnet.stopping import STOP_WAIT_S
@@ -336,8 +340,12 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     # (already stopping) does not record: the resume must take the stop's, the newest.
     args = sweep_args(synthetic_dir, storage, "saved", epochs, ["--dropout", "true", "--batch-size", "16,32",
                                                                 "--patience", "100", "--cpus-per-trial", "1",
-                                                                "--resume-every", "0"])  # fmt: skip
-    proc = start_sweep(args, log)
+                                                                "--resume-every", "0", "--wandb", "try"])  # fmt: skip
+    quiet_here = ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", "CI")  # as a user's shell: MLflow is silent under tests or CI
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in quiet_here}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
     wait_for(lambda: len(reported_epochs(exp_dir)) == 2 and all(len(epochs_of(r)) >= 2 for r in reported_epochs(exp_dir).values()),
              proc, "both trials to train")  # fmt: skip
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
@@ -353,12 +361,20 @@ def test_ctrl_c_saves_every_running_trial_and_resume_trains_no_epoch_twice(synth
     for rows in before.values():  # the last report: a state saved inside an epoch, not an epoch's
         assert rows[-1]["saved_for"] == "stop" and "epoch" not in rows[-1]
         assert rows[-1]["saved_in_epoch"] == epochs_of(rows)[-1] + 1 < epochs
+    runs = list(exp_dir.glob("train_cifar_*/wandb/offline-run-*"))
+    assert len(runs) == 2 and all(any(run.glob("*.wandb")) for run in runs), sorted(exp_dir.rglob("wandb/*"))
+    (runs[0] / "logs").mkdir(exist_ok=True)
+    (runs[0] / "logs" / "debug-core.log").symlink_to(tmp_path / "wandb-core.log")  # what W&B links there
     storage = tmp_path / "moved"  # the folder moved before it resumes: the guard watches it where it is now
     storage.mkdir()
     exp_dir = Path(shutil.move(exp_dir, storage / "saved"))
-    resumed = start_sweep(["--resume", "--name", "saved", "--storage", storage, "--data-dir", synthetic_dir],
-                          tmp_path / "resume.log")  # fmt: skip
-    assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    resumed = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", "--resume", "--name", "saved",
+                              "--storage", str(storage), "--data-dir", str(synthetic_dir)], capture_output=True,
+                             text=True, env=env, timeout=TIMEOUT)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not [p for p in exp_dir.rglob("*") if p.is_symlink()]
+    # Tune's usage count imported MLflow, whose telemetry wrote an id into the home folder: a sweep without --mlflow
+    assert not (tmp_path / ".config" / "mlflow").exists()
     every = list(range(1, epochs + 1))
     for folder, rows in reported_epochs(exp_dir).items():
         # continued from the stop's own state (Tune never recorded it), not from the epoch's start
@@ -434,37 +450,3 @@ def test_sigterm_to_the_whole_process_group_saves_writes_the_tables_and_resumes(
     assert resumed.wait(TIMEOUT) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     (rows,) = reported_epochs(exp_dir).values()
     assert epochs_of(rows) == list(range(1, epochs + 1))  # continued from the saved state: no epoch twice
-
-
-def test_a_stopped_sweep_with_wandb_closes_its_runs_and_resumes_past_wbs_links(synthetic_dir, tmp_path):
-    """Ctrl-C with an offline W&B tracker: the running trials' W&B runs are closed (Ray's callback waited for
-    their ends, which a stop never gives, for its 30-minute upload timeout), and a link W&B left in a run (as a
-    second Ctrl-C leaves it) does not keep --resume from going on."""
-    storage, epochs = tmp_path / "results", 40  # 0.2 s an epoch: still training when the stop comes
-    exp_dir = storage / "tracked"
-    args = sweep_args(synthetic_dir, storage, "tracked", epochs, ["--dropout", "true", "--batch-size", "32",
-                                                                  "--patience", "100", "--wandb", "try",
-                                                                  "--best-every", "0"])  # fmt: skip
-    quiet_here = ("RAY_ADDRESS", "PYTEST_CURRENT_TEST", "CI")  # as a user's shell: MLflow is silent under tests or CI
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k not in quiet_here}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))
-    log = tmp_path / "first.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args)], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
-    wait_for(lambda: any(len(rows) >= 2 for rows in reported_epochs(exp_dir).values()), proc, "a trial to train")
-    os.kill(proc.pid, signal.SIGINT)
-    stopped = time.monotonic()
-    assert proc.wait(TIMEOUT) == 1, log.read_text()[-3000:]
-    assert time.monotonic() - stopped < 120, "the stop waited on W&B"
-    (run,) = exp_dir.glob("train_cifar_*/wandb/offline-run-*")
-    assert any(run.glob("*.wandb")), sorted(run.rglob("*"))
-    (run / "logs").mkdir(exist_ok=True)
-    (run / "logs" / "debug-core.log").symlink_to(tmp_path / "wandb-core.log")  # what W&B links there
-    resumed = subprocess.run([sys.executable, "-m", "tune_alexnet", "sweep", *map(str, args), "--resume"],
-                             capture_output=True, text=True, env=env, timeout=TIMEOUT)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    table = pd.read_parquet(exp_dir / "results.parquet")
-    assert list(table["status"]) == ["terminated"] and list(table["epochs_run"]) == [epochs]
-    assert not [p for p in exp_dir.rglob("*") if p.is_symlink()]
-    # Tune's usage count imports MLflow, whose telemetry wrote an id into the home folder: a sweep without --mlflow
-    assert not (tmp_path / ".config" / "mlflow").exists()
