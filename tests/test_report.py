@@ -179,7 +179,10 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
     assert os.listdir(work) == []
 
 
-@pytest.mark.parametrize("planted", ["nothing", "open cache", "link", "fifo", "another's folder"])
+@pytest.mark.parametrize(
+    "planted",
+    ["nothing", "open cache", "link", "fifo", "another's folder", "fifo in an open stylelib", "a link", "a dead link"],
+)
 def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_planted_anything(
     planted, tmp_path, monkeypatch, capsys, request
 ):
@@ -198,7 +201,12 @@ def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_
     monkeypatch.setattr(settings, "listed_home", lambda: home)
     folder = home / ".cache" / "tune-alexnet" / "matplotlib"
     precious = home / "precious.txt"
-    folder.mkdir(parents=True)
+    if planted in ("a link", "a dead link"):  # the folder itself a link: to a folder of this user's, or nowhere
+        (home / "elsewhere").mkdir(parents=True)
+        folder.parent.mkdir(parents=True)
+        folder.symlink_to(home / ("elsewhere" if planted == "a link" else "nowhere"))
+    else:
+        folder.mkdir(parents=True)
     precious.write_text("mine")
     if planted == "open cache":
         os.chmod(home / ".cache", 0o777)
@@ -208,6 +216,10 @@ def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_
         os.mkfifo(folder / "fontlist-v3.11.0.json")
     elif planted == "another's folder":
         os.chown(folder, 65534, 65534)
+    elif planted == "fifo in an open stylelib":  # matplotlib's import reads every stylelib/*.mplstyle: a hang
+        (folder / "stylelib").mkdir(mode=0o777)
+        os.chmod(folder / "stylelib", 0o777)
+        os.mkfifo(folder / "stylelib" / "x.mplstyle")
     if planted == "nothing":
         assert _private_matplotlib_folder() == str(folder)
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -218,6 +230,8 @@ def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_
         _private_matplotlib_folder()
     assert "\n" not in str(refused.value)
     why = {"open cache": f"{home / '.cache'} can be written by every user", "link": "holds 'fontlist-v3.11.0.json'",
-           "fifo": "holds 'fontlist-v3.11.0.json'", "another's folder": "another user owns"}[planted]  # fmt: skip
+           "fifo": "holds 'fontlist-v3.11.0.json'", "another's folder": "another user owns",
+           "fifo in an open stylelib": "holds 'stylelib', which another user could have planted",
+           "a link": "it is not a folder of this user's", "a dead link": "it is not a folder of this user's"}[planted]  # fmt: skip
     assert why in str(refused.value), refused.value
-    assert precious.read_text() == "mine"
+    assert precious.read_text() == "mine" and not (home / "nowhere").exists()

@@ -179,13 +179,14 @@ def _private_matplotlib_folder() -> str:
         if steer := others_could_steer(str(folder)):  # before anything is made there, and again once it is
             raise OSError(f"it{steer}")
         make_folders(folder)
-        os.chmod(folder, 0o700, follow_symlinks=False)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():  # a link too: the chmod below follows it
+            raise OSError("it is not a folder of this user's")
+        os.chmod(folder, 0o700)
         if steer := others_could_steer(str(folder)):
             raise OSError(f"it{steer}")
-        for entry in os.scandir(folder):  # matplotlib reads and rewrites its files there through links, FIFOs too
-            st = entry.stat(follow_symlinks=False)
-            if st.st_uid != os.getuid() or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                raise OSError(f"it holds {entry.name!r}, which this user did not make")
+        if planted := _not_made_by_this_user(folder):
+            raise OSError(f"it holds {planted}")
         if not os.access(folder, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
@@ -193,10 +194,27 @@ def _private_matplotlib_folder() -> str:
             f"the figures need a folder of matplotlib's own, and neither a temporary one ({why}) nor {folder} "
             f"({first_line(exc)}) can be had; allowed: TMPDIR set to a folder of yours"
         ) from None
-    say(
-        f"tune-alexnet: warning: matplotlib's settings are kept in {folder}, as no private temporary folder can be had ({why})"
-    )
+    say(f"tune-alexnet: warning: matplotlib's settings are kept in {folder}, as no private temporary folder can "
+        f"be had ({why})")  # fmt: skip
     return str(folder)
+
+
+def _not_made_by_this_user(folder: Path) -> str | None:
+    """The first entry below `folder` that another user made or could write, or that is neither a plain file nor a
+    folder: matplotlib rewrites its font cache there through a link, and its import reads every stylelib/*.mplstyle
+    (a FIFO's hang)."""
+    from .cluster import others_can_write
+
+    def unreadable(exc: OSError):
+        raise exc
+
+    for top, folders, files in os.walk(folder, onerror=unreadable):
+        for name in folders + files:
+            st = os.lstat(os.path.join(top, name))
+            kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            if st.st_uid != os.getuid() or not kind_ok or others_can_write(st):
+                return f"{os.path.relpath(os.path.join(top, name), folder)!r}, which another user could have planted"
+    return None
 
 
 def _default_style(draw):
