@@ -181,7 +181,17 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
 
 @pytest.mark.parametrize(
     "planted",
-    ["nothing", "open cache", "link", "fifo", "another's folder", "fifo in an open stylelib", "a link", "a dead link"],
+    [
+        "nothing",
+        "open cache",
+        "link",
+        "fifo",
+        "another's folder",
+        "fifo in an open stylelib",
+        "a link",
+        "a dead link",
+        "a deep tree",
+    ],  # fmt: skip
 )
 def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_planted_anything(
     planted, tmp_path, monkeypatch, capsys, request
@@ -220,7 +230,14 @@ def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_
         (folder / "stylelib").mkdir(mode=0o777)
         os.chmod(folder / "stylelib", 0o777)
         os.mkfifo(folder / "stylelib" / "x.mplstyle")
-    if planted == "nothing":
+    elif planted == "a deep tree":  # this user's own: os.walk's recursion ran past Python's stack
+        fd = os.open(folder, os.O_RDONLY)
+        for _ in range(1200):  # folder by folder: pathlib's mkdir(parents=True) recurses too
+            os.mkdir("d", dir_fd=fd)
+            fd, above = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+            os.close(above)
+        os.close(fd)
+    if planted in ("nothing", "a deep tree"):
         assert _private_matplotlib_folder() == str(folder)
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         warning = capsys.readouterr().err

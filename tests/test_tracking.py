@@ -502,6 +502,33 @@ def test_a_wandb_dir_is_checked_where_wandb_writes_its_runs(tmp_path, monkeypatc
     assert tracking._wandb_env()["dir"] == f"{tmp_path}/rel"
 
 
+def test_a_resumed_sweeps_wandb_runs_go_where_this_runs_checked_settings_say(tmp_path, monkeypatch):
+    """W&B's callback, pickled with the experiment, held the first run's WANDB_DIR: a resume wrote its runs there,
+    unchecked, through a link another user had since planted in that folder."""
+    from ray import cloudpickle
+
+    from tune_alexnet import tracking
+    from tune_alexnet.plan import Plan
+    from tune_alexnet.sweep import restored_callbacks_as_now
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "first"))
+    s = SweepSettings(grid=make_grid(optimizer=("sgd",)), wandb="study", name="resumed")
+    (first,) = [c for c in tracking.callbacks(s) if hasattr(c, "kwargs")]
+    assert first.kwargs["dir"] == str(tmp_path / "first")
+    plan = Plan(s, str(tmp_path), str(tmp_path / "resumed"), None, {}, 0, None)
+    for now, expected in ((None, None), (str(tmp_path / "now"), str(tmp_path / "now"))):
+        if now is None:
+            monkeypatch.delenv("WANDB_DIR")  # the runs go into the trials' folders, as the refusal of one says
+        else:
+            monkeypatch.setenv("WANDB_DIR", now)
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        restored = cloudpickle.loads(cloudpickle.dumps(first))  # as the first run pickled it, with the experiment
+        restored_callbacks_as_now([restored], plan, [])
+        assert restored.kwargs.get("dir") == expected and restored.kwargs["mode"] == "disabled", restored.kwargs
+        assert restored.project == "study" and first.kwargs["dir"] == str(tmp_path / "first")
+
+
 def test_wandbs_own_folders_stay_out_of_folders_others_can_write(tmp_path, monkeypatch):
     """W&B writes its debug logs, named by the second, into WANDB_CACHE_DIR or XDG_CACHE_HOME/wandb, through any
     link there: another user's, planted in a shared XDG_CACHE_HOME, had W&B's logs appended to a file of this

@@ -199,21 +199,25 @@ def _private_matplotlib_folder() -> str:
     return str(folder)
 
 
-def _not_made_by_this_user(folder: Path) -> str | None:
+def _not_made_by_this_user(folder: Path, most: int = 10_000) -> str | None:
     """The first entry below `folder` that another user made or could write, or that is neither a plain file nor a
     folder: matplotlib rewrites its font cache there through a link, and its import reads every stylelib/*.mplstyle
-    (a FIFO's hang)."""
+    (a FIFO's hang). Walked without recursion (os.walk's ran past Python's stack on a deep tree), `most` entries."""
     from .cluster import others_can_write
 
-    def unreadable(exc: OSError):
-        raise exc
-
-    for top, folders, files in os.walk(folder, onerror=unreadable):
-        for name in folders + files:
-            st = os.lstat(os.path.join(top, name))
-            kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-            if st.st_uid != os.getuid() or not kind_ok or others_can_write(st):
-                return f"{os.path.relpath(os.path.join(top, name), folder)!r}, which another user could have planted"
+    pending, seen = [str(folder)], 0
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                seen += 1
+                st = entry.stat(follow_symlinks=False)
+                kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+                if st.st_uid != os.getuid() or not kind_ok or others_can_write(st):
+                    return f"{os.path.relpath(entry.path, folder)!r}, which another user could have planted"
+                if seen > most:
+                    return f"more than {most:,} entries, more than matplotlib makes"
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(entry.path)
     return None
 
 

@@ -265,19 +265,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
             tuner = tune.Tuner.restore(plan.exp_uri, trainable, resume_errored=True)
         except Exception as exc:  # noqa: BLE001
             raise restore_refused(plan.exp_uri, s.name, exc) from None
-        # The callbacks come back pickled with the experiment: the page goes, and the guard looks, where the
-        # experiment is now (a folder moved or copied back is not one deleted), with this run's reserve.
         local = getattr(tuner, "_local_tuner", None)
-        callbacks = (local.get_run_config().callbacks or []) if local is not None else []
-        for callback in callbacks:
-            if isinstance(callback, LivePage):
-                callback.exp_uri = plan.exp_uri
-            elif isinstance(callback, KeepWholeState):
-                callback.exp_dir = plan.exp_uri
-            elif isinstance(callback, DiskGuard) and guard:
-                callback.__dict__.update(guard[0].__dict__)
-            elif hasattr(callback, "tracking_uri") and s.mlflow is not None:  # pickled redacted: the URI in full
-                callback.tracking_uri = s.mlflow
+        restored_callbacks_as_now((local.get_run_config().callbacks or []) if local is not None else [], plan, guard)
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(
@@ -292,6 +281,23 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     if _lost:
         raise _lost[0]
     return results
+
+
+def restored_callbacks_as_now(callbacks: list, plan: Plan, guard: list) -> None:
+    """The callbacks come back pickled with the experiment: the page goes, and the guard looks, where the
+    experiment is now (a folder moved or copied back is not one deleted), with this run's reserve; the trackers
+    take this run's settings, as checked now (the first run's WANDB_DIR may since be another user's folder)."""
+    for callback in callbacks:
+        if isinstance(callback, LivePage):
+            callback.exp_uri = plan.exp_uri
+        elif isinstance(callback, KeepWholeState):
+            callback.exp_dir = plan.exp_uri
+        elif isinstance(callback, DiskGuard) and guard:
+            callback.__dict__.update(guard[0].__dict__)
+        elif hasattr(callback, "tracking_uri") and plan.settings.mlflow is not None:  # pickled redacted: in full
+            callback.tracking_uri = plan.settings.mlflow
+        else:
+            tracking.wandb_as_set_now(callback)
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:

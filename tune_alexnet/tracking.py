@@ -85,6 +85,14 @@ def _wandb_env() -> dict:
     return kwargs
 
 
+def wandb_as_set_now(callback) -> None:
+    """A W&B callback restored with its experiment takes W&B's mode and folder as this run's environment sets them
+    (and preflight checked them): it held the first run's, which may since have become another user's folder."""
+    if any(cls.__name__ == "WandbLoggerCallback" for cls in type(callback).__mro__):
+        kept = {k: v for k, v in callback.kwargs.items() if k not in ("mode", "dir")}
+        callback.kwargs = {**kept, **_wandb_env()}
+
+
 def wandb_root() -> str | None:
     """WANDB_DIR as the driver's checks take it: absolute (each logging actor runs in a folder of its own), `~`
     expanded, a/link/.. left for the kernel to take through the link, as W&B does."""
