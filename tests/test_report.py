@@ -3,6 +3,7 @@
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -231,6 +232,8 @@ def test_figures_fall_back_to_the_home_folder_only_where_no_one_else_could_have_
         os.chmod(folder / "stylelib", 0o777)
         os.mkfifo(folder / "stylelib" / "x.mplstyle")
     elif planted == "a deep tree":  # this user's own: os.walk's recursion ran past Python's stack
+        # (removed by rm, which walks without recursion: pytest's own cleanup ran past Python's stack on it)
+        request.addfinalizer(lambda: subprocess.run(["rm", "-rf", str(folder / "d")], check=True))
         fd = os.open(folder, os.O_RDONLY)
         for _ in range(1200):  # folder by folder: pathlib's mkdir(parents=True) recurses too
             os.mkdir("d", dir_fd=fd)

@@ -529,6 +529,40 @@ def test_a_resumed_sweeps_wandb_runs_go_where_this_runs_checked_settings_say(tmp
         assert restored.project == "study" and first.kwargs["dir"] == str(tmp_path / "first")
 
 
+def test_a_resume_keeps_no_callback_this_run_would_not_have_made(tmp_path, monkeypatch, capsys):
+    """An experiment copied from a local folder into a bucket: its state keeper wrote copies of Tune's state under
+    ./s3:/... (a key in the bucket's URI spelled into folder names), and its disk guard wrote into, or stopped the
+    sweep for, the old local folder. A record of the settings gone: trackers no check had seen ran as pickled."""
+    from ray import cloudpickle
+
+    from tune_alexnet import tracking
+    from tune_alexnet.live_page import LivePage
+    from tune_alexnet.plan import Plan
+    from tune_alexnet.sweep import DiskGuard, KeepWholeState, restored_callbacks_as_now
+
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "study"
+    local.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = SweepSettings(grid=make_grid(optimizer=("sgd",)), wandb="w", mlflow=f"file://{tmp_path}/m", name="study")
+    made = [LivePage(str(local)), KeepWholeState(str(local)), DiskGuard(str(tmp_path), 0, exp_dir=str(local))]
+    made += [c for c in tracking.callbacks(first) if hasattr(c, "kwargs") or hasattr(c, "tracking_uri")]
+    assert len(made) == 5
+    bucket = "s3://KEY:SECRET@bucket/tune-alexnet/study"
+    now = SweepSettings(grid=first.grid, name="study", resume=True)  # no record: no tracker named, none checked
+    restored = cloudpickle.loads(cloudpickle.dumps(made))
+    restored_callbacks_as_now(restored, Plan(now, "s3://KEY:SECRET@bucket/tune-alexnet", bucket, None, {}, 0, None), [])
+    ((page,),) = [restored]
+    assert isinstance(page, LivePage) and page.exp_uri == bucket
+    err = capsys.readouterr().err
+    assert "names no MLflow tracker" in err and "names no W&B tracker" in err and "SECRET" not in err
+    assert os.listdir(tmp_path) == ["study"] and os.listdir(local) == []  # nothing written by what was left out
+    kept = cloudpickle.loads(cloudpickle.dumps(made))  # the same experiment resumed where it was, its record whole
+    guard = DiskGuard(str(tmp_path), 0, exp_dir=str(local))
+    restored_callbacks_as_now(kept, Plan(first, str(tmp_path), str(local), None, {}, 0, None), [guard])
+    assert len(kept) == 5 and kept[2].exp_dir == str(local) and kept[3].tracking_uri == first.mlflow
+
+
 def test_wandbs_own_folders_stay_out_of_folders_others_can_write(tmp_path, monkeypatch):
     """W&B writes its debug logs, named by the second, into WANDB_CACHE_DIR or XDG_CACHE_HOME/wandb, through any
     link there: another user's, planted in a shared XDG_CACHE_HOME, had W&B's logs appended to a file of this

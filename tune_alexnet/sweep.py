@@ -286,18 +286,31 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
 def restored_callbacks_as_now(callbacks: list, plan: Plan, guard: list) -> None:
     """The callbacks come back pickled with the experiment: the page goes, and the guard looks, where the
     experiment is now (a folder moved or copied back is not one deleted), with this run's reserve; the trackers
-    take this run's settings, as checked now (the first run's WANDB_DIR may since be another user's folder)."""
-    for callback in callbacks:
+    take this run's settings, as checked now (the first run's WANDB_DIR may since be another user's folder). What
+    this run would not have made is left out: a local folder's keepers for an experiment copied into a bucket,
+    and trackers that no record of the settings named, so that no check saw them."""
+    s = plan.settings
+    for callback in list(callbacks):
+        keep = True
         if isinstance(callback, LivePage):
             callback.exp_uri = plan.exp_uri
         elif isinstance(callback, KeepWholeState):
-            callback.exp_dir = plan.exp_uri
-        elif isinstance(callback, DiskGuard) and guard:
-            callback.__dict__.update(guard[0].__dict__)
-        elif hasattr(callback, "tracking_uri") and plan.settings.mlflow is not None:  # pickled redacted: in full
-            callback.tracking_uri = plan.settings.mlflow
-        else:
-            tracking.wandb_as_set_now(callback)
+            keep, callback.exp_dir = not is_remote(plan.exp_uri), plan.exp_uri
+        elif isinstance(callback, DiskGuard):
+            if keep := bool(guard):
+                callback.__dict__.update(guard[0].__dict__)
+        elif hasattr(callback, "tracking_uri"):  # MLflow's, pickled redacted: the URI in full
+            if keep := s.mlflow is not None:
+                callback.tracking_uri = s.mlflow
+        elif tracking.is_wandb(callback):
+            if keep := s.wandb is not None:
+                tracking.wandb_as_set_now(callback)
+        if not keep:
+            callbacks.remove(callback)
+            if not isinstance(callback, (KeepWholeState, DiskGuard)):
+                tracker = "MLflow" if hasattr(callback, "tracking_uri") else "W&B"
+                say(f"tune-alexnet: warning: the experiment's record of its settings names no {tracker} tracker, so "
+                    "the one Tune kept is left out of this run (no check has seen its settings)")  # fmt: skip
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:

@@ -85,12 +85,16 @@ def _wandb_env() -> dict:
     return kwargs
 
 
+def is_wandb(callback) -> bool:
+    """Ray's W&B callback, or ours (restored from an experiment, its class is rebuilt from the pickle)."""
+    return any(cls.__name__ == "WandbLoggerCallback" for cls in type(callback).__mro__)
+
+
 def wandb_as_set_now(callback) -> None:
     """A W&B callback restored with its experiment takes W&B's mode and folder as this run's environment sets them
     (and preflight checked them): it held the first run's, which may since have become another user's folder."""
-    if any(cls.__name__ == "WandbLoggerCallback" for cls in type(callback).__mro__):
-        kept = {k: v for k, v in callback.kwargs.items() if k not in ("mode", "dir")}
-        callback.kwargs = {**kept, **_wandb_env()}
+    kept = {k: v for k, v in callback.kwargs.items() if k not in ("mode", "dir")}
+    callback.kwargs = {**kept, **_wandb_env()}
 
 
 def wandb_root() -> str | None:
