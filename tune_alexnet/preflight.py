@@ -962,8 +962,7 @@ def _keep_wandb_folders_private() -> None:
             except cluster.UnsafeTempDir as exc:
                 raise PreflightError(f"Ray's session folder {exc}") from None
             except OSError as exc:  # (as ray.init would meet it: a read-only /tmp)
-                where = f" {exc.filename}" if exc.filename else ""
-                raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
+                raise _ray_could_not_start(exc) from None
 
 
 def _check_wandb_dir() -> list[str]:
@@ -1200,6 +1199,11 @@ def _check_wandb_key() -> None:
 # --- Ray, the cluster and the resources ---------------------------------------------------------------------
 
 
+def _ray_could_not_start(exc: OSError) -> PreflightError:
+    where = f" {exc.filename}" if exc.filename else ""
+    return PreflightError(f"Ray could not start:{where} {exc.strerror or exc}")
+
+
 def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tuple[bool, str | None]:
     """ray.init for a sweep unless this process is connected already: (whether it started Ray, the dashboard's
     URL). Fails within seconds, in one line, where no cluster answers at `address`. A local Ray listens on
@@ -1256,8 +1260,7 @@ def connect(address: str, quiet: bool = True, given_as: str = "--address") -> tu
             f"{given_as} {address}: cannot join that Ray cluster ({why}); {cluster.ADDRESS_ALLOWED}"
         ) from None
     except OSError as exc:  # the token, made or read inside ray.init (a race with the checks above)
-        where = f" {exc.filename}" if exc.filename else ""
-        raise PreflightError(f"Ray could not start:{where} {exc.strerror or exc}") from None
+        raise _ray_could_not_start(exc) from None
     if address == "local":
         cluster.keep_token_private()
     else:  # 'auto' takes whichever Ray it finds on this machine: say which one
