@@ -701,6 +701,30 @@ def test_an_export_of_an_older_read_never_replaces_newer_tables(mixed_experiment
     assert "were written from a newer read" in older.notes[-1]
 
 
+@pytest.mark.slow
+def test_an_older_read_within_one_tick_of_the_clock_never_replaces_newer_tables(mixed_experiment, tmp_path):
+    """A trial's epoch appended in the same tick of the file system's clock as an earlier read (a few ms on ext4,
+    1 to 2 s on others): by the newest time alone nothing had changed, and that read's tables replaced newer ones."""
+    from tune_alexnet.export import load_experiment, write_tables
+
+    copy = Path(shutil.copytree(mixed_experiment[0], tmp_path / "mixed"))
+    result = max(copy.glob("train_cifar_*/result.json"), key=lambda p: len(p.read_bytes().splitlines()))
+    lines = result.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 2
+    tick = max(p.stat().st_mtime_ns for p in [*copy.glob("experiment_state-*.json"), result]) + 10**9
+    result.write_bytes(b"".join(lines[:-1]))
+    os.utime(result, ns=(tick, tick))
+    older = load_experiment(copy)  # read while the trial ran
+    result.write_bytes(b"".join(lines))
+    os.utime(result, ns=(tick, tick))  # its next epoch, within the same tick
+    assert write_tables(load_experiment(copy), copy)
+    epochs = len(pd.read_parquet(copy / "epochs.parquet"))
+    assert write_tables(older, copy) == [] and "were written from a newer read" in older.notes[-1]
+    assert len(pd.read_parquet(copy / "epochs.parquet")) == epochs == len(older.epochs) + 1
+    again = load_experiment(copy)  # a read of the experiment as it is now is the newest there is: it writes
+    assert write_tables(again, copy) and len(pd.read_parquet(copy / "epochs.parquet")) == epochs
+
+
 def _sweep_then(storage: Path, synthetic_dir: Path, act, quiet: bool = True) -> tuple[int, str]:
     """A sweep of two trials that runs a while; `act()` once a trial has reported. (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -502,19 +502,29 @@ def test_a_wandb_dir_is_checked_where_wandb_writes_its_runs(tmp_path, monkeypatc
     assert tracking._wandb_env()["dir"] == f"{tmp_path}/rel"
 
 
+def resumed_callbacks(made: list, plan, quiet: bool = False, guard: list = ()) -> list:
+    """The callbacks a resume runs with, from those the first run made, pickled as Tune keeps them (tuner.pkl)."""
+    from ray import cloudpickle
+    from ray.tune import RunConfig
+
+    from tune_alexnet.sweep import callbacks_as_now
+
+    run_config = RunConfig(callbacks=cloudpickle.loads(cloudpickle.dumps(made)))
+    callbacks_as_now(run_config, plan, quiet, list(guard))
+    return run_config.callbacks
+
+
 def test_a_resumed_sweeps_wandb_runs_go_where_this_runs_checked_settings_say(tmp_path, monkeypatch):
     """W&B's callback, pickled with the experiment, held the first run's WANDB_DIR: a resume wrote its runs there,
     unchecked, through a link another user had since planted in that folder."""
-    from ray import cloudpickle
-
     from tune_alexnet import tracking
     from tune_alexnet.plan import Plan
-    from tune_alexnet.sweep import restored_callbacks_as_now
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "first"))
     s = SweepSettings(grid=make_grid(optimizer=("sgd",)), wandb="study", name="resumed")
-    (first,) = [c for c in tracking.callbacks(s) if hasattr(c, "kwargs")]
+    made = tracking.callbacks(s)
+    (first,) = filter(tracking.is_wandb, made)
     assert first.kwargs["dir"] == str(tmp_path / "first")
     plan = Plan(s, str(tmp_path), str(tmp_path / "resumed"), None, {}, 0, None)
     for now, expected in ((None, None), (str(tmp_path / "now"), str(tmp_path / "now"))):
@@ -523,44 +533,59 @@ def test_a_resumed_sweeps_wandb_runs_go_where_this_runs_checked_settings_say(tmp
         else:
             monkeypatch.setenv("WANDB_DIR", now)
         monkeypatch.setenv("WANDB_MODE", "disabled")
-        restored = cloudpickle.loads(cloudpickle.dumps(first))  # as the first run pickled it, with the experiment
-        restored_callbacks_as_now([restored], plan, [])
-        assert restored.kwargs.get("dir") == expected and restored.kwargs["mode"] == "disabled", restored.kwargs
-        assert restored.project == "study" and first.kwargs["dir"] == str(tmp_path / "first")
+        (resumed,) = filter(tracking.is_wandb, resumed_callbacks(made, plan))
+        assert resumed.kwargs.get("dir") == expected and resumed.kwargs["mode"] == "disabled", resumed.kwargs
+        assert resumed.project == "study" and first.kwargs["dir"] == str(tmp_path / "first")
 
 
-def test_a_resume_keeps_no_callback_this_run_would_not_have_made(tmp_path, monkeypatch, capsys):
-    """An experiment copied from a local folder into a bucket: its state keeper wrote copies of Tune's state under
-    ./s3:/... (a key in the bucket's URI spelled into folder names), and its disk guard wrote into, or stopped the
-    sweep for, the old local folder. A record of the settings gone: trackers no check had seen ran as pickled."""
-    from ray import cloudpickle
-
+def test_a_resume_runs_the_callbacks_this_run_would_make(tmp_path, monkeypatch, capsys):
+    """Tune keeps the first run's callbacks pickled with the experiment, and a resume ran those: an experiment copied
+    from a local folder into a bucket had its state keeper write copies of Tune's state under ./s3:/... and its disk
+    guard watch the old folder; one copied from a bucket down to a local folder ran with no guard and no keeper; a
+    record of the settings gone, trackers no check had seen ran as pickled; `--quiet` was the first run's; and the
+    loggers that tracking builds on first use ran the code pickled with them, not this package's."""
     from tune_alexnet import tracking
+    from tune_alexnet.console import Console
     from tune_alexnet.live_page import LivePage
     from tune_alexnet.plan import Plan
-    from tune_alexnet.sweep import DiskGuard, KeepWholeState, restored_callbacks_as_now
+    from tune_alexnet.sweep import DiskGuard, KeepWholeState, _run_config
 
     monkeypatch.chdir(tmp_path)
     local = tmp_path / "study"
     local.mkdir()
     monkeypatch.setenv("WANDB_MODE", "offline")
     first = SweepSettings(grid=make_grid(optimizer=("sgd",)), wandb="w", mlflow=f"file://{tmp_path}/m", name="study")
-    made = [LivePage(str(local)), KeepWholeState(str(local)), DiskGuard(str(tmp_path), 0, exp_dir=str(local))]
-    made += [c for c in tracking.callbacks(first) if hasattr(c, "kwargs") or hasattr(c, "tracking_uri")]
-    assert len(made) == 5
+    guard = DiskGuard(str(tmp_path), 0, exp_dir=str(local))
+    made_here = _run_config(first, str(tmp_path), False, [guard], str(local)).callbacks
+    assert {KeepWholeState, DiskGuard, LivePage, Console} <= set(map(type, made_here))
+
+    def kinds(callbacks: list) -> list[type]:
+        return [type(c) for c in callbacks]
+
+    # Copied into a bucket, its record of the settings gone: no tracker named, none checked.
     bucket = "s3://KEY:SECRET@bucket/tune-alexnet/study"
-    now = SweepSettings(grid=first.grid, name="study", resume=True)  # no record: no tracker named, none checked
-    restored = cloudpickle.loads(cloudpickle.dumps(made))
-    restored_callbacks_as_now(restored, Plan(now, "s3://KEY:SECRET@bucket/tune-alexnet", bucket, None, {}, 0, None), [])
-    ((page,),) = [restored]
-    assert isinstance(page, LivePage) and page.exp_uri == bucket
+    now = SweepSettings(grid=first.grid, name="study", resume=True)
+    resumed = resumed_callbacks(made_here, Plan(now, "s3://KEY:SECRET@bucket/tune-alexnet", bucket, None, {}, 0, None))
+    assert kinds(resumed) == kinds(_run_config(now, "s3://", False, [], bucket).callbacks)
+    assert not {KeepWholeState, DiskGuard} & set(kinds(resumed)) and Console in kinds(resumed)
+    assert not any(map(tracking.is_mlflow, resumed)) and not any(map(tracking.is_wandb, resumed))
+    (page,) = (c for c in resumed if isinstance(c, LivePage))
+    assert page.exp_uri == bucket
     err = capsys.readouterr().err
     assert "names no MLflow tracker" in err and "names no W&B tracker" in err and "SECRET" not in err
     assert os.listdir(tmp_path) == ["study"] and os.listdir(local) == []  # nothing written by what was left out
-    kept = cloudpickle.loads(cloudpickle.dumps(made))  # the same experiment resumed where it was, its record whole
-    guard = DiskGuard(str(tmp_path), 0, exp_dir=str(local))
-    restored_callbacks_as_now(kept, Plan(first, str(tmp_path), str(local), None, {}, 0, None), [guard])
-    assert len(kept) == 5 and kept[2].exp_dir == str(local) and kept[3].tracking_uri == first.mlflow
+
+    # Made in a bucket, resumed in a local folder with --quiet: this run's guard, keeper and console.
+    made_there = _run_config(first, "s3://bucket/runs", False, [], "s3://bucket/runs/study").callbacks
+    resumed = resumed_callbacks(made_there, Plan(first, str(tmp_path), str(local), None, {}, 0, None), True, [guard])
+    assert guard in resumed and Console not in kinds(resumed)
+    (keeper,) = (c for c in resumed if isinstance(c, KeepWholeState))
+    assert keeper.exp_dir == str(local)
+    (mlflow,) = filter(tracking.is_mlflow, resumed)
+    assert mlflow.tracking_uri == first.mlflow
+    # Every one is this package's class as it is now, not one rebuilt from the pickle.
+    assert kinds(resumed) == kinds(_run_config(first, str(tmp_path), True, [guard], str(local)).callbacks)
+    assert type(resumed[0]) is tracking._tbx_callback_class() and type(resumed[1]) is tracking._csv_callback_class()
 
 
 def test_wandbs_own_folders_stay_out_of_folders_others_can_write(tmp_path, monkeypatch):

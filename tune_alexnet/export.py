@@ -229,6 +229,7 @@ class Experiment:
     settings: dict  # the sweep's settings record (empty for a folder written by other code)
     notes: list[str] = field(default_factory=list)  # what could not be read, for the user
     generation: int | None = None  # newest change of the files read (ns), taken before reading; None: unknown
+    seen: tuple | None = None  # those files as they were then (_generation): a change since, within a tick, too
 
 
 def sweep_holds(path: str) -> bool:
@@ -275,7 +276,7 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     if scheme_problem(path):
         raise ExportError(f"{path}: {scheme_problem(path)}")
     notes: list[str] = []
-    generation = None if is_remote(path) else _generation(path)
+    generation, seen = (None, None) if is_remote(path) else _generation(path) or (None, None)
     before, fs = len(stalled), None  # (_answered_all)
     try:
         fs, base = reach(path)
@@ -324,7 +325,7 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     )
     epochs = typed(pd.concat(epoch_frames, ignore_index=True) if epoch_frames else pd.DataFrame(), EPOCH_SCHEMA)
     epochs = epochs.sort_values(["run", "trial_id", "epoch"], na_position="last", kind="stable").reset_index(drop=True)
-    return Experiment(path, table, epochs, settings, notes, generation)
+    return Experiment(path, table, epochs, settings, notes, generation, seen)
 
 
 def _answered_all(path: str, before: int) -> None:
@@ -341,23 +342,26 @@ def _unanswered(path: str, why: str) -> ExportError:
     )
 
 
-def _generation(path: str) -> int | None:
-    """The newest modification time (ns) of what a table is read from: Tune's experiment state and each trial's
-    result.json, looked at without following links. Taken before they are read, so a table is never newer than
-    it says; tables of an older read never replace those of a newer one (write_tables)."""
-    newest = 0
+def _generation(path: str) -> tuple[int, tuple] | None:
+    """The newest modification time (ns) of what a table is read from (Tune's experiment state and each trial's
+    result.json, looked at without following links), and each of those files' inode, size and time. Taken before
+    they are read, so a table is never newer than it says; tables of an older read never replace those of a newer
+    one (write_tables). The sizes tell a change within one tick of the file system's clock (a few ms, or 1 to 2 s
+    on some), which the newest time alone does not: a trial's epoch appended in the tick of the last read."""
+    found = []
     try:
         with os.scandir(path) as entries:
             for entry in entries:
                 name = entry.name
-                if name.startswith("experiment_state-") and name.endswith(".json"):
-                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime_ns)
-                elif name.startswith(TRIAL_PREFIX) and entry.is_dir(follow_symlinks=False):
-                    with contextlib.suppress(OSError):
-                        newest = max(newest, os.lstat(os.path.join(entry.path, RESULT_FILE)).st_mtime_ns)
+                with contextlib.suppress(OSError):
+                    if name.startswith("experiment_state-") and name.endswith(".json"):
+                        found.append((name, entry.stat(follow_symlinks=False)))
+                    elif name.startswith(TRIAL_PREFIX) and entry.is_dir(follow_symlinks=False):
+                        found.append((name, os.lstat(os.path.join(entry.path, RESULT_FILE))))
     except OSError:
         return None
-    return newest
+    files = tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in found))
+    return max((f[3] for f in files), default=0), files
 
 
 @dataclass
@@ -829,10 +833,12 @@ class Output:
         """Whether the experiment changed since `exp` was read and the results.parquet here was written from a
         later read (the folder's own lock, held by output_dir, makes this check and the writes that follow one
         step). A read of an experiment that has not changed since is the newest there is, whatever came before."""
-        if exp.generation is None or is_remote(self.uri) or _generation(exp.path) == exp.generation:
+        if exp.generation is None or is_remote(self.uri) or _generation(exp.path) == (exp.generation, exp.seen):
             return False
         written = self.table_metadata().get("generation")  # none yet, or not ours: ours replaces it
-        return isinstance(written, int) and written > exp.generation
+        # (a read with the same newest time as the one written here may be the older: those tables stay, and the
+        # next read of the changed experiment, the sweep's own at its end included, replaces them)
+        return isinstance(written, int) and written >= exp.generation
 
     def table_metadata(self) -> dict:
         """What the results.parquet here says of itself ({} where there is none, or it is unreadable or not ours),

@@ -109,12 +109,12 @@ class DiskGuard(tune.Callback):
     def _check_writable(self, trials: list) -> bool:
         """Whether the experiment folder was found deleted, or it or a running trial's folder unwritable (read-only,
         immutable); if so, the sweep is stopped as Ctrl-C stops it, and sweep.run raises StorageLost."""
-        exp_dir = getattr(self, "exp_dir", None)
+        exp_dir = self.exp_dir
         if exp_dir is None:
             return False
         why, deleted = None, False
         try:
-            if _identity(exp_dir) != getattr(self, "identity", None):
+            if _identity(exp_dir) != self.identity:
                 raise FileNotFoundError(exp_dir)
             with tempfile.NamedTemporaryFile(dir=exp_dir, prefix=".tune-alexnet-write-test-"):
                 pass
@@ -138,7 +138,6 @@ class DiskGuard(tune.Callback):
                 f"again, 'tune-alexnet sweep --resume --name {os.path.basename(exp_dir)} --storage {self.root}' "
                 "continues it"
             )
-        # on --resume this guard is Tune's restored copy: sweep.run reads it here
         _lost.append(StorageLost(self.lost, deleted=deleted))
         self.tripped = True
         if self.reserve:
@@ -147,23 +146,21 @@ class DiskGuard(tune.Callback):
         return True
 
     def _needed(self) -> int:
-        per_trial = getattr(self, "per_trial", None)  # None: a guard saved by an earlier version, with its total
-        return self.min_free if per_trial is None else getattr(self, "running", 1) * per_trial
+        return self.running * self.per_trial
 
     def _free(self) -> int | None:
         try:
             return shutil.disk_usage(self.root).free
-        except OSError:  # the folder moved since this guard was saved with the experiment: nothing to watch
+        except OSError:  # the storage gone from under the sweep: _check_writable says so
             return None
 
     def trip(self, free: int) -> None:
         self.tripped = True
         if self.reserve:
             release_reserve(self.reserve)
-        running = getattr(self, "running", 1)
         say(
             f"tune-alexnet sweep: --storage {self.root} is nearly full ({free / 1e6:,.0f} MB free, about "
-            f"{self._needed() / 1e6:,.0f} MB needed for the next checkpoints of the {running} running trial(s)); "
+            f"{self._needed() / 1e6:,.0f} MB needed for the next checkpoints of the {self.running} running trial(s)); "
             "stopping; free some room, then --resume continues"
         )
         stopping.stop_at_once()  # trials keep their last checkpoints, as the stop line says
@@ -266,7 +263,8 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
         except Exception as exc:  # noqa: BLE001
             raise restore_refused(plan.exp_uri, s.name, exc) from None
         local = getattr(tuner, "_local_tuner", None)
-        restored_callbacks_as_now((local.get_run_config().callbacks or []) if local is not None else [], plan, guard)
+        if local is not None:
+            callbacks_as_now(local.get_run_config(), plan, quiet, guard)
     else:
         write_settings(plan.exp_uri, s, {"data": describe(data)})
         tuner = tune.Tuner(
@@ -283,34 +281,18 @@ def run(plan: Plan, quiet: bool = False) -> tune.ResultGrid:
     return results
 
 
-def restored_callbacks_as_now(callbacks: list, plan: Plan, guard: list) -> None:
-    """The callbacks come back pickled with the experiment: the page goes, and the guard looks, where the
-    experiment is now (a folder moved or copied back is not one deleted), with this run's reserve; the trackers
-    take this run's settings, as checked now (the first run's WANDB_DIR may since be another user's folder). What
-    this run would not have made is left out: a local folder's keepers for an experiment copied into a bucket,
-    and trackers that no record of the settings named, so that no check saw them."""
+def callbacks_as_now(run_config: tune.RunConfig, plan: Plan, quiet: bool, guard: list) -> None:
+    """The callbacks come back pickled with the experiment as the first run made them: its folders, console and
+    trackers' settings (its WANDB_DIR may since be another user's folder), and, for the classes tracking builds on
+    first use, their code as it was then. This run's are made in their place, from the settings as checked now and
+    where the experiment is now (copied into a bucket, or back). A tracker that no record of the settings names
+    any more is left out, with a warning line: no check has seen its settings."""
     s = plan.settings
-    for callback in list(callbacks):
-        keep = True
-        if isinstance(callback, LivePage):
-            callback.exp_uri = plan.exp_uri
-        elif isinstance(callback, KeepWholeState):
-            keep, callback.exp_dir = not is_remote(plan.exp_uri), plan.exp_uri
-        elif isinstance(callback, DiskGuard):
-            if keep := bool(guard):
-                callback.__dict__.update(guard[0].__dict__)
-        elif hasattr(callback, "tracking_uri"):  # MLflow's, pickled redacted: the URI in full
-            if keep := s.mlflow is not None:
-                callback.tracking_uri = s.mlflow
-        elif tracking.is_wandb(callback):
-            if keep := s.wandb is not None:
-                tracking.wandb_as_set_now(callback)
-        if not keep:
-            callbacks.remove(callback)
-            if not isinstance(callback, (KeepWholeState, DiskGuard)):
-                tracker = "MLflow" if hasattr(callback, "tracking_uri") else "W&B"
-                say(f"tune-alexnet: warning: the experiment's record of its settings names no {tracker} tracker, so "
-                    "the one Tune kept is left out of this run (no check has seen its settings)")  # fmt: skip
+    for tracker, named, made in (("MLflow", s.mlflow, tracking.is_mlflow), ("W&B", s.wandb, tracking.is_wandb)):
+        if named is None and any(map(made, run_config.callbacks or [])):
+            say(f"tune-alexnet: warning: the experiment's record of its settings names no {tracker} tracker, so the "
+                "one Tune kept is left out of this run (no check has seen its settings)")  # fmt: skip
+    run_config.callbacks = _run_config(s, plan.root, quiet, guard, plan.exp_uri).callbacks
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:

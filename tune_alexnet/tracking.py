@@ -87,14 +87,16 @@ def _wandb_env() -> dict:
 
 def is_wandb(callback) -> bool:
     """Ray's W&B callback, or ours (restored from an experiment, its class is rebuilt from the pickle)."""
-    return any(cls.__name__ == "WandbLoggerCallback" for cls in type(callback).__mro__)
+    return _made_from(callback, "WandbLoggerCallback")
 
 
-def wandb_as_set_now(callback) -> None:
-    """A W&B callback restored with its experiment takes W&B's mode and folder as this run's environment sets them
-    (and preflight checked them): it held the first run's, which may since have become another user's folder."""
-    kept = {k: v for k, v in callback.kwargs.items() if k not in ("mode", "dir")}
-    callback.kwargs = {**kept, **_wandb_env()}
+def is_mlflow(callback) -> bool:
+    """Ray's MLflow callback, or ours (as is_wandb)."""
+    return _made_from(callback, "MLflowLoggerCallback")
+
+
+def _made_from(callback, name: str) -> bool:
+    return any(cls.__name__ == name for cls in type(callback).__mro__)
 
 
 def wandb_root() -> str | None:
@@ -269,7 +271,7 @@ def _wandb_callback_class():
 
         @property
         def ended(self) -> set:
-            if "_ended" not in self.__dict__:  # also on a callback unpickled from an older experiment
+            if "_ended" not in self.__dict__:
                 self._ended = set()
             return self._ended
 
