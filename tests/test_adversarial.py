@@ -1407,6 +1407,35 @@ def test_a_damaged_data_record_is_refused_even_with_allow_data_change(damaged, c
 
 
 @pytest.mark.slow
+def test_a_resume_without_its_record_takes_no_tracker_it_cannot_check(damaged, capsys, synthetic_dir, tmp_path):
+    """With no record of the settings, --mlflow and --wandb given to a resume were taken without a word and then
+    left out, or logged to the first run's W&B project: a resume logs to the trackers its experiment started
+    with, which nothing here names."""
+    copy, _ = damaged
+    (copy / "tune_alexnet_sweep.json").unlink()
+    before = sorted(p.name for p in copy.iterdir())
+    err = one_line_exit_2(["sweep", "--resume", "--name", "mixed", "--storage", str(copy.parent), "--data-dir",
+                           str(synthetic_dir), "--allow-data-change", "--wandb", "another", "--mlflow",
+                           f"sqlite:///{tmp_path}/m.db"], capsys)  # fmt: skip
+    assert "tune_alexnet_sweep.json is missing, so --mlflow and --wandb cannot be checked against the trackers" in err
+    assert sorted(p.name for p in copy.iterdir()) == before and not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("name", ["TUNE_RESULT_DIR", "RAY_AIR_LOCAL_CACHE_DIR"])
+def test_a_variable_tune_no_longer_uses_is_refused_before_anything_is_written(
+    name, monkeypatch, tmp_path, capsys, synthetic_dir
+):
+    """Tune refuses to start while one is set, once the experiment folder and its first files were written: the
+    sweep exited 1 and named an export that found nothing to read."""
+    monkeypatch.setenv(name, str(tmp_path / "elsewhere"))
+    err = one_line_exit_2(["sweep", "--data-dir", str(synthetic_dir), "--storage", str(tmp_path / "results"), *TINY],
+                          capsys)  # fmt: skip
+    assert err.endswith(f"{name}={tmp_path}/elsewhere: Ray no longer uses this variable, and Tune will not start a "
+                        "sweep while it is set; unset it (experiments go into --storage, ray_results unless given)")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_a_name_left_before_the_first_trial_reported_has_a_way_forward(damaged, ray_local, synthetic_dir, capsys):
     copy, _ = damaged
     for path in copy.iterdir():  # what a sweep killed right after starting leaves: its record and Tune's first file

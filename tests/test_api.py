@@ -34,6 +34,11 @@ def test_flags_from_python_pass_the_command_lines_checks():
         with pytest.raises(ValueError, match=rf"^tune-alexnet sweep: error: {next(iter(wrong))}=.*; allowed: a "):
             api.settings(**wrong)
     assert api.settings(data_dir=Path("/tmp")).data_dir == "/tmp"  # a path is a path
+    # None leaves a setting at its default, but a name that is no setting is refused all the same (a typo).
+    assert api.settings(epochs=None).epochs == api.settings().epochs
+    for typo in ({"epoch": None}, {"epoch": 3}):
+        with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: unrecognized arguments: --epoch"):
+            api.settings(**typo)
     # numpy's numbers are numbers, as they print; a folder may begin with -; an int Python will not write out
     s = api.settings(epochs=np.int64(3), lr=[np.float32(0.01)], storage="-dir")
     assert (s.epochs, s.grid.lr, s.storage) == (3, (0.01,), "-dir")

@@ -297,6 +297,18 @@ def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp
     assert not (storage / "x").exists() and not (tmp_path / "elsewhere.db").exists()
 
 
+def test_a_sqlite_store_named_relative_to_the_working_folder_is_recorded_whole(tmp_path, monkeypatch):
+    """A resume run from another folder took sqlite:///runs.db there: a second store, each run's epochs split."""
+    from tune_alexnet.preflight import absolute_store
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    assert absolute_store("sqlite:///runs.db") == f"sqlite:///{here}/runs.db"
+    assert absolute_store("sqlite+pysqlite:///a/runs.db?timeout=5") == f"sqlite+pysqlite:///{here}/a/runs.db?timeout=5"
+    for whole in (f"sqlite:///{here}/runs.db", "sqlite://", "http://host:5000/sqlite/x", "postgresql://h/db"):
+        assert absolute_store(whole) == whole
+
+
 def test_a_sqlite_store_in_a_folder_another_user_owns_is_said(tmp_path, capsys):
     """As for --storage: they could swap the store for theirs, and read or change every run."""
     from tune_alexnet.preflight import _check_mlflow_uri
@@ -671,7 +683,7 @@ def runs_tracked(synthetic_dir, tmp_path_factory):
     env.update(WANDB_MODE="offline", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", HOME=str(root))
     argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(root / "results"), "--name", "r",
             "--runs", "2", "--repeats", "2", "--epochs", "2", "--width", "0.125", "--cpus-per-trial", "1",
-            "--mlflow", f"sqlite:///{root}/mlflow.db", "--wandb", "tune-alexnet-try"]  # fmt: skip
+            "--mlflow", "sqlite:///mlflow.db", "--wandb", "tune-alexnet-try"]  # fmt: skip
     out = subprocess.run([sys.executable, "-m", "tune_alexnet", *argv], capture_output=True, text=True, env=env,
                          cwd=root, timeout=600)  # fmt: skip
     out.env = env
@@ -695,6 +707,8 @@ def test_runs_and_repeats_reach_every_tracker_with_the_study_metrics_and_a_quiet
     assert "Creating initial MLflow" in (exp / "driver.log").read_text()  # kept, not shown
     assert ESCAPE not in (exp / "driver.log").read_text()
 
+    # Given relative to the working folder, recorded whole: a resume from elsewhere logs to the same store.
+    assert json.loads((exp / "tune_alexnet_sweep.json").read_text())["mlflow"] == f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("r").experiment_id])
     assert len(runs) == 2

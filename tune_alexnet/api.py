@@ -57,6 +57,8 @@ def settings(**flags):
         if flag in switches and value is False:  # a switch turned off: its --no- twin where it has one (tf32)
             flag = flag.replace("--", "--no-", 1) if flag.replace("--", "--no-", 1) in switches else None
             value = True
+        if value is None and flag not in dests:  # not a setting: refused as the command refuses it
+            argv.append(flag)
         if value is None or flag is None:
             continue
         try:

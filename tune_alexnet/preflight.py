@@ -104,6 +104,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         settings.check(s)
     except ValueError as exc:
         raise PreflightError(f"a setting is out of bounds: {exc}") from None
+    check_retired_variables()
     root = storage_uri(s.storage)
     check_scheme(root, "--storage")
     # The path as given, its links kept: whoever owns one of them chose where the experiment goes
@@ -129,6 +130,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
         if check_storage(root, exp_uri, s.resume, name):
             made.insert(0, exp_uri)  # removed again if the sweep is refused
         made[:0] = check_trackers(s)  # (a folder made for W&B, removed again too)
+        if s.mlflow is not None:
+            s = dataclasses.replace(s, mlflow=absolute_store(s.mlflow))
         address = s.address if s.address is not None else os.environ.get("RAY_ADDRESS") or "local"
         given_as = "--address" if s.address is not None or address == "local" else "RAY_ADDRESS"
         import ray
@@ -445,6 +448,12 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
             raise PreflightError(
                 f"--resume: {exp_uri}/{SETTINGS_FILE} is missing, so neither the sweep's settings nor "
                 f"its data can be checked; pass --allow-data-change to resume it with the flags given now"
+            )
+        if given := [f"--{flag}" for flag in ("mlflow", "wandb") if getattr(s, flag) is not None]:
+            raise PreflightError(
+                f"--resume: {exp_uri}/{SETTINGS_FILE} is missing, so {' and '.join(given)} cannot be checked against "
+                f"the trackers the experiment started with (a resume logs to those alone); drop "
+                f"{'it' if len(given) == 1 else 'them'}, or start a new experiment with another --name"
             )
         return dataclasses.replace(s, name=name)
     try:
@@ -1067,6 +1076,20 @@ def _check_mlflow_uri(uri: str) -> None:
             _check_sqlite_store(redacted(uri), file)
 
 
+def absolute_store(uri: str) -> str:
+    """A SQLite store named relative to the working folder (sqlite:///runs.db), as a full path: the experiment
+    records it, and a resume from another folder would otherwise start a second store there, each run's epochs
+    split between the two."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.split("+")[0].lower() != "sqlite" or not rest.startswith("/") or rest.startswith("//"):
+        return uri  # not SQLite, in memory (sqlite://), or a full path already (sqlite:////...)
+    path, query = rest[1:], ""
+    if "?" in path:
+        path, query = path.split("?", 1)
+        query = "?" + query
+    return f"{scheme}:///{os.path.join(os.getcwd(), path)}{query}" if path else uri
+
+
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
 
 
@@ -1401,6 +1424,21 @@ def _cluster_id_asked(host: str, port: int, timeout: float):
         except grpc.RpcError as exc:
             return exc.code() or grpc.StatusCode.UNKNOWN
     return None
+
+
+RETIRED_TUNE_VARIABLES = ("TUNE_RESULT_DIR", "RAY_AIR_LOCAL_CACHE_DIR")  # Tune will not start while one is set
+
+
+def check_retired_variables() -> None:
+    """Tune no longer uses these, and refuses to start while one is set: only once the experiment folder and
+    Tune's first files had been written, in words that read as the sweep's own error."""
+    for name in RETIRED_TUNE_VARIABLES:
+        if value := os.environ.get(name):
+            raise PreflightError(
+                f"{name}={settings.printable(value)}: Ray no longer uses this variable, and Tune will not start a "
+                f"sweep while it is set; unset it (experiments go into --storage, {settings.DEFAULT_STORAGE} unless "
+                "given)"
+            )
 
 
 def check_ray_settings(address: str, given_as: str) -> None:
