@@ -2051,6 +2051,95 @@ def test_a_bucket_that_stalls_mid_read_or_mid_write_ends_the_command_in_one_line
         assert len(err.splitlines()) == 1
 
 
+STALLED_UPLOADS = """
+import sys, time
+from tune_alexnet import storage
+from tune_alexnet.console import RayLines
+from tune_alexnet.settings import SweepSettings, write_settings
+
+storage.REACH_TIMEOUT_S = 2.0
+start = time.monotonic()
+try:
+    write_settings(sys.argv[1], SweepSettings())
+except TimeoutError as exc:
+    print("record:", exc, round(time.monotonic() - start))
+lines = RayLines(True)
+lines.keep_in(sys.argv[1])
+start = time.monotonic()
+lines.close()
+print("driver.log:", round(time.monotonic() - start))
+"""
+
+
+@pytest.mark.slow  # waits out the limits
+def test_the_record_and_driver_log_given_to_a_stalled_bucket_are_given_up_on_within_the_limit(monkeypatch):
+    """The settings record (written before a sweep starts) and driver.log (uploaded after its last line) were the
+    only writes into a bucket with no time limit: one that stalled held the sweep for good, before its start or
+    before its last line."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with moto_bucket("bkt") as (port, _), holding_proxy(port, "PUT", "/bkt/") as held:
+        uri = f"s3://bkt/p/exp?endpoint_override=127.0.0.1:{held}&scheme=http&region=us-east-1"
+        proc = subprocess.Popen([sys.executable, "-u", "-c", STALLED_UPLOADS, uri], env=env, stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        deadline = threading.Timer(60, proc.kill)  # (the process's exit waits for the calls given up on)
+        deadline.start()
+        record, log = proc.stdout.readline(), proc.stdout.readline()
+        deadline.cancel()
+    proc.kill()
+    proc.wait()
+    assert record.startswith("record: no answer within 2.0") and int(record.split()[-1]) < 5, (record, log)
+    assert log.startswith("driver.log:") and int(log.split()[-1]) < 5, (record, log)
+
+
+def test_a_link_loop_before_dot_dot_in_a_path_is_one_line(tmp_path, capsys, synthetic_dir):
+    """Python's Path.resolve raises RuntimeError on a link loop, which a path's `x/..` hides from the checks of the
+    path as typed: another user's loop planted in /tmp gave a traceback in every command, and in the API."""
+    from tune_alexnet import api
+    from tune_alexnet.export import ExportError
+
+    (tmp_path / "x").symlink_to(tmp_path / "x" / "y")
+    looped, storage = f"{tmp_path}/x/..", str(tmp_path / "results")
+    for argv, needle in (
+        (["export", looped], f"{tmp_path}/x is not a folder"),
+        (["report", looped], f"{tmp_path}/x is not a folder"),
+        (["sweep", "--data-dir", looped, "--storage", storage, *TINY], f"{tmp_path}/x is a symbolic link loop"),
+        (["sweep", "--data-dir", str(synthetic_dir), "--storage", looped, *TINY], "Too many levels of symbolic links"),
+    ):
+        assert needle in one_line_exit_2(argv, capsys), argv
+    with pytest.raises(ExportError, match="is not a folder"):
+        api.table(looped)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_a_record_holds_what_the_flags_would_have_let_in_and_nothing_else():
+    """A record's 20.0 for --subset passed the checks and failed as a float slice index deep in the data's loading;
+    its MLflow URI and W&B project were never parsed as the flags' are, and failed in tracebacks of their own."""
+    from dataclasses import asdict
+
+    from tune_alexnet.settings import SweepSettings, from_record
+
+    record = json.loads(json.dumps({k: v for k, v in asdict(SweepSettings()).items() if k not in ("resume", "asked")}))
+    assert from_record(record) == SweepSettings()
+    for field, value, needle in (
+        ("subset", 20.0, "subset: 20.0; allowed: a whole number >= 1 and <= 1000000"),
+        ("epochs", 30.0, "epochs: 30.0; allowed: a whole number"),
+        ("max_failures", 1.0, "max_failures: 1.0; allowed: a whole number"),
+        ("mlflow", "http://[::1", "mlflow: 'http://[::1' (Invalid IPv6 URL); allowed: a tracking URI"),
+        ("mlflow", "http://h:99999", "mlflow: 'http://h:99999' (Port out of range 0-65535); allowed: a tracking URI"),
+        ("wandb", "a/b", "wandb: 'a/b'; allowed: a W&B project name"),
+        ("wandb", "\x1b[31m", "wandb: '\\x1b[31m'; allowed: a W&B project name"),
+    ):
+        with pytest.raises(ValueError) as refused:
+            from_record({**record, field: value})
+        assert str(refused.value).startswith(needle), str(refused.value)
+    with pytest.raises(ValueError, match=r"^grid.batch_size: 32.0; allowed: a whole number"):
+        from_record({**record, "grid": {**record["grid"], "batch_size": [32.0]}})
+    with pytest.raises(ValueError, match=r"^runtime.augment_chunk: 8.0; allowed: a whole number"):
+        from_record({**record, "runtime": {"augment_chunk": 8.0}})
+
+
 def test_a_resume_refuses_a_tracker_its_experiment_did_not_start_with(mixed_experiment, synthetic_dir, capsys):
     """Tune restores the experiment's own callbacks: a tracker added on --resume was silently never used."""
     path = Path(mixed_experiment[0])

@@ -35,7 +35,9 @@ from .settings import (
     PRECISIONS,
     RUNTIME_DEFAULTS,
     STEP_MODES,
+    TRACKING_URI_ALLOWED,
     TRIAL_DEFAULTS,
+    WANDB_PROJECT_ALLOWED,
     Grid,
     RedactedError,
     home,
@@ -46,13 +48,14 @@ from .settings import (
     shown,
     stdout_lost,
     tell,
+    uri_problem,
+    wandb_project_ok,
 )
 from .storage import SCHEMES, locale_note, not_utf8
 
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-CONTROLS = ("Cc", "Cf", "Zl", "Zp")  # categories of characters refused in names (Cf: a text direction, a joiner)
 # Refused in paths: control characters, line breaks and the marks that reorder text on a terminal. Other format
 # characters (the joiners of Persian or Hindi words and of emoji) are common in folder names; they print escaped.
 TEXT_DIRECTION = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -238,35 +241,18 @@ class _OneVoice(logging.Formatter):
 def _tracking_uri(text: str) -> str:
     """A tracking URI that parses (a host, a port that is a number), named redacted where it does not: an
     unclosed `[::1` would otherwise be a traceback from deep inside the preflight."""
-    from urllib.parse import urlparse
-
     text = _place(text)
-    if "://" in text:
-        try:
-            urlparse(text).port  # noqa: B018 - parsing it is the check
-        except ValueError as exc:
-            why = str(exc).split(" as ")[0]  # not what it read as the port: that may be a password holding a '/'
-            raise argparse.ArgumentTypeError(
-                f"invalid value '{redacted(text)}' ({why}); allowed: a tracking URI such as http://host:5000, "
-                "or sqlite:///file.db"
-            ) from None
+    if why := uri_problem(text):
+        raise argparse.ArgumentTypeError(f"invalid value '{redacted(text)}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
     return text
-
-
-WANDB_PROJECT_MAX, WANDB_PROJECT_BANNED = 128, "/\\#?%:"  # W&B's own rules for a project name
 
 
 @_takes_text
 def _wandb_project(text: str) -> str:
-    """A project name W&B accepts: its refusal comes only once the first trial starts, as a traceback, after the
-    experiment folder is written; a name it mangles loses the tracking without a word."""
-    bad = not text.strip() or len(text) > WANDB_PROJECT_MAX or any(c in WANDB_PROJECT_BANNED for c in text)
-    if bad or any(unicodedata.category(c) in CONTROLS for c in text):
+    """--wandb's project, checked as an experiment's record of it is (settings.wandb_project_ok)."""
+    if not wandb_project_ok(text):
         named = _escaped(text if len(text) <= 40 else text[:40] + "...")
-        raise argparse.ArgumentTypeError(
-            f"invalid value '{named}'; allowed: a W&B project name, not blank, at most {WANDB_PROJECT_MAX} "
-            f"characters, without control or format characters or any of {' '.join(WANDB_PROJECT_BANNED)}"
-        )
+        raise argparse.ArgumentTypeError(f"invalid value '{named}'; allowed: {WANDB_PROJECT_ALLOWED}")
     return text
 
 
@@ -456,7 +442,7 @@ def _settings(args: argparse.Namespace):
         raise CliError("--cpus-per-trial 0 needs --gpus-per-trial above 0; allowed: a trial asks for some CPU or GPU")
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
     data_dir = (
-        None if args.data_dir is None else str(Path(os.path.expanduser(args.data_dir)).resolve())
+        None if args.data_dir is None else os.path.realpath(os.path.expanduser(args.data_dir))
     )  # ~nobody: as the shell leaves it
     runtime = {"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "step": args.step,
                "augment_chunk": args.augment_chunk, "resume_every_s": args.resume_every,

@@ -22,7 +22,7 @@ from ray import tune
 from . import stopping
 from .grid import full_config, run_number
 from .settings import redacted
-from .storage import DRIVER_LOG, make_folders
+from .storage import DRIVER_LOG, make_folders, upload_limit, within
 
 STATUS = {"RUNNING": "running", "PENDING": "pending", "TERMINATED": "done", "ERROR": "errored", "PAUSED": "paused"}
 
@@ -415,11 +415,14 @@ class RayLines(logging.Filter):
         os.close(self.fd)
         self.fd = None
         if self.upload_to and self.local_copy:
-            try:
-                import pyarrow.fs
+            import pyarrow.fs
 
+            def upload() -> None:
                 fs, base = pyarrow.fs.FileSystem.from_uri(self.upload_to)
                 pyarrow.fs.copy_files(self.local_copy, f"{base}/{DRIVER_LOG}", destination_filesystem=fs)
+
+            try:  # bounded as every bucket call is: a bucket that stalls held the sweep's last line for good
+                within(upload_limit(os.path.getsize(self.local_copy)), upload)
             except Exception:  # the log is a convenience; the tables are what must arrive
                 pass
             os.unlink(self.local_copy)

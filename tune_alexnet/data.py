@@ -441,7 +441,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _cache_key(root: Path, files: dict[str, list[tuple[Path, int]]]) -> str:
-    h = hashlib.sha256(b"v%d:" % CACHE_VERSION + os.fsencode(root.resolve()))
+    h = hashlib.sha256(b"v%d:" % CACHE_VERSION + os.fsencode(os.path.realpath(root)))
     for split in SPLITS:
         for path, label in files[split]:
             st = _stat(path, f"image {_show(path)}", IMAGES)  # (gone since the scan: named, as there)
@@ -480,7 +480,7 @@ def cache_dir_for(root: Path) -> Path:
 def _load_image_folder(root: Path, progress: bool) -> Cifar:
     names, files = scan_image_folder(root)
     key = _cache_key(root, files)
-    source = f"image folder {_show(root.resolve())}"
+    source = f"image folder {_show(os.path.realpath(root))}"
     labels = [np.fromiter((label for _, label in files[split]), np.int64, len(files[split])) for split in SPLITS]
     caches = {cache: _shared_cache(cache) for cache in (cache_dir_for(root), user_cache_dir() / "arrays")}
     for cache, shared in caches.items():

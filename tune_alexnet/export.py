@@ -79,6 +79,7 @@ from .storage import (
     shown,
     stalled,
     storage_uri,
+    upload_limit,
     within,
 )
 
@@ -168,7 +169,6 @@ DAMAGED = "damaged"  # a trial whose config, folder or results are not what Tune
 TRIAL_PREFIX = "train_cifar_"  # Tune's trial folders: <trainable>_<trial id>_<index>_<its settings>_<date>
 _TRIAL_FOLDER = re.compile(re.escape(TRIAL_PREFIX) + r"([0-9a-f]+_[0-9]+)(_.*)?", re.DOTALL)
 STUDY_RUNS = len(Grid())
-SLOWEST_WRITE = 2**20  # bytes a second: a bucket writing a table slower than this is taken as not answering
 ERROR_LINE = 500  # characters of a trial's error line kept in the table
 # Bounds of what a result line holds (a config's are settings.BOUNDS): epoch counts never above the most epochs a
 # sweep may run, accuracies in percent, times and rates >= 0; a loss may be any size >= 0, or NaN once diverged.
@@ -1084,7 +1084,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
             for f in sorted(tmp.iterdir()):  # each bounded too, at a pace no bucket that answers falls below
                 copy = functools.partial(pyarrow.fs.copy_files, str(f), f"{base}/{f.name}",
                                          source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)  # fmt: skip
-                within(REACH_TIMEOUT_S + f.stat().st_size / SLOWEST_WRITE, copy)
+                within(upload_limit(f.stat().st_size), copy)
                 output.written.append(experiment_uri(out, f.name))
         except (OSError, ValueError, TimeoutError) as exc:
             raise ExportError(

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -213,6 +214,10 @@ def check(s: SweepSettings) -> None:
         value = getattr(s, name)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: {value!r}; allowed: text")
+    if s.mlflow is not None and (why := uri_problem(s.mlflow)):
+        raise ValueError(f"mlflow: '{redacted(printable(s.mlflow))}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
+    if s.wandb is not None and not wandb_project_ok(s.wandb):
+        raise ValueError(f"wandb: '{printable(s.wandb[:40])}'; allowed: {WANDB_PROJECT_ALLOWED}")
     for name in ("shared_storage", "resume", "allow_data_change"):
         if not isinstance(getattr(s, name), bool):
             raise ValueError(f"{name}: {getattr(s, name)!r}; allowed: true or false")
@@ -225,8 +230,9 @@ def _check_value(field_name: str, value, kind: str) -> None:
         ok, allowed = isinstance(value, str) and 0 < len(value) <= 64, "an optimizer name"
     elif kind in ("dropout", "batchnorm", "augment", "tf32"):
         ok, allowed = isinstance(value, bool), "true or false"
-    else:
-        ok, allowed = BOUNDS[kind].allows(value), BOUNDS[kind].text()
+    else:  # a whole number is an int: a record's 20.0 was a float slice index, deep in the data's loading
+        bound = BOUNDS[kind]
+        ok, allowed = bound.allows(value) and (isinstance(value, int) or not bound.whole), bound.text()
     if not ok:
         raise ValueError(f"{field_name}: {value!r}; allowed: {allowed}")
 
@@ -242,6 +248,36 @@ def _check_overrides(where: str, given, defaults: dict, choices: dict) -> None:
                 raise ValueError(f"{where}.{key}: {value!r}; allowed: {', '.join(map(str, choices[key]))}")
         elif isinstance(defaults[key], bool) or key in BOUNDS:
             _check_value(f"{where}.{key}", value, key)
+
+
+TRACKING_URI_ALLOWED = "a tracking URI such as http://host:5000, or sqlite:///file.db"
+WANDB_PROJECT_MAX, WANDB_PROJECT_BANNED = 128, "/\\#?%:"  # W&B's own rules for a project name
+WANDB_PROJECT_ALLOWED = (
+    f"a W&B project name, not blank, at most {WANDB_PROJECT_MAX} characters, without control or format characters "
+    f"or any of {' '.join(WANDB_PROJECT_BANNED)}"
+)
+CONTROLS = ("Cc", "Cf", "Zl", "Zp")  # categories of characters refused in names (Cf: a text direction, a joiner)
+
+
+def uri_problem(text: str) -> str | None:
+    """Why a URI does not parse (an unclosed [::1, a port that is no number or out of range); None where it does."""
+    from urllib.parse import urlparse
+
+    if "://" not in text:
+        return None
+    try:
+        urlparse(text).port  # noqa: B018 - parsing it is the check
+    except ValueError as exc:
+        return str(exc).split(" as ")[0]  # not what it read as the port: that may be a password holding a '/'
+    return None
+
+
+def wandb_project_ok(text: str) -> bool:
+    """A project name W&B accepts: its refusal comes only once the first trial starts, as a traceback, after the
+    experiment folder is written; a name it mangles loses the tracking without a word."""
+    if not text.strip() or len(text) > WANDB_PROJECT_MAX or any(c in WANDB_PROJECT_BANNED for c in text):
+        return False
+    return not any(unicodedata.category(c) in CONTROLS for c in text)
 
 
 def from_record(record) -> SweepSettings:
@@ -461,13 +497,21 @@ def _write_record(exp_uri: str, record: dict) -> None:
     link planted there) renamed over the old one; in a bucket, as one object."""
     import pyarrow.fs
 
+    from .storage import is_remote, upload_limit, within
+
     data = json.dumps(record, indent=2).encode()
+    if is_remote(exp_uri):  # bounded as every bucket call is: one that stalls held the sweep before its start
+
+        def put() -> None:
+            fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
+                f.write(data)
+
+        within(upload_limit(len(data)), put)
+        return
     fs, path = pyarrow.fs.FileSystem.from_uri(exp_uri)
     fs.create_dir(path, recursive=True)
-    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
-        with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
-            f.write(data)
-        return
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{SETTINGS_FILE}.")
     try:
         with os.fdopen(fd, "wb") as f:

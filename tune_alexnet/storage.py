@@ -18,7 +18,6 @@ import stat
 import sys
 import threading
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from reprlib import Repr
 
 SCHEMES = ("s3", "gs")  # bucket URIs a sweep, export and report accept (through pyarrow's filesystems)
@@ -42,6 +41,12 @@ def is_remote(path: str) -> bool:
 
 
 REACH_TIMEOUT_S = 15.0  # a bucket that has not answered by then is taken as unreachable
+SLOWEST_WRITE = 2**20  # bytes a second: a bucket writing a file slower than this is taken as not answering
+
+
+def upload_limit(size: int) -> float:
+    """Seconds an upload of `size` bytes to a bucket may take, at a pace no bucket that answers falls below."""
+    return REACH_TIMEOUT_S + size / SLOWEST_WRITE
 
 
 stalled: list[str] = []  # calls within() gave up on, still running: the process's exit would wait for them
@@ -117,7 +122,8 @@ def locale_note() -> str:
 
 def storage_uri(storage: str) -> str:
     """An absolute local path (Ray rejects relative ones) or the URI as given."""
-    return storage if is_remote(storage) else str(Path(os.path.expanduser(storage)).resolve())  # ~nobody: as given
+    # (os.path.realpath: Path.resolve raises RuntimeError on a link loop, which the checks after this name)
+    return storage if is_remote(storage) else os.path.realpath(os.path.expanduser(storage))  # ~nobody: as given
 
 
 def experiment_uri(root: str, name: str) -> str:
