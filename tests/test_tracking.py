@@ -298,14 +298,23 @@ def test_a_sqlite_store_that_is_not_a_database_or_not_yours_alone_is_refused(tmp
 
 
 def test_a_sqlite_store_named_relative_to_the_working_folder_is_recorded_whole(tmp_path, monkeypatch):
-    """A resume run from another folder took sqlite:///runs.db there: a second store, each run's epochs split."""
-    from tune_alexnet.preflight import absolute_store
+    """A resume run from another folder took sqlite:///runs.db there: a second store, each run's epochs split. The
+    working folder's name goes into the URI escaped: SQLAlchemy decodes %XX and cuts at ?, and a folder named p%41
+    had the store made in pA, one named q?z in the file q, one with a space refused at every resume."""
+    from tune_alexnet.preflight import absolute_store, sqlite_file
 
+    for name in ("plain", "p%41", "q?z", "sp ace", "h#sh", "\u00e9t\u00e9"):
+        here = tmp_path / name
+        here.mkdir()
+        monkeypatch.chdir(here)
+        whole = absolute_store("sqlite:///runs.db")
+        assert sqlite_file(whole) == f"{here}/runs.db" and " " not in whole, whole
+        assert absolute_store(whole) == whole  # (recorded, and made whole again on a resume: unchanged)
+        with_query = absolute_store("sqlite+pysqlite:///a/runs.db?timeout=5")
+        assert sqlite_file(with_query) == f"{here}/a/runs.db" and with_query.endswith("/a/runs.db?timeout=5")
     monkeypatch.chdir(tmp_path)
-    here = str(tmp_path)
-    assert absolute_store("sqlite:///runs.db") == f"sqlite:///{here}/runs.db"
-    assert absolute_store("sqlite+pysqlite:///a/runs.db?timeout=5") == f"sqlite+pysqlite:///{here}/a/runs.db?timeout=5"
-    for whole in (f"sqlite:///{here}/runs.db", "sqlite://", "http://host:5000/sqlite/x", "postgresql://h/db"):
+    assert absolute_store("sqlite:///plain/runs.db") == f"sqlite:///{tmp_path}/plain/runs.db"
+    for whole in (f"sqlite:///{tmp_path}/runs.db", "sqlite://", "http://host:5000/sqlite/x", "postgresql://h/db"):
         assert absolute_store(whole) == whole
 
 
@@ -331,6 +340,10 @@ def test_a_sqlite_store_other_users_could_make_first_is_refused(tmp_path, capsys
     shared.chmod(0o1777)
     with pytest.raises(PreflightError, match=f"{shared}/new.db does not exist yet, and other users can make files"):
         _check_mlflow_uri(f"sqlite:///{shared}/new.db")
+    # The file SQLAlchemy opens is checked, not the URI's text: %2F.. led the checks one folder, MLflow another.
+    (tmp_path / "own" / "x").mkdir(parents=True)
+    with pytest.raises(PreflightError, match=f"{tmp_path}/own/x/../../shared/new.db does not exist yet, and other"):
+        _check_mlflow_uri(f"sqlite:///{tmp_path}/own/x%2F..%2F..%2Fshared/new.db")
     (shared / "mine.db").touch(mode=0o600)
     _check_mlflow_uri(f"sqlite:///{shared}/mine.db")
     assert f"other users can make files in {shared}, where SQLite keeps the store's journal" in capsys.readouterr().err

@@ -1059,15 +1059,14 @@ def _check_mlflow_uri(uri: str) -> None:
         return
     _check_driver(uri)
     if scheme.split("+")[0] == "sqlite":  # sqlite+pysqlite:// too, and with a ?query: the same file
-        rest = uri.split("://", 1)[1].split("?", 1)[0] if "://" in uri else ""
-        path = rest.lstrip("/")
+        path = sqlite_file(uri)
         if path == "~" or path.startswith("~/"):
             raise PreflightError(
                 f"--mlflow {redacted(uri)}: SQLite takes ~ as a folder named ~ in the working folder, not your home; "
                 "allowed: the full path (sqlite:////home/you/mlflow.db) or one relative to the working folder"
             )
         # sqlite:///relative.db and sqlite:////absolute.db: the folder must exist for MLflow to create the file.
-        file = Path(("/" if rest.startswith("//") else "") + path)
+        file = Path(path)
         if path and not os.path.isdir(file.parent):  # (os.path: a name too long is one that does not exist)
             raise PreflightError(
                 f"--mlflow {redacted(uri)}: the folder {file.parent} does not exist; create it or pick another path"
@@ -1076,18 +1075,36 @@ def _check_mlflow_uri(uri: str) -> None:
             _check_sqlite_store(redacted(uri), file)
 
 
+def sqlite_file(uri: str) -> str:
+    """The file a SQLite store's URI names, as SQLAlchemy (which MLflow opens it with) reads it: %XX escapes
+    decoded, the path cut at a `?`; "" for a store in memory. The checks look at that file, not at the URI's text:
+    sqlite:////tmp/x%2F..%2F..%2Fm.db is /m.db."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(uri).database
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's ArgumentError and others: a URI it cannot read
+        raise PreflightError(f"--mlflow {redacted(uri)}: SQLAlchemy cannot read it ({first_line(exc)})") from None
+    return "" if database in (None, ":memory:") else database
+
+
 def absolute_store(uri: str) -> str:
     """A SQLite store named relative to the working folder (sqlite:///runs.db), as a full path: the experiment
     records it, and a resume from another folder would otherwise start a second store there, each run's epochs
-    split between the two."""
+    split between the two. The working folder's name is %-escaped: SQLAlchemy decodes %XX, and cuts at `?`."""
+    from urllib.parse import quote
+
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme.split("+")[0].lower() != "sqlite" or not rest.startswith("/") or rest.startswith("//"):
         return uri  # not SQLite, in memory (sqlite://), or a full path already (sqlite:////...)
-    path, query = rest[1:], ""
-    if "?" in path:
-        path, query = path.split("?", 1)
-        query = "?" + query
-    return f"{scheme}:///{os.path.join(os.getcwd(), path)}{query}" if path else uri
+    if not (file := sqlite_file(uri)) or os.path.isabs(file):
+        return uri
+    try:
+        here = quote(os.getcwd())
+    except UnicodeEncodeError:  # (bytes of another encoding, which SQLAlchemy would decode as UTF-8)
+        raise PreflightError(f"--mlflow {redacted(uri)}: the working folder's name is not UTF-8; allowed: the full "
+                             "path (sqlite:////home/you/mlflow.db)") from None  # fmt: skip
+    return f"{scheme}:///{here}/{rest[1:]}"
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
