@@ -2093,6 +2093,47 @@ def test_the_record_and_driver_log_given_to_a_stalled_bucket_are_given_up_on_wit
     assert log.startswith("driver.log:") and int(log.split()[-1]) < 5, (record, log)
 
 
+def test_a_resume_from_a_bucket_that_never_answers_is_one_line_within_the_limit(monkeypatch):
+    """Tune's look for an experiment to resume was the one bucket call without a limit: pyarrow held the main
+    thread in C++ (no stop signal heard) for 100 s on a silent endpoint, and for good on gs:// without
+    credentials."""
+    from tune_alexnet import preflight
+
+    monkeypatch.setattr(preflight, "REACH_TIMEOUT_S", 2.0)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with socket.socket() as silent:  # takes each connection, answers none
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        exp = f"s3://bkt/p/exp?endpoint_override=127.0.0.1:{silent.getsockname()[1]}&scheme=http&region=us-east-1"
+        start = time.monotonic()
+        with pytest.raises(preflight.PreflightError) as refused:
+            preflight._check_restorable(exp, "s3://bkt/p", "exp")
+        took = time.monotonic() - start
+    assert str(refused.value).startswith(f"{exp} cannot be reached (no answer within 2 s); allowed: a bucket URI")
+    assert took < 10, took
+
+
+def test_a_download_root_is_recorded_whole_and_may_be_given_again_on_resume(tmp_path, monkeypatch):
+    """--download-root was recorded as typed: a resume from another folder downloaded CIFAR-10 again there (or,
+    offline, was refused with the data on disk), and a --download-root given to the resume was dropped."""
+    from tune_alexnet import api, preflight
+    from tune_alexnet.settings import write_settings
+
+    (tmp_path / "run1").mkdir()
+    monkeypatch.chdir(tmp_path / "run1")
+    s = api.settings(download_root="dl", storage=str(tmp_path / "st"), name="e1")
+    assert s.download_root == f"{tmp_path}/run1/dl"
+    (tmp_path / "st" / "e1").mkdir(parents=True)
+    write_settings(str(tmp_path / "st" / "e1"), s)
+    monkeypatch.setattr(preflight, "_check_restorable", lambda *args: None)  # (no Tune state in this folder)
+    monkeypatch.chdir(tmp_path)
+    for given, expected in (({}, f"{tmp_path}/run1/dl"), ({"download_root": "moved"}, f"{tmp_path}/moved")):
+        again = api.settings(resume=True, storage=str(tmp_path / "st"), name="e1", **given)
+        assert preflight.resume_settings(again, str(tmp_path / "st"), "e1").download_root == expected
+
+
 def test_a_link_loop_before_dot_dot_in_a_path_is_one_line(tmp_path, capsys, synthetic_dir):
     """Python's Path.resolve raises RuntimeError on a link loop, which a path's `x/..` hides from the checks of the
     path as typed: another user's loop planted in /tmp gave a traceback in every command, and in the API."""

@@ -212,3 +212,30 @@ def test_a_granted_gpu_that_torch_cannot_see_fails_the_trial_clearly(autoscaling
     assert set(table["status"]) == {"errored"}
     assert table["error"].str.contains("Ray granted this trial 0.25 GPU but torch").all()
     assert table["error"].str.contains("--device cpu").all()
+
+
+@pytest.mark.parametrize("whose", ["this user's", "another user's"])
+def test_node_types_come_from_this_users_autoscaler_alone(whose, tmp_path, monkeypatch):
+    """Any process that looked like Ray's monitor named the node types, by any address (one process can list
+    thousands) and a config of its own: another user's said 8 GPUs a node, and every trial of a GPU-less machine
+    waited for a node that can never start."""
+    from tune_alexnet.cluster import autoscaler_node_types
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/ray_bootstrap_config.yaml to fall back on)
+    (tmp_path / "theirs").mkdir(mode=0o755)
+    (tmp_path / "theirs" / "evil.yaml").write_text(
+        "head_node_type: head\navailable_node_types:\n  head: {resources: {CPU: 1}}\n"
+        "  gpu: {resources: {CPU: 8, GPU: 8}, max_workers: 1}\n"
+    )
+    tmp_path.chmod(0o755)
+    as_them = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if whose != "this user's" else []
+    monitor = [*as_them, "/bin/sh", "-c", "sleep 60; :", "/x/ray/autoscaler/_private/monitor.py",
+               "--gcs-address=127.0.0.1:6379", "--autoscaling-config=evil.yaml"]  # fmt: skip
+    proc = subprocess.Popen(monitor, cwd=tmp_path / "theirs")
+    try:
+        time.sleep(0.5)
+        found = autoscaler_node_types("127.0.0.1:6379")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert found == ([{"CPU": 1}, {"CPU": 8, "GPU": 8}] if whose == "this user's" else [])

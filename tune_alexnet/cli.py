@@ -441,9 +441,10 @@ def _settings(args: argparse.Namespace):
     if args.cpus_per_trial == 0 and not args.gpus_per_trial:
         raise CliError("--cpus-per-trial 0 needs --gpus-per-trial above 0; allowed: a trial asks for some CPU or GPU")
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
-    data_dir = (
-        None if args.data_dir is None else os.path.realpath(os.path.expanduser(args.data_dir))
-    )  # ~nobody: as the shell leaves it
+    # Full paths, as recorded for --resume (which may run in another folder); ~nobody: as the shell leaves it
+    data_dir, download_root = (
+        None if p is None else os.path.realpath(os.path.expanduser(p)) for p in (args.data_dir, args.download_root)
+    )
     runtime = {"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "step": args.step,
                "augment_chunk": args.augment_chunk, "resume_every_s": args.resume_every,
                "best_every_s": args.best_every}  # fmt: skip
@@ -455,7 +456,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         repeats=args.repeats,
         data_dir=data_dir,
-        download_root=args.download_root,
+        download_root=download_root,
         subset=args.subset,
         storage=args.storage,
         name=args.name,

@@ -633,13 +633,16 @@ def autoscaler_node_types(gcs_address: str) -> list[dict]:
 
     Ray keeps the node types only in the autoscaler's own config file, named on its monitor's command line
     (`ray up` puts it in ~/ray_bootstrap_config.yaml); a monitor without one, as an embedded Ray has, means
-    no autoscaling.
+    no autoscaling. Only this user's processes count: another's could name any address and a config of theirs
+    (node types with GPUs this cluster can never start, and trials pending for ever).
     """
     import yaml
 
     config, monitor_seen = None, False
     for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
         try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue

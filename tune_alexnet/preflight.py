@@ -479,6 +479,8 @@ def resume_settings(s: SweepSettings, root: str, name: str) -> SweepSettings:
         keep["gpus_per_trial"] = s.gpus_per_trial
     if s.data_dir is not None:  # the data may have moved since
         keep["data_dir"] = s.data_dir
+    if s.download_root is not None:
+        keep["download_root"] = s.download_root
     if s.subset is not None:  # a deliberate change of data: check_resume_data refuses it without the flag
         keep["subset"] = s.subset
     return dataclasses.replace(saved, **keep)
@@ -575,11 +577,19 @@ def _plain(value) -> str:
 
 def _can_restore(exp_path: str, allowed: str) -> bool:
     """tune.Tuner.can_restore, in one line where the folder cannot be looked into (another user's, closed to
-    this one: pyarrow raises PermissionError)."""
+    this one: pyarrow raises PermissionError), or a bucket does not answer: pyarrow's call holds the main thread
+    in C++, where no stop signal is heard, for minutes (gs:// without credentials: for good)."""
     from ray import tune
 
     try:
-        return tune.Tuner.can_restore(exp_path)
+        if not is_remote(exp_path):
+            return tune.Tuner.can_restore(exp_path)
+        return within(REACH_TIMEOUT_S, lambda: tune.Tuner.can_restore(exp_path))
+    except TimeoutError as exc:
+        raise PreflightError(
+            f"{redacted(exp_path)} cannot be reached ({exc}); allowed: a bucket URI your "
+            "credentials can read and write, or a local folder"
+        ) from None
     except OSError as exc:
         raise PreflightError(f"{exp_path} cannot be looked into ({_reason(exc)}); {allowed}") from None
 
