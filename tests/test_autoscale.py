@@ -215,7 +215,7 @@ def test_a_granted_gpu_that_torch_cannot_see_fails_the_trial_clearly(autoscaling
 
 
 @pytest.mark.parametrize("whose", ["this user's", "another user's"])
-def test_node_types_come_from_this_users_autoscaler_alone(whose, tmp_path, monkeypatch):
+def test_node_types_come_from_this_users_autoscaler_alone(whose, tmp_path, monkeypatch, caplog):
     """Any process that looked like Ray's monitor named the node types, by any address (one process can list
     thousands) and a config of its own: another user's said 8 GPUs a node, and every trial of a GPU-less machine
     waited for a node that can never start."""
@@ -239,3 +239,5 @@ def test_node_types_come_from_this_users_autoscaler_alone(whose, tmp_path, monke
         proc.kill()
         proc.wait()
     assert found == ([{"CPU": 1}, {"CPU": 8, "GPU": 8}] if whose == "this user's" else [])
+    said = "the autoscaler of the cluster at 127.0.0.1:6379 runs as another user (uid 65534), so the node types"
+    assert (said in caplog.text) == (whose != "this user's"), caplog.text

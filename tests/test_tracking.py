@@ -5,6 +5,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -344,6 +345,9 @@ def test_a_sqlite_store_other_users_could_make_first_is_refused(tmp_path, capsys
     (tmp_path / "own" / "x").mkdir(parents=True)
     with pytest.raises(PreflightError, match=f"{tmp_path}/own/x/../../shared/new.db does not exist yet, and other"):
         _check_mlflow_uri(f"sqlite:///{tmp_path}/own/x%2F..%2F..%2Fshared/new.db")
+    for escaped, decoded in (("x%00.db", "x\\x00.db"), ("a%0Ab/x.db", "a\\nb/x.db")):  # a NUL: os.open's ValueError
+        with pytest.raises(PreflightError, match=re.escape(f"names holds a control character ({tmp_path}/{decoded})")):
+            _check_mlflow_uri(f"sqlite:///{tmp_path}/{escaped}")
     (shared / "mine.db").touch(mode=0o600)
     _check_mlflow_uri(f"sqlite:///{shared}/mine.db")
     assert f"other users can make files in {shared}, where SQLite keeps the store's journal" in capsys.readouterr().err

@@ -633,22 +633,23 @@ def autoscaler_node_types(gcs_address: str) -> list[dict]:
 
     Ray keeps the node types only in the autoscaler's own config file, named on its monitor's command line
     (`ray up` puts it in ~/ray_bootstrap_config.yaml); a monitor without one, as an embedded Ray has, means
-    no autoscaling. Only this user's processes count: another's could name any address and a config of theirs
-    (node types with GPUs this cluster can never start, and trials pending for ever).
+    no autoscaling. Only this user's monitor is read: another's could name any address and a config of theirs
+    (node types with GPUs this cluster can never start, and trials pending for ever); one seen is said.
     """
     import yaml
 
-    config, monitor_seen = None, False
+    config, monitor_seen, theirs = None, False, None
     for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
         try:
-            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-                continue
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
+                continue
+            if f"--gcs-address={gcs_address}" not in args:
+                continue
+            if (owner := os.stat(f"/proc/{pid}").st_uid) != os.getuid():
+                theirs = owner
+                continue
         except OSError:
-            continue
-        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args):
-            continue
-        if f"--gcs-address={gcs_address}" not in args:
             continue
         monitor_seen = True
         for a in args:
@@ -656,6 +657,10 @@ def autoscaler_node_types(gcs_address: str) -> list[dict]:
                 config = Path(os.readlink(f"/proc/{pid}/cwd"), os.path.expanduser(a.split("=", 1)[1]))
     if config is None:
         if monitor_seen:
+            return []
+        if theirs is not None:
+            log.warning("the autoscaler of the cluster at %s runs as another user (uid %d), so the node types it can "
+                        "start are not read; going by the nodes that are up", gcs_address, theirs)  # fmt: skip
             return []
         config = Path(BOOTSTRAP_CONFIG).expanduser()
     if not config.is_file():

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import warnings
@@ -1095,6 +1096,11 @@ def sqlite_file(uri: str) -> str:
         database = make_url(uri).database
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's ArgumentError and others: a URI it cannot read
         raise PreflightError(f"--mlflow {redacted(uri)}: SQLAlchemy cannot read it ({first_line(exc)})") from None
+    if database and any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in database):  # %00, %0A decoded
+        raise PreflightError(
+            f"--mlflow {redacted(uri)}: the file it names holds a control character "
+            f"({settings.printable(database)}); allowed: a file name without them"
+        )
     return "" if database in (None, ":memory:") else database
 
 

@@ -214,6 +214,9 @@ def check(s: SweepSettings) -> None:
         value = getattr(s, name)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: {value!r}; allowed: text")
+        if name != "wandb" and value and any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+            # as the flags refuse them (W&B's project: below): a record's NUL in data_dir failed deep in loading
+            raise ValueError(f"{name}: '{redacted(printable(value[:80]))}'; allowed: text without control characters")
     if s.mlflow is not None and (why := uri_problem(s.mlflow)):
         raise ValueError(f"mlflow: '{redacted(printable(s.mlflow))}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
     if s.wandb is not None and not wandb_project_ok(s.wandb):
