@@ -2171,8 +2171,10 @@ def test_a_record_holds_what_the_flags_would_have_let_in_and_nothing_else():
         ("mlflow", "http://h:99999", "mlflow: 'http://h:99999' (Port out of range 0-65535); allowed: a tracking URI"),
         ("wandb", "a/b", "wandb: 'a/b'; allowed: a W&B project name"),
         ("wandb", "\x1b[31m", "wandb: '\\x1b[31m'; allowed: a W&B project name"),
-        ("data_dir", "/data/a\x00b", "data_dir: '/data/a\\x00b'; allowed: text without control characters"),
-        ("download_root", "/dl\nx", "download_root: '/dl\\nx'; allowed: text without control characters"),
+        ("data_dir", "/data/a\x00b", "data_dir: '/data/a\\x00b'; allowed: UTF-8 text without control characters"),
+        ("download_root", "/dl\nx", "download_root: '/dl\\nx'; allowed: UTF-8 text without control"),
+        ("data_dir", "/d\u202ex", "data_dir: '/d\\u202ex'; allowed: UTF-8 text"),  # a text-direction mark
+        ("mlflow", "sqlite:////tmp/\ud800.db", "mlflow: 'sqlite:////tmp/\\ud800.db'; allowed: UTF-8 text"),
     ):
         with pytest.raises(ValueError) as refused:
             from_record({**record, field: value})

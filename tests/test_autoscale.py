@@ -221,7 +221,10 @@ def test_node_types_come_from_this_users_autoscaler_alone(whose, tmp_path, monke
     waited for a node that can never start."""
     from tune_alexnet.cluster import autoscaler_node_types
 
-    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/ray_bootstrap_config.yaml to fall back on)
+    monkeypatch.setenv("HOME", str(tmp_path))  # this user's ~/ray_bootstrap_config.yaml: read where no monitor is
+    (tmp_path / "ray_bootstrap_config.yaml").write_text(
+        "head_node_type: h\navailable_node_types:\n  h: {resources: {CPU: 2}}\n"
+    )
     (tmp_path / "theirs").mkdir(mode=0o755)
     (tmp_path / "theirs" / "evil.yaml").write_text(
         "head_node_type: head\navailable_node_types:\n  head: {resources: {CPU: 1}}\n"
@@ -238,6 +241,6 @@ def test_node_types_come_from_this_users_autoscaler_alone(whose, tmp_path, monke
     finally:
         proc.kill()
         proc.wait()
-    assert found == ([{"CPU": 1}, {"CPU": 8, "GPU": 8}] if whose == "this user's" else [])
-    said = "the autoscaler of the cluster at 127.0.0.1:6379 runs as another user (uid 65534), so the node types"
+    assert found == ([{"CPU": 1}, {"CPU": 8, "GPU": 8}] if whose == "this user's" else [{"CPU": 2}])
+    said = "a process of another user (uid 65534) names itself the autoscaler of the cluster at 127.0.0.1:6379"
     assert (said in caplog.text) == (whose != "this user's"), caplog.text

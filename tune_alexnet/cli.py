@@ -15,7 +15,6 @@ import re
 import signal
 import sys
 import threading
-import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from .settings import (
     shown,
     stdout_lost,
     tell,
+    unprintable,
     uri_problem,
     wandb_project_ok,
 )
@@ -56,9 +56,6 @@ from .storage import SCHEMES, locale_note, not_utf8
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-# Refused in paths: control characters, line breaks and the marks that reorder text on a terminal. Other format
-# characters (the joiners of Persian or Hindi words and of emoji) are common in folder names; they print escaped.
-TEXT_DIRECTION = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 MAX_NAME = 100  # Tune adds trial folder names of ~120 characters below it; paths stay well under PATH_MAX
 GRID_FLAGS = ("optimizer", "lr", "batch_size", "dropout", "batchnorm", "runs")
 # What defines a trial's result: a resume continues the experiment's own, so these cannot change with --resume.
@@ -206,7 +203,7 @@ def _place(text: str) -> str:
             "starts from); allowed: an absolute path, or cd into a folder that exists"
         ) from None
     for value in (text, full):  # the tables, the report and the console name the full path
-        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in TEXT_DIRECTION for c in value):  # one line
+        if unprintable(value):  # one line
             held = "" if value == text else f", as {_escaped(full)}"
             raise argparse.ArgumentTypeError(
                 f"invalid value '{_escaped(text)}' (it holds a control character{held}); allowed: a folder or URI "

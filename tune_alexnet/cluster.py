@@ -658,10 +658,9 @@ def autoscaler_node_types(gcs_address: str) -> list[dict]:
     if config is None:
         if monitor_seen:
             return []
-        if theirs is not None:
-            log.warning("the autoscaler of the cluster at %s runs as another user (uid %d), so the node types it can "
-                        "start are not read; going by the nodes that are up", gcs_address, theirs)  # fmt: skip
-            return []
+        if theirs is not None:  # (said, and passed over: whoever can start a process would steer this one)
+            log.warning("a process of another user (uid %d) names itself the autoscaler of the cluster at %s; its "
+                        "node types are not read", theirs, gcs_address)  # fmt: skip
         config = Path(BOOTSTRAP_CONFIG).expanduser()
     if not config.is_file():
         return []

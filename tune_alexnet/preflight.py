@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import unicodedata
 import urllib.error
 import urllib.request
 import warnings
@@ -1096,7 +1095,7 @@ def sqlite_file(uri: str) -> str:
         database = make_url(uri).database
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's ArgumentError and others: a URI it cannot read
         raise PreflightError(f"--mlflow {redacted(uri)}: SQLAlchemy cannot read it ({first_line(exc)})") from None
-    if database and any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in database):  # %00, %0A decoded
+    if database and settings.unprintable(database):  # %00, %0A, %E2%80%AE decoded
         raise PreflightError(
             f"--mlflow {redacted(uri)}: the file it names holds a control character "
             f"({settings.printable(database)}); allowed: a file name without them"

@@ -195,6 +195,8 @@ RUNTIME_CHOICES = {"device": ("auto", "cpu"), "channels_last": ("auto", True, Fa
 def check(s: SweepSettings) -> None:
     """Every number and choice of a sweep within its bounds and types (ValueError naming the field), whether it
     came from flags, from code or from an experiment folder on --resume."""
+    from .storage import not_utf8
+
     for dim in DIMENSIONS:
         values = getattr(s.grid, dim)
         if not isinstance(values, tuple) or not values:
@@ -214,9 +216,10 @@ def check(s: SweepSettings) -> None:
         value = getattr(s, name)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: {value!r}; allowed: text")
-        if name != "wandb" and value and any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        if name != "wandb" and value and (unprintable(value) or not_utf8(value)):
             # as the flags refuse them (W&B's project: below): a record's NUL in data_dir failed deep in loading
-            raise ValueError(f"{name}: '{redacted(printable(value[:80]))}'; allowed: text without control characters")
+            raise ValueError(f"{name}: '{redacted(ascii(value[:80])[1:-1])}'; allowed: UTF-8 text without control "
+                             "characters")  # fmt: skip
     if s.mlflow is not None and (why := uri_problem(s.mlflow)):
         raise ValueError(f"mlflow: '{redacted(printable(s.mlflow))}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
     if s.wandb is not None and not wandb_project_ok(s.wandb):
@@ -260,6 +263,16 @@ WANDB_PROJECT_ALLOWED = (
     f"or any of {' '.join(WANDB_PROJECT_BANNED)}"
 )
 CONTROLS = ("Cc", "Cf", "Zl", "Zp")  # categories of characters refused in names (Cf: a text direction, a joiner)
+
+
+# Refused in paths: control characters, line breaks and the marks that reorder text on a terminal. Other format
+# characters (the joiners of Persian or Hindi words and of emoji) are common in folder names; they print escaped.
+TEXT_DIRECTION = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def unprintable(text: str) -> bool:
+    """Whether `text` holds what a path may not: a control character, a line break or a text-direction mark."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in TEXT_DIRECTION for c in text)
 
 
 def uri_problem(text: str) -> str | None:
