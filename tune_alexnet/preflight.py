@@ -1110,10 +1110,8 @@ def absolute_store(uri: str) -> str:
     from urllib.parse import quote
 
     scheme, sep, rest = uri.partition("://")
-    if not sep or scheme.split("+")[0].lower() != "sqlite" or not rest.startswith("/") or rest.startswith("//"):
+    if not sep or scheme.split("+")[0].lower() != "sqlite" or not (file := sqlite_file(uri)) or os.path.isabs(file):
         return uri  # not SQLite, in memory (sqlite://), or a full path already (sqlite:////...)
-    if not (file := sqlite_file(uri)) or os.path.isabs(file):
-        return uri
     try:
         here = quote(os.getcwd())
     except UnicodeEncodeError:  # (bytes of another encoding, which SQLAlchemy would decode as UTF-8)

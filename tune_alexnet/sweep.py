@@ -292,7 +292,7 @@ def callbacks_as_now(run_config: tune.RunConfig, plan: Plan, quiet: bool, guard:
         if named is None and any(map(made, run_config.callbacks or [])):
             say(f"tune-alexnet: warning: the experiment's record of its settings names no {tracker} tracker, so the "
                 "one Tune kept is left out of this run (no check has seen its settings)")  # fmt: skip
-    run_config.callbacks = _run_config(s, plan.root, quiet, guard, plan.exp_uri).callbacks
+    run_config.callbacks = _callbacks(s, quiet, guard, plan.exp_uri)
 
 
 def _tune_config(s: SweepSettings) -> tune.TuneConfig:
@@ -317,14 +317,19 @@ def _run_config(
         # trial folder in storage, so the logs stay with the experiment (and reach S3 on a cluster).
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        # The study page is written with --quiet too: it is for whoever opens it, not for this console.
-        callbacks=[
-            *tracking.callbacks(s),
-            *(guards or []),
-            *([LivePage(exp_uri)] if exp_uri else []),
-            *([KeepWholeState(exp_uri)] if exp_uri and not is_remote(exp_uri) else []),
-            stopping.StopAfterSaving(),
-            *([] if quiet else [Console()]),
-        ],
+        callbacks=_callbacks(s, quiet, guards, exp_uri),
         verbose=0,
     )
+
+
+def _callbacks(s: SweepSettings, quiet: bool, guards: list | None, exp_uri: str | None) -> list:
+    """A run's callbacks, a first run's or a resume's (callbacks_as_now). The study page is written with --quiet
+    too: it is for whoever opens it, not for this console."""
+    return [
+        *tracking.callbacks(s),
+        *(guards or []),
+        *([LivePage(exp_uri)] if exp_uri else []),
+        *([KeepWholeState(exp_uri)] if exp_uri and not is_remote(exp_uri) else []),
+        stopping.StopAfterSaving(),
+        *([] if quiet else [Console()]),
+    ]
