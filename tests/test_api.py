@@ -46,8 +46,31 @@ def test_flags_from_python_pass_the_command_lines_checks():
         api.settings(epochs=10**5000)
     from tune_alexnet.export import ExportError
 
-    with pytest.raises(ExportError, match=r"experiment None; allowed: a folder path, URI or tune.ResultGrid"):
+    with pytest.raises(ExportError, match=r"^experiment: None; allowed: a folder or URI as a str or os.PathLike"):
         api.table(None)
+
+
+def test_the_apis_paths_are_checked_as_the_command_lines_before_anything_is_read(tmp_path):
+    """What the command line refuses in a path (a control character, an empty path, bytes) the API refuses too,
+    in one line naming the argument, before it reads the experiment or makes a folder."""
+    from tune_alexnet.checkpoint import CheckpointError
+    from tune_alexnet.export import ExportError
+
+    exp = str(tmp_path / "not-an-experiment")  # the out_dir is checked first, so this is never read
+    for bad, why in (("a\x00b", "control character"), ("a\nb", "control character"), ("\u202eevil", "control char"),
+                     ("", "an empty path"), (b"out", "as a str or os.PathLike"), (3, "as a str or os.PathLike")):  # fmt: skip
+        for write in (api.export, api.report, api.write_report):
+            with pytest.raises(ExportError, match=f"^out_dir: .*{why}"):
+                write(exp, bad)
+    for bad in (None, b"/tmp", "x\x1b[31m", 7):
+        with pytest.raises(CheckpointError, match=r"^checkpoint: .*; allowed: a folder or URI"):
+            api.load_model(bad)
+        with pytest.raises(ExportError, match=r"^experiment: .*; allowed: a folder or URI"):
+            api.load_experiment(bad)
+    for bad in ("ray_results/x", None, api.table):
+        with pytest.raises(ExportError, match=r"is not a results table; allowed: a DataFrame with final_accuracy"):
+            api.best_run(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"

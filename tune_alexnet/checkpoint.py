@@ -31,7 +31,7 @@ import torch
 from .augment import normalize, prepare_eval
 from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES, tile_problem
 from .model import AlexNet
-from .settings import BOUNDS, NUM_CLASSES, RedactedError
+from .settings import BOUNDS, NUM_CLASSES, RedactedError, path_problem
 from .storage import JSON_LIMIT, RefusedFile, brief, first_line, list_folder, open_file, reach, read_json, shown
 
 MODEL_FILE = "model.pt"  # the best weights so far
@@ -153,7 +153,9 @@ def _location(checkpoint) -> tuple:
 
     if hasattr(checkpoint, "filesystem") and hasattr(checkpoint, "path"):  # a tune.Checkpoint
         return checkpoint.filesystem, checkpoint.path, checkpoint.path
-    checkpoint = os.fsdecode(checkpoint)  # a bytes path as os.fspath takes it
+    if why := path_problem(checkpoint):  # (None would be the folder "None")
+        raise CheckpointError(f"checkpoint: {why} (or a tune.Checkpoint)")
+    checkpoint = os.fspath(checkpoint)
     if "://" in checkpoint:
         label = checkpoint.split("?")[0]
         try:  # bounded as export's reads are: gs:// without credentials would retry for minutes

@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 from . import __version__, cluster
 from .grid import make_grid
@@ -39,19 +38,19 @@ from .settings import (
     WANDB_PROJECT_ALLOWED,
     Grid,
     RedactedError,
+    escaped,
     home,
     home_problem,
-    printable,
+    path_problem,
     redacted,
     say,
     shown,
     stdout_lost,
     tell,
-    unprintable,
     uri_problem,
     wandb_project_ok,
 )
-from .storage import SCHEMES, locale_note, not_utf8
+from .storage import SCHEMES
 
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
@@ -190,42 +189,10 @@ def _takes_text(parse):
 
 @_takes_text
 def _place(text: str) -> str:
-    """A folder or URI as typed; one whose name is not UTF-8 (the bytes of another encoding) cannot be passed on
-    to Ray, pyarrow or the tables, so it is refused here rather than halfway. A relative path counts as the full
-    path it becomes: the working folder or home may not be UTF-8 either."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path; allowed: a folder or URI")
-    try:
-        full = text if "://" in text else os.path.abspath(os.path.expanduser(text))
-    except OSError as exc:  # the working folder removed (abspath asks for it)
-        raise argparse.ArgumentTypeError(
-            f"invalid value '{_escaped(text)}' ({exc.strerror} for the working folder, which a relative path "
-            "starts from); allowed: an absolute path, or cd into a folder that exists"
-        ) from None
-    for value in (text, full):  # the tables, the report and the console name the full path
-        if unprintable(value):  # one line
-            held = "" if value == text else f", as {_escaped(full)}"
-            raise argparse.ArgumentTypeError(
-                f"invalid value '{_escaped(text)}' (it holds a control character{held}); allowed: a folder or URI "
-                "without control characters such as a newline, a tab or a text-direction mark"
-            )
-    for step in [full, *Path(full).parents] if "://" not in text else []:
-        if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
-            raise argparse.ArgumentTypeError(
-                f"invalid value '{text}' ({step} is a link to nothing); allowed: a folder or URI"
-            )
-    for value in (text, full):
-        if spelled := not_utf8(value):
-            raise argparse.ArgumentTypeError(
-                f"invalid value '{spelled}'; allowed: a path or URI in UTF-8{locale_note()}"
-            )
+    """A folder or URI as typed, checked as the Python API checks one (settings.path_problem)."""
+    if why := path_problem(text):
+        raise argparse.ArgumentTypeError(why)
     return text
-
-
-def _escaped(text: str) -> str:
-    """`text` on one line: each character that does not print spelled as Python does (\\n, \\t, \\x1b), its
-    secrets hidden (redacted after the escaping, so a secret glued on by a control character is hidden too)."""
-    return redacted(printable(text).replace("\t", "\\t"))
 
 
 class _OneVoice(logging.Formatter):
@@ -248,7 +215,7 @@ def _tracking_uri(text: str) -> str:
 def _wandb_project(text: str) -> str:
     """--wandb's project, checked as an experiment's record of it is (settings.wandb_project_ok)."""
     if not wandb_project_ok(text):
-        named = _escaped(text if len(text) <= 40 else text[:40] + "...")
+        named = escaped(text if len(text) <= 40 else text[:40] + "...")
         raise argparse.ArgumentTypeError(f"invalid value '{named}'; allowed: {WANDB_PROJECT_ALLOWED}")
     return text
 

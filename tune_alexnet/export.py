@@ -40,8 +40,10 @@ from .settings import (
     Bound,
     Grid,
     RedactedError,
+    escaped,
     from_record,
     is_uri,
+    path_problem,
     printable,
     read_settings,
     redacted,
@@ -210,6 +212,12 @@ def score(accuracy, run, trial_id) -> float:
 def best_run(table: pd.DataFrame) -> pd.Series | None:
     """The best run of a results table (TABLE_SCHEMA) by the one rule of `best_key`; None when no run has an
     accuracy. The console's progress line and summary, the report and the tables all pick with this rule."""
+    table = getattr(table, "table", table)  # (an Experiment)
+    if not isinstance(table, pd.DataFrame) or not {"final_accuracy", "run", "trial_id"} <= set(table.columns):
+        raise ExportError(
+            f"{escaped(repr(table)[:60])} is not a results table; allowed: a DataFrame with final_accuracy, run "
+            "and trial_id columns (table(), or load_experiment(...).table)"
+        )
     scored = table[table["final_accuracy"].notna()]
     if scored.empty:
         return None
@@ -268,8 +276,8 @@ def load_experiment(source, ended: bool | None = None) -> Experiment:
     leaves running or paused says `interrupted`."""
 
     source = getattr(source, "experiment_path", source)
-    if not isinstance(source, str | os.PathLike) or isinstance(source, bytes):  # str(None) would be a folder name
-        raise ExportError(f"experiment {repr(source)[:60]}; allowed: a folder path, URI or tune.ResultGrid")
+    if why := path_problem(source):  # as the command line's experiment argument: str(None) would be a folder name
+        raise ExportError(f"experiment: {why} (or a tune.ResultGrid)")
     path = storage_uri(os.fspath(source))
     if not is_remote(path) and not os.path.isdir(path):  # (os.path: False for a name too long, as for none)
         raise ExportError(f"{path} is not a folder; allowed: an experiment folder written by 'tune-alexnet sweep'")
@@ -972,6 +980,12 @@ def _lock_within(fd: int, folder: int, out: str, wait_s: float) -> None:
         raise ExportError(f"the lock file {path} was removed or replaced while this process waited for it; run again")
 
 
+def check_out_dir(out_dir) -> None:
+    """A Python API's `out_dir`, checked before anything is read, as the command line checks --out."""
+    if out_dir is not None and (why := path_problem(out_dir)):
+        raise ExportError(f"out_dir: {why}")
+
+
 def check_room(out: str | os.PathLike, sizes: dict[str, int], what: str) -> None:
     """Refuse, before a folder is made or a file written, a local `out` where a folder has one of the names in
     `sizes` (bytes by name), or without room for those files, each rounded up to whole blocks as the disk counts
@@ -1174,5 +1188,6 @@ def atomic_write(folder: int, name: str, data: bytes) -> None:
 
 def export(source, out_dir: str | os.PathLike | None = None, ended: bool | None = None) -> tuple[Experiment, list[str]]:
     """Tables of an experiment, written into `out_dir` (default: the experiment folder, local or remote)."""
+    check_out_dir(out_dir)
     exp = load_experiment(source, ended)
     return exp, write_tables(exp, out_dir or exp.path)

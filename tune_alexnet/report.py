@@ -24,6 +24,7 @@ from .export import (
     Experiment,
     ExportError,
     best_run,
+    check_out_dir,
     check_room,
     load_experiment,
     one_line,
@@ -382,6 +383,7 @@ def markdown_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
 def write_report(source, out_dir: str | os.PathLike | None = None, files: dict[str, bytes] | None = None) -> str:
     """report.md and its figures in `out_dir` (default: the experiment folder, local or in a bucket), each written
     whole or not at all; returns report.md's path or URI. `files`: report_files(exp), when already made."""
+    check_out_dir(out_dir)
     exp = source if isinstance(source, Experiment) else load_experiment(source)
     files = report_files(exp) if files is None else files
     with output_dir(out_dir or exp.path, exp) as out:
@@ -396,6 +398,7 @@ def write_report_and_page(source, out_dir: str | os.PathLike | None = None) -> l
     folder made. Their paths or URIs."""
     from .page import page_files, write_page
 
+    check_out_dir(out_dir)
     exp = source if isinstance(source, Experiment) else load_experiment(source)
     files, page = report_files(exp), page_files(exp)
     sizes = {name: len(content) for name, content in files.items()}

@@ -275,6 +275,48 @@ def unprintable(text: str) -> bool:
     return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in TEXT_DIRECTION for c in text)
 
 
+def path_problem(value) -> str | None:
+    """Why `value` cannot name a folder or URI (a flag's value, or a Python API argument); None where it can.
+    A name that is not UTF-8 (the bytes of another encoding) cannot be passed on to Ray, pyarrow or the tables,
+    so it is refused here rather than halfway. A relative path counts as the full path it becomes: the working
+    folder or home may not be UTF-8 either."""
+    from .storage import locale_note, not_utf8
+
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):  # bytes too: the tables and the console name a path as text
+        return f"{escaped(repr(value)[:60])}; allowed: a folder or URI as a str or os.PathLike"
+    if not value.strip():
+        return "an empty path; allowed: a folder or URI"
+    try:
+        full = value if "://" in value else os.path.abspath(os.path.expanduser(value))
+    except OSError as exc:  # the working folder removed (abspath asks for it)
+        return (
+            f"invalid value '{escaped(value)}' ({exc.strerror} for the working folder, which a relative path "
+            "starts from); allowed: an absolute path, or cd into a folder that exists"
+        )
+    for text in (value, full):  # the tables, the report and the console name the full path
+        if unprintable(text):
+            held = "" if text == value else f", as {escaped(full)}"
+            return (
+                f"invalid value '{escaped(value)}' (it holds a control character{held}); allowed: a folder or URI "
+                "without control characters such as a newline, a tab or a text-direction mark"
+            )
+    for step in [full, *Path(full).parents] if "://" not in value else []:
+        if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
+            return f"invalid value '{value}' ({step} is a link to nothing); allowed: a folder or URI"
+    for text in (value, full):
+        if spelled := not_utf8(text):
+            return f"invalid value '{spelled}'; allowed: a path or URI in UTF-8{locale_note()}"
+    return None
+
+
+def escaped(text: str) -> str:
+    """`text` on one line: each character that does not print spelled as Python does (\\n, \\t, \\x1b), its
+    secrets hidden (redacted after the escaping, so a secret glued on by a control character is hidden too)."""
+    return redacted(printable(text).replace("\t", "\\t"))
+
+
 def uri_problem(text: str) -> str | None:
     """Why a URI does not parse (an unclosed [::1, a port that is no number or out of range); None where it does."""
     from urllib.parse import urlparse
