@@ -153,6 +153,8 @@ def _location(checkpoint) -> tuple:
 
     if hasattr(checkpoint, "filesystem") and hasattr(checkpoint, "path"):  # a tune.Checkpoint
         return checkpoint.filesystem, checkpoint.path, checkpoint.path
+    if isinstance(checkpoint, bytes):  # a bytes path as os.fspath takes it
+        checkpoint = os.fsdecode(checkpoint)
     if why := path_problem(checkpoint):  # (None would be the folder "None")
         raise CheckpointError(f"checkpoint: {why} (or a tune.Checkpoint)")
     checkpoint = os.fspath(checkpoint)
