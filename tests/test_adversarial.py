@@ -547,17 +547,20 @@ def test_a_report_of_a_long_path_names_its_experiment_to_the_next_writer(damaged
     assert f"holds the tables of experiment {long}, not of " in err, err
 
 
-def test_a_report_of_a_path_with_a_newline_writes_again_into_its_own_out(damaged, tmp_path):
-    """report.md names the experiment in one line, its newline a space: its next report took its own --out for
-    another experiment's, and refused it. (A path given with a newline is refused; one reached through a link is
-    named resolved.)"""
-    odd = tmp_path / "two\nlines"
+def test_a_path_whose_link_leads_to_a_newline_is_refused_as_the_path_itself(damaged, mixed_experiment, tmp_path,
+                                                                             capsys):  # fmt: skip
+    """The tables, the report and the console name an experiment by the place its links lead to: reached through
+    a link, a folder with a newline (or U+202E) was printed raw over two lines, and written so into the tables."""
+    odd = tmp_path / "two\nlines\u202e"
     damaged[0].rename(odd)
     (tmp_path / "exp").symlink_to(odd)
-    out = tmp_path / "reports"
-    for _ in range(2):
-        assert main(["report", str(tmp_path / "exp"), "--out", str(out)]) == 0
-    assert "two lines" in (out / "report.md").read_text()
+    (tmp_path / "out").symlink_to(odd)
+    before = {p.name: p.stat().st_mtime_ns for p in odd.iterdir()}
+    for argv in (["report", str(tmp_path / "exp")], ["export", str(tmp_path / "exp")],
+                 ["export", str(mixed_experiment[0]), "--out", str(tmp_path / "out" / "tables")]):  # fmt: skip
+        err = one_line_exit_2(argv, capsys)
+        assert "it holds a control character, as " in err and "two\\nlines\\u202e" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in odd.iterdir()} == before  # nothing written, no folder made
 
 
 def test_an_out_or_storage_1100_folders_deep_is_made_without_running_past_pythons_stack(mixed_experiment, tmp_path,
@@ -2143,13 +2146,13 @@ def test_a_link_loop_before_dot_dot_in_a_path_is_one_line(tmp_path, capsys, synt
     (tmp_path / "x").symlink_to(tmp_path / "x" / "y")
     looped, storage = f"{tmp_path}/x/..", str(tmp_path / "results")
     for argv, needle in (
-        (["export", looped], f"{tmp_path}/x is not a folder"),
-        (["report", looped], f"{tmp_path}/x is not a folder"),
-        (["sweep", "--data-dir", looped, "--storage", storage, *TINY], f"{tmp_path}/x is a symbolic link loop"),
-        (["sweep", "--data-dir", str(synthetic_dir), "--storage", looped, *TINY], "Too many levels of symbolic links"),
+        (["export", looped], f"{tmp_path}/x is a link to nothing"),  # (the system goes through x before the ..)
+        (["report", looped], f"{tmp_path}/x is a link to nothing"),
+        (["sweep", "--data-dir", looped, "--storage", storage, *TINY], f"{tmp_path}/x is a link to nothing"),
+        (["sweep", "--data-dir", str(synthetic_dir), "--storage", looped, *TINY], f"{tmp_path}/x is a link to "),
     ):
         assert needle in one_line_exit_2(argv, capsys), argv
-    with pytest.raises(ExportError, match="is not a folder"):
+    with pytest.raises(ExportError, match="x is a link to nothing"):
         api.table(looped)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 

@@ -4,10 +4,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import make_image_folder
 
 from tune_alexnet import api
+from tune_alexnet.export import ExportError
 
 
 def test_flags_from_python_pass_the_command_lines_checks():
@@ -44,8 +46,6 @@ def test_flags_from_python_pass_the_command_lines_checks():
     assert (s.epochs, s.grid.lr, s.storage) == (3, (0.01,), "-dir")
     with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: epochs: a number too long to write out; "):
         api.settings(epochs=10**5000)
-    from tune_alexnet.export import ExportError
-
     with pytest.raises(ExportError, match=r"^experiment: None; allowed: a folder or URI as a str or os.PathLike"):
         api.table(None)
 
@@ -54,11 +54,18 @@ def test_the_apis_paths_are_checked_as_the_command_lines_before_anything_is_read
     """What the command line refuses in a path (a control character, an empty path, bytes) the API refuses too,
     in one line naming the argument, before it reads the experiment or makes a folder."""
     from tune_alexnet.checkpoint import CheckpointError
-    from tune_alexnet.export import ExportError
 
     exp = str(tmp_path / "not-an-experiment")  # the out_dir is checked first, so this is never read
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "deep")
+    odd = tmp_path / "nl\nx\u202e"
+    odd.mkdir()
+    (tmp_path / "to-odd").symlink_to(odd)
     for bad, why in (("a\x00b", "control character"), ("a\nb", "control character"), ("\u202eevil", "control char"),
-                     ("", "an empty path"), (b"out", "as a str or os.PathLike"), (3, "as a str or os.PathLike")):  # fmt: skip
+                     ("", "an empty path"), (b"out", "as a str or os.PathLike"), (3, "as a str or os.PathLike"),
+                     ("~a\x00b", "control character"), ("~\ud800/x", "in UTF-8"),  # before ~ is looked up
+                     # the kernel goes through the link before the ..: the folder would be made where it points
+                     (f"{tmp_path}/dangling/../out", "dangling is a link to nothing"),
+                     (f"{tmp_path}/to-odd/out", r"control character, as .*/nl\\nx\\u202e/out")):  # fmt: skip
         for write in (api.export, api.report, api.write_report):
             with pytest.raises(ExportError, match=f"^out_dir: .*{why}"):
                 write(exp, bad)
@@ -67,10 +74,27 @@ def test_the_apis_paths_are_checked_as_the_command_lines_before_anything_is_read
             api.load_model(bad)
         with pytest.raises(ExportError, match=r"^experiment: .*; allowed: a folder or URI"):
             api.load_experiment(bad)
+    # a secret in a value of the wrong type is hidden, however long (a cut before hiding it left it shown)
+    secret = "http://alice:S3cretPWthatIsLong0123456789abcdefghijklmnop@mlflow.example.com:5000"
+    for call in (lambda: api.settings(mlflow=secret.encode()), lambda: api.settings(mlflow=[secret]),
+                 lambda: api.load_model(secret.encode() * 2), lambda: api.table(secret.encode())):  # fmt: skip
+        with pytest.raises((ValueError, ExportError)) as refused:
+            call()
+        assert "alice:***@" in str(refused.value) and "S3cret" not in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", odd.name, "to-odd"]
+    assert list(odd.iterdir()) == []
+
+
+def test_best_run_takes_a_results_table_alone_and_picks_one_row_of_joined_tables():
+    table = pd.DataFrame({"final_accuracy": [50.0, 20.0], "run": [1, 2], "trial_id": ["t_00000", "t_00001"]})
+    joined = pd.concat([table, table.assign(final_accuracy=[20.0, 10.0])])  # the index repeats: 0, 1, 0, 1
+    assert api.best_run(joined).to_dict() == {"final_accuracy": 50.0, "run": 1, "trial_id": "t_00000"}
     for bad in ("ray_results/x", None, api.table):
-        with pytest.raises(ExportError, match=r"is not a results table; allowed: a DataFrame with final_accuracy"):
+        with pytest.raises(ExportError, match=r"is not a results table; allowed: a DataFrame with numeric final_acc"):
             api.best_run(bad)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    for bad, named in ((table.assign(run="x"), "run (str)"), (table.drop(columns="trial_id"), "trial_id (missing)")):
+        with pytest.raises(ExportError, match=rf"^a DataFrame with final_accuracy .*{re.escape(named)}.* is not a res"):
+            api.best_run(bad)
 
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"

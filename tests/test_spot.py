@@ -156,3 +156,21 @@ def test_the_stop_flag_is_seen_on_time_while_the_metadata_service_trickles(ray_l
     finally:
         watch.close()
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+
+
+@pytest.mark.parametrize("given", ["https://169.254.169.254", "http://", "http://[::1", "http://127.0.0.1:99999"])
+def test_an_endpoint_that_cannot_be_asked_is_refused_before_the_sweep_starts(given, synthetic_dir, tmp_path,
+                                                                              monkeypatch, capsys):  # fmt: skip
+    """A trial that cannot ask the service misses every notice without a word: an https:// endpoint (which the
+    service never speaks) ran a whole sweep deaf to them."""
+    from tune_alexnet.cli import main
+
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", given)
+    storage = tmp_path / "results"
+    argv = ["sweep", "--data-dir", str(synthetic_dir), "--storage", str(storage), "--optimizer", "sgd", "--lr",
+            "0.01", "--batch-size", "32", "--dropout", "true", "--batchnorm", "true", "--epochs", "1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"tune-alexnet sweep: error: AWS_EC2_METADATA_SERVICE_ENDPOINT={given}: "), err
+    assert err[-1].endswith("allowed: an http:// URL of the instance metadata service") and "Traceback" not in err
+    assert not storage.exists()

@@ -37,7 +37,7 @@ def settings(**flags):
     for key, value in flags.items():
         dest = dests.get("--" + key.replace("_", "-"))
         if value is not None and dest is not None and given.setdefault(dest, key) != key:
-            raise ValueError(
+            raise _refusal(
                 f"tune-alexnet sweep: error: {given[dest]}={flags[given[dest]]!r} and {key}={value!r} set one "
                 f"setting; allowed: one of them"
             )
@@ -46,14 +46,14 @@ def settings(**flags):
         flag = "--" + key.replace("_", "-")
         if key == "help" or flag in switches and not isinstance(value, bool) and value is not None:
             allowed = "not a setting" if key == "help" else "True or False"
-            raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: {allowed}")
+            raise _refusal(f"tune-alexnet sweep: error: {key}={value!r}; allowed: {allowed}")
         if flag in texts and value is not None and not isinstance(value, str | os.PathLike):
-            raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a str (or a path)")
+            raise _refusal(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a str (or a path)")
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         value = _plain(value)
         if not isinstance(value, str | int | float | list | tuple) and value is not None:
-            raise ValueError(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a number, a str or a list")
+            raise _refusal(f"tune-alexnet sweep: error: {key}={value!r}; allowed: a number, a str or a list")
         if flag in switches and value is False:  # a switch turned off: its --no- twin where it has one (tf32)
             flag = flag.replace("--", "--no-", 1) if flag.replace("--", "--no-", 1) in switches else None
             value = True
@@ -69,7 +69,7 @@ def settings(**flags):
             else:
                 argv.append(f"{flag}={_text(value)}")
         except ValueError:  # an int past Python's 4300 digits, which it will not write out
-            raise ValueError(
+            raise _refusal(
                 f"tune-alexnet sweep: error: {key}: a number too long to write out; allowed: the values of "
                 f"--{flag.removeprefix('--')} in tune-alexnet sweep --help"
             ) from None
@@ -78,9 +78,16 @@ def settings(**flags):
         with contextlib.redirect_stderr(err):
             return _settings(parser.parse_args(argv))
     except SystemExit:
-        raise ValueError(err.getvalue().strip().removesuffix(" (see tune-alexnet sweep --help)")) from None
+        raise _refusal(err.getvalue().strip().removesuffix(" (see tune-alexnet sweep --help)")) from None
     except CliError as exc:
-        raise ValueError(f"tune-alexnet sweep: error: {exc}") from None
+        raise _refusal(f"tune-alexnet sweep: error: {exc}") from None
+
+
+def _refusal(line: str) -> ValueError:
+    """The command's one line, its secrets hidden: a value is named as given (mlflow=b'http://user:pw@...')."""
+    from .settings import shown
+
+    return ValueError(shown(line))
 
 
 def _plain(value):

@@ -209,20 +209,32 @@ def score(accuracy, run, trial_id) -> float:
     return round(float(accuracy), 2) - rank * SCORE_STEP_RUN - index * SCORE_STEP_TRIAL
 
 
+BEST_COLUMNS = ("final_accuracy", "run", "trial_id")  # what best_key ranks by
+
+
 def best_run(table: pd.DataFrame) -> pd.Series | None:
     """The best run of a results table (TABLE_SCHEMA) by the one rule of `best_key`; None when no run has an
     accuracy. The console's progress line and summary, the report and the tables all pick with this rule."""
     table = getattr(table, "table", table)  # (an Experiment)
-    if not isinstance(table, pd.DataFrame) or not {"final_accuracy", "run", "trial_id"} <= set(table.columns):
-        raise ExportError(
-            f"{escaped(repr(table)[:60])} is not a results table; allowed: a DataFrame with final_accuracy, run "
-            "and trial_id columns (table(), or load_experiment(...).table)"
-        )
+    if not isinstance(table, pd.DataFrame):
+        raise ExportError(f"{escaped(repr(table))[:80]} is not a results table; allowed: {TABLE_ALLOWED}")
+    if not set(BEST_COLUMNS) <= set(table.columns) or not all(
+        pd.api.types.is_numeric_dtype(table[c]) for c in BEST_COLUMNS[:2]
+    ):
+        named = ", ".join(f"{c} ({table[c].dtype if c in table.columns else 'missing'})" for c in BEST_COLUMNS)
+        raise ExportError(f"a DataFrame with {named} is not a results table; allowed: {TABLE_ALLOWED}")
     scored = table[table["final_accuracy"].notna()]
     if scored.empty:
         return None
-    rows = scored[["final_accuracy", "run", "trial_id"]].itertuples()
-    return scored.loc[min(rows, key=lambda r: best_key(r.final_accuracy, r.run, r.trial_id)).Index]
+    rows = scored[list(BEST_COLUMNS)].itertuples(index=False)
+    at = min(enumerate(rows), key=lambda r: best_key(*r[1]))[0]
+    return scored.iloc[at]  # by position: tables joined with pd.concat repeat their index
+
+
+TABLE_ALLOWED = (
+    "a DataFrame with numeric final_accuracy and run columns and a trial_id column (table(), or "
+    "load_experiment(...).table)"
+)
 
 
 class ExportError(RedactedError):

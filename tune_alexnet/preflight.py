@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from . import cluster, settings, tracking
+from . import cluster, settings, spot, tracking
 from .data import Cifar, DataError, check_record, check_same_data, load_cifar10
 from .plan import Plan
 from .resume import (
@@ -105,6 +105,8 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     except ValueError as exc:
         raise PreflightError(f"a setting is out of bounds: {exc}") from None
     check_retired_variables()
+    if why := spot.endpoint_problem():
+        raise PreflightError(why)
     root = storage_uri(s.storage)
     check_scheme(root, "--storage")
     # The path as given, its links kept: whoever owns one of them chose where the experiment goes

@@ -278,36 +278,42 @@ def unprintable(text: str) -> bool:
 def path_problem(value) -> str | None:
     """Why `value` cannot name a folder or URI (a flag's value, or a Python API argument); None where it can.
     A name that is not UTF-8 (the bytes of another encoding) cannot be passed on to Ray, pyarrow or the tables,
-    so it is refused here rather than halfway. A relative path counts as the full path it becomes: the working
-    folder or home may not be UTF-8 either."""
+    so it is refused here rather than halfway. A relative path counts as the full path it becomes, and a path
+    through a link as the place it leads to: that is where folders are made and what the tables name."""
     from .storage import locale_note, not_utf8
 
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str):  # bytes too: the tables and the console name a path as text
-        return f"{escaped(repr(value)[:60])}; allowed: a folder or URI as a str or os.PathLike"
+        return f"{escaped(repr(value))[:80]}; allowed: a folder or URI as a str or os.PathLike"
     if not value.strip():
         return "an empty path; allowed: a folder or URI"
+    control = "; allowed: a folder or URI without control characters such as a newline, a tab or a text-direction mark"
+    if unprintable(value):  # (before ~ is looked up: a NUL there is os's ValueError)
+        return f"invalid value '{escaped(value)}' (it holds a control character){control}"
+    utf8 = f"; allowed: a path or URI in UTF-8{locale_note()}"
+    if spelled := not_utf8(value):
+        return f"invalid value '{spelled}'{utf8}"
+    if "://" in value:
+        return None
     try:
-        full = value if "://" in value else os.path.abspath(os.path.expanduser(value))
-    except OSError as exc:  # the working folder removed (abspath asks for it)
+        given = os.path.expanduser(value)  # not made normal: the kernel takes a/link/.. through the link
+        given = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
+    except OSError as exc:  # the working folder removed
         return (
             f"invalid value '{escaped(value)}' ({exc.strerror} for the working folder, which a relative path "
             "starts from); allowed: an absolute path, or cd into a folder that exists"
         )
-    for text in (value, full):  # the tables, the report and the console name the full path
-        if unprintable(text):
-            held = "" if text == value else f", as {escaped(full)}"
-            return (
-                f"invalid value '{escaped(value)}' (it holds a control character{held}); allowed: a folder or URI "
-                "without control characters such as a newline, a tab or a text-direction mark"
-            )
-    for step in [full, *Path(full).parents] if "://" not in value else []:
+    steps = given.split("/")
+    for n in range(2, len(steps) + 1):  # each folder on the way, as the kernel walks it: x/link/.. goes through link
+        step = "/".join(steps[:n])
         if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
-            return f"invalid value '{value}' ({step} is a link to nothing); allowed: a folder or URI"
-    for text in (value, full):
-        if spelled := not_utf8(text):
-            return f"invalid value '{spelled}'; allowed: a path or URI in UTF-8{locale_note()}"
+            return f"invalid value '{escaped(value)}' ({escaped(step)} is a link to nothing); allowed: a folder or URI"
+    for full in dict.fromkeys((os.path.abspath(given), os.path.realpath(given))):  # the tables name the real one
+        if unprintable(full):
+            return f"invalid value '{escaped(value)}' (it holds a control character, as {escaped(full)}){control}"
+        if spelled := not_utf8(full):
+            return f"invalid value '{escaped(value)}' (not UTF-8, as {spelled}){utf8}"
     return None
 
 

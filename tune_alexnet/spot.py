@@ -50,6 +50,28 @@ def endpoint(env=None) -> str | None:
     return DEFAULT_ENDPOINT if on_ec2() else None
 
 
+def endpoint_problem(env=None) -> str | None:
+    """Why the endpoint set in the environment cannot be asked (an https:// URL, no host, a bad port): checked
+    before a sweep starts, since a trial that cannot ask would miss every notice without a word."""
+    env = os.environ if env is None else env
+    url = endpoint(env) if env.get(ENDPOINT_VAR, "").strip() else None
+    if url is None or not (why := _url_problem(url)):
+        return None
+    given = ascii(env[ENDPOINT_VAR])[1:-1]
+    return f"{ENDPOINT_VAR}={given}: {why}; allowed: an http:// URL of the instance metadata service"
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme != "http":
+        return "the service is plain HTTP on the node itself"
+    return None if parts.hostname else "no host"
+
+
 class NoticeReader:
     """Asks one metadata service for the notice, with an IMDSv2 session token renewed before it expires (and
     IMDSv1's plain GET where the service issues no token)."""
@@ -101,9 +123,9 @@ def request(
     and then holds the caller for ever. Plain HTTP/1.0, no proxy (the service is on the node itself), a body of at
     most BODY_LIMIT bytes. TimeoutError when the deadline passes, OSError or ValueError for anything else."""
     deadline = time.monotonic() + deadline_s
+    if why := _url_problem(url):
+        raise ValueError(f"{url}: {why}; allowed: an http:// URL")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"{url}: allowed: an http:// URL")
     lines = [f"{method} {path} HTTP/1.0", f"Host: {parts.netloc}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in headers.items()] + (["Content-Length: 0"] if method == "PUT" else [])
     answer = b""
