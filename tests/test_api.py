@@ -1,5 +1,6 @@
 """The package from Python: the command line's settings and checks, and what a user needs next."""
 
+import os
 import re
 from pathlib import Path
 
@@ -85,6 +86,35 @@ def test_the_apis_paths_are_checked_as_the_command_lines_before_anything_is_read
     assert list(odd.iterdir()) == []
 
 
+def test_a_path_is_checked_as_the_system_and_the_package_take_it(tmp_path, monkeypatch):
+    """What path_problem approves is what the package then uses: `~` with an empty HOME is the home folder (Python
+    alone takes /, and tables were written there), a local folder flag takes no URI (`dl/a://b` made folders where
+    the dangling dl points), a path past what the system takes is refused at once (its walk took minutes)."""
+    from tune_alexnet.checkpoint import CheckpointError
+    from tune_alexnet.settings import PATH_MAX, listed_home, path_problem
+    from tune_alexnet.storage import storage_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "")
+    assert storage_uri("~/x") == os.path.realpath(f"{listed_home()}/x") and path_problem("~/x") is None
+    monkeypatch.setenv("HOME", " ")
+    assert "(HOME=' ' is no full path); allowed: an absolute path" in path_problem("~/x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    for flag in ("data_dir", "download_root"):
+        for value, why in (("dl/a://b", "(a URI); allowed: a local folder"),
+                           ("s3://AKIA:pa55w0rd@bucket/cifar", "(a URI); allowed: a local folder")):  # fmt: skip
+            with pytest.raises(ValueError, match=re.escape(why)) as refused:
+                api.settings(**{flag: value})
+            assert "pa55w0rd" not in str(refused.value)
+    for deep in ("/" * 131_000, "a/" * 65_500, "x" * PATH_MAX):
+        with pytest.raises(ExportError, match=rf"bytes as a full path\); allowed: a path of fewer than {PATH_MAX} b"):
+            api.table(deep)
+    with pytest.raises(CheckpointError, match="is a link to nothing"):
+        api.load_model("dl/../ckpt")  # read where the kernel goes: through dl
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]
+
+
 def test_best_run_takes_a_results_table_alone_and_picks_one_row_of_joined_tables():
     table = pd.DataFrame({"final_accuracy": [50.0, 20.0], "run": [1, 2], "trial_id": ["t_00000", "t_00001"]})
     joined = pd.concat([table, table.assign(final_accuracy=[20.0, 10.0])])  # the index repeats: 0, 1, 0, 1
@@ -92,9 +122,26 @@ def test_best_run_takes_a_results_table_alone_and_picks_one_row_of_joined_tables
     for bad in ("ray_results/x", None, api.table):
         with pytest.raises(ExportError, match=r"is not a results table; allowed: a DataFrame with numeric final_acc"):
             api.best_run(bad)
-    for bad, named in ((table.assign(run="x"), "run (str)"), (table.drop(columns="trial_id"), "trial_id (missing)")):
-        with pytest.raises(ExportError, match=rf"^a DataFrame with final_accuracy .*{re.escape(named)}.* is not a res"):
+    for bad, named in ((table.assign(run="x"), "run (str)"), (table.drop(columns="trial_id"), "trial_id (missing)"),
+                       (table.assign(final_accuracy=[1 + 2j, 3j]), "final_accuracy (complex128)")):  # fmt: skip
+        with pytest.raises(ExportError, match=rf"^a DataFrame with .*{re.escape(named)}.* is not a res"):
             api.best_run(bad)
+    twice = pd.DataFrame([[1.0, 1.0, 1, "t_1"]], columns=["final_accuracy", "final_accuracy", "run", "trial_id"])
+    nested = table.set_axis(pd.MultiIndex.from_tuples([(c, "x") for c in table.columns]), axis=1)
+    for bad in (twice, nested):
+        with pytest.raises(ExportError, match="^a DataFrame with repeated or nested column names is not a results"):
+            api.best_run(bad)
+    for bad in (table.assign(run=[np.inf, 1]), table.assign(trial_id=pd.array([pd.NA, "t_1"], dtype="string")),
+                table.assign(trial_id=["t_" + "1" * 5000, "t_2"])):  # fmt: skip
+        with pytest.raises(ExportError, match=r"^a DataFrame holding a value no results table holds \("):
+            api.best_run(bad)
+    assert api.best_run(table.assign(table=[1, 2]))["final_accuracy"] == 50.0  # a column named "table" is a column
+    # a number past a float is refused by the bounds as the command refuses inf, not an OverflowError
+    from fractions import Fraction
+
+    for lr in (Fraction(10**5000), [Fraction(-(10**5000))]):
+        with pytest.raises(ValueError, match=r"^tune-alexnet sweep: error: argument --lr: invalid value '-?inf'"):
+            api.settings(lr=lr)
 
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"

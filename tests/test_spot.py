@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tune_alexnet.settings import redacted
 from tune_alexnet.spot import REQUEST_DEADLINE_S, NoticeReader
 from tune_alexnet.stopping import KV_NAMESPACE, POLL_S, STOP, TrialWatch, new_key
 
@@ -25,6 +26,7 @@ def imds():
 
         def do_GET(self):
             status, body = answer["notice"] if self.headers.get("X-aws-ec2-metadata-token") else (401, b"")
+            answer["host"] = self.headers.get("Host")
             self._send(status, body)
 
         def _send(self, status, body):
@@ -54,6 +56,10 @@ def test_only_awss_notice_counts_as_one(imds):
     assert reader.notice() == notice
     answer["notice"] = (200, b"[" * 4000)  # nested past Python's stack: a RecursionError ended the watcher
     assert reader.notice() is None
+    # a user part in the endpoint goes into no header line (it was sent as the Host)
+    answer["notice"] = (200, json.dumps(notice).encode())
+    assert NoticeReader(url.replace("http://", "http://user:pw@")).notice() == notice
+    assert answer["host"] == url.removeprefix("http://")
 
 
 @pytest.mark.timeout(60)
@@ -158,7 +164,21 @@ def test_the_stop_flag_is_seen_on_time_while_the_metadata_service_trickles(ray_l
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
-@pytest.mark.parametrize("given", ["https://169.254.169.254", "http://", "http://[::1", "http://127.0.0.1:99999"])
+def test_the_endpoint_is_found_as_botocore_finds_it(monkeypatch):
+    from tune_alexnet import spot
+
+    monkeypatch.setattr(spot, "on_ec2", lambda: True)  # (the firmware of an EC2 instance)
+    assert spot.endpoint({}) == "http://169.254.169.254"
+    assert spot.endpoint({"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}) == "http://[fd00:ec2::254]"
+    assert spot.endpoint({"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1338/"}) == "http://127.0.0.1:1338"
+    assert spot.endpoint({"AWS_EC2_METADATA_DISABLED": "True"}) is None
+    assert spot.endpoint_problem({"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "ipv7"}).endswith("allowed: IPv4 or IPv6")
+    monkeypatch.setattr(spot, "on_ec2", lambda: False)
+    assert spot.endpoint({"AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}) is None  # a laptop sends no packet
+
+
+@pytest.mark.parametrize("given", ["https://169.254.169.254", "http://", "http://[::1", "http://127.0.0.1:99999",
+                                   "http://127.0.0.1:0", "http://admin:pa55/w0rd@127.0.0.1:1338"])  # fmt: skip
 def test_an_endpoint_that_cannot_be_asked_is_refused_before_the_sweep_starts(given, synthetic_dir, tmp_path,
                                                                               monkeypatch, capsys):  # fmt: skip
     """A trial that cannot ask the service misses every notice without a word: an https:// endpoint (which the
@@ -171,6 +191,7 @@ def test_an_endpoint_that_cannot_be_asked_is_refused_before_the_sweep_starts(giv
             "0.01", "--batch-size", "32", "--dropout", "true", "--batchnorm", "true", "--epochs", "1"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"tune-alexnet sweep: error: AWS_EC2_METADATA_SERVICE_ENDPOINT={given}: "), err
+    assert "pa55" not in err[-1]  # a password's start read as the port was named in the refusal
+    assert err[-1].startswith(f"tune-alexnet sweep: error: AWS_EC2_METADATA_SERVICE_ENDPOINT={redacted(given)}: ")
     assert err[-1].endswith("allowed: an http:// URL of the instance metadata service") and "Traceback" not in err
     assert not storage.exists()

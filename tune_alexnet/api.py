@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import numbers
 import os
 
@@ -98,7 +99,11 @@ def _plain(value):
         try:  # as it prints (float32's 0.01), not its binary value (0.009999999776...)
             return float(str(value))
         except ValueError:
+            pass
+        try:
             return float(value)
+        except OverflowError:  # past a float (a Fraction of 5,000 digits): the bounds' check refuses it in one line
+            return math.inf if value > 0 else -math.inf
     return value
 
 

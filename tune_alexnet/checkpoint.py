@@ -31,8 +31,19 @@ import torch
 from .augment import normalize, prepare_eval
 from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES, tile_problem
 from .model import AlexNet
-from .settings import BOUNDS, NUM_CLASSES, RedactedError, path_problem
-from .storage import JSON_LIMIT, RefusedFile, brief, first_line, list_folder, open_file, reach, read_json, shown
+from .settings import BOUNDS, NUM_CLASSES, RedactedError, expand_user, path_problem
+from .storage import (
+    JSON_LIMIT,
+    RefusedFile,
+    brief,
+    first_line,
+    list_folder,
+    open_file,
+    reach,
+    read_json,
+    shown,
+    storage_uri,
+)
 
 MODEL_FILE = "model.pt"  # the best weights so far
 MODEL_ARGS_FILE = "model.json"  # AlexNet's arguments, so the folder alone rebuilds the network
@@ -91,7 +102,7 @@ def local_copy(checkpoint):
         return
     checkpoint = os.fspath(checkpoint)
     if "://" not in checkpoint:
-        yield Path(os.path.expanduser(checkpoint))
+        yield Path(expand_user(checkpoint))
         return
     fs, path = reach(checkpoint)
     tmp = tempfile.mkdtemp(prefix="tune-alexnet-ckpt-")
@@ -164,7 +175,7 @@ def _location(checkpoint) -> tuple:
             return *reach(checkpoint), label
         except (OSError, ValueError, TimeoutError) as exc:
             raise _unreachable(label, exc) from None
-    path = os.path.abspath(os.path.expanduser(checkpoint))
+    path = storage_uri(checkpoint)  # where the kernel finds it: lnk/.. goes through lnk
     return pyarrow.fs.LocalFileSystem(), path, path
 
 

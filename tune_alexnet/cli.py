@@ -39,6 +39,7 @@ from .settings import (
     Grid,
     RedactedError,
     escaped,
+    expand_user,
     home,
     home_problem,
     path_problem,
@@ -195,6 +196,14 @@ def _place(text: str) -> str:
     return text
 
 
+@_takes_text
+def _folder(text: str) -> str:
+    """A local folder as typed: `a://b` there is no URI but a folder `a:` with `b` in it."""
+    if why := path_problem(text, local=True):
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
 class _OneVoice(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         name = "tune-alexnet" if record.name.split(".")[0] == "tune_alexnet" else record.name
@@ -324,9 +333,9 @@ def _runtime_flags(h) -> None:
 
 
 def _data_flags(d) -> None:
-    d.add_argument("--data-dir", type=_place, help="offline data: a folder with train/<class>/ and test/<class>/ images "
+    d.add_argument("--data-dir", type=_folder, help="offline data: a folder with train/<class>/ and test/<class>/ images "
                    "(default: download CIFAR-10 with torchvision)")  # fmt: skip
-    d.add_argument("--download-root", type=_place,
+    d.add_argument("--download-root", type=_folder,
                    help="where torchvision's CIFAR-10 is downloaded (default: ~/.cache/tune-alexnet/torchvision)")  # fmt: skip
     d.add_argument("--subset", type=_bounded("subset"),
                    help="use N train images per class (and the test set cut in the same proportion)")  # fmt: skip
@@ -407,7 +416,7 @@ def _settings(args: argparse.Namespace):
     channels_last = {None: None, "auto": "auto", "true": True, "false": False}[args.channels_last]
     # Full paths, as recorded for --resume (which may run in another folder); ~nobody: as the shell leaves it
     data_dir, download_root = (
-        None if p is None else os.path.realpath(os.path.expanduser(p)) for p in (args.data_dir, args.download_root)
+        None if p is None else os.path.realpath(expand_user(p)) for p in (args.data_dir, args.download_root)
     )
     runtime = {"device": args.device, "channels_last": channels_last, "tf32": args.tf32, "step": args.step,
                "augment_chunk": args.augment_chunk, "resume_every_s": args.resume_every,

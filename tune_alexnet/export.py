@@ -41,6 +41,7 @@ from .settings import (
     Grid,
     RedactedError,
     escaped,
+    expand_user,
     from_record,
     is_uri,
     path_problem,
@@ -192,7 +193,6 @@ def best_key(accuracy: float, run, trial_id) -> tuple:
     return (-score(accuracy, run, trial_id), str(trial_id or ""))
 
 
-STUDY_RUNS = len(Grid())
 SCORE_STEP_RUN, SCORE_STEP_TRIAL = 1e-5, 1e-10  # (STUDY_RUNS + 1) runs and 99,999 trials stay below 0.01 point
 
 
@@ -215,20 +215,31 @@ BEST_COLUMNS = ("final_accuracy", "run", "trial_id")  # what best_key ranks by
 def best_run(table: pd.DataFrame) -> pd.Series | None:
     """The best run of a results table (TABLE_SCHEMA) by the one rule of `best_key`; None when no run has an
     accuracy. The console's progress line and summary, the report and the tables all pick with this rule."""
-    table = getattr(table, "table", table)  # (an Experiment)
+    table = table.table if isinstance(table, Experiment) else table
     if not isinstance(table, pd.DataFrame):
         raise ExportError(f"{escaped(repr(table))[:80]} is not a results table; allowed: {TABLE_ALLOWED}")
-    if not set(BEST_COLUMNS) <= set(table.columns) or not all(
-        pd.api.types.is_numeric_dtype(table[c]) for c in BEST_COLUMNS[:2]
-    ):
-        named = ", ".join(f"{c} ({table[c].dtype if c in table.columns else 'missing'})" for c in BEST_COLUMNS)
+    columns = table.columns
+    if columns.nlevels != 1 or not columns.is_unique:
+        raise ExportError(f"a DataFrame with repeated or nested column names is not a results table; allowed: "
+                          f"{TABLE_ALLOWED}")  # fmt: skip
+    if not set(BEST_COLUMNS) <= set(columns) or not all(_real_numbers(table[c]) for c in BEST_COLUMNS[:2]):
+        named = ", ".join(f"{c} ({table[c].dtype if c in columns else 'missing'})" for c in BEST_COLUMNS)
         raise ExportError(f"a DataFrame with {named} is not a results table; allowed: {TABLE_ALLOWED}")
     scored = table[table["final_accuracy"].notna()]
     if scored.empty:
         return None
     rows = scored[list(BEST_COLUMNS)].itertuples(index=False)
-    at = min(enumerate(rows), key=lambda r: best_key(*r[1]))[0]
+    try:
+        at = min(enumerate(rows), key=lambda r: best_key(*r[1]))[0]
+    except (TypeError, ValueError, OverflowError) as exc:  # an infinite run, a trial id that is NA or no text
+        raise ExportError(
+            f"a DataFrame holding a value no results table holds ({first_line(exc)}); allowed: {TABLE_ALLOWED}"
+        ) from None
     return scored.iloc[at]  # by position: tables joined with pd.concat repeat their index
+
+
+def _real_numbers(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_complex_dtype(column)
 
 
 TABLE_ALLOWED = (
@@ -1061,7 +1072,7 @@ def output_dir(out: str | os.PathLike, exp: Experiment | None = None):
     if not is_remote(out):  # its links resolved once a process: see open_folder
         # the path as given, not made normal (a/link/.. and a/. are two places), its links kept: whoever owns one of
         # them chose where the tables go
-        given = as_given(os.path.expanduser(given))
+        given = as_given(expand_user(given))
         out = _real.setdefault(given, out)
         _check_path_to(given, warn=False)
         made = missing_folders(out)

@@ -110,7 +110,7 @@ def prepare(s: SweepSettings, data: Cifar | None = None, quiet: bool = True) -> 
     root = storage_uri(s.storage)
     check_scheme(root, "--storage")
     # The path as given, its links kept: whoever owns one of them chose where the experiment goes
-    given = as_given(os.path.expanduser(s.storage)) if not is_remote(root) else root
+    given = as_given(settings.expand_user(s.storage)) if not is_remote(root) else root
     if not is_remote(root):  # before the storage is read, or the lock file made through it
         if spelled := not_utf8(given):  # (the command line refuses it first; the Python API here)
             raise PreflightError(f"--storage {spelled}: allowed: a path in UTF-8{locale_note()}")

@@ -275,8 +275,12 @@ def unprintable(text: str) -> bool:
     return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in TEXT_DIRECTION for c in text)
 
 
-def path_problem(value) -> str | None:
+PATH_MAX = 4096  # bytes of a path the kernel takes, its ending NUL included (Linux's PATH_MAX)
+
+
+def path_problem(value, local: bool = False) -> str | None:
     """Why `value` cannot name a folder or URI (a flag's value, or a Python API argument); None where it can.
+    `local`: a local folder alone (--data-dir, --download-root), where `a://b` would be a folder of that name.
     A name that is not UTF-8 (the bytes of another encoding) cannot be passed on to Ray, pyarrow or the tables,
     so it is refused here rather than halfway. A relative path counts as the full path it becomes, and a path
     through a link as the place it leads to: that is where folders are made and what the tables name."""
@@ -284,36 +288,45 @@ def path_problem(value) -> str | None:
 
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
+    kind = "a folder" if local else "a folder or URI"
     if not isinstance(value, str):  # bytes too: the tables and the console name a path as text
-        return f"{escaped(repr(value))[:80]}; allowed: a folder or URI as a str or os.PathLike"
+        return f"{escaped(repr(value))[:80]}; allowed: {kind} as a str or os.PathLike"
     if not value.strip():
-        return "an empty path; allowed: a folder or URI"
-    control = "; allowed: a folder or URI without control characters such as a newline, a tab or a text-direction mark"
+        return f"an empty path; allowed: {kind}"
+    named = escaped(value if len(value) <= 300 else value[:300] + "...")
+    control = f"; allowed: {kind} without control characters such as a newline, a tab or a text-direction mark"
     if unprintable(value):  # (before ~ is looked up: a NUL there is os's ValueError)
-        return f"invalid value '{escaped(value)}' (it holds a control character){control}"
-    utf8 = f"; allowed: a path or URI in UTF-8{locale_note()}"
+        return f"invalid value '{named}' (it holds a control character){control}"
+    utf8 = f"; allowed: a path{'' if local else ' or URI'} in UTF-8{locale_note()}"
     if spelled := not_utf8(value):
-        return f"invalid value '{spelled}'{utf8}"
+        return f"invalid value '{spelled[:300]}'{utf8}"
     if "://" in value:
-        return None
+        return f"invalid value '{named}' (a URI); allowed: a local folder" if local else None
+    if value.startswith("~") and value[1:2] in ("", "/") and not home().is_absolute():
+        return f"invalid value '{named}' (HOME={escaped(str(home()))!r} is no full path); allowed: an absolute path"
     try:
-        given = os.path.expanduser(value)  # not made normal: the kernel takes a/link/.. through the link
+        given = expand_user(value)  # not made normal: the kernel takes a/link/.. through the link
         given = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
     except OSError as exc:  # the working folder removed
         return (
-            f"invalid value '{escaped(value)}' ({exc.strerror} for the working folder, which a relative path "
-            "starts from); allowed: an absolute path, or cd into a folder that exists"
+            f"invalid value '{named}' ({exc.strerror} for the working folder, which a relative path starts from); "
+            "allowed: an absolute path, or cd into a folder that exists"
         )
-    steps = given.split("/")
-    for n in range(2, len(steps) + 1):  # each folder on the way, as the kernel walks it: x/link/.. goes through link
-        step = "/".join(steps[:n])
+    if len(os.fsencode(given)) >= PATH_MAX:
+        return (
+            f"invalid value '{named}' ({len(os.fsencode(given)):,} bytes as a full path); allowed: a path of fewer "
+            f"than {PATH_MAX} bytes, which the system takes"
+        )
+    step = ""
+    for part in given.split("/")[1:]:  # each folder on the way, as the kernel walks it: x/link/.. goes through link
+        step += "/" + part
         if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
-            return f"invalid value '{escaped(value)}' ({escaped(step)} is a link to nothing); allowed: a folder or URI"
+            return f"invalid value '{named}' ({escaped(step)} is a link to nothing); allowed: {kind}"
     for full in dict.fromkeys((os.path.abspath(given), os.path.realpath(given))):  # the tables name the real one
         if unprintable(full):
-            return f"invalid value '{escaped(value)}' (it holds a control character, as {escaped(full)}){control}"
+            return f"invalid value '{named}' (it holds a control character, as {escaped(full)}){control}"
         if spelled := not_utf8(full):
-            return f"invalid value '{escaped(value)}' (not UTF-8, as {spelled}){utf8}"
+            return f"invalid value '{named}' (not UTF-8, as {spelled}){utf8}"
     return None
 
 
@@ -392,6 +405,14 @@ def home() -> Path:
     take an empty HOME for /)."""
     given = os.environ.get("HOME", "")
     return Path(given) if given else listed_home()
+
+
+def expand_user(path: str) -> str:
+    """`path` with a leading `~` made the home folder, as home() finds it (Python alone would take an empty HOME
+    for /, and write there); `~user` as Python expands it."""
+    if path == "~" or path.startswith("~/"):
+        return str(home()) + path[1:]
+    return os.path.expanduser(path)
 
 
 def listed_home() -> Path:

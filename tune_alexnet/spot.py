@@ -18,7 +18,8 @@ from pathlib import Path
 
 ENDPOINT_VAR = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 DISABLED_VAR = "AWS_EC2_METADATA_DISABLED"
-DEFAULT_ENDPOINT = "http://169.254.169.254"
+MODE_VAR = "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE"
+DEFAULT_ENDPOINTS = {"ipv4": "http://169.254.169.254", "ipv6": "http://[fd00:ec2::254]"}  # by MODE_VAR, as botocore
 TOKEN_PATH = "/latest/api/token"
 NOTICE_PATH = "/latest/meta-data/spot/instance-action"
 TOKEN_TTL_S = 21600  # what botocore asks for
@@ -47,13 +48,19 @@ def endpoint(env=None) -> str | None:
         return None
     if env.get(ENDPOINT_VAR, "").strip():
         return env[ENDPOINT_VAR].strip().rstrip("/")
-    return DEFAULT_ENDPOINT if on_ec2() else None
+    default = DEFAULT_ENDPOINTS.get(env.get(MODE_VAR, "").strip().lower() or "ipv4")
+    return default if default and on_ec2() else None
 
 
 def endpoint_problem(env=None) -> str | None:
     """Why the endpoint set in the environment cannot be asked (an https:// URL, no host, a bad port): checked
     before a sweep starts, since a trial that cannot ask would miss every notice without a word."""
     env = os.environ if env is None else env
+    if env.get(DISABLED_VAR, "").strip().lower() == "true":
+        return None
+    mode = env.get(MODE_VAR, "").strip()
+    if mode and mode.lower() not in DEFAULT_ENDPOINTS and not env.get(ENDPOINT_VAR, "").strip():
+        return f"{MODE_VAR}={ascii(mode)[1:-1]}; allowed: IPv4 or IPv6"
     url = endpoint(env) if env.get(ENDPOINT_VAR, "").strip() else None
     if url is None or not (why := _url_problem(url)):
         return None
@@ -62,13 +69,15 @@ def endpoint_problem(env=None) -> str | None:
 
 
 def _url_problem(url: str) -> str | None:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - parsing it is the check
-    except ValueError as exc:
-        return str(exc)
+    from .settings import uri_problem
+
+    if why := uri_problem(url):  # (its words name no part of a password that reads as a port)
+        return why
+    parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http":
         return "the service is plain HTTP on the node itself"
+    if parts.port == 0:
+        return "port 0"
     return None if parts.hostname else "no host"
 
 
@@ -126,10 +135,11 @@ def request(
     if why := _url_problem(url):
         raise ValueError(f"{url}: {why}; allowed: an http:// URL")
     parts = urllib.parse.urlsplit(url)
-    lines = [f"{method} {path} HTTP/1.0", f"Host: {parts.netloc}", "Connection: close"]
+    host = parts.netloc.rpartition("@")[2]  # (a user part is no part of the Host header)
+    lines = [f"{method} {path} HTTP/1.0", f"Host: {host}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in headers.items()] + (["Content-Length: 0"] if method == "PUT" else [])
     answer = b""
-    with socket.create_connection((parts.hostname, parts.port or 80), timeout=_left(deadline)) as conn:
+    with socket.create_connection((parts.hostname, 80 if parts.port is None else parts.port), _left(deadline)) as conn:
         conn.settimeout(_left(deadline))
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         while len(answer) <= BODY_LIMIT + HEADER_LIMIT and not _whole(answer):

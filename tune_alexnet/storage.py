@@ -123,7 +123,9 @@ def locale_note() -> str:
 def storage_uri(storage: str) -> str:
     """An absolute local path (Ray rejects relative ones) or the URI as given."""
     # (os.path.realpath: Path.resolve raises RuntimeError on a link loop, which the checks after this name)
-    return storage if is_remote(storage) else os.path.realpath(os.path.expanduser(storage))  # ~nobody: as given
+    from .settings import expand_user
+
+    return storage if is_remote(storage) else os.path.realpath(expand_user(storage))  # ~nobody: as given
 
 
 def experiment_uri(root: str, name: str) -> str:
