@@ -2,6 +2,7 @@
 
 import os
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,17 @@ def test_a_path_is_checked_as_the_system_and_the_package_take_it(tmp_path, monke
             api.table(deep)
     with pytest.raises(CheckpointError, match="is a link to nothing"):
         api.load_model("dl/../ckpt")  # read where the kernel goes: through dl
+    # a tune.Checkpoint's path is checked as a path given as text (its newline was a message of two lines)
+    from ray import tune
+
+    (tmp_path / "ck\nfake").mkdir()
+    for ckpt, why in ((tune.Checkpoint(str(tmp_path / "ck\nfake")), r"^checkpoint.path: .*control character"),
+                      (tune.Checkpoint(f"{tmp_path}/x\x1b[2J"), r"^checkpoint.path: .*control character"),
+                      (tune.Checkpoint(str(tmp_path / "dl")), r"^checkpoint.path: .*dl is a link to nothing"),
+                      (types.SimpleNamespace(filesystem=None, path="/x"), r"^checkpoint.filesystem: None; allowed")):  # fmt: skip
+        with pytest.raises(CheckpointError, match=why):
+            api.load_model(ckpt)
+    (tmp_path / "ck\nfake").rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]
 
 

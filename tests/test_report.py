@@ -180,6 +180,32 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
     assert os.listdir(work) == []
 
 
+def test_a_fifo_in_the_private_matplotlib_folder_is_refused_not_opened(tmp_path, monkeypatch):
+    """matplotlib opens its matplotlibrc at its import: a FIFO there held the sweep's last step (the report) for
+    ever, deaf to stop signals."""
+    import shutil
+    import tempfile
+
+    from tune_alexnet import cluster
+    from tune_alexnet.export import ExportError
+    from tune_alexnet.report import _private_matplotlib_folder
+
+    short = tempfile.mkdtemp(prefix="mpl", dir="/tmp")  # (a TMPDIR too long for Ray's socket names is passed over)
+    try:
+        monkeypatch.setenv("TMPDIR", short)
+        monkeypatch.setattr(tempfile, "tempdir", None)
+        folder = Path(cluster.private_temp_dir()) / "matplotlib"
+        assert folder.parent.parent == Path(short) and _private_matplotlib_folder() == str(folder)
+        folder.mkdir()
+        (folder / "fontlist.json").write_text("{}")
+        assert _private_matplotlib_folder() == str(folder)  # what matplotlib makes there is fine
+        os.mkfifo(folder / "matplotlibrc")
+        with pytest.raises(ExportError, match=r"holds 'matplotlibrc', which is not a file or folder of this user's"):
+            _private_matplotlib_folder()
+    finally:
+        shutil.rmtree(short)
+
+
 @pytest.mark.parametrize(
     "planted",
     [

@@ -163,7 +163,14 @@ def _location(checkpoint) -> tuple:
     import pyarrow.fs
 
     if hasattr(checkpoint, "filesystem") and hasattr(checkpoint, "path"):  # a tune.Checkpoint
-        return checkpoint.filesystem, checkpoint.path, checkpoint.path
+        fs, path = checkpoint.filesystem, checkpoint.path
+        if not isinstance(fs, pyarrow.fs.FileSystem):
+            raise CheckpointError(f"checkpoint.filesystem: {repr(fs)[:60]}; allowed: a pyarrow FileSystem")
+        local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+        if why := path_problem(path if local or not isinstance(path, str) else f"{fs.type_name}://{path}"):
+            raise CheckpointError(f"checkpoint.path: {why}")
+        path = storage_uri(path) if local else path
+        return fs, path, path
     if isinstance(checkpoint, bytes):  # a bytes path as os.fspath takes it
         checkpoint = os.fsdecode(checkpoint)
     if why := path_problem(checkpoint):  # (None would be the folder "None")

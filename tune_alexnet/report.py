@@ -170,9 +170,16 @@ def _private_matplotlib_folder() -> str:
     from .storage import first_line, make_folders
 
     try:
-        return os.path.join(private_temp_dir(), "matplotlib")
+        private = os.path.join(private_temp_dir(), "matplotlib")
     except (UnsafeTempDir, OSError) as exc:
         why = first_line(exc)
+    else:  # this user's alone: what is odd in it was put there by one of this user's programs (a FIFO: a hang)
+        if os.path.isdir(private) and (odd := _not_made_by_this_user(Path(private))):
+            raise ExportError(
+                f"the figures cannot be drawn: matplotlib's folder {private} holds {odd.split(',')[0]}, which is not "
+                "a file or folder of this user's; allowed: remove that folder (it is made anew)"
+            )
+        return private
     folder = listed_home() / ".cache" / "tune-alexnet" / "matplotlib"
     try:
         if not folder.is_absolute():  # (a uid with no entry in the password database: HOME as given)
