@@ -26,7 +26,7 @@ def imds():
 
         def do_GET(self):
             status, body = answer["notice"] if self.headers.get("X-aws-ec2-metadata-token") else (401, b"")
-            answer["host"] = self.headers.get("Host")
+            answer["host"], answer["path"] = self.headers.get("Host"), self.path
             self._send(status, body)
 
         def _send(self, status, body):
@@ -60,6 +60,9 @@ def test_only_awss_notice_counts_as_one(imds):
     answer["notice"] = (200, json.dumps(notice).encode())
     assert NoticeReader(url.replace("http://", "http://user:pw@")).notice() == notice
     assert answer["host"] == url.removeprefix("http://")
+    # an endpoint with a path of its own is asked below it, as botocore asks (it was asked at the host's root)
+    assert NoticeReader(url + "/prefix/").notice() == notice
+    assert answer["path"] == "/prefix/latest/meta-data/spot/instance-action"
 
 
 @pytest.mark.timeout(60)
@@ -178,7 +181,8 @@ def test_the_endpoint_is_found_as_botocore_finds_it(monkeypatch):
 
 
 @pytest.mark.parametrize("given", ["https://169.254.169.254", "http://", "http://[::1", "http://127.0.0.1:99999",
-                                   "http://127.0.0.1:0", "http://admin:pa55/w0rd@127.0.0.1:1338"])  # fmt: skip
+                                   "http://127.0.0.1:0", "http://admin:pa55/w0rd@127.0.0.1:1338",
+                                   "http://127.0.0.1:1338/?x=1", "http://127.0.0.1:1338/a b"])  # fmt: skip
 def test_an_endpoint_that_cannot_be_asked_is_refused_before_the_sweep_starts(given, synthetic_dir, tmp_path,
                                                                               monkeypatch, capsys):  # fmt: skip
     """A trial that cannot ask the service misses every notice without a word: an https:// endpoint (which the

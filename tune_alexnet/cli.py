@@ -38,6 +38,7 @@ from .settings import (
     WANDB_PROJECT_ALLOWED,
     Grid,
     RedactedError,
+    clipped,
     escaped,
     expand_user,
     home,
@@ -174,9 +175,8 @@ def _bounded(name: str):
 def _name(text: str) -> str:
     """An experiment name stays one folder inside --storage: no separators, no '..', not too long."""
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", text) or len(text) > MAX_NAME:
-        shown = text if len(text) <= 40 else text[:40] + "..."
         raise argparse.ArgumentTypeError(
-            f"invalid value {shown!r}; allowed: letters, digits, '.', '_' and '-', "
+            f"invalid value {clipped(text, 40, '...')!r}; allowed: letters, digits, '.', '_' and '-', "
             f"not starting with '.' or '-', at most {MAX_NAME} characters"
         )
     return text
@@ -224,7 +224,7 @@ def _tracking_uri(text: str) -> str:
 def _wandb_project(text: str) -> str:
     """--wandb's project, checked as an experiment's record of it is (settings.wandb_project_ok)."""
     if not wandb_project_ok(text):
-        named = escaped(text if len(text) <= 40 else text[:40] + "...")
+        named = clipped(escaped(text), 40, "...")
         raise argparse.ArgumentTypeError(f"invalid value '{named}'; allowed: {WANDB_PROJECT_ALLOWED}")
     return text
 

@@ -32,7 +32,7 @@ from .export import (
 )
 from .grid import run_number
 from .page import write_page
-from .settings import DIMENSIONS, EPOCHS, read_settings
+from .settings import DIMENSIONS, EPOCHS, clipped, read_settings
 from .storage import is_remote
 
 EVERY_S = 30.0  # as often as the console's progress line
@@ -88,7 +88,7 @@ class LivePage(tune.Callback):
             # a storage gone read-only: the disk guard's line says so, with the way on
             shut = not is_remote(self.exp_uri) and os.path.isdir(self.exp_uri) and not os.access(self.exp_uri, os.W_OK)
             level = logging.WARNING if self.failures == 1 and not shut else logging.INFO
-            log.log(level, "the study page was not written: %s: %s", type(exc).__name__, str(exc)[:300])
+            log.log(level, "the study page was not written: %s: %s", type(exc).__name__, clipped(str(exc), 300))
 
     def experiment(self, trials: list) -> Experiment:
         """The tables as export would write them now, from the trials' reports (and, on --resume, the folder)."""
@@ -174,4 +174,4 @@ def _error_line(trial) -> str:
     except Exception:
         error = None
     lines = [ln.strip() for ln in str(error or "").splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "error"
+    return clipped(lines[-1], 500) if lines else "error"

@@ -253,7 +253,7 @@ def check_path_length(root: str, exp_path: str) -> None:
     if longest > limit:
         allowed = limit - TRIAL_PATH_ROOM - (len(os.fsencode(exp_path)) - len(os.fsencode(root)))
         raise PreflightError(
-            f"--storage {root[:40]}... is {len(os.fsencode(root))} characters long, so trial files below it would "
+            f"--storage {settings.clipped(root, 40, '...')} is {len(os.fsencode(root))} characters long, so trial files below it would "
             f"pass the file system's {limit}-character path limit; allowed: a --storage path of at most {allowed} "
             "characters"
         )
@@ -290,7 +290,7 @@ def _check_remote(root: str) -> None:
     try:
         within(REACH_TIMEOUT_S, probe)
     except Exception as exc:  # pyarrow raises OSError, ValueError or ArrowInvalid depending on the failure
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PreflightError(
             f"--storage {root} cannot be reached ({reason}); allowed: a bucket URI your "
             f"credentials can read and write, or a local folder"
@@ -600,7 +600,7 @@ def _reason(exc: OSError) -> str:
     """An OSError's reason in a few words: pyarrow's carry a long text in place of the system's words."""
     if isinstance(exc, PermissionError):
         return "Permission denied"
-    return (str(exc.strerror or exc).splitlines() or [""])[0][:200]
+    return settings.clipped((str(exc.strerror or exc).splitlines() or [""])[0], 200)
 
 
 def _check_restorable(exp_uri: str, root: str, name: str) -> None:
@@ -733,7 +733,7 @@ def no_fresh_start(exp_uri: str, name: str):
 
 def restore_refused(exp_uri: str, name: str, exc: BaseException | None) -> PreflightError:
     """The one line for a resume whose state Tune cannot restore (Tuner.restore, or the run state in fit)."""
-    cause = f"{type(exc).__name__}: {exc}"[:200] if exc is not None else "see driver.log"
+    cause = settings.clipped(f"{type(exc).__name__}: {exc}", 200) if exc is not None else "see driver.log"
     return PreflightError(
         f"--resume: Tune could not restore experiment {name!r} from its state ({cause}); its state and tables are "
         f"left as they were; what finished is in 'tune-alexnet export {exp_uri}'; {_what_is_left(exp_uri, name)}"
@@ -1493,7 +1493,7 @@ def _auto_address(given_as: str) -> str:
     try:
         found, why = canonicalize_bootstrap_address("auto"), "none found"
     except Exception as exc:  # none, several, or an address file that cannot be read
-        found, why = None, (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+        found, why = None, first_line(exc)
     if not found:
         raise PreflightError(f"{given_as} auto: no Ray cluster to join was found on this machine ({why}); "
                              f"{cluster.ADDRESS_ALLOWED}")  # fmt: skip

@@ -218,12 +218,12 @@ def check(s: SweepSettings) -> None:
             raise ValueError(f"{name}: {value!r}; allowed: text")
         if name != "wandb" and value and (unprintable(value) or not_utf8(value)):
             # as the flags refuse them (W&B's project: below): a record's NUL in data_dir failed deep in loading
-            raise ValueError(f"{name}: '{redacted(ascii(value[:80])[1:-1])}'; allowed: UTF-8 text without control "
+            raise ValueError(f"{name}: '{clipped(ascii(value)[1:-1], 80)}'; allowed: UTF-8 text without control "
                              "characters")  # fmt: skip
     if s.mlflow is not None and (why := uri_problem(s.mlflow)):
         raise ValueError(f"mlflow: '{redacted(printable(s.mlflow))}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
     if s.wandb is not None and not wandb_project_ok(s.wandb):
-        raise ValueError(f"wandb: '{printable(s.wandb[:40])}'; allowed: {WANDB_PROJECT_ALLOWED}")
+        raise ValueError(f"wandb: '{clipped(printable(s.wandb), 40)}'; allowed: {WANDB_PROJECT_ALLOWED}")
     for name in ("shared_storage", "resume", "allow_data_change"):
         if not isinstance(getattr(s, name), bool):
             raise ValueError(f"{name}: {getattr(s, name)!r}; allowed: true or false")
@@ -290,16 +290,16 @@ def path_problem(value, local: bool = False) -> str | None:
         value = os.fspath(value)
     kind = "a folder" if local else "a folder or URI"
     if not isinstance(value, str):  # bytes too: the tables and the console name a path as text
-        return f"{escaped(repr(value))[:80]}; allowed: {kind} as a str or os.PathLike"
+        return f"{clipped(escaped(repr(value)), 80)}; allowed: {kind} as a str or os.PathLike"
     if not value.strip():
         return f"an empty path; allowed: {kind}"
-    named = escaped(value if len(value) <= 300 else value[:300] + "...")
+    named = clipped(escaped(value), 300, "...")
     control = f"; allowed: {kind} without control characters such as a newline, a tab or a text-direction mark"
     if unprintable(value):  # (before ~ is looked up: a NUL there is os's ValueError)
         return f"invalid value '{named}' (it holds a control character){control}"
     utf8 = f"; allowed: a path{'' if local else ' or URI'} in UTF-8{locale_note()}"
     if spelled := not_utf8(value):
-        return f"invalid value '{spelled[:300]}'{utf8}"
+        return f"invalid value '{clipped(spelled, 300, '...')}'{utf8}"
     if "://" in value:
         return f"invalid value '{named}' (a URI); allowed: a local folder" if local else None
     if value.startswith("~") and value[1:2] in ("", "/") and not home().is_absolute():
@@ -328,6 +328,13 @@ def path_problem(value, local: bool = False) -> str | None:
         if spelled := not_utf8(full):
             return f"invalid value '{named}' (not UTF-8, as {spelled}){utf8}"
     return None
+
+
+def clipped(text: str, most: int, more: str = "") -> str:
+    """`text` with its secrets hidden, then cut to `most` characters (`more` added where it was cut): cut first, a
+    password cut before its '@' would no longer read as one, and be shown."""
+    text = redacted(text)
+    return text if len(text) <= most else text[:most] + more
 
 
 def escaped(text: str) -> str:

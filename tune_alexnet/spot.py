@@ -78,6 +78,10 @@ def _url_problem(url: str) -> str | None:
         return "the service is plain HTTP on the node itself"
     if parts.port == 0:
         return "port 0"
+    if not url.isprintable() or " " in url:  # it goes into the request line
+        return "a space or control character"
+    if parts.query or parts.fragment or "#" in url:
+        return "a query or fragment, which botocore would put before the path it asks"
     return None if parts.hostname else "no host"
 
 
@@ -136,6 +140,7 @@ def request(
         raise ValueError(f"{url}: {why}; allowed: an http:// URL")
     parts = urllib.parse.urlsplit(url)
     host = parts.netloc.rpartition("@")[2]  # (a user part is no part of the Host header)
+    path = parts.path.rstrip("/") + path  # below the endpoint's own path, as botocore asks
     lines = [f"{method} {path} HTTP/1.0", f"Host: {host}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in headers.items()] + (["Content-Length: 0"] if method == "PUT" else [])
     answer = b""

@@ -28,6 +28,7 @@ from ray import tune
 
 from . import spot
 from .settings import say
+from .storage import first_line
 
 STOP_WAIT_S = 60.0  # the longest a stop waits for the running trials' saved states
 POLL_S = 0.5  # how often a trial looks at the stop flag
@@ -137,7 +138,7 @@ class SaveFirst:
 
             internal_kv._internal_kv_put(self.key, STOP, overwrite=True, namespace=KV_NAMESPACE)
         except Exception as exc:  # the trials cannot be told: stop as Tune would
-            say(f"tune-alexnet: the trials could not be asked to save ({str(exc)[:200]}); stopping now")
+            say(f"tune-alexnet: the trials could not be asked to save ({first_line(exc)}); stopping now")
             self.stop_tune()
             return
         self.wake.wait(self.wait_s)

@@ -461,8 +461,11 @@ def _size(n: int) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """An error's message, in one line of at most 200 characters (its type where it has none)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """An error's message, in one line of at most 200 characters (its type where it has none), its secrets hidden
+    before it is cut."""
+    from .settings import clipped
+
+    return clipped((str(exc).strip().splitlines() or [type(exc).__name__])[0], 200)
 
 
 def shown(value) -> str:
