@@ -137,6 +137,22 @@ def test_a_path_is_checked_as_the_system_and_the_package_take_it(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]
 
 
+@pytest.mark.timeout(60)
+def test_a_long_run_of_uri_like_words_is_refused_at_once():
+    """Its secrets are looked for in what the line shows, not in the whole value: that search takes time growing
+    with the square of a word's length (163 s for this one from the command line)."""
+    with pytest.raises(ExportError, match=r"^experiment: invalid value 'a:/a:/.*\.\.\.' \(129,"):
+        api.table("a:/" * 43_000)
+    with pytest.raises(ExportError, match=r"^experiment: invalid value 'a:/a:/.*\.\.\.' \(it holds a control"):
+        api.table("a:/" * 300_000 + "\x00")
+    from tune_alexnet.checkpoint import CheckpointError
+
+    key = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"  # a long secret, hidden before the line is cut
+    with pytest.raises(CheckpointError, match=r"^checkpoint.filesystem: 's3://AKIA:\*\*\*@my-b") as refused:
+        api.load_model(types.SimpleNamespace(filesystem=f"s3://AKIA:{key}@my-bucket/exp", path="exp/ckpt"))
+    assert "wJalr" not in str(refused.value)
+
+
 def test_best_run_takes_a_results_table_alone_and_picks_one_row_of_joined_tables():
     table = pd.DataFrame({"final_accuracy": [50.0, 20.0], "run": [1, 2], "trial_id": ["t_00000", "t_00001"]})
     joined = pd.concat([table, table.assign(final_accuracy=[20.0, 10.0])])  # the index repeats: 0, 1, 0, 1

@@ -1,5 +1,6 @@
 """Reports from real small experiments: figures, statistics equal to the table's, the original's numbers."""
 
+import contextlib
 import os
 import shutil
 import stat
@@ -183,9 +184,6 @@ def test_figures_find_a_private_folder_where_no_temporary_one_can_be_written(tmp
 def test_a_fifo_in_the_private_matplotlib_folder_is_refused_not_opened(tmp_path, monkeypatch):
     """matplotlib opens its matplotlibrc at its import: a FIFO there held the sweep's last step (the report) for
     ever, deaf to stop signals."""
-    import shutil
-    import tempfile
-
     from tune_alexnet import cluster
     from tune_alexnet.export import ExportError
     from tune_alexnet.report import _private_matplotlib_folder
@@ -199,6 +197,21 @@ def test_a_fifo_in_the_private_matplotlib_folder_is_refused_not_opened(tmp_path,
         folder.mkdir()
         (folder / "fontlist.json").write_text("{}")
         assert _private_matplotlib_folder() == str(folder)  # what matplotlib makes there is fine
+        (folder / "fontlist.json").chmod(0o664)  # a umask of 002: no opening in a folder only this user enters
+        assert _private_matplotlib_folder() == str(folder)
+        real_scandir = os.scandir
+
+        @contextlib.contextmanager
+        def racing(path):  # matplotlib's lock file goes between the listing and its stat: passed over
+            with real_scandir(path) as found:
+                entries = list(found)
+            (folder / "fontlist.json.matplotlib-lock").unlink(missing_ok=True)
+            yield iter(entries)
+
+        (folder / "fontlist.json.matplotlib-lock").write_text("")
+        monkeypatch.setattr(os, "scandir", racing)
+        assert _private_matplotlib_folder() == str(folder)
+        monkeypatch.setattr(os, "scandir", real_scandir)
         os.mkfifo(folder / "matplotlibrc")
         with pytest.raises(ExportError, match=r"holds 'matplotlibrc', which is not a file or folder of this user's"):
             _private_matplotlib_folder()

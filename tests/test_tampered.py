@@ -824,6 +824,32 @@ LOAD_CASES = {
 }
 
 
+@pytest.mark.timeout(120)
+def test_a_record_field_of_a_megabyte_of_uri_like_words_is_refused_at_once(folder, capsys):
+    """Hiding secrets takes time growing with the square of a word's length: a refusal that hid them in a whole
+    field before cutting it to the line (a planted 1 MB data_dir) ran for hours."""
+    folder.settings(lambda s: {**s, "data_dir": "\x00" + "a:/" * 300_000})
+    code, err = _run(["export", str(folder.exp)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "data_dir: '\\x00a:/a:/" in err, err[:500]
+
+
+def test_a_secret_in_a_trials_error_is_hidden_in_the_tables_the_report_and_the_page(folder, capsys):
+    """A failed trial's last error line went into results.csv, results.parquet, report.md and the study page as
+    written: an MLflow or bucket URI in it showed its password there (the page shown during the sweep hid it)."""
+    _, trial = folder.trial("errored")
+    secret = "Sup3rS3cretPassw0rd" + "x" * 300  # past the table's cut of the line: hidden before the cut
+    with (trial / "error.txt").open("a") as f:
+        f.write(f"mlflow.exceptions.MlflowException: API request to http://alice:{secret}@mlflow.example.com:5000 "
+                "failed\n")  # fmt: skip
+    for command in ("export", "report"):
+        code, err = _run([command, str(folder.exp)], capsys)
+        assert code == 0 and "Sup3r" not in err, err
+    table = pd.read_parquet(folder.exp / "results.parquet")
+    assert table["error"].str.contains("http://alice:***@", regex=False).any()
+    for name in ("results.parquet", "results.csv", "report.md", "report.html", "report-data.js"):
+        assert b"Sup3r" not in (folder.exp / name).read_bytes(), name
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("case", list(LOAD_CASES), ids=list(LOAD_CASES))
 def test_load_model_refuses_a_checkpoint_that_lies(case, ckpt):

@@ -31,7 +31,7 @@ import torch
 from .augment import normalize, prepare_eval
 from .data import CLASS_NAME_LIMIT, IMAGE_SIZE, PIL_MODES, tile_problem
 from .model import AlexNet
-from .settings import BOUNDS, NUM_CLASSES, RedactedError, expand_user, path_problem
+from .settings import BOUNDS, NUM_CLASSES, RedactedError, escaped, expand_user, path_problem
 from .storage import (
     JSON_LIMIT,
     RefusedFile,
@@ -165,7 +165,7 @@ def _location(checkpoint) -> tuple:
     if hasattr(checkpoint, "filesystem") and hasattr(checkpoint, "path"):  # a tune.Checkpoint
         fs, path = checkpoint.filesystem, checkpoint.path
         if not isinstance(fs, pyarrow.fs.FileSystem):
-            raise CheckpointError(f"checkpoint.filesystem: {repr(fs)[:60]}; allowed: a pyarrow FileSystem")
+            raise CheckpointError(f"checkpoint.filesystem: {escaped(repr(fs), 60)}; allowed: a pyarrow FileSystem")
         local = isinstance(fs, pyarrow.fs.LocalFileSystem)
         if why := path_problem(path if local or not isinstance(path, str) else f"{fs.type_name}://{path}"):
             raise CheckpointError(f"checkpoint.path: {why}")

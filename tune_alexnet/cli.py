@@ -224,7 +224,7 @@ def _tracking_uri(text: str) -> str:
 def _wandb_project(text: str) -> str:
     """--wandb's project, checked as an experiment's record of it is (settings.wandb_project_ok)."""
     if not wandb_project_ok(text):
-        named = clipped(escaped(text), 40, "...")
+        named = escaped(text, 40, "...")
         raise argparse.ArgumentTypeError(f"invalid value '{named}'; allowed: {WANDB_PROJECT_ALLOWED}")
     return text
 

@@ -45,7 +45,6 @@ from .settings import (
     from_record,
     is_uri,
     path_problem,
-    printable,
     read_settings,
     redacted,
     say,
@@ -217,7 +216,7 @@ def best_run(table: pd.DataFrame) -> pd.Series | None:
     accuracy. The console's progress line and summary, the report and the tables all pick with this rule."""
     table = table.table if isinstance(table, Experiment) else table
     if not isinstance(table, pd.DataFrame):
-        raise ExportError(f"{escaped(repr(table))[:80]} is not a results table; allowed: {TABLE_ALLOWED}")
+        raise ExportError(f"{escaped(repr(table), 80)} is not a results table; allowed: {TABLE_ALLOWED}")
     columns = table.columns
     if columns.nlevels != 1 or not columns.is_unique:
         raise ExportError(f"a DataFrame with repeated or nested column names is not a results table; allowed: "
@@ -735,7 +734,7 @@ def _error_line(fs, base: str, folder: str) -> str:
     except OSError as exc:
         return f"error ({first_line(exc)})"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return printable(lines[-1])[:ERROR_LINE] if lines else "error"  # a table or a terminal shows it
+    return escaped(lines[-1], ERROR_LINE) if lines else "error"  # a table, a page or a terminal shows it
 
 
 def epoch_frame(records: list[dict], row: dict) -> pd.DataFrame:

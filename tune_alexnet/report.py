@@ -174,10 +174,15 @@ def _private_matplotlib_folder() -> str:
     except (UnsafeTempDir, OSError) as exc:
         why = first_line(exc)
     else:  # this user's alone: what is odd in it was put there by one of this user's programs (a FIFO: a hang)
-        if os.path.isdir(private) and (odd := _not_made_by_this_user(Path(private))):
+        try:
+            odd = _not_made_by_this_user(Path(private), shared=False) if os.path.isdir(private) else None
+            odd = odd and f"holds {odd.split(',')[0]}, which is not a file or folder of this user's"
+        except OSError as exc:
+            odd = f"cannot be read ({first_line(exc)})"
+        if odd:
             raise ExportError(
-                f"the figures cannot be drawn: matplotlib's folder {private} holds {odd.split(',')[0]}, which is not "
-                "a file or folder of this user's; allowed: remove that folder (it is made anew)"
+                f"the figures cannot be drawn: matplotlib's folder {private} {odd}; allowed: remove that folder (it "
+                "is made anew)"
             )
         return private
     folder = listed_home() / ".cache" / "tune-alexnet" / "matplotlib"
@@ -207,25 +212,34 @@ def _private_matplotlib_folder() -> str:
     return str(folder)
 
 
-def _not_made_by_this_user(folder: Path, most: int = 10_000) -> str | None:
+def _not_made_by_this_user(folder: Path, most: int = 10_000, shared: bool = True) -> str | None:
     """The first entry below `folder` that another user made or could write, or that is neither a plain file nor a
     folder: matplotlib rewrites its font cache there through a link, and its import reads every stylelib/*.mplstyle
-    (a FIFO's hang). Walked without recursion (os.walk's ran past Python's stack on a deep tree), `most` entries."""
+    (a FIFO's hang). Walked without recursion (os.walk's ran past Python's stack on a deep tree), `most` entries.
+    `shared=False`: a folder inside one only this user can enter, where a group's write bit (umask 002) is no
+    opening. An entry that goes while it is walked (matplotlib's lock file) is passed over."""
     from .cluster import others_can_write
 
     pending, seen = [str(folder)], 0
     while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                seen += 1
+        try:
+            with os.scandir(pending.pop()) as found:
+                entries = list(found)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            seen += 1
+            try:
                 st = entry.stat(follow_symlinks=False)
-                kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-                if st.st_uid != os.getuid() or not kind_ok or others_can_write(st):
-                    return f"{os.path.relpath(entry.path, folder)!r}, which another user could have planted"
-                if seen > most:
-                    return f"more than {most:,} entries, more than matplotlib makes"
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append(entry.path)
+            except FileNotFoundError:
+                continue
+            kind_ok = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            if st.st_uid != os.getuid() or not kind_ok or (shared and others_can_write(st)):
+                return f"{os.path.relpath(entry.path, folder)!r}, which another user could have planted"
+            if seen > most:
+                return f"more than {most:,} entries, more than matplotlib makes"
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
     return None
 
 

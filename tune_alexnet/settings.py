@@ -290,10 +290,10 @@ def path_problem(value, local: bool = False) -> str | None:
         value = os.fspath(value)
     kind = "a folder" if local else "a folder or URI"
     if not isinstance(value, str):  # bytes too: the tables and the console name a path as text
-        return f"{clipped(escaped(repr(value)), 80)}; allowed: {kind} as a str or os.PathLike"
+        return f"{escaped(repr(value), 80)}; allowed: {kind} as a str or os.PathLike"
     if not value.strip():
         return f"an empty path; allowed: {kind}"
-    named = clipped(escaped(value), 300, "...")
+    named = escaped(value, 300, "...")
     control = f"; allowed: {kind} without control characters such as a newline, a tab or a text-direction mark"
     if unprintable(value):  # (before ~ is looked up: a NUL there is os's ValueError)
         return f"invalid value '{named}' (it holds a control character){control}"
@@ -303,7 +303,7 @@ def path_problem(value, local: bool = False) -> str | None:
     if "://" in value:
         return f"invalid value '{named}' (a URI); allowed: a local folder" if local else None
     if value.startswith("~") and value[1:2] in ("", "/") and not home().is_absolute():
-        return f"invalid value '{named}' (HOME={escaped(str(home()))!r} is no full path); allowed: an absolute path"
+        return f"invalid value '{named}' (HOME='{escaped(str(home()), 300, '...')}' is no full path); allowed: an absolute path"
     try:
         given = expand_user(value)  # not made normal: the kernel takes a/link/.. through the link
         given = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
@@ -321,25 +321,32 @@ def path_problem(value, local: bool = False) -> str | None:
     for part in given.split("/")[1:]:  # each folder on the way, as the kernel walks it: x/link/.. goes through link
         step += "/" + part
         if os.path.islink(step) and not os.path.exists(step):  # a folder made there is made where it points
-            return f"invalid value '{named}' ({escaped(step)} is a link to nothing); allowed: {kind}"
+            return f"invalid value '{named}' ({escaped(step, 300, '...')} is a link to nothing); allowed: {kind}"
     for full in dict.fromkeys((os.path.abspath(given), os.path.realpath(given))):  # the tables name the real one
         if unprintable(full):
-            return f"invalid value '{named}' (it holds a control character, as {escaped(full)}){control}"
+            return f"invalid value '{named}' (it holds a control character, as {escaped(full, 300, '...')}){control}"
         if spelled := not_utf8(full):
             return f"invalid value '{named}' (not UTF-8, as {spelled}){utf8}"
     return None
 
 
+CLIP_SLACK = 1024  # characters read past a cut, for a secret the cut would split: no credential is longer
+
+
 def clipped(text: str, most: int, more: str = "") -> str:
     """`text` with its secrets hidden, then cut to `most` characters (`more` added where it was cut): cut first, a
-    password cut before its '@' would no longer read as one, and be shown."""
-    text = redacted(text)
-    return text if len(text) <= most else text[:most] + more
+    password cut before its '@' would no longer read as one, and be shown. Only `most` + CLIP_SLACK characters are
+    read: hiding takes time growing with the square of a word's length, on a long run of URI-like words."""
+    hidden = redacted(text[: most + CLIP_SLACK])
+    return hidden if len(hidden) <= most and len(text) <= most + CLIP_SLACK else hidden[:most] + more
 
 
-def escaped(text: str) -> str:
+def escaped(text: str, most: int | None = None, more: str = "") -> str:
     """`text` on one line: each character that does not print spelled as Python does (\\n, \\t, \\x1b), its
-    secrets hidden (redacted after the escaping, so a secret glued on by a control character is hidden too)."""
+    secrets hidden (redacted after the escaping, so a secret glued on by a control character is hidden too); with
+    `most`, cut as clipped cuts."""
+    if most is not None:
+        return clipped(printable(text[: most + CLIP_SLACK]).replace("\t", "\\t"), most, more)
     return redacted(printable(text).replace("\t", "\\t"))
 
 
