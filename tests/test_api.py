@@ -147,10 +147,22 @@ def test_a_long_run_of_uri_like_words_is_refused_at_once():
         api.table("a:/" * 300_000 + "\x00")
     from tune_alexnet.checkpoint import CheckpointError
 
+    for flags in ({"precision": "a:/" * 43_000}, {"mlflow": "http://[" + "a:/" * 40_000}, {"epochs": "a:/" * 16_000}):
+        with pytest.raises(
+            ValueError, match=r"^tune-alexnet sweep: error: argument --\w+: invalid (value|choice:) '(a:/a:/|http)"
+        ):
+            api.settings(**flags)  # (the refusal names the value cut to a line of at most 4,096 characters)
+    with pytest.raises(ValueError) as refused:
+        api.settings(precision="a:/" * 43_000)
+    assert len(str(refused.value)) < 4_400
     key = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"  # a long secret, hidden before the line is cut
     with pytest.raises(CheckpointError, match=r"^checkpoint.filesystem: 's3://AKIA:\*\*\*@my-b") as refused:
         api.load_model(types.SimpleNamespace(filesystem=f"s3://AKIA:{key}@my-bucket/exp", path="exp/ckpt"))
     assert "wJalr" not in str(refused.value)
+    import pyarrow.fs
+
+    with pytest.raises(CheckpointError, match=r"^/nonexistent/ckpt/model.json is missing"):  # a Path: a path
+        api.load_model(types.SimpleNamespace(filesystem=pyarrow.fs.LocalFileSystem(), path=Path("/nonexistent/ckpt")))
 
 
 def test_best_run_takes_a_results_table_alone_and_picks_one_row_of_joined_tables():

@@ -169,6 +169,7 @@ def _location(checkpoint) -> tuple:
         local = isinstance(fs, pyarrow.fs.LocalFileSystem)
         if why := path_problem(path if local or not isinstance(path, str) else f"{fs.type_name}://{path}"):
             raise CheckpointError(f"checkpoint.path: {why}")
+        path = os.fspath(path)  # (a Path, where it is no tune.Checkpoint's own str)
         path = storage_uri(path) if local else path
         return fs, path, path
     if isinstance(checkpoint, bytes):  # a bytes path as os.fspath takes it

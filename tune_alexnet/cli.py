@@ -44,7 +44,6 @@ from .settings import (
     home,
     home_problem,
     path_problem,
-    redacted,
     say,
     shown,
     stdout_lost,
@@ -216,7 +215,9 @@ def _tracking_uri(text: str) -> str:
     unclosed `[::1` would otherwise be a traceback from deep inside the preflight."""
     text = _place(text)
     if why := uri_problem(text):
-        raise argparse.ArgumentTypeError(f"invalid value '{redacted(text)}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
+        raise argparse.ArgumentTypeError(
+            f"invalid value '{escaped(text, 300, '...')}' ({why}); allowed: {TRACKING_URI_ALLOWED}"
+        )
     return text
 
 

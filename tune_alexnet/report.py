@@ -176,7 +176,9 @@ def _private_matplotlib_folder() -> str:
     else:  # this user's alone: what is odd in it was put there by one of this user's programs (a FIFO: a hang)
         try:
             odd = _not_made_by_this_user(Path(private), shared=False) if os.path.isdir(private) else None
-            odd = odd and f"holds {odd.split(',')[0]}, which is not a file or folder of this user's"
+            if odd and not odd.startswith("more than"):
+                odd = f"{odd.split(', which')[0]}, which is not a file or folder of this user's"
+            odd = odd and f"holds {odd}"
         except OSError as exc:
             odd = f"cannot be read ({first_line(exc)})"
         if odd:

@@ -221,7 +221,7 @@ def check(s: SweepSettings) -> None:
             raise ValueError(f"{name}: '{clipped(ascii(value)[1:-1], 80)}'; allowed: UTF-8 text without control "
                              "characters")  # fmt: skip
     if s.mlflow is not None and (why := uri_problem(s.mlflow)):
-        raise ValueError(f"mlflow: '{redacted(printable(s.mlflow))}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
+        raise ValueError(f"mlflow: '{escaped(s.mlflow, 300, '...')}' ({why}); allowed: {TRACKING_URI_ALLOWED}")
     if s.wandb is not None and not wandb_project_ok(s.wandb):
         raise ValueError(f"wandb: '{clipped(printable(s.wandb), 40)}'; allowed: {WANDB_PROJECT_ALLOWED}")
     for name in ("shared_storage", "resume", "allow_data_change"):
@@ -326,7 +326,7 @@ def path_problem(value, local: bool = False) -> str | None:
         if unprintable(full):
             return f"invalid value '{named}' (it holds a control character, as {escaped(full, 300, '...')}){control}"
         if spelled := not_utf8(full):
-            return f"invalid value '{named}' (not UTF-8, as {spelled}){utf8}"
+            return f"invalid value '{named}' (not UTF-8, as {clipped(spelled, 300, '...')}){utf8}"
     return None
 
 
@@ -491,10 +491,15 @@ def stdout_lost() -> bool:
     return _stdout_lost
 
 
+SHOWN_LINE = 4096  # characters of a line the command prints: a refusal may name a value of 100 KB as typed
+
+
 def shown(text: str) -> str:
     """`text` as the command prints it: no secret and no terminal control (text read from files, and the paths
-    of folders, may hold escapes), each of its lines kept."""
-    return redacted("\n".join(map(printable, text.split("\n"))))
+    of folders, may hold escapes), each of its lines kept, each cut to SHOWN_LINE characters after its secrets are
+    hidden (which takes time growing with the square of a long line of URI-like words: only so much is read)."""
+    lines = redacted("\n".join(printable(line[: SHOWN_LINE + CLIP_SLACK]) for line in text.split("\n")))
+    return "\n".join(line if len(line) <= SHOWN_LINE else line[:SHOWN_LINE] + "..." for line in lines.split("\n"))
 
 
 def printable(text: str) -> str:
