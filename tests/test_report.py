@@ -215,6 +215,10 @@ def test_a_fifo_in_the_private_matplotlib_folder_is_refused_not_opened(tmp_path,
         os.mkfifo(folder / "matplotlibrc")
         with pytest.raises(ExportError, match=r"holds 'matplotlibrc', which is not a file or folder of this user's"):
             _private_matplotlib_folder()
+        shutil.rmtree(folder)
+        folder.write_text("")  # a file in its place: matplotlib made a folder of its own in the temporary folder
+        with pytest.raises(ExportError, match=r"matplotlib's folder, is not a folder; allowed: remove it"):
+            _private_matplotlib_folder()
     finally:
         shutil.rmtree(short)
 

@@ -175,6 +175,11 @@ def _private_matplotlib_folder() -> str:
         why = first_line(exc)
     else:  # this user's alone: what is odd in it was put there by one of this user's programs (a FIFO: a hang)
         try:
+            if os.path.lexists(private) and (os.path.islink(private) or not os.path.isdir(private)):
+                raise ExportError(  # (matplotlib would make a folder of its own in the temporary folder instead)
+                    f"the figures cannot be drawn: {private}, matplotlib's folder, is not a folder; allowed: remove "
+                    "it (it is made anew)"
+                )
             odd = _not_made_by_this_user(Path(private), shared=False) if os.path.isdir(private) else None
             if odd and not odd.startswith("more than"):
                 odd = f"{odd.split(', which')[0]}, which is not a file or folder of this user's"
