@@ -536,7 +536,8 @@ def test_a_relative_path_from_a_working_folder_removed_is_one_line(tmp_path, mon
 def test_a_report_of_a_long_path_names_its_experiment_to_the_next_writer(damaged, mixed_experiment, tmp_path, capsys):
     """The line naming the experiment was read in the report's first 4096 bytes: past them (a long path), another
     experiment's report was written over it in a shared --out."""
-    long = tmp_path.joinpath(*["d" * 200] * ((4000 - len(str(tmp_path))) // 201), "exp")
+    room = 3896 - len(str(tmp_path))  # 3,900 characters whatever the temporary folder: the line ends past 4096
+    long = tmp_path.joinpath(*["d" * 200] * (room // 201), "e" * (room % 201 or 1), "exp")
     long.parent.mkdir(parents=True)
     damaged[0].rename(long)
     out = tmp_path / "reports"
@@ -545,6 +546,19 @@ def test_a_report_of_a_long_path_names_its_experiment_to_the_next_writer(damaged
     assert text.index(str(long).encode()) + len(str(long)) > 4096  # the line ends past the old limit
     err = one_line_exit_2(["export", str(mixed_experiment[0]), "--out", str(out)], capsys)  # (read as report reads)
     assert f"holds the tables of experiment {long}, not of " in err, err
+
+
+def test_a_question_mark_in_a_local_folder_is_part_of_its_name(damaged, tmp_path, capsys):
+    """Local paths were cut at '?' as if a bucket URI's query followed: report ended in a StopIteration traceback
+    (its report.md not found among the files written), the study page was left stale, and the tables named the
+    experiment 'what'."""
+    exp = tmp_path / "what?"
+    damaged[0].rename(exp)
+    for argv in (["report", str(exp)], ["report", str(exp), "--out", str(tmp_path / "out?x")], ["export", str(exp)]):
+        assert main(argv) == 0, argv
+        assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "out?x" / "report.html").is_file() and (exp / "report.html").is_file()
+    assert set(pd.read_parquet(exp / "results.parquet")["experiment"]) == {"what?"}
 
 
 def test_a_path_whose_link_leads_to_a_newline_is_refused_as_the_path_itself(damaged, mixed_experiment, tmp_path,

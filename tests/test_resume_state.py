@@ -318,6 +318,19 @@ def test_a_refused_position_falls_back_to_a_whole_older_state(runs, saved_inside
     assert len(lines) == 1 and "does not fit this trial" in lines[0] and "ckpt_saved" in lines[0], lines
 
 
+def test_a_position_past_the_end_of_the_data_is_refused():
+    """The last chunk of 100 images in chunks of 64 holds 36: a tampered step 7 at image 112 passed the checks,
+    and the epoch's accuracy was counted over 112 images."""
+    from tune_alexnet.resume import position_problem
+
+    p = {"order": torch.randperm(100), "chunk": 64, "first": 64, "start": 32, "seen": 96, "steps": 6,
+         "loss_sum": torch.tensor(1.0), "correct": torch.tensor(10), "train_s": 1.0,
+         "chunk_gen": torch.Generator().get_state()}  # fmt: skip
+    assert position_problem(p, 100, 16) is None
+    p.update(start=48, seen=112, steps=7)
+    assert position_problem(p, 100, 16) == "step 7 at image 112 does not fall on a step of this epoch"
+
+
 # --- end to end: a sweep stopped, its resume state made a captured-step one, resumed on the CPU -------------
 
 

@@ -51,7 +51,7 @@ from .settings import (
     uri_problem,
     wandb_project_ok,
 )
-from .storage import SCHEMES
+from .storage import SCHEMES, last_name
 
 STUDY_RUNS = len(Grid())
 EXIT_USAGE = 2
@@ -739,7 +739,7 @@ def tell_the_end(settings, exp_uri: str, exp, written: list[str]) -> int:
         parts = [f"{failed} trial(s) errored or lost (see the table's error column)"] if failed else []
         parts += [f"{unfinished} did not finish"] if unfinished else []
         say(
-            f"tune-alexnet sweep: {', '.join(parts)}; 'tune-alexnet sweep --resume --name {_name_of(exp_uri)}{where}' "
+            f"tune-alexnet sweep: {', '.join(parts)}; 'tune-alexnet sweep --resume --name {last_name(exp_uri)}{where}' "
             "continues them"
         )
         return EXIT_FAILED
@@ -753,10 +753,6 @@ def left_over(table) -> tuple[int, int]:
 
 
 UNFINISHED = ("pending", "running", "paused", "interrupted")
-
-
-def _name_of(exp_uri: str) -> str:
-    return exp_uri.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def _warn(notes: list[str]) -> None:

@@ -67,6 +67,7 @@ from .storage import (
     experiment_uri,
     first_line,
     is_remote,
+    last_name,
     list_folder,
     make_folders,
     missing_folders,
@@ -410,7 +411,7 @@ def origin_columns(path: str, settings: dict) -> dict:
     """The provenance columns an experiment shares by all its rows (the width is each trial's own)."""
     data = settings.get("data") if isinstance(settings.get("data"), dict) else {}
     return {
-        "experiment": path.split("?")[0].rstrip("/").rsplit("/", 1)[-1],
+        "experiment": last_name(path),
         "subset": settings.get("subset"),
         "data_fingerprint": data.get("fingerprint"),
     }

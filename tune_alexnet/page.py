@@ -30,6 +30,7 @@ from .export import Experiment, best_run, output_dir, shown_path
 from .grid import optimizer_order
 from .report import reference_table, scored, what_ran
 from .settings import DIMENSIONS
+from .storage import last_name, without_query
 
 PAGE_NAME = "report.html"
 DATA_NAME = "report-data.js"  # the sidecar a live page re-reads; it calls UPDATE_FUNCTION with the data
@@ -79,8 +80,8 @@ def page_data(exp: Experiment, live: dict | None = None, poll_s: float = POLL_S)
     repeats = int(table.groupby(["run", *DIMENSIONS], dropna=False).size().max()) if len(table) else 0
     sentence, reduced = what_ran(exp) if len(exp.epochs) or exp.settings else ("", "")
     return {
-        "title": _name(exp.path),
-        "path": shown_path(exp.path).split("?")[0],  # a bucket URI's credentials and query stay out of the page
+        "title": last_name(exp.path),
+        "path": without_query(shown_path(exp.path)),  # a bucket URI's credentials and query stay out of the page
         "ran": sentence,
         "reduced": reduced,
         "headline": _headline(exp, repeats),
@@ -100,10 +101,6 @@ def page_data(exp: Experiment, live: dict | None = None, poll_s: float = POLL_S)
         "stamp": time.time(),  # tells an open page that the data changed
         "updated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
-
-
-def _name(path: str) -> str:
-    return path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def _plain(v):
@@ -320,7 +317,7 @@ def write_page(exp: Experiment, out_dir: str | os.PathLike | None = None, live: 
     with output_dir(out_dir or exp.path, exp) as out:
         for name, text in files.items():
             out.put(name, text.encode("utf-8"))
-    return next(p for p in out.written if p.split("?")[0].endswith(PAGE_NAME)) if out.written else ""
+    return next(p for p in out.written if without_query(p).endswith(PAGE_NAME)) if out.written else ""
 
 
 def page_uri(exp_uri: str) -> str:

@@ -33,6 +33,7 @@ from .export import (
 )
 from .grid import optimizer_order
 from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
+from .storage import without_query
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
@@ -417,7 +418,7 @@ def write_report(source, out_dir: str | os.PathLike | None = None, files: dict[s
     with output_dir(out_dir or exp.path, exp) as out:
         for name, data in files.items():
             out.put(name, data)
-    return next(p for p in out.written if p.split("?")[0].endswith(REPORT_NAME))
+    return next(p for p in out.written if without_query(p).endswith(REPORT_NAME))
 
 
 def write_report_and_page(source, out_dir: str | os.PathLike | None = None) -> list[str]:

@@ -227,7 +227,13 @@ def position_problem(p: dict, n: int, batch_size: int) -> str | None:
             return "its counters are not integers"
         if chunk < batch_size or chunk % batch_size or first % chunk or not 0 <= first < n:
             return f"chunk {chunk} and first image {first} do not fit batches of {batch_size}"
-        if start % batch_size or not 0 <= start < chunk or seen != first + start or steps * batch_size != seen:
+        if (
+            start % batch_size
+            or not 0 <= start < chunk
+            or seen != first + start
+            or steps * batch_size != seen
+            or seen > n
+        ):
             return f"step {steps} at image {seen} does not fall on a step of this epoch"
         loss_sum, correct = p["loss_sum"], p["correct"]
         if not (isinstance(loss_sum, torch.Tensor) and loss_sum.shape == () and loss_sum.is_floating_point()):

@@ -40,6 +40,17 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def without_query(uri: str) -> str:
+    """A bucket URI without its query (an endpoint override, its credentials); a local path as it is: a `?` is a
+    letter like any other in a folder's name."""
+    return uri.split("?")[0] if is_remote(uri) else uri
+
+
+def last_name(uri: str) -> str:
+    """The last name of a path or URI (an experiment's name)."""
+    return without_query(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
 REACH_TIMEOUT_S = 15.0  # a bucket that has not answered by then is taken as unreachable
 SLOWEST_WRITE = 2**20  # bytes a second: a bucket writing a file slower than this is taken as not answering
 
