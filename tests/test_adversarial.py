@@ -558,6 +558,7 @@ def test_a_question_mark_in_a_local_folder_is_part_of_its_name(damaged, tmp_path
         assert main(argv) == 0, argv
         assert "Traceback" not in capsys.readouterr().err
     assert (tmp_path / "out?x" / "report.html").is_file() and (exp / "report.html").is_file()
+    assert (exp / "report.md").read_text().startswith("# Report: what?\n")
     assert set(pd.read_parquet(exp / "results.parquet")["experiment"]) == {"what?"}
 
 

@@ -33,7 +33,7 @@ from .export import (
 )
 from .grid import optimizer_order
 from .settings import BATCH_SIZES, DIMENSIONS, EPOCHS, LRS, OPTIMIZERS, PATIENCE, TRIAL_DEFAULTS
-from .storage import without_query
+from .storage import last_name, without_query
 
 CHANCE_LEVEL = 11.0  # % accuracy at or below which a run learned nothing (10 classes)
 ORIGINAL_LABEL = "original"
@@ -509,7 +509,7 @@ def report_files(exp: Experiment) -> dict[str, bytes]:
 
     ran, reduced = what_ran(exp)
     parts = [
-        f"# Report: {as_text(Path(exp.path.split('?')[0]).name)}",
+        f"# Report: {as_text(last_name(exp.path))}",
         ran,
         f"Experiment {code_span(shown_path(exp.path))}: {len(table)} trials ({status_counts}); {repeats} trial(s) per configuration. "
         f"Accuracies are each run's best test accuracy in percent. Statistics use every trial with an accuracy "
